@@ -1,0 +1,23 @@
+//! Generates the gRPC code for `proto/sked/v1/*.proto` and a file descriptor
+//! set for server reflection. protoc comes from `protoc-bin-vendored`, so no
+//! system protoc is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let include = protoc_bin_vendored::include_path()?;
+    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos: [std::path::PathBuf; 5] = [
+        "proto/sked/v1/common.proto".into(),
+        "proto/sked/v1/definition_service.proto".into(),
+        "proto/sked/v1/binding_service.proto".into(),
+        "proto/sked/v1/run_service.proto".into(),
+        "proto/sked/v1/log_service.proto".into(),
+    ];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("sked_descriptor.bin"))
+        .compile_protos(&protos, &["proto".into(), include])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

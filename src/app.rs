@@ -1,0 +1,345 @@
+//! Wiring: pool, migrations, services, health, reflection, background tasks
+//! and the shutdown order. The only place that spawns long-lived tasks.
+//!
+//! Shutdown order (SPEC §3): health reports NOT_SERVING → the scheduler and
+//! the executor stop claiming → running runs get `shutdown_grace` to finish →
+//! open streams end → the gRPC server stops → the bridge stops.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeArgs;
+use crate::db;
+use crate::domain::Clock;
+use crate::embedded_pg::{self, EmbeddedPg};
+use crate::events::{EventBus, bridge};
+use crate::executor::Executor;
+use crate::grpc::{self, Ctx};
+use crate::proto::{self, v1 as pb};
+use crate::scheduler::Scheduler;
+
+/// Errors that stop a node from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be reached.
+    #[error("database: {0}")]
+    Db(#[from] db::Error),
+    /// Migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The embedded PostgreSQL could not start.
+    #[error("embedded PostgreSQL: {0}")]
+    EmbeddedPg(#[from] embedded_pg::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Listening failed.
+    #[error("listen: {0}")]
+    Io(#[from] std::io::Error),
+    /// Building reflection failed.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Everything a node needs once its database URL is known.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PostgreSQL URL.
+    pub database_url: String,
+    /// Unique node id.
+    pub node_id: String,
+    /// Runs executing at once on this node.
+    pub max_concurrent_runs: usize,
+    /// How long running runs may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Lease a running run holds.
+    pub lease: Duration,
+    /// Executor claim poll fallback.
+    pub claim_poll: Duration,
+    /// Longest scheduler sleep (poll fallback).
+    pub scheduler_max_sleep: Duration,
+    /// Database connections.
+    pub db_max_connections: u32,
+    /// Source of now.
+    pub clock: Clock,
+}
+
+impl Settings {
+    /// Defaults for `database_url` (what `sked serve` uses unless told otherwise).
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            node_id: default_node_id(),
+            max_concurrent_runs: 64,
+            shutdown_grace: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
+            claim_poll: Duration::from_secs(1),
+            scheduler_max_sleep: Duration::from_secs(5),
+            db_max_connections: 20,
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// `<hostname>-<pid>`.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs one node on `listener` until `shutdown` resolves, then shuts down in
+/// order (module docs). Tests and `sked serve` both start nodes this way.
+///
+/// # Errors
+/// [`Error`] when the database is unreachable, migrations fail, or the
+/// server fails.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let pool = db::connect(&settings.database_url, settings.db_max_connections).await?;
+    db::migrate(&pool).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node_id = %settings.node_id, "sked node serving");
+    serve_with_pool(settings, pool, listener, shutdown).await
+}
+
+async fn serve_with_pool(
+    settings: Settings,
+    pool: PgPool,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let bus = EventBus::new();
+    let wakers = bridge::Wakers::default();
+    let engine_stop = CancellationToken::new();
+    let streams_stop = CancellationToken::new();
+    let bridge_stop = CancellationToken::new();
+    let ctx = Ctx {
+        pool: pool.clone(),
+        clock: settings.clock.clone(),
+        node_id: settings.node_id.clone(),
+        bus: bus.clone(),
+        executor_wake: Arc::clone(&wakers.executor),
+        streams_stop: streams_stop.clone(),
+    };
+
+    let bridge_task = tokio::spawn(bridge::run(
+        pool.clone(),
+        settings.node_id.clone(),
+        bus.clone(),
+        wakers.clone(),
+        bridge_stop.clone(),
+    ));
+    let scheduler_task = tokio::spawn(
+        Scheduler {
+            pool: pool.clone(),
+            clock: settings.clock.clone(),
+            node_id: settings.node_id.clone(),
+            bus: bus.clone(),
+            wake: Arc::clone(&wakers.scheduler),
+            executor_wake: Arc::clone(&wakers.executor),
+            batch: 500,
+            max_sleep: settings.scheduler_max_sleep,
+        }
+        .run(engine_stop.clone()),
+    );
+    let executor_task = tokio::spawn(
+        Executor {
+            pool: pool.clone(),
+            clock: settings.clock.clone(),
+            node_id: settings.node_id.clone(),
+            bus: bus.clone(),
+            wake: Arc::clone(&wakers.executor),
+            max_concurrent_runs: settings.max_concurrent_runs,
+            lease: settings.lease,
+            poll: settings.claim_poll,
+            shutdown_grace: settings.shutdown_grace,
+        }
+        .run(engine_stop.clone()),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, true).await;
+    let health_task = tokio::spawn(watch_database(
+        pool.clone(),
+        health.clone(),
+        engine_stop.clone(),
+    ));
+
+    let reflection_v1 = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+
+    let drain = {
+        let health = health.clone();
+        let engine_stop = engine_stop.clone();
+        let streams_stop = streams_stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: NOT_SERVING, draining runs");
+            set_health(&health, false).await;
+            engine_stop.cancel();
+            let _ = scheduler_task.await;
+            let _ = executor_task.await;
+            let _ = health_task.await;
+            streams_stop.cancel();
+        }
+    };
+
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::definition_service_server::DefinitionServiceServer::new(
+            grpc::definitions::Definitions(ctx.clone()),
+        ))
+        .add_service(pb::binding_service_server::BindingServiceServer::new(
+            grpc::bindings::Bindings(ctx.clone()),
+        ))
+        .add_service(pb::run_service_server::RunServiceServer::new(
+            grpc::runs::Runs(ctx.clone()),
+        ))
+        .add_service(pb::log_service_server::LogServiceServer::new(
+            grpc::logs::Logs(ctx.clone()),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await;
+    // If the server failed on its own, stop everything else too.
+    engine_stop.cancel();
+    streams_stop.cancel();
+    bridge_stop.cancel();
+    let _ = bridge_task.await;
+    pool.close().await;
+    tracing::info!("node stopped");
+    Ok(result?)
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Service names reported by health (besides the overall "").
+const SERVICES: [&str; 4] = [
+    "sked.v1.DefinitionService",
+    "sked.v1.BindingService",
+    "sked.v1.RunService",
+    "sked.v1.LogService",
+];
+
+async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    h.set_service_status("", status).await;
+    for s in SERVICES {
+        h.set_service_status(s, status).await;
+    }
+}
+
+/// Reports NOT_SERVING while the database does not answer.
+async fn watch_database(
+    pool: PgPool,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(3), db::ping(&pool))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok != serving && !stop.is_cancelled() {
+            tracing::warn!(database_ok = ok, "database health changed");
+            set_health(&health, ok).await;
+            serving = ok;
+        }
+    }
+}
+
+/// `sked serve`: resolves the database (starting the embedded PostgreSQL
+/// under `--data-dir` when no `DATABASE_URL` is set), then serves until
+/// SIGINT or SIGTERM and stops the embedded PostgreSQL.
+///
+/// # Errors
+/// [`Error`] from start-up or serving.
+pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
+    let mut embedded = None;
+    let url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let pg = start_embedded(&args.data_dir).await?;
+            let url = pg.url("sked");
+            embedded = Some(pg);
+            url
+        }
+    };
+    let mut settings = Settings::new(url);
+    if let Some(id) = args.node_id.clone() {
+        settings.node_id = id;
+    }
+    settings.max_concurrent_runs = args.max_concurrent_runs as usize;
+    settings.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    settings.db_max_connections = args.db_max_connections;
+    let listener = TcpListener::bind(args.listen).await?;
+    let result = serve(settings, listener, shutdown_signal()).await;
+    if let Some(pg) = embedded {
+        tracing::info!("stopping embedded PostgreSQL");
+        if let Err(e) = pg.stop().await {
+            tracing::warn!(error = %e, "stopping embedded PostgreSQL failed");
+        }
+    }
+    result
+}
+
+async fn start_embedded(data_dir: &Path) -> Result<EmbeddedPg, Error> {
+    let dir = if data_dir.is_absolute() {
+        data_dir.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(data_dir)
+    };
+    tracing::info!(dir = %dir.display(), "no DATABASE_URL: starting embedded PostgreSQL (development mode)");
+    let pg = EmbeddedPg::start(&dir.join("pg")).await?;
+    db::ensure_database(&pg.url("postgres"), "sked").await?;
+    Ok(pg)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("signal received");
+}

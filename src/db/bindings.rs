@@ -1,0 +1,256 @@
+//! `bindings`: a tenant's use of a definition. Every function takes the
+//! tenant and filters by it, so isolation holds in SQL, not only in handlers.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use super::{Error, decode, encode};
+use crate::domain::{Binding, Handler, Schedule, merge_params};
+
+struct Row {
+    id: Uuid,
+    tenant_id: String,
+    definition: String,
+    schedule: Option<serde_json::Value>,
+    params: Option<serde_json::Value>,
+    effective_schedule: serde_json::Value,
+    next_run_time: Option<DateTime<Utc>>,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    version: i64,
+    def_params: serde_json::Value,
+}
+
+impl TryFrom<Row> for Binding {
+    type Error = Error;
+    fn try_from(r: Row) -> Result<Self, Error> {
+        let effective_params = match &r.params {
+            Some(p) => merge_params(&r.def_params, p),
+            None => r.def_params.clone(),
+        };
+        Ok(Binding {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            definition: r.definition,
+            schedule: r
+                .schedule
+                .map(|s| decode("binding schedule", s))
+                .transpose()?,
+            params: r.params,
+            effective_schedule: decode("binding effective schedule", r.effective_schedule)?,
+            effective_params,
+            next_run_time: r.next_run_time,
+            create_time: r.create_time,
+            update_time: r.update_time,
+            version: r.version,
+        })
+    }
+}
+
+/// Inserts `b` and announces the change to every node's scheduler
+/// ([`super::CHANNEL_BINDINGS`]).
+///
+/// # Errors
+/// [`Error::AlreadyExists`] when the tenant already binds the definition;
+/// [`Error::NotFound`] when the definition does not exist (any more).
+pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), Error> {
+    let r = sqlx::query!(
+        r#"WITH ins AS (
+             INSERT INTO bindings (id, tenant_id, definition, schedule, params, effective_schedule,
+                                   next_run_time, create_time, update_time, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id)
+           SELECT pg_notify('sked_bindings', '') AS "n" FROM ins"#,
+        b.id,
+        b.tenant_id,
+        b.definition,
+        b.schedule.as_ref().map(encode),
+        b.params,
+        encode(&b.effective_schedule),
+        b.next_run_time,
+        b.create_time,
+        b.update_time,
+        b.version,
+    )
+    .execute(db)
+    .await;
+    match r {
+        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(Error::NotFound),
+        r => r.map(|_| ()).map_err(Error::from),
+    }
+}
+
+/// Gets the tenant's binding `id`.
+///
+/// # Errors
+/// [`Error::NotFound`] when the tenant has no such binding.
+pub async fn binding_get(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+) -> Result<Binding, Error> {
+    sqlx::query_as!(
+        Row,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+         FROM bindings b JOIN definitions d ON d.name = b.definition
+         WHERE b.tenant_id = $1 AND b.id = $2",
+        tenant_id,
+        id
+    )
+    .fetch_one(db)
+    .await?
+    .try_into()
+}
+
+/// Lists up to `limit` of the tenant's bindings with id > `after`, in id
+/// (creation) order, optionally only those of `definition`.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_list(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    after: Uuid,
+    definition: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Binding>, Error> {
+    sqlx::query_as!(
+        Row,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+         FROM bindings b JOIN definitions d ON d.name = b.definition
+         WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
+         ORDER BY b.id LIMIT $4",
+        tenant_id,
+        after,
+        definition,
+        limit
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Binding::try_from)
+    .collect()
+}
+
+/// Deletes the tenant's binding `id`; its runs stay.
+///
+/// # Errors
+/// [`Error::NotFound`] when the tenant has no such binding.
+pub async fn binding_delete(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+) -> Result<(), Error> {
+    let r = sqlx::query!(
+        r#"WITH del AS (DELETE FROM bindings WHERE tenant_id = $1 AND id = $2 RETURNING id)
+           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM del"#,
+        tenant_id,
+        id
+    )
+    .fetch_one(db)
+    .await?;
+    if r.n == 0 {
+        Err(Error::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
+/// A binding whose next fire time has come, locked for this transaction.
+#[derive(Debug, Clone)]
+pub struct DueBinding {
+    /// Binding id.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant_id: String,
+    /// Definition name.
+    pub definition: String,
+    /// Schedule in force.
+    pub schedule: Schedule,
+    /// The due fire time (≤ now).
+    pub next_run_time: DateTime<Utc>,
+    /// Effective params (definition's merged with the binding's).
+    pub params: serde_json::Value,
+    /// Handler to snapshot into the run.
+    pub handler: Handler,
+}
+
+/// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
+/// skipping rows another node has locked (`FOR UPDATE SKIP LOCKED`): each due
+/// binding is handled by exactly one node at a time. Call inside a
+/// transaction and advance them with [`binding_set_next_run_times`].
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
+pub async fn binding_lock_due(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<DueBinding>, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule, b.next_run_time AS "next_run_time!",
+                  b.params, d.params AS def_params, d.handler
+           FROM bindings b JOIN definitions d ON d.name = b.definition
+           WHERE b.next_run_time <= $1
+           ORDER BY b.next_run_time
+           LIMIT $2
+           FOR UPDATE OF b SKIP LOCKED"#,
+        now,
+        limit
+    )
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(DueBinding {
+                id: r.id,
+                tenant_id: r.tenant_id,
+                definition: r.definition,
+                schedule: decode("binding effective schedule", r.effective_schedule)?,
+                next_run_time: r.next_run_time,
+                params: match &r.params {
+                    Some(p) => merge_params(&r.def_params, p),
+                    None => r.def_params,
+                },
+                handler: decode("definition handler", r.handler)?,
+            })
+        })
+        .collect()
+}
+
+/// Sets each binding's next fire time (`None` = never again).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_set_next_run_times(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    next: &[Option<DateTime<Utc>>],
+) -> Result<(), Error> {
+    sqlx::query!(
+        "UPDATE bindings b SET next_run_time = u.next
+         FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, next)
+         WHERE b.id = u.id",
+        ids,
+        next as &[Option<DateTime<Utc>>],
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The earliest next fire time over all bindings, if any binding will fire.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_next_due_time(
+    db: impl PgExecutor<'_>,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    Ok(
+        sqlx::query_scalar!("SELECT min(next_run_time) FROM bindings")
+            .fetch_one(db)
+            .await?,
+    )
+}

@@ -1,0 +1,171 @@
+//! `run_events`: the persisted log of every run. Seqs are allocated from
+//! `runs.last_seq` in the statement that inserts the events, so they are
+//! dense per run; NOTIFY on [`super::CHANNEL_EVENTS`] tells other nodes which
+//! seq range to read.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use super::{Error, decode, encode, notify_payloads};
+use crate::domain::{EventBody, RunEvent};
+
+/// Announces new events `(run_id, from_seq, to_seq)` written by `node_id`, on
+/// [`super::CHANNEL_EVENTS`] (delivered when the transaction commits).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn notify_events(
+    conn: &mut PgConnection,
+    node_id: &str,
+    ranges: impl IntoIterator<Item = (Uuid, i64, i64)>,
+) -> Result<(), Error> {
+    let payloads = notify_payloads(
+        &format!("{node_id}|"),
+        ranges
+            .into_iter()
+            .map(|(id, from, to)| format!("{id}:{from}:{to}")),
+    );
+    sqlx::query!(
+        "SELECT pg_notify('sked_events', p) FROM UNNEST($1::text[]) AS p",
+        &payloads
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends `bodies` to the run's log at `now`, allocating the next seqs, and
+/// announces them. Returns the persisted events in seq order.
+///
+/// # Errors
+/// [`Error::NotFound`] when the run does not exist; [`Error::Sqlx`] otherwise.
+pub async fn event_append(
+    conn: &mut PgConnection,
+    node_id: &str,
+    run_id: Uuid,
+    bodies: &[EventBody],
+    now: DateTime<Utc>,
+) -> Result<Vec<RunEvent>, Error> {
+    if bodies.is_empty() {
+        return Ok(Vec::new());
+    }
+    let kinds: Vec<&str> = bodies.iter().map(EventBody::kind).collect();
+    let payloads: Vec<serde_json::Value> = bodies.iter().map(encode).collect();
+    let n = bodies.len() as i64;
+    let r = sqlx::query!(
+        r#"WITH s AS (
+             UPDATE runs SET last_seq = last_seq + $2 WHERE id = $1
+             RETURNING last_seq - $2 AS base, tenant_id, binding_id, definition),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT $1, s.base + u.ord, $3, s.tenant_id, s.binding_id, s.definition, u.kind, u.payload
+             FROM s, UNNEST($4::text[], $5::jsonb[]) WITH ORDINALITY AS u(kind, payload, ord)
+             RETURNING seq)
+           SELECT base AS "base!", tenant_id, binding_id, definition FROM s"#,
+        run_id,
+        n,
+        now,
+        &kinds as &[&str],
+        &payloads,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    notify_events(&mut *conn, node_id, [(run_id, r.base + 1, r.base + n)]).await?;
+    Ok(bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| RunEvent {
+            run_id,
+            seq: r.base + 1 + i as i64,
+            time: now,
+            tenant_id: r.tenant_id.clone(),
+            binding_id: r.binding_id,
+            definition: r.definition.clone(),
+            body: b.clone(),
+        })
+        .collect())
+}
+
+struct Row {
+    run_id: Uuid,
+    seq: i64,
+    time: DateTime<Utc>,
+    tenant_id: String,
+    binding_id: Uuid,
+    definition: String,
+    payload: serde_json::Value,
+}
+
+impl TryFrom<Row> for RunEvent {
+    type Error = Error;
+    fn try_from(r: Row) -> Result<Self, Error> {
+        Ok(RunEvent {
+            run_id: r.run_id,
+            seq: r.seq,
+            time: r.time,
+            tenant_id: r.tenant_id,
+            binding_id: r.binding_id,
+            definition: r.definition,
+            body: decode("run event payload", r.payload)?,
+        })
+    }
+}
+
+/// Up to `limit` events of the tenant's run with seq > `after_seq`, in seq
+/// order. (Existence of the run is the caller's check.)
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn event_list(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    run_id: Uuid,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<RunEvent>, Error> {
+    sqlx::query_as!(
+        Row,
+        "SELECT run_id, seq, time, tenant_id, binding_id, definition, payload
+         FROM run_events WHERE tenant_id = $1 AND run_id = $2 AND seq > $3
+         ORDER BY seq LIMIT $4",
+        tenant_id,
+        run_id,
+        after_seq,
+        limit
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(RunEvent::try_from)
+    .collect()
+}
+
+/// The events in the announced ranges `(run_id, from_seq, to_seq)`, ordered by
+/// run then seq (the cross-node bridge reads these after a NOTIFY).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn event_fetch_ranges(
+    db: impl PgExecutor<'_>,
+    ranges: &[(Uuid, i64, i64)],
+) -> Result<Vec<RunEvent>, Error> {
+    let ids: Vec<Uuid> = ranges.iter().map(|r| r.0).collect();
+    let from: Vec<i64> = ranges.iter().map(|r| r.1).collect();
+    let to: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+    sqlx::query_as!(
+        Row,
+        "SELECT e.run_id, e.seq, e.time, e.tenant_id, e.binding_id, e.definition, e.payload
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS r(run_id, from_seq, to_seq, ord)
+         JOIN run_events e ON e.run_id = r.run_id AND e.seq BETWEEN r.from_seq AND r.to_seq
+         ORDER BY r.ord, e.seq",
+        &ids,
+        &from,
+        &to
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(RunEvent::try_from)
+    .collect()
+}

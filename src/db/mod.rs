@@ -1,0 +1,184 @@
+//! All SQL of sked. One file per table family; functions take
+//! `impl PgExecutor` (a pool or a transaction) and return domain types.
+//! Queries are named Entity+Verb (`run_claim`, `binding_fire_due`) and checked
+//! at compile time against `migrations/` (`.sqlx/` is committed, builds use
+//! `SQLX_OFFLINE=true`).
+//!
+//! Every run state change is one conditional `UPDATE ... WHERE state =
+//! $expected`, so a late writer can never overwrite a terminal run.
+
+pub mod bindings;
+pub mod definitions;
+pub mod events;
+pub mod runs;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// Channel on which new run events are announced: payload
+/// `<node_id>|<run_id>:<from_seq>:<to_seq>[,...]`.
+pub const CHANNEL_EVENTS: &str = "sked_events";
+/// Channel on which "runs are queued" is announced (empty payload).
+pub const CHANNEL_RUNS: &str = "sked_runs";
+/// Channel on which binding changes are announced (empty payload), so
+/// schedulers recompute their next wake-up.
+pub const CHANNEL_BINDINGS: &str = "sked_bindings";
+
+/// Largest NOTIFY payload we send; PostgreSQL's limit is 8000 bytes.
+pub const MAX_NOTIFY_PAYLOAD: usize = 7900;
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No row matched (or it belongs to another tenant).
+    #[error("not found")]
+    NotFound,
+    /// A unique constraint was violated; carries the constraint name.
+    #[error("already exists ({0})")]
+    AlreadyExists(String),
+    /// The operation conflicts with existing rows (e.g. a definition still
+    /// has bindings).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A JSON document in the database does not decode into its domain type.
+    #[error("corrupt {what} in database: {source}")]
+    Corrupt {
+        /// Which document.
+        what: &'static str,
+        /// Decoder error.
+        source: serde_json::Error,
+    },
+    /// Connection or query failure.
+    #[error(transparent)]
+    Sqlx(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            if db.is_unique_violation() {
+                return Error::AlreadyExists(db.constraint().unwrap_or_default().to_string());
+            }
+        }
+        if matches!(e, sqlx::Error::RowNotFound) {
+            return Error::NotFound;
+        }
+        Error::Sqlx(e)
+    }
+}
+
+/// Decodes a JSON column into a domain type.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    v: serde_json::Value,
+) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|source| Error::Corrupt { what, source })
+}
+
+/// Encodes a domain value as a JSON column.
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    // Serialising our own plain data types cannot fail (no maps with non-string keys).
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Opens a pool to `url` with up to `max_connections` connections.
+///
+/// # Errors
+/// [`Error::Sqlx`] when the database cannot be reached.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await?)
+}
+
+/// Applies the embedded migrations (`migrations/`), idempotently.
+///
+/// # Errors
+/// [`sqlx::migrate::MigrateError`] when a migration fails or the database
+/// has a migration this binary does not know.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}
+
+/// Checks the database answers (health).
+///
+/// # Errors
+/// [`Error::Sqlx`] when it does not.
+pub async fn ping(pool: &PgPool) -> Result<(), Error> {
+    sqlx::query!("SELECT 1 AS one").fetch_one(pool).await?;
+    Ok(())
+}
+
+/// Splits `items` into NOTIFY payloads `<prefix><item>,<item>...` each at
+/// most [`MAX_NOTIFY_PAYLOAD`] bytes.
+pub(crate) fn notify_payloads(
+    prefix: &str,
+    items: impl IntoIterator<Item = String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::from(prefix);
+    for item in items {
+        if cur.len() > prefix.len() && cur.len() + 1 + item.len() > MAX_NOTIFY_PAYLOAD {
+            out.push(std::mem::replace(&mut cur, String::from(prefix)));
+        }
+        if cur.len() > prefix.len() {
+            cur.push(',');
+        }
+        cur.push_str(&item);
+    }
+    if cur.len() > prefix.len() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Creates database `name` through the server at `admin_url` unless it
+/// exists (used for the embedded cluster and by the test harness).
+///
+/// # Errors
+/// [`Error::Sqlx`] when the server cannot be reached or refuses.
+pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    let exists = sqlx::query_scalar!(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+        name
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    if exists != Some(true) {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
+            // Lost a race with another creator: fine.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            r => {
+                r?;
+            }
+        }
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// Drops database `name` (terminating its connections) through `admin_url`.
+///
+/// # Errors
+/// [`Error::Sqlx`] when the server cannot be reached or refuses.
+pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    let sql = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(())
+}

@@ -1,0 +1,510 @@
+//! Pure types and rules of sked: definitions, bindings, runs, run events,
+//! schedules, and the params merge. No I/O here: no sqlx, tonic or tokio, so
+//! every rule can be unit-tested in isolation.
+
+pub mod clock;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use clock::Clock;
+pub use schedule::{Schedule, ScheduleError, ScheduleKind};
+
+/// A request value that breaks a rule: `field` is the API path (e.g.
+/// `definition.name`), `reason` a sentence a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldViolation {
+    /// API field path, e.g. `binding.schedule.cron.expression`.
+    pub field: String,
+    /// Why the value is rejected.
+    pub reason: String,
+}
+
+impl FieldViolation {
+    /// Builds a violation for `field` with `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ScheduleError> for FieldViolation {
+    fn from(e: ScheduleError) -> Self {
+        Self {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+/// Checks a definition name: `[a-z0-9][a-z0-9._-]{0,127}`.
+///
+/// # Errors
+/// A [`FieldViolation`] on `field` saying which rule failed.
+pub fn validate_definition_name(field: &str, name: &str) -> Result<(), FieldViolation> {
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = name
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'));
+    if name.is_empty() {
+        return Err(FieldViolation::new(field, "is required"));
+    }
+    if !(ok_first && ok_rest) || name.len() > 128 {
+        return Err(FieldViolation::new(
+            field,
+            format!("{name:?} must match [a-z0-9][a-z0-9._-]{{0,127}}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a tenant id: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
+///
+/// # Errors
+/// A [`FieldViolation`] on `field` saying which rule failed.
+pub fn validate_tenant_id(field: &str, tenant: &str) -> Result<(), FieldViolation> {
+    let ok_first = tenant
+        .bytes()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_rest = tenant
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if tenant.is_empty() {
+        return Err(FieldViolation::new(field, "is required"));
+    }
+    if !(ok_first && ok_rest) || tenant.len() > 64 {
+        return Err(FieldViolation::new(
+            field,
+            format!("{tenant:?} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"),
+        ));
+    }
+    Ok(())
+}
+
+/// How a run executes (SPEC §4). Stored as JSON, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Handler {
+    /// Run a program as a child process.
+    Command(CommandHandler),
+}
+
+/// A child process: `program` with `args`, no shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandHandler {
+    /// Path or name looked up in PATH; never empty.
+    pub program: String,
+    /// Arguments, passed verbatim.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; empty = the node's.
+    #[serde(default)]
+    pub working_dir: String,
+}
+
+impl Handler {
+    /// Checks the handler; `prefix` is the API path of the handler's parent
+    /// (e.g. `definition`).
+    ///
+    /// # Errors
+    /// A [`FieldViolation`], e.g. `definition.command.program: is required`.
+    pub fn validate(&self, prefix: &str) -> Result<(), FieldViolation> {
+        match self {
+            Handler::Command(c) => {
+                if c.program.trim().is_empty() {
+                    return Err(FieldViolation::new(
+                        format!("{prefix}.command.program"),
+                        "is required",
+                    ));
+                }
+                if c.program.contains('\0') || c.args.iter().any(|a| a.contains('\0')) {
+                    return Err(FieldViolation::new(
+                        format!("{prefix}.command"),
+                        "must not contain NUL bytes",
+                    ));
+                }
+                for k in c.env.keys() {
+                    if k.is_empty() || k.contains('=') || k.contains('\0') {
+                        return Err(FieldViolation::new(
+                            format!("{prefix}.command.env"),
+                            format!("{k:?} is not a valid environment variable name"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Merges `patch` over `target` with JSON Merge Patch (RFC 7396): objects merge
+/// key by key, `null` removes a key, anything else replaces.
+pub fn merge_params(target: &serde_json::Value, patch: &serde_json::Value) -> serde_json::Value {
+    let mut out = target.clone();
+    json_patch::merge(&mut out, patch);
+    out
+}
+
+/// A task definition (platform-level): what to run and its default schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    /// Unique, immutable key.
+    pub name: String,
+    /// For people.
+    pub display_name: String,
+    /// For people.
+    pub description: String,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// How runs execute.
+    pub handler: Handler,
+    /// Default schedule of bindings.
+    pub schedule: Schedule,
+    /// Default params, a JSON object.
+    pub params: serde_json::Value,
+    /// Set by the database layer.
+    pub create_time: DateTime<Utc>,
+    /// Set by the database layer.
+    pub update_time: DateTime<Utc>,
+    /// Bumped on each update; rendered as the etag.
+    pub version: i64,
+}
+
+/// A tenant's use of a definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// Binding id.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant_id: String,
+    /// Definition name.
+    pub definition: String,
+    /// Schedule override, as given.
+    pub schedule: Option<Schedule>,
+    /// Params patch, as given (a JSON object).
+    pub params: Option<serde_json::Value>,
+    /// The schedule in force (override or definition's, anchor resolved).
+    pub effective_schedule: Schedule,
+    /// Definition params merged with `params` (RFC 7396).
+    pub effective_params: serde_json::Value,
+    /// Next fire time; `None` = will not fire again.
+    pub next_run_time: Option<DateTime<Utc>>,
+    /// Creation instant.
+    pub create_time: DateTime<Utc>,
+    /// Last update instant.
+    pub update_time: DateTime<Utc>,
+    /// Bumped on each update; rendered as the etag.
+    pub version: i64,
+}
+
+/// Run lifecycle state (SPEC §3). `QUEUED → RUNNING → SUCCEEDED | FAILED`;
+/// terminal states are never overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunState {
+    /// Due, waiting for an executor slot.
+    Queued,
+    /// Executing on a node.
+    Running,
+    /// Ended well.
+    Succeeded,
+    /// Ended with an error.
+    Failed,
+}
+
+impl RunState {
+    /// The database spelling (`QUEUED`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "QUEUED",
+            RunState::Running => "RUNNING",
+            RunState::Succeeded => "SUCCEEDED",
+            RunState::Failed => "FAILED",
+        }
+    }
+    /// Parses the database spelling; `None` for anything else.
+    pub fn parse(s: &str) -> Option<RunState> {
+        Some(match s {
+            "QUEUED" => RunState::Queued,
+            "RUNNING" => RunState::Running,
+            "SUCCEEDED" => RunState::Succeeded,
+            "FAILED" => RunState::Failed,
+            _ => return None,
+        })
+    }
+    /// True for states a run never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunState::Succeeded | RunState::Failed)
+    }
+}
+
+/// What created a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunTrigger {
+    /// The schedule fired.
+    Schedule,
+    /// TriggerRun.
+    Manual,
+}
+
+impl RunTrigger {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunTrigger::Schedule => "SCHEDULE",
+            RunTrigger::Manual => "MANUAL",
+        }
+    }
+    /// Parses the database spelling.
+    pub fn parse(s: &str) -> Option<RunTrigger> {
+        match s {
+            "SCHEDULE" => Some(RunTrigger::Schedule),
+            "MANUAL" => Some(RunTrigger::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// One attempt of one execution of a binding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    /// UUIDv7.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant_id: String,
+    /// Producing binding.
+    pub binding_id: Uuid,
+    /// Definition name.
+    pub definition: String,
+    /// What created it.
+    pub trigger: RunTrigger,
+    /// Current state.
+    pub state: RunState,
+    /// 1-based attempt.
+    pub attempt: i32,
+    /// The fire time it is for.
+    pub scheduled_time: DateTime<Utc>,
+    /// Row creation.
+    pub create_time: DateTime<Utc>,
+    /// RUNNING since.
+    pub start_time: Option<DateTime<Utc>>,
+    /// Terminal since.
+    pub end_time: Option<DateTime<Utc>>,
+    /// Handler snapshot.
+    pub handler: Handler,
+    /// Params snapshot.
+    pub params: serde_json::Value,
+    /// Result object, if any.
+    pub result: Option<serde_json::Value>,
+    /// Failure message.
+    pub error_message: Option<String>,
+    /// First 500 chars of stderr.
+    pub error_summary: Option<String>,
+    /// Exit code of the process.
+    pub exit_code: Option<i32>,
+    /// Executing node.
+    pub node_id: Option<String>,
+    /// Why it ended so.
+    pub reason: Option<String>,
+}
+
+/// Which output a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// sked itself.
+    System,
+}
+
+/// What happened to a run. Stored as the `payload` JSON of `run_events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventBody {
+    /// A transition; `from` is `None` for the first event.
+    StateChanged {
+        /// Previous state.
+        from: Option<RunState>,
+        /// New state.
+        to: RunState,
+        /// Why, if there is a reason to give.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// A line of output, at most [`MAX_LOG_LINE`] bytes plus the cut marker.
+    Log {
+        /// Source stream.
+        stream: LogStream,
+        /// The line without its newline.
+        message: String,
+    },
+}
+
+impl EventBody {
+    /// The `kind` column value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::StateChanged { .. } => "state_changed",
+            EventBody::Log { .. } => "log",
+        }
+    }
+    /// True for a transition into a terminal state: the run's last event.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, EventBody::StateChanged { to, .. } if to.is_terminal())
+    }
+}
+
+/// Longest log line kept whole, in bytes (SPEC §1: 16 KiB, cut with a marker).
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// A persisted run event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEvent {
+    /// Run.
+    pub run_id: Uuid,
+    /// Dense per-run position, from 1.
+    pub seq: i64,
+    /// When it happened.
+    pub time: DateTime<Utc>,
+    /// Owner.
+    pub tenant_id: String,
+    /// Producing binding.
+    pub binding_id: Uuid,
+    /// Definition name.
+    pub definition: String,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// Cuts `line` to [`MAX_LOG_LINE`] bytes (at a char boundary) and appends the
+/// marker `…[truncated N bytes]` when it was longer.
+pub fn cap_log_line(mut line: String, dropped_extra: usize) -> String {
+    let total = line.len() + dropped_extra;
+    if total <= MAX_LOG_LINE {
+        return line;
+    }
+    let mut cut = MAX_LOG_LINE.min(line.len());
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    line.truncate(cut);
+    line.push_str(&format!("…[truncated {} bytes]", total - cut));
+    line
+}
+
+/// Most fire times a late binding is walked forward by before coalescing
+/// gives up walking and jumps to the first fire time after now.
+pub const MAX_COALESCE_STEPS: usize = 1000;
+
+/// Decides which fire time of a binding that is due (`due` ≤ `now`) runs, and
+/// what its next fire time is. Missed fire times are coalesced into one run
+/// for the latest fire time ≤ `now` (Quartz's "fire once now" misfire rule,
+/// SPEC §3 `RUN_ONCE`), and the next time is computed from that fire time,
+/// never from `now`, so fires never drift. Returns `(fire_time, next)`.
+pub fn coalesce_due(
+    schedule: &Schedule,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
+    let mut fire = due;
+    let mut next = schedule.next_after(fire);
+    for _ in 0..MAX_COALESCE_STEPS {
+        match next {
+            Some(t) if t <= now => {
+                fire = t;
+                next = schedule.next_after(t);
+            }
+            _ => return (fire, next),
+        }
+    }
+    (fire, schedule.next_after(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn late_fires_coalesce_to_latest_and_do_not_drift() {
+        let t0: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let s = Schedule {
+            kind: ScheduleKind::Interval {
+                every_secs: 10,
+                anchor_time: Some(t0),
+            },
+            timezone: "UTC".into(),
+        };
+        let on_time = coalesce_due(&s, t0, t0 + chrono::Duration::milliseconds(30));
+        assert_eq!(on_time, (t0, Some(t0 + chrono::Duration::seconds(10))));
+        let late = coalesce_due(&s, t0, t0 + chrono::Duration::seconds(35));
+        assert_eq!(
+            late,
+            (
+                t0 + chrono::Duration::seconds(30),
+                Some(t0 + chrono::Duration::seconds(40))
+            )
+        );
+    }
+
+    #[test]
+    fn merge_follows_rfc7396() {
+        let def = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1, 2]});
+        let patch = json!({"b": {"c": null, "x": 9}, "e": [3], "f": "new"});
+        assert_eq!(
+            merge_params(&def, &patch),
+            json!({"a": 1, "b": {"d": 3, "x": 9}, "e": [3], "f": "new"})
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_definition_name("definition.name", "billing.invoice-sweep").is_ok());
+        let e = validate_definition_name("definition.name", "Bad Name").unwrap_err();
+        assert_eq!(e.field, "definition.name");
+        assert!(validate_definition_name("definition.name", "").is_err());
+        assert!(validate_definition_name("definition.name", &"a".repeat(129)).is_err());
+        assert!(validate_tenant_id("x-tenant-id", "acme").is_ok());
+        assert!(validate_tenant_id("x-tenant-id", "a:b").is_err());
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_marker() {
+        let s = "é".repeat(MAX_LOG_LINE); // 2 bytes each
+        let out = cap_log_line(s, 0);
+        assert!(out.ends_with(&format!("…[truncated {} bytes]", MAX_LOG_LINE)));
+        assert!(out.len() < MAX_LOG_LINE + 40);
+        assert_eq!(cap_log_line("short".into(), 0), "short");
+    }
+
+    #[test]
+    fn empty_program_is_rejected() {
+        let h = Handler::Command(CommandHandler {
+            program: " ".into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+        });
+        assert_eq!(
+            h.validate("definition").unwrap_err().field,
+            "definition.command.program"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! The LISTEN/NOTIFY bridge: one connection per node listening on
+//! `sked_events`, `sked_runs` and `sked_bindings`. It wakes the local
+//! scheduler and executor, and republishes other nodes' events on the local
+//! bus. After a lost connection it wakes everything, since notifications sent
+//! meanwhile are gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::EventBus;
+use crate::db;
+
+/// Whom the bridge wakes.
+#[derive(Debug, Clone, Default)]
+pub struct Wakers {
+    /// The scheduler (bindings changed).
+    pub scheduler: Arc<Notify>,
+    /// The executor (runs queued).
+    pub executor: Arc<Notify>,
+}
+
+impl Wakers {
+    fn all(&self) {
+        self.scheduler.notify_one();
+        self.executor.notify_one();
+    }
+}
+
+/// Parses `<node>|<run>:<from>:<to>,...`; `None` for a malformed payload.
+pub fn parse_events_payload(payload: &str) -> Option<(&str, Vec<(Uuid, i64, i64)>)> {
+    let (node, rest) = payload.split_once('|')?;
+    let mut ranges = Vec::new();
+    for item in rest.split(',') {
+        let mut parts = item.split(':');
+        let id = parts.next()?.parse().ok()?;
+        let from = parts.next()?.parse().ok()?;
+        let to = parts.next()?.parse().ok()?;
+        ranges.push((id, from, to));
+    }
+    Some((node, ranges))
+}
+
+/// Runs the bridge until `shutdown`. Reconnects (with a 1 s pause) on errors.
+pub async fn run(
+    pool: PgPool,
+    node_id: String,
+    bus: EventBus,
+    wakers: Wakers,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        if let Err(e) = listen(&pool, &node_id, &bus, &wakers, &shutdown).await {
+            tracing::warn!(error = %e, "event bridge connection lost; reconnecting");
+            wakers.all();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+async fn listen(
+    pool: &PgPool,
+    node_id: &str,
+    bus: &EventBus,
+    wakers: &Wakers,
+    shutdown: &CancellationToken,
+) -> Result<(), db::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener
+        .listen_all([db::CHANNEL_EVENTS, db::CHANNEL_RUNS, db::CHANNEL_BINDINGS])
+        .await?;
+    // Anything announced before we listened is missed: look once.
+    wakers.all();
+    loop {
+        let first = tokio::select! {
+            n = listener.try_recv() => n?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let Some(first) = first else {
+            // Connection dropped; try_recv reconnects on the next call.
+            tracing::warn!("event bridge reconnecting");
+            wakers.all();
+            continue;
+        };
+        // Coalesce everything already buffered into one database read.
+        let mut ranges = Vec::new();
+        let mut pending = Some(first);
+        while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
+            match n.channel() {
+                db::CHANNEL_RUNS => wakers.executor.notify_one(),
+                db::CHANNEL_BINDINGS => wakers.scheduler.notify_one(),
+                db::CHANNEL_EVENTS => match parse_events_payload(n.payload()) {
+                    Some((from_node, r)) if from_node != node_id => ranges.extend(r),
+                    Some(_) => {}
+                    None => tracing::warn!(payload = n.payload(), "malformed sked_events payload"),
+                },
+                _ => {}
+            }
+        }
+        if !ranges.is_empty() && bus.has_subscribers() {
+            bus.publish(db::events::event_fetch_ranges(pool, &ranges).await?);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trip() {
+        let id = Uuid::now_v7();
+        let payload = format!("n1|{id}:3:5,{id}:6:6");
+        let (node, r) = parse_events_payload(&payload).unwrap();
+        assert_eq!(node, "n1");
+        assert_eq!(r, vec![(id, 3, 5), (id, 6, 6)]);
+        assert!(parse_events_payload("garbage").is_none());
+    }
+}

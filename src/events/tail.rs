@@ -1,0 +1,194 @@
+//! The subscriptions behind `LogService.TailRun` and `WatchEvents`. Each runs
+//! as a task feeding a bounded channel and stops as soon as the receiver
+//! (the client's stream) is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::EventBus;
+use crate::db;
+use crate::domain::{EventBody, RunEvent};
+
+/// Rows read per database page while replaying or catching up.
+const PAGE: i64 = 1000;
+/// How long a follower waits for a live event before checking the database
+/// (covers NOTIFYs lost while a bridge reconnects).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// What a tail subscriber is sent.
+pub type TailItem = Result<RunEvent, db::Error>;
+
+/// Streams the tenant's run `run_id` into `out`: persisted events with
+/// `seq > after_seq`, then (if `follow`) live ones, with no gap and no
+/// duplicate, until the terminal `state_changed` event was sent. Returns when
+/// done, on a database error (sent to `out` first), when `out` is closed, or
+/// when `stop` is cancelled (node shutdown; the client reconnects elsewhere
+/// with its last seq).
+#[allow(clippy::too_many_arguments)]
+pub async fn tail_run(
+    pool: PgPool,
+    bus: EventBus,
+    tenant_id: String,
+    run_id: Uuid,
+    after_seq: i64,
+    follow: bool,
+    out: mpsc::Sender<TailItem>,
+    stop: CancellationToken,
+) {
+    // Subscribe before replaying, so nothing falls between the two.
+    let mut rx = bus.subscribe();
+    let mut tail = Tail {
+        pool,
+        tenant_id,
+        run_id,
+        last: after_seq,
+        out,
+    };
+    match tail.catch_up().await {
+        Ok(true) => return,
+        Ok(false) if !follow => return,
+        Ok(false) => {}
+        Err(()) => return,
+    }
+    loop {
+        let done = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(e) if e.run_id == run_id => tail.offer(&e).await,
+                Ok(_) => Ok(false),
+                Err(broadcast::error::RecvError::Lagged(_)) => tail.catch_up().await,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep(IDLE_POLL) => tail.catch_up().await,
+            _ = tail.out.closed() => return,
+            _ = stop.cancelled() => return,
+        };
+        match done {
+            Ok(false) => {}
+            Ok(true) | Err(()) => return,
+        }
+    }
+}
+
+struct Tail {
+    pool: PgPool,
+    tenant_id: String,
+    run_id: Uuid,
+    /// Highest seq sent.
+    last: i64,
+    out: mpsc::Sender<TailItem>,
+}
+
+impl Tail {
+    /// Sends `e` if it is the next one; re-reads the database on a gap.
+    /// `Ok(true)` once the terminal event was sent; `Err` when the client is gone.
+    async fn offer(&mut self, e: &Arc<RunEvent>) -> Result<bool, ()> {
+        if e.seq <= self.last {
+            return Ok(false);
+        }
+        if e.seq > self.last + 1 {
+            return self.catch_up().await;
+        }
+        self.send(RunEvent::clone(e)).await
+    }
+
+    async fn send(&mut self, e: RunEvent) -> Result<bool, ()> {
+        let terminal = e.body.is_terminal();
+        self.last = e.seq;
+        self.out.send(Ok(e)).await.map_err(|_| ())?;
+        Ok(terminal)
+    }
+
+    /// Sends every persisted event after `last`. `Ok(true)` if the terminal
+    /// event was among them.
+    async fn catch_up(&mut self) -> Result<bool, ()> {
+        loop {
+            let page = match db::events::event_list(
+                &self.pool,
+                &self.tenant_id,
+                self.run_id,
+                self.last,
+                PAGE,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.out.send(Err(e)).await;
+                    return Err(());
+                }
+            };
+            let full = page.len() as i64 == PAGE;
+            for e in page {
+                if self.send(e).await? {
+                    return Ok(true);
+                }
+            }
+            if !full {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Which live events a watcher wants (all given filters must match).
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    /// Tenant (always set: from the request's tenant).
+    pub tenant_id: String,
+    /// Only this binding.
+    pub binding_id: Option<Uuid>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Only these event kinds (`state_changed`, `log`); empty = all.
+    pub kinds: Vec<&'static str>,
+}
+
+impl WatchFilter {
+    /// Whether `e` passes the filter.
+    pub fn matches(&self, e: &RunEvent) -> bool {
+        e.tenant_id == self.tenant_id
+            && self.binding_id.is_none_or(|b| b == e.binding_id)
+            && self.definition.as_ref().is_none_or(|d| *d == e.definition)
+            && (self.kinds.is_empty() || self.kinds.contains(&EventBody::kind(&e.body)))
+    }
+}
+
+/// What a watcher is sent: an event, or how many it missed by reading slowly.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// A live event.
+    Event(Arc<RunEvent>),
+    /// This many events were dropped for this watcher.
+    Missed(u64),
+}
+
+/// Streams live events matching `filter` into `out` until `out` is closed or
+/// `stop` is cancelled.
+pub async fn watch_events(
+    bus: EventBus,
+    filter: WatchFilter,
+    out: mpsc::Sender<WatchItem>,
+    stop: CancellationToken,
+) {
+    let mut rx = bus.subscribe();
+    loop {
+        let item = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(e) if filter.matches(&e) => WatchItem::Event(e),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => WatchItem::Missed(n),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = out.closed() => return,
+            _ = stop.cancelled() => return,
+        };
+        if out.send(item).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The `command` handler (SPEC §4): runs a program as a child process, no
+//! shell. Params go to stdin as JSON and to `SKED_PARAMS`; stdout and stderr
+//! are read line by line (each line capped at 16 KiB with a marker, never
+//! dropped) and appended to the run's log in batches; exit code 0 →
+//! `SUCCEEDED`, a last stdout line holding a JSON object → `result`.
+//!
+//! Backpressure: lines go through a bounded channel, so when the database is
+//! slower than the process, the pipe fills and the process waits; memory
+//! stays bounded.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use super::Executor;
+use crate::db::runs::Outcome;
+use crate::domain::{
+    CommandHandler, EventBody, LogStream, MAX_LOG_LINE, Run, RunState, cap_log_line,
+};
+
+/// Lines written per database batch at most.
+const BATCH_LINES: usize = 512;
+/// Longest a line waits before its batch is written.
+const BATCH_DELAY: Duration = Duration::from_millis(10);
+/// Characters of stderr kept as the error summary.
+const SUMMARY_CHARS: usize = 500;
+
+/// Runs `c` for `run`; returns the terminal state and outcome.
+pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (RunState, Outcome) {
+    let params = serde_json::to_string(&run.params).unwrap_or_else(|_| "{}".into());
+    let mut cmd = Command::new(&c.program);
+    cmd.args(&c.args)
+        .envs(&c.env)
+        .env("SKED_PARAMS", &params)
+        .env("SKED_RUN_ID", run.id.to_string())
+        .env("SKED_TENANT_ID", &run.tenant_id)
+        .env("SKED_BINDING_ID", run.binding_id.to_string())
+        .env("SKED_DEFINITION", &run.definition)
+        .env("SKED_ATTEMPT", run.attempt.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group, so the whole tree can be signalled later.
+        .process_group(0)
+        .kill_on_drop(true);
+    if !c.working_dir.is_empty() {
+        cmd.current_dir(&c.working_dir);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let message = format!("failed to start {:?}: {e}", c.program);
+            let _ = ex
+                .append(
+                    run,
+                    &[EventBody::Log {
+                        stream: LogStream::System,
+                        message: message.clone(),
+                    }],
+                )
+                .await;
+            return (
+                RunState::Failed,
+                Outcome {
+                    error_message: Some(message.clone()),
+                    reason: message,
+                    ..Outcome::default()
+                },
+            );
+        }
+    };
+
+    if let Some(mut stdin) = child.stdin.take() {
+        // A process that never reads stdin must not block us: write in the
+        // background and ignore a broken pipe.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(params.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+    let (tx, rx) = mpsc::channel::<(LogStream, String)>(BATCH_LINES * 2);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(BufReader::new(out), LogStream::Stdout, tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(BufReader::new(err), LogStream::Stderr, tx.clone()));
+    }
+    drop(tx);
+
+    let logs = collect_logs(ex, run, rx).await;
+    let status = child.wait().await;
+
+    let summary = (!logs.stderr_head.is_empty()).then(|| logs.stderr_head.clone());
+    match status {
+        Ok(s) if s.success() => {
+            let result = logs
+                .last_stdout
+                .as_deref()
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+                .filter(serde_json::Value::is_object);
+            (
+                RunState::Succeeded,
+                Outcome {
+                    result,
+                    exit_code: Some(0),
+                    ..Outcome::default()
+                },
+            )
+        }
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            let (message, exit_code) = match (s.code(), s.signal()) {
+                (Some(code), _) => (format!("exit code {code}"), Some(code)),
+                (None, Some(sig)) => (format!("killed by signal {sig}"), None),
+                (None, None) => ("exited abnormally".to_string(), None),
+            };
+            (
+                RunState::Failed,
+                Outcome {
+                    error_message: Some(message.clone()),
+                    error_summary: summary,
+                    exit_code,
+                    reason: message,
+                    result: None,
+                },
+            )
+        }
+        Err(e) => {
+            let message = format!("waiting for the process failed: {e}");
+            (
+                RunState::Failed,
+                Outcome {
+                    error_message: Some(message.clone()),
+                    reason: message,
+                    ..Outcome::default()
+                },
+            )
+        }
+    }
+}
+
+struct Logs {
+    last_stdout: Option<String>,
+    stderr_head: String,
+}
+
+/// Writes lines to the run's log in batches until both pipes are closed.
+async fn collect_logs(
+    ex: &Executor,
+    run: &Run,
+    mut rx: mpsc::Receiver<(LogStream, String)>,
+) -> Logs {
+    let mut logs = Logs {
+        last_stdout: None,
+        stderr_head: String::new(),
+    };
+    let mut batch: Vec<EventBody> = Vec::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let flush_at = deadline;
+        let line = tokio::select! {
+            l = rx.recv() => l,
+            _ = async { if let Some(d) = flush_at { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                flush(ex, run, &mut batch).await;
+                deadline = None;
+                continue;
+            }
+        };
+        let Some((stream, message)) = line else { break };
+        match stream {
+            LogStream::Stdout if !message.trim().is_empty() => {
+                logs.last_stdout = Some(message.clone())
+            }
+            LogStream::Stderr if logs.stderr_head.chars().count() < SUMMARY_CHARS => {
+                if !logs.stderr_head.is_empty() {
+                    logs.stderr_head.push('\n');
+                }
+                logs.stderr_head.push_str(&message);
+                logs.stderr_head = logs.stderr_head.chars().take(SUMMARY_CHARS).collect();
+            }
+            _ => {}
+        }
+        batch.push(EventBody::Log { stream, message });
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
+        if batch.len() >= BATCH_LINES {
+            flush(ex, run, &mut batch).await;
+            deadline = None;
+        }
+    }
+    flush(ex, run, &mut batch).await;
+    logs
+}
+
+async fn flush(ex: &Executor, run: &Run, batch: &mut Vec<EventBody>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(100);
+    // Lines are never dropped silently: retry until the database takes them.
+    loop {
+        match ex.append(run, batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, lines = batch.len(), "writing log lines failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    batch.clear();
+}
+
+/// Reads `r` line by line into `tx` until EOF or the receiver is gone.
+async fn pump<R: AsyncBufRead + Unpin>(
+    mut r: R,
+    stream: LogStream,
+    tx: mpsc::Sender<(LogStream, String)>,
+) {
+    loop {
+        match read_capped_line(&mut r).await {
+            Ok(Some(line)) => {
+                if tx.send((stream, line)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx
+                    .send((LogStream::System, format!("reading {stream:?} failed: {e}")))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one line (without its `\n` / `\r\n`), keeping at most
+/// [`MAX_LOG_LINE`] bytes of it in memory and marking the cut. `None` at EOF.
+/// Invalid UTF-8 is replaced (U+FFFD).
+pub(crate) async fn read_capped_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<String>> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut dropped = 0usize;
+    let mut saw_any = false;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            if !saw_any {
+                return Ok(None);
+            }
+            break;
+        }
+        saw_any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        let room = (MAX_LOG_LINE + 4).saturating_sub(buf.len());
+        let keep = take.min(room);
+        buf.extend_from_slice(&chunk[..keep]);
+        dropped += take - keep;
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            break;
+        }
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    let line = String::from_utf8_lossy(&buf).into_owned();
+    Ok(Some(cap_log_line(line, dropped)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_split_and_capped() {
+        let long = "x".repeat(MAX_LOG_LINE * 3);
+        let input = format!("one\r\ntwo\n{long}\nlast");
+        let mut r = BufReader::with_capacity(1024, input.as_bytes());
+        assert_eq!(
+            read_capped_line(&mut r).await.unwrap().as_deref(),
+            Some("one")
+        );
+        assert_eq!(
+            read_capped_line(&mut r).await.unwrap().as_deref(),
+            Some("two")
+        );
+        let cut = read_capped_line(&mut r).await.unwrap().unwrap();
+        assert!(cut.starts_with("xxx"));
+        assert!(
+            cut.ends_with(&format!("…[truncated {} bytes]", MAX_LOG_LINE * 2)),
+            "{}",
+            &cut[cut.len() - 40..]
+        );
+        assert_eq!(
+            read_capped_line(&mut r).await.unwrap().as_deref(),
+            Some("last")
+        );
+        assert_eq!(read_capped_line(&mut r).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,132 @@
+//! `sked.v1.BindingService`.
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::convert::{binding_to, schedule_from, struct_to_json};
+use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use crate::db;
+use crate::domain::{Binding, FieldViolation, merge_params, validate_definition_name};
+use crate::proto::v1 as pb;
+use crate::proto::v1::binding_service_server::BindingService;
+
+/// Implements `BindingService`.
+#[derive(Debug, Clone)]
+pub struct Bindings(pub Ctx);
+
+#[tonic::async_trait]
+impl BindingService for Bindings {
+    async fn create_binding(
+        &self,
+        req: Request<pb::CreateBindingRequest>,
+    ) -> Result<Response<pb::Binding>, Status> {
+        let tenant_id = tenant(&req)?;
+        let b = req
+            .into_inner()
+            .binding
+            .ok_or_else(|| invalid(FieldViolation::new("binding", "is required")))?;
+        validate_definition_name("binding.definition", &b.definition).map_err(invalid)?;
+        let schedule = schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
+        let params = b.params.as_ref().map(struct_to_json);
+        let def = db::definitions::definition_get(&self.0.pool, &b.definition)
+            .await
+            .map_err(|e| match e {
+                db::Error::NotFound => Status::not_found(format!(
+                    "binding.definition: definition {:?} not found",
+                    b.definition
+                )),
+                e => db_status(e, "definition"),
+            })?;
+        let now = self.0.clock.now();
+        let effective_schedule = schedule
+            .clone()
+            .unwrap_or_else(|| def.schedule.clone())
+            .resolve_anchor(now);
+        let binding = Binding {
+            id: Uuid::now_v7(),
+            tenant_id,
+            definition: def.name.clone(),
+            next_run_time: effective_schedule.next_after(now),
+            schedule,
+            effective_params: params
+                .as_ref()
+                .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p)),
+            params,
+            effective_schedule,
+            create_time: now,
+            update_time: now,
+            version: 1,
+        };
+        db::bindings::binding_insert(&self.0.pool, &binding)
+            .await
+            .map_err(|e| match e {
+                db::Error::NotFound => Status::not_found(format!(
+                    "binding.definition: definition {:?} not found",
+                    def.name
+                )),
+                db::Error::AlreadyExists(_) => Status::already_exists(format!(
+                    "tenant {:?} already has a binding of definition {:?}",
+                    binding.tenant_id, binding.definition
+                )),
+                e => db_status(e, "binding"),
+            })?;
+        tracing::info!(binding = %binding.id, tenant = %binding.tenant_id, definition = %binding.definition,
+            next_run_time = ?binding.next_run_time, "binding created");
+        Ok(Response::new(binding_to(&binding)))
+    }
+
+    async fn get_binding(
+        &self,
+        req: Request<pb::GetBindingRequest>,
+    ) -> Result<Response<pb::Binding>, Status> {
+        let tenant_id = tenant(&req)?;
+        let id = parse_uuid("id", &req.get_ref().id)?;
+        let b = db::bindings::binding_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("binding {id}")))?;
+        Ok(Response::new(binding_to(&b)))
+    }
+
+    async fn list_bindings(
+        &self,
+        req: Request<pb::ListBindingsRequest>,
+    ) -> Result<Response<pb::ListBindingsResponse>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let limit = page_size(r.page_size, 50)?;
+        let after = if r.page_token.is_empty() {
+            Uuid::nil()
+        } else {
+            parse_uuid("page_token", &r.page_token)?
+        };
+        let definition = (!r.definition.is_empty()).then_some(r.definition.as_str());
+        let list =
+            db::bindings::binding_list(&self.0.pool, &tenant_id, after, definition, limit + 1)
+                .await
+                .map_err(|e| db_status(e, "bindings"))?;
+        let more = list.len() as i64 > limit;
+        let list: Vec<_> = list.into_iter().take(limit as usize).collect();
+        let next_page_token = if more {
+            list.last().map(|b| b.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListBindingsResponse {
+            bindings: list.iter().map(binding_to).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_binding(
+        &self,
+        req: Request<pb::DeleteBindingRequest>,
+    ) -> Result<Response<pb::DeleteBindingResponse>, Status> {
+        let tenant_id = tenant(&req)?;
+        let id = parse_uuid("id", &req.get_ref().id)?;
+        db::bindings::binding_delete(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("binding {id}")))?;
+        tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
+        Ok(Response::new(pb::DeleteBindingResponse {}))
+    }
+}

@@ -1,0 +1,376 @@
+//! proto ↔ domain conversion. Input conversions validate and name the field
+//! that is wrong; output conversions cannot fail.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
+
+use crate::domain::{self, FieldViolation, Schedule, ScheduleKind};
+use crate::proto::v1 as pb;
+
+/// Timestamp → UTC instant.
+///
+/// # Errors
+/// A violation on `field` when out of range.
+pub fn time_from(field: &str, t: &Timestamp) -> Result<DateTime<Utc>, FieldViolation> {
+    let nanos = u32::try_from(t.nanos)
+        .map_err(|_| FieldViolation::new(field, "nanos must be 0-999999999"))?;
+    DateTime::from_timestamp(t.seconds, nanos)
+        .ok_or_else(|| FieldViolation::new(field, "timestamp out of range"))
+}
+
+/// UTC instant → Timestamp.
+pub fn time_to(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// JSON → protobuf Value. Integers become numbers (f64, as protobuf has no
+/// integers in Struct).
+pub fn json_to_value(v: &serde_json::Value) -> Value {
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(json_map_to_struct(o)),
+    };
+    Value { kind: Some(kind) }
+}
+
+fn json_map_to_struct(o: &serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: o
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+/// JSON object → Struct; `None` for anything that is not an object.
+pub fn json_to_struct(v: &serde_json::Value) -> Option<Struct> {
+    v.as_object().map(json_map_to_struct)
+}
+
+/// protobuf Value → JSON. Whole numbers within ±2^53 become JSON integers,
+/// so `{"n": 1}` reaches a command as `1`, not `1.0`; NaN and infinities
+/// become null (JSON has neither).
+pub fn value_to_json(v: &Value) -> serde_json::Value {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::NumberValue(f)) => {
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                serde_json::Value::from(*f as i64)
+            } else {
+                serde_json::Number::from_f64(*f)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+/// Struct → JSON object.
+pub fn struct_to_json(s: &Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+/// Converts and validates an API schedule at `field` (e.g.
+/// `definition.schedule`). `None` in → `None` out.
+///
+/// # Errors
+/// A violation naming the sub-field: missing kind, sub-second or < 1 s
+/// interval, missing `once.at`, bad cron, unknown time zone.
+pub fn schedule_from(
+    field: &str,
+    s: Option<&pb::Schedule>,
+) -> Result<Option<Schedule>, FieldViolation> {
+    let Some(s) = s else { return Ok(None) };
+    use pb::schedule::Kind as K;
+    let kind = match &s.kind {
+        None => {
+            return Err(FieldViolation::new(
+                field,
+                "one of cron, interval, once or manual is required",
+            ));
+        }
+        Some(K::Cron(c)) => ScheduleKind::Cron {
+            expression: c.expression.trim().to_string(),
+        },
+        Some(K::Interval(i)) => {
+            let f = format!("{field}.interval.every");
+            let every = i
+                .every
+                .as_ref()
+                .ok_or_else(|| FieldViolation::new(&f, "is required"))?;
+            if every.nanos != 0 {
+                return Err(FieldViolation::new(&f, "must be whole seconds"));
+            }
+            let anchor_time = i
+                .anchor_time
+                .as_ref()
+                .map(|t| time_from(&format!("{field}.interval.anchor_time"), t))
+                .transpose()?;
+            ScheduleKind::Interval {
+                every_secs: every.seconds,
+                anchor_time,
+            }
+        }
+        Some(K::Once(o)) => {
+            let f = format!("{field}.once.at");
+            let at =
+                o.at.as_ref()
+                    .ok_or_else(|| FieldViolation::new(&f, "is required"))?;
+            ScheduleKind::Once {
+                at: time_from(&f, at)?,
+            }
+        }
+        Some(K::Manual(_)) => ScheduleKind::Manual,
+    };
+    let timezone = if s.timezone.is_empty() {
+        "UTC".to_string()
+    } else {
+        s.timezone.clone()
+    };
+    let schedule = Schedule { kind, timezone };
+    schedule.validate(field)?;
+    Ok(Some(schedule))
+}
+
+/// Domain schedule → API schedule.
+pub fn schedule_to(s: &Schedule) -> pb::Schedule {
+    use pb::schedule::Kind as K;
+    let kind = match &s.kind {
+        ScheduleKind::Cron { expression } => K::Cron(pb::CronSchedule {
+            expression: expression.clone(),
+        }),
+        ScheduleKind::Interval {
+            every_secs,
+            anchor_time,
+        } => K::Interval(pb::IntervalSchedule {
+            every: Some(prost_types::Duration {
+                seconds: *every_secs,
+                nanos: 0,
+            }),
+            anchor_time: anchor_time.map(time_to),
+        }),
+        ScheduleKind::Once { at } => K::Once(pb::OnceSchedule {
+            at: Some(time_to(*at)),
+        }),
+        ScheduleKind::Manual => K::Manual(pb::ManualSchedule {}),
+    };
+    pb::Schedule {
+        kind: Some(kind),
+        timezone: s.timezone.clone(),
+    }
+}
+
+/// Params from the API: an absent Struct is `{}`.
+pub fn params_from(s: Option<&Struct>) -> serde_json::Value {
+    s.map_or_else(|| serde_json::json!({}), struct_to_json)
+}
+
+/// Definition → API.
+pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
+    let handler = match &d.handler {
+        domain::Handler::Command(c) => pb::task_definition::Handler::Command(pb::CommandHandler {
+            program: c.program.clone(),
+            args: c.args.clone(),
+            env: c.env.clone().into_iter().collect(),
+            working_dir: c.working_dir.clone(),
+        }),
+    };
+    pb::TaskDefinition {
+        name: d.name.clone(),
+        display_name: d.display_name.clone(),
+        description: d.description.clone(),
+        labels: d.labels.clone().into_iter().collect(),
+        handler: Some(handler),
+        schedule: Some(schedule_to(&d.schedule)),
+        params: json_to_struct(&d.params),
+        create_time: Some(time_to(d.create_time)),
+        update_time: Some(time_to(d.update_time)),
+        etag: d.version.to_string(),
+    }
+}
+
+/// API handler → domain handler (validated).
+///
+/// # Errors
+/// A violation when missing or invalid (e.g. `definition.command.program`).
+pub fn handler_from(
+    prefix: &str,
+    h: Option<&pb::task_definition::Handler>,
+) -> Result<domain::Handler, FieldViolation> {
+    let h = match h {
+        None => {
+            return Err(FieldViolation::new(
+                format!("{prefix}.handler"),
+                "one of command is required",
+            ));
+        }
+        Some(pb::task_definition::Handler::Command(c)) => {
+            domain::Handler::Command(domain::CommandHandler {
+                program: c.program.clone(),
+                args: c.args.clone(),
+                env: c.env.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                working_dir: c.working_dir.clone(),
+            })
+        }
+    };
+    h.validate(prefix)?;
+    Ok(h)
+}
+
+/// Binding → API.
+pub fn binding_to(b: &domain::Binding) -> pb::Binding {
+    pb::Binding {
+        id: b.id.to_string(),
+        tenant_id: b.tenant_id.clone(),
+        definition: b.definition.clone(),
+        schedule: b.schedule.as_ref().map(schedule_to),
+        params: b.params.as_ref().and_then(json_to_struct),
+        effective: Some(pb::EffectiveConfig {
+            schedule: Some(schedule_to(&b.effective_schedule)),
+            params: json_to_struct(&b.effective_params),
+        }),
+        next_run_time: b.next_run_time.map(time_to),
+        create_time: Some(time_to(b.create_time)),
+        update_time: Some(time_to(b.update_time)),
+        etag: b.version.to_string(),
+    }
+}
+
+/// Run state → API enum.
+pub fn state_to(s: domain::RunState) -> pb::RunState {
+    match s {
+        domain::RunState::Queued => pb::RunState::Queued,
+        domain::RunState::Running => pb::RunState::Running,
+        domain::RunState::Succeeded => pb::RunState::Succeeded,
+        domain::RunState::Failed => pb::RunState::Failed,
+    }
+}
+
+/// API enum → run state; `None` for UNSPECIFIED.
+///
+/// # Errors
+/// A violation on `field` for an unknown number.
+pub fn state_from(field: &str, n: i32) -> Result<Option<domain::RunState>, FieldViolation> {
+    match pb::RunState::try_from(n) {
+        Ok(pb::RunState::Unspecified) => Ok(None),
+        Ok(pb::RunState::Queued) => Ok(Some(domain::RunState::Queued)),
+        Ok(pb::RunState::Running) => Ok(Some(domain::RunState::Running)),
+        Ok(pb::RunState::Succeeded) => Ok(Some(domain::RunState::Succeeded)),
+        Ok(pb::RunState::Failed) => Ok(Some(domain::RunState::Failed)),
+        Err(_) => Err(FieldViolation::new(field, format!("{n} is not a RunState"))),
+    }
+}
+
+/// Run → API.
+pub fn run_to(r: &domain::Run) -> pb::Run {
+    pb::Run {
+        id: r.id.to_string(),
+        tenant_id: r.tenant_id.clone(),
+        binding_id: r.binding_id.to_string(),
+        definition: r.definition.clone(),
+        trigger: match r.trigger {
+            domain::RunTrigger::Schedule => pb::RunTrigger::Schedule,
+            domain::RunTrigger::Manual => pb::RunTrigger::Manual,
+        } as i32,
+        state: state_to(r.state) as i32,
+        attempt: r.attempt,
+        scheduled_time: Some(time_to(r.scheduled_time)),
+        create_time: Some(time_to(r.create_time)),
+        start_time: r.start_time.map(time_to),
+        end_time: r.end_time.map(time_to),
+        params: json_to_struct(&r.params),
+        result: r.result.as_ref().and_then(json_to_struct),
+        error: r.error_message.as_ref().map(|m| pb::RunError {
+            message: m.clone(),
+            summary: r.error_summary.clone().unwrap_or_default(),
+        }),
+        exit_code: r.exit_code,
+        node_id: r.node_id.clone().unwrap_or_default(),
+        reason: r.reason.clone().unwrap_or_default(),
+    }
+}
+
+/// Run event → API.
+pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
+    let kind = match &e.body {
+        domain::EventBody::StateChanged { from, to, reason } => {
+            pb::run_event::Kind::StateChanged(pb::StateChanged {
+                from: from.map_or(pb::RunState::Unspecified, state_to) as i32,
+                to: state_to(*to) as i32,
+                reason: reason.clone(),
+            })
+        }
+        domain::EventBody::Log { stream, message } => pb::run_event::Kind::Log(pb::LogLine {
+            level: if *stream == domain::LogStream::Stderr {
+                "WARN"
+            } else {
+                "INFO"
+            }
+            .to_string(),
+            stream: match stream {
+                domain::LogStream::Stdout => pb::LogStream::Stdout,
+                domain::LogStream::Stderr => pb::LogStream::Stderr,
+                domain::LogStream::System => pb::LogStream::System,
+            } as i32,
+            message: message.clone(),
+        }),
+    };
+    pb::RunEvent {
+        run_id: e.run_id.to_string(),
+        seq: e.seq,
+        time: Some(time_to(e.time)),
+        tenant_id: e.tenant_id.clone(),
+        binding_id: e.binding_id.to_string(),
+        definition: e.definition.clone(),
+        kind: Some(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_json_round_trip_keeps_integers() {
+        let j = serde_json::json!({"n": 1, "f": 1.5, "s": "x", "l": [true, null], "o": {"k": -3}});
+        let s = json_to_struct(&j).unwrap();
+        assert_eq!(struct_to_json(&s), j);
+    }
+
+    #[test]
+    fn interval_must_be_whole_seconds() {
+        let s = pb::Schedule {
+            kind: Some(pb::schedule::Kind::Interval(pb::IntervalSchedule {
+                every: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                }),
+                anchor_time: None,
+            })),
+            timezone: String::new(),
+        };
+        let e = schedule_from("definition.schedule", Some(&s)).unwrap_err();
+        assert_eq!(e.field, "definition.schedule.interval.every");
+    }
+}

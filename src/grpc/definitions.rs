@@ -1,0 +1,143 @@
+//! `sked.v1.DefinitionService`.
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{definition_to, handler_from, params_from, schedule_from, time_from, time_to};
+use super::{Ctx, db_status, invalid, page_size};
+use crate::db::definitions as q;
+use crate::domain::{Definition, FieldViolation, validate_definition_name};
+use crate::proto::v1 as pb;
+use crate::proto::v1::definition_service_server::DefinitionService;
+
+/// Most fire times one PreviewSchedule returns.
+pub const MAX_PREVIEW: i32 = 1000;
+
+/// Implements `DefinitionService`.
+#[derive(Debug, Clone)]
+pub struct Definitions(pub Ctx);
+
+#[tonic::async_trait]
+impl DefinitionService for Definitions {
+    async fn create_definition(
+        &self,
+        req: Request<pb::CreateDefinitionRequest>,
+    ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let d = req
+            .into_inner()
+            .definition
+            .ok_or_else(|| invalid(FieldViolation::new("definition", "is required")))?;
+        validate_definition_name("definition.name", &d.name).map_err(invalid)?;
+        let handler = handler_from("definition", d.handler.as_ref()).map_err(invalid)?;
+        let schedule = schedule_from("definition.schedule", d.schedule.as_ref())
+            .map_err(invalid)?
+            .ok_or_else(|| {
+                invalid(FieldViolation::new(
+                    "definition.schedule",
+                    "is required (use manual {} for trigger-only)",
+                ))
+            })?;
+        let now = self.0.clock.now();
+        let def = Definition {
+            name: d.name,
+            display_name: d.display_name,
+            description: d.description,
+            labels: d.labels.into_iter().collect(),
+            handler,
+            schedule,
+            params: params_from(d.params.as_ref()),
+            create_time: now,
+            update_time: now,
+            version: 1,
+        };
+        q::definition_insert(&self.0.pool, &def)
+            .await
+            .map_err(|e| db_status(e, format_args!("definition {:?}", def.name)))?;
+        tracing::info!(definition = %def.name, "definition created");
+        Ok(Response::new(definition_to(&def)))
+    }
+
+    async fn get_definition(
+        &self,
+        req: Request<pb::GetDefinitionRequest>,
+    ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let name = req.into_inner().name;
+        validate_definition_name("name", &name).map_err(invalid)?;
+        let d = q::definition_get(&self.0.pool, &name)
+            .await
+            .map_err(|e| db_status(e, format_args!("definition {name:?}")))?;
+        Ok(Response::new(definition_to(&d)))
+    }
+
+    async fn list_definitions(
+        &self,
+        req: Request<pb::ListDefinitionsRequest>,
+    ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
+        let r = req.into_inner();
+        let limit = page_size(r.page_size, 50)?;
+        let defs = q::definition_list(&self.0.pool, &r.page_token, limit + 1)
+            .await
+            .map_err(|e| db_status(e, "definitions"))?;
+        let more = defs.len() as i64 > limit;
+        let defs: Vec<_> = defs.into_iter().take(limit as usize).collect();
+        let next_page_token = if more {
+            defs.last().map(|d| d.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDefinitionsResponse {
+            definitions: defs.iter().map(definition_to).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_definition(
+        &self,
+        req: Request<pb::DeleteDefinitionRequest>,
+    ) -> Result<Response<pb::DeleteDefinitionResponse>, Status> {
+        let name = req.into_inner().name;
+        validate_definition_name("name", &name).map_err(invalid)?;
+        q::definition_delete(&self.0.pool, &name)
+            .await
+            .map_err(|e| db_status(e, format_args!("definition {name:?}")))?;
+        tracing::info!(definition = %name, "definition deleted");
+        Ok(Response::new(pb::DeleteDefinitionResponse {}))
+    }
+
+    async fn preview_schedule(
+        &self,
+        req: Request<pb::PreviewScheduleRequest>,
+    ) -> Result<Response<pb::PreviewScheduleResponse>, Status> {
+        let r = req.into_inner();
+        let count = match r.count {
+            0 => 10,
+            1..=MAX_PREVIEW => r.count,
+            n => {
+                return Err(invalid(FieldViolation::new(
+                    "count",
+                    format!("{n} is out of range 0-{MAX_PREVIEW}"),
+                )));
+            }
+        };
+        let after = match &r.after {
+            Some(t) => time_from("after", t).map_err(invalid)?,
+            None => self.0.clock.now(),
+        };
+        let schedule = schedule_from("schedule", r.schedule.as_ref())
+            .map_err(invalid)?
+            .ok_or_else(|| invalid(FieldViolation::new("schedule", "is required")))?
+            .resolve_anchor(after);
+        let mut fire_times = Vec::new();
+        let mut t = after;
+        while fire_times.len() < count as usize {
+            let Some(next) = schedule.next_after(t) else {
+                break;
+            };
+            fire_times.push(pb::FireTime {
+                time: Some(time_to(next)),
+                local_time: schedule.describe_local(next),
+            });
+            t = next;
+        }
+        Ok(Response::new(pb::PreviewScheduleResponse { fire_times }))
+    }
+}

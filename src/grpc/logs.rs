@@ -1,0 +1,148 @@
+//! `sked.v1.LogService`: TailRun, WatchEvents and ListRunEvents. The stream
+//! loops live in [`crate::events::tail`]; this file checks access and maps
+//! items to the API.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::convert::event_to;
+use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use crate::db;
+use crate::domain::{FieldViolation, validate_definition_name};
+use crate::events::tail::{self, WatchFilter, WatchItem};
+use crate::proto::v1 as pb;
+use crate::proto::v1::log_service_server::LogService;
+
+/// Items buffered per stream before the producer waits for the client.
+const STREAM_BUFFER: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Implements `LogService`.
+#[derive(Debug, Clone)]
+pub struct Logs(pub Ctx);
+
+#[tonic::async_trait]
+impl LogService for Logs {
+    type TailRunStream = BoxStream<pb::RunEvent>;
+    type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
+
+    async fn tail_run(
+        &self,
+        req: Request<pb::TailRunRequest>,
+    ) -> Result<Response<Self::TailRunStream>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let run_id = parse_uuid("run_id", &r.run_id)?;
+        if r.after_seq < 0 {
+            return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
+        }
+        // Existence and ownership first: another tenant's run is NOT_FOUND.
+        db::runs::run_get(&self.0.pool, &tenant_id, run_id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(tail::tail_run(
+            self.0.pool.clone(),
+            self.0.bus.clone(),
+            tenant_id,
+            run_id,
+            r.after_seq,
+            r.follow,
+            tx,
+            self.0.streams_stop.clone(),
+        ));
+        let stream = ReceiverStream::new(rx).map(|item| match item {
+            Ok(e) => Ok(event_to(&e)),
+            Err(e) => Err(db_status(e, "run events")),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let binding_id = if r.binding_id.is_empty() {
+            None
+        } else {
+            Some(parse_uuid("binding_id", &r.binding_id)?)
+        };
+        let definition = if r.definition.is_empty() {
+            None
+        } else {
+            validate_definition_name("definition", &r.definition).map_err(invalid)?;
+            Some(r.definition)
+        };
+        let mut kinds = Vec::new();
+        for k in r.kinds {
+            kinds.push(match pb::EventKind::try_from(k) {
+                Ok(pb::EventKind::StateChanged) => "state_changed",
+                Ok(pb::EventKind::Log) => "log",
+                _ => {
+                    return Err(invalid(FieldViolation::new(
+                        "kinds",
+                        format!("{k} is not an EventKind"),
+                    )));
+                }
+            });
+        }
+        let filter = WatchFilter {
+            tenant_id,
+            binding_id,
+            definition,
+            kinds,
+        };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(tail::watch_events(
+            self.0.bus.clone(),
+            filter,
+            tx,
+            self.0.streams_stop.clone(),
+        ));
+        let stream = ReceiverStream::new(rx).map(|item| {
+            Ok(match item {
+                WatchItem::Event(e) => pb::WatchEventsResponse {
+                    event: Some(event_to(&e)),
+                    missed_events: 0,
+                },
+                WatchItem::Missed(n) => pb::WatchEventsResponse {
+                    event: None,
+                    missed_events: n,
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_run_events(
+        &self,
+        req: Request<pb::ListRunEventsRequest>,
+    ) -> Result<Response<pb::ListRunEventsResponse>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let run_id = parse_uuid("run_id", &r.run_id)?;
+        let limit = page_size(r.page_size, 1000)?;
+        db::runs::run_get(&self.0.pool, &tenant_id, run_id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
+        let events = db::events::event_list(&self.0.pool, &tenant_id, run_id, r.after_seq, limit)
+            .await
+            .map_err(|e| db_status(e, "run events"))?;
+        let next_after_seq = if events.len() as i64 == limit {
+            events.last().map_or(0, |e| e.seq)
+        } else {
+            0
+        };
+        Ok(Response::new(pb::ListRunEventsResponse {
+            events: events.iter().map(event_to).collect(),
+            next_after_seq,
+        }))
+    }
+}

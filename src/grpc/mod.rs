@@ -1,0 +1,143 @@
+//! The gRPC API (`sked.v1`): one file per service, plus tenant context,
+//! status mapping and proto ↔ domain conversion. No SQL and no loops here:
+//! handlers validate, call `db` or `events`, and convert.
+//!
+//! Errors follow SPEC §7: `INVALID_ARGUMENT` carries a `google.rpc.BadRequest`
+//! naming the field; internal errors never leak SQL text — the client gets a
+//! request id (also in a `google.rpc.RequestInfo` detail) and the server log
+//! has the full chain under that id.
+
+pub mod bindings;
+pub mod convert;
+pub mod definitions;
+pub mod logs;
+pub mod runs;
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tonic::{Code, Request, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::db;
+use crate::domain::{Clock, FieldViolation, validate_tenant_id};
+use crate::events::EventBus;
+
+/// Request header naming the tenant of a tenant-scoped call.
+pub const TENANT_HEADER: &str = "x-tenant-id";
+
+/// What every service needs.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Database.
+    pub pool: PgPool,
+    /// Source of now.
+    pub clock: Clock,
+    /// This node's id.
+    pub node_id: String,
+    /// Local event bus.
+    pub bus: EventBus,
+    /// Wakes the local executor (after TriggerRun).
+    pub executor_wake: Arc<Notify>,
+    /// Cancelled at shutdown, after runs drained: ends every open stream.
+    pub streams_stop: tokio_util::sync::CancellationToken,
+}
+
+/// The tenant of a tenant-scoped request, from the `x-tenant-id` header.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` (field `x-tenant-id`) when missing or malformed.
+pub fn tenant<T>(req: &Request<T>) -> Result<String, Status> {
+    let v = req.metadata().get(TENANT_HEADER).ok_or_else(|| {
+        invalid(FieldViolation::new(
+            TENANT_HEADER,
+            "header is required for this call",
+        ))
+    })?;
+    let t = v
+        .to_str()
+        .map_err(|_| invalid(FieldViolation::new(TENANT_HEADER, "header must be ASCII")))?
+        .to_string();
+    validate_tenant_id(TENANT_HEADER, &t).map_err(invalid)?;
+    Ok(t)
+}
+
+/// `INVALID_ARGUMENT` with a `BadRequest` detail for `v`.
+pub fn invalid(v: FieldViolation) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{}: {}", v.field, v.reason),
+        ErrorDetails::with_bad_request_violation(v.field, v.reason),
+    )
+}
+
+/// `NOT_FOUND` for `what` (e.g. `run "0190..."`), with a `ResourceInfo`
+/// detail-free message that leaks nothing about other tenants.
+pub fn not_found(what: impl std::fmt::Display) -> Status {
+    Status::not_found(format!("{what} not found"))
+}
+
+/// Maps a database error for an operation on `what`.
+pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
+    match e {
+        db::Error::NotFound => not_found(what),
+        db::Error::AlreadyExists(_) => Status::already_exists(format!("{what} already exists")),
+        db::Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        db::Error::Sqlx(
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_),
+        ) => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("database unavailable; retry")
+        }
+        other => internal(&other),
+    }
+}
+
+/// `INTERNAL` with a fresh request id; the error chain is logged under it.
+pub fn internal(e: &(dyn std::error::Error + 'static)) -> Status {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let mut chain = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    tracing::error!(request_id, error = chain, "internal error");
+    Status::with_error_details(
+        Code::Internal,
+        format!("internal error (request id {request_id})"),
+        ErrorDetails::with_request_info(request_id, ""),
+    )
+}
+
+/// Page size from a request: 0 → `default`, otherwise 1..=1000.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` on `page_size` when negative or above 1000.
+pub fn page_size(n: i32, default: i64) -> Result<i64, Status> {
+    match n {
+        0 => Ok(default),
+        1..=1000 => Ok(i64::from(n)),
+        _ => Err(invalid(FieldViolation::new(
+            "page_size",
+            format!("{n} is out of range 0-1000"),
+        ))),
+    }
+}
+
+/// Parses a UUID field.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` on `field` when empty or not a UUID.
+pub fn parse_uuid(field: &str, s: &str) -> Result<uuid::Uuid, Status> {
+    if s.is_empty() {
+        return Err(invalid(FieldViolation::new(field, "is required")));
+    }
+    s.parse()
+        .map_err(|_| invalid(FieldViolation::new(field, format!("{s:?} is not a UUID"))))
+}

@@ -1,0 +1,116 @@
+//! `sked.v1.RunService`.
+
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::convert::{run_to, state_from, struct_to_json};
+use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use crate::db::{self, runs::NewRun};
+use crate::domain::{RunTrigger, merge_params};
+use crate::proto::v1 as pb;
+use crate::proto::v1::run_service_server::RunService;
+
+/// Implements `RunService`.
+#[derive(Debug, Clone)]
+pub struct Runs(pub Ctx);
+
+#[tonic::async_trait]
+impl RunService for Runs {
+    async fn trigger_run(
+        &self,
+        req: Request<pb::TriggerRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let binding_id = parse_uuid("binding_id", &r.binding_id)?;
+        let b = db::bindings::binding_get(&self.0.pool, &tenant_id, binding_id)
+            .await
+            .map_err(|e| db_status(e, format_args!("binding {binding_id}")))?;
+        let def = db::definitions::definition_get(&self.0.pool, &b.definition)
+            .await
+            .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;
+        let params = match &r.params {
+            Some(p) => merge_params(&b.effective_params, &struct_to_json(p)),
+            None => b.effective_params.clone(),
+        };
+        let now = self.0.clock.now();
+        let new = NewRun {
+            id: Uuid::now_v7(),
+            tenant_id: tenant_id.clone(),
+            binding_id,
+            definition: b.definition.clone(),
+            trigger: RunTrigger::Manual,
+            scheduled_time: now,
+            handler: def.handler,
+            params,
+        };
+        let id = new.id;
+        let mut conn = self
+            .0
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| db_status(e.into(), "run"))?;
+        let events = db::runs::run_insert_queued(&mut conn, &self.0.node_id, &[new], now)
+            .await
+            .map_err(|e| db_status(e, "run"))?;
+        drop(conn);
+        self.0.bus.publish(events);
+        self.0.executor_wake.notify_one();
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {id}")))?;
+        tracing::info!(run = %id, binding = %binding_id, "run triggered");
+        Ok(Response::new(run_to(&run)))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let tenant_id = tenant(&req)?;
+        let id = parse_uuid("id", &req.get_ref().id)?;
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {id}")))?;
+        Ok(Response::new(run_to(&run)))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let limit = page_size(r.page_size, 50)?;
+        let before = if r.page_token.is_empty() {
+            Uuid::max()
+        } else {
+            parse_uuid("page_token", &r.page_token)?
+        };
+        let binding_id = if r.binding_id.is_empty() {
+            None
+        } else {
+            Some(parse_uuid("binding_id", &r.binding_id)?)
+        };
+        let state = state_from("state", r.state).map_err(invalid)?;
+        let list = db::runs::run_list(
+            &self.0.pool,
+            &tenant_id,
+            before,
+            binding_id,
+            state,
+            limit + 1,
+        )
+        .await
+        .map_err(|e| db_status(e, "runs"))?;
+        let more = list.len() as i64 > limit;
+        let list: Vec<_> = list.into_iter().take(limit as usize).collect();
+        let next_page_token = if more {
+            list.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: list.iter().map(run_to).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,39 @@
+//! # sked
+//!
+//! A gRPC task-scheduling service on PostgreSQL. Platform teams publish task
+//! definitions; each tenant binds them with its own schedule and params; sked
+//! fires every due run exactly once across any number of nodes sharing one
+//! database, executes it, records every state change and log line, and
+//! streams the live execution to subscribers. The contract is SPEC.md.
+//!
+//! # Layout
+//!
+//! Data flows one way, gRPC → domain → db; the engine (scheduler → executor
+//! → events) works beside the gRPC layer on the same database.
+//!
+//! - [`proto`] — generated `sked.v1` code and its descriptor set.
+//! - [`config`] — command line and `SKED_*` environment.
+//! - [`telemetry`] — logging.
+//! - [`app`] — wiring, background tasks, shutdown order.
+//! - [`domain`] — pure types and rules: schedules (cron, DST), run states,
+//!   params merge (RFC 7396), the clock.
+//! - [`db`] — all SQL.
+//! - [`grpc`] — the API services, tenant context, status mapping.
+//! - [`scheduler`] — due bindings → queued runs, exactly once.
+//! - [`executor`] — claim queued runs and run their handlers.
+//! - [`events`] — publish run events, the LISTEN/NOTIFY bridge, streams.
+//! - [`embedded_pg`] — the private PostgreSQL of the one-command default.
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod embedded_pg;
+pub mod events;
+pub mod executor;
+pub mod grpc;
+pub mod proto;
+pub mod scheduler;
+pub mod telemetry;

@@ -1,0 +1,323 @@
+//! Test harness: a real PostgreSQL and real nodes on 127.0.0.1:0, driven
+//! through the generated gRPC clients.
+//!
+//! PostgreSQL: `SKED_TEST_DATABASE_URL` (or `DATABASE_URL`) if set; else the
+//! server on 127.0.0.1:5432 if one answers; else a private cluster started
+//! from the machine's initdb/pg_ctl for this test binary (stopped at exit).
+//! Each test gets its own database, dropped when the test ends.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sked::app::{self, Settings};
+use sked::embedded_pg::{EmbeddedPg, Options};
+use sked::proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Request;
+
+pub use pb::binding_service_client::BindingServiceClient;
+pub use pb::definition_service_client::DefinitionServiceClient;
+pub use pb::log_service_client::LogServiceClient;
+pub use pb::run_service_client::RunServiceClient;
+
+/// Generous bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static INIT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+enum Server {
+    Url(String),
+    Embedded(EmbeddedPg),
+}
+
+impl Server {
+    fn url(&self, db: &str) -> String {
+        match self {
+            Server::Url(u) => with_database(u, db),
+            Server::Embedded(pg) => pg.url(db),
+        }
+    }
+}
+
+/// Replaces the database name in a `postgres://` URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{db}?{q}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+extern "C" fn stop_embedded_at_exit() {
+    if let Some(Server::Embedded(pg)) = SERVER.get() {
+        pg.stop_blocking();
+        let _ = std::fs::remove_dir_all(pg.base_dir());
+    }
+}
+
+async fn server() -> &'static Server {
+    INIT.get_or_init(|| async {
+        let configured = std::env::var("SKED_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")).ok();
+        let candidate = configured.unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let reachable = tokio::time::timeout(Duration::from_secs(3), async {
+            use sqlx::Connection;
+            sqlx::PgConnection::connect(&with_database(&candidate, "postgres")).await
+        })
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let server = if reachable {
+            Server::Url(candidate)
+        } else {
+            let dir = std::env::temp_dir().join(format!("sked-test-pg-{}", std::process::id()));
+            let pg = EmbeddedPg::start_with(&dir, Options { fast_unsafe: true })
+                .await
+                .expect("no PostgreSQL reachable and the private test cluster could not start");
+            // SAFETY: registering a plain extern "C" fn with no captured state.
+            unsafe { libc::atexit(stop_embedded_at_exit) };
+            Server::Embedded(pg)
+        };
+        let _ = SERVER.set(server);
+    })
+    .await;
+    SERVER.get().expect("initialised above")
+}
+
+/// A fresh database for one test, dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = server().await;
+        let name = format!("sked_t_{}", uuid::Uuid::new_v4().simple());
+        let admin_url = server.url("postgres");
+        sked::db::ensure_database(&admin_url, &name).await.expect("create test database");
+        TestDb { url: server.url(&name), name, admin_url }
+    }
+
+    /// A pool on this database (for checks a user could make with psql).
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sked::db::connect(&self.url, 4).await.expect("connect test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin_url.clone(), self.name.clone());
+        // Async drop is not a thing: drop the database on a helper thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            if let Ok(rt) = rt {
+                let _ = rt.block_on(sked::db::drop_database(&admin, &name));
+            }
+        })
+        .join();
+    }
+}
+
+/// Settings for a test node: fast polls, short grace.
+pub fn settings(db: &TestDb, node_id: &str) -> Settings {
+    let mut s = Settings::new(db.url.clone());
+    s.node_id = node_id.to_string();
+    s.shutdown_grace = Duration::from_secs(5);
+    s.claim_poll = Duration::from_millis(500);
+    s.scheduler_max_sleep = Duration::from_secs(1);
+    s.db_max_connections = 10;
+    s
+}
+
+/// A node serving on 127.0.0.1:0.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node_id: String,
+    pub channel: Channel,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), app::Error>>,
+}
+
+impl TestNode {
+    pub async fn start(db: &TestDb, node_id: &str) -> TestNode {
+        Self::start_with(settings(db, node_id)).await
+    }
+
+    pub async fn start_with(settings: Settings) -> TestNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let node_id = settings.node_id.clone();
+        let handle = tokio::spawn(app::serve(settings, listener, stop.clone().cancelled_owned()));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to node");
+        TestNode { addr, node_id, channel, stop, handle }
+    }
+
+    pub fn definitions(&self) -> DefinitionServiceClient<Channel> {
+        DefinitionServiceClient::new(self.channel.clone())
+    }
+    pub fn bindings(&self) -> BindingServiceClient<Channel> {
+        BindingServiceClient::new(self.channel.clone())
+    }
+    pub fn runs(&self) -> RunServiceClient<Channel> {
+        RunServiceClient::new(self.channel.clone())
+    }
+    pub fn logs(&self) -> LogServiceClient<Channel> {
+        LogServiceClient::new(self.channel.clone())
+    }
+
+    /// Graceful stop; returns what `serve` returned.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let r = tokio::time::timeout(WAIT, self.handle).await.expect("node stops in time");
+        r.expect("serve task").expect("serve ended cleanly");
+    }
+}
+
+/// `msg` with the `x-tenant-id` header.
+pub fn as_tenant<T>(tenant: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("x-tenant-id", tenant.parse().expect("ascii tenant"));
+    r
+}
+
+/// A command definition.
+pub fn command_def(name: &str, program: &str, args: &[&str], schedule: pb::Schedule) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        name: name.into(),
+        handler: Some(pb::task_definition::Handler::Command(pb::CommandHandler {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+        schedule: Some(schedule),
+        ..Default::default()
+    }
+}
+
+/// `sh -c script` definition.
+pub fn sh_def(name: &str, script: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
+    command_def(name, "sh", &["-c", script], schedule)
+}
+
+pub fn every(secs: i64) -> pb::Schedule {
+    pb::Schedule {
+        kind: Some(pb::schedule::Kind::Interval(pb::IntervalSchedule {
+            every: Some(prost_types::Duration { seconds: secs, nanos: 0 }),
+            anchor_time: None,
+        })),
+        timezone: String::new(),
+    }
+}
+
+pub fn manual() -> pb::Schedule {
+    pb::Schedule { kind: Some(pb::schedule::Kind::Manual(pb::ManualSchedule {})), timezone: String::new() }
+}
+
+pub fn cron(expr: &str, tz: &str) -> pb::Schedule {
+    pb::Schedule {
+        kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule { expression: expr.into() })),
+        timezone: tz.into(),
+    }
+}
+
+/// Creates `def` and binds it for `tenant`; returns the binding.
+pub async fn define_and_bind(node: &TestNode, tenant: &str, def: pb::TaskDefinition) -> pb::Binding {
+    let name = def.name.clone();
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest { definition: Some(def) })
+        .await
+        .expect("create definition");
+    node.bindings()
+        .create_binding(as_tenant(
+            tenant,
+            pb::CreateBindingRequest { binding: Some(pb::Binding { definition: name, ..Default::default() }) },
+        ))
+        .await
+        .expect("create binding")
+        .into_inner()
+}
+
+/// Triggers a run of `binding_id` now.
+pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run {
+    node.runs()
+        .trigger_run(as_tenant(tenant, pb::TriggerRunRequest { binding_id: binding_id.into(), params: None }))
+        .await
+        .expect("trigger run")
+        .into_inner()
+}
+
+/// Every event of a run, following it to its end (TailRun from `after_seq`).
+pub async fn tail_all(node: &TestNode, tenant: &str, run_id: &str, after_seq: i64) -> Vec<pb::RunEvent> {
+    let mut stream = node
+        .logs()
+        .tail_run(as_tenant(tenant, pb::TailRunRequest { run_id: run_id.into(), after_seq, follow: true }))
+        .await
+        .expect("tail run")
+        .into_inner();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(e) = stream.message().await.expect("tail stream") {
+            out.push(e);
+        }
+    })
+    .await
+    .expect("tail ends when the run is terminal");
+    out
+}
+
+/// Waits until the run is terminal; returns it.
+pub async fn wait_terminal(node: &TestNode, tenant: &str, run_id: &str) -> pb::Run {
+    tail_all(node, tenant, run_id, 0).await;
+    node.runs()
+        .get_run(as_tenant(tenant, pb::GetRunRequest { id: run_id.into() }))
+        .await
+        .expect("get run")
+        .into_inner()
+}
+
+/// Log lines (messages) of a run's events, in order.
+pub fn log_lines(events: &[pb::RunEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::run_event::Kind::Log(l)) => Some(l.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The field named in an INVALID_ARGUMENT status's BadRequest details.
+pub fn violation_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts seqs are exactly 1..=n.
+pub fn assert_dense(events: &[pb::RunEvent]) {
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    let want: Vec<i64> = (1..=events.len() as i64).collect();
+    assert_eq!(seqs, want, "seqs must be dense from 1 with no duplicates");
+}
