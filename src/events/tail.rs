@@ -60,7 +60,7 @@ pub async fn tail_run(
             r = rx.recv() => match r {
                 Ok(e) if e.run_id == run_id => tail.offer(&e).await,
                 Ok(_) => Ok(false),
-                Err(broadcast::error::RecvError::Lagged(_)) => tail.catch_up().await,
+                Err(broadcast::error::RecvError::Lagged(_)) => tail.replay().await,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = tokio::time::sleep(IDLE_POLL) => tail.catch_up().await,
@@ -91,7 +91,7 @@ impl Tail {
             return Ok(false);
         }
         if e.seq > self.last + 1 {
-            return self.catch_up().await;
+            return self.replay().await;
         }
         self.send(RunEvent::clone(e)).await
     }
@@ -103,9 +103,25 @@ impl Tail {
         Ok(terminal)
     }
 
-    /// Sends every persisted event after `last`. `Ok(true)` if the terminal
-    /// event was among them.
+    /// Sends every persisted event after `last`. `Ok(true)` when the run is
+    /// over for this subscriber: the terminal event was among them, or it
+    /// had been sent before (a reconnect with `after_seq` at the run's end).
     async fn catch_up(&mut self) -> Result<bool, ()> {
+        if self.replay().await? {
+            return Ok(true);
+        }
+        match db::runs::run_progress(&self.pool, self.run_id).await {
+            Ok((state, last_seq)) => Ok(state.is_terminal() && self.last >= last_seq),
+            Err(e) => {
+                let _ = self.out.send(Err(e)).await;
+                Err(())
+            }
+        }
+    }
+
+    /// Sends every persisted event after `last`; `Ok(true)` if the terminal
+    /// event was among them.
+    async fn replay(&mut self) -> Result<bool, ()> {
         loop {
             let page = match db::events::event_list(
                 &self.pool,
