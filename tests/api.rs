@@ -6,9 +6,14 @@ use common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-async fn create(node: &TestNode, def: pb::TaskDefinition) -> Result<pb::TaskDefinition, tonic::Status> {
+async fn create(
+    node: &TestNode,
+    def: pb::TaskDefinition,
+) -> Result<pb::TaskDefinition, tonic::Status> {
     node.definitions()
-        .create_definition(pb::CreateDefinitionRequest { definition: Some(def) })
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(def),
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -17,7 +22,11 @@ fn assert_invalid(r: Result<impl std::fmt::Debug, tonic::Status>, field: &str, r
     let s = r.expect_err("must be rejected");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert_eq!(violation_fields(&s), vec![field.to_string()], "{s:?}");
-    assert!(s.message().contains(reason_part), "message {:?} should contain {reason_part:?}", s.message());
+    assert!(
+        s.message().contains(reason_part),
+        "message {:?} should contain {reason_part:?}",
+        s.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,72 +34,180 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
 
-    assert_invalid(create(&node, sh_def("c1", "true", cron("0 25 * * *", "UTC"))).await, "definition.schedule.cron.expression", "field 2 (hour): 25 is out of range 0-23");
-    assert_invalid(create(&node, sh_def("c2", "true", cron("* * *", "UTC"))).await, "definition.schedule.cron.expression", "5 fields");
-    assert_invalid(create(&node, sh_def("c3", "true", cron("0 3 * * *", "Mars/Olympus_Mons"))).await, "definition.schedule.timezone", "Mars/Olympus_Mons");
-    assert_invalid(create(&node, sh_def("c4", "true", every(0))).await, "definition.schedule.interval.every", "at least 1 second");
-    assert_invalid(create(&node, command_def("c5", "", &[], every(5))).await, "definition.command.program", "required");
-    assert_invalid(create(&node, sh_def("Bad Name", "true", every(5))).await, "definition.name", "must match");
+    assert_invalid(
+        create(&node, sh_def("c1", "true", cron("0 25 * * *", "UTC"))).await,
+        "definition.schedule.cron.expression",
+        "field 2 (hour): 25 is out of range 0-23",
+    );
+    assert_invalid(
+        create(&node, sh_def("c2", "true", cron("* * *", "UTC"))).await,
+        "definition.schedule.cron.expression",
+        "5 fields",
+    );
+    assert_invalid(
+        create(
+            &node,
+            sh_def("c3", "true", cron("0 3 * * *", "Mars/Olympus_Mons")),
+        )
+        .await,
+        "definition.schedule.timezone",
+        "Mars/Olympus_Mons",
+    );
+    assert_invalid(
+        create(&node, sh_def("c4", "true", every(0))).await,
+        "definition.schedule.interval.every",
+        "at least 1 second",
+    );
+    assert_invalid(
+        create(&node, command_def("c5", "", &[], every(5))).await,
+        "definition.command.program",
+        "required",
+    );
+    assert_invalid(
+        create(&node, sh_def("Bad Name", "true", every(5))).await,
+        "definition.name",
+        "must match",
+    );
     let mut no_schedule = sh_def("c6", "true", every(5));
     no_schedule.schedule = None;
-    assert_invalid(create(&node, no_schedule).await, "definition.schedule", "required");
+    assert_invalid(
+        create(&node, no_schedule).await,
+        "definition.schedule",
+        "required",
+    );
     let mut no_kind = sh_def("c7", "true", every(5));
     no_kind.schedule = Some(pb::Schedule::default());
-    assert_invalid(create(&node, no_kind).await, "definition.schedule", "one of cron, interval, once or manual");
+    assert_invalid(
+        create(&node, no_kind).await,
+        "definition.schedule",
+        "one of cron, interval, once or manual",
+    );
 
     // Nothing was written by any of those.
-    let list = node.definitions().list_definitions(pb::ListDefinitionsRequest::default()).await.unwrap().into_inner();
+    let list = node
+        .definitions()
+        .list_definitions(pb::ListDefinitionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(list.definitions.is_empty(), "{:?}", list.definitions);
 
     // Bindings: unknown definition, bad override.
     let s = node
         .bindings()
-        .create_binding(as_tenant("acme", pb::CreateBindingRequest { binding: Some(pb::Binding { definition: "nope".into(), ..Default::default() }) }))
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "nope".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     assert!(s.message().contains("binding.definition"), "{s:?}");
-    create(&node, sh_def("ok", "true", cron("0 3 * * *", "Europe/Berlin"))).await.unwrap();
+    create(
+        &node,
+        sh_def("ok", "true", cron("0 3 * * *", "Europe/Berlin")),
+    )
+    .await
+    .unwrap();
     let r = node
         .bindings()
         .create_binding(as_tenant(
             "acme",
             pb::CreateBindingRequest {
-                binding: Some(pb::Binding { definition: "ok".into(), schedule: Some(cron("61 * * * *", "UTC")), ..Default::default() }),
+                binding: Some(pb::Binding {
+                    definition: "ok".into(),
+                    schedule: Some(cron("61 * * * *", "UTC")),
+                    ..Default::default()
+                }),
             },
         ))
         .await;
     assert_invalid(r, "binding.schedule.cron.expression", "field 1 (minute)");
-    let list = node.bindings().list_bindings(as_tenant("acme", pb::ListBindingsRequest::default())).await.unwrap().into_inner();
+    let list = node
+        .bindings()
+        .list_bindings(as_tenant("acme", pb::ListBindingsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(list.bindings.is_empty());
 
     // A second binding of the same definition by one tenant.
     let first = node
         .bindings()
-        .create_binding(as_tenant("acme", pb::CreateBindingRequest { binding: Some(pb::Binding { definition: "ok".into(), ..Default::default() }) }))
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "ok".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     let again = node
         .bindings()
-        .create_binding(as_tenant("acme", pb::CreateBindingRequest { binding: Some(pb::Binding { definition: "ok".into(), ..Default::default() }) }))
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "ok".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists);
     // Deleting a definition that is still bound.
-    let s = node.definitions().delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() }).await.unwrap_err();
+    let s = node
+        .definitions()
+        .delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() })
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
-    node.bindings().delete_binding(as_tenant("acme", pb::DeleteBindingRequest { id: first.id })).await.unwrap();
-    node.definitions().delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() }).await.unwrap();
-    let s = node.definitions().get_definition(pb::GetDefinitionRequest { name: "ok".into() }).await.unwrap_err();
+    node.bindings()
+        .delete_binding(as_tenant("acme", pb::DeleteBindingRequest { id: first.id }))
+        .await
+        .unwrap();
+    node.definitions()
+        .delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() })
+        .await
+        .unwrap();
+    let s = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest { name: "ok".into() })
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
 
     // Malformed ids and paging.
-    let s = node.runs().get_run(as_tenant("acme", pb::GetRunRequest { id: "not-a-uuid".into() })).await.unwrap_err();
+    let s = node
+        .runs()
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                id: "not-a-uuid".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(violation_fields(&s), ["id"]);
     let s = node
         .runs()
-        .list_runs(as_tenant("acme", pb::ListRunsRequest { page_size: 5000, ..Default::default() }))
+        .list_runs(as_tenant(
+            "acme",
+            pb::ListRunsRequest {
+                page_size: 5000,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(violation_fields(&s), ["page_size"]);
@@ -101,18 +218,34 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
 async fn tenant_scoped_calls_need_the_tenant_header() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
-    let s = node.bindings().list_bindings(pb::ListBindingsRequest::default()).await.unwrap_err();
+    let s = node
+        .bindings()
+        .list_bindings(pb::ListBindingsRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert_eq!(violation_fields(&s), ["x-tenant-id"]);
-    let s = node.runs().list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
-    assert_eq!(violation_fields(&s), ["x-tenant-id"]);
     let s = node
-        .logs()
-        .tail_run(pb::TailRunRequest { run_id: uuid::Uuid::now_v7().to_string(), after_seq: 0, follow: true })
+        .runs()
+        .list_runs(pb::ListRunsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(violation_fields(&s), ["x-tenant-id"]);
-    let s = node.runs().list_runs(as_tenant("bad tenant!", pb::ListRunsRequest::default())).await.unwrap_err();
+    let s = node
+        .logs()
+        .tail_run(pb::TailRunRequest {
+            run_id: uuid::Uuid::now_v7().to_string(),
+            after_seq: 0,
+            follow: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violation_fields(&s), ["x-tenant-id"]);
+    let s = node
+        .runs()
+        .list_runs(as_tenant("bad tenant!", pb::ListRunsRequest::default()))
+        .await
+        .unwrap_err();
     assert_eq!(violation_fields(&s), ["x-tenant-id"]);
     node.stop().await;
 }
@@ -125,45 +258,107 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
     let run = trigger(&node, "b", &b.id).await;
     wait_terminal(&node, "b", &run.id).await;
 
-    let mut watch_a = node.logs().watch_events(as_tenant("a", pb::WatchEventsRequest::default())).await.unwrap().into_inner();
+    let mut watch_a = node
+        .logs()
+        .watch_events(as_tenant("a", pb::WatchEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
 
-    let s = node.bindings().get_binding(as_tenant("a", pb::GetBindingRequest { id: b.id.clone() })).await.unwrap_err();
+    let s = node
+        .bindings()
+        .get_binding(as_tenant("a", pb::GetBindingRequest { id: b.id.clone() }))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
-    let s = node.bindings().delete_binding(as_tenant("a", pb::DeleteBindingRequest { id: b.id.clone() })).await.unwrap_err();
-    assert_eq!(s.code(), Code::NotFound);
-    let s = node.runs().get_run(as_tenant("a", pb::GetRunRequest { id: run.id.clone() })).await.unwrap_err();
+    let s = node
+        .bindings()
+        .delete_binding(as_tenant(
+            "a",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     let s = node
         .runs()
-        .trigger_run(as_tenant("a", pb::TriggerRunRequest { binding_id: b.id.clone(), params: None }))
+        .get_run(as_tenant("a", pb::GetRunRequest { id: run.id.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    let s = node
+        .runs()
+        .trigger_run(as_tenant(
+            "a",
+            pb::TriggerRunRequest {
+                binding_id: b.id.clone(),
+                params: None,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     let s = node
         .logs()
-        .tail_run(as_tenant("a", pb::TailRunRequest { run_id: run.id.clone(), after_seq: 0, follow: true }))
+        .tail_run(as_tenant(
+            "a",
+            pb::TailRunRequest {
+                run_id: run.id.clone(),
+                after_seq: 0,
+                follow: true,
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     let s = node
         .logs()
-        .list_run_events(as_tenant("a", pb::ListRunEventsRequest { run_id: run.id.clone(), ..Default::default() }))
+        .list_run_events(as_tenant(
+            "a",
+            pb::ListRunEventsRequest {
+                run_id: run.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
-    let bindings = node.bindings().list_bindings(as_tenant("a", pb::ListBindingsRequest::default())).await.unwrap().into_inner();
+    let bindings = node
+        .bindings()
+        .list_bindings(as_tenant("a", pb::ListBindingsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(bindings.bindings.is_empty());
-    let runs = node.runs().list_runs(as_tenant("a", pb::ListRunsRequest::default())).await.unwrap().into_inner();
+    let runs = node
+        .runs()
+        .list_runs(as_tenant("a", pb::ListRunsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(runs.runs.is_empty());
 
     // b's next run produces events; a's watcher sees none of them, while b's own does.
-    let mut watch_b = node.logs().watch_events(as_tenant("b", pb::WatchEventsRequest::default())).await.unwrap().into_inner();
+    let mut watch_b = node
+        .logs()
+        .watch_events(as_tenant("b", pb::WatchEventsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
     let run2 = trigger(&node, "b", &b.id).await;
     wait_terminal(&node, "b", &run2.id).await;
-    let seen_b = tokio::time::timeout(WAIT, watch_b.message()).await.unwrap().unwrap().unwrap();
+    let seen_b = tokio::time::timeout(WAIT, watch_b.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(seen_b.event.unwrap().tenant_id, "b");
-    let leaked = tokio::time::timeout(std::time::Duration::from_millis(500), watch_a.message()).await;
-    assert!(leaked.is_err(), "tenant a must see nothing of b: {leaked:?}");
+    let leaked =
+        tokio::time::timeout(std::time::Duration::from_millis(500), watch_a.message()).await;
+    assert!(
+        leaked.is_err(),
+        "tenant a must see nothing of b: {leaked:?}"
+    );
     node.stop().await;
 }
 
@@ -171,44 +366,82 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
 async fn health_serves_and_reflection_lists_the_services() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
 
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     let h = HealthClient::new(node.channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let h = HealthClient::new(node.channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest { service: "sked.v1.RunService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sked.v1.RunService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = ServerReflectionClient::new(node.channel.clone())
         .server_reflection_info(tokio_stream::iter([req]))
         .await
         .unwrap()
         .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["sked.v1.DefinitionService", "sked.v1.BindingService", "sked.v1.RunService", "sked.v1.LogService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "sked.v1.DefinitionService",
+        "sked.v1.BindingService",
+        "sked.v1.RunService",
+        "sked.v1.LogService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
     // Error details resolve too (grpcurl prints BadRequest with them).
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "google.rpc.BadRequest".into(),
+        )),
+    };
     let mut stream = ServerReflectionClient::new(node.channel.clone())
         .server_reflection_info(tokio_stream::iter([req]))
         .await
         .unwrap()
         .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    assert!(matches!(resp.message_response, Some(MessageResponse::FileDescriptorResponse(_))), "{resp:?}");
+    assert!(
+        matches!(
+            resp.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{resp:?}"
+    );
     node.stop().await;
 }
 
@@ -221,12 +454,19 @@ async fn preview_schedule_lists_fire_times_in_utc_and_local_time() {
         .preview_schedule(pb::PreviewScheduleRequest {
             schedule: Some(cron("30 2 * * *", "America/New_York")),
             count: 3,
-            after: Some(prost_types::Timestamp { seconds: 1_741_410_000, nanos: 0 }), // 2025-03-08T05:00:00Z
+            after: Some(prost_types::Timestamp {
+                seconds: 1_741_410_000,
+                nanos: 0,
+            }), // 2025-03-08T05:00:00Z
         })
         .await
         .unwrap()
         .into_inner();
-    let got: Vec<(i64, String)> = r.fire_times.iter().map(|f| (f.time.as_ref().unwrap().seconds, f.local_time.clone())).collect();
+    let got: Vec<(i64, String)> = r
+        .fire_times
+        .iter()
+        .map(|f| (f.time.as_ref().unwrap().seconds, f.local_time.clone()))
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -238,7 +478,11 @@ async fn preview_schedule_lists_fire_times_in_utc_and_local_time() {
     );
     let s = node
         .definitions()
-        .preview_schedule(pb::PreviewScheduleRequest { schedule: Some(cron("0 0 * * *", "UTC")), count: 1001, after: None })
+        .preview_schedule(pb::PreviewScheduleRequest {
+            schedule: Some(cron("0 0 * * *", "UTC")),
+            count: 1001,
+            after: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(violation_fields(&s), ["count"]);

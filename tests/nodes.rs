@@ -15,7 +15,14 @@ async fn two_nodes_create_exactly_one_run_per_binding_and_fire_time() {
     let b = TestNode::start(&db, "node-b").await;
     let mut bindings = Vec::new();
     for i in 0..4 {
-        bindings.push(define_and_bind(&a, "acme", sh_def(&format!("tick{i}"), "echo tick", every(1))).await);
+        bindings.push(
+            define_and_bind(
+                &a,
+                "acme",
+                sh_def(&format!("tick{i}"), "echo tick", every(1)),
+            )
+            .await,
+        );
     }
     // Measure over more than 5 s of firing.
     tokio::time::sleep(Duration::from_millis(6500)).await;
@@ -33,7 +40,14 @@ async fn two_nodes_create_exactly_one_run_per_binding_and_fire_time() {
     loop {
         let page = node
             .runs()
-            .list_runs(as_tenant("acme", pb::ListRunsRequest { page_size: 100, page_token: token.clone(), ..Default::default() }))
+            .list_runs(as_tenant(
+                "acme",
+                pb::ListRunsRequest {
+                    page_size: 100,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -48,20 +62,40 @@ async fn two_nodes_create_exactly_one_run_per_binding_and_fire_time() {
     for r in &runs {
         assert_eq!(r.trigger, pb::RunTrigger::Schedule as i32);
         let t = r.scheduled_time.as_ref().unwrap();
-        per_binding.entry(r.binding_id.clone()).or_default().push(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        per_binding
+            .entry(r.binding_id.clone())
+            .or_default()
+            .push(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
         executors.insert(r.node_id.clone());
     }
     assert_eq!(per_binding.len(), bindings.len());
     for (binding, mut times) in per_binding {
         times.sort();
         let distinct: BTreeSet<_> = times.iter().collect();
-        assert_eq!(distinct.len(), times.len(), "binding {binding}: a fire time ran twice: {times:?}");
-        assert!(times.len() >= 5, "binding {binding}: expected ≥ 5 fires in 6.5 s, got {}", times.len());
+        assert_eq!(
+            distinct.len(),
+            times.len(),
+            "binding {binding}: a fire time ran twice: {times:?}"
+        );
+        assert!(
+            times.len() >= 5,
+            "binding {binding}: expected ≥ 5 fires in 6.5 s, got {}",
+            times.len()
+        );
         for w in times.windows(2) {
-            assert_eq!(w[1] - w[0], 1_000_000, "binding {binding}: fire times are consecutive, 1 s apart");
+            assert_eq!(
+                w[1] - w[0],
+                1_000_000,
+                "binding {binding}: fire times are consecutive, 1 s apart"
+            );
         }
     }
-    assert!(executors.iter().all(|n| n == "node-a" || n == "node-b" || n.is_empty()), "{executors:?}");
+    assert!(
+        executors
+            .iter()
+            .all(|n| n == "node-a" || n == "node-b" || n.is_empty()),
+        "{executors:?}"
+    );
     node.stop().await;
 }
 
@@ -79,13 +113,24 @@ async fn tail_on_node_b_follows_a_run_executing_on_node_a() {
     let binding = define_and_bind(
         &b,
         "acme",
-        sh_def("remote", "for i in 1 2 3 4 5; do echo remote $i; sleep 0.2; done", manual()),
+        sh_def(
+            "remote",
+            "for i in 1 2 3 4 5; do echo remote $i; sleep 0.2; done",
+            manual(),
+        ),
     )
     .await;
     let run = trigger(&b, "acme", &binding.id).await;
     let mut stream = b
         .logs()
-        .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: run.id.clone(), after_seq: 0, follow: true }))
+        .tail_run(as_tenant(
+            "acme",
+            pb::TailRunRequest {
+                run_id: run.id.clone(),
+                after_seq: 0,
+                follow: true,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -102,16 +147,33 @@ async fn tail_on_node_b_follows_a_run_executing_on_node_a() {
     .await
     .expect("tail on B ends when the run on A ends");
     assert_dense(&got);
-    assert_eq!(log_lines(&got), ["remote 1", "remote 2", "remote 3", "remote 4", "remote 5"]);
+    assert_eq!(
+        log_lines(&got),
+        ["remote 1", "remote 2", "remote 3", "remote 4", "remote 5"]
+    );
     // Lines arrived live, spread over the run (not all at the end).
     let spread = *live_log_times.last().unwrap() - live_log_times[0];
-    assert!(spread >= Duration::from_millis(500), "lines arrived live over {spread:?}");
-    let finished = b.runs().get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() })).await.unwrap().into_inner();
+    assert!(
+        spread >= Duration::from_millis(500),
+        "lines arrived live over {spread:?}"
+    );
+    let finished = b
+        .runs()
+        .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(finished.node_id, "node-a");
     assert_eq!(finished.state, pb::RunState::Succeeded as i32);
     let persisted = a
         .logs()
-        .list_run_events(as_tenant("acme", pb::ListRunEventsRequest { run_id: run.id.clone(), ..Default::default() }))
+        .list_run_events(as_tenant(
+            "acme",
+            pb::ListRunEventsRequest {
+                run_id: run.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()

@@ -30,8 +30,15 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
         r#"echo "hello from $SKED_TENANT_ID"; read -r stdin; echo "stdin=$stdin"; echo "{\"greeting\":\"done\",\"attempt\":$SKED_ATTEMPT}""#,
         every(1),
     );
-    def.params = sked::grpc::convert::json_to_struct(&serde_json::json!({"who": "world", "n": 1, "drop": true}));
-    node.definitions().create_definition(pb::CreateDefinitionRequest { definition: Some(def) }).await.unwrap();
+    def.params = sked::grpc::convert::json_to_struct(
+        &serde_json::json!({"who": "world", "n": 1, "drop": true}),
+    );
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(def),
+        })
+        .await
+        .unwrap();
     let binding = node
         .bindings()
         .create_binding(as_tenant(
@@ -39,7 +46,9 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
             pb::CreateBindingRequest {
                 binding: Some(pb::Binding {
                     definition: "hello".into(),
-                    params: sked::grpc::convert::json_to_struct(&serde_json::json!({"n": 2, "drop": null})),
+                    params: sked::grpc::convert::json_to_struct(
+                        &serde_json::json!({"n": 2, "drop": null}),
+                    ),
                     ..Default::default()
                 }),
             },
@@ -53,9 +62,16 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
         serde_json::json!({"who": "world", "n": 2}),
         "binding params merge over the definition's by RFC 7396"
     );
-    let next = binding.next_run_time.clone().expect("an interval binding has a next run time");
+    let next = binding
+        .next_run_time
+        .clone()
+        .expect("an interval binding has a next run time");
     let create = binding.create_time.clone().unwrap();
-    assert_eq!(next.seconds - create.seconds, 1, "first fire one period after creation");
+    assert_eq!(
+        next.seconds - create.seconds,
+        1,
+        "first fire one period after creation"
+    );
 
     // First terminal event seen live.
     let run_id = tokio::time::timeout(WAIT, async {
@@ -72,13 +88,21 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     .await
     .expect("a run finishes within the wait");
 
-    let run = node.runs().get_run(as_tenant("acme", pb::GetRunRequest { id: run_id.clone() })).await.unwrap().into_inner();
+    let run = node
+        .runs()
+        .get_run(as_tenant("acme", pb::GetRunRequest { id: run_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
     assert_eq!(run.trigger, pb::RunTrigger::Schedule as i32);
     assert_eq!(run.binding_id, binding.id);
     assert_eq!(run.exit_code, Some(0));
     assert_eq!(run.node_id, "n1");
-    assert_eq!(run.scheduled_time, binding.next_run_time, "first run is for the binding's first fire time");
+    assert_eq!(
+        run.scheduled_time, binding.next_run_time,
+        "first run is for the binding's first fire time"
+    );
     assert_eq!(
         sked::grpc::convert::struct_to_json(run.result.as_ref().unwrap()),
         serde_json::json!({"greeting": "done", "attempt": 1}),
@@ -86,7 +110,13 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     );
     let events = node
         .logs()
-        .list_run_events(as_tenant("acme", pb::ListRunEventsRequest { run_id: run_id.clone(), ..Default::default() }))
+        .list_run_events(as_tenant(
+            "acme",
+            pb::ListRunEventsRequest {
+                run_id: run_id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -94,8 +124,13 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     assert_dense(&events);
     let lines = log_lines(&events);
     assert_eq!(lines[0], "hello from acme");
-    let stdin_json: serde_json::Value = serde_json::from_str(lines[1].strip_prefix("stdin=").unwrap()).unwrap();
-    assert_eq!(stdin_json, serde_json::json!({"who": "world", "n": 2}), "params arrive as JSON on stdin");
+    let stdin_json: serde_json::Value =
+        serde_json::from_str(lines[1].strip_prefix("stdin=").unwrap()).unwrap();
+    assert_eq!(
+        stdin_json,
+        serde_json::json!({"who": "world", "n": 2}),
+        "params arrive as JSON on stdin"
+    );
     let states: Vec<(i32, i32)> = events
         .iter()
         .filter_map(|e| match &e.kind {
@@ -106,7 +141,10 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     assert_eq!(
         states,
         vec![
-            (pb::RunState::Unspecified as i32, pb::RunState::Queued as i32),
+            (
+                pb::RunState::Unspecified as i32,
+                pb::RunState::Queued as i32
+            ),
             (pb::RunState::Queued as i32, pb::RunState::Running as i32),
             (pb::RunState::Running as i32, pb::RunState::Succeeded as i32),
         ]
@@ -119,8 +157,20 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
 async fn failing_command_ends_failed_with_exit_code_and_stderr_summary() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
-    let b = define_and_bind(&node, "acme", sh_def("fails", "echo working; echo 'disk full' >&2; exit 3", manual())).await;
-    assert!(b.next_run_time.is_none(), "manual bindings never fire by themselves");
+    let b = define_and_bind(
+        &node,
+        "acme",
+        sh_def(
+            "fails",
+            "echo working; echo 'disk full' >&2; exit 3",
+            manual(),
+        ),
+    )
+    .await;
+    assert!(
+        b.next_run_time.is_none(),
+        "manual bindings never fire by themselves"
+    );
     let run = trigger(&node, "acme", &b.id).await;
     assert_eq!(run.trigger, pb::RunTrigger::Manual as i32);
     let run = wait_terminal(&node, "acme", &run.id).await;
@@ -132,11 +182,21 @@ async fn failing_command_ends_failed_with_exit_code_and_stderr_summary() {
     assert_eq!(run.reason, "exit code 3");
 
     // A program that does not exist fails too, with the reason in its log.
-    let b = define_and_bind(&node, "acme", command_def("missing", "/nonexistent/prog", &[], manual())).await;
+    let b = define_and_bind(
+        &node,
+        "acme",
+        command_def("missing", "/nonexistent/prog", &[], manual()),
+    )
+    .await;
     let run = trigger(&node, "acme", &b.id).await;
     let events = tail_all(&node, "acme", &run.id, 0).await;
     assert_eq!(final_state(&events), Some(pb::RunState::Failed as i32));
-    assert!(log_lines(&events).iter().any(|l| l.contains("failed to start")), "{events:?}");
+    assert!(
+        log_lines(&events)
+            .iter()
+            .any(|l| l.contains("failed to start")),
+        "{events:?}"
+    );
     node.stop().await;
 }
 
@@ -152,14 +212,25 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
     let target = define_and_bind(
         &node,
         "acme",
-        sh_def("lines", "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.15; done; echo bye >&2", manual()),
+        sh_def(
+            "lines",
+            "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.15; done; echo bye >&2",
+            manual(),
+        ),
     )
     .await;
     let blocker_run = trigger(&node, "acme", &blocker.id).await;
     // Wait until the blocker runs.
     let mut t = node
         .logs()
-        .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: blocker_run.id.clone(), after_seq: 0, follow: true }))
+        .tail_run(as_tenant(
+            "acme",
+            pb::TailRunRequest {
+                run_id: blocker_run.id.clone(),
+                after_seq: 0,
+                follow: true,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -169,8 +240,17 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
         }
     }
     let run = trigger(&node, "acme", &target.id).await;
-    let queued = node.runs().get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() })).await.unwrap().into_inner();
-    assert_eq!(queued.state, pb::RunState::Queued as i32, "the run has not started yet");
+    let queued = node
+        .runs()
+        .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        queued.state,
+        pb::RunState::Queued as i32,
+        "the run has not started yet"
+    );
 
     let before = {
         let node_ch = node.channel.clone();
@@ -178,7 +258,14 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
         tokio::spawn(async move {
             let mut c = LogServiceClient::new(node_ch);
             let mut s = c
-                .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: id, after_seq: 0, follow: true }))
+                .tail_run(as_tenant(
+                    "acme",
+                    pb::TailRunRequest {
+                        run_id: id,
+                        after_seq: 0,
+                        follow: true,
+                    },
+                ))
                 .await
                 .unwrap()
                 .into_inner();
@@ -192,7 +279,14 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
     // During: once the first line is out.
     let mut probe = node
         .logs()
-        .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: run.id.clone(), after_seq: 0, follow: true }))
+        .tail_run(as_tenant(
+            "acme",
+            pb::TailRunRequest {
+                run_id: run.id.clone(),
+                after_seq: 0,
+                follow: true,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -207,9 +301,20 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
 
     assert_dense(&after);
     assert_eq!(final_state(&after), Some(pb::RunState::Succeeded as i32));
-    assert_eq!(log_lines(&after), ["line 1", "line 2", "line 3", "line 4", "line 5", "line 6", "line 7", "line 8", "bye"]);
-    assert_eq!(before, after, "tail started before the run sees exactly the persisted events");
-    assert_eq!(during, after, "tail started during the run sees exactly the persisted events");
+    assert_eq!(
+        log_lines(&after),
+        [
+            "line 1", "line 2", "line 3", "line 4", "line 5", "line 6", "line 7", "line 8", "bye"
+        ]
+    );
+    assert_eq!(
+        before, after,
+        "tail started before the run sees exactly the persisted events"
+    );
+    assert_eq!(
+        during, after,
+        "tail started during the run sees exactly the persisted events"
+    );
 
     // Reconnect with after_seq = k: exactly k+1..n.
     for k in [0, 1, 3, after.len() as i64 - 1, after.len() as i64] {
@@ -219,7 +324,14 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
     // Without follow: the replay only.
     let mut s = node
         .logs()
-        .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: run.id.clone(), after_seq: 2, follow: false }))
+        .tail_run(as_tenant(
+            "acme",
+            pb::TailRunRequest {
+                run_id: run.id.clone(),
+                after_seq: 2,
+                follow: false,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -235,13 +347,29 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
 async fn reconnecting_mid_run_with_last_seq_misses_nothing() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
-    let b = define_and_bind(&node, "acme", sh_def("slow", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.2; done", manual())).await;
+    let b = define_and_bind(
+        &node,
+        "acme",
+        sh_def(
+            "slow",
+            "for i in 1 2 3 4 5 6; do echo $i; sleep 0.2; done",
+            manual(),
+        ),
+    )
+    .await;
     let run = trigger(&node, "acme", &b.id).await;
     let mut first = Vec::new();
     {
         let mut s = node
             .logs()
-            .tail_run(as_tenant("acme", pb::TailRunRequest { run_id: run.id.clone(), after_seq: 0, follow: true }))
+            .tail_run(as_tenant(
+                "acme",
+                pb::TailRunRequest {
+                    run_id: run.id.clone(),
+                    after_seq: 0,
+                    follow: true,
+                },
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -269,14 +397,22 @@ async fn long_lines_are_cut_with_a_marker_not_dropped() {
     let b = define_and_bind(
         &node,
         "acme",
-        sh_def("long", "head -c 40000 /dev/zero | tr '\\0' 'x'; echo; echo after", manual()),
+        sh_def(
+            "long",
+            "head -c 40000 /dev/zero | tr '\\0' 'x'; echo; echo after",
+            manual(),
+        ),
     )
     .await;
     let run = trigger(&node, "acme", &b.id).await;
     let lines = log_lines(&tail_all(&node, "acme", &run.id, 0).await);
     assert_eq!(lines.len(), 2);
     assert!(lines[0].starts_with("xxxx"));
-    assert!(lines[0].ends_with(&format!("…[truncated {} bytes]", 40000 - 16 * 1024)), "{}", &lines[0][16000..]);
+    assert!(
+        lines[0].ends_with(&format!("…[truncated {} bytes]", 40000 - 16 * 1024)),
+        "{}",
+        &lines[0][16000..]
+    );
     assert_eq!(lines[1], "after");
     node.stop().await;
 }

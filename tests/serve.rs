@@ -12,11 +12,21 @@ use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sked_serve_runs_a_working_node_on_an_embedded_database_and_stops_on_sigterm() {
-    let dir = std::env::temp_dir().join(format!("sked-serve-test-{}", uuid::Uuid::new_v4().simple()));
+    let dir =
+        std::env::temp_dir().join(format!("sked-serve-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sked"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(&dir)
         .env_remove("DATABASE_URL")
         .env("SKED_SHUTDOWN_GRACE", "5")
@@ -28,7 +38,11 @@ async fn sked_serve_runs_a_working_node_on_an_embedded_database_and_stops_on_sig
 
     let channel = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await {
+            if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            {
                 let ok = tonic_health::pb::health_client::HealthClient::new(ch.clone())
                     .check(tonic_health::pb::HealthCheckRequest::default())
                     .await
@@ -51,15 +65,33 @@ async fn sked_serve_runs_a_working_node_on_an_embedded_database_and_stops_on_sig
         .await
         .unwrap();
     let mut watch = LogServiceClient::new(channel.clone())
-        .watch_events(as_tenant("acme", pb::WatchEventsRequest { kinds: vec![pb::EventKind::Log as i32], ..Default::default() }))
+        .watch_events(as_tenant(
+            "acme",
+            pb::WatchEventsRequest {
+                kinds: vec![pb::EventKind::Log as i32],
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     BindingServiceClient::new(channel.clone())
-        .create_binding(as_tenant("acme", pb::CreateBindingRequest { binding: Some(pb::Binding { definition: "hello".into(), ..Default::default() }) }))
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "hello".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
         .await
         .unwrap();
-    let line = tokio::time::timeout(WAIT, watch.message()).await.unwrap().unwrap().unwrap();
+    let line = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match line.event.unwrap().kind {
         Some(pb::run_event::Kind::Log(l)) => assert_eq!(l.message, "hello from acme"),
         other => panic!("{other:?}"),
@@ -70,8 +102,14 @@ async fn sked_serve_runs_a_working_node_on_an_embedded_database_and_stops_on_sig
     let pid = child.id().unwrap() as i32;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
     assert_eq!(status.code(), Some(0), "clean exit");
-    assert!(!dir.join("pg/pgdata/postmaster.pid").exists(), "embedded PostgreSQL was stopped");
+    assert!(
+        !dir.join("pg/pgdata/postmaster.pid").exists(),
+        "embedded PostgreSQL was stopped"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,8 +18,8 @@ use sked::proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::Request;
+use tonic::transport::Channel;
 
 pub use pb::binding_service_client::BindingServiceClient;
 pub use pb::definition_service_client::DefinitionServiceClient;
@@ -72,8 +72,11 @@ extern "C" fn stop_embedded_at_exit() {
 
 async fn server() -> &'static Server {
     INIT.get_or_init(|| async {
-        let configured = std::env::var("SKED_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")).ok();
-        let candidate = configured.unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let configured = std::env::var("SKED_TEST_DATABASE_URL")
+            .or_else(|_| std::env::var("DATABASE_URL"))
+            .ok();
+        let candidate =
+            configured.unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
         let reachable = tokio::time::timeout(Duration::from_secs(3), async {
             use sqlx::Connection;
             sqlx::PgConnection::connect(&with_database(&candidate, "postgres")).await
@@ -109,13 +112,21 @@ impl TestDb {
         let server = server().await;
         let name = format!("sked_t_{}", uuid::Uuid::new_v4().simple());
         let admin_url = server.url("postgres");
-        sked::db::ensure_database(&admin_url, &name).await.expect("create test database");
-        TestDb { url: server.url(&name), name, admin_url }
+        sked::db::ensure_database(&admin_url, &name)
+            .await
+            .expect("create test database");
+        TestDb {
+            url: server.url(&name),
+            name,
+            admin_url,
+        }
     }
 
     /// A pool on this database (for checks a user could make with psql).
     pub async fn pool(&self) -> sqlx::PgPool {
-        sked::db::connect(&self.url, 4).await.expect("connect test database")
+        sked::db::connect(&self.url, 4)
+            .await
+            .expect("connect test database")
     }
 }
 
@@ -124,7 +135,9 @@ impl Drop for TestDb {
         let (admin, name) = (self.admin_url.clone(), self.name.clone());
         // Async drop is not a thing: drop the database on a helper thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 let _ = rt.block_on(sked::db::drop_database(&admin, &name));
             }
@@ -163,13 +176,23 @@ impl TestNode {
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let node_id = settings.node_id.clone();
-        let handle = tokio::spawn(app::serve(settings, listener, stop.clone().cancelled_owned()));
+        let handle = tokio::spawn(app::serve(
+            settings,
+            listener,
+            stop.clone().cancelled_owned(),
+        ));
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect()
             .await
             .expect("connect to node");
-        TestNode { addr, node_id, channel, stop, handle }
+        TestNode {
+            addr,
+            node_id,
+            channel,
+            stop,
+            handle,
+        }
     }
 
     pub fn definitions(&self) -> DefinitionServiceClient<Channel> {
@@ -188,7 +211,9 @@ impl TestNode {
     /// Graceful stop; returns what `serve` returned.
     pub async fn stop(self) {
         self.stop.cancel();
-        let r = tokio::time::timeout(WAIT, self.handle).await.expect("node stops in time");
+        let r = tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("node stops in time");
         r.expect("serve task").expect("serve ended cleanly");
     }
 }
@@ -196,12 +221,18 @@ impl TestNode {
 /// `msg` with the `x-tenant-id` header.
 pub fn as_tenant<T>(tenant: &str, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut().insert("x-tenant-id", tenant.parse().expect("ascii tenant"));
+    r.metadata_mut()
+        .insert("x-tenant-id", tenant.parse().expect("ascii tenant"));
     r
 }
 
 /// A command definition.
-pub fn command_def(name: &str, program: &str, args: &[&str], schedule: pb::Schedule) -> pb::TaskDefinition {
+pub fn command_def(
+    name: &str,
+    program: &str,
+    args: &[&str],
+    schedule: pb::Schedule,
+) -> pb::TaskDefinition {
     pb::TaskDefinition {
         name: name.into(),
         handler: Some(pb::task_definition::Handler::Command(pb::CommandHandler {
@@ -222,7 +253,10 @@ pub fn sh_def(name: &str, script: &str, schedule: pb::Schedule) -> pb::TaskDefin
 pub fn every(secs: i64) -> pb::Schedule {
     pb::Schedule {
         kind: Some(pb::schedule::Kind::Interval(pb::IntervalSchedule {
-            every: Some(prost_types::Duration { seconds: secs, nanos: 0 }),
+            every: Some(prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
             anchor_time: None,
         })),
         timezone: String::new(),
@@ -230,27 +264,43 @@ pub fn every(secs: i64) -> pb::Schedule {
 }
 
 pub fn manual() -> pb::Schedule {
-    pb::Schedule { kind: Some(pb::schedule::Kind::Manual(pb::ManualSchedule {})), timezone: String::new() }
+    pb::Schedule {
+        kind: Some(pb::schedule::Kind::Manual(pb::ManualSchedule {})),
+        timezone: String::new(),
+    }
 }
 
 pub fn cron(expr: &str, tz: &str) -> pb::Schedule {
     pb::Schedule {
-        kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule { expression: expr.into() })),
+        kind: Some(pb::schedule::Kind::Cron(pb::CronSchedule {
+            expression: expr.into(),
+        })),
         timezone: tz.into(),
     }
 }
 
 /// Creates `def` and binds it for `tenant`; returns the binding.
-pub async fn define_and_bind(node: &TestNode, tenant: &str, def: pb::TaskDefinition) -> pb::Binding {
+pub async fn define_and_bind(
+    node: &TestNode,
+    tenant: &str,
+    def: pb::TaskDefinition,
+) -> pb::Binding {
     let name = def.name.clone();
     node.definitions()
-        .create_definition(pb::CreateDefinitionRequest { definition: Some(def) })
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(def),
+        })
         .await
         .expect("create definition");
     node.bindings()
         .create_binding(as_tenant(
             tenant,
-            pb::CreateBindingRequest { binding: Some(pb::Binding { definition: name, ..Default::default() }) },
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: name,
+                    ..Default::default()
+                }),
+            },
         ))
         .await
         .expect("create binding")
@@ -260,17 +310,35 @@ pub async fn define_and_bind(node: &TestNode, tenant: &str, def: pb::TaskDefinit
 /// Triggers a run of `binding_id` now.
 pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run {
     node.runs()
-        .trigger_run(as_tenant(tenant, pb::TriggerRunRequest { binding_id: binding_id.into(), params: None }))
+        .trigger_run(as_tenant(
+            tenant,
+            pb::TriggerRunRequest {
+                binding_id: binding_id.into(),
+                params: None,
+            },
+        ))
         .await
         .expect("trigger run")
         .into_inner()
 }
 
 /// Every event of a run, following it to its end (TailRun from `after_seq`).
-pub async fn tail_all(node: &TestNode, tenant: &str, run_id: &str, after_seq: i64) -> Vec<pb::RunEvent> {
+pub async fn tail_all(
+    node: &TestNode,
+    tenant: &str,
+    run_id: &str,
+    after_seq: i64,
+) -> Vec<pb::RunEvent> {
     let mut stream = node
         .logs()
-        .tail_run(as_tenant(tenant, pb::TailRunRequest { run_id: run_id.into(), after_seq, follow: true }))
+        .tail_run(as_tenant(
+            tenant,
+            pb::TailRunRequest {
+                run_id: run_id.into(),
+                after_seq,
+                follow: true,
+            },
+        ))
         .await
         .expect("tail run")
         .into_inner();
