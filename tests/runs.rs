@@ -64,9 +64,8 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     );
     let next = binding
         .next_run_time
-        .clone()
         .expect("an interval binding has a next run time");
-    let create = binding.create_time.clone().unwrap();
+    let create = binding.create_time.unwrap();
     assert_eq!(
         next.seconds - create.seconds,
         1,
@@ -77,10 +76,10 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     let run_id = tokio::time::timeout(WAIT, async {
         while let Some(item) = watch.next().await {
             let e = item.unwrap().event.unwrap();
-            if let Some(pb::run_event::Kind::StateChanged(s)) = &e.kind {
-                if s.to == pb::RunState::Succeeded as i32 || s.to == pb::RunState::Failed as i32 {
-                    return e.run_id;
-                }
+            if let Some(pb::run_event::Kind::StateChanged(s)) = &e.kind
+                && (s.to == pb::RunState::Succeeded as i32 || s.to == pb::RunState::Failed as i32)
+            {
+                return e.run_id;
             }
         }
         panic!("watch ended");

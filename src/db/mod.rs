@@ -55,10 +55,10 @@ pub enum Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &e {
-            if db.is_unique_violation() {
-                return Error::AlreadyExists(db.constraint().unwrap_or_default().to_string());
-            }
+        if let sqlx::Error::Database(db) = &e
+            && db.is_unique_violation()
+        {
+            return Error::AlreadyExists(db.constraint().unwrap_or_default().to_string());
         }
         if matches!(e, sqlx::Error::RowNotFound) {
             return Error::NotFound;

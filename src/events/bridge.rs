@@ -32,8 +32,11 @@ impl Wakers {
     }
 }
 
+/// An announced seq range of one run: `(run_id, from_seq, to_seq)`, inclusive.
+pub type SeqRange = (Uuid, i64, i64);
+
 /// Parses `<node>|<run>:<from>:<to>,...`; `None` for a malformed payload.
-pub fn parse_events_payload(payload: &str) -> Option<(&str, Vec<(Uuid, i64, i64)>)> {
+pub fn parse_events_payload(payload: &str) -> Option<(&str, Vec<SeqRange>)> {
     let (node, rest) = payload.split_once('|')?;
     let mut ranges = Vec::new();
     for item in rest.split(',') {
