@@ -208,3 +208,82 @@ pub async fn watch_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::LogStream;
+
+    fn event(tenant: &str, seq: i64) -> RunEvent {
+        RunEvent {
+            run_id: Uuid::nil(),
+            seq,
+            time: chrono::Utc::now(),
+            tenant_id: tenant.into(),
+            binding_id: Uuid::nil(),
+            definition: "d".into(),
+            body: EventBody::Log {
+                stream: LogStream::Stdout,
+                message: "x".into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_task_stops_when_the_client_goes_away() {
+        let bus = EventBus::new();
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(watch_events(
+            bus.clone(),
+            WatchFilter {
+                tenant_id: "a".into(),
+                ..Default::default()
+            },
+            tx,
+            CancellationToken::new(),
+        ));
+        tokio::task::yield_now().await;
+        assert_eq!(bus.subscribers(), 1);
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("task ends")
+            .unwrap();
+        assert_eq!(bus.subscribers(), 0, "the subscription is released");
+    }
+
+    #[tokio::test]
+    async fn watch_filters_by_tenant_and_reports_missed_events() {
+        let bus = EventBus::new();
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_events(
+            bus.clone(),
+            WatchFilter {
+                tenant_id: "a".into(),
+                ..Default::default()
+            },
+            tx,
+            stop.clone(),
+        ));
+        while bus.subscribers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        bus.publish([event("b", 1), event("a", 2)]);
+        match rx.recv().await.unwrap() {
+            WatchItem::Event(e) => assert_eq!((e.tenant_id.as_str(), e.seq), ("a", 2)),
+            WatchItem::Missed(n) => panic!("missed {n}"),
+        }
+        // Overflow the bus for this slow watcher: it is told, not blocked.
+        bus.publish((0..(crate::events::BUS_CAPACITY as i64 + 10)).map(|i| event("a", i)));
+        let mut missed = 0;
+        while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+        {
+            if let WatchItem::Missed(n) = item {
+                missed += n;
+            }
+        }
+        assert!(missed >= 10, "missed {missed}");
+        stop.cancel();
+    }
+}
