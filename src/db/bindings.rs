@@ -6,7 +6,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::{Error, decode, encode};
-use crate::domain::{Binding, Handler, Schedule, merge_params};
+use crate::domain::{Binding, Handler, MisfirePolicy, Schedule, merge_params};
 
 struct Row {
     id: Uuid,
@@ -175,6 +175,8 @@ pub struct DueBinding {
     pub params: serde_json::Value,
     /// Handler to snapshot into the run.
     pub handler: Handler,
+    /// The definition's misfire policy.
+    pub misfire_policy: MisfirePolicy,
 }
 
 /// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
@@ -191,7 +193,7 @@ pub async fn binding_lock_due(
 ) -> Result<Vec<DueBinding>, Error> {
     let rows = sqlx::query!(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule, b.next_run_time AS "next_run_time!",
-                  b.params, d.params AS def_params, d.handler
+                  b.params, d.params AS def_params, d.handler, d.misfire_policy
            FROM bindings b JOIN definitions d ON d.name = b.definition
            WHERE b.next_run_time <= $1
            ORDER BY b.next_run_time
@@ -215,6 +217,7 @@ pub async fn binding_lock_due(
                     None => r.def_params,
                 },
                 handler: decode("definition handler", r.handler)?,
+                misfire_policy: decode("definition misfire policy", r.misfire_policy)?,
             })
         })
         .collect()

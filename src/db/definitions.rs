@@ -16,6 +16,7 @@ struct Row {
     handler: serde_json::Value,
     schedule: serde_json::Value,
     params: serde_json::Value,
+    misfire_policy: serde_json::Value,
     create_time: DateTime<Utc>,
     update_time: DateTime<Utc>,
     version: i64,
@@ -32,6 +33,7 @@ impl TryFrom<Row> for Definition {
             handler: decode("definition handler", r.handler)?,
             schedule: decode("definition schedule", r.schedule)?,
             params: r.params,
+            misfire_policy: decode("definition misfire policy", r.misfire_policy)?,
             create_time: r.create_time,
             update_time: r.update_time,
             version: r.version,
@@ -46,8 +48,8 @@ impl TryFrom<Row> for Definition {
 pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Result<(), Error> {
     sqlx::query!(
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
-                                  create_time, update_time, version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                  create_time, update_time, version, misfire_policy)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         d.name,
         d.display_name,
         d.description,
@@ -58,6 +60,7 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         d.create_time,
         d.update_time,
         d.version,
+        encode(&d.misfire_policy),
     )
     .execute(db)
     .await?;
@@ -71,7 +74,7 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
 pub async fn definition_get(db: impl PgExecutor<'_>, name: &str) -> Result<Definition, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT name, display_name, description, labels, handler, schedule, params,
+        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 create_time, update_time, version
          FROM definitions WHERE name = $1",
         name
@@ -92,7 +95,7 @@ pub async fn definition_list(
 ) -> Result<Vec<Definition>, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT name, display_name, description, labels, handler, schedule, params,
+        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 create_time, update_time, version
          FROM definitions WHERE name > $1 ORDER BY name LIMIT $2",
         after,

@@ -9,7 +9,8 @@ use uuid::Uuid;
 use super::{Error, decode, encode, events::notify_events};
 use crate::domain::{EventBody, Handler, Run, RunEvent, RunState, RunTrigger};
 
-/// A run to create in state `QUEUED`.
+/// A run to create, `QUEUED` (to execute) or `SKIPPED` (a fire that
+/// deliberately does not run, with a reason).
 #[derive(Debug, Clone)]
 pub struct NewRun {
     /// UUIDv7.
@@ -28,17 +29,21 @@ pub struct NewRun {
     pub handler: Handler,
     /// Params snapshot.
     pub params: serde_json::Value,
+    /// `Queued` or `Skipped`.
+    pub state: RunState,
+    /// Why it is skipped (empty for queued runs).
+    pub reason: String,
 }
 
-/// Inserts `runs` as `QUEUED` with their first event (seq 1, `→ QUEUED`),
-/// announces them to executors and subscribers, and returns the events of the
-/// runs actually inserted. A schedule fire whose `(binding_id,
-/// scheduled_time)` already has a run is skipped: that unique index is what
-/// makes firing exactly-once across nodes.
+/// Inserts `runs` with their first event (seq 1, `→ QUEUED` or `→ SKIPPED`
+/// with the reason), announces them to executors and subscribers, and
+/// returns the events of the runs actually inserted. A schedule fire whose
+/// `(binding_id, scheduled_time)` already has a run is left alone: that
+/// unique index is what makes firing exactly-once across nodes.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn run_insert_queued(
+pub async fn run_insert(
     conn: &mut PgConnection,
     node_id: &str,
     runs: &[NewRun],
@@ -47,11 +52,17 @@ pub async fn run_insert_queued(
     if runs.is_empty() {
         return Ok(Vec::new());
     }
-    let body = EventBody::StateChanged {
-        from: None,
-        to: RunState::Queued,
-        reason: String::new(),
-    };
+    let bodies: Vec<EventBody> = runs
+        .iter()
+        .map(|r| EventBody::StateChanged {
+            from: None,
+            to: r.state,
+            reason: r.reason.clone(),
+        })
+        .collect();
+    let payloads: Vec<serde_json::Value> = bodies.iter().map(encode).collect();
+    let states: Vec<&str> = runs.iter().map(|r| r.state.as_str()).collect();
+    let reasons: Vec<&str> = runs.iter().map(|r| r.reason.as_str()).collect();
     let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
     let tenants: Vec<String> = runs.iter().map(|r| r.tenant_id.clone()).collect();
     let bindings: Vec<Uuid> = runs.iter().map(|r| r.binding_id).collect();
@@ -64,21 +75,26 @@ pub async fn run_insert_queued(
     let handlers: Vec<serde_json::Value> = runs.iter().map(|r| encode(&r.handler)).collect();
     let params: Vec<serde_json::Value> = runs.iter().map(|r| r.params.clone()).collect();
     let rows = sqlx::query!(
-        r#"WITH r AS (
+        r#"WITH u AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::jsonb[])
+                  AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
+                       state, reason, payload)),
+           r AS (
              INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
-                               create_time, handler, params, last_seq)
-             SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, 'QUEUED', u.scheduled_time,
-                    $9, u.handler, u.params, 1
-             FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
-                         $7::jsonb[], $8::jsonb[])
-                  AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params)
+                               create_time, end_time, handler, params, reason, last_seq)
+             SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
+                    $9, CASE WHEN u.state = 'SKIPPED' THEN $9::timestamptz END, u.handler, u.params,
+                    NULLIF(u.reason, ''), 1
+             FROM u
              ON CONFLICT (binding_id, scheduled_time) WHERE trigger = 'SCHEDULE' DO NOTHING
              RETURNING id, tenant_id, binding_id, definition),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT r.id, 1, $9, r.tenant_id, r.binding_id, r.definition, 'state_changed', $10 FROM r
+             SELECT r.id, 1, $9, r.tenant_id, r.binding_id, r.definition, 'state_changed', u.payload
+             FROM r JOIN u ON u.id = r.id
              RETURNING run_id)
-           SELECT id, tenant_id, binding_id, definition FROM r"#,
+           SELECT r.id, r.tenant_id, r.binding_id, r.definition, u.payload FROM r JOIN u ON u.id = r.id"#,
         &ids,
         &tenants,
         &bindings,
@@ -88,26 +104,41 @@ pub async fn run_insert_queued(
         &handlers,
         &params,
         now,
-        encode(&body),
+        &states as &[&str],
+        &reasons as &[&str],
+        &payloads,
     )
     .fetch_all(&mut *conn)
     .await?;
     let events: Vec<RunEvent> = rows
         .into_iter()
-        .map(|r| RunEvent {
-            run_id: r.id,
-            seq: 1,
-            time: now,
-            tenant_id: r.tenant_id,
-            binding_id: r.binding_id,
-            definition: r.definition,
-            body: body.clone(),
+        .map(|r| {
+            Ok(RunEvent {
+                run_id: r.id,
+                seq: 1,
+                time: now,
+                tenant_id: r.tenant_id,
+                binding_id: r.binding_id,
+                definition: r.definition,
+                body: decode("run event payload", r.payload.unwrap_or_default())?,
+            })
         })
-        .collect();
-    if !events.is_empty() {
+        .collect::<Result<_, Error>>()?;
+    let queued = events.iter().any(|e| {
+        matches!(
+            e.body,
+            EventBody::StateChanged {
+                to: RunState::Queued,
+                ..
+            }
+        )
+    });
+    if queued {
         sqlx::query!("SELECT pg_notify('sked_runs', '')")
             .execute(&mut *conn)
             .await?;
+    }
+    if !events.is_empty() {
         notify_events(&mut *conn, node_id, events.iter().map(|e| (e.run_id, 1, 1))).await?;
     }
     Ok(events)

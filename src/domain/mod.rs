@@ -3,6 +3,7 @@
 //! every rule can be unit-tested in isolation.
 
 pub mod clock;
+pub mod misfire;
 pub mod schedule;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use clock::Clock;
+pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
@@ -176,6 +178,8 @@ pub struct Definition {
     pub schedule: Schedule,
     /// Default params, a JSON object.
     pub params: serde_json::Value,
+    /// What happens to fire times missed while sked was down or behind.
+    pub misfire_policy: MisfirePolicy,
     /// Set by the database layer.
     pub create_time: DateTime<Utc>,
     /// Set by the database layer.
@@ -211,8 +215,9 @@ pub struct Binding {
     pub version: i64,
 }
 
-/// Run lifecycle state (SPEC §3). `QUEUED → RUNNING → SUCCEEDED | FAILED`;
-/// terminal states are never overwritten.
+/// Run lifecycle state (SPEC §3). `QUEUED → RUNNING → SUCCEEDED | FAILED`,
+/// and `SKIPPED` for a fire that deliberately did not run (always with a
+/// reason); terminal states are never overwritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunState {
@@ -224,6 +229,8 @@ pub enum RunState {
     Succeeded,
     /// Ended with an error.
     Failed,
+    /// A fire that deliberately did not run (reason: `misfire`, ...).
+    Skipped,
 }
 
 impl RunState {
@@ -234,6 +241,7 @@ impl RunState {
             RunState::Running => "RUNNING",
             RunState::Succeeded => "SUCCEEDED",
             RunState::Failed => "FAILED",
+            RunState::Skipped => "SKIPPED",
         }
     }
     /// Parses the database spelling; `None` for anything else.
@@ -243,12 +251,16 @@ impl RunState {
             "RUNNING" => RunState::Running,
             "SUCCEEDED" => RunState::Succeeded,
             "FAILED" => RunState::Failed,
+            "SKIPPED" => RunState::Skipped,
             _ => return None,
         })
     }
     /// True for states a run never leaves.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RunState::Succeeded | RunState::Failed)
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Skipped
+        )
     }
 }
 
@@ -259,6 +271,8 @@ pub enum RunTrigger {
     Schedule,
     /// TriggerRun.
     Manual,
+    /// BackfillRuns.
+    Backfill,
 }
 
 impl RunTrigger {
@@ -267,6 +281,7 @@ impl RunTrigger {
         match self {
             RunTrigger::Schedule => "SCHEDULE",
             RunTrigger::Manual => "MANUAL",
+            RunTrigger::Backfill => "BACKFILL",
         }
     }
     /// Parses the database spelling.
@@ -274,6 +289,7 @@ impl RunTrigger {
         match s {
             "SCHEDULE" => Some(RunTrigger::Schedule),
             "MANUAL" => Some(RunTrigger::Manual),
+            "BACKFILL" => Some(RunTrigger::Backfill),
             _ => None,
         }
     }
@@ -409,60 +425,10 @@ pub fn cap_log_line(mut line: String, dropped_extra: usize) -> String {
     line
 }
 
-/// Most fire times a late binding is walked forward by before coalescing
-/// gives up walking and jumps to the first fire time after now.
-pub const MAX_COALESCE_STEPS: usize = 1000;
-
-/// Decides which fire time of a binding that is due (`due` ≤ `now`) runs, and
-/// what its next fire time is. Missed fire times are coalesced into one run
-/// for the latest fire time ≤ `now` (Quartz's "fire once now" misfire rule,
-/// SPEC §3 `RUN_ONCE`), and the next time is computed from that fire time,
-/// never from `now`, so fires never drift. Returns `(fire_time, next)`.
-pub fn coalesce_due(
-    schedule: &Schedule,
-    due: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
-    let mut fire = due;
-    let mut next = schedule.next_after(fire);
-    for _ in 0..MAX_COALESCE_STEPS {
-        match next {
-            Some(t) if t <= now => {
-                fire = t;
-                next = schedule.next_after(t);
-            }
-            _ => return (fire, next),
-        }
-    }
-    (fire, schedule.next_after(now))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn late_fires_coalesce_to_latest_and_do_not_drift() {
-        let t0: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
-        let s = Schedule {
-            kind: ScheduleKind::Interval {
-                every_secs: 10,
-                anchor_time: Some(t0),
-            },
-            timezone: "UTC".into(),
-        };
-        let on_time = coalesce_due(&s, t0, t0 + chrono::Duration::milliseconds(30));
-        assert_eq!(on_time, (t0, Some(t0 + chrono::Duration::seconds(10))));
-        let late = coalesce_due(&s, t0, t0 + chrono::Duration::seconds(35));
-        assert_eq!(
-            late,
-            (
-                t0 + chrono::Duration::seconds(30),
-                Some(t0 + chrono::Duration::seconds(40))
-            )
-        );
-    }
 
     #[test]
     fn merge_follows_rfc7396() {

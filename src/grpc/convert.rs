@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 
-use crate::domain::{self, FieldViolation, Schedule, ScheduleKind};
+use crate::domain::misfire::MAX_CATCHUP_WINDOW_SECS;
+use crate::domain::{self, FieldViolation, MisfireMode, MisfirePolicy, Schedule, ScheduleKind};
 use crate::proto::v1 as pb;
 
 /// Timestamp → UTC instant.
@@ -186,6 +187,69 @@ pub fn params_from(s: Option<&Struct>) -> serde_json::Value {
     s.map_or_else(|| serde_json::json!({}), struct_to_json)
 }
 
+/// API misfire policy → domain (unset → the default: 60 s, run once).
+///
+/// # Errors
+/// A violation on `<field>.catchup_window` when negative, fractional or over
+/// 366 days, or on `<field>.mode` for an unknown mode.
+pub fn misfire_policy_from(
+    field: &str,
+    p: Option<&pb::MisfirePolicy>,
+) -> Result<MisfirePolicy, FieldViolation> {
+    let Some(p) = p else {
+        return Ok(MisfirePolicy::default());
+    };
+    let catchup_window_secs = match &p.catchup_window {
+        None => MisfirePolicy::default().catchup_window_secs,
+        Some(d) => {
+            let f = format!("{field}.catchup_window");
+            if d.nanos != 0 {
+                return Err(FieldViolation::new(f, "must be whole seconds"));
+            }
+            if !(0..=MAX_CATCHUP_WINDOW_SECS).contains(&d.seconds) {
+                return Err(FieldViolation::new(
+                    f,
+                    format!(
+                        "{}s is out of range 0s-{MAX_CATCHUP_WINDOW_SECS}s",
+                        d.seconds
+                    ),
+                ));
+            }
+            d.seconds
+        }
+    };
+    let mode = match pb::MisfireMode::try_from(p.mode) {
+        Ok(pb::MisfireMode::Unspecified | pb::MisfireMode::RunOnce) => MisfireMode::RunOnce,
+        Ok(pb::MisfireMode::RunAll) => MisfireMode::RunAll,
+        Ok(pb::MisfireMode::Skip) => MisfireMode::Skip,
+        Err(_) => {
+            return Err(FieldViolation::new(
+                format!("{field}.mode"),
+                format!("{} is not a MisfireMode", p.mode),
+            ));
+        }
+    };
+    Ok(MisfirePolicy {
+        catchup_window_secs,
+        mode,
+    })
+}
+
+/// Domain misfire policy → API.
+pub fn misfire_policy_to(p: &MisfirePolicy) -> pb::MisfirePolicy {
+    pb::MisfirePolicy {
+        catchup_window: Some(prost_types::Duration {
+            seconds: p.catchup_window_secs,
+            nanos: 0,
+        }),
+        mode: match p.mode {
+            MisfireMode::RunOnce => pb::MisfireMode::RunOnce,
+            MisfireMode::RunAll => pb::MisfireMode::RunAll,
+            MisfireMode::Skip => pb::MisfireMode::Skip,
+        } as i32,
+    }
+}
+
 /// Definition → API.
 pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
     let handler = match &d.handler {
@@ -204,6 +268,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         handler: Some(handler),
         schedule: Some(schedule_to(&d.schedule)),
         params: json_to_struct(&d.params),
+        misfire_policy: Some(misfire_policy_to(&d.misfire_policy)),
         create_time: Some(time_to(d.create_time)),
         update_time: Some(time_to(d.update_time)),
         etag: d.version.to_string(),
@@ -264,6 +329,7 @@ pub fn state_to(s: domain::RunState) -> pb::RunState {
         domain::RunState::Running => pb::RunState::Running,
         domain::RunState::Succeeded => pb::RunState::Succeeded,
         domain::RunState::Failed => pb::RunState::Failed,
+        domain::RunState::Skipped => pb::RunState::Skipped,
     }
 }
 
@@ -278,6 +344,7 @@ pub fn state_from(field: &str, n: i32) -> Result<Option<domain::RunState>, Field
         Ok(pb::RunState::Running) => Ok(Some(domain::RunState::Running)),
         Ok(pb::RunState::Succeeded) => Ok(Some(domain::RunState::Succeeded)),
         Ok(pb::RunState::Failed) => Ok(Some(domain::RunState::Failed)),
+        Ok(pb::RunState::Skipped) => Ok(Some(domain::RunState::Skipped)),
         Err(_) => Err(FieldViolation::new(field, format!("{n} is not a RunState"))),
     }
 }
@@ -292,6 +359,7 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
         trigger: match r.trigger {
             domain::RunTrigger::Schedule => pb::RunTrigger::Schedule,
             domain::RunTrigger::Manual => pb::RunTrigger::Manual,
+            domain::RunTrigger::Backfill => pb::RunTrigger::Backfill,
         } as i32,
         state: state_to(r.state) as i32,
         attempt: r.attempt,

@@ -2,7 +2,10 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{definition_to, handler_from, params_from, schedule_from, time_from, time_to};
+use super::convert::{
+    definition_to, handler_from, misfire_policy_from, params_from, schedule_from, time_from,
+    time_to,
+};
 use super::{Ctx, db_status, invalid, page_size};
 use crate::db::definitions as q;
 use crate::domain::{Definition, FieldViolation, validate_definition_name};
@@ -36,8 +39,12 @@ impl DefinitionService for Definitions {
                     "is required (use manual {} for trigger-only)",
                 ))
             })?;
+        let misfire_policy =
+            misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
+                .map_err(invalid)?;
         let now = self.0.clock.now();
         let def = Definition {
+            misfire_policy,
             name: d.name,
             display_name: d.display_name,
             description: d.description,

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::convert::{run_to, state_from, struct_to_json};
 use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
 use crate::db::{self, runs::NewRun};
-use crate::domain::{RunTrigger, merge_params};
+use crate::domain::{RunState, RunTrigger, merge_params};
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
 
@@ -43,6 +43,8 @@ impl RunService for Runs {
             scheduled_time: now,
             handler: def.handler,
             params,
+            state: RunState::Queued,
+            reason: String::new(),
         };
         let id = new.id;
         let mut conn = self
@@ -51,7 +53,7 @@ impl RunService for Runs {
             .acquire()
             .await
             .map_err(|e| db_status(e.into(), "run"))?;
-        let events = db::runs::run_insert_queued(&mut conn, &self.0.node_id, &[new], now)
+        let events = db::runs::run_insert(&mut conn, &self.0.node_id, &[new], now)
             .await
             .map_err(|e| db_status(e, "run"))?;
         drop(conn);

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{self, runs::NewRun};
-use crate::domain::{Clock, RunTrigger, coalesce_due};
+use crate::domain::{Clock, RunState, RunTrigger, plan_fires};
 use crate::events::EventBus;
 
 /// The firing loop of one node.
@@ -108,25 +108,37 @@ impl Scheduler {
         let mut ids = Vec::with_capacity(due.len());
         let mut nexts = Vec::with_capacity(due.len());
         for b in &due {
-            let (fire, next) = coalesce_due(&b.schedule, b.next_run_time, now);
-            if fire != b.next_run_time {
-                tracing::info!(binding = %b.id, missed_from = %b.next_run_time, fire = %fire,
-                    "binding fell behind; coalescing missed fire times into one run");
+            let plan = plan_fires(&b.schedule, b.next_run_time, now, &b.misfire_policy);
+            if !plan.skipped.is_empty() {
+                tracing::info!(binding = %b.id, skipped = plan.skipped.len(), runs = plan.run.len(),
+                    "binding missed fire times; applying its misfire policy");
             }
-            runs.push(NewRun {
+            let new_run = |time, state, reason: String| NewRun {
                 id: Uuid::now_v7(),
                 tenant_id: b.tenant_id.clone(),
                 binding_id: b.id,
                 definition: b.definition.clone(),
                 trigger: RunTrigger::Schedule,
-                scheduled_time: fire,
+                scheduled_time: time,
                 handler: b.handler.clone(),
                 params: b.params.clone(),
-            });
+                state,
+                reason,
+            };
+            runs.extend(
+                plan.skipped
+                    .into_iter()
+                    .map(|(t, reason)| new_run(t, RunState::Skipped, reason)),
+            );
+            runs.extend(
+                plan.run
+                    .into_iter()
+                    .map(|t| new_run(t, RunState::Queued, String::new())),
+            );
             ids.push(b.id);
-            nexts.push(next);
+            nexts.push(plan.next);
         }
-        let events = db::runs::run_insert_queued(&mut tx, &self.node_id, &runs, now).await?;
+        let events = db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?;
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts).await?;
         tx.commit().await?;
         tracing::debug!(due = due.len(), fired = events.len(), "scheduler pass");
