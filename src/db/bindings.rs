@@ -257,3 +257,106 @@ pub async fn binding_next_due_time(
             .await?,
     )
 }
+
+/// Gets the tenant's binding `id` and locks it for this transaction.
+///
+/// # Errors
+/// [`Error::NotFound`] when the tenant has no such binding.
+pub async fn binding_get_for_update(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+) -> Result<Binding, Error> {
+    sqlx::query_as!(
+        Row,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+         FROM bindings b JOIN definitions d ON d.name = b.definition
+         WHERE b.tenant_id = $1 AND b.id = $2
+         FOR UPDATE OF b",
+        tenant_id,
+        id
+    )
+    .fetch_one(db)
+    .await?
+    .try_into()
+}
+
+/// Writes `b`'s overrides, effective schedule and next fire time if its
+/// version is still `expected_version` (`b.version` is the new one), and
+/// wakes every node's scheduler.
+///
+/// # Errors
+/// [`Error::Conflict`] when the version moved on.
+pub async fn binding_update(
+    db: impl PgExecutor<'_>,
+    b: &Binding,
+    expected_version: i64,
+) -> Result<(), Error> {
+    let r = sqlx::query!(
+        r#"WITH u AS (
+             UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5, next_run_time = $6,
+                                 update_time = $7, version = $8
+             WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
+           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
+        b.tenant_id,
+        b.id,
+        b.schedule.as_ref().map(encode),
+        b.params,
+        encode(&b.effective_schedule),
+        b.next_run_time,
+        b.update_time,
+        b.version,
+        expected_version,
+    )
+    .fetch_one(db)
+    .await?;
+    if r.n == 0 {
+        Err(Error::Conflict)
+    } else {
+        Ok(())
+    }
+}
+
+/// Bindings of `definition` that inherit its schedule (no override), locked.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_ids_inheriting_schedule(
+    db: impl PgExecutor<'_>,
+    definition: &str,
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM bindings WHERE definition = $1 AND schedule IS NULL ORDER BY id FOR UPDATE",
+        definition
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Sets one effective schedule and next fire time on `ids` and wakes every
+/// node's scheduler (a definition's schedule changed).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_set_effective_schedule(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    schedule: &Schedule,
+    next: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
+    sqlx::query!(
+        r#"WITH u AS (
+             UPDATE bindings SET effective_schedule = $2, next_run_time = $3, update_time = $4, version = version + 1
+             WHERE id = ANY($1) RETURNING id)
+           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
+        ids,
+        encode(schedule),
+        next,
+        now,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(())
+}

@@ -142,3 +142,58 @@ pub async fn definition_delete(db: impl PgExecutor<'_>, name: &str) -> Result<()
         Err(Error::NotFound)
     }
 }
+
+/// Gets the definition `name` and locks it for this transaction.
+///
+/// # Errors
+/// [`Error::NotFound`] when there is none.
+pub async fn definition_get_for_update(
+    db: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Definition, Error> {
+    sqlx::query_as!(
+        Row,
+        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
+                create_time, update_time, version
+         FROM definitions WHERE name = $1 FOR UPDATE",
+        name
+    )
+    .fetch_one(db)
+    .await?
+    .try_into()
+}
+
+/// Writes `d` over the stored definition if its version is still
+/// `expected_version`; `d.version` must be the new version.
+///
+/// # Errors
+/// [`Error::Conflict`] when the version moved on; [`Error::Sqlx`] otherwise.
+pub async fn definition_update(
+    db: impl PgExecutor<'_>,
+    d: &Definition,
+    expected_version: i64,
+) -> Result<(), Error> {
+    let r = sqlx::query!(
+        "UPDATE definitions SET display_name = $2, description = $3, labels = $4, handler = $5, schedule = $6,
+                params = $7, misfire_policy = $8, update_time = $9, version = $10
+         WHERE name = $1 AND version = $11",
+        d.name,
+        d.display_name,
+        d.description,
+        encode(&d.labels),
+        encode(&d.handler),
+        encode(&d.schedule),
+        d.params,
+        encode(&d.misfire_policy),
+        d.update_time,
+        d.version,
+        expected_version,
+    )
+    .execute(db)
+    .await?;
+    if r.rows_affected() == 0 {
+        Err(Error::Conflict)
+    } else {
+        Ok(())
+    }
+}

@@ -40,6 +40,9 @@ pub enum Error {
     /// has bindings).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A conditional update found a newer version (etag mismatch).
+    #[error("conflict: the row changed")]
+    Conflict,
     /// A JSON document in the database does not decode into its domain type.
     #[error("corrupt {what} in database: {source}")]
     Corrupt {

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::convert::{binding_to, schedule_from, struct_to_json};
-use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use super::{Ctx, check_etag, db_status, invalid, page_size, parse_uuid, tenant, update_paths};
 use crate::db;
 use crate::domain::{Binding, FieldViolation, merge_params, validate_definition_name};
 use crate::proto::v1 as pb;
@@ -115,6 +115,75 @@ impl BindingService for Bindings {
             bindings: list.iter().map(binding_to).collect(),
             next_page_token,
         }))
+    }
+
+    async fn update_binding(
+        &self,
+        req: Request<pb::UpdateBindingRequest>,
+    ) -> Result<Response<pb::Binding>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let b = r
+            .binding
+            .ok_or_else(|| invalid(FieldViolation::new("binding", "is required")))?;
+        let id = parse_uuid("binding.id", &b.id)?;
+        let mut implied = Vec::new();
+        if b.schedule.is_some() {
+            implied.push("schedule");
+        }
+        if b.params.is_some() {
+            implied.push("params");
+        }
+        let paths = update_paths(r.update_mask.as_ref(), &["schedule", "params"], implied)?;
+        let what = format!("binding {id}");
+        let mut tx = self
+            .0
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_status(e.into(), &what))?;
+        let mut cur = db::bindings::binding_get_for_update(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        check_etag(&what, &b.etag, cur.version)?;
+        let old_version = cur.version;
+        let now = self.0.clock.now();
+        let mut schedule_changed = false;
+        for path in paths {
+            match path {
+                "schedule" => {
+                    let s =
+                        schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
+                    schedule_changed |= s != cur.schedule;
+                    cur.schedule = s;
+                }
+                "params" => cur.params = b.params.as_ref().map(struct_to_json),
+                _ => {}
+            }
+        }
+        let def = db::definitions::definition_get(&mut *tx, &cur.definition)
+            .await
+            .map_err(|e| db_status(e, format_args!("definition {:?}", cur.definition)))?;
+        if schedule_changed {
+            cur.effective_schedule = cur
+                .schedule
+                .clone()
+                .unwrap_or_else(|| def.schedule.clone())
+                .resolve_anchor(now);
+            cur.next_run_time = cur.effective_schedule.next_after(now);
+        }
+        cur.effective_params = cur
+            .params
+            .as_ref()
+            .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p));
+        cur.version += 1;
+        cur.update_time = now;
+        db::bindings::binding_update(&mut *tx, &cur, old_version)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        tracing::info!(binding = %id, version = cur.version, schedule_changed, next_run_time = ?cur.next_run_time, "binding updated");
+        Ok(Response::new(binding_to(&cur)))
     }
 
     async fn delete_binding(

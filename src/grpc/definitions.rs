@@ -6,7 +6,8 @@ use super::convert::{
     definition_to, handler_from, misfire_policy_from, params_from, schedule_from, time_from,
     time_to,
 };
-use super::{Ctx, db_status, invalid, page_size};
+use super::{Ctx, check_etag, db_status, invalid, page_size, update_paths};
+use crate::db;
 use crate::db::definitions as q;
 use crate::domain::{Definition, FieldViolation, validate_definition_name};
 use crate::proto::v1 as pb;
@@ -95,6 +96,109 @@ impl DefinitionService for Definitions {
             definitions: defs.iter().map(definition_to).collect(),
             next_page_token,
         }))
+    }
+
+    async fn update_definition(
+        &self,
+        req: Request<pb::UpdateDefinitionRequest>,
+    ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let r = req.into_inner();
+        let d = r
+            .definition
+            .ok_or_else(|| invalid(FieldViolation::new("definition", "is required")))?;
+        validate_definition_name("definition.name", &d.name).map_err(invalid)?;
+        let mut implied = Vec::new();
+        for (set, path) in [
+            (!d.display_name.is_empty(), "display_name"),
+            (!d.description.is_empty(), "description"),
+            (!d.labels.is_empty(), "labels"),
+            (d.handler.is_some(), "command"),
+            (d.schedule.is_some(), "schedule"),
+            (d.params.is_some(), "params"),
+            (d.misfire_policy.is_some(), "misfire_policy"),
+        ] {
+            if set {
+                implied.push(path);
+            }
+        }
+        let paths = update_paths(
+            r.update_mask.as_ref(),
+            &[
+                "display_name",
+                "description",
+                "labels",
+                "command",
+                "schedule",
+                "params",
+                "misfire_policy",
+            ],
+            implied,
+        )?;
+        let what = format!("definition {:?}", d.name);
+        let mut tx = self
+            .0
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_status(e.into(), &what))?;
+        let mut cur = q::definition_get_for_update(&mut *tx, &d.name)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        check_etag(&what, &d.etag, cur.version)?;
+        let old_version = cur.version;
+        let mut schedule_changed = false;
+        for path in paths {
+            match path {
+                "display_name" => cur.display_name = d.display_name.clone(),
+                "description" => cur.description = d.description.clone(),
+                "labels" => cur.labels = d.labels.clone().into_iter().collect(),
+                "command" => {
+                    cur.handler = handler_from("definition", d.handler.as_ref()).map_err(invalid)?
+                }
+                "schedule" => {
+                    let s = schedule_from("definition.schedule", d.schedule.as_ref())
+                        .map_err(invalid)?
+                        .ok_or_else(|| {
+                            invalid(FieldViolation::new("definition.schedule", "is required"))
+                        })?;
+                    schedule_changed |= s != cur.schedule;
+                    cur.schedule = s;
+                }
+                "params" => cur.params = params_from(d.params.as_ref()),
+                "misfire_policy" => {
+                    cur.misfire_policy =
+                        misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
+                            .map_err(invalid)?
+                }
+                _ => {}
+            }
+        }
+        let now = self.0.clock.now();
+        cur.version += 1;
+        cur.update_time = now;
+        q::definition_update(&mut *tx, &cur, old_version)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        if schedule_changed {
+            // Bindings that inherit the schedule follow it at once; an
+            // interval without anchor is anchored at the change.
+            let effective = cur.schedule.clone().resolve_anchor(now);
+            let ids = db::bindings::binding_ids_inheriting_schedule(&mut *tx, &cur.name)
+                .await
+                .map_err(|e| db_status(e, &what))?;
+            db::bindings::binding_set_effective_schedule(
+                &mut *tx,
+                &ids,
+                &effective,
+                effective.next_after(now),
+                now,
+            )
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        }
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        tracing::info!(definition = %cur.name, version = cur.version, schedule_changed, "definition updated");
+        Ok(Response::new(definition_to(&cur)))
     }
 
     async fn delete_definition(

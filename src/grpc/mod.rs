@@ -84,6 +84,9 @@ pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
         db::Error::NotFound => not_found(what),
         db::Error::AlreadyExists(_) => Status::already_exists(format!("{what} already exists")),
         db::Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        db::Error::Conflict => Status::aborted(format!(
+            "{what} was changed concurrently; read it again and retry"
+        )),
         db::Error::Sqlx(
             sqlx::Error::PoolTimedOut
             | sqlx::Error::Io(_)
@@ -140,4 +143,49 @@ pub fn parse_uuid(field: &str, s: &str) -> Result<uuid::Uuid, Status> {
     }
     s.parse()
         .map_err(|_| invalid(FieldViolation::new(field, format!("{s:?} is not a UUID"))))
+}
+
+/// The paths an update applies (AIP-134): `mask`'s paths, each of which must
+/// be in `allowed`; or, when the mask is absent or empty, `implied` (the
+/// fields the client set).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` on `update_mask` naming a path that is unknown or
+/// immutable.
+pub fn update_paths(
+    mask: Option<&prost_types::FieldMask>,
+    allowed: &[&'static str],
+    implied: Vec<&'static str>,
+) -> Result<Vec<&'static str>, Status> {
+    let Some(mask) = mask.filter(|m| !m.paths.is_empty()) else {
+        return Ok(implied);
+    };
+    mask.paths
+        .iter()
+        .map(|p| {
+            allowed.iter().copied().find(|a| a == p).ok_or_else(|| {
+                invalid(FieldViolation::new(
+                    "update_mask",
+                    format!(
+                        "{p:?} is not an updatable field (updatable: {})",
+                        allowed.join(", ")
+                    ),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `ABORTED` unless `etag` is empty or equals the current `version`.
+///
+/// # Errors
+/// `ABORTED` on mismatch.
+pub fn check_etag(what: &str, etag: &str, version: i64) -> Result<(), Status> {
+    if etag.is_empty() || etag == version.to_string() {
+        Ok(())
+    } else {
+        Err(Status::aborted(format!(
+            "{what} etag {etag:?} does not match the current etag \"{version}\"; read it again and retry"
+        )))
+    }
 }

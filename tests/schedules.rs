@@ -1,0 +1,358 @@
+//! Schedule changes, once schedules and updates, through the API.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sked::proto::v1 as pb;
+use tonic::Code;
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_binding_schedule_changes_the_next_fire_within_a_second() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(&node, "acme", sh_def("slowly", "echo tick", every(3600))).await;
+    let mut watch = node
+        .logs()
+        .watch_events(as_tenant(
+            "acme",
+            pb::WatchEventsRequest {
+                kinds: vec![pb::EventKind::Log as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    let updated = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    schedule: Some(every(1)),
+                    etag: b.etag.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["schedule"]),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(updated.etag, b.etag);
+    let next = updated.next_run_time.unwrap();
+    let upd = updated.update_time.unwrap();
+    let delta_ms =
+        (next.seconds - upd.seconds) * 1000 + i64::from(next.nanos - upd.nanos) / 1_000_000;
+    assert!(
+        (0..=1000).contains(&delta_ms),
+        "next fire {delta_ms} ms after the update"
+    );
+    let first = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.event.unwrap().binding_id, b.id);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "fired {:?} after the update",
+        started.elapsed()
+    );
+
+    // A stale etag is refused and changes nothing.
+    let stale = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    schedule: Some(every(7)),
+                    etag: b.etag.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["schedule"]),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    let now = node
+        .bindings()
+        .get_binding(as_tenant(
+            "acme",
+            pb::GetBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.etag, updated.etag);
+    assert_eq!(
+        now.schedule.unwrap().kind,
+        every(1).kind,
+        "the stale update changed nothing"
+    );
+
+    // Unknown or immutable mask paths are INVALID_ARGUMENT.
+    let s = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    definition: "other".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["definition"]),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violation_fields(&s), ["update_mask"]);
+    // Another tenant cannot update it.
+    let s = node
+        .bindings()
+        .update_binding(as_tenant(
+            "other",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    schedule: Some(every(5)),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_definition_schedule_moves_inheriting_bindings_only() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let def = sh_def("report", "true", cron("0 3 * * *", "Europe/Berlin"));
+    let inherits = define_and_bind(&node, "a", def).await;
+    let overrides = node
+        .bindings()
+        .create_binding(as_tenant(
+            "b",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "report".into(),
+                    schedule: Some(cron("0 5 * * *", "UTC")),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let updated = node
+        .definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "report".into(),
+                schedule: Some(cron("0 4 1 1 *", "UTC")),
+                description: "yearly now".into(),
+                etag: d.etag.clone(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["schedule", "description"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.description, "yearly now");
+    assert!(
+        updated.handler.is_some(),
+        "fields outside the mask are kept"
+    );
+    let a = node
+        .bindings()
+        .get_binding(as_tenant(
+            "a",
+            pb::GetBindingRequest {
+                id: inherits.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let next = a.next_run_time.unwrap();
+    let dt = chrono::DateTime::from_timestamp(next.seconds, 0).unwrap();
+    assert_eq!(
+        dt.format("%m-%d %H:%M").to_string(),
+        "01-01 04:00",
+        "inheriting binding follows the new schedule"
+    );
+    assert_eq!(
+        a.effective.unwrap().schedule,
+        Some(cron("0 4 1 1 *", "UTC"))
+    );
+    let b = node
+        .bindings()
+        .get_binding(as_tenant(
+            "b",
+            pb::GetBindingRequest {
+                id: overrides.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        b.next_run_time, overrides.next_run_time,
+        "an overriding binding keeps its own schedule"
+    );
+
+    // Stale etag.
+    let s = node
+        .definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "report".into(),
+                description: "x".into(),
+                etag: d.etag,
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Aborted);
+    // Bad value in an update: rejected, nothing changed.
+    let s = node
+        .definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "report".into(),
+                schedule: Some(cron("0 0 32 * *", "UTC")),
+                ..Default::default()
+            }),
+            update_mask: mask(&["schedule"]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violation_fields(&s),
+        ["definition.schedule.cron.expression"]
+    );
+    let again = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.etag, updated.etag);
+    let s = node
+        .definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "nope".into(),
+                description: "x".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_fires_exactly_once_then_has_no_next_time() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let once = pb::Schedule {
+        kind: Some(pb::schedule::Kind::Once(pb::OnceSchedule {
+            at: Some(prost_types::Timestamp {
+                seconds: at.timestamp(),
+                nanos: 0,
+            }),
+        })),
+        timezone: String::new(),
+    };
+    let b = define_and_bind(&node, "acme", sh_def("one-shot", "echo once", once)).await;
+    assert_eq!(b.next_run_time.unwrap().seconds, at.timestamp());
+    let run_id = tokio::time::timeout(WAIT, async {
+        loop {
+            let runs = node
+                .runs()
+                .list_runs(as_tenant(
+                    "acme",
+                    pb::ListRunsRequest {
+                        binding_id: b.id.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if let Some(r) = runs.first() {
+                return r.id.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let run = wait_terminal(&node, "acme", &run_id).await;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32);
+    let after = node
+        .bindings()
+        .get_binding(as_tenant(
+            "acme",
+            pb::GetBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        after.next_run_time.is_none(),
+        "a once schedule has no next time after it fired"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let runs = node
+        .runs()
+        .list_runs(as_tenant(
+            "acme",
+            pb::ListRunsRequest {
+                binding_id: b.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1, "fired exactly once");
+    node.stop().await;
+}
