@@ -356,3 +356,104 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
     assert_eq!(runs.len(), 1, "fired exactly once");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_creates_exactly_the_expected_runs_and_dry_run_creates_none() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    // Hourly at :15 in Berlin; the range covers the October 2025 fall-back
+    // (02:00-03:00 happens twice): 01:15 CEST, 02:15 CEST, 02:15 CET, 03:15 CET.
+    let b = define_and_bind(
+        &node,
+        "acme",
+        sh_def(
+            "hourly",
+            "echo backfilled",
+            cron("15 * * * *", "Europe/Berlin"),
+        ),
+    )
+    .await;
+    let ts = |s: &str| {
+        let t: chrono::DateTime<chrono::Utc> = s.parse().unwrap();
+        prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        }
+    };
+    let req = |dry_run| {
+        as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(ts("2025-10-25T23:00:00Z")),
+                end_time: Some(ts("2025-10-26T02:30:00Z")),
+                dry_run,
+            },
+        )
+    };
+    let want: Vec<prost_types::Timestamp> = [
+        "2025-10-25T23:15:00Z",
+        "2025-10-26T00:15:00Z",
+        "2025-10-26T01:15:00Z",
+        "2025-10-26T02:15:00Z",
+    ]
+    .iter()
+    .map(|s| ts(s))
+    .collect();
+    let dry = node
+        .runs()
+        .backfill_runs(req(true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.scheduled_times, want);
+    assert!(dry.run_ids.is_empty());
+    let listed = node
+        .runs()
+        .list_runs(as_tenant(
+            "acme",
+            pb::ListRunsRequest {
+                binding_id: b.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(listed.is_empty(), "dry_run creates nothing");
+
+    let real = node
+        .runs()
+        .backfill_runs(req(false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(real.scheduled_times, want);
+    assert_eq!(real.run_ids.len(), 4);
+    for (id, t) in real.run_ids.iter().zip(&want) {
+        let run = wait_terminal(&node, "acme", id).await;
+        assert_eq!(run.trigger, pb::RunTrigger::Backfill as i32);
+        assert_eq!(run.scheduled_time.as_ref(), Some(t));
+        assert_eq!(run.state, pb::RunState::Succeeded as i32);
+    }
+    // Bad ranges.
+    let mut r = req(true);
+    r.get_mut().end_time = Some(ts("2025-10-25T22:00:00Z"));
+    assert_eq!(
+        violation_fields(&node.runs().backfill_runs(r).await.unwrap_err()),
+        ["end_time"]
+    );
+    let mut r = req(true);
+    r.get_mut().start_time = Some(ts("2020-01-01T00:00:00Z")); // ~50 000 hourly fires
+    let s = node.runs().backfill_runs(r).await.unwrap_err();
+    assert_eq!(violation_fields(&s), ["end_time"]);
+    assert!(s.message().contains("10000"), "{s:?}");
+    let mut r = req(true);
+    r.get_mut().end_time = Some(ts("2999-01-01T00:00:00Z"));
+    assert_eq!(
+        violation_fields(&node.runs().backfill_runs(r).await.unwrap_err()),
+        ["end_time"]
+    );
+    node.stop().await;
+}
