@@ -25,6 +25,8 @@ pub struct NewRun {
     pub trigger: RunTrigger,
     /// Fire time (manual: trigger time).
     pub scheduled_time: DateTime<Utc>,
+    /// Claimed no earlier than this (fire time + jitter).
+    pub not_before: DateTime<Utc>,
     /// Handler snapshot.
     pub handler: Handler,
     /// Params snapshot.
@@ -72,18 +74,21 @@ pub async fn run_insert(
         .map(|r| r.trigger.as_str().to_string())
         .collect();
     let times: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_time).collect();
+    let not_before: Vec<DateTime<Utc>> = runs.iter().map(|r| r.not_before).collect();
     let handlers: Vec<serde_json::Value> = runs.iter().map(|r| encode(&r.handler)).collect();
     let params: Vec<serde_json::Value> = runs.iter().map(|r| r.params.clone()).collect();
     let rows = sqlx::query!(
         r#"WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
-                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::jsonb[])
+                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::jsonb[],
+                                  $13::timestamptz[])
                   AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
-                       state, reason, payload)),
+                       state, reason, payload, not_before)),
            r AS (
              INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
-                               create_time, end_time, handler, params, reason, last_seq)
+                               not_before, create_time, end_time, handler, params, reason, last_seq)
              SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
+                    u.not_before,
                     $9, CASE WHEN u.state = 'SKIPPED' THEN $9::timestamptz END, u.handler, u.params,
                     NULLIF(u.reason, ''), 1
              FROM u
@@ -107,6 +112,7 @@ pub async fn run_insert(
         &states as &[&str],
         &reasons as &[&str],
         &payloads,
+        &not_before,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -144,8 +150,8 @@ pub async fn run_insert(
     Ok(events)
 }
 
-/// Claims up to `limit` due `QUEUED` runs for `node_id` (oldest scheduled time
-/// first, `FOR UPDATE SKIP LOCKED` so nodes never claim the same run), sets
+/// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
+/// `node_id` (oldest first, `FOR UPDATE SKIP LOCKED` so nodes never claim the same run), sets
 /// them `RUNNING` with a lease until `now + lease`, writes their `→ RUNNING`
 /// events and announces them. Returns each claimed run with that event.
 ///
@@ -168,8 +174,8 @@ pub async fn run_claim(
         r#"WITH c AS (
              UPDATE runs SET state = 'RUNNING', start_time = $1, node_id = $2, lease_expires_at = $3,
                              last_seq = last_seq + 1
-             WHERE id IN (SELECT id FROM runs WHERE state = 'QUEUED' AND scheduled_time <= $1
-                          ORDER BY scheduled_time LIMIT $4 FOR UPDATE SKIP LOCKED)
+             WHERE id IN (SELECT id FROM runs WHERE state = 'QUEUED' AND not_before <= $1
+                          ORDER BY not_before LIMIT $4 FOR UPDATE SKIP LOCKED)
              RETURNING *),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)

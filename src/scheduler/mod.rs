@@ -120,6 +120,7 @@ impl Scheduler {
                 definition: b.definition.clone(),
                 trigger: RunTrigger::Schedule,
                 scheduled_time: time,
+                not_before: time,
                 handler: b.handler.clone(),
                 params: b.params.clone(),
                 state,
