@@ -80,7 +80,7 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
     assert_invalid(
         create(&node, no_kind).await,
         "definition.schedule",
-        "one of cron, interval, once or manual",
+        "one of cron, interval, once, manual, daily, weekly, monthly or yearly",
     );
 
     // Nothing was written by any of those.

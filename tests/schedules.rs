@@ -297,7 +297,7 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
                 nanos: 0,
             }),
         })),
-        timezone: String::new(),
+        ..Default::default()
     };
     let b = define_and_bind(&node, "acme", sh_def("one-shot", "echo once", once)).await;
     assert_eq!(b.next_run_time.unwrap().seconds, at.timestamp());

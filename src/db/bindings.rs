@@ -14,6 +14,8 @@ struct Row {
     definition: String,
     schedule: Option<serde_json::Value>,
     params: Option<serde_json::Value>,
+    effective_from: Option<DateTime<Utc>>,
+    effective_until: Option<DateTime<Utc>>,
     effective_schedule: serde_json::Value,
     next_run_time: Option<DateTime<Utc>>,
     create_time: DateTime<Utc>,
@@ -38,6 +40,8 @@ impl TryFrom<Row> for Binding {
                 .map(|s| decode("binding schedule", s))
                 .transpose()?,
             params: r.params,
+            effective_from: r.effective_from,
+            effective_until: r.effective_until,
             effective_schedule: decode("binding effective schedule", r.effective_schedule)?,
             effective_params,
             next_run_time: r.next_run_time,
@@ -58,8 +62,9 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
     let r = sqlx::query!(
         r#"WITH ins AS (
              INSERT INTO bindings (id, tenant_id, definition, schedule, params, effective_schedule,
-                                   next_run_time, create_time, update_time, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id)
+                                   next_run_time, create_time, update_time, version, effective_from,
+                                   effective_until)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id)
            SELECT pg_notify('sked_bindings', '') AS "n" FROM ins"#,
         b.id,
         b.tenant_id,
@@ -71,6 +76,8 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         b.create_time,
         b.update_time,
         b.version,
+        b.effective_from,
+        b.effective_until,
     )
     .execute(db)
     .await;
@@ -91,7 +98,8 @@ pub async fn binding_get(
 ) -> Result<Binding, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
+                b.effective_schedule,
                 b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id = $2",
@@ -117,7 +125,8 @@ pub async fn binding_list(
 ) -> Result<Vec<Binding>, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
+                b.effective_schedule,
                 b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
@@ -269,7 +278,8 @@ pub async fn binding_get_for_update(
 ) -> Result<Binding, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_schedule,
+        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
+                b.effective_schedule,
                 b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id = $2
@@ -296,7 +306,7 @@ pub async fn binding_update(
     let r = sqlx::query!(
         r#"WITH u AS (
              UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5, next_run_time = $6,
-                                 update_time = $7, version = $8
+                                 update_time = $7, version = $8, effective_from = $10, effective_until = $11
              WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
            SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
         b.tenant_id,
@@ -308,6 +318,8 @@ pub async fn binding_update(
         b.update_time,
         b.version,
         expected_version,
+        b.effective_from,
+        b.effective_until,
     )
     .fetch_one(db)
     .await?;
@@ -318,42 +330,52 @@ pub async fn binding_update(
     }
 }
 
+/// A binding that inherits its definition's schedule: id and effective window.
+pub type InheritingBinding = (Uuid, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// Bindings of `definition` that inherit its schedule (no override), locked.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn binding_ids_inheriting_schedule(
+pub async fn binding_list_inheriting_schedule(
     db: impl PgExecutor<'_>,
     definition: &str,
-) -> Result<Vec<Uuid>, Error> {
-    Ok(sqlx::query_scalar!(
-        "SELECT id FROM bindings WHERE definition = $1 AND schedule IS NULL ORDER BY id FOR UPDATE",
+) -> Result<Vec<InheritingBinding>, Error> {
+    Ok(sqlx::query!(
+        "SELECT id, effective_from, effective_until FROM bindings
+         WHERE definition = $1 AND schedule IS NULL ORDER BY id FOR UPDATE",
         definition
     )
     .fetch_all(db)
-    .await?)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.effective_from, r.effective_until))
+    .collect())
 }
 
-/// Sets one effective schedule and next fire time on `ids` and wakes every
+/// Sets each binding's effective schedule and next fire time and wakes every
 /// node's scheduler (a definition's schedule changed).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn binding_set_effective_schedule(
+pub async fn binding_set_effective_schedules(
     db: impl PgExecutor<'_>,
     ids: &[Uuid],
-    schedule: &Schedule,
-    next: Option<DateTime<Utc>>,
+    schedules: &[Schedule],
+    next: &[Option<DateTime<Utc>>],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
+    let schedules: Vec<serde_json::Value> = schedules.iter().map(encode).collect();
     sqlx::query!(
         r#"WITH u AS (
-             UPDATE bindings SET effective_schedule = $2, next_run_time = $3, update_time = $4, version = version + 1
-             WHERE id = ANY($1) RETURNING id)
+             UPDATE bindings b SET effective_schedule = u.schedule, next_run_time = u.next, update_time = $4,
+                                   version = version + 1
+             FROM UNNEST($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(id, schedule, next)
+             WHERE b.id = u.id RETURNING b.id)
            SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
         ids,
-        encode(schedule),
-        next,
+        &schedules,
+        next as &[Option<DateTime<Utc>>],
         now,
     )
     .fetch_one(db)

@@ -201,7 +201,12 @@ pub struct Binding {
     pub schedule: Option<Schedule>,
     /// Params patch, as given (a JSON object).
     pub params: Option<serde_json::Value>,
-    /// The schedule in force (override or definition's, anchor resolved).
+    /// Fires only at or after this instant.
+    pub effective_from: Option<DateTime<Utc>>,
+    /// Fires only at or before this instant.
+    pub effective_until: Option<DateTime<Utc>>,
+    /// The schedule in force: override or definition's, anchor resolved, and
+    /// clipped to the effective window (see [`effective_schedule`]).
     pub effective_schedule: Schedule,
     /// Definition params merged with `params` (RFC 7396).
     pub effective_params: serde_json::Value,
@@ -213,6 +218,46 @@ pub struct Binding {
     pub update_time: DateTime<Utc>,
     /// Bumped on each update; rendered as the etag.
     pub version: i64,
+}
+
+/// The schedule a binding actually fires on: `base` (its override or the
+/// definition's) with an unanchored interval anchored at `anchor`, and its
+/// `start_time`/`end_time` narrowed to the binding's effective window, so a
+/// binding outside its window simply has no next fire time.
+pub fn effective_schedule(
+    base: &Schedule,
+    anchor: DateTime<Utc>,
+    from: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> Schedule {
+    let mut s = base.clone().resolve_anchor(anchor);
+    s.start_time = match (s.start_time, from) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    s.end_time = match (s.end_time, until) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    s
+}
+
+/// Checks a binding's effective window.
+///
+/// # Errors
+/// A violation on `binding.effective_until` when it is not after
+/// `effective_from`.
+pub fn validate_effective_window(
+    from: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> Result<(), FieldViolation> {
+    match (from, until) {
+        (Some(f), Some(u)) if u <= f => Err(FieldViolation::new(
+            "binding.effective_until",
+            "must be after binding.effective_from",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Run lifecycle state (SPEC §3). `QUEUED → RUNNING → SUCCEEDED | FAILED`,

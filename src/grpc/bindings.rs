@@ -3,10 +3,13 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::convert::{binding_to, schedule_from, struct_to_json};
+use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
 use super::{Ctx, check_etag, db_status, invalid, page_size, parse_uuid, tenant, update_paths};
 use crate::db;
-use crate::domain::{Binding, FieldViolation, merge_params, validate_definition_name};
+use crate::domain::{
+    Binding, FieldViolation, effective_schedule, merge_params, validate_definition_name,
+    validate_effective_window,
+};
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
 
@@ -28,6 +31,7 @@ impl BindingService for Bindings {
         validate_definition_name("binding.definition", &b.definition).map_err(invalid)?;
         let schedule = schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
         let params = b.params.as_ref().map(struct_to_json);
+        let (effective_from, effective_until) = window_from(&b)?;
         let def = db::definitions::definition_get(&self.0.pool, &b.definition)
             .await
             .map_err(|e| match e {
@@ -38,21 +42,25 @@ impl BindingService for Bindings {
                 e => db_status(e, "definition"),
             })?;
         let now = self.0.clock.now();
-        let effective_schedule = schedule
-            .clone()
-            .unwrap_or_else(|| def.schedule.clone())
-            .resolve_anchor(now);
+        let effective = effective_schedule(
+            schedule.as_ref().unwrap_or(&def.schedule),
+            now,
+            effective_from,
+            effective_until,
+        );
         let binding = Binding {
             id: Uuid::now_v7(),
             tenant_id,
             definition: def.name.clone(),
-            next_run_time: effective_schedule.next_after(now),
+            next_run_time: effective.next_after(now),
+            effective_from,
+            effective_until,
             schedule,
             effective_params: params
                 .as_ref()
                 .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p)),
             params,
-            effective_schedule,
+            effective_schedule: effective,
             create_time: now,
             update_time: now,
             version: 1,
@@ -134,7 +142,18 @@ impl BindingService for Bindings {
         if b.params.is_some() {
             implied.push("params");
         }
-        let paths = update_paths(r.update_mask.as_ref(), &["schedule", "params"], implied)?;
+        if b.effective_from.is_some() {
+            implied.push("effective_from");
+        }
+        if b.effective_until.is_some() {
+            implied.push("effective_until");
+        }
+        let paths = update_paths(
+            r.update_mask.as_ref(),
+            &["schedule", "params", "effective_from", "effective_until"],
+            implied,
+        )?;
+        let (new_from, new_until) = window_from(&b)?;
         let what = format!("binding {id}");
         let mut tx = self
             .0
@@ -158,18 +177,28 @@ impl BindingService for Bindings {
                     cur.schedule = s;
                 }
                 "params" => cur.params = b.params.as_ref().map(struct_to_json),
+                "effective_from" => {
+                    schedule_changed |= new_from != cur.effective_from;
+                    cur.effective_from = new_from;
+                }
+                "effective_until" => {
+                    schedule_changed |= new_until != cur.effective_until;
+                    cur.effective_until = new_until;
+                }
                 _ => {}
             }
         }
         let def = db::definitions::definition_get(&mut *tx, &cur.definition)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", cur.definition)))?;
+        validate_effective_window(cur.effective_from, cur.effective_until).map_err(invalid)?;
         if schedule_changed {
-            cur.effective_schedule = cur
-                .schedule
-                .clone()
-                .unwrap_or_else(|| def.schedule.clone())
-                .resolve_anchor(now);
+            cur.effective_schedule = effective_schedule(
+                cur.schedule.as_ref().unwrap_or(&def.schedule),
+                now,
+                cur.effective_from,
+                cur.effective_until,
+            );
             cur.next_run_time = cur.effective_schedule.next_after(now);
         }
         cur.effective_params = cur
@@ -198,4 +227,30 @@ impl BindingService for Bindings {
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }
+}
+
+/// The effective window of an API binding, validated.
+fn window_from(
+    b: &pb::Binding,
+) -> Result<
+    (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ),
+    Status,
+> {
+    let from = b
+        .effective_from
+        .as_ref()
+        .map(|t| time_from("binding.effective_from", t))
+        .transpose()
+        .map_err(invalid)?;
+    let until = b
+        .effective_until
+        .as_ref()
+        .map(|t| time_from("binding.effective_until", t))
+        .transpose()
+        .map_err(invalid)?;
+    validate_effective_window(from, until).map_err(invalid)?;
+    Ok((from, until))
 }

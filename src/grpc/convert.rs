@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 
 use crate::domain::misfire::MAX_CATCHUP_WINDOW_SECS;
+use crate::domain::schedule::{MAX_JITTER_SECS, TimeOfDay};
 use crate::domain::{self, FieldViolation, MisfireMode, MisfirePolicy, Schedule, ScheduleKind};
 use crate::proto::v1 as pb;
 
@@ -97,18 +98,29 @@ pub fn struct_to_json(s: &Struct) -> serde_json::Value {
 ///
 /// # Errors
 /// A violation naming the sub-field: missing kind, sub-second or < 1 s
-/// interval, missing `once.at`, bad cron, unknown time zone.
+/// interval, missing `once.at`, bad cron, bad calendar fields, unknown time
+/// zone, bad jitter or start/end.
 pub fn schedule_from(
     field: &str,
     s: Option<&pb::Schedule>,
 ) -> Result<Option<Schedule>, FieldViolation> {
     let Some(s) = s else { return Ok(None) };
     use pb::schedule::Kind as K;
+    let tod = |kind: &str, t: Option<&pb::TimeOfDay>| -> Result<TimeOfDay, FieldViolation> {
+        let f = format!("{field}.{kind}.time_of_day");
+        let t = t.ok_or_else(|| FieldViolation::new(&f, "is required"))?;
+        let part = |v: i32| u8::try_from(v).unwrap_or(u8::MAX);
+        TimeOfDay::new(part(t.hours), part(t.minutes), part(t.seconds))
+            .map_err(|reason| FieldViolation::new(&f, reason))
+    };
+    let small = |f: String, v: i32| -> Result<u8, FieldViolation> {
+        u8::try_from(v).map_err(|_| FieldViolation::new(f, format!("{v} is out of range")))
+    };
     let kind = match &s.kind {
         None => {
             return Err(FieldViolation::new(
                 field,
-                "one of cron, interval, once or manual is required",
+                "one of cron, interval, once, manual, daily, weekly, monthly or yearly is required",
             ));
         }
         Some(K::Cron(c)) => ScheduleKind::Cron {
@@ -143,13 +155,72 @@ pub fn schedule_from(
             }
         }
         Some(K::Manual(_)) => ScheduleKind::Manual,
+        Some(K::Daily(d)) => ScheduleKind::Daily {
+            time_of_day: tod("daily", d.time_of_day.as_ref())?,
+        },
+        Some(K::Weekly(w)) => {
+            let f = format!("{field}.weekly.days_of_week");
+            let mut days = Vec::with_capacity(w.days_of_week.len());
+            for d in &w.days_of_week {
+                days.push(match pb::DayOfWeek::try_from(*d) {
+                    Ok(pb::DayOfWeek::Sunday) => 0,
+                    Ok(pb::DayOfWeek::Unspecified) | Err(_) => {
+                        return Err(FieldViolation::new(
+                            &f,
+                            format!("{d} is not a day of the week (1 = Monday .. 7 = Sunday)"),
+                        ));
+                    }
+                    Ok(day) => day as u8,
+                });
+            }
+            ScheduleKind::Weekly {
+                days_of_week: days,
+                time_of_day: tod("weekly", w.time_of_day.as_ref())?,
+            }
+        }
+        Some(K::Monthly(m)) => ScheduleKind::Monthly {
+            day_of_month: i8::try_from(m.day_of_month).map_err(|_| {
+                FieldViolation::new(
+                    format!("{field}.monthly.day_of_month"),
+                    format!("{} is out of range 1-31 or -1", m.day_of_month),
+                )
+            })?,
+            time_of_day: tod("monthly", m.time_of_day.as_ref())?,
+        },
+        Some(K::Yearly(y)) => ScheduleKind::Yearly {
+            month: small(format!("{field}.yearly.month"), y.month)?,
+            day: small(format!("{field}.yearly.day"), y.day)?,
+            time_of_day: tod("yearly", y.time_of_day.as_ref())?,
+        },
     };
     let timezone = if s.timezone.is_empty() {
         "UTC".to_string()
     } else {
         s.timezone.clone()
     };
-    let schedule = Schedule { kind, timezone };
+    let mut schedule = Schedule::new(kind, timezone);
+    if let Some(j) = &s.jitter {
+        let f = format!("{field}.jitter");
+        if j.nanos != 0 {
+            return Err(FieldViolation::new(f, "must be whole seconds"));
+        }
+        schedule.jitter_secs = u32::try_from(j.seconds).map_err(|_| {
+            FieldViolation::new(
+                f,
+                format!("{}s is out of range 0s-{MAX_JITTER_SECS}s", j.seconds),
+            )
+        })?;
+    }
+    schedule.start_time = s
+        .start_time
+        .as_ref()
+        .map(|t| time_from(&format!("{field}.start_time"), t))
+        .transpose()?;
+    schedule.end_time = s
+        .end_time
+        .as_ref()
+        .map(|t| time_from(&format!("{field}.end_time"), t))
+        .transpose()?;
     schedule.validate(field)?;
     Ok(Some(schedule))
 }
@@ -157,6 +228,13 @@ pub fn schedule_from(
 /// Domain schedule → API schedule.
 pub fn schedule_to(s: &Schedule) -> pb::Schedule {
     use pb::schedule::Kind as K;
+    let tod = |t: &TimeOfDay| {
+        Some(pb::TimeOfDay {
+            hours: i32::from(t.hour),
+            minutes: i32::from(t.minute),
+            seconds: i32::from(t.second),
+        })
+    };
     let kind = match &s.kind {
         ScheduleKind::Cron { expression } => K::Cron(pb::CronSchedule {
             expression: expression.clone(),
@@ -175,10 +253,45 @@ pub fn schedule_to(s: &Schedule) -> pb::Schedule {
             at: Some(time_to(*at)),
         }),
         ScheduleKind::Manual => K::Manual(pb::ManualSchedule {}),
+        ScheduleKind::Daily { time_of_day } => K::Daily(pb::DailySchedule {
+            time_of_day: tod(time_of_day),
+        }),
+        ScheduleKind::Weekly {
+            days_of_week,
+            time_of_day,
+        } => K::Weekly(pb::WeeklySchedule {
+            days_of_week: days_of_week
+                .iter()
+                .map(|d| if *d == 0 { 7 } else { i32::from(*d) })
+                .collect(),
+            time_of_day: tod(time_of_day),
+        }),
+        ScheduleKind::Monthly {
+            day_of_month,
+            time_of_day,
+        } => K::Monthly(pb::MonthlySchedule {
+            day_of_month: i32::from(*day_of_month),
+            time_of_day: tod(time_of_day),
+        }),
+        ScheduleKind::Yearly {
+            month,
+            day,
+            time_of_day,
+        } => K::Yearly(pb::YearlySchedule {
+            month: i32::from(*month),
+            day: i32::from(*day),
+            time_of_day: tod(time_of_day),
+        }),
     };
     pb::Schedule {
         kind: Some(kind),
         timezone: s.timezone.clone(),
+        jitter: (s.jitter_secs > 0).then_some(prost_types::Duration {
+            seconds: i64::from(s.jitter_secs),
+            nanos: 0,
+        }),
+        start_time: s.start_time.map(time_to),
+        end_time: s.end_time.map(time_to),
     }
 }
 
@@ -311,6 +424,8 @@ pub fn binding_to(b: &domain::Binding) -> pb::Binding {
         definition: b.definition.clone(),
         schedule: b.schedule.as_ref().map(schedule_to),
         params: b.params.as_ref().and_then(json_to_struct),
+        effective_from: b.effective_from.map(time_to),
+        effective_until: b.effective_until.map(time_to),
         effective: Some(pb::EffectiveConfig {
             schedule: Some(schedule_to(&b.effective_schedule)),
             params: json_to_struct(&b.effective_params),
@@ -436,7 +551,7 @@ mod tests {
                 }),
                 anchor_time: None,
             })),
-            timezone: String::new(),
+            ..Default::default()
         };
         let e = schedule_from("definition.schedule", Some(&s)).unwrap_err();
         assert_eq!(e.field, "definition.schedule.interval.every");

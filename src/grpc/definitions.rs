@@ -9,7 +9,7 @@ use super::convert::{
 use super::{Ctx, check_etag, db_status, invalid, page_size, update_paths};
 use crate::db;
 use crate::db::definitions as q;
-use crate::domain::{Definition, FieldViolation, validate_definition_name};
+use crate::domain::{Definition, FieldViolation, effective_schedule, validate_definition_name};
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
 
@@ -182,19 +182,18 @@ impl DefinitionService for Definitions {
         if schedule_changed {
             // Bindings that inherit the schedule follow it at once; an
             // interval without anchor is anchored at the change.
-            let effective = cur.schedule.clone().resolve_anchor(now);
-            let ids = db::bindings::binding_ids_inheriting_schedule(&mut *tx, &cur.name)
+            let bindings = db::bindings::binding_list_inheriting_schedule(&mut *tx, &cur.name)
                 .await
                 .map_err(|e| db_status(e, &what))?;
-            db::bindings::binding_set_effective_schedule(
-                &mut *tx,
-                &ids,
-                &effective,
-                effective.next_after(now),
-                now,
-            )
-            .await
-            .map_err(|e| db_status(e, &what))?;
+            let ids: Vec<_> = bindings.iter().map(|b| b.0).collect();
+            let schedules: Vec<_> = bindings
+                .iter()
+                .map(|(_, from, until)| effective_schedule(&cur.schedule, now, *from, *until))
+                .collect();
+            let nexts: Vec<_> = schedules.iter().map(|s| s.next_after(now)).collect();
+            db::bindings::binding_set_effective_schedules(&mut *tx, &ids, &schedules, &nexts, now)
+                .await
+                .map_err(|e| db_status(e, &what))?;
         }
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %cur.name, version = cur.version, schedule_changed, "definition updated");
@@ -240,12 +239,14 @@ impl DefinitionService for Definitions {
         let mut fire_times = Vec::new();
         let mut t = after;
         while fire_times.len() < count as usize {
-            let Some(next) = schedule.next_after(t) else {
+            let Some(fire) = schedule.next_fire_after(t) else {
                 break;
             };
+            let next = fire.time;
             fire_times.push(pb::FireTime {
                 time: Some(time_to(next)),
                 local_time: schedule.describe_local(next),
+                dst_shifted: fire.dst_shifted,
             });
             t = next;
         }

@@ -120,7 +120,8 @@ impl Scheduler {
                 definition: b.definition.clone(),
                 trigger: RunTrigger::Schedule,
                 scheduled_time: time,
-                not_before: time,
+                // Deterministic per (binding, fire time): every node agrees.
+                not_before: time + b.schedule.jitter_for(b.id.as_bytes(), time),
                 handler: b.handler.clone(),
                 params: b.params.clone(),
                 state,

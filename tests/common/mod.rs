@@ -259,14 +259,14 @@ pub fn every(secs: i64) -> pb::Schedule {
             }),
             anchor_time: None,
         })),
-        timezone: String::new(),
+        ..Default::default()
     }
 }
 
 pub fn manual() -> pb::Schedule {
     pb::Schedule {
         kind: Some(pb::schedule::Kind::Manual(pb::ManualSchedule {})),
-        timezone: String::new(),
+        ..Default::default()
     }
 }
 
@@ -276,6 +276,7 @@ pub fn cron(expr: &str, tz: &str) -> pb::Schedule {
             expression: expr.into(),
         })),
         timezone: tz.into(),
+        ..Default::default()
     }
 }
 
