@@ -462,18 +462,32 @@ async fn preview_schedule_lists_fire_times_in_utc_and_local_time() {
         .await
         .unwrap()
         .into_inner();
-    let got: Vec<(i64, String)> = r
+    let got: Vec<(i64, String, bool)> = r
         .fire_times
         .iter()
-        .map(|f| (f.time.as_ref().unwrap().seconds, f.local_time.clone()))
+        .map(|f| {
+            (
+                f.time.as_ref().unwrap().seconds,
+                f.local_time.clone(),
+                f.dst_shifted,
+            )
+        })
         .collect();
     assert_eq!(
         got,
         vec![
-            (1_741_419_000, "2025-03-08T02:30:00-05:00".to_string()),
-            // 02:30 does not exist on 2025-03-09: fires at the first instant after the gap.
-            (1_741_503_600, "2025-03-09T03:00:00-04:00".to_string()),
-            (1_741_588_200, "2025-03-10T02:30:00-04:00".to_string()),
+            (
+                1_741_419_000,
+                "2025-03-08T02:30:00-05:00".to_string(),
+                false
+            ),
+            // 02:30 does not exist on 2025-03-09: fires at the first instant after the gap, flagged.
+            (1_741_503_600, "2025-03-09T03:00:00-04:00".to_string(), true),
+            (
+                1_741_588_200,
+                "2025-03-10T02:30:00-04:00".to_string(),
+                false
+            ),
         ]
     );
     let s = node

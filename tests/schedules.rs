@@ -457,3 +457,275 @@ async fn backfill_creates_exactly_the_expected_runs_and_dry_run_creates_none() {
     );
     node.stop().await;
 }
+
+fn tod(h: i32, m: i32) -> Option<pb::TimeOfDay> {
+    Some(pb::TimeOfDay {
+        hours: h,
+        minutes: m,
+        seconds: 0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendar_kinds_preview_through_the_api() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let preview = |schedule: pb::Schedule, after: &str, count: i32| {
+        let mut c = node.definitions();
+        let after: chrono::DateTime<chrono::Utc> = after.parse().unwrap();
+        async move {
+            c.preview_schedule(pb::PreviewScheduleRequest {
+                schedule: Some(schedule),
+                count,
+                after: Some(prost_types::Timestamp {
+                    seconds: after.timestamp(),
+                    nanos: 0,
+                }),
+            })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .fire_times
+                    .into_iter()
+                    .map(|f| (f.local_time, f.dst_shifted))
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    use pb::schedule::Kind as K;
+    let sched = |kind: K, tz: &str| pb::Schedule {
+        kind: Some(kind),
+        timezone: tz.into(),
+        ..Default::default()
+    };
+    // Monthly on the 31st: short months fire on their last day.
+    let got = preview(
+        sched(
+            K::Monthly(pb::MonthlySchedule {
+                day_of_month: 31,
+                time_of_day: tod(9, 0),
+            }),
+            "UTC",
+        ),
+        "2026-01-31T10:00:00Z",
+        3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        [
+            "2026-02-28T09:00:00+00:00",
+            "2026-03-31T09:00:00+00:00",
+            "2026-04-30T09:00:00+00:00"
+        ]
+    );
+    // Yearly 29 Feb → 28 Feb in common years.
+    let got = preview(
+        sched(
+            K::Yearly(pb::YearlySchedule {
+                month: 2,
+                day: 29,
+                time_of_day: tod(12, 0),
+            }),
+            "Europe/Berlin",
+        ),
+        "2027-01-01T00:00:00Z",
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got[0].0, "2027-02-28T12:00:00+01:00");
+    assert_eq!(got[1].0, "2028-02-29T12:00:00+01:00");
+    // Weekly Monday 02:30 in Berlin across the spring-forward Sunday→Monday? Daily 02:30 on the DST day.
+    let got = preview(
+        sched(
+            K::Daily(pb::DailySchedule {
+                time_of_day: tod(2, 30),
+            }),
+            "Europe/Berlin",
+        ),
+        "2026-03-28T12:00:00Z",
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            ("2026-03-29T03:00:00+02:00".to_string(), true),
+            ("2026-03-30T02:30:00+02:00".to_string(), false)
+        ]
+    );
+    let got = preview(
+        sched(
+            K::Weekly(pb::WeeklySchedule {
+                days_of_week: vec![pb::DayOfWeek::Monday as i32],
+                time_of_day: tod(9, 0),
+            }),
+            "America/New_York",
+        ),
+        "2026-12-25T12:00:00Z",
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got[0].0, "2026-12-28T09:00:00-05:00");
+    assert_eq!(got[1].0, "2027-01-04T09:00:00-05:00");
+    // Bad calendar input names the field.
+    let e = preview(
+        sched(
+            K::Yearly(pb::YearlySchedule {
+                month: 4,
+                day: 31,
+                time_of_day: tod(0, 0),
+            }),
+            "UTC",
+        ),
+        "2026-01-01T00:00:00Z",
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(violation_fields(&e), ["schedule.yearly.day"]);
+    let e = preview(
+        sched(
+            K::Daily(pb::DailySchedule {
+                time_of_day: tod(24, 0),
+            }),
+            "UTC",
+        ),
+        "2026-01-01T00:00:00Z",
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(violation_fields(&e), ["schedule.daily.time_of_day"]);
+    let e = preview(
+        sched(
+            K::Weekly(pb::WeeklySchedule {
+                days_of_week: vec![],
+                time_of_day: tod(1, 0),
+            }),
+            "UTC",
+        ),
+        "2026-01-01T00:00:00Z",
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(violation_fields(&e), ["schedule.weekly.days_of_week"]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_outside_its_effective_window_does_not_fire() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(sh_def("windowed", "echo in-window", every(1))),
+        })
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    };
+    // Window entirely in the past: never fires.
+    let past = node
+        .bindings()
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "windowed".into(),
+                    effective_from: Some(ts(now - chrono::Duration::hours(2))),
+                    effective_until: Some(ts(now - chrono::Duration::hours(1))),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(past.next_run_time.is_none());
+    // Window starting in an hour: first fire at its start.
+    let future = node
+        .bindings()
+        .create_binding(as_tenant(
+            "other",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "windowed".into(),
+                    effective_from: Some(ts(now + chrono::Duration::hours(1))),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let next = future.next_run_time.unwrap().seconds;
+    assert!(
+        (next - (now + chrono::Duration::hours(1)).timestamp()).abs() <= 1,
+        "first fire at the window's start"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (tenant, id) in [("acme", &past.id), ("other", &future.id)] {
+        let runs = node
+            .runs()
+            .list_runs(as_tenant(
+                tenant,
+                pb::ListRunsRequest {
+                    binding_id: id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .runs;
+        assert!(
+            runs.is_empty(),
+            "{tenant}: no fire outside the effective window"
+        );
+    }
+    // Until before from is rejected.
+    let s = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: past.id.clone(),
+                    effective_from: Some(ts(now)),
+                    effective_until: Some(ts(now - chrono::Duration::hours(3))),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violation_fields(&s), ["binding.effective_until"]);
+    // Opening the window makes it fire.
+    let opened = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: past.id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["effective_from", "effective_until"]),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(opened.next_run_time.is_some());
+    node.stop().await;
+}
