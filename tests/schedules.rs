@@ -729,3 +729,63 @@ async fn a_binding_outside_its_effective_window_does_not_fire() {
     assert!(opened.next_run_time.is_some());
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jitter_delays_each_run_by_its_deterministic_offset() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut schedule = every(1);
+    schedule.jitter = Some(prost_types::Duration {
+        seconds: 2,
+        nanos: 0,
+    });
+    let b = define_and_bind(&node, "acme", sh_def("jittery", "true", schedule)).await;
+    let effective =
+        sked::grpc::convert::schedule_from("s", b.effective.as_ref().unwrap().schedule.as_ref())
+            .unwrap()
+            .unwrap();
+    let id: uuid::Uuid = b.id.parse().unwrap();
+    let runs = tokio::time::timeout(WAIT, async {
+        loop {
+            let runs = node
+                .runs()
+                .list_runs(as_tenant(
+                    "acme",
+                    pb::ListRunsRequest {
+                        binding_id: b.id.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if runs.iter().filter(|r| r.start_time.is_some()).count() >= 3 {
+                return runs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let mut offsets = Vec::new();
+    for r in runs.iter().filter(|r| r.start_time.is_some()) {
+        let sched = r.scheduled_time.unwrap();
+        let sched = chrono::DateTime::from_timestamp(sched.seconds, sched.nanos as u32).unwrap();
+        let start = r.start_time.unwrap();
+        let start = chrono::DateTime::from_timestamp(start.seconds, start.nanos as u32).unwrap();
+        let jitter = effective.jitter_for(id.as_bytes(), sched);
+        assert!(jitter >= chrono::Duration::zero() && jitter <= chrono::Duration::seconds(2));
+        assert!(
+            start >= sched + jitter,
+            "run started {} before its jittered time",
+            sched + jitter - start
+        );
+        offsets.push(jitter);
+    }
+    assert!(
+        offsets.windows(2).any(|w| w[0] != w[1]),
+        "jitter varies per fire time: {offsets:?}"
+    );
+    node.stop().await;
+}
