@@ -9,34 +9,6 @@ use common::*;
 use sked::domain::Clock;
 use sked::proto::v1 as pb;
 
-async fn runs_of(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb::Run> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = node
-            .runs()
-            .list_runs(as_tenant(
-                tenant,
-                pb::ListRunsRequest {
-                    binding_id: binding_id.into(),
-                    page_size: 1000,
-                    page_token: token.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        out.extend(page.runs);
-        token = page.next_page_token;
-        if token.is_empty() {
-            break;
-        }
-    }
-    out.sort_by_key(|r| r.scheduled_time.unwrap().seconds);
-    out
-}
-
 fn terminal(r: &pb::Run) -> bool {
     [
         pb::RunState::Succeeded,

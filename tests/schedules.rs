@@ -303,19 +303,7 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
     assert_eq!(b.next_run_time.unwrap().seconds, at.timestamp());
     let run_id = tokio::time::timeout(WAIT, async {
         loop {
-            let runs = node
-                .runs()
-                .list_runs(as_tenant(
-                    "acme",
-                    pb::ListRunsRequest {
-                        binding_id: b.id.clone(),
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .runs;
+            let runs = runs_of(&node, "acme", &b.id).await;
             if let Some(r) = runs.first() {
                 return r.id.clone();
             }
@@ -340,19 +328,7 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
         "a once schedule has no next time after it fired"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let runs = node
-        .runs()
-        .list_runs(as_tenant(
-            "acme",
-            pb::ListRunsRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let runs = runs_of(&node, "acme", &b.id).await;
     assert_eq!(runs.len(), 1, "fired exactly once");
     node.stop().await;
 }
@@ -408,19 +384,7 @@ async fn backfill_creates_exactly_the_expected_runs_and_dry_run_creates_none() {
         .into_inner();
     assert_eq!(dry.scheduled_times, want);
     assert!(dry.run_ids.is_empty());
-    let listed = node
-        .runs()
-        .list_runs(as_tenant(
-            "acme",
-            pb::ListRunsRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let listed = runs_of(&node, "acme", &b.id).await;
     assert!(listed.is_empty(), "dry_run creates nothing");
 
     let real = node
@@ -674,19 +638,7 @@ async fn a_binding_outside_its_effective_window_does_not_fire() {
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for (tenant, id) in [("acme", &past.id), ("other", &future.id)] {
-        let runs = node
-            .runs()
-            .list_runs(as_tenant(
-                tenant,
-                pb::ListRunsRequest {
-                    binding_id: id.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .runs;
+        let runs = runs_of(&node, tenant, &id).await;
         assert!(
             runs.is_empty(),
             "{tenant}: no fire outside the effective window"
@@ -747,19 +699,7 @@ async fn jitter_delays_each_run_by_its_deterministic_offset() {
     let id: uuid::Uuid = b.id.parse().unwrap();
     let runs = tokio::time::timeout(WAIT, async {
         loop {
-            let runs = node
-                .runs()
-                .list_runs(as_tenant(
-                    "acme",
-                    pb::ListRunsRequest {
-                        binding_id: b.id.clone(),
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .runs;
+            let runs = runs_of(&node, "acme", &b.id).await;
             if runs.iter().filter(|r| r.start_time.is_some()).count() >= 3 {
                 return runs;
             }

@@ -390,3 +390,32 @@ pub fn assert_dense(events: &[pb::RunEvent]) {
     let want: Vec<i64> = (1..=events.len() as i64).collect();
     assert_eq!(seqs, want, "seqs must be dense from 1 with no duplicates");
 }
+
+/// Every run of a binding (all pages), oldest fire time first.
+pub async fn runs_of(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb::Run> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = node
+            .runs()
+            .list_runs(as_tenant(
+                tenant,
+                pb::ListRunsRequest {
+                    binding_id: binding_id.into(),
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.runs);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    out.sort_by_key(|r| r.scheduled_time.unwrap().seconds);
+    out
+}
