@@ -638,7 +638,7 @@ async fn a_binding_outside_its_effective_window_does_not_fire() {
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for (tenant, id) in [("acme", &past.id), ("other", &future.id)] {
-        let runs = runs_of(&node, tenant, &id).await;
+        let runs = runs_of(&node, tenant, id).await;
         assert!(
             runs.is_empty(),
             "{tenant}: no fire outside the effective window"

@@ -129,11 +129,11 @@ pub fn plan_fires(
             skip_times.extend(inside);
         }
         MisfireMode::Skip => {
-            if let Some(&last) = inside.last() {
-                if now - last <= MISFIRE_TOLERANCE {
-                    inside.pop();
-                    run.push(last);
-                }
+            if let Some(&last) = inside.last()
+                && now - last <= MISFIRE_TOLERANCE
+            {
+                inside.pop();
+                run.push(last);
             }
             skip_times.extend(inside);
         }

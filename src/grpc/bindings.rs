@@ -229,16 +229,14 @@ impl BindingService for Bindings {
     }
 }
 
+/// A binding's effective window: (from, until).
+type Window = (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
 /// The effective window of an API binding, validated.
-fn window_from(
-    b: &pb::Binding,
-) -> Result<
-    (
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<chrono::DateTime<chrono::Utc>>,
-    ),
-    Status,
-> {
+fn window_from(b: &pb::Binding) -> Result<Window, Status> {
     let from = b
         .effective_from
         .as_ref()
