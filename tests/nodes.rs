@@ -121,19 +121,7 @@ async fn tail_on_node_b_follows_a_run_executing_on_node_a() {
     )
     .await;
     let run = trigger(&b, "acme", &binding.id).await;
-    let mut stream = b
-        .logs()
-        .tail_run(as_tenant(
-            "acme",
-            pb::TailRunRequest {
-                run_id: run.id.clone(),
-                after_seq: 0,
-                follow: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_tail(&b, "acme", &run.id, 0, true).await;
     let mut got = Vec::new();
     let mut live_log_times = Vec::new();
     tokio::time::timeout(WAIT, async {

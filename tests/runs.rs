@@ -220,19 +220,7 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
     .await;
     let blocker_run = trigger(&node, "acme", &blocker.id).await;
     // Wait until the blocker runs.
-    let mut t = node
-        .logs()
-        .tail_run(as_tenant(
-            "acme",
-            pb::TailRunRequest {
-                run_id: blocker_run.id.clone(),
-                after_seq: 0,
-                follow: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut t = open_tail(&node, "acme", &blocker_run.id, 0, true).await;
     while let Some(e) = t.message().await.unwrap() {
         if e.seq == 2 {
             break;
@@ -255,8 +243,7 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
         let node_ch = node.channel.clone();
         let id = run.id.clone();
         tokio::spawn(async move {
-            let mut c = LogServiceClient::new(node_ch);
-            let mut s = c
+            let s = LogServiceClient::new(node_ch)
                 .tail_run(as_tenant(
                     "acme",
                     pb::TailRunRequest {
@@ -268,27 +255,11 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
                 .await
                 .unwrap()
                 .into_inner();
-            let mut out = Vec::new();
-            while let Some(e) = s.message().await.unwrap() {
-                out.push(e);
-            }
-            out
+            drain(s).await
         })
     };
     // During: once the first line is out.
-    let mut probe = node
-        .logs()
-        .tail_run(as_tenant(
-            "acme",
-            pb::TailRunRequest {
-                run_id: run.id.clone(),
-                after_seq: 0,
-                follow: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut probe = open_tail(&node, "acme", &run.id, 0, true).await;
     while let Some(e) = probe.message().await.unwrap() {
         if matches!(&e.kind, Some(pb::run_event::Kind::Log(_))) {
             break;
@@ -321,23 +292,7 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
         assert_eq!(rest, after[k as usize..].to_vec(), "after_seq={k}");
     }
     // Without follow: the replay only.
-    let mut s = node
-        .logs()
-        .tail_run(as_tenant(
-            "acme",
-            pb::TailRunRequest {
-                run_id: run.id.clone(),
-                after_seq: 2,
-                follow: false,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut replay = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        replay.push(e);
-    }
+    let replay = drain(open_tail(&node, "acme", &run.id, 2, false).await).await;
     assert_eq!(replay, after[2..].to_vec());
     node.stop().await;
 }
@@ -359,19 +314,7 @@ async fn reconnecting_mid_run_with_last_seq_misses_nothing() {
     let run = trigger(&node, "acme", &b.id).await;
     let mut first = Vec::new();
     {
-        let mut s = node
-            .logs()
-            .tail_run(as_tenant(
-                "acme",
-                pb::TailRunRequest {
-                    run_id: run.id.clone(),
-                    after_seq: 0,
-                    follow: true,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut s = open_tail(&node, "acme", &run.id, 0, true).await;
         while let Some(e) = s.message().await.unwrap() {
             first.push(e);
             if first.len() == 4 {

@@ -323,6 +323,37 @@ pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run
         .into_inner()
 }
 
+/// Opens a TailRun stream on `node`.
+pub async fn open_tail(
+    node: &TestNode,
+    tenant: &str,
+    run_id: &str,
+    after_seq: i64,
+    follow: bool,
+) -> tonic::Streaming<pb::RunEvent> {
+    node.logs()
+        .tail_run(as_tenant(
+            tenant,
+            pb::TailRunRequest {
+                run_id: run_id.into(),
+                after_seq,
+                follow,
+            },
+        ))
+        .await
+        .expect("tail run")
+        .into_inner()
+}
+
+/// Every message of a stream until it ends.
+pub async fn drain(mut stream: tonic::Streaming<pb::RunEvent>) -> Vec<pb::RunEvent> {
+    let mut out = Vec::new();
+    while let Some(e) = stream.message().await.expect("tail stream") {
+        out.push(e);
+    }
+    out
+}
+
 /// Every event of a run, following it to its end (TailRun from `after_seq`).
 pub async fn tail_all(
     node: &TestNode,
@@ -330,28 +361,10 @@ pub async fn tail_all(
     run_id: &str,
     after_seq: i64,
 ) -> Vec<pb::RunEvent> {
-    let mut stream = node
-        .logs()
-        .tail_run(as_tenant(
-            tenant,
-            pb::TailRunRequest {
-                run_id: run_id.into(),
-                after_seq,
-                follow: true,
-            },
-        ))
+    let stream = open_tail(node, tenant, run_id, after_seq, true).await;
+    tokio::time::timeout(WAIT, drain(stream))
         .await
-        .expect("tail run")
-        .into_inner();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while let Some(e) = stream.message().await.expect("tail stream") {
-            out.push(e);
-        }
-    })
-    .await
-    .expect("tail ends when the run is terminal");
-    out
+        .expect("tail ends when the run is terminal")
 }
 
 /// Waits until the run is terminal; returns it.
