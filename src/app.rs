@@ -59,8 +59,11 @@ pub struct Settings {
     pub max_concurrent_runs: usize,
     /// How long running runs may take to finish on shutdown.
     pub shutdown_grace: Duration,
-    /// Lease a running run holds.
+    /// Lease a running run holds, renewed every third of it; a dead node's
+    /// runs are reaped within 2 × lease.
     pub lease: Duration,
+    /// After SIGTERM, how long a run's process group has before SIGKILL.
+    pub kill_grace: Duration,
     /// Executor claim poll fallback.
     pub claim_poll: Duration,
     /// Longest scheduler sleep (poll fallback).
@@ -80,6 +83,7 @@ impl Settings {
             max_concurrent_runs: 64,
             shutdown_grace: Duration::from_secs(30),
             lease: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(10),
             claim_poll: Duration::from_secs(1),
             scheduler_max_sleep: Duration::from_secs(5),
             db_max_connections: 20,
@@ -163,8 +167,10 @@ async fn serve_with_pool(
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
             wake: Arc::clone(&wakers.executor),
+            running: wakers.running.clone(),
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,
+            kill_grace: settings.kill_grace,
             poll: settings.claim_poll,
             shutdown_grace: settings.shutdown_grace,
         }
@@ -299,6 +305,8 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     }
     settings.max_concurrent_runs = args.max_concurrent_runs as usize;
     settings.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    settings.lease = Duration::from_secs(args.lease_secs);
+    settings.kill_grace = Duration::from_secs(args.kill_grace_secs);
     settings.db_max_connections = args.db_max_connections;
     let listener = TcpListener::bind(args.listen).await?;
     let result = serve(settings, listener, shutdown_signal()).await;

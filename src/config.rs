@@ -59,6 +59,15 @@ pub struct ServeArgs {
     /// Seconds running runs may take to finish on shutdown.
     #[arg(long, env = "SKED_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Seconds of the lease a running run holds; renewed every third of it
+    /// by the node's heartbeat. Another node reaps a dead node's runs
+    /// (FAILED/node_lost, retried per policy) within twice this.
+    #[arg(long, env = "SKED_LEASE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_secs: u64,
+    /// Seconds a run's process group has between SIGTERM and SIGKILL
+    /// (timeout, cancel, shutdown).
+    #[arg(long, env = "SKED_KILL_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub kill_grace_secs: u64,
     /// Database connections of this node.
     #[arg(long, env = "SKED_DB_MAX_CONNECTIONS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(4..=1000))]
     pub db_max_connections: u32,

@@ -292,7 +292,7 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
             "a",
             pb::TriggerRunRequest {
                 binding_id: b.id.clone(),
-                params: None,
+                ..Default::default()
             },
         ))
         .await

@@ -41,6 +41,9 @@ async fn restart_after_downtime_applies_each_misfire_policy() {
             }),
             mode: mode as i32,
         });
+        // Catch-up runs of one pass overlap each other: ALLOW lets RUN_ALL
+        // run every one (under the default SKIP only the first would run).
+        def.overlap_policy = pb::OverlapPolicy::Allow as i32;
         bindings.push(define_and_bind(&node, "acme", def).await);
     }
     // Down before the first fire; 309 s pass (15 fire times: t0+20 .. t0+300).

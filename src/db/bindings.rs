@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::{Error, decode, encode};
-use crate::domain::{Binding, Handler, MisfirePolicy, Schedule, merge_params};
+use super::{Error, decode, encode, policy_from_cols};
+use crate::domain::{Binding, Handler, MisfirePolicy, RunPolicy, Schedule, merge_params};
 
 struct Row {
     id: Uuid,
@@ -21,7 +21,15 @@ struct Row {
     create_time: DateTime<Utc>,
     update_time: DateTime<Utc>,
     version: i64,
+    enabled: bool,
+    paused: bool,
+    pause_note: String,
+    pause_expire_time: Option<DateTime<Utc>>,
     def_params: serde_json::Value,
+    overlap_policy: String,
+    retry_policy: serde_json::Value,
+    timeout_secs: Option<i32>,
+    priority: i32,
 }
 
 impl TryFrom<Row> for Binding {
@@ -48,6 +56,16 @@ impl TryFrom<Row> for Binding {
             create_time: r.create_time,
             update_time: r.update_time,
             version: r.version,
+            enabled: r.enabled,
+            paused: r.paused,
+            pause_note: r.pause_note,
+            pause_expire_time: r.pause_expire_time,
+            effective_policy: policy_from_cols(
+                &r.overlap_policy,
+                r.retry_policy,
+                r.timeout_secs,
+                r.priority,
+            )?,
         })
     }
 }
@@ -63,8 +81,8 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         r#"WITH ins AS (
              INSERT INTO bindings (id, tenant_id, definition, schedule, params, effective_schedule,
                                    next_run_time, create_time, update_time, version, effective_from,
-                                   effective_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id)
+                                   effective_until, enabled)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id)
            SELECT pg_notify('sked_bindings', '') AS "n" FROM ins"#,
         b.id,
         b.tenant_id,
@@ -78,6 +96,7 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         b.version,
         b.effective_from,
         b.effective_until,
+        b.enabled,
     )
     .execute(db)
     .await;
@@ -100,7 +119,9 @@ pub async fn binding_get(
         Row,
         "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
                 b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
+                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+                d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id = $2",
         tenant_id,
@@ -127,7 +148,9 @@ pub async fn binding_list(
         Row,
         "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
                 b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
+                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+                d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
          ORDER BY b.id LIMIT $4",
@@ -186,6 +209,14 @@ pub struct DueBinding {
     pub handler: Handler,
     /// The definition's misfire policy.
     pub misfire_policy: MisfirePolicy,
+    /// The definition's run policy, snapshotted into runs.
+    pub policy: RunPolicy,
+    /// Binding and definition both enabled.
+    pub enabled: bool,
+    /// Paused (possibly with an expiry that has passed).
+    pub paused: bool,
+    /// When the pause ends by itself.
+    pub pause_expire_time: Option<DateTime<Utc>>,
 }
 
 /// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
@@ -202,7 +233,9 @@ pub async fn binding_lock_due(
 ) -> Result<Vec<DueBinding>, Error> {
     let rows = sqlx::query!(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule, b.next_run_time AS "next_run_time!",
-                  b.params, d.params AS def_params, d.handler, d.misfire_policy
+                  b.params, d.params AS def_params, d.handler, d.misfire_policy, d.overlap_policy,
+                  d.retry_policy, d.timeout_secs, d.priority, b.enabled AND d.enabled AS "enabled!",
+                  b.paused, b.pause_expire_time
            FROM bindings b JOIN definitions d ON d.name = b.definition
            WHERE b.next_run_time <= $1
            ORDER BY b.next_run_time
@@ -227,12 +260,22 @@ pub async fn binding_lock_due(
                 },
                 handler: decode("definition handler", r.handler)?,
                 misfire_policy: decode("definition misfire policy", r.misfire_policy)?,
+                policy: policy_from_cols(
+                    &r.overlap_policy,
+                    r.retry_policy,
+                    r.timeout_secs,
+                    r.priority,
+                )?,
+                enabled: r.enabled,
+                paused: r.paused,
+                pause_expire_time: r.pause_expire_time,
             })
         })
         .collect()
 }
 
-/// Sets each binding's next fire time (`None` = never again).
+/// Sets each binding's next fire time (`None` = never again), and ends the
+/// pauses whose expiry is at or before `now` (auto-resume).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -240,13 +283,18 @@ pub async fn binding_set_next_run_times(
     db: impl PgExecutor<'_>,
     ids: &[Uuid],
     next: &[Option<DateTime<Utc>>],
+    now: DateTime<Utc>,
 ) -> Result<(), Error> {
     sqlx::query!(
-        "UPDATE bindings b SET next_run_time = u.next
+        "UPDATE bindings b SET next_run_time = u.next,
+                paused = b.paused AND NOT coalesce(b.pause_expire_time <= $3, false),
+                pause_note = CASE WHEN b.pause_expire_time <= $3 THEN '' ELSE b.pause_note END,
+                pause_expire_time = CASE WHEN b.pause_expire_time <= $3 THEN NULL ELSE b.pause_expire_time END
          FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, next)
          WHERE b.id = u.id",
         ids,
         next as &[Option<DateTime<Utc>>],
+        now,
     )
     .execute(db)
     .await?;
@@ -280,7 +328,9 @@ pub async fn binding_get_for_update(
         Row,
         "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
                 b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, d.params AS def_params
+                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
+                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+                d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id = $2
          FOR UPDATE OF b",
@@ -292,7 +342,8 @@ pub async fn binding_get_for_update(
     .try_into()
 }
 
-/// Writes `b`'s overrides, effective schedule and next fire time if its
+/// Writes `b`'s overrides, effective schedule, next fire time, enabled and
+/// pause state if its
 /// version is still `expected_version` (`b.version` is the new one), and
 /// wakes every node's scheduler.
 ///
@@ -306,7 +357,8 @@ pub async fn binding_update(
     let r = sqlx::query!(
         r#"WITH u AS (
              UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5, next_run_time = $6,
-                                 update_time = $7, version = $8, effective_from = $10, effective_until = $11
+                                 update_time = $7, version = $8, effective_from = $10, effective_until = $11,
+                                 enabled = $12, paused = $13, pause_note = $14, pause_expire_time = $15
              WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
            SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
         b.tenant_id,
@@ -320,6 +372,10 @@ pub async fn binding_update(
         expected_version,
         b.effective_from,
         b.effective_until,
+        b.enabled,
+        b.paused,
+        b.pause_note,
+        b.pause_expire_time,
     )
     .fetch_one(db)
     .await?;

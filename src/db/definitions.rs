@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
-use super::{Error, decode, encode};
+use super::{Error, decode, encode, policy_from_cols};
 use crate::domain::Definition;
 
 struct Row {
@@ -17,6 +17,11 @@ struct Row {
     schedule: serde_json::Value,
     params: serde_json::Value,
     misfire_policy: serde_json::Value,
+    overlap_policy: String,
+    retry_policy: serde_json::Value,
+    timeout_secs: Option<i32>,
+    priority: i32,
+    enabled: bool,
     create_time: DateTime<Utc>,
     update_time: DateTime<Utc>,
     version: i64,
@@ -34,6 +39,13 @@ impl TryFrom<Row> for Definition {
             schedule: decode("definition schedule", r.schedule)?,
             params: r.params,
             misfire_policy: decode("definition misfire policy", r.misfire_policy)?,
+            policy: policy_from_cols(
+                &r.overlap_policy,
+                r.retry_policy,
+                r.timeout_secs,
+                r.priority,
+            )?,
+            enabled: r.enabled,
             create_time: r.create_time,
             update_time: r.update_time,
             version: r.version,
@@ -48,8 +60,9 @@ impl TryFrom<Row> for Definition {
 pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Result<(), Error> {
     sqlx::query!(
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
-                                  create_time, update_time, version, misfire_policy)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                  create_time, update_time, version, misfire_policy, overlap_policy,
+                                  retry_policy, timeout_secs, priority, enabled)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         d.name,
         d.display_name,
         d.description,
@@ -61,6 +74,11 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         d.update_time,
         d.version,
         encode(&d.misfire_policy),
+        d.policy.overlap.as_str(),
+        encode(&d.policy.retry),
+        d.policy.timeout_secs.map(|t| t as i32),
+        d.policy.priority,
+        d.enabled,
     )
     .execute(db)
     .await?;
@@ -75,7 +93,7 @@ pub async fn definition_get(db: impl PgExecutor<'_>, name: &str) -> Result<Defin
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                create_time, update_time, version
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
          FROM definitions WHERE name = $1",
         name
     )
@@ -96,7 +114,7 @@ pub async fn definition_list(
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                create_time, update_time, version
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
          FROM definitions WHERE name > $1 ORDER BY name LIMIT $2",
         after,
         limit
@@ -154,7 +172,7 @@ pub async fn definition_get_for_update(
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                create_time, update_time, version
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
          FROM definitions WHERE name = $1 FOR UPDATE",
         name
     )
@@ -175,7 +193,8 @@ pub async fn definition_update(
 ) -> Result<(), Error> {
     let r = sqlx::query!(
         "UPDATE definitions SET display_name = $2, description = $3, labels = $4, handler = $5, schedule = $6,
-                params = $7, misfire_policy = $8, update_time = $9, version = $10
+                params = $7, misfire_policy = $8, update_time = $9, version = $10, overlap_policy = $12,
+                retry_policy = $13, timeout_secs = $14, priority = $15, enabled = $16
          WHERE name = $1 AND version = $11",
         d.name,
         d.display_name,
@@ -188,6 +207,11 @@ pub async fn definition_update(
         d.update_time,
         d.version,
         expected_version,
+        d.policy.overlap.as_str(),
+        encode(&d.policy.retry),
+        d.policy.timeout_secs.map(|t| t as i32),
+        d.policy.priority,
+        d.enabled,
     )
     .execute(db)
     .await?;

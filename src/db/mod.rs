@@ -20,6 +20,9 @@ use sqlx::postgres::PgPoolOptions;
 pub const CHANNEL_EVENTS: &str = "sked_events";
 /// Channel on which "runs are queued" is announced (empty payload).
 pub const CHANNEL_RUNS: &str = "sked_runs";
+/// Channel on which cancel requests for running runs are announced (payload:
+/// `<run id>|<reason>`), so the node executing the run stops it.
+pub const CHANNEL_CANCEL: &str = "sked_cancel";
 /// Channel on which binding changes are announced (empty payload), so
 /// schedulers recompute their next wake-up.
 pub const CHANNEL_BINDINGS: &str = "sked_bindings";
@@ -76,6 +79,27 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     v: serde_json::Value,
 ) -> Result<T, Error> {
     serde_json::from_value(v).map_err(|source| Error::Corrupt { what, source })
+}
+
+/// A run policy from its columns (`overlap_policy`, `retry_policy`,
+/// `timeout_secs`, `priority`).
+pub(crate) fn policy_from_cols(
+    overlap: &str,
+    retry: serde_json::Value,
+    timeout_secs: Option<i32>,
+    priority: i32,
+) -> Result<crate::domain::RunPolicy, Error> {
+    Ok(crate::domain::RunPolicy {
+        overlap: crate::domain::OverlapPolicy::parse(overlap).ok_or_else(|| Error::Corrupt {
+            what: "overlap policy",
+            source: <serde_json::Error as serde::de::Error>::custom(format!(
+                "unknown value {overlap:?}"
+            )),
+        })?,
+        retry: decode("retry policy", retry)?,
+        timeout_secs: timeout_secs.and_then(|t| u32::try_from(t).ok()),
+        priority,
+    })
 }
 
 /// Encodes a domain value as a JSON column.

@@ -6,11 +6,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{Error, decode, encode, events::notify_events};
-use crate::domain::{EventBody, Handler, Run, RunEvent, RunState, RunTrigger};
+use super::{Error, decode, encode, events::notify_events, policy_from_cols};
+use crate::domain::{
+    EventBody, Handler, OverlapPolicy, Run, RunEvent, RunPolicy, RunState, RunTrigger,
+};
 
-/// A run to create, `QUEUED` (to execute) or `SKIPPED` (a fire that
-/// deliberately does not run, with a reason).
+/// A run to create: `QUEUED` (due), `SCHEDULED` (for a future time) or
+/// `SKIPPED` (a fire that deliberately does not run, with a reason).
 #[derive(Debug, Clone)]
 pub struct NewRun {
     /// UUIDv7.
@@ -23,25 +25,34 @@ pub struct NewRun {
     pub definition: String,
     /// What created it.
     pub trigger: RunTrigger,
-    /// Fire time (manual: trigger time).
+    /// Fire time (manual: trigger or run time; retry: its due time).
     pub scheduled_time: DateTime<Utc>,
-    /// Claimed no earlier than this (fire time + jitter).
+    /// Claimed no earlier than this (fire time + jitter, retry backoff, run_time).
     pub not_before: DateTime<Utc>,
     /// Handler snapshot.
     pub handler: Handler,
     /// Params snapshot.
     pub params: serde_json::Value,
-    /// `Queued` or `Skipped`.
+    /// `Queued`, `Scheduled` or `Skipped`.
     pub state: RunState,
-    /// Why it is skipped (empty for queued runs).
+    /// Why it is skipped (empty otherwise).
     pub reason: String,
+    /// 1-based attempt.
+    pub attempt: i32,
+    /// Previous attempt, for retries.
+    pub retry_of: Option<Uuid>,
+    /// Policy snapshot.
+    pub policy: RunPolicy,
+    /// TriggerRun's idempotency key.
+    pub idempotency_key: Option<String>,
 }
 
-/// Inserts `runs` with their first event (seq 1, `→ QUEUED` or `→ SKIPPED`
-/// with the reason), announces them to executors and subscribers, and
-/// returns the events of the runs actually inserted. A schedule fire whose
-/// `(binding_id, scheduled_time)` already has a run is left alone: that
-/// unique index is what makes firing exactly-once across nodes.
+/// Inserts `runs` with their first event (seq 1, `→ QUEUED`, `→ SCHEDULED`
+/// or `→ SKIPPED` with the reason), announces them to executors and
+/// subscribers, and returns the events of the runs actually inserted. A
+/// schedule fire whose `(binding_id, scheduled_time)` already has a run is
+/// left alone: that unique index is what makes firing exactly-once across
+/// nodes.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -66,31 +77,48 @@ pub async fn run_insert(
     let states: Vec<&str> = runs.iter().map(|r| r.state.as_str()).collect();
     let reasons: Vec<&str> = runs.iter().map(|r| r.reason.as_str()).collect();
     let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
-    let tenants: Vec<String> = runs.iter().map(|r| r.tenant_id.clone()).collect();
+    let tenants: Vec<&str> = runs.iter().map(|r| r.tenant_id.as_str()).collect();
     let bindings: Vec<Uuid> = runs.iter().map(|r| r.binding_id).collect();
-    let defs: Vec<String> = runs.iter().map(|r| r.definition.clone()).collect();
-    let triggers: Vec<String> = runs
-        .iter()
-        .map(|r| r.trigger.as_str().to_string())
-        .collect();
+    let defs: Vec<&str> = runs.iter().map(|r| r.definition.as_str()).collect();
+    let triggers: Vec<&str> = runs.iter().map(|r| r.trigger.as_str()).collect();
     let times: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_time).collect();
     let not_before: Vec<DateTime<Utc>> = runs.iter().map(|r| r.not_before).collect();
     let handlers: Vec<serde_json::Value> = runs.iter().map(|r| encode(&r.handler)).collect();
     let params: Vec<serde_json::Value> = runs.iter().map(|r| r.params.clone()).collect();
+    let attempts: Vec<i32> = runs.iter().map(|r| r.attempt).collect();
+    let retry_of: Vec<Option<Uuid>> = runs.iter().map(|r| r.retry_of).collect();
+    let max_attempts: Vec<i32> = runs
+        .iter()
+        .map(|r| r.policy.retry.max_attempts as i32)
+        .collect();
+    let retry_policies: Vec<serde_json::Value> =
+        runs.iter().map(|r| encode(&r.policy.retry)).collect();
+    let timeouts: Vec<Option<i32>> = runs
+        .iter()
+        .map(|r| r.policy.timeout_secs.map(|t| t as i32))
+        .collect();
+    let overlaps: Vec<&str> = runs.iter().map(|r| r.policy.overlap.as_str()).collect();
+    let priorities: Vec<i32> = runs.iter().map(|r| r.policy.priority).collect();
+    let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
     let rows = sqlx::query!(
         r#"WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
                                   $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::jsonb[],
-                                  $13::timestamptz[])
+                                  $13::timestamptz[], $14::int[], $15::uuid[], $16::int[], $17::jsonb[],
+                                  $18::int[], $19::text[], $20::int[], $21::text[])
                   AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
-                       state, reason, payload, not_before)),
+                       state, reason, payload, not_before, attempt, retry_of, max_attempts, retry_policy,
+                       timeout_secs, overlap_policy, priority, idempotency_key)),
            r AS (
              INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
-                               not_before, create_time, end_time, handler, params, reason, last_seq)
+                               not_before, create_time, end_time, handler, params, reason, last_seq,
+                               attempt, retry_of, max_attempts, retry_policy, timeout_secs, overlap_policy,
+                               priority, idempotency_key)
              SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
                     u.not_before,
                     $9, CASE WHEN u.state = 'SKIPPED' THEN $9::timestamptz END, u.handler, u.params,
-                    NULLIF(u.reason, ''), 1
+                    NULLIF(u.reason, ''), 1, u.attempt, u.retry_of, u.max_attempts, u.retry_policy,
+                    u.timeout_secs, u.overlap_policy, u.priority, u.idempotency_key
              FROM u
              ON CONFLICT (binding_id, scheduled_time) WHERE trigger = 'SCHEDULE' DO NOTHING
              RETURNING id, tenant_id, binding_id, definition),
@@ -101,10 +129,10 @@ pub async fn run_insert(
              RETURNING run_id)
            SELECT r.id, r.tenant_id, r.binding_id, r.definition, u.payload FROM r JOIN u ON u.id = r.id"#,
         &ids,
-        &tenants,
+        &tenants as &[&str],
         &bindings,
-        &defs,
-        &triggers,
+        &defs as &[&str],
+        &triggers as &[&str],
         &times,
         &handlers,
         &params,
@@ -113,6 +141,14 @@ pub async fn run_insert(
         &reasons as &[&str],
         &payloads,
         &not_before,
+        &attempts,
+        &retry_of as &[Option<Uuid>],
+        &max_attempts,
+        &retry_policies,
+        &timeouts as &[Option<i32>],
+        &overlaps as &[&str],
+        &priorities,
+        &keys as &[Option<&str>],
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -130,19 +166,17 @@ pub async fn run_insert(
             })
         })
         .collect::<Result<_, Error>>()?;
-    let queued = events.iter().any(|e| {
+    let waiting = events.iter().any(|e| {
         matches!(
             e.body,
             EventBody::StateChanged {
-                to: RunState::Queued,
+                to: RunState::Queued | RunState::Scheduled,
                 ..
             }
         )
     });
-    if queued {
-        sqlx::query!("SELECT pg_notify('sked_runs', '')")
-            .execute(&mut *conn)
-            .await?;
+    if waiting {
+        notify_runs(&mut *conn).await?;
     }
     if !events.is_empty() {
         notify_events(&mut *conn, node_id, events.iter().map(|e| (e.run_id, 1, 1))).await?;
@@ -150,12 +184,30 @@ pub async fn run_insert(
     Ok(events)
 }
 
-/// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
-/// `node_id` (oldest first, `FOR UPDATE SKIP LOCKED` so nodes never claim the same run), sets
-/// them `RUNNING` with a lease until `now + lease`, writes their `→ RUNNING`
-/// events and announces them. Returns each claimed run with that event.
+/// Tells every node's executor that runs are waiting (or a slot freed up):
+/// [`super::CHANNEL_RUNS`], delivered on commit.
 ///
 /// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
+/// `node_id`: highest priority first, then oldest due time; `FOR UPDATE SKIP
+/// LOCKED`, so nodes never claim the same run. A run whose overlap policy is
+/// not `ALLOW` is passed over while its binding has a `RUNNING` run, and at
+/// most one such run per binding is claimed at once (the unique index
+/// `runs_one_running` backs this up across nodes). Sets them `RUNNING` with a
+/// lease until `now + lease`, writes their `→ RUNNING` events and announces
+/// them. Returns each claimed run with that event.
+///
+/// # Errors
+/// [`Error::AlreadyExists`] (`runs_one_running`) when another node claimed a
+/// run of the same overlap-free binding at the same instant: claim again.
 /// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
 pub async fn run_claim(
     conn: &mut PgConnection,
@@ -171,11 +223,25 @@ pub async fn run_claim(
     };
     let rows = sqlx::query_as!(
         RunRow,
-        r#"WITH c AS (
+        r#"WITH cand AS (
+             SELECT q.id, q.binding_id, q.overlap_policy, q.priority, q.not_before FROM runs q
+             WHERE q.state = 'QUEUED' AND q.not_before <= $1
+               AND (q.overlap_policy = 'ALLOW' OR NOT EXISTS (
+                      SELECT 1 FROM runs x WHERE x.binding_id = q.binding_id AND x.state = 'RUNNING'
+                                             AND x.overlap_policy <> 'ALLOW'))
+             ORDER BY q.priority DESC, q.not_before
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED),
+           pick AS (
+             SELECT id FROM (
+               SELECT id, overlap_policy,
+                      row_number() OVER (PARTITION BY binding_id ORDER BY priority DESC, not_before, id) AS n
+               FROM cand) t
+             WHERE overlap_policy = 'ALLOW' OR n = 1),
+           c AS (
              UPDATE runs SET state = 'RUNNING', start_time = $1, node_id = $2, lease_expires_at = $3,
                              last_seq = last_seq + 1
-             WHERE id IN (SELECT id FROM runs WHERE state = 'QUEUED' AND not_before <= $1
-                          ORDER BY not_before LIMIT $4 FOR UPDATE SKIP LOCKED)
+             WHERE id IN (SELECT id FROM pick)
              RETURNING *),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
@@ -183,7 +249,8 @@ pub async fn run_claim(
              RETURNING run_id)
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
-                  error_summary, exit_code, node_id, reason, last_seq
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
            FROM c"#,
         now,
         node_id,
@@ -197,15 +264,7 @@ pub async fn run_claim(
     for r in rows {
         let seq = r.last_seq;
         let run = Run::try_from(r)?;
-        let ev = RunEvent {
-            run_id: run.id,
-            seq,
-            time: now,
-            tenant_id: run.tenant_id.clone(),
-            binding_id: run.binding_id,
-            definition: run.definition.clone(),
-            body: body.clone(),
-        };
+        let ev = state_event(&run, seq, now, body.clone());
         out.push((run, ev));
     }
     if !out.is_empty() {
@@ -219,8 +278,20 @@ pub async fn run_claim(
     Ok(out)
 }
 
+fn state_event(run: &Run, seq: i64, now: DateTime<Utc>, body: EventBody) -> RunEvent {
+    RunEvent {
+        run_id: run.id,
+        seq,
+        time: now,
+        tenant_id: run.tenant_id.clone(),
+        binding_id: run.binding_id,
+        definition: run.definition.clone(),
+        body,
+    }
+}
+
 /// How a run ended.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Outcome {
     /// Result object (command's last stdout JSON line).
     pub result: Option<serde_json::Value>,
@@ -232,12 +303,28 @@ pub struct Outcome {
     pub exit_code: Option<i32>,
     /// Reason, also carried by the state_changed event.
     pub reason: String,
+    /// Whether a failure may be retried (per the retry policy).
+    pub retryable: bool,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Self {
+            result: None,
+            error_message: None,
+            error_summary: None,
+            exit_code: None,
+            reason: String::new(),
+            retryable: true,
+        }
+    }
 }
 
 /// Moves a `RUNNING` run of `attempt` to the terminal state `to` with its
 /// outcome, writes the `state_changed` event and announces it. Conditional on
 /// the run still being `RUNNING` at that attempt: returns `None` (and changes
 /// nothing) when it is not, so a late writer never overwrites a terminal run.
+/// Returns the run as it now is, with its event.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -249,24 +336,28 @@ pub async fn run_finish(
     to: RunState,
     outcome: &Outcome,
     now: DateTime<Utc>,
-) -> Result<Option<RunEvent>, Error> {
+) -> Result<Option<(Run, RunEvent)>, Error> {
     let body = EventBody::StateChanged {
         from: Some(RunState::Running),
         to,
         reason: outcome.reason.clone(),
     };
-    let row = sqlx::query!(
+    let row = sqlx::query_as!(
+        RunRow,
         r#"WITH f AS (
              UPDATE runs SET state = $3, end_time = $4, result = $5, error_message = $6,
                              error_summary = $7, exit_code = $8, reason = NULLIF($9, ''),
                              lease_expires_at = NULL, last_seq = last_seq + 1
              WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-             RETURNING id, tenant_id, binding_id, definition, last_seq),
+             RETURNING *),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT f.id, f.last_seq, $4, f.tenant_id, f.binding_id, f.definition, 'state_changed', $10 FROM f
              RETURNING run_id)
-           SELECT id, tenant_id, binding_id, definition, last_seq FROM f"#,
+           SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason FROM f"#,
         id,
         attempt,
         to.as_str(),
@@ -281,16 +372,341 @@ pub async fn run_finish(
     .fetch_optional(&mut *conn)
     .await?;
     let Some(r) = row else { return Ok(None) };
-    notify_events(&mut *conn, node_id, [(r.id, r.last_seq, r.last_seq)]).await?;
-    Ok(Some(RunEvent {
-        run_id: r.id,
-        seq: r.last_seq,
-        time: now,
-        tenant_id: r.tenant_id,
-        binding_id: r.binding_id,
-        definition: r.definition,
-        body,
-    }))
+    let seq = r.last_seq;
+    let run = Run::try_from(r)?;
+    notify_events(&mut *conn, node_id, [(run.id, seq, seq)]).await?;
+    if run.policy.overlap != OverlapPolicy::Allow {
+        // A run of this binding may have been waiting for this one to end.
+        notify_runs(&mut *conn).await?;
+    }
+    let ev = state_event(&run, seq, now, body);
+    Ok(Some((run, ev)))
+}
+
+/// Ends up to `limit` `RUNNING` runs whose lease expired before `now` (their
+/// node stopped heartbeating): `FAILED` with reason `node_lost`, or
+/// `CANCELLED` with the pending cancel reason when a cancel was requested.
+/// `FOR UPDATE SKIP LOCKED`, so reapers on several nodes never collide.
+/// Returns the ended runs with their events (announced).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_reap(
+    conn: &mut PgConnection,
+    node_id: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(Run, RunEvent)>, Error> {
+    let rows = sqlx::query_as!(
+        RunRow,
+        r#"WITH x AS (
+             SELECT id FROM runs WHERE state = 'RUNNING' AND lease_expires_at < $1
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+           f AS (
+             UPDATE runs r SET state = CASE WHEN r.cancel_reason IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
+                    end_time = $1, reason = coalesce(r.cancel_reason, 'node_lost'),
+                    error_message = CASE WHEN r.cancel_reason IS NULL
+                                         THEN 'node ' || coalesce(r.node_id, '?') || ' stopped renewing the run''s lease' END,
+                    lease_expires_at = NULL, last_seq = r.last_seq + 1
+             FROM x WHERE r.id = x.id
+             RETURNING r.*),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                    jsonb_build_object('kind', 'state_changed', 'from', 'RUNNING', 'to', f.state,
+                                       'reason', f.reason)
+             FROM f RETURNING run_id)
+           SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason FROM f"#,
+        now,
+        limit,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let seq = r.last_seq;
+        let run = Run::try_from(r)?;
+        let body = EventBody::StateChanged {
+            from: Some(RunState::Running),
+            to: run.state,
+            reason: run.reason.clone().unwrap_or_default(),
+        };
+        let ev = state_event(&run, seq, now, body);
+        out.push((run, ev));
+    }
+    if !out.is_empty() {
+        notify_events(
+            &mut *conn,
+            node_id,
+            out.iter().map(|(_, e)| (e.run_id, e.seq, e.seq)),
+        )
+        .await?;
+        notify_runs(&mut *conn).await?;
+    }
+    Ok(out)
+}
+
+/// Moves up to `limit` `SCHEDULED` runs whose `not_before` has come to
+/// `QUEUED` (with their events, announced). `FOR UPDATE SKIP LOCKED`.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_promote_due(
+    conn: &mut PgConnection,
+    node_id: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunEvent>, Error> {
+    let body = EventBody::StateChanged {
+        from: Some(RunState::Scheduled),
+        to: RunState::Queued,
+        reason: String::new(),
+    };
+    let rows = sqlx::query!(
+        r#"WITH x AS (
+             SELECT id FROM runs WHERE state = 'SCHEDULED' AND not_before <= $1
+             ORDER BY not_before LIMIT $2 FOR UPDATE SKIP LOCKED),
+           f AS (
+             UPDATE runs r SET state = 'QUEUED', last_seq = r.last_seq + 1 FROM x WHERE r.id = x.id
+             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed', $3 FROM f
+             RETURNING run_id)
+           SELECT id, tenant_id, binding_id, definition, last_seq FROM f"#,
+        now,
+        limit,
+        encode(&body),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let events: Vec<RunEvent> = rows
+        .into_iter()
+        .map(|r| RunEvent {
+            run_id: r.id,
+            seq: r.last_seq,
+            time: now,
+            tenant_id: r.tenant_id,
+            binding_id: r.binding_id,
+            definition: r.definition,
+            body: body.clone(),
+        })
+        .collect();
+    if !events.is_empty() {
+        notify_events(
+            &mut *conn,
+            node_id,
+            events.iter().map(|e| (e.run_id, e.seq, e.seq)),
+        )
+        .await?;
+        notify_runs(&mut *conn).await?;
+    }
+    Ok(events)
+}
+
+/// Cancels those of `ids` that are still waiting (`SCHEDULED` or `QUEUED`):
+/// `CANCELLED` at once with `reason`, events written and announced. Runs in
+/// any other state are left alone. The caller has checked access.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_cancel_waiting(
+    conn: &mut PgConnection,
+    node_id: &str,
+    ids: &[Uuid],
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<RunEvent>, Error> {
+    let rows = sqlx::query!(
+        r#"WITH x AS (
+             SELECT id, state AS old FROM runs WHERE id = ANY($1) AND state IN ('SCHEDULED', 'QUEUED')
+             FOR UPDATE),
+           f AS (
+             UPDATE runs r SET state = 'CANCELLED', end_time = $2, reason = $3, last_seq = r.last_seq + 1
+             FROM x WHERE r.id = x.id
+             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.old),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT f.id, f.last_seq, $2, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                    jsonb_build_object('kind', 'state_changed', 'from', f.old, 'to', 'CANCELLED', 'reason', $3::text)
+             FROM f RETURNING run_id)
+           SELECT id, tenant_id, binding_id, definition, last_seq, old FROM f"#,
+        ids,
+        now,
+        reason,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let events: Vec<RunEvent> = rows
+        .into_iter()
+        .map(|r| {
+            Ok(RunEvent {
+                run_id: r.id,
+                seq: r.last_seq,
+                time: now,
+                tenant_id: r.tenant_id,
+                binding_id: r.binding_id,
+                definition: r.definition,
+                body: EventBody::StateChanged {
+                    from: Some(RunState::parse(&r.old).ok_or_else(|| corrupt_state(&r.old))?),
+                    to: RunState::Cancelled,
+                    reason: reason.to_string(),
+                },
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    if !events.is_empty() {
+        notify_events(
+            &mut *conn,
+            node_id,
+            events.iter().map(|e| (e.run_id, e.seq, e.seq)),
+        )
+        .await?;
+    }
+    Ok(events)
+}
+
+/// Requests the cancel of those of `ids` that are `RUNNING` (and have no
+/// cancel pending): records `reason` and tells every node on
+/// [`super::CHANNEL_CANCEL`] (payload: `<run id>|<reason>`). The node executing the
+/// run terminates it and ends it `CANCELLED`; its heartbeat also picks the
+/// request up, should the notification be lost. Returns the ids requested.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_request_cancel(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    reason: &str,
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar!(
+        r#"WITH f AS (
+             UPDATE runs SET cancel_reason = $2
+             WHERE id = ANY($1) AND state = 'RUNNING' AND cancel_reason IS NULL RETURNING id)
+           SELECT id AS "id!" FROM f, pg_notify('sked_cancel', f.id::text || '|' || $2)"#,
+        ids,
+        reason,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Renews the lease of those of `ids` still `RUNNING` on `node_id` until
+/// `until`. Returns, per renewed run, its pending cancel reason; a run
+/// missing from the answer is no longer this node's (reaped, or ended).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_heartbeat(
+    db: impl PgExecutor<'_>,
+    node_id: &str,
+    ids: &[Uuid],
+    until: DateTime<Utc>,
+) -> Result<Vec<(Uuid, Option<String>)>, Error> {
+    Ok(sqlx::query!(
+        "UPDATE runs SET lease_expires_at = $3
+         WHERE id = ANY($1) AND node_id = $2 AND state = 'RUNNING'
+         RETURNING id, cancel_reason",
+        ids,
+        node_id,
+        until,
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.cancel_reason))
+    .collect())
+}
+
+/// An active run of a binding, for overlap decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveRun {
+    /// Binding.
+    pub binding_id: Uuid,
+    /// Run.
+    pub id: Uuid,
+    /// `SCHEDULED` (retries only), `QUEUED` or `RUNNING`.
+    pub state: RunState,
+}
+
+/// The active runs of `bindings`: `QUEUED`, `RUNNING`, and `SCHEDULED`
+/// retries (a retry waiting out its backoff is still the same execution; a
+/// delayed manual trigger is not counted).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_list_active(
+    db: impl PgExecutor<'_>,
+    bindings: &[Uuid],
+) -> Result<Vec<ActiveRun>, Error> {
+    sqlx::query!(
+        "SELECT binding_id, id, state FROM runs
+         WHERE binding_id = ANY($1) AND state IN ('SCHEDULED', 'QUEUED', 'RUNNING')
+           AND (state <> 'SCHEDULED' OR trigger = 'RETRY')
+         ORDER BY id",
+        bindings
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok(ActiveRun {
+            binding_id: r.binding_id,
+            id: r.id,
+            state: RunState::parse(&r.state).ok_or_else(|| corrupt_state(&r.state))?,
+        })
+    })
+    .collect()
+}
+
+/// The earliest instant a waiting run becomes claimable after `now`: the
+/// first `SCHEDULED` run's `not_before`, or a jittered `QUEUED` run's.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_next_due_time(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT least((SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED'),
+                      (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1))",
+        now
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// The run a TriggerRun with `key` for `binding_id` created at or after
+/// `since`, if any (the first one).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_find_by_idempotency_key(
+    db: impl PgExecutor<'_>,
+    binding_id: Uuid,
+    key: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<Uuid>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM runs WHERE binding_id = $1 AND idempotency_key = $2 AND create_time >= $3
+         ORDER BY create_time, id LIMIT 1",
+        binding_id,
+        key,
+        since
+    )
+    .fetch_optional(db)
+    .await?)
+}
+
+fn corrupt_state(s: &str) -> Error {
+    Error::Corrupt {
+        what: "run state",
+        source: <serde_json::Error as serde::de::Error>::custom(format!("unknown value {s:?}")),
+    }
 }
 
 struct RunRow {
@@ -314,6 +730,14 @@ struct RunRow {
     node_id: Option<String>,
     reason: Option<String>,
     last_seq: i64,
+    not_before: DateTime<Utc>,
+    retry_of: Option<Uuid>,
+    retry_policy: serde_json::Value,
+    timeout_secs: Option<i32>,
+    overlap_policy: String,
+    priority: i32,
+    idempotency_key: Option<String>,
+    cancel_reason: Option<String>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -343,6 +767,16 @@ impl TryFrom<RunRow> for Run {
             exit_code: r.exit_code,
             node_id: r.node_id,
             reason: r.reason,
+            not_before: r.not_before,
+            retry_of: r.retry_of,
+            policy: policy_from_cols(
+                &r.overlap_policy,
+                r.retry_policy,
+                r.timeout_secs,
+                r.priority,
+            )?,
+            idempotency_key: r.idempotency_key,
+            cancel_reason: r.cancel_reason,
         })
     }
 }
@@ -355,8 +789,9 @@ pub async fn run_get(db: impl PgExecutor<'_>, tenant_id: &str, id: Uuid) -> Resu
     sqlx::query_as!(
         RunRow,
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
-                create_time, start_time, end_time, handler, params, result, error_message,
-                error_summary, exit_code, node_id, reason, last_seq
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
          FROM runs WHERE tenant_id = $1 AND id = $2",
         tenant_id,
         id
@@ -382,8 +817,9 @@ pub async fn run_list(
     sqlx::query_as!(
         RunRow,
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
-                create_time, start_time, end_time, handler, params, result, error_message,
-                error_summary, exit_code, node_id, reason, last_seq
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
          FROM runs
          WHERE tenant_id = $1 AND id < $2 AND ($3::uuid IS NULL OR binding_id = $3)
            AND ($4::text IS NULL OR state = $4)

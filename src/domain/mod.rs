@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod misfire;
+pub mod policy;
 pub mod schedule;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use uuid::Uuid;
 
 pub use clock::Clock;
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
+pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
@@ -180,6 +182,10 @@ pub struct Definition {
     pub params: serde_json::Value,
     /// What happens to fire times missed while sked was down or behind.
     pub misfire_policy: MisfirePolicy,
+    /// Overlap, retry, timeout and priority of its runs.
+    pub policy: RunPolicy,
+    /// A disabled definition fires for no tenant (manual triggers still work).
+    pub enabled: bool,
     /// Set by the database layer.
     pub create_time: DateTime<Utc>,
     /// Set by the database layer.
@@ -210,6 +216,17 @@ pub struct Binding {
     pub effective_schedule: Schedule,
     /// Definition params merged with `params` (RFC 7396).
     pub effective_params: serde_json::Value,
+    /// A disabled binding does not fire (manual triggers still work).
+    pub enabled: bool,
+    /// A paused binding does not fire; fires that fall in the pause are
+    /// neither caught up nor recorded (SPEC §3).
+    pub paused: bool,
+    /// Why it was paused (free text).
+    pub pause_note: String,
+    /// When a pause ends by itself; `None` = until ResumeBinding.
+    pub pause_expire_time: Option<DateTime<Utc>>,
+    /// The definition's run policy (bindings do not override it yet).
+    pub effective_policy: RunPolicy,
     /// Next fire time; `None` = will not fire again.
     pub next_run_time: Option<DateTime<Utc>>,
     /// Creation instant.
@@ -260,12 +277,22 @@ pub fn validate_effective_window(
     }
 }
 
-/// Run lifecycle state (SPEC §3). `QUEUED → RUNNING → SUCCEEDED | FAILED`,
-/// and `SKIPPED` for a fire that deliberately did not run (always with a
-/// reason); terminal states are never overwritten.
+/// Run lifecycle state (SPEC §3):
+///
+/// ```text
+/// SCHEDULED ──► QUEUED ──► RUNNING ──► SUCCEEDED | FAILED | TIMED_OUT | CANCELLED
+///     │            │                                               ▲
+///     └────────────┴──────────── CancelRun ────────────────────────┘
+/// SKIPPED: a fire that deliberately did not run (always with a reason)
+/// ```
+///
+/// Terminal states are never overwritten: every transition is a conditional
+/// update on the expected state and attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunState {
+    /// Created for a future time (retry backoff, delayed trigger).
+    Scheduled,
     /// Due, waiting for an executor slot.
     Queued,
     /// Executing on a node.
@@ -274,6 +301,10 @@ pub enum RunState {
     Succeeded,
     /// Ended with an error.
     Failed,
+    /// Ran past its timeout and was terminated.
+    TimedOut,
+    /// Cancelled (CancelRun, overlap policy, shutdown), with the reason.
+    Cancelled,
     /// A fire that deliberately did not run (reason: `misfire`, ...).
     Skipped,
 }
@@ -282,20 +313,26 @@ impl RunState {
     /// The database spelling (`QUEUED`...).
     pub fn as_str(self) -> &'static str {
         match self {
+            RunState::Scheduled => "SCHEDULED",
             RunState::Queued => "QUEUED",
             RunState::Running => "RUNNING",
             RunState::Succeeded => "SUCCEEDED",
             RunState::Failed => "FAILED",
+            RunState::TimedOut => "TIMED_OUT",
+            RunState::Cancelled => "CANCELLED",
             RunState::Skipped => "SKIPPED",
         }
     }
     /// Parses the database spelling; `None` for anything else.
     pub fn parse(s: &str) -> Option<RunState> {
         Some(match s {
+            "SCHEDULED" => RunState::Scheduled,
             "QUEUED" => RunState::Queued,
             "RUNNING" => RunState::Running,
             "SUCCEEDED" => RunState::Succeeded,
             "FAILED" => RunState::Failed,
+            "TIMED_OUT" => RunState::TimedOut,
+            "CANCELLED" => RunState::Cancelled,
             "SKIPPED" => RunState::Skipped,
             _ => return None,
         })
@@ -304,7 +341,11 @@ impl RunState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunState::Succeeded | RunState::Failed | RunState::Skipped
+            RunState::Succeeded
+                | RunState::Failed
+                | RunState::TimedOut
+                | RunState::Cancelled
+                | RunState::Skipped
         )
     }
 }
@@ -316,6 +357,8 @@ pub enum RunTrigger {
     Schedule,
     /// TriggerRun.
     Manual,
+    /// A retry of a failed attempt (automatic, or RetryRun).
+    Retry,
     /// BackfillRuns.
     Backfill,
 }
@@ -326,6 +369,7 @@ impl RunTrigger {
         match self {
             RunTrigger::Schedule => "SCHEDULE",
             RunTrigger::Manual => "MANUAL",
+            RunTrigger::Retry => "RETRY",
             RunTrigger::Backfill => "BACKFILL",
         }
     }
@@ -334,6 +378,7 @@ impl RunTrigger {
         match s {
             "SCHEDULE" => Some(RunTrigger::Schedule),
             "MANUAL" => Some(RunTrigger::Manual),
+            "RETRY" => Some(RunTrigger::Retry),
             "BACKFILL" => Some(RunTrigger::Backfill),
             _ => None,
         }
@@ -381,6 +426,17 @@ pub struct Run {
     pub node_id: Option<String>,
     /// Why it ended so.
     pub reason: Option<String>,
+    /// Not claimed before this instant (jitter, retry backoff, delayed trigger).
+    pub not_before: DateTime<Utc>,
+    /// The previous attempt, for retries.
+    pub retry_of: Option<Uuid>,
+    /// Policies snapshotted at creation (`policy.retry.max_attempts` is the
+    /// run's max_attempts).
+    pub policy: RunPolicy,
+    /// TriggerRun's idempotency key, if one was given.
+    pub idempotency_key: Option<String>,
+    /// Set while a cancel of this RUNNING run is pending.
+    pub cancel_reason: Option<String>,
 }
 
 /// Which output a log line came from.

@@ -1,8 +1,10 @@
 //! The LISTEN/NOTIFY bridge: one connection per node listening on
-//! `sked_events`, `sked_runs` and `sked_bindings`. It wakes the local
-//! scheduler and executor, and republishes other nodes' events on the local
-//! bus. After a lost connection it wakes everything, since notifications sent
-//! meanwhile are gone.
+//! `sked_events`, `sked_runs`, `sked_bindings` and `sked_cancel`. It wakes
+//! the local scheduler and executor, hands cancel requests to the runs
+//! executing here, and republishes other nodes' events on the local bus.
+//! After a lost connection it wakes everything, since notifications sent
+//! meanwhile are gone (a cancel request lost that way reaches its run through
+//! the executor's heartbeat instead).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use uuid::Uuid;
 
 use super::EventBus;
 use crate::db;
+use crate::executor::{RunningRuns, StopReason};
 
 /// Whom the bridge wakes.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +26,8 @@ pub struct Wakers {
     pub scheduler: Arc<Notify>,
     /// The executor (runs queued).
     pub executor: Arc<Notify>,
+    /// Runs executing on this node (cancel requests).
+    pub running: RunningRuns,
 }
 
 impl Wakers {
@@ -78,7 +83,12 @@ async fn listen(
 ) -> Result<(), db::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
-        .listen_all([db::CHANNEL_EVENTS, db::CHANNEL_RUNS, db::CHANNEL_BINDINGS])
+        .listen_all([
+            db::CHANNEL_EVENTS,
+            db::CHANNEL_RUNS,
+            db::CHANNEL_BINDINGS,
+            db::CHANNEL_CANCEL,
+        ])
         .await?;
     // Anything announced before we listened is missed: look once.
     wakers.all();
@@ -100,6 +110,18 @@ async fn listen(
             match n.channel() {
                 db::CHANNEL_RUNS => wakers.executor.notify_one(),
                 db::CHANNEL_BINDINGS => wakers.scheduler.notify_one(),
+                db::CHANNEL_CANCEL => match n.payload().split_once('|') {
+                    Some((id, reason)) => {
+                        if let Ok(id) = id.parse::<Uuid>()
+                            && wakers
+                                .running
+                                .stop(id, StopReason::Cancel(reason.to_string()))
+                        {
+                            tracing::info!(run = %id, reason, "cancel requested; stopping the run");
+                        }
+                    }
+                    None => tracing::warn!(payload = n.payload(), "malformed sked_cancel payload"),
+                },
                 db::CHANNEL_EVENTS => match parse_events_payload(n.payload()) {
                     Some((from_node, r)) if from_node != node_id => ranges.extend(r),
                     Some(_) => {}

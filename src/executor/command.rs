@@ -15,7 +15,9 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use super::Executor;
+use tokio_util::sync::CancellationToken;
+
+use super::{Executor, Stop, StopReason};
 use crate::db::runs::Outcome;
 use crate::domain::{
     CommandHandler, EventBody, LogStream, MAX_LOG_LINE, Run, RunState, cap_log_line,
@@ -28,8 +30,22 @@ const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// Characters of stderr kept as the error summary.
 const SUMMARY_CHARS: usize = 500;
 
-/// Runs `c` for `run`; returns the terminal state and outcome.
-pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (RunState, Outcome) {
+/// Runs `c` for `run` until it exits, its timeout passes or `stop` is asked;
+/// returns the terminal state and outcome.
+///
+/// The process leads its own process group, so termination reaches every
+/// process it started: SIGTERM to the group, SIGKILL after
+/// [`Executor::kill_grace`]. When the main process has exited, whatever is
+/// left in its group is killed too, so a run leaves nothing behind. The child
+/// also gets `PR_SET_PDEATHSIG(SIGKILL)`: should the sked node be killed
+/// outright, its direct children die with it instead of running on beside
+/// the retry that another node starts.
+pub(crate) async fn execute(
+    ex: &Executor,
+    run: &Run,
+    c: &CommandHandler,
+    stop: &Stop,
+) -> (RunState, Outcome) {
     let params = serde_json::to_string(&run.params).unwrap_or_else(|_| "{}".into());
     let mut cmd = Command::new(&c.program);
     cmd.args(&c.args)
@@ -43,9 +59,10 @@ pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (Ru
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Own process group, so the whole tree can be signalled later.
+        // Own process group, so the whole tree can be signalled.
         .process_group(0)
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     if !c.working_dir.is_empty() {
         cmd.current_dir(&c.working_dir);
     }
@@ -72,6 +89,7 @@ pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (Ru
             );
         }
     };
+    let pgid = child.id().map(|p| p as i32);
 
     if let Some(mut stdin) = child.stdin.take() {
         // A process that never reads stdin must not block us: write in the
@@ -90,10 +108,83 @@ pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (Ru
     }
     drop(tx);
 
-    let logs = collect_logs(ex, run, rx).await;
-    let status = child.wait().await;
+    let exited = CancellationToken::new();
+    let timeout = run
+        .policy
+        .timeout_secs
+        .map(|t| Duration::from_secs(t.into()));
+    let supervise = async {
+        let (ended, exit) = tokio::select! {
+            s = child.wait() => (Ended::Exited, Some(s)),
+            _ = stop.stopped() => (Ended::Stopped, None),
+            _ = sleep_or_never(timeout) => (Ended::TimedOut, None),
+        };
+        let status = match exit {
+            Some(s) => s,
+            None => {
+                let why = match (&ended, stop.reason()) {
+                    (Ended::TimedOut, _) => format!(
+                        "timeout: still running after {}s; terminating",
+                        timeout.unwrap_or_default().as_secs()
+                    ),
+                    (_, Some(StopReason::Cancel(r))) => {
+                        format!("cancel requested ({r}); terminating")
+                    }
+                    (_, Some(StopReason::Shutdown)) => "node shutting down; terminating".into(),
+                    _ => "run no longer held by this node; terminating".into(),
+                };
+                let _ = ex
+                    .append(
+                        run,
+                        &[EventBody::Log {
+                            stream: LogStream::System,
+                            message: why,
+                        }],
+                    )
+                    .await;
+                terminate(&mut child, pgid, ex.kill_grace).await
+            }
+        };
+        // Whatever the main process left in its group goes with it.
+        if let Some(g) = pgid {
+            signal_group(g, libc::SIGKILL);
+        }
+        exited.cancel();
+        (ended, status)
+    };
+    let (logs, (ended, status)) = tokio::join!(collect_logs(ex, run, rx, &exited), supervise);
 
     let summary = (!logs.stderr_head.is_empty()).then(|| logs.stderr_head.clone());
+    match ended {
+        Ended::TimedOut => {
+            let message = format!("timed out after {}s", timeout.unwrap_or_default().as_secs());
+            return (
+                RunState::TimedOut,
+                Outcome {
+                    error_message: Some(message.clone()),
+                    error_summary: summary,
+                    reason: "timeout".into(),
+                    ..Outcome::default()
+                },
+            );
+        }
+        Ended::Stopped => {
+            let reason = match stop.reason() {
+                Some(StopReason::Cancel(r)) => r.clone(),
+                Some(StopReason::Shutdown) => super::REASON_SHUTDOWN.to_string(),
+                _ => "lease lost".to_string(),
+            };
+            return (
+                RunState::Cancelled,
+                Outcome {
+                    error_summary: summary,
+                    reason,
+                    ..Outcome::default()
+                },
+            );
+        }
+        Ended::Exited => {}
+    }
     match status {
         Ok(s) if s.success() => {
             let result = logs
@@ -124,7 +215,7 @@ pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (Ru
                     error_summary: summary,
                     exit_code,
                     reason: message,
-                    result: None,
+                    ..Outcome::default()
                 },
             )
         }
@@ -142,17 +233,94 @@ pub(crate) async fn execute(ex: &Executor, run: &Run, c: &CommandHandler) -> (Ru
     }
 }
 
+enum Ended {
+    Exited,
+    Stopped,
+    TimedOut,
+}
+
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM to the group, then SIGKILL after `grace` if the main process has
+/// not exited; returns its exit status.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: Option<i32>,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(g) = pgid {
+        signal_group(g, libc::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::warn!(grace = ?grace, "process ignored SIGTERM; sending SIGKILL");
+            if let Some(g) = pgid {
+                signal_group(g, libc::SIGKILL);
+            }
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    }
+}
+
+/// Sends `sig` to process group `pgid`; a group that is already gone is fine.
+fn signal_group(pgid: i32, sig: i32) {
+    // SAFETY: killpg has no memory-safety preconditions; it only takes ints.
+    let r = unsafe { libc::killpg(pgid, sig) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, sig, error = %e, "signalling the process group failed");
+        }
+    }
+}
+
+/// Asks the kernel to SIGKILL the child when the thread that spawned it (a
+/// runtime worker, alive as long as the node) dies: Linux `PR_SET_PDEATHSIG`.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs between fork and exec and only calls prctl,
+    // which is async-signal-safe; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 struct Logs {
     last_stdout: Option<String>,
     stderr_head: String,
 }
 
-/// Writes lines to the run's log in batches until both pipes are closed.
+/// Longest the log reader waits for the pipes to close once the process
+/// group is gone (a process that escaped its group may hold them open).
+const PIPE_LINGER: Duration = Duration::from_secs(1);
+
+/// Writes lines to the run's log in batches until both pipes are closed, or
+/// [`PIPE_LINGER`] after `exited`.
 async fn collect_logs(
     ex: &Executor,
     run: &Run,
     mut rx: mpsc::Receiver<(LogStream, String)>,
+    exited: &CancellationToken,
 ) -> Logs {
+    let linger = async {
+        exited.cancelled().await;
+        tokio::time::sleep(PIPE_LINGER).await;
+    };
+    tokio::pin!(linger);
     let mut logs = Logs {
         last_stdout: None,
         stderr_head: String::new(),
@@ -163,6 +331,10 @@ async fn collect_logs(
         let flush_at = deadline;
         let line = tokio::select! {
             l = rx.recv() => l,
+            _ = &mut linger => {
+                tracing::warn!("output pipes still open after the process group ended; closing the log");
+                None
+            }
             _ = async { if let Some(d) = flush_at { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
                 flush(ex, run, &mut batch).await;
                 deadline = None;

@@ -1,33 +1,143 @@
-//! Claims queued runs and executes them.
+//! Claims queued runs and executes them; renews their leases; reaps runs
+//! whose node died; stops runs on cancel, timeout and shutdown.
 //!
 //! The claim loop takes up to the number of free slots
 //! (`max_concurrent_runs` minus running) in one statement (`FOR UPDATE SKIP
 //! LOCKED`, so no two nodes claim the same run), commits, and only then runs
-//! each handler outside any transaction. It wakes on the `sked_runs` NOTIFY
-//! (and locally right after the scheduler queued runs), when a run finishes,
-//! and every [`Executor::poll`] as a fallback.
+//! each handler outside any transaction. Each pass it also moves due
+//! `SCHEDULED` runs (retry backoff, delayed triggers) to `QUEUED` and reaps
+//! expired leases. It wakes on the `sked_runs` NOTIFY (and locally right
+//! after the scheduler queued runs), when a run finishes, at the next
+//! `not_before` of a waiting run, and every [`Executor::poll`] as a fallback.
 //!
-//! State machine of a run here: `QUEUED → RUNNING` (claim) `→ SUCCEEDED |
-//! FAILED` (finish). Finish is conditional on `RUNNING` at the claimed attempt,
-//! so it can never overwrite a terminal state written by someone else.
+//! State machine of a run here:
 //!
-//! Failure handling: a handler that cannot start ends `FAILED` with the
-//! reason; a database error while writing the final state is retried a few
-//! times, then logged (the run stays `RUNNING` until its lease is reaped).
+//! ```text
+//! SCHEDULED ─promote─► QUEUED ─claim─► RUNNING ─finish─► SUCCEEDED | FAILED | TIMED_OUT | CANCELLED
+//!                                         └────reap (lease expired)────► FAILED/node_lost
+//! ```
+//!
+//! Every transition is conditional on the expected state and attempt, so a
+//! late writer (a node that lost its lease, a finish racing a reaper) never
+//! overwrites a terminal run.
+//!
+//! Failure handling:
+//! - **Leases:** a claimed run holds `lease_expires_at`; a heartbeat task
+//!   renews the leases of this node's runs every `lease / 3`. When a node
+//!   dies, any node's reaper ends its runs `FAILED` with reason `node_lost`
+//!   once the lease is over (within 2 × lease of the last heartbeat) and
+//!   retries them per policy. A node whose heartbeat finds a run no longer
+//!   its own stops executing it.
+//! - **Retries:** `FAILED`, `TIMED_OUT`, `node_lost` and shutdown-cancelled
+//!   attempts with attempts left get a `SCHEDULED` retry in the same
+//!   transaction as their final state ([`retry_run`]).
+//! - **Cancel:** a cancel request reaches the executing node by NOTIFY on
+//!   `sked_cancel` (through the bridge) or by its next heartbeat; the run's
+//!   process group gets SIGTERM, then SIGKILL after [`Executor::kill_grace`].
+//! - **Shutdown:** stop claiming, give running runs
+//!   [`Executor::shutdown_grace`], then cancel the rest with reason
+//!   `shutdown` and wait for their final state to be written.
+//! - A database error while writing a final state is retried a few times,
+//!   then logged; the run stays `RUNNING` until its lease is reaped.
 
 pub mod command;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::db::{self, runs::Outcome};
-use crate::domain::{Clock, EventBody, Handler, Run, RunState};
+use crate::db::{
+    self,
+    runs::{NewRun, Outcome},
+};
+use crate::domain::policy::jitter_from_id;
+use crate::domain::{Clock, EventBody, Handler, Run, RunState, RunTrigger};
 use crate::events::EventBus;
+
+/// Reason of runs cancelled by a node's shutdown (they are retried per policy).
+pub const REASON_SHUTDOWN: &str = "shutdown";
+/// Reason of runs whose node stopped renewing their lease.
+pub const REASON_NODE_LOST: &str = "node_lost";
+/// Runs promoted or reaped per statement.
+const MAINTENANCE_BATCH: i64 = 1000;
+
+/// Why an executing run is being stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// CancelRun or an overlap policy; the run ends `CANCELLED` with it.
+    Cancel(String),
+    /// The node shuts down; `CANCELLED`/`shutdown`, retried per policy.
+    Shutdown,
+    /// The run is no longer this node's (reaped); its state stands.
+    LeaseLost,
+}
+
+/// A stop signal for one executing run: the first reason set wins.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    token: CancellationToken,
+    why: Arc<OnceLock<StopReason>>,
+}
+
+impl Stop {
+    /// Asks the run to stop (idempotent; the first reason stands).
+    pub fn stop(&self, why: StopReason) {
+        let _ = self.why.set(why);
+        self.token.cancel();
+    }
+    /// Resolves when a stop was asked.
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+    /// The reason, once asked.
+    pub fn reason(&self) -> Option<&StopReason> {
+        self.why.get()
+    }
+}
+
+/// The runs executing on this node, by id, so cancel requests (bridge,
+/// heartbeat) and shutdown can reach them.
+#[derive(Debug, Clone, Default)]
+pub struct RunningRuns(Arc<Mutex<HashMap<Uuid, Stop>>>);
+
+impl RunningRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Stop>> {
+        // A panic while holding this lock leaves a plain map behind; keep going.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn insert(&self, id: Uuid) -> Stop {
+        let stop = Stop::default();
+        self.lock().insert(id, stop.clone());
+        stop
+    }
+    fn remove(&self, id: Uuid) {
+        self.lock().remove(&id);
+    }
+    fn ids(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
+    }
+    /// Stops run `id` if it executes here; returns whether it does.
+    pub fn stop(&self, id: Uuid, why: StopReason) -> bool {
+        match self.lock().get(&id) {
+            Some(s) => {
+                s.stop(why);
+                true
+            }
+            None => false,
+        }
+    }
+    fn stop_all(&self, why: StopReason) {
+        for s in self.lock().values() {
+            s.stop(why.clone());
+        }
+    }
+}
 
 /// The executor of one node.
 #[derive(Debug, Clone)]
@@ -42,46 +152,63 @@ pub struct Executor {
     pub bus: EventBus,
     /// Woken when runs are queued.
     pub wake: Arc<Notify>,
+    /// Runs executing here (shared with the bridge for cancel requests).
+    pub running: RunningRuns,
     /// Runs executing at once on this node; 0 = this node executes nothing
-    /// (API and scheduler only).
+    /// (API, scheduler and maintenance only).
     pub max_concurrent_runs: usize,
-    /// Lease taken on claim.
+    /// Lease taken on claim and renewed every `lease / 3`.
     pub lease: Duration,
     /// Claim poll fallback.
     pub poll: Duration,
-    /// On shutdown, how long running runs may go on before they are abandoned.
+    /// On shutdown, how long running runs may go on before they are cancelled.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long a process group has before SIGKILL (SPEC: 10 s).
+    pub kill_grace: Duration,
 }
 
 impl Executor {
-    /// Claims and executes runs until `shutdown`, then waits up to
-    /// `shutdown_grace` for running ones.
+    /// Claims and executes runs until `shutdown`, then drains (module docs).
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(Arc::clone(&this).heartbeat(heartbeat_stop.clone()));
         let mut running: JoinSet<()> = JoinSet::new();
+        let mut last_reap: Option<tokio::time::Instant> = None;
         loop {
+            if let Err(e) = this.promote().await {
+                tracing::warn!(error = %e, "promoting scheduled runs failed");
+            }
+            if last_reap.is_none_or(|t| t.elapsed() >= this.lease / 4) {
+                last_reap = Some(tokio::time::Instant::now());
+                if let Err(e) = this.reap().await {
+                    tracing::warn!(error = %e, "reaping expired leases failed");
+                }
+            }
             let free = this.max_concurrent_runs.saturating_sub(running.len());
             if free > 0 {
                 match this.claim(free).await {
                     Ok(runs) => {
-                        for run in runs {
+                        for (run, stop) in runs {
                             let ex = Arc::clone(&this);
-                            running.spawn(async move { ex.execute(run).await });
+                            running.spawn(async move { ex.execute(run, stop).await });
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "claiming runs failed"),
                 }
             }
+            let pause = this.sleep_time().await;
             tokio::select! {
                 _ = this.wake.notified() => {}
                 Some(_) = running.join_next(), if !running.is_empty() => {}
-                _ = tokio::time::sleep(this.poll) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => break,
             }
         }
         if !running.is_empty() {
             tracing::info!(
                 running = running.len(),
+                grace = ?this.shutdown_grace,
                 "waiting for running runs to finish"
             );
             let drain = async { while running.join_next().await.is_some() {} };
@@ -90,39 +217,158 @@ impl Executor {
                 .is_err()
             {
                 tracing::warn!(
-                    abandoned = running.len(),
-                    "shutdown grace over; abandoning runs"
+                    running = running.len(),
+                    "shutdown grace over; cancelling the remaining runs"
                 );
-                running.abort_all();
+                this.running.stop_all(StopReason::Shutdown);
+                // They end CANCELLED/shutdown once their processes are gone.
+                let drain = async { while running.join_next().await.is_some() {} };
+                if tokio::time::timeout(this.kill_grace + Duration::from_secs(10), drain)
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(
+                        abandoned = running.len(),
+                        "runs did not stop; abandoning them to the reaper"
+                    );
+                    running.abort_all();
+                }
+            }
+        }
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
+    }
+
+    /// How long the claim loop may sleep: until the next waiting run is due,
+    /// at most `poll`.
+    async fn sleep_time(&self) -> Duration {
+        let now = self.clock.now();
+        match db::runs::run_next_due_time(&self.pool, now).await {
+            Ok(Some(t)) => (t - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(5), self.poll),
+            Ok(None) => self.poll,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the next due run failed");
+                self.poll
             }
         }
     }
 
-    async fn claim(&self, free: usize) -> Result<Vec<Run>, db::Error> {
-        let mut conn = self.pool.acquire().await?;
+    async fn claim(&self, free: usize) -> Result<Vec<(Run, Stop)>, db::Error> {
         let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30));
-        let claimed = db::runs::run_claim(
-            &mut conn,
-            &self.node_id,
-            self.clock.now(),
-            lease,
-            free as i64,
-        )
-        .await?;
+        let mut tries = 0;
+        let claimed = loop {
+            let mut conn = self.pool.acquire().await?;
+            match db::runs::run_claim(
+                &mut conn,
+                &self.node_id,
+                self.clock.now(),
+                lease,
+                free as i64,
+            )
+            .await
+            {
+                // Another node started a run of the same overlap-free
+                // binding at this instant; the index refused ours. Again.
+                Err(db::Error::AlreadyExists(c)) if c == "runs_one_running" && tries < 5 => {
+                    tries += 1;
+                }
+                r => break r?,
+            }
+        };
         let mut runs = Vec::with_capacity(claimed.len());
         for (run, ev) in claimed {
             self.bus.publish([ev]);
-            runs.push(run);
+            let stop = self.running.insert(run.id);
+            runs.push((run, stop));
         }
         Ok(runs)
     }
 
-    #[tracing::instrument(skip_all, fields(run = %run.id, binding = %run.binding_id, definition = %run.definition))]
-    async fn execute(&self, run: Run) {
+    async fn promote(&self) -> Result<(), db::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let events = db::runs::run_promote_due(
+            &mut conn,
+            &self.node_id,
+            self.clock.now(),
+            MAINTENANCE_BATCH,
+        )
+        .await?;
+        self.bus.publish(events);
+        Ok(())
+    }
+
+    /// Ends runs whose lease expired (their node is gone) and schedules
+    /// their retries, in one transaction.
+    async fn reap(&self) -> Result<(), db::Error> {
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let reaped = db::runs::run_reap(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?;
+        if reaped.is_empty() {
+            return Ok(());
+        }
+        let retries: Vec<NewRun> = reaped
+            .iter()
+            .filter_map(|(run, _)| retry_run(run, true, now))
+            .collect();
+        let mut events: Vec<_> = reaped.iter().map(|(_, e)| e.clone()).collect();
+        events.extend(db::runs::run_insert(&mut tx, &self.node_id, &retries, now).await?);
+        tx.commit().await?;
+        for (run, _) in &reaped {
+            tracing::warn!(run = %run.id, node = ?run.node_id, state = run.state.as_str(),
+                "run's lease expired; its node is gone");
+        }
+        self.bus.publish(events);
+        Ok(())
+    }
+
+    /// Renews this node's leases every `lease / 3` until `stop`; delivers
+    /// pending cancel requests (the NOTIFY fallback) and stops runs that are
+    /// no longer this node's.
+    async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let ids = self.running.ids();
+            if ids.is_empty() {
+                continue;
+            }
+            let until = self.clock.now()
+                + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30));
+            match db::runs::run_heartbeat(&self.pool, &self.node_id, &ids, until).await {
+                Ok(renewed) => {
+                    for (id, cancel) in &renewed {
+                        if let Some(reason) = cancel {
+                            self.running.stop(*id, StopReason::Cancel(reason.clone()));
+                        }
+                    }
+                    for id in ids {
+                        if !renewed.iter().any(|(r, _)| *r == id) {
+                            self.running.stop(id, StopReason::LeaseLost);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "renewing run leases failed"),
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(run = %run.id, binding = %run.binding_id, definition = %run.definition, attempt = run.attempt))]
+    async fn execute(&self, run: Run, stop: Stop) {
         let (state, outcome) = match &run.handler {
-            Handler::Command(c) => command::execute(self, &run, c).await,
+            Handler::Command(c) => command::execute(self, &run, c, &stop).await,
         };
-        self.finish(&run, state, outcome).await;
+        if stop.reason() == Some(&StopReason::LeaseLost) {
+            tracing::warn!("run was taken from this node (lease lost); its final state stands");
+        } else {
+            self.finish(&run, state, outcome).await;
+        }
+        self.running.remove(run.id);
     }
 
     /// Appends events to the run's log and publishes them. Errors are logged;
@@ -139,23 +385,34 @@ impl Executor {
     async fn finish(&self, run: &Run, state: RunState, outcome: Outcome) {
         for attempt in 0..5 {
             let r = async {
-                let mut conn = self.pool.acquire().await?;
-                db::runs::run_finish(
-                    &mut conn,
+                let now = self.clock.now();
+                let mut tx = self.pool.begin().await?;
+                let Some((ended, ev)) = db::runs::run_finish(
+                    &mut tx,
                     &self.node_id,
                     run.id,
                     run.attempt,
                     state,
                     &outcome,
-                    self.clock.now(),
+                    now,
                 )
-                .await
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let mut events = vec![ev];
+                if let Some(retry) = retry_run(&ended, outcome.retryable, now) {
+                    events
+                        .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
+                }
+                tx.commit().await?;
+                Ok::<_, db::Error>(Some(events))
             }
             .await;
             match r {
-                Ok(Some(ev)) => {
-                    tracing::info!(state = state.as_str(), reason = %outcome.reason, "run finished");
-                    self.bus.publish([ev]);
+                Ok(Some(events)) => {
+                    tracing::info!(state = state.as_str(), reason = %outcome.reason, retry = events.len() > 1, "run finished");
+                    self.bus.publish(events);
                     return;
                 }
                 Ok(None) => {
@@ -174,4 +431,50 @@ impl Executor {
             "could not write the run's final state; it stays RUNNING until its lease expires"
         );
     }
+}
+
+/// The retry of `ended` (a run that just reached its terminal state), if its
+/// policy allows one (SPEC §3): `FAILED` or `TIMED_OUT` (including
+/// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
+/// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
+/// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %
+/// jitter drawn from the new run's id); its `scheduled_time` is that due
+/// time. Runs cancelled by CancelRun or an overlap policy are not retried.
+pub fn retry_run(
+    ended: &Run,
+    retryable: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<NewRun> {
+    let retry_state = match ended.state {
+        RunState::Failed | RunState::TimedOut => true,
+        RunState::Cancelled => ended.reason.as_deref() == Some(REASON_SHUTDOWN),
+        _ => false,
+    };
+    let max = ended.policy.retry.max_attempts as i32;
+    if !retry_state || !retryable || ended.attempt >= max {
+        return None;
+    }
+    let id = Uuid::now_v7();
+    let delay = ended
+        .policy
+        .retry
+        .backoff(ended.attempt as u32, jitter_from_id(&id));
+    let due = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+    Some(NewRun {
+        id,
+        tenant_id: ended.tenant_id.clone(),
+        binding_id: ended.binding_id,
+        definition: ended.definition.clone(),
+        trigger: RunTrigger::Retry,
+        scheduled_time: due,
+        not_before: due,
+        handler: ended.handler.clone(),
+        params: ended.params.clone(),
+        state: RunState::Scheduled,
+        reason: String::new(),
+        attempt: ended.attempt + 1,
+        retry_of: Some(ended.id),
+        policy: ended.policy,
+        idempotency_key: None,
+    })
 }

@@ -64,6 +64,11 @@ impl BindingService for Bindings {
             create_time: now,
             update_time: now,
             version: 1,
+            enabled: b.enabled.unwrap_or(true),
+            paused: false,
+            pause_note: String::new(),
+            pause_expire_time: None,
+            effective_policy: def.policy,
         };
         db::bindings::binding_insert(&self.0.pool, &binding)
             .await
@@ -92,7 +97,7 @@ impl BindingService for Bindings {
         let b = db::bindings::binding_get(&self.0.pool, &tenant_id, id)
             .await
             .map_err(|e| db_status(e, format_args!("binding {id}")))?;
-        Ok(Response::new(binding_to(&b)))
+        Ok(Response::new(shown(b, self.0.clock.now())))
     }
 
     async fn list_bindings(
@@ -119,8 +124,9 @@ impl BindingService for Bindings {
         } else {
             String::new()
         };
+        let now = self.0.clock.now();
         Ok(Response::new(pb::ListBindingsResponse {
-            bindings: list.iter().map(binding_to).collect(),
+            bindings: list.into_iter().map(|b| shown(b, now)).collect(),
             next_page_token,
         }))
     }
@@ -148,9 +154,18 @@ impl BindingService for Bindings {
         if b.effective_until.is_some() {
             implied.push("effective_until");
         }
+        if b.enabled.is_some() {
+            implied.push("enabled");
+        }
         let paths = update_paths(
             r.update_mask.as_ref(),
-            &["schedule", "params", "effective_from", "effective_until"],
+            &[
+                "schedule",
+                "params",
+                "effective_from",
+                "effective_until",
+                "enabled",
+            ],
             implied,
         )?;
         let (new_from, new_until) = window_from(&b)?;
@@ -185,6 +200,12 @@ impl BindingService for Bindings {
                     schedule_changed |= new_until != cur.effective_until;
                     cur.effective_until = new_until;
                 }
+                "enabled" => {
+                    let on = b.enabled.unwrap_or(true);
+                    // Re-enabled: from the next fire after now, no catch-up.
+                    schedule_changed |= on && !cur.enabled;
+                    cur.enabled = on;
+                }
                 _ => {}
             }
         }
@@ -212,7 +233,66 @@ impl BindingService for Bindings {
             .map_err(|e| db_status(e, &what))?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(binding = %id, version = cur.version, schedule_changed, next_run_time = ?cur.next_run_time, "binding updated");
-        Ok(Response::new(binding_to(&cur)))
+        Ok(Response::new(shown(cur, now)))
+    }
+
+    async fn pause_binding(
+        &self,
+        req: Request<pb::PauseBindingRequest>,
+    ) -> Result<Response<pb::Binding>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let id = parse_uuid("id", &r.id)?;
+        if r.note.chars().count() > MAX_NOTE {
+            return Err(invalid(FieldViolation::new(
+                "note",
+                format!("must be at most {MAX_NOTE} characters"),
+            )));
+        }
+        let now = self.0.clock.now();
+        let expire = r
+            .expire_time
+            .as_ref()
+            .map(|t| time_from("expire_time", t))
+            .transpose()
+            .map_err(invalid)?;
+        if expire.is_some_and(|e| e <= now) {
+            return Err(invalid(FieldViolation::new(
+                "expire_time",
+                "must be in the future",
+            )));
+        }
+        let b = self
+            .set_pause(&tenant_id, id, now, |b| {
+                b.paused = true;
+                b.pause_note = r.note.clone();
+                b.pause_expire_time = expire;
+            })
+            .await?;
+        tracing::info!(binding = %id, expire_time = ?expire, note = %r.note, "binding paused");
+        Ok(Response::new(shown(b, now)))
+    }
+
+    async fn resume_binding(
+        &self,
+        req: Request<pb::ResumeBindingRequest>,
+    ) -> Result<Response<pb::Binding>, Status> {
+        let tenant_id = tenant(&req)?;
+        let id = parse_uuid("id", &req.get_ref().id)?;
+        let now = self.0.clock.now();
+        let b = self
+            .set_pause(&tenant_id, id, now, |b| {
+                if b.paused {
+                    // From the next fire after now: no catch-up of the pause.
+                    b.next_run_time = b.effective_schedule.next_after(now);
+                }
+                b.paused = false;
+                b.pause_note.clear();
+                b.pause_expire_time = None;
+            })
+            .await?;
+        tracing::info!(binding = %id, next_run_time = ?b.next_run_time, "binding resumed");
+        Ok(Response::new(shown(b, now)))
     }
 
     async fn delete_binding(
@@ -227,6 +307,52 @@ impl BindingService for Bindings {
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }
+}
+
+/// Longest pause note, in characters.
+const MAX_NOTE: usize = 1000;
+
+impl Bindings {
+    /// Applies `change` to the tenant's binding `id` under its row lock and
+    /// writes it (new version), waking the schedulers.
+    async fn set_pause(
+        &self,
+        tenant_id: &str,
+        id: Uuid,
+        now: chrono::DateTime<chrono::Utc>,
+        change: impl FnOnce(&mut Binding),
+    ) -> Result<Binding, Status> {
+        let what = format!("binding {id}");
+        let mut tx = self
+            .0
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_status(e.into(), &what))?;
+        let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let old_version = cur.version;
+        change(&mut cur);
+        cur.version += 1;
+        cur.update_time = now;
+        db::bindings::binding_update(&mut *tx, &cur, old_version)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        Ok(cur)
+    }
+}
+
+/// A binding as the API shows it at `now`: a pause whose expiry has passed
+/// is over, even before the scheduler has cleared it.
+fn shown(mut b: Binding, now: chrono::DateTime<chrono::Utc>) -> pb::Binding {
+    if b.paused && b.pause_expire_time.is_some_and(|e| e <= now) {
+        b.paused = false;
+        b.pause_note.clear();
+        b.pause_expire_time = None;
+    }
+    binding_to(&b)
 }
 
 /// A binding's effective window: (from, until).

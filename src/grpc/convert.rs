@@ -7,8 +7,12 @@ use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 
 use crate::domain::misfire::MAX_CATCHUP_WINDOW_SECS;
+use crate::domain::policy::validate_timeout;
 use crate::domain::schedule::{MAX_JITTER_SECS, TimeOfDay};
-use crate::domain::{self, FieldViolation, MisfireMode, MisfirePolicy, Schedule, ScheduleKind};
+use crate::domain::{
+    self, FieldViolation, MisfireMode, MisfirePolicy, OverlapPolicy, RetryPolicy, Schedule,
+    ScheduleKind,
+};
 use crate::proto::v1 as pb;
 
 /// Timestamp → UTC instant.
@@ -363,6 +367,133 @@ pub fn misfire_policy_to(p: &MisfirePolicy) -> pb::MisfirePolicy {
     }
 }
 
+/// A Duration of whole milliseconds ≥ 0.
+fn millis_from(field: &str, d: &prost_types::Duration) -> Result<u64, FieldViolation> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos % 1_000_000 != 0 {
+        return Err(FieldViolation::new(
+            field,
+            "must be a non-negative whole number of milliseconds",
+        ));
+    }
+    Ok(d.seconds as u64 * 1000 + (d.nanos / 1_000_000) as u64)
+}
+
+fn millis_to(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// API retry policy → domain, defaults filled in (unset → no retry).
+///
+/// # Errors
+/// A violation naming the field out of range (`<field>.max_attempts`...).
+pub fn retry_policy_from(
+    field: &str,
+    p: Option<&pb::RetryPolicy>,
+) -> Result<RetryPolicy, FieldViolation> {
+    let Some(p) = p else {
+        return Ok(RetryPolicy::default());
+    };
+    let d = RetryPolicy::default();
+    let max_attempts = match p.max_attempts {
+        0 => d.max_attempts,
+        n if n < 0 => {
+            return Err(FieldViolation::new(
+                format!("{field}.max_attempts"),
+                "must be 1 to 100 (1 = no retry)",
+            ));
+        }
+        n => n as u32,
+    };
+    let initial_backoff_ms = match &p.initial_backoff {
+        None => d.initial_backoff_ms,
+        Some(x) => millis_from(&format!("{field}.initial_backoff"), x)?,
+    };
+    let max_backoff_ms = match &p.max_backoff {
+        None => (initial_backoff_ms.saturating_mul(100))
+            .min(domain::policy::MAX_DELAY.as_millis() as u64),
+        Some(x) => millis_from(&format!("{field}.max_backoff"), x)?,
+    };
+    let policy = RetryPolicy {
+        max_attempts,
+        initial_backoff_ms,
+        backoff_coefficient: if p.backoff_coefficient == 0.0 {
+            d.backoff_coefficient
+        } else {
+            p.backoff_coefficient
+        },
+        max_backoff_ms,
+    };
+    policy.validate(field)?;
+    Ok(policy)
+}
+
+/// Domain retry policy → API.
+pub fn retry_policy_to(p: &RetryPolicy) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts: p.max_attempts as i32,
+        initial_backoff: Some(millis_to(p.initial_backoff_ms)),
+        backoff_coefficient: p.backoff_coefficient,
+        max_backoff: Some(millis_to(p.max_backoff_ms)),
+    }
+}
+
+/// API timeout → whole seconds (unset → no limit).
+///
+/// # Errors
+/// A violation on `field` unless whole seconds, 1 s to 1 day.
+pub fn timeout_from(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Option<u32>, FieldViolation> {
+    let Some(d) = d else { return Ok(None) };
+    if d.nanos != 0 || d.seconds < 0 {
+        return Err(FieldViolation::new(
+            field,
+            "must be 1 s to 1 day, whole seconds",
+        ));
+    }
+    validate_timeout(field, d.seconds as u64)?;
+    Ok(Some(d.seconds as u32))
+}
+
+/// Seconds → API Duration.
+pub fn secs_to(secs: u32) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: secs.into(),
+        nanos: 0,
+    }
+}
+
+/// API overlap policy → domain (UNSPECIFIED → SKIP).
+///
+/// # Errors
+/// A violation on `field` for an unknown number.
+pub fn overlap_from(field: &str, n: i32) -> Result<OverlapPolicy, FieldViolation> {
+    match pb::OverlapPolicy::try_from(n) {
+        Ok(pb::OverlapPolicy::Unspecified | pb::OverlapPolicy::Skip) => Ok(OverlapPolicy::Skip),
+        Ok(pb::OverlapPolicy::Allow) => Ok(OverlapPolicy::Allow),
+        Ok(pb::OverlapPolicy::BufferOne) => Ok(OverlapPolicy::BufferOne),
+        Ok(pb::OverlapPolicy::CancelPrevious) => Ok(OverlapPolicy::CancelPrevious),
+        Err(_) => Err(FieldViolation::new(
+            field,
+            format!("{n} is not an OverlapPolicy"),
+        )),
+    }
+}
+
+/// Domain overlap policy → API.
+pub fn overlap_to(p: OverlapPolicy) -> pb::OverlapPolicy {
+    match p {
+        OverlapPolicy::Skip => pb::OverlapPolicy::Skip,
+        OverlapPolicy::Allow => pb::OverlapPolicy::Allow,
+        OverlapPolicy::BufferOne => pb::OverlapPolicy::BufferOne,
+        OverlapPolicy::CancelPrevious => pb::OverlapPolicy::CancelPrevious,
+    }
+}
+
 /// Definition → API.
 pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
     let handler = match &d.handler {
@@ -382,6 +513,11 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         schedule: Some(schedule_to(&d.schedule)),
         params: json_to_struct(&d.params),
         misfire_policy: Some(misfire_policy_to(&d.misfire_policy)),
+        retry_policy: Some(retry_policy_to(&d.policy.retry)),
+        timeout: d.policy.timeout_secs.map(secs_to),
+        overlap_policy: overlap_to(d.policy.overlap) as i32,
+        priority: d.policy.priority,
+        enabled: Some(d.enabled),
         create_time: Some(time_to(d.create_time)),
         update_time: Some(time_to(d.update_time)),
         etag: d.version.to_string(),
@@ -426,9 +562,17 @@ pub fn binding_to(b: &domain::Binding) -> pb::Binding {
         params: b.params.as_ref().and_then(json_to_struct),
         effective_from: b.effective_from.map(time_to),
         effective_until: b.effective_until.map(time_to),
+        enabled: Some(b.enabled),
+        paused: b.paused,
+        pause_note: b.pause_note.clone(),
+        pause_expire_time: b.pause_expire_time.map(time_to),
         effective: Some(pb::EffectiveConfig {
             schedule: Some(schedule_to(&b.effective_schedule)),
             params: json_to_struct(&b.effective_params),
+            retry_policy: Some(retry_policy_to(&b.effective_policy.retry)),
+            timeout: b.effective_policy.timeout_secs.map(secs_to),
+            overlap_policy: overlap_to(b.effective_policy.overlap) as i32,
+            priority: b.effective_policy.priority,
         }),
         next_run_time: b.next_run_time.map(time_to),
         create_time: Some(time_to(b.create_time)),
@@ -440,10 +584,13 @@ pub fn binding_to(b: &domain::Binding) -> pb::Binding {
 /// Run state → API enum.
 pub fn state_to(s: domain::RunState) -> pb::RunState {
     match s {
+        domain::RunState::Scheduled => pb::RunState::Scheduled,
         domain::RunState::Queued => pb::RunState::Queued,
         domain::RunState::Running => pb::RunState::Running,
         domain::RunState::Succeeded => pb::RunState::Succeeded,
         domain::RunState::Failed => pb::RunState::Failed,
+        domain::RunState::TimedOut => pb::RunState::TimedOut,
+        domain::RunState::Cancelled => pb::RunState::Cancelled,
         domain::RunState::Skipped => pb::RunState::Skipped,
     }
 }
@@ -455,7 +602,10 @@ pub fn state_to(s: domain::RunState) -> pb::RunState {
 pub fn state_from(field: &str, n: i32) -> Result<Option<domain::RunState>, FieldViolation> {
     match pb::RunState::try_from(n) {
         Ok(pb::RunState::Unspecified) => Ok(None),
+        Ok(pb::RunState::Scheduled) => Ok(Some(domain::RunState::Scheduled)),
         Ok(pb::RunState::Queued) => Ok(Some(domain::RunState::Queued)),
+        Ok(pb::RunState::TimedOut) => Ok(Some(domain::RunState::TimedOut)),
+        Ok(pb::RunState::Cancelled) => Ok(Some(domain::RunState::Cancelled)),
         Ok(pb::RunState::Running) => Ok(Some(domain::RunState::Running)),
         Ok(pb::RunState::Succeeded) => Ok(Some(domain::RunState::Succeeded)),
         Ok(pb::RunState::Failed) => Ok(Some(domain::RunState::Failed)),
@@ -474,6 +624,7 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
         trigger: match r.trigger {
             domain::RunTrigger::Schedule => pb::RunTrigger::Schedule,
             domain::RunTrigger::Manual => pb::RunTrigger::Manual,
+            domain::RunTrigger::Retry => pb::RunTrigger::Retry,
             domain::RunTrigger::Backfill => pb::RunTrigger::Backfill,
         } as i32,
         state: state_to(r.state) as i32,
@@ -490,7 +641,16 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
         }),
         exit_code: r.exit_code,
         node_id: r.node_id.clone().unwrap_or_default(),
-        reason: r.reason.clone().unwrap_or_default(),
+        reason: r
+            .reason
+            .clone()
+            .or_else(|| r.cancel_reason.clone())
+            .unwrap_or_default(),
+        max_attempts: r.policy.retry.max_attempts as i32,
+        retry_of: r.retry_of.map(|u| u.to_string()).unwrap_or_default(),
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        not_before: Some(time_to(r.not_before)),
+        timeout: r.policy.timeout_secs.map(secs_to),
     }
 }
 

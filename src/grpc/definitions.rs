@@ -3,13 +3,15 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    definition_to, handler_from, misfire_policy_from, params_from, schedule_from, time_from,
-    time_to,
+    definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
+    schedule_from, time_from, time_to, timeout_from,
 };
 use super::{Ctx, check_etag, db_status, invalid, page_size, update_paths};
 use crate::db;
 use crate::db::definitions as q;
-use crate::domain::{Definition, FieldViolation, effective_schedule, validate_definition_name};
+use crate::domain::{
+    Definition, FieldViolation, RunPolicy, effective_schedule, validate_definition_name,
+};
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
 
@@ -43,9 +45,20 @@ impl DefinitionService for Definitions {
         let misfire_policy =
             misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
                 .map_err(invalid)?;
+        let policy = RunPolicy {
+            overlap: overlap_from("definition.overlap_policy", d.overlap_policy)
+                .map_err(invalid)?,
+            retry: retry_policy_from("definition.retry_policy", d.retry_policy.as_ref())
+                .map_err(invalid)?,
+            timeout_secs: timeout_from("definition.timeout", d.timeout.as_ref())
+                .map_err(invalid)?,
+            priority: d.priority,
+        };
         let now = self.0.clock.now();
         let def = Definition {
             misfire_policy,
+            policy,
+            enabled: d.enabled.unwrap_or(true),
             name: d.name,
             display_name: d.display_name,
             description: d.description,
@@ -116,6 +129,11 @@ impl DefinitionService for Definitions {
             (d.schedule.is_some(), "schedule"),
             (d.params.is_some(), "params"),
             (d.misfire_policy.is_some(), "misfire_policy"),
+            (d.retry_policy.is_some(), "retry_policy"),
+            (d.timeout.is_some(), "timeout"),
+            (d.overlap_policy != 0, "overlap_policy"),
+            (d.priority != 0, "priority"),
+            (d.enabled.is_some(), "enabled"),
         ] {
             if set {
                 implied.push(path);
@@ -131,6 +149,11 @@ impl DefinitionService for Definitions {
                 "schedule",
                 "params",
                 "misfire_policy",
+                "retry_policy",
+                "timeout",
+                "overlap_policy",
+                "priority",
+                "enabled",
             ],
             implied,
         )?;
@@ -170,6 +193,21 @@ impl DefinitionService for Definitions {
                         misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
                             .map_err(invalid)?
                 }
+                "retry_policy" => {
+                    cur.policy.retry =
+                        retry_policy_from("definition.retry_policy", d.retry_policy.as_ref())
+                            .map_err(invalid)?
+                }
+                "timeout" => {
+                    cur.policy.timeout_secs =
+                        timeout_from("definition.timeout", d.timeout.as_ref()).map_err(invalid)?
+                }
+                "overlap_policy" => {
+                    cur.policy.overlap = overlap_from("definition.overlap_policy", d.overlap_policy)
+                        .map_err(invalid)?
+                }
+                "priority" => cur.policy.priority = d.priority,
+                "enabled" => cur.enabled = d.enabled.unwrap_or(true),
                 _ => {}
             }
         }

@@ -12,6 +12,39 @@ use crate::proto::v1::run_service_server::RunService;
 
 /// Most runs one BackfillRuns creates.
 pub const MAX_BACKFILL: usize = 10_000;
+/// How long an idempotency key is remembered per binding, hours.
+pub const IDEMPOTENCY_HOURS: i64 = 24;
+/// Longest idempotency key, bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+/// Longest cancel reason, characters.
+pub const MAX_REASON: usize = 1000;
+
+/// Checks an idempotency key: empty (none) or 1-200 printable ASCII
+/// characters.
+///
+/// # Errors
+/// A violation on `idempotency_key` otherwise.
+fn validate_idempotency_key(key: &str) -> Result<Option<&str>, FieldViolation> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY || !key.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(FieldViolation::new(
+            "idempotency_key",
+            format!("must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(Some(key))
+}
+
+/// FAILED_PRECONDITION for a run that already ended.
+fn ended(run: &crate::domain::Run) -> Status {
+    Status::failed_precondition(format!(
+        "run {} already ended {}; nothing to cancel",
+        run.id,
+        run.state.as_str()
+    ))
+}
 
 /// Implements `RunService`.
 #[derive(Debug, Clone)]
@@ -26,31 +59,176 @@ impl RunService for Runs {
         let tenant_id = tenant(&req)?;
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
-        let b = db::bindings::binding_get(&self.0.pool, &tenant_id, binding_id)
+        let key = validate_idempotency_key(&r.idempotency_key).map_err(invalid)?;
+        let run_time = r
+            .run_time
+            .as_ref()
+            .map(|t| time_from("run_time", t))
+            .transpose()
+            .map_err(invalid)?;
+        let what = format!("binding {binding_id}");
+        let mut tx = self
+            .0
+            .pool
+            .begin()
             .await
-            .map_err(|e| db_status(e, format_args!("binding {binding_id}")))?;
-        let def = db::definitions::definition_get(&self.0.pool, &b.definition)
+            .map_err(|e| db_status(e.into(), &what))?;
+        // With a key, the binding's row lock orders concurrent triggers so
+        // the second one finds the first one's run.
+        let b = match key {
+            Some(_) => db::bindings::binding_get_for_update(&mut *tx, &tenant_id, binding_id).await,
+            None => db::bindings::binding_get(&mut *tx, &tenant_id, binding_id).await,
+        }
+        .map_err(|e| db_status(e, &what))?;
+        let now = self.0.clock.now();
+        if let Some(key) = key {
+            let since = now - chrono::Duration::hours(IDEMPOTENCY_HOURS);
+            let found = db::runs::run_find_by_idempotency_key(&mut *tx, binding_id, key, since)
+                .await
+                .map_err(|e| db_status(e, "run"))?;
+            if let Some(id) = found {
+                drop(tx);
+                let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+                    .await
+                    .map_err(|e| db_status(e, format_args!("run {id}")))?;
+                tracing::info!(run = %id, binding = %binding_id, "idempotency key seen; returning the first run");
+                return Ok(Response::new(run_to(&run)));
+            }
+        }
+        let def = db::definitions::definition_get(&mut *tx, &b.definition)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;
         let params = match &r.params {
             Some(p) => merge_params(&b.effective_params, &struct_to_json(p)),
             None => b.effective_params.clone(),
         };
-        let now = self.0.clock.now();
+        let (state, at) = match run_time {
+            Some(t) if t > now => (RunState::Scheduled, t),
+            _ => (RunState::Queued, now),
+        };
         let new = NewRun {
             id: Uuid::now_v7(),
             tenant_id: tenant_id.clone(),
             binding_id,
             definition: b.definition.clone(),
             trigger: RunTrigger::Manual,
-            scheduled_time: now,
-            not_before: now,
+            scheduled_time: at,
+            not_before: at,
             handler: def.handler,
             params,
-            state: RunState::Queued,
+            state,
             reason: String::new(),
+            attempt: 1,
+            retry_of: None,
+            policy: def.policy,
+            idempotency_key: key.map(str::to_string),
         };
         let id = new.id;
+        let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
+            .await
+            .map_err(|e| db_status(e, "run"))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
+        self.0.bus.publish(events);
+        self.0.executor_wake.notify_one();
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {id}")))?;
+        tracing::info!(run = %id, binding = %binding_id, state = state.as_str(), "run triggered");
+        Ok(Response::new(run_to(&run)))
+    }
+
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let tenant_id = tenant(&req)?;
+        let r = req.into_inner();
+        let id = parse_uuid("run_id", &r.run_id)?;
+        if r.reason.chars().count() > MAX_REASON {
+            return Err(invalid(FieldViolation::new(
+                "reason",
+                format!("must be at most {MAX_REASON} characters"),
+            )));
+        }
+        let reason = if r.reason.trim().is_empty() {
+            "cancelled".to_string()
+        } else {
+            r.reason.clone()
+        };
+        let what = format!("run {id}");
+        // Access check first: another tenant's run is NOT_FOUND.
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        if run.state.is_terminal() {
+            return Err(ended(&run));
+        }
+        let mut tx = self
+            .0
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_status(e.into(), &what))?;
+        let now = self.0.clock.now();
+        let events = db::runs::run_cancel_waiting(&mut tx, &self.0.node_id, &[id], &reason, now)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        if events.is_empty() {
+            db::runs::run_request_cancel(&mut tx, &[id], &reason)
+                .await
+                .map_err(|e| db_status(e, &what))?;
+        }
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        let cancelled_at_once = !events.is_empty();
+        self.0.bus.publish(events);
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        if !cancelled_at_once && run.state.is_terminal() && run.cancel_reason.is_none() {
+            // It ended on its own before the request landed.
+            return Err(ended(&run));
+        }
+        tracing::info!(run = %id, reason = %reason, state = run.state.as_str(), "run cancel requested");
+        Ok(Response::new(run_to(&run)))
+    }
+
+    async fn retry_run(
+        &self,
+        req: Request<pb::RetryRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let tenant_id = tenant(&req)?;
+        let id = parse_uuid("run_id", &req.get_ref().run_id)?;
+        let what = format!("run {id}");
+        let prev = db::runs::run_get(&self.0.pool, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        if !prev.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "{what} is {} and has not ended; only an ended run can be retried",
+                prev.state.as_str()
+            )));
+        }
+        let now = self.0.clock.now();
+        let mut policy = prev.policy;
+        policy.retry.max_attempts = policy.retry.max_attempts.max(prev.attempt as u32 + 1);
+        let new = NewRun {
+            id: Uuid::now_v7(),
+            tenant_id: tenant_id.clone(),
+            binding_id: prev.binding_id,
+            definition: prev.definition.clone(),
+            trigger: RunTrigger::Retry,
+            scheduled_time: now,
+            not_before: now,
+            handler: prev.handler.clone(),
+            params: prev.params.clone(),
+            state: RunState::Queued,
+            reason: String::new(),
+            attempt: prev.attempt + 1,
+            retry_of: Some(prev.id),
+            policy,
+            idempotency_key: None,
+        };
+        let new_id = new.id;
         let mut conn = self
             .0
             .pool
@@ -63,10 +241,10 @@ impl RunService for Runs {
         drop(conn);
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
-        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+        let run = db::runs::run_get(&self.0.pool, &tenant_id, new_id)
             .await
-            .map_err(|e| db_status(e, format_args!("run {id}")))?;
-        tracing::info!(run = %id, binding = %binding_id, "run triggered");
+            .map_err(|e| db_status(e, format_args!("run {new_id}")))?;
+        tracing::info!(run = %new_id, retry_of = %id, "run retried by request");
         Ok(Response::new(run_to(&run)))
     }
 
@@ -141,6 +319,10 @@ impl RunService for Runs {
                 params: b.effective_params.clone(),
                 state: RunState::Queued,
                 reason: String::new(),
+                attempt: 1,
+                retry_of: None,
+                policy: def.policy,
+                idempotency_key: None,
             })
             .collect();
         // All or nothing: one transaction, in chunks.

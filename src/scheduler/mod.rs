@@ -7,8 +7,11 @@
 //! `(binding_id, scheduled_time)` makes a second insert for the same time a
 //! no-op), and advance `next_run_time` from that fire time (never from "now
 //! plus period", so no drift). A binding that fell behind (node down, or
-//! overloaded) runs once for its latest missed fire time: see
-//! [`crate::domain::coalesce_due`].
+//! overloaded) is handled by its misfire policy ([`crate::domain::plan_fires`]);
+//! a fire that meets an active run of the binding by its overlap policy
+//! ([`crate::domain::policy::plan_overlap`]); `CANCEL_PREVIOUS` cancels the
+//! active runs in the same transaction (a running one through a cancel
+//! request to its node).
 //!
 //! Between passes the loop sleeps until the earliest `next_run_time`, or
 //! until woken by a binding change (LISTEN/NOTIFY via the bridge), or at most
@@ -28,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{self, runs::NewRun};
-use crate::domain::{Clock, RunState, RunTrigger, plan_fires};
+use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
+use crate::domain::{Clock, FirePlan, OverlapPolicy, RunState, RunTrigger, plan_fires};
 use crate::events::EventBus;
 
 /// The firing loop of one node.
@@ -95,6 +99,12 @@ impl Scheduler {
     /// One pass: fires up to `batch` due bindings. Returns how many bindings
     /// were due (fired or found already fired).
     ///
+    /// Per binding: a disabled or paused one only advances its next fire
+    /// time past now (fires in a pause are neither caught up nor recorded);
+    /// a pause whose expiry has passed ends, and fires from the expiry on are
+    /// handled normally. The misfire policy picks the fire times to run, the
+    /// overlap policy then decides against the binding's active runs.
+    ///
     /// # Errors
     /// [`db::Error`] when the transaction fails; nothing is fired then.
     pub async fn fire_due(&self) -> Result<usize, db::Error> {
@@ -104,14 +114,66 @@ impl Scheduler {
         if due.is_empty() {
             return Ok(0);
         }
+        let mut plans = Vec::with_capacity(due.len());
+        for b in &due {
+            let pause_over = b.paused && b.pause_expire_time.is_some_and(|e| e <= now);
+            if !b.enabled || (b.paused && !pause_over) {
+                plans.push(FirePlan {
+                    next: b.schedule.next_after(now),
+                    ..FirePlan::default()
+                });
+                continue;
+            }
+            let mut from = Some(b.next_run_time);
+            if let Some(expire) = b.pause_expire_time.filter(|_| pause_over)
+                && b.next_run_time < expire
+            {
+                from = b
+                    .schedule
+                    .next_after(expire - chrono::Duration::microseconds(1));
+            }
+            plans.push(match from {
+                Some(t) if t <= now => plan_fires(&b.schedule, t, now, &b.misfire_policy),
+                next => FirePlan {
+                    next,
+                    ..FirePlan::default()
+                },
+            });
+        }
+        // Active runs of the bindings whose overlap policy matters.
+        let contested: Vec<Uuid> = due
+            .iter()
+            .zip(&plans)
+            .filter(|(b, p)| b.policy.overlap != OverlapPolicy::Allow && !p.run.is_empty())
+            .map(|(b, _)| b.id)
+            .collect();
+        let active = if contested.is_empty() {
+            Vec::new()
+        } else {
+            db::runs::run_list_active(&mut *tx, &contested).await?
+        };
+
         let mut runs = Vec::with_capacity(due.len());
         let mut ids = Vec::with_capacity(due.len());
         let mut nexts = Vec::with_capacity(due.len());
-        for b in &due {
-            let plan = plan_fires(&b.schedule, b.next_run_time, now, &b.misfire_policy);
+        let mut cancel_waiting = Vec::new();
+        let mut cancel_running = Vec::new();
+        for (b, plan) in due.iter().zip(plans) {
             if !plan.skipped.is_empty() {
                 tracing::info!(binding = %b.id, skipped = plan.skipped.len(), runs = plan.run.len(),
                     "binding missed fire times; applying its misfire policy");
+            }
+            let mine: Vec<_> = active.iter().filter(|a| a.binding_id == b.id).collect();
+            let running = mine.iter().filter(|a| a.state == RunState::Running).count();
+            let overlap = plan_overlap(b.policy.overlap, plan.run, running, mine.len() - running);
+            if overlap.cancel_active {
+                for a in &mine {
+                    if a.state == RunState::Running {
+                        cancel_running.push(a.id);
+                    } else {
+                        cancel_waiting.push(a.id);
+                    }
+                }
             }
             let new_run = |time, state, reason: String| NewRun {
                 id: Uuid::now_v7(),
@@ -126,6 +188,10 @@ impl Scheduler {
                 params: b.params.clone(),
                 state,
                 reason,
+                attempt: 1,
+                retry_of: None,
+                policy: b.policy,
+                idempotency_key: None,
             };
             runs.extend(
                 plan.skipped
@@ -133,17 +199,33 @@ impl Scheduler {
                     .map(|(t, reason)| new_run(t, RunState::Skipped, reason)),
             );
             runs.extend(
-                plan.run
+                overlap
+                    .skipped
+                    .into_iter()
+                    .map(|t| new_run(t, RunState::Skipped, REASON_OVERLAP.to_string())),
+            );
+            runs.extend(
+                overlap
+                    .run
                     .into_iter()
                     .map(|t| new_run(t, RunState::Queued, String::new())),
             );
             ids.push(b.id);
             nexts.push(plan.next);
         }
-        let events = db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?;
-        db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts).await?;
+        let mut events = db::runs::run_cancel_waiting(
+            &mut tx,
+            &self.node_id,
+            &cancel_waiting,
+            REASON_OVERLAP,
+            now,
+        )
+        .await?;
+        db::runs::run_request_cancel(&mut tx, &cancel_running, REASON_OVERLAP).await?;
+        events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
+        db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
-        tracing::debug!(due = due.len(), fired = events.len(), "scheduler pass");
+        tracing::debug!(due = due.len(), events = events.len(), "scheduler pass");
         if !events.is_empty() {
             self.bus.publish(events);
             self.executor_wake.notify_one();

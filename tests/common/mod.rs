@@ -315,7 +315,7 @@ pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run
             tenant,
             pb::TriggerRunRequest {
                 binding_id: binding_id.into(),
-                params: None,
+                ..Default::default()
             },
         ))
         .await
