@@ -15,12 +15,15 @@
 //! - [`config`] — command line and `SKED_*` environment.
 //! - [`telemetry`] — logging.
 //! - [`app`] — wiring, background tasks, shutdown order.
-//! - [`domain`] — pure types and rules: schedules (cron, DST), run states,
-//!   params merge (RFC 7396), the clock.
+//! - [`domain`] — pure types and rules: schedules (cron, DST), misfire and
+//!   overlap plans, retry backoff, run states, params merge (RFC 7396), the
+//!   clock.
 //! - [`db`] — all SQL.
 //! - [`grpc`] — the API services, tenant context, status mapping.
-//! - [`scheduler`] — due bindings → queued runs, exactly once.
-//! - [`executor`] — claim queued runs and run their handlers.
+//! - [`scheduler`] — due bindings → queued runs, exactly once; misfire,
+//!   overlap and pause decisions.
+//! - [`executor`] — claim queued runs and run their handlers; leases,
+//!   heartbeat, reaper, retries, timeout, cancel, graceful drain.
 //! - [`events`] — publish run events, the LISTEN/NOTIFY bridge, streams.
 //! - [`embedded_pg`] — the private PostgreSQL of the one-command default.
 
