@@ -478,3 +478,84 @@ pub fn retry_run(
         idempotency_key: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CommandHandler, RetryPolicy, RunPolicy};
+
+    fn ended(state: RunState, reason: &str, attempt: i32, max_attempts: u32) -> Run {
+        let now = chrono::Utc::now();
+        Run {
+            id: Uuid::now_v7(),
+            tenant_id: "t".into(),
+            binding_id: Uuid::now_v7(),
+            definition: "d".into(),
+            trigger: RunTrigger::Schedule,
+            state,
+            attempt,
+            scheduled_time: now,
+            create_time: now,
+            start_time: Some(now),
+            end_time: Some(now),
+            handler: Handler::Command(CommandHandler {
+                program: "true".into(),
+                args: vec![],
+                env: Default::default(),
+                working_dir: String::new(),
+            }),
+            params: serde_json::json!({"a": 1}),
+            result: None,
+            error_message: None,
+            error_summary: None,
+            exit_code: None,
+            node_id: None,
+            reason: (!reason.is_empty()).then(|| reason.to_string()),
+            not_before: now,
+            retry_of: None,
+            policy: RunPolicy {
+                retry: RetryPolicy {
+                    max_attempts,
+                    initial_backoff_ms: 1000,
+                    backoff_coefficient: 2.0,
+                    max_backoff_ms: 60_000,
+                },
+                ..RunPolicy::default()
+            },
+            idempotency_key: None,
+            cancel_reason: None,
+        }
+    }
+
+    #[test]
+    fn retries_follow_the_policy() {
+        let now = chrono::Utc::now();
+        let r = ended(RunState::Failed, "exit code 1", 2, 3);
+        let retry = retry_run(&r, true, now).expect("attempts left");
+        assert_eq!(retry.attempt, 3);
+        assert_eq!(retry.retry_of, Some(r.id));
+        assert_eq!(retry.state, RunState::Scheduled);
+        assert_eq!(retry.trigger, RunTrigger::Retry);
+        assert_eq!(retry.params, r.params);
+        let delay = (retry.not_before - now).num_milliseconds();
+        assert!((1800..=2200).contains(&delay), "2 s ±10 %: {delay}");
+
+        assert!(retry_run(&ended(RunState::TimedOut, "timeout", 1, 2), true, now).is_some());
+        assert!(retry_run(&ended(RunState::Failed, REASON_NODE_LOST, 1, 2), true, now).is_some());
+        assert!(
+            retry_run(
+                &ended(RunState::Cancelled, REASON_SHUTDOWN, 1, 2),
+                true,
+                now
+            )
+            .is_some()
+        );
+        assert!(
+            retry_run(&ended(RunState::Cancelled, "operator", 1, 2), true, now).is_none(),
+            "cancelled runs are not retried"
+        );
+        assert!(retry_run(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
+        assert!(retry_run(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
+        assert!(retry_run(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
+    }
+}
