@@ -3,59 +3,21 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use sked::proto::v1 as pb;
-use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sked_serve_runs_a_working_node_on_an_embedded_database_and_stops_on_sigterm() {
     let dir =
         std::env::temp_dir().join(format!("sked-serve-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sked"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env_remove("DATABASE_URL")
-        .env("SKED_SHUTDOWN_GRACE", "5")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    let channel = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                let ok = tonic_health::pb::health_client::HealthClient::new(ch.clone())
-                    .check(tonic_health::pb::HealthCheckRequest::default())
-                    .await
-                    .is_ok_and(|r| r.into_inner().status == 1);
-                if ok {
-                    return ch;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("node serves within 60 s");
+    let (mut child, channel) = spawn_sked(
+        &["--data-dir".as_ref(), dir.as_os_str()],
+        &[("SKED_SHUTDOWN_GRACE", "5")],
+    )
+    .await;
 
     // The README walkthrough, in code.
     DefinitionServiceClient::new(channel.clone())

@@ -38,8 +38,10 @@ const SUMMARY_CHARS: usize = 500;
 /// [`Executor::kill_grace`]. When the main process has exited, whatever is
 /// left in its group is killed too, so a run leaves nothing behind. The child
 /// also gets `PR_SET_PDEATHSIG(SIGKILL)`: should the sked node be killed
-/// outright, its direct children die with it instead of running on beside
-/// the retry that another node starts.
+/// outright, the run's main process dies with it instead of running on
+/// beside the retry that another node starts. Processes *it* started are not
+/// covered (they outlive a `kill -9` of the node until they end or their
+/// host/container goes); a per-run supervisor process would close that gap.
 pub(crate) async fn execute(
     ex: &Executor,
     run: &Run,

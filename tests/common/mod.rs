@@ -286,14 +286,23 @@ pub async fn define_and_bind(
     tenant: &str,
     def: pb::TaskDefinition,
 ) -> pb::Binding {
+    define_and_bind_via(&node.channel, tenant, def).await
+}
+
+/// [`define_and_bind`] through any channel (e.g. a `sked serve` child).
+pub async fn define_and_bind_via(
+    ch: &Channel,
+    tenant: &str,
+    def: pb::TaskDefinition,
+) -> pb::Binding {
     let name = def.name.clone();
-    node.definitions()
+    DefinitionServiceClient::new(ch.clone())
         .create_definition(pb::CreateDefinitionRequest {
             definition: Some(def),
         })
         .await
         .expect("create definition");
-    node.bindings()
+    BindingServiceClient::new(ch.clone())
         .create_binding(as_tenant(
             tenant,
             pb::CreateBindingRequest {
@@ -310,7 +319,12 @@ pub async fn define_and_bind(
 
 /// Triggers a run of `binding_id` now.
 pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run {
-    node.runs()
+    trigger_via(&node.channel, tenant, binding_id).await
+}
+
+/// [`trigger`] through any channel.
+pub async fn trigger_via(ch: &Channel, tenant: &str, binding_id: &str) -> pb::Run {
+    RunServiceClient::new(ch.clone())
         .trigger_run(as_tenant(
             tenant,
             pb::TriggerRunRequest {
@@ -321,6 +335,55 @@ pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run
         .await
         .expect("trigger run")
         .into_inner()
+}
+
+/// Spawns the real `sked` binary as `sked serve --listen 127.0.0.1:<free
+/// port> <args>`, without the caller's `DATABASE_URL` unless `envs` sets
+/// one; returns the child and a channel once its health check answers
+/// SERVING (within 60 s; panics if the child exits first).
+pub async fn spawn_sked(
+    args: &[&std::ffi::OsStr],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, Channel) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sked"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sked serve");
+    let channel = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(status) = child.try_wait().expect("child status") {
+                panic!("sked serve exited before serving: {status}");
+            }
+            if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let ok = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == 1);
+                if ok {
+                    return ch;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("sked serve answers its health check within 60 s");
+    (child, channel)
 }
 
 /// Opens a TailRun stream on `node`.
