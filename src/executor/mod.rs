@@ -247,7 +247,8 @@ impl Executor {
             Ok(Some(t)) => (t - now)
                 .to_std()
                 .unwrap_or(Duration::ZERO)
-                .clamp(Duration::from_millis(5), self.poll),
+                .max(Duration::from_millis(5))
+                .min(self.poll),
             Ok(None) => self.poll,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the next due run failed");
