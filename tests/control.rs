@@ -630,7 +630,7 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disabled_definition_fires_for_no_tenant_until_enabled() {
+async fn disabled_definitions_and_bindings_do_not_fire_but_can_be_triggered() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     let mut def = sh_def("off", "echo on", every(1));
@@ -665,6 +665,41 @@ async fn a_disabled_definition_fires_for_no_tenant_until_enabled() {
     assert!(
         runs.iter().all(|r| state(r) != pb::RunState::Skipped),
         "the disabled time is not caught up or recorded"
+    );
+
+    // A disabled binding stops firing too; a manual trigger still runs.
+    let off = node
+        .bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    enabled: Some(false),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(off.enabled, Some(false));
+    // A fire already in flight may still land; after that, none.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = runs_of(&node, "acme", &b.id).await.len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        runs_of(&node, "acme", &b.id).await.len(),
+        before,
+        "a disabled binding does not fire"
+    );
+    let manual_run = trigger(&node, "acme", &b.id).await;
+    assert_eq!(
+        state(&wait_terminal(&node, "acme", &manual_run.id).await),
+        pb::RunState::Succeeded
     );
     node.stop().await;
 }
