@@ -183,6 +183,7 @@ impl BindingService for Bindings {
         let old_version = cur.version;
         let now = self.0.clock.now();
         let mut schedule_changed = false;
+        let mut re_enabled = false;
         for path in paths {
             match path {
                 "schedule" => {
@@ -203,7 +204,7 @@ impl BindingService for Bindings {
                 "enabled" => {
                     let on = b.enabled.unwrap_or(true);
                     // Re-enabled: from the next fire after now, no catch-up.
-                    schedule_changed |= on && !cur.enabled;
+                    re_enabled = on && !cur.enabled;
                     cur.enabled = on;
                 }
                 _ => {}
@@ -220,6 +221,9 @@ impl BindingService for Bindings {
                 cur.effective_from,
                 cur.effective_until,
             );
+            cur.next_run_time = cur.effective_schedule.next_after(now);
+        } else if re_enabled {
+            // Same schedule and anchor; only what passed while disabled is dropped.
             cur.next_run_time = cur.effective_schedule.next_after(now);
         }
         cur.effective_params = cur
