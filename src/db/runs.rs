@@ -178,10 +178,25 @@ pub async fn run_insert(
     if waiting {
         notify_runs(&mut *conn).await?;
     }
-    if !events.is_empty() {
-        notify_events(&mut *conn, node_id, events.iter().map(|e| (e.run_id, 1, 1))).await?;
-    }
+    announce(&mut *conn, node_id, &events).await?;
     Ok(events)
+}
+
+/// Announces single state-change `events` (one seq each) on
+/// [`super::CHANNEL_EVENTS`]; nothing when there are none.
+async fn announce<'a>(
+    conn: &mut PgConnection,
+    node_id: &str,
+    events: impl IntoIterator<Item = &'a RunEvent>,
+) -> Result<(), Error> {
+    let ranges: Vec<_> = events
+        .into_iter()
+        .map(|e| (e.run_id, e.seq, e.seq))
+        .collect();
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    notify_events(conn, node_id, ranges).await
 }
 
 /// Tells every node's executor that runs are waiting (or a slot freed up):
@@ -267,14 +282,7 @@ pub async fn run_claim(
         let ev = state_event(&run, seq, now, body.clone());
         out.push((run, ev));
     }
-    if !out.is_empty() {
-        notify_events(
-            &mut *conn,
-            node_id,
-            out.iter().map(|(_, e)| (e.run_id, e.seq, e.seq)),
-        )
-        .await?;
-    }
+    announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
     Ok(out)
 }
 
@@ -374,12 +382,12 @@ pub async fn run_finish(
     let Some(r) = row else { return Ok(None) };
     let seq = r.last_seq;
     let run = Run::try_from(r)?;
-    notify_events(&mut *conn, node_id, [(run.id, seq, seq)]).await?;
+    let ev = state_event(&run, seq, now, body);
+    announce(&mut *conn, node_id, [&ev]).await?;
     if run.policy.overlap != OverlapPolicy::Allow {
         // A run of this binding may have been waiting for this one to end.
         notify_runs(&mut *conn).await?;
     }
-    let ev = state_event(&run, seq, now, body);
     Ok(Some((run, ev)))
 }
 
@@ -438,12 +446,7 @@ pub async fn run_reap(
         out.push((run, ev));
     }
     if !out.is_empty() {
-        notify_events(
-            &mut *conn,
-            node_id,
-            out.iter().map(|(_, e)| (e.run_id, e.seq, e.seq)),
-        )
-        .await?;
+        announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
         notify_runs(&mut *conn).await?;
     }
     Ok(out)
@@ -496,12 +499,7 @@ pub async fn run_promote_due(
         })
         .collect();
     if !events.is_empty() {
-        notify_events(
-            &mut *conn,
-            node_id,
-            events.iter().map(|e| (e.run_id, e.seq, e.seq)),
-        )
-        .await?;
+        announce(&mut *conn, node_id, &events).await?;
         notify_runs(&mut *conn).await?;
     }
     Ok(events)
@@ -558,14 +556,7 @@ pub async fn run_cancel_waiting(
             })
         })
         .collect::<Result<_, Error>>()?;
-    if !events.is_empty() {
-        notify_events(
-            &mut *conn,
-            node_id,
-            events.iter().map(|e| (e.run_id, e.seq, e.seq)),
-        )
-        .await?;
-    }
+    announce(&mut *conn, node_id, &events).await?;
     Ok(events)
 }
 

@@ -237,6 +237,20 @@ pub struct Binding {
     pub version: i64,
 }
 
+impl Binding {
+    /// Whether a pause with an expiry at or before `now` is still recorded
+    /// (it is over; the scheduler clears it at the next fire).
+    pub fn pause_expired(&self, now: DateTime<Utc>) -> bool {
+        self.paused && self.pause_expire_time.is_some_and(|e| e <= now)
+    }
+    /// Ends the pause: not paused, no note, no expiry.
+    pub fn end_pause(&mut self) {
+        self.paused = false;
+        self.pause_note.clear();
+        self.pause_expire_time = None;
+    }
+}
+
 /// The schedule a binding actually fires on: `base` (its override or the
 /// definition's) with an unanchored interval anchored at `anchor`, and its
 /// `start_time`/`end_time` narrowed to the binding's effective window, so a

@@ -171,8 +171,20 @@ impl Executor {
     /// Claims and executes runs until `shutdown`, then drains (module docs).
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
+        // The heartbeat outlives claiming: it keeps renewing leases while
+        // running runs drain, and stops once they are done.
         let heartbeat_stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(Arc::clone(&this).heartbeat(heartbeat_stop.clone()));
+        tokio::join!(
+            async {
+                Arc::clone(&this).claim_and_drain(shutdown).await;
+                heartbeat_stop.cancel();
+            },
+            Arc::clone(&this).heartbeat(heartbeat_stop.clone()),
+        );
+    }
+
+    async fn claim_and_drain(self: Arc<Self>, shutdown: CancellationToken) {
+        let this = self;
         let mut running: JoinSet<()> = JoinSet::new();
         let mut last_reap: Option<tokio::time::Instant> = None;
         loop {
@@ -235,8 +247,6 @@ impl Executor {
                 }
             }
         }
-        heartbeat_stop.cancel();
-        let _ = heartbeat.await;
     }
 
     /// How long the claim loop may sleep: until the next waiting run is due,

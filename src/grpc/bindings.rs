@@ -290,9 +290,7 @@ impl BindingService for Bindings {
                     // From the next fire after now: no catch-up of the pause.
                     b.next_run_time = b.effective_schedule.next_after(now);
                 }
-                b.paused = false;
-                b.pause_note.clear();
-                b.pause_expire_time = None;
+                b.end_pause();
             })
             .await?;
         tracing::info!(binding = %id, next_run_time = ?b.next_run_time, "binding resumed");
@@ -351,10 +349,8 @@ impl Bindings {
 /// A binding as the API shows it at `now`: a pause whose expiry has passed
 /// is over, even before the scheduler has cleared it.
 fn shown(mut b: Binding, now: chrono::DateTime<chrono::Utc>) -> pb::Binding {
-    if b.paused && b.pause_expire_time.is_some_and(|e| e <= now) {
-        b.paused = false;
-        b.pause_note.clear();
-        b.pause_expire_time = None;
+    if b.pause_expired(now) {
+        b.end_pause();
     }
     binding_to(&b)
 }
