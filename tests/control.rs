@@ -63,17 +63,15 @@ async fn fire_for(node: &TestNode, b: &pb::Binding, secs: u64) -> Vec<pb::Run> {
         ))
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(40), async {
-        loop {
-            let runs = runs_of(node, "acme", &b.id).await;
-            if runs.iter().all(is_terminal) {
-                return runs;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+    runs_until(
+        node,
+        "acme",
+        &b.id,
+        Duration::from_secs(40),
+        "every run ends",
+        |runs| runs.iter().all(is_terminal),
+    )
     .await
-    .expect("every run ends")
 }
 
 /// Execution intervals `[start, end]` of the runs that ran, by start.
@@ -229,17 +227,10 @@ async fn failing_twice_then_succeeding_makes_three_runs_linked_by_retry_of_space
     });
     let b = define_and_bind(&node, "acme", def).await;
     let first = trigger(&node, "acme", &b.id).await;
-    let runs = tokio::time::timeout(WAIT, async {
-        loop {
-            let runs = runs_of(&node, "acme", &b.id).await;
-            if runs.len() >= 3 && runs.iter().all(is_terminal) {
-                return runs;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let runs = runs_until(&node, "acme", &b.id, WAIT, "three attempts end", |runs| {
+        runs.len() >= 3 && runs.iter().all(is_terminal)
     })
-    .await
-    .expect("three attempts end");
+    .await;
     let _ = std::fs::remove_file(&state_file);
     let mut runs = runs;
     runs.sort_by_key(|r| r.attempt);
@@ -535,14 +526,10 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     let b = define_and_bind(&node, "acme", sh_def("ticker", "echo tick", every(1))).await;
-    // Wait for a first fire.
-    tokio::time::timeout(WAIT, async {
-        while runs_of(&node, "acme", &b.id).await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    runs_until(&node, "acme", &b.id, WAIT, "a first fire", |r| {
+        !r.is_empty()
     })
-    .await
-    .unwrap();
+    .await;
     let paused_at = now_secs();
     let expire = paused_at + 3.0;
     let p = node
@@ -567,20 +554,19 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         pb::RunState::Succeeded
     );
     // Fires resume by themselves after the expiry.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let runs = runs_of(&node, "acme", &b.id).await;
-            if runs.iter().any(|r| {
+    let runs = runs_until(
+        &node,
+        "acme",
+        &b.id,
+        WAIT,
+        "fires resume after the pause expires",
+        |runs| {
+            runs.iter().any(|r| {
                 r.trigger == pb::RunTrigger::Schedule as i32 && secs(&r.scheduled_time) >= expire
-            }) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("fires resume after the pause expires");
-    let runs = runs_of(&node, "acme", &b.id).await;
+            })
+        },
+    )
+    .await;
     let in_pause: Vec<f64> = runs
         .iter()
         .filter(|r| r.trigger == pb::RunTrigger::Schedule as i32)
@@ -654,14 +640,10 @@ async fn disabled_definitions_and_bindings_do_not_fire_but_can_be_triggered() {
         })
         .await
         .unwrap();
-    tokio::time::timeout(WAIT, async {
-        while runs_of(&node, "acme", &b.id).await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let runs = runs_until(&node, "acme", &b.id, WAIT, "fires once enabled", |r| {
+        !r.is_empty()
     })
-    .await
-    .expect("fires once enabled");
-    let runs = runs_of(&node, "acme", &b.id).await;
+    .await;
     assert!(
         runs.iter().all(|r| state(r) != pb::RunState::Skipped),
         "the disabled time is not caught up or recorded"

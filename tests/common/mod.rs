@@ -495,3 +495,26 @@ pub async fn runs_of(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb:
     out.sort_by_key(|r| r.scheduled_time.unwrap().seconds);
     out
 }
+
+/// Polls the binding's runs ([`runs_of`]) until `done` holds for them, for
+/// at most `limit`; returns them. Panics with `what` on timeout.
+pub async fn runs_until(
+    node: &TestNode,
+    tenant: &str,
+    binding_id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[pb::Run]) -> bool,
+) -> Vec<pb::Run> {
+    tokio::time::timeout(limit, async {
+        loop {
+            let runs = runs_of(node, tenant, binding_id).await;
+            if done(&runs) {
+                return runs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("within {limit:?}: {what}"))
+}
