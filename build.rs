@@ -8,12 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos: [std::path::PathBuf; 5] = [
+    let protos: [std::path::PathBuf; 6] = [
         "proto/sked/v1/common.proto".into(),
         "proto/sked/v1/definition_service.proto".into(),
         "proto/sked/v1/binding_service.proto".into(),
         "proto/sked/v1/run_service.proto".into(),
         "proto/sked/v1/log_service.proto".into(),
+        "proto/sked/v1/admin_service.proto".into(),
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("sked_descriptor.bin"))

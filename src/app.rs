@@ -70,6 +70,9 @@ pub struct Settings {
     pub scheduler_max_sleep: Duration,
     /// Database connections.
     pub db_max_connections: u32,
+    /// Whether calls must carry an API key (SPEC §6). Off only for the
+    /// development mode: embedded database, loopback listener.
+    pub auth: bool,
     /// Source of now.
     pub clock: Clock,
 }
@@ -87,6 +90,7 @@ impl Settings {
             claim_poll: Duration::from_secs(1),
             scheduler_max_sleep: Duration::from_secs(5),
             db_max_connections: 20,
+            auth: true,
             clock: Clock::system(),
         }
     }
@@ -116,7 +120,18 @@ pub async fn serve(
     let pool = db::connect(&settings.database_url, settings.db_max_connections).await?;
     db::migrate(&pool).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, node_id = %settings.node_id, "sked node serving");
+    if settings.auth {
+        if db::tenancy::api_key_count_active(&pool).await? == 0 {
+            tracing::warn!(
+                "authentication is on and no API key exists yet: create the first platform admin key with `sked admin bootstrap-key` (DATABASE_URL set)"
+            );
+        }
+    } else {
+        tracing::warn!(
+            "authentication is OFF (development mode: embedded database on loopback); every caller acts as a platform admin"
+        );
+    }
+    tracing::info!(%addr, node_id = %settings.node_id, auth = settings.auth, "sked node serving");
     serve_with_pool(settings, pool, listener, shutdown).await
 }
 
@@ -138,6 +153,7 @@ async fn serve_with_pool(
         bus: bus.clone(),
         executor_wake: Arc::clone(&wakers.executor),
         streams_stop: streams_stop.clone(),
+        auth: Arc::new(grpc::auth::Auth::new(settings.auth)),
     };
 
     let bridge_task = tokio::spawn(bridge::run(
@@ -220,6 +236,9 @@ async fn serve_with_pool(
         .add_service(pb::log_service_server::LogServiceServer::new(
             grpc::logs::Logs(ctx.clone()),
         ))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(
+            grpc::admin::Admin(ctx.clone()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await;
     // If the server failed on its own, stop everything else too.
@@ -240,11 +259,12 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Service names reported by health (besides the overall "").
-const SERVICES: [&str; 4] = [
+const SERVICES: [&str; 5] = [
     "sked.v1.DefinitionService",
     "sked.v1.BindingService",
     "sked.v1.RunService",
     "sked.v1.LogService",
+    "sked.v1.AdminService",
 ];
 
 async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
@@ -308,6 +328,10 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.lease = Duration::from_secs(args.lease_secs);
     settings.kill_grace = Duration::from_secs(args.kill_grace_secs);
     settings.db_max_connections = args.db_max_connections;
+    // SPEC §6: auth is on whenever DATABASE_URL is set; only the embedded
+    // database on a loopback listener may run without it.
+    settings.auth =
+        args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
     let result = serve(settings, listener, shutdown_signal()).await;
     if let Some(pg) = embedded {
@@ -329,6 +353,44 @@ async fn start_embedded(data_dir: &Path) -> Result<EmbeddedPg, Error> {
     let pg = EmbeddedPg::start(&dir.join("pg")).await?;
     db::ensure_database(&pg.url("postgres"), "sked").await?;
     Ok(pg)
+}
+
+/// `sked admin bootstrap-key`: creates a platform admin key directly in
+/// the database (applying migrations first) and returns its token, to be
+/// printed once. Audited with actor `cli`.
+///
+/// # Errors
+/// [`Error`] when the database is unreachable or refuses.
+pub async fn bootstrap_key(database_url: &str, name: &str) -> Result<String, Error> {
+    let pool = db::connect(database_url, 2).await?;
+    db::migrate(&pool).await?;
+    let now = Clock::system().now();
+    let mut tx = pool.begin().await.map_err(db::Error::from)?;
+    let (key, token) = grpc::admin::create_key(
+        &mut tx,
+        name.to_string(),
+        crate::domain::Role::Admin,
+        None,
+        None,
+        now,
+    )
+    .await?;
+    let event = crate::domain::tenancy::AuditEvent {
+        id: uuid::Uuid::now_v7(),
+        time: now,
+        key_id: None,
+        actor: "cli".into(),
+        tenant_id: None,
+        method: "sked admin bootstrap-key".into(),
+        target: format!("api_key/{}", key.id),
+        before: None,
+        after: Some(grpc::audit::api_key(&key)),
+    };
+    db::tenancy::audit_insert(&mut *tx, &event).await?;
+    tx.commit().await.map_err(db::Error::from)?;
+    pool.close().await;
+    tracing::info!(key_id = %key.id, "platform admin key created");
+    Ok(token)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -34,6 +34,29 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate(MigrateArgs),
+    /// Administration straight on the database.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `sked admin ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create a platform admin API key directly in the database and print
+    /// its token once on stdout (the first key of a deployment, or a
+    /// break-glass key). The token is not stored and not logged.
+    BootstrapKey(BootstrapKeyArgs),
+}
+
+/// `sked admin bootstrap-key`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BootstrapKeyArgs {
+    /// PostgreSQL URL of the deployment.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Name of the key, for people.
+    #[arg(long, default_value = "bootstrap")]
+    pub name: String,
 }
 
 /// `sked serve`.
@@ -71,6 +94,10 @@ pub struct ServeArgs {
     /// Database connections of this node.
     #[arg(long, env = "SKED_DB_MAX_CONNECTIONS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(4..=1000))]
     pub db_max_connections: u32,
+    /// Require API keys even in the embedded development mode. Auth is
+    /// always on when DATABASE_URL is set or the listener is not loopback.
+    #[arg(long, env = "SKED_REQUIRE_AUTH")]
+    pub require_auth: bool,
 }
 
 /// `sked migrate`.

@@ -168,7 +168,10 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
     // Deleting a definition that is still bound.
     let s = node
         .definitions()
-        .delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() })
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "ok".into(),
+            force: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
@@ -177,7 +180,10 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
         .await
         .unwrap();
     node.definitions()
-        .delete_definition(pb::DeleteDefinitionRequest { name: "ok".into() })
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "ok".into(),
+            force: false,
+        })
         .await
         .unwrap();
     let s = node

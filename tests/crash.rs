@@ -20,32 +20,47 @@ use tonic::transport::Channel;
 const TENANT: &str = "acme";
 
 /// `sked serve` against `db_url` as node `node_id`, with extra `envs`.
-async fn spawn_node(db_url: &str, node_id: &str, envs: &[(&str, &str)]) -> (Child, Channel) {
+/// With DATABASE_URL set the node requires API keys: `token` is a platform
+/// admin key made with `sked admin bootstrap-key`'s library call.
+async fn spawn_node(
+    db_url: &str,
+    node_id: &str,
+    envs: &[(&str, &str)],
+) -> (Child, Channel, String) {
+    let token = sked::app::bootstrap_key(db_url, "crash-test")
+        .await
+        .expect("bootstrap key");
     let mut all = vec![("DATABASE_URL", db_url), ("SKED_NODE_ID", node_id)];
     all.extend_from_slice(envs);
-    spawn_sked(&[], &all).await
+    let (child, ch) = spawn_sked(&[], &all).await;
+    (child, ch, token)
 }
 
 fn pid_of(child: &Child) -> i32 {
     child.id().expect("child still running") as i32
 }
 
-async fn get_run(ch: &Channel, run_id: &str) -> pb::Run {
+async fn get_run(ch: &Channel, token: &str, run_id: &str) -> pb::Run {
     RunServiceClient::new(ch.clone())
-        .get_run(as_tenant(TENANT, pb::GetRunRequest { id: run_id.into() }))
+        .get_run(request(
+            TENANT,
+            Some(token),
+            pb::GetRunRequest { id: run_id.into() },
+        ))
         .await
         .expect("get run")
         .into_inner()
 }
 
 /// Every persisted event of a run (all ListRunEvents pages), in seq order.
-async fn run_events(ch: &Channel, run_id: &str) -> Vec<pb::RunEvent> {
+async fn run_events(ch: &Channel, token: &str, run_id: &str) -> Vec<pb::RunEvent> {
     let mut out = Vec::new();
     let mut after_seq = 0;
     loop {
         let page = LogServiceClient::new(ch.clone())
-            .list_run_events(as_tenant(
+            .list_run_events(request(
                 TENANT,
+                Some(token),
                 pb::ListRunEventsRequest {
                     run_id: run_id.into(),
                     after_seq,
@@ -66,6 +81,7 @@ async fn run_events(ch: &Channel, run_id: &str) -> Vec<pb::RunEvent> {
 /// Polls the run every 50 ms until `done` holds, for at most `limit`.
 async fn wait_run(
     ch: &Channel,
+    token: &str,
     run_id: &str,
     limit: Duration,
     what: &str,
@@ -74,7 +90,7 @@ async fn wait_run(
     let mut last = None;
     let found = tokio::time::timeout(limit, async {
         loop {
-            let run = get_run(ch, run_id).await;
+            let run = get_run(ch, token, run_id).await;
             if done(&run) {
                 return run;
             }
@@ -87,10 +103,10 @@ async fn wait_run(
 }
 
 /// Polls the run's log until a line starting with `pid ` appears; returns the pid.
-async fn wait_pid_line(ch: &Channel, run_id: &str) -> i32 {
+async fn wait_pid_line(ch: &Channel, token: &str, run_id: &str) -> i32 {
     tokio::time::timeout(WAIT, async {
         loop {
-            let lines = log_lines(&run_events(ch, run_id).await);
+            let lines = log_lines(&run_events(ch, token, run_id).await);
             if let Some(pid) = lines.iter().find_map(|l| l.strip_prefix("pid ")) {
                 return pid.parse().expect("pid line holds a number");
             }
@@ -155,7 +171,7 @@ fn to_system_time(t: &prost_types::Timestamp) -> SystemTime {
 async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewhere() {
     const LEASE: Duration = Duration::from_secs(2);
     let db = TestDb::new().await;
-    let (mut victim, ch) = spawn_node(&db.url, "victim", &[("SKED_LEASE", "2")]).await;
+    let (mut victim, ch, token) = spawn_node(&db.url, "victim", &[("SKED_LEASE", "2")]).await;
 
     let mut def = sh_def(
         "flaky",
@@ -167,9 +183,9 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
         initial_backoff: secs(1),
         ..Default::default()
     });
-    let binding_id = define_and_bind_via(&ch, TENANT, def).await.id;
-    let first = trigger_via(&ch, TENANT, &binding_id).await;
-    let first = wait_run(&ch, &first.id, WAIT, "RUNNING on victim", |r| {
+    let binding_id = define_and_bind_via(&ch, TENANT, Some(&token), def).await.id;
+    let first = trigger_via(&ch, TENANT, Some(&token), &binding_id).await;
+    let first = wait_run(&ch, &token, &first.id, WAIT, "RUNNING on victim", |r| {
         r.state == pb::RunState::Running as i32
     })
     .await;
@@ -179,7 +195,7 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
     // The shell is up (and leads the run's process group). The `sleep` it
     // starts is its child, not sked's: it outlives a SIGKILL of the node, so
     // the guard kills what is left of the group when the test ends.
-    let pgid = wait_pid_line(&ch, &first.id).await;
+    let pgid = wait_pid_line(&ch, &token, &first.id).await;
     let _leftovers = KillGroupOnDrop(pgid);
 
     let mut s = settings(&db, "survivor");
@@ -202,6 +218,7 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
     // The survivor's reaper fails the run within 2 × lease (+1 s of polling).
     let lost = wait_run(
         &survivor.channel,
+        &token,
         &first.id,
         2 * LEASE + Duration::from_secs(1),
         "FAILED/node_lost",
@@ -219,7 +236,7 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
         ended_after <= 2 * LEASE,
         "reaped {ended_after:?} after the kill (seen after {noticed_after:?}); lease {LEASE:?}"
     );
-    let events = run_events(&survivor.channel, &first.id).await;
+    let events = run_events(&survivor.channel, &token, &first.id).await;
     assert_dense(&events);
     assert_eq!(
         last_state_change(&events),
@@ -245,7 +262,7 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
     let retry = wait_terminal(&survivor, TENANT, &retry.id).await;
     assert_eq!(retry.state, pb::RunState::Succeeded as i32, "{retry:#?}");
     assert_eq!(retry.node_id, "survivor");
-    let events = run_events(&survivor.channel, &retry.id).await;
+    let events = run_events(&survivor.channel, &token, &retry.id).await;
     assert_dense(&events);
     let lines = log_lines(&events);
     assert!(
@@ -253,7 +270,7 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
         "retry log: {lines:?}"
     );
     assert!(
-        !log_lines(&run_events(&survivor.channel, &first.id).await)
+        !log_lines(&run_events(&survivor.channel, &token, &first.id).await)
             .iter()
             .any(|l| l.ends_with("done")),
         "the lost attempt never finished"
@@ -272,7 +289,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     // "short" needs ~1.5 s; the grace leaves it twice that on a loaded machine.
     const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
     let db = TestDb::new().await;
-    let (mut child, ch) = spawn_node(
+    let (mut child, ch, token) = spawn_node(
         &db.url,
         "draining",
         &[("SKED_SHUTDOWN_GRACE", "3"), ("SKED_KILL_GRACE", "1")],
@@ -282,6 +299,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     let short_binding = define_and_bind_via(
         &ch,
         TENANT,
+        Some(&token),
         sh_def(
             "short",
             "for i in $(seq 1 20); do echo line $i; sleep 0.07; done",
@@ -293,20 +311,21 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     let long_binding = define_and_bind_via(
         &ch,
         TENANT,
+        Some(&token),
         sh_def("long", "echo started; echo pid $$; sleep 30", manual()),
     )
     .await
     .id;
-    let short = trigger_via(&ch, TENANT, &short_binding).await;
-    let long = trigger_via(&ch, TENANT, &long_binding).await;
+    let short = trigger_via(&ch, TENANT, Some(&token), &short_binding).await;
+    let long = trigger_via(&ch, TENANT, Some(&token), &long_binding).await;
     for run in [&short, &long] {
-        let r = wait_run(&ch, &run.id, WAIT, "RUNNING", |r| {
+        let r = wait_run(&ch, &token, &run.id, WAIT, "RUNNING", |r| {
             r.state == pb::RunState::Running as i32
         })
         .await;
         assert_eq!(r.node_id, "draining");
     }
-    let pgid = wait_pid_line(&ch, &long.id).await;
+    let pgid = wait_pid_line(&ch, &token, &long.id).await;
 
     let term_wall = SystemTime::now();
     // SAFETY: signalling our own child.
@@ -344,9 +363,9 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     s.max_concurrent_runs = 0;
     let reader = TestNode::start_with(s).await;
 
-    let short = get_run(&reader.channel, &short.id).await;
+    let short = get_run(&reader.channel, &token, &short.id).await;
     assert_eq!(short.state, pb::RunState::Succeeded as i32, "{short:#?}");
-    let events = run_events(&reader.channel, &short.id).await;
+    let events = run_events(&reader.channel, &token, &short.id).await;
     assert_dense(&events);
     let want: Vec<String> = (1..=20).map(|i| format!("line {i}")).collect();
     assert_eq!(log_lines(&events), want);
@@ -360,7 +379,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
         "{events:#?}"
     );
 
-    let long = get_run(&reader.channel, &long.id).await;
+    let long = get_run(&reader.channel, &token, &long.id).await;
     assert_eq!(long.state, pb::RunState::Cancelled as i32, "{long:#?}");
     assert_eq!(long.reason, "shutdown");
     let cancelled_after = to_system_time(long.end_time.as_ref().expect("end_time"))
@@ -370,7 +389,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
         cancelled_after >= SHUTDOWN_GRACE,
         "cancelled {cancelled_after:?} after SIGTERM, before the grace was over"
     );
-    let events = run_events(&reader.channel, &long.id).await;
+    let events = run_events(&reader.channel, &token, &long.id).await;
     assert_dense(&events);
     let lines = log_lines(&events);
     assert_eq!(

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
 use super::{Error, decode, encode, policy_from_cols};
-use crate::domain::Definition;
+use crate::domain::{Definition, TenantScope};
 
 struct Row {
     name: String,
@@ -22,6 +22,8 @@ struct Row {
     timeout_secs: Option<i32>,
     priority: i32,
     enabled: bool,
+    protected: bool,
+    tenant_scope: Option<Vec<String>>,
     create_time: DateTime<Utc>,
     update_time: DateTime<Utc>,
     version: i64,
@@ -46,6 +48,11 @@ impl TryFrom<Row> for Definition {
                 r.priority,
             )?,
             enabled: r.enabled,
+            protected: r.protected,
+            tenant_scope: match r.tenant_scope {
+                None => TenantScope::AllTenants,
+                Some(l) => TenantScope::AllowList(l),
+            },
             create_time: r.create_time,
             update_time: r.update_time,
             version: r.version,
@@ -61,8 +68,8 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
     sqlx::query!(
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
                                   create_time, update_time, version, misfire_policy, overlap_policy,
-                                  retry_policy, timeout_secs, priority, enabled)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                                  retry_policy, timeout_secs, priority, enabled, protected, tenant_scope)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         d.name,
         d.display_name,
         d.description,
@@ -79,45 +86,61 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         d.policy.timeout_secs.map(|t| t as i32),
         d.policy.priority,
         d.enabled,
+        d.protected,
+        d.tenant_scope.as_list(),
     )
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// Gets the definition `name`.
+/// Gets the definition `name`, if `visible_to` (a tenant; `None` = the
+/// platform, which sees all) is in its tenant scope.
 ///
 /// # Errors
-/// [`Error::NotFound`] when there is none.
-pub async fn definition_get(db: impl PgExecutor<'_>, name: &str) -> Result<Definition, Error> {
+/// [`Error::NotFound`] when there is none, or the tenant may not see it.
+pub async fn definition_get(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    visible_to: Option<&str>,
+) -> Result<Definition, Error> {
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
-         FROM definitions WHERE name = $1",
-        name
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
+                create_time, update_time, version
+         FROM definitions
+         WHERE name = $1 AND ($2::text IS NULL OR tenant_scope IS NULL OR $2 = ANY (tenant_scope))",
+        name,
+        visible_to
     )
     .fetch_one(db)
     .await?
     .try_into()
 }
 
-/// Lists up to `limit` definitions with name > `after`, in name order.
+/// Lists up to `limit` definitions with name > `after`, in name order; for
+/// a tenant (`visible_to`), only those in its tenant scope.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn definition_list(
     db: impl PgExecutor<'_>,
     after: &str,
+    visible_to: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Definition>, Error> {
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
-         FROM definitions WHERE name > $1 ORDER BY name LIMIT $2",
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
+                create_time, update_time, version
+         FROM definitions
+         WHERE name > $1 AND ($3::text IS NULL OR tenant_scope IS NULL OR $3 = ANY (tenant_scope))
+         ORDER BY name LIMIT $2",
         after,
-        limit
+        limit,
+        visible_to
     )
     .fetch_all(db)
     .await?
@@ -126,38 +149,59 @@ pub async fn definition_list(
     .collect()
 }
 
-/// Deletes the definition `name` unless a binding still uses it (checked in
-/// the same statement, so a concurrent bind fails on the foreign key instead).
+/// Deletes the definition `name` (locked by the caller with
+/// [`definition_get_for_update`]). Without `force`, only while no binding
+/// uses it; with `force`, its bindings are deleted first (their runs stay as
+/// history, like DeleteBinding's). Returns the deleted bindings' ids.
 ///
 /// # Errors
-/// [`Error::NotFound`]; [`Error::FailedPrecondition`] with the binding count.
-pub async fn definition_delete(db: impl PgExecutor<'_>, name: &str) -> Result<(), Error> {
+/// [`Error::FailedPrecondition`] when it is protected, or bound and not
+/// forced (a concurrent bind then fails on the foreign key instead);
+/// [`Error::NotFound`].
+pub async fn definition_delete(
+    db: &mut sqlx::PgConnection,
+    name: &str,
+    force: bool,
+) -> Result<Vec<uuid::Uuid>, Error> {
     let r = sqlx::query!(
-        r#"WITH b AS (SELECT count(*) AS n FROM bindings WHERE definition = $1),
-                d AS (DELETE FROM definitions WHERE name = $1 AND (SELECT n FROM b) = 0 RETURNING name)
-           SELECT (SELECT n FROM b) AS "bindings!", (SELECT count(*) FROM d) AS "deleted!",
-                  EXISTS (SELECT 1 FROM definitions WHERE name = $1) AS "exists!""#,
+        r#"SELECT protected, (SELECT count(*) FROM bindings WHERE definition = $1) AS "bindings!"
+           FROM definitions WHERE name = $1"#,
         name
     )
-    .fetch_one(db)
-    .await;
-    let r = match r {
-        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
-            return Err(Error::FailedPrecondition(
-                "definition is still bound".into(),
-            ));
-        }
-        r => r?,
-    };
-    if r.deleted > 0 {
-        Ok(())
-    } else if r.exists {
-        Err(Error::FailedPrecondition(format!(
-            "definition {name:?} still has {} binding(s); delete them first",
+    .fetch_optional(&mut *db)
+    .await?
+    .ok_or(Error::NotFound)?;
+    if r.protected {
+        return Err(Error::FailedPrecondition(format!(
+            "definition {name:?} is protected: it can be disabled, not deleted"
+        )));
+    }
+    if r.bindings > 0 && !force {
+        return Err(Error::FailedPrecondition(format!(
+            "definition {name:?} still has {} binding(s); delete them first or pass force",
             r.bindings
-        )))
-    } else {
-        Err(Error::NotFound)
+        )));
+    }
+    let bindings = sqlx::query_scalar!(
+        "DELETE FROM bindings WHERE definition = $1 RETURNING id",
+        name
+    )
+    .fetch_all(&mut *db)
+    .await?;
+    let r = sqlx::query!(
+        r#"WITH d AS (DELETE FROM definitions WHERE name = $1 RETURNING name)
+           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM d"#,
+        name
+    )
+    .fetch_one(&mut *db)
+    .await;
+    match r {
+        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(
+            Error::FailedPrecondition(format!("definition {name:?} was bound concurrently")),
+        ),
+        Err(e) => Err(e.into()),
+        Ok(r) if r.n == 0 => Err(Error::NotFound),
+        Ok(_) => Ok(bindings),
     }
 }
 
@@ -172,7 +216,8 @@ pub async fn definition_get_for_update(
     sqlx::query_as!(
         Row,
         "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
-                overlap_policy, retry_policy, timeout_secs, priority, enabled, create_time, update_time, version
+                overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
+                create_time, update_time, version
          FROM definitions WHERE name = $1 FOR UPDATE",
         name
     )
@@ -194,7 +239,8 @@ pub async fn definition_update(
     let r = sqlx::query!(
         "UPDATE definitions SET display_name = $2, description = $3, labels = $4, handler = $5, schedule = $6,
                 params = $7, misfire_policy = $8, update_time = $9, version = $10, overlap_policy = $12,
-                retry_policy = $13, timeout_secs = $14, priority = $15, enabled = $16
+                retry_policy = $13, timeout_secs = $14, priority = $15, enabled = $16, protected = $17,
+                tenant_scope = $18
          WHERE name = $1 AND version = $11",
         d.name,
         d.display_name,
@@ -212,6 +258,8 @@ pub async fn definition_update(
         d.policy.timeout_secs.map(|t| t as i32),
         d.policy.priority,
         d.enabled,
+        d.protected,
+        d.tenant_scope.as_list(),
     )
     .execute(db)
     .await?;
@@ -220,4 +268,25 @@ pub async fn definition_update(
     } else {
         Ok(())
     }
+}
+
+/// Tenants (up to 10) that have a binding of definition `name` but are not
+/// in `allow`: a tenant scope narrowed to `allow` would strand them.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn definition_bound_outside(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    allow: &[String],
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT DISTINCT tenant_id FROM bindings
+         WHERE definition = $1 AND NOT (tenant_id = ANY ($2))
+         ORDER BY tenant_id LIMIT 10",
+        name,
+        allow
+    )
+    .fetch_all(db)
+    .await?)
 }

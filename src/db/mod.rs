@@ -11,6 +11,7 @@ pub mod bindings;
 pub mod definitions;
 pub mod events;
 pub mod runs;
+pub mod tenancy;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -43,6 +44,9 @@ pub enum Error {
     /// has bindings).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A tenant quota refuses the operation; carries the explanation.
+    #[error("quota exceeded: {0}")]
+    ResourceExhausted(String),
     /// A conditional update found a newer version (etag mismatch).
     #[error("conflict: the row changed")]
     Conflict,

@@ -212,7 +212,13 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 }
 
 /// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
-/// `node_id`: highest priority first, then oldest due time; `FOR UPDATE SKIP
+/// `node_id`, in fair-share order: highest priority first; then round-robin
+/// across tenants (each tenant's runs are ranked, and rank 1 of every tenant
+/// goes before rank 2 of any, ties going to the tenant served least recently
+/// per `tenant_claims`), so a tenant with thousands of queued runs cannot
+/// starve one with a single run; then oldest due time. A tenant at its
+/// `max_concurrent_runs` quota gets nothing (its due runs are marked
+/// `throttled` for usage reports) and waits `QUEUED`. `FOR UPDATE SKIP
 /// LOCKED`, so nodes never claim the same run. A run whose overlap policy is
 /// not `ALLOW` is passed over while its binding has a `RUNNING` run, and at
 /// most one such run per binding is claimed at once (the unique index
@@ -236,28 +242,57 @@ pub async fn run_claim(
         to: RunState::Running,
         reason: String::new(),
     };
+    // Claims are serialised across nodes (a transaction-scoped advisory
+    // lock), so the tenants' running counts below are exact and a
+    // concurrency quota is never exceeded by two nodes claiming at once.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query_as!(
         RunRow,
-        r#"WITH cand AS (
-             SELECT q.id, q.binding_id, q.overlap_policy, q.priority, q.not_before FROM runs q
+        r#"WITH due AS (
+             SELECT q.id, q.tenant_id, q.binding_id, q.overlap_policy, q.priority, q.not_before, q.throttled,
+                    row_number() OVER (PARTITION BY q.binding_id ORDER BY q.priority DESC, q.not_before, q.id) AS bn
+             FROM runs q
              WHERE q.state = 'QUEUED' AND q.not_before <= $1
                AND (q.overlap_policy = 'ALLOW' OR NOT EXISTS (
                       SELECT 1 FROM runs x WHERE x.binding_id = q.binding_id AND x.state = 'RUNNING'
-                                             AND x.overlap_policy <> 'ALLOW'))
-             ORDER BY q.priority DESC, q.not_before
-             LIMIT $4
-             FOR UPDATE SKIP LOCKED),
+                                             AND x.overlap_policy <> 'ALLOW'))),
+           per_tenant AS (
+             SELECT d.*, row_number() OVER (PARTITION BY d.tenant_id ORDER BY d.priority DESC, d.not_before, d.id) AS tn
+             FROM due d WHERE d.overlap_policy = 'ALLOW' OR d.bn = 1),
+           room AS (
+             SELECT tq.tenant_id,
+                    tq.max_concurrent_runs - (SELECT count(*) FROM runs r
+                                              WHERE r.tenant_id = tq.tenant_id AND r.state = 'RUNNING') AS room
+             FROM tenant_quotas tq
+             WHERE tq.max_concurrent_runs IS NOT NULL
+               AND tq.tenant_id IN (SELECT DISTINCT tenant_id FROM per_tenant)),
+           ranked AS (
+             SELECT p.id, p.tenant_id, p.priority, p.tn, p.not_before, p.throttled,
+                    (rm.room IS NOT NULL AND p.tn > rm.room) AS over
+             FROM per_tenant p LEFT JOIN room rm ON rm.tenant_id = p.tenant_id),
            pick AS (
-             SELECT id FROM (
-               SELECT id, overlap_policy,
-                      row_number() OVER (PARTITION BY binding_id ORDER BY priority DESC, not_before, id) AS n
-               FROM cand) t
-             WHERE overlap_policy = 'ALLOW' OR n = 1),
+             SELECT r.id FROM ranked r LEFT JOIN tenant_claims tc ON tc.tenant_id = r.tenant_id
+             WHERE NOT r.over
+             ORDER BY r.priority DESC, r.tn, tc.last_claim_time NULLS FIRST, r.not_before, r.id
+             LIMIT $4),
+           locked AS (
+             SELECT id FROM runs WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
+             FOR UPDATE SKIP LOCKED),
+           throttle AS (
+             UPDATE runs SET throttled = true
+             WHERE id IN (SELECT id FROM ranked WHERE over AND NOT throttled)),
            c AS (
              UPDATE runs SET state = 'RUNNING', start_time = $1, node_id = $2, lease_expires_at = $3,
                              last_seq = last_seq + 1
-             WHERE id IN (SELECT id FROM pick)
+             WHERE id IN (SELECT id FROM locked)
              RETURNING *),
+           served AS (
+             INSERT INTO tenant_claims (tenant_id, last_claim_time)
+             SELECT DISTINCT tenant_id, $1::timestamptz FROM c
+             ON CONFLICT (tenant_id) DO UPDATE SET last_claim_time = EXCLUDED.last_claim_time),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT c.id, c.last_seq, $1, c.tenant_id, c.binding_id, c.definition, 'state_changed', $5 FROM c
@@ -273,7 +308,7 @@ pub async fn run_claim(
         limit,
         encode(&body),
     )
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
@@ -282,9 +317,13 @@ pub async fn run_claim(
         let ev = state_event(&run, seq, now, body.clone());
         out.push((run, ev));
     }
-    announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
+    announce(&mut tx, node_id, out.iter().map(|(_, e)| e)).await?;
+    tx.commit().await?;
     Ok(out)
 }
+
+/// Advisory lock key serialising claims across nodes ("skedclai").
+const CLAIM_LOCK: i64 = 0x736b_6564_636c_6169;
 
 fn state_event(run: &Run, seq: i64, now: DateTime<Utc>, body: EventBody) -> RunEvent {
     RunEvent {

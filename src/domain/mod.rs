@@ -6,6 +6,7 @@ pub mod clock;
 pub mod misfire;
 pub mod policy;
 pub mod schedule;
+pub mod tenancy;
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,7 @@ pub use clock::Clock;
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
+pub use tenancy::{Role, TenantScope};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
 /// `definition.name`), `reason` a sentence a user can act on.
@@ -186,6 +188,11 @@ pub struct Definition {
     pub policy: RunPolicy,
     /// A disabled definition fires for no tenant (manual triggers still work).
     pub enabled: bool,
+    /// A protected definition cannot be deleted, only disabled.
+    pub protected: bool,
+    /// Which tenants may bind it (checked on bind; tenant keys see only
+    /// definitions in scope).
+    pub tenant_scope: TenantScope,
     /// Set by the database layer.
     pub create_time: DateTime<Utc>,
     /// Set by the database layer.

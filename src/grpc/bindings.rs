@@ -3,15 +3,25 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::audit;
+use super::auth::Caller;
 use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
-use super::{Ctx, check_etag, db_status, invalid, page_size, parse_uuid, tenant, update_paths};
+use super::{Ctx, check_etag, db_status, invalid, page_size, parse_uuid, update_paths};
 use crate::db;
 use crate::domain::{
-    Binding, FieldViolation, effective_schedule, merge_params, validate_definition_name,
+    Binding, FieldViolation, Role, effective_schedule, merge_params, validate_definition_name,
     validate_effective_window,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
+
+const M_CREATE: &str = "sked.v1.BindingService/CreateBinding";
+const M_GET: &str = "sked.v1.BindingService/GetBinding";
+const M_LIST: &str = "sked.v1.BindingService/ListBindings";
+const M_UPDATE: &str = "sked.v1.BindingService/UpdateBinding";
+const M_DELETE: &str = "sked.v1.BindingService/DeleteBinding";
+const M_PAUSE: &str = "sked.v1.BindingService/PauseBinding";
+const M_RESUME: &str = "sked.v1.BindingService/ResumeBinding";
 
 /// Implements `BindingService`.
 #[derive(Debug, Clone)]
@@ -23,7 +33,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::CreateBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_CREATE).await?;
         let b = req
             .into_inner()
             .binding
@@ -32,15 +42,22 @@ impl BindingService for Bindings {
         let schedule = schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
         let params = b.params.as_ref().map(struct_to_json);
         let (effective_from, effective_until) = window_from(&b)?;
-        let def = db::definitions::definition_get(&self.0.pool, &b.definition)
-            .await
-            .map_err(|e| match e {
-                db::Error::NotFound => Status::not_found(format!(
-                    "binding.definition: definition {:?} not found",
-                    b.definition
-                )),
-                e => db_status(e, "definition"),
-            })?;
+        let def =
+            db::definitions::definition_get(&self.0.pool, &b.definition, caller.tenant.as_deref())
+                .await
+                .map_err(|e| match e {
+                    db::Error::NotFound => Status::not_found(format!(
+                        "binding.definition: definition {:?} not found",
+                        b.definition
+                    )),
+                    e => db_status(e, "definition"),
+                })?;
+        if !def.tenant_scope.allows(&tenant_id) {
+            return Err(Status::failed_precondition(format!(
+                "definition {:?} may not be bound by tenant {tenant_id:?}: its tenant_scope excludes it",
+                def.name
+            )));
+        }
         let now = self.0.clock.now();
         let effective = effective_schedule(
             schedule.as_ref().unwrap_or(&def.schedule),
@@ -70,7 +87,16 @@ impl BindingService for Bindings {
             pause_expire_time: None,
             effective_policy: def.policy,
         };
-        db::bindings::binding_insert(&self.0.pool, &binding)
+        let mut tx = self
+            .0
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_status(e.into(), "binding"))?;
+        db::tenancy::quota_check_new_binding(&mut tx, &binding.tenant_id)
+            .await
+            .map_err(|e| db_status(e, "binding"))?;
+        db::bindings::binding_insert(&mut *tx, &binding)
             .await
             .map_err(|e| match e {
                 db::Error::NotFound => Status::not_found(format!(
@@ -83,6 +109,20 @@ impl BindingService for Bindings {
                 )),
                 e => db_status(e, "binding"),
             })?;
+        let event = caller.audit(
+            now,
+            Some(&binding.tenant_id),
+            M_CREATE,
+            format!("binding/{}", binding.id),
+            None,
+            Some(audit::binding(&binding)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, "binding"))?;
+        tx.commit()
+            .await
+            .map_err(|e| db_status(e.into(), "binding"))?;
         tracing::info!(binding = %binding.id, tenant = %binding.tenant_id, definition = %binding.definition,
             next_run_time = ?binding.next_run_time, "binding created");
         Ok(Response::new(binding_to(&binding)))
@@ -92,7 +132,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::GetBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_GET).await?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let b = db::bindings::binding_get(&self.0.pool, &tenant_id, id)
             .await
@@ -104,7 +144,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::ListBindingsRequest>,
     ) -> Result<Response<pb::ListBindingsResponse>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_LIST).await?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let after = if r.page_token.is_empty() {
@@ -135,7 +175,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::UpdateBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_UPDATE).await?;
         let r = req.into_inner();
         let b = r
             .binding
@@ -180,6 +220,7 @@ impl BindingService for Bindings {
             .await
             .map_err(|e| db_status(e, &what))?;
         check_etag(&what, &b.etag, cur.version)?;
+        let before = audit::binding(&cur);
         let old_version = cur.version;
         let now = self.0.clock.now();
         let mut schedule_changed = false;
@@ -210,7 +251,7 @@ impl BindingService for Bindings {
                 _ => {}
             }
         }
-        let def = db::definitions::definition_get(&mut *tx, &cur.definition)
+        let def = db::definitions::definition_get(&mut *tx, &cur.definition, None)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", cur.definition)))?;
         validate_effective_window(cur.effective_from, cur.effective_until).map_err(invalid)?;
@@ -235,6 +276,17 @@ impl BindingService for Bindings {
         db::bindings::binding_update(&mut *tx, &cur, old_version)
             .await
             .map_err(|e| db_status(e, &what))?;
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            M_UPDATE,
+            format!("binding/{id}"),
+            Some(before),
+            Some(audit::binding(&cur)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(binding = %id, version = cur.version, schedule_changed, next_run_time = ?cur.next_run_time, "binding updated");
         Ok(Response::new(shown(cur, now)))
@@ -244,7 +296,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::PauseBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_PAUSE).await?;
         let r = req.into_inner();
         let id = parse_uuid("id", &r.id)?;
         if r.note.chars().count() > MAX_NOTE {
@@ -267,7 +319,7 @@ impl BindingService for Bindings {
             )));
         }
         let b = self
-            .set_pause(&tenant_id, id, now, |b| {
+            .set_pause(&caller, M_PAUSE, &tenant_id, id, now, |b| {
                 b.paused = true;
                 b.pause_note = r.note.clone();
                 b.pause_expire_time = expire;
@@ -281,11 +333,11 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::ResumeBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_RESUME).await?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let now = self.0.clock.now();
         let b = self
-            .set_pause(&tenant_id, id, now, |b| {
+            .set_pause(&caller, M_RESUME, &tenant_id, id, now, |b| {
                 if b.paused {
                     // From the next fire after now: no catch-up of the pause.
                     b.next_run_time = b.effective_schedule.next_after(now);
@@ -301,11 +353,33 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::DeleteBindingRequest>,
     ) -> Result<Response<pb::DeleteBindingResponse>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_DELETE).await?;
         let id = parse_uuid("id", &req.get_ref().id)?;
-        db::bindings::binding_delete(&self.0.pool, &tenant_id, id)
+        let what = format!("binding {id}");
+        let mut tx = self
+            .0
+            .pool
+            .begin()
             .await
-            .map_err(|e| db_status(e, format_args!("binding {id}")))?;
+            .map_err(|e| db_status(e.into(), &what))?;
+        let before = db::bindings::binding_get_for_update(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        db::bindings::binding_delete(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let event = caller.audit(
+            self.0.clock.now(),
+            Some(&tenant_id),
+            M_DELETE,
+            format!("binding/{id}"),
+            Some(audit::binding(&before)),
+            None,
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }
@@ -319,6 +393,8 @@ impl Bindings {
     /// writes it (new version), waking the schedulers.
     async fn set_pause(
         &self,
+        caller: &Caller,
+        method: &str,
         tenant_id: &str,
         id: Uuid,
         now: chrono::DateTime<chrono::Utc>,
@@ -334,11 +410,23 @@ impl Bindings {
         let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
             .await
             .map_err(|e| db_status(e, &what))?;
+        let before = audit::binding(&cur);
         let old_version = cur.version;
         change(&mut cur);
         cur.version += 1;
         cur.update_time = now;
         db::bindings::binding_update(&mut *tx, &cur, old_version)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let event = caller.audit(
+            now,
+            Some(tenant_id),
+            method,
+            format!("binding/{id}"),
+            Some(before),
+            Some(audit::binding(&cur)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
             .await
             .map_err(|e| db_status(e, &what))?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;

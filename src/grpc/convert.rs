@@ -518,9 +518,68 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         overlap_policy: overlap_to(d.policy.overlap) as i32,
         priority: d.policy.priority,
         enabled: Some(d.enabled),
+        protected: d.protected,
+        tenant_scope: Some(tenant_scope_to(&d.tenant_scope)),
         create_time: Some(time_to(d.create_time)),
         update_time: Some(time_to(d.update_time)),
         etag: d.version.to_string(),
+    }
+}
+
+/// Most tenant ids in a tenant scope's allow-list.
+pub const MAX_SCOPE_TENANTS: usize = 1000;
+
+/// API tenant scope → domain: unset means all tenants; otherwise exactly one
+/// of `all_tenants` or a non-empty `tenant_ids` (sorted, de-duplicated).
+///
+/// # Errors
+/// A violation on `<field>` or `<field>.tenant_ids[i]`.
+pub fn tenant_scope_from(
+    field: &str,
+    s: Option<&pb::TenantScope>,
+) -> Result<domain::TenantScope, FieldViolation> {
+    let Some(s) = s else {
+        return Ok(domain::TenantScope::AllTenants);
+    };
+    match (s.all_tenants, s.tenant_ids.is_empty()) {
+        (true, true) => Ok(domain::TenantScope::AllTenants),
+        (true, false) => Err(FieldViolation::new(
+            field,
+            "set either all_tenants or tenant_ids, not both",
+        )),
+        (false, true) => Err(FieldViolation::new(
+            field,
+            "set all_tenants, or list at least one tenant in tenant_ids (to stop a definition from firing, disable it)",
+        )),
+        (false, false) => {
+            if s.tenant_ids.len() > MAX_SCOPE_TENANTS {
+                return Err(FieldViolation::new(
+                    format!("{field}.tenant_ids"),
+                    format!("at most {MAX_SCOPE_TENANTS} tenants"),
+                ));
+            }
+            for (i, t) in s.tenant_ids.iter().enumerate() {
+                domain::validate_tenant_id(&format!("{field}.tenant_ids[{i}]"), t)?;
+            }
+            let mut l = s.tenant_ids.clone();
+            l.sort();
+            l.dedup();
+            Ok(domain::TenantScope::AllowList(l))
+        }
+    }
+}
+
+/// Domain tenant scope → API.
+pub fn tenant_scope_to(s: &domain::TenantScope) -> pb::TenantScope {
+    match s {
+        domain::TenantScope::AllTenants => pb::TenantScope {
+            all_tenants: true,
+            tenant_ids: Vec::new(),
+        },
+        domain::TenantScope::AllowList(l) => pb::TenantScope {
+            all_tenants: false,
+            tenant_ids: l.clone(),
+        },
     }
 }
 

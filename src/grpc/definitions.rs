@@ -2,16 +2,26 @@
 
 use tonic::{Request, Response, Status};
 
+use super::audit;
+use super::auth::require_platform;
 use super::convert::{
     definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
-    schedule_from, time_from, time_to, timeout_from,
+    schedule_from, tenant_scope_from, time_from, time_to, timeout_from,
 };
 use super::{Ctx, check_etag, db_status, invalid, page_size, update_paths};
 use crate::db;
 use crate::db::definitions as q;
 use crate::domain::{
-    Definition, FieldViolation, RunPolicy, effective_schedule, validate_definition_name,
+    Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule,
+    validate_definition_name,
 };
+
+const M_CREATE: &str = "sked.v1.DefinitionService/CreateDefinition";
+const M_GET: &str = "sked.v1.DefinitionService/GetDefinition";
+const M_LIST: &str = "sked.v1.DefinitionService/ListDefinitions";
+const M_UPDATE: &str = "sked.v1.DefinitionService/UpdateDefinition";
+const M_DELETE: &str = "sked.v1.DefinitionService/DeleteDefinition";
+const M_PREVIEW: &str = "sked.v1.DefinitionService/PreviewSchedule";
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
 
@@ -28,6 +38,8 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::CreateDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let caller = self.0.authorize(&req, Role::Admin, M_CREATE).await?;
+        require_platform(&caller, M_CREATE)?;
         let d = req
             .into_inner()
             .definition
@@ -54,8 +66,12 @@ impl DefinitionService for Definitions {
                 .map_err(invalid)?,
             priority: d.priority,
         };
+        let tenant_scope = tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
+            .map_err(invalid)?;
         let now = self.0.clock.now();
         let def = Definition {
+            protected: d.protected,
+            tenant_scope,
             misfire_policy,
             policy,
             enabled: d.enabled.unwrap_or(true),
@@ -70,9 +86,28 @@ impl DefinitionService for Definitions {
             update_time: now,
             version: 1,
         };
-        q::definition_insert(&self.0.pool, &def)
+        let what = format!("definition {:?}", def.name);
+        let mut tx = self
+            .0
+            .pool
+            .begin()
             .await
-            .map_err(|e| db_status(e, format_args!("definition {:?}", def.name)))?;
+            .map_err(|e| db_status(e.into(), &what))?;
+        q::definition_insert(&mut *tx, &def)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let event = caller.audit(
+            now,
+            None,
+            M_CREATE,
+            format!("definition/{}", def.name),
+            None,
+            Some(audit::definition(&def)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %def.name, "definition created");
         Ok(Response::new(definition_to(&def)))
     }
@@ -81,9 +116,10 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::GetDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let caller = self.0.authorize(&req, Role::Viewer, M_GET).await?;
         let name = req.into_inner().name;
         validate_definition_name("name", &name).map_err(invalid)?;
-        let d = q::definition_get(&self.0.pool, &name)
+        let d = q::definition_get(&self.0.pool, &name, caller.tenant.as_deref())
             .await
             .map_err(|e| db_status(e, format_args!("definition {name:?}")))?;
         Ok(Response::new(definition_to(&d)))
@@ -93,11 +129,17 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::ListDefinitionsRequest>,
     ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
+        let caller = self.0.authorize(&req, Role::Viewer, M_LIST).await?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
-        let defs = q::definition_list(&self.0.pool, &r.page_token, limit + 1)
-            .await
-            .map_err(|e| db_status(e, "definitions"))?;
+        let defs = q::definition_list(
+            &self.0.pool,
+            &r.page_token,
+            caller.tenant.as_deref(),
+            limit + 1,
+        )
+        .await
+        .map_err(|e| db_status(e, "definitions"))?;
         let more = defs.len() as i64 > limit;
         let defs: Vec<_> = defs.into_iter().take(limit as usize).collect();
         let next_page_token = if more {
@@ -115,6 +157,8 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::UpdateDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
+        let caller = self.0.authorize(&req, Role::Admin, M_UPDATE).await?;
+        require_platform(&caller, M_UPDATE)?;
         let r = req.into_inner();
         let d = r
             .definition
@@ -134,6 +178,8 @@ impl DefinitionService for Definitions {
             (d.overlap_policy != 0, "overlap_policy"),
             (d.priority != 0, "priority"),
             (d.enabled.is_some(), "enabled"),
+            (d.protected, "protected"),
+            (d.tenant_scope.is_some(), "tenant_scope"),
         ] {
             if set {
                 implied.push(path);
@@ -154,6 +200,8 @@ impl DefinitionService for Definitions {
                 "overlap_policy",
                 "priority",
                 "enabled",
+                "protected",
+                "tenant_scope",
             ],
             implied,
         )?;
@@ -168,6 +216,7 @@ impl DefinitionService for Definitions {
             .await
             .map_err(|e| db_status(e, &what))?;
         check_etag(&what, &d.etag, cur.version)?;
+        let before = audit::definition(&cur);
         let old_version = cur.version;
         let mut schedule_changed = false;
         for path in paths {
@@ -208,6 +257,24 @@ impl DefinitionService for Definitions {
                 }
                 "priority" => cur.policy.priority = d.priority,
                 "enabled" => cur.enabled = d.enabled.unwrap_or(true),
+                "protected" => cur.protected = d.protected,
+                "tenant_scope" => {
+                    let scope =
+                        tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
+                            .map_err(invalid)?;
+                    if let TenantScope::AllowList(allow) = &scope {
+                        let stranded = q::definition_bound_outside(&mut *tx, &cur.name, allow)
+                            .await
+                            .map_err(|e| db_status(e, &what))?;
+                        if !stranded.is_empty() {
+                            return Err(Status::failed_precondition(format!(
+                                "tenants outside the new tenant_scope still bind {what}: {}; delete their bindings first",
+                                stranded.join(", ")
+                            )));
+                        }
+                    }
+                    cur.tenant_scope = scope;
+                }
                 _ => {}
             }
         }
@@ -233,6 +300,17 @@ impl DefinitionService for Definitions {
                 .await
                 .map_err(|e| db_status(e, &what))?;
         }
+        let event = caller.audit(
+            now,
+            None,
+            M_UPDATE,
+            format!("definition/{}", cur.name),
+            Some(before),
+            Some(audit::definition(&cur)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %cur.name, version = cur.version, schedule_changed, "definition updated");
         Ok(Response::new(definition_to(&cur)))
@@ -242,12 +320,43 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::DeleteDefinitionRequest>,
     ) -> Result<Response<pb::DeleteDefinitionResponse>, Status> {
-        let name = req.into_inner().name;
+        let caller = self.0.authorize(&req, Role::Admin, M_DELETE).await?;
+        require_platform(&caller, M_DELETE)?;
+        let r = req.into_inner();
+        let name = r.name;
         validate_definition_name("name", &name).map_err(invalid)?;
-        q::definition_delete(&self.0.pool, &name)
+        let what = format!("definition {name:?}");
+        let mut tx = self
+            .0
+            .pool
+            .begin()
             .await
-            .map_err(|e| db_status(e, format_args!("definition {name:?}")))?;
-        tracing::info!(definition = %name, "definition deleted");
+            .map_err(|e| db_status(e.into(), &what))?;
+        let cur = q::definition_get_for_update(&mut *tx, &name)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let bindings = q::definition_delete(&mut tx, &name, r.force)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let mut before = audit::definition(&cur);
+        if let Some(o) = before.as_object_mut()
+            && !bindings.is_empty()
+        {
+            o.insert("deleted_bindings".into(), serde_json::json!(bindings));
+        }
+        let event = caller.audit(
+            self.0.clock.now(),
+            None,
+            M_DELETE,
+            format!("definition/{name}"),
+            Some(before),
+            None,
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        tracing::info!(definition = %name, deleted_bindings = bindings.len(), "definition deleted");
         Ok(Response::new(pb::DeleteDefinitionResponse {}))
     }
 
@@ -255,6 +364,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::PreviewScheduleRequest>,
     ) -> Result<Response<pb::PreviewScheduleResponse>, Status> {
+        self.0.authorize(&req, Role::Viewer, M_PREVIEW).await?;
         let r = req.into_inner();
         let count = match r.count {
             0 => 10,

@@ -10,8 +10,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::event_to;
-use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use super::{Ctx, db_status, invalid, page_size, parse_uuid};
 use crate::db;
+use crate::domain::Role;
 use crate::domain::{FieldViolation, validate_definition_name};
 use crate::events::tail::{self, WatchFilter, WatchItem};
 use crate::proto::v1 as pb;
@@ -35,7 +36,10 @@ impl LogService for Logs {
         &self,
         req: Request<pb::TailRunRequest>,
     ) -> Result<Response<Self::TailRunStream>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self
+            .0
+            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/TailRun")
+            .await?;
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
         if r.after_seq < 0 {
@@ -67,7 +71,10 @@ impl LogService for Logs {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self
+            .0
+            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/WatchEvents")
+            .await?;
         let r = req.into_inner();
         let binding_id = if r.binding_id.is_empty() {
             None
@@ -125,7 +132,10 @@ impl LogService for Logs {
         &self,
         req: Request<pb::ListRunEventsRequest>,
     ) -> Result<Response<pb::ListRunEventsResponse>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self
+            .0
+            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/ListRunEvents")
+            .await?;
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
         let limit = page_size(r.page_size, 1000)?;

@@ -7,6 +7,9 @@
 //! request id (also in a `google.rpc.RequestInfo` detail) and the server log
 //! has the full chain under that id.
 
+pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod bindings;
 pub mod convert;
 pub mod definitions;
@@ -21,7 +24,7 @@ use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::db;
-use crate::domain::{Clock, FieldViolation, validate_tenant_id};
+use crate::domain::{Clock, FieldViolation, Role};
 use crate::events::EventBus;
 
 /// Request header naming the tenant of a tenant-scoped call.
@@ -42,25 +45,43 @@ pub struct Ctx {
     pub executor_wake: Arc<Notify>,
     /// Cancelled at shutdown, after runs drained: ends every open stream.
     pub streams_stop: tokio_util::sync::CancellationToken,
+    /// Authentication of callers.
+    pub auth: Arc<auth::Auth>,
 }
 
-/// The tenant of a tenant-scoped request, from the `x-tenant-id` header.
-///
-/// # Errors
-/// `INVALID_ARGUMENT` (field `x-tenant-id`) when missing or malformed.
-pub fn tenant<T>(req: &Request<T>) -> Result<String, Status> {
-    let v = req.metadata().get(TENANT_HEADER).ok_or_else(|| {
-        invalid(FieldViolation::new(
-            TENANT_HEADER,
-            "header is required for this call",
-        ))
-    })?;
-    let t = v
-        .to_str()
-        .map_err(|_| invalid(FieldViolation::new(TENANT_HEADER, "header must be ASCII")))?
-        .to_string();
-    validate_tenant_id(TENANT_HEADER, &t).map_err(invalid)?;
-    Ok(t)
+impl Ctx {
+    /// Authenticates the caller of `req` and checks it has at least `need`
+    /// for `method`.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED`, `PERMISSION_DENIED` (see [`auth`]).
+    pub async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        need: Role,
+        method: &str,
+    ) -> Result<auth::Caller, Status> {
+        let caller = self.auth.authenticate(&self.pool, req.metadata()).await?;
+        auth::require_role(&caller, need, method)?;
+        Ok(caller)
+    }
+
+    /// [`Ctx::authorize`] for a tenant-scoped call; also returns the tenant
+    /// it acts for ([`auth::call_tenant`]).
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED`, `PERMISSION_DENIED`, `INVALID_ARGUMENT` on
+    /// `x-tenant-id`.
+    pub async fn tenant_call<T>(
+        &self,
+        req: &Request<T>,
+        need: Role,
+        method: &str,
+    ) -> Result<(auth::Caller, String), Status> {
+        let caller = self.authorize(req, need, method).await?;
+        let tenant = auth::call_tenant(&caller, req)?;
+        Ok((caller, tenant))
+    }
 }
 
 /// `INVALID_ARGUMENT` with a `BadRequest` detail for `v`.
@@ -84,6 +105,7 @@ pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
         db::Error::NotFound => not_found(what),
         db::Error::AlreadyExists(_) => Status::already_exists(format!("{what} already exists")),
         db::Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        db::Error::ResourceExhausted(m) => Status::resource_exhausted(m),
         db::Error::Conflict => Status::aborted(format!(
             "{what} was changed concurrently; read it again and retry"
         )),

@@ -3,10 +3,11 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::audit;
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
-use super::{Ctx, db_status, invalid, page_size, parse_uuid, tenant};
+use super::{Ctx, db_status, invalid, page_size, parse_uuid};
 use crate::db::{self, runs::NewRun};
-use crate::domain::{FieldViolation, RunState, RunTrigger, merge_params};
+use crate::domain::{FieldViolation, Role, RunState, RunTrigger, merge_params};
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
 
@@ -46,6 +47,34 @@ fn ended(run: &crate::domain::Run) -> Status {
     ))
 }
 
+const M_TRIGGER: &str = "sked.v1.RunService/TriggerRun";
+const M_CANCEL: &str = "sked.v1.RunService/CancelRun";
+const M_RETRY: &str = "sked.v1.RunService/RetryRun";
+const M_BACKFILL: &str = "sked.v1.RunService/BackfillRuns";
+const M_GET: &str = "sked.v1.RunService/GetRun";
+const M_LIST: &str = "sked.v1.RunService/ListRuns";
+
+/// `RESOURCE_EXHAUSTED` unless `n` more runs fit in what is left of the
+/// tenant's hourly budget; locks the tenant's quota row for the rest of the
+/// transaction, so concurrent triggers are counted one after the other.
+async fn check_hourly_budget(
+    tx: &mut sqlx::PgConnection,
+    tenant_id: &str,
+    n: u64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Status> {
+    let remaining = db::tenancy::quota_hourly_remaining(tx, &[tenant_id.to_string()], now)
+        .await
+        .map_err(|e| db_status(e, "quota"))?;
+    match remaining.get(tenant_id) {
+        Some(&left) if left < n => Err(Status::resource_exhausted(format!(
+            "tenant {tenant_id:?} has {left} run(s) left of its hourly budget (max_runs_per_hour); \
+             this call needs {n}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Implements `RunService`.
 #[derive(Debug, Clone)]
 pub struct Runs(pub Ctx);
@@ -56,7 +85,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::TriggerRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_TRIGGER).await?;
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
         let key = validate_idempotency_key(&r.idempotency_key).map_err(invalid)?;
@@ -87,17 +116,30 @@ impl RunService for Runs {
                 .await
                 .map_err(|e| db_status(e, "run"))?;
             if let Some(id) = found {
-                drop(tx);
-                let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
+                let run = db::runs::run_get(&mut *tx, &tenant_id, id)
                     .await
                     .map_err(|e| db_status(e, format_args!("run {id}")))?;
+                let summary = audit::run(&run);
+                let event = caller.audit(
+                    now,
+                    Some(&tenant_id),
+                    M_TRIGGER,
+                    format!("run/{id}"),
+                    Some(summary.clone()),
+                    Some(summary),
+                );
+                db::tenancy::audit_insert(&mut *tx, &event)
+                    .await
+                    .map_err(|e| db_status(e, "run"))?;
+                tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
                 tracing::info!(run = %id, binding = %binding_id, "idempotency key seen; returning the first run");
                 return Ok(Response::new(run_to(&run)));
             }
         }
-        let def = db::definitions::definition_get(&mut *tx, &b.definition)
+        let def = db::definitions::definition_get(&mut *tx, &b.definition, None)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;
+        check_hourly_budget(&mut tx, &tenant_id, 1, now).await?;
         let params = match &r.params {
             Some(p) => merge_params(&b.effective_params, &struct_to_json(p)),
             None => b.effective_params.clone(),
@@ -127,12 +169,23 @@ impl RunService for Runs {
         let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
             .await
             .map_err(|e| db_status(e, "run"))?;
+        let run = db::runs::run_get(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {id}")))?;
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            M_TRIGGER,
+            format!("run/{id}"),
+            None,
+            Some(audit::run(&run)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, "run"))?;
         tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
-        let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
-            .await
-            .map_err(|e| db_status(e, format_args!("run {id}")))?;
         tracing::info!(run = %id, binding = %binding_id, state = state.as_str(), "run triggered");
         Ok(Response::new(run_to(&run)))
     }
@@ -141,7 +194,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_CANCEL).await?;
         let r = req.into_inner();
         let id = parse_uuid("run_id", &r.run_id)?;
         if r.reason.chars().count() > MAX_REASON {
@@ -178,6 +231,20 @@ impl RunService for Runs {
                 .await
                 .map_err(|e| db_status(e, &what))?;
         }
+        let after = db::runs::run_get(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            M_CANCEL,
+            format!("run/{id}"),
+            Some(audit::run(&run)),
+            Some(audit::run(&after)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, &what))?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         let cancelled_at_once = !events.is_empty();
         self.0.bus.publish(events);
@@ -196,7 +263,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::RetryRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_RETRY).await?;
         let id = parse_uuid("run_id", &req.get_ref().run_id)?;
         let what = format!("run {id}");
         let prev = db::runs::run_get(&self.0.pool, &tenant_id, id)
@@ -229,21 +296,32 @@ impl RunService for Runs {
             idempotency_key: None,
         };
         let new_id = new.id;
-        let mut conn = self
+        let mut tx = self
             .0
             .pool
-            .acquire()
+            .begin()
             .await
             .map_err(|e| db_status(e.into(), "run"))?;
-        let events = db::runs::run_insert(&mut conn, &self.0.node_id, &[new], now)
+        let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
             .await
             .map_err(|e| db_status(e, "run"))?;
-        drop(conn);
-        self.0.bus.publish(events);
-        self.0.executor_wake.notify_one();
-        let run = db::runs::run_get(&self.0.pool, &tenant_id, new_id)
+        let run = db::runs::run_get(&mut *tx, &tenant_id, new_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {new_id}")))?;
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            M_RETRY,
+            format!("run/{new_id}"),
+            None,
+            Some(audit::run(&run)),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, "run"))?;
+        tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
+        self.0.bus.publish(events);
+        self.0.executor_wake.notify_one();
         tracing::info!(run = %new_id, retry_of = %id, "run retried by request");
         Ok(Response::new(run_to(&run)))
     }
@@ -252,7 +330,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::BackfillRunsRequest>,
     ) -> Result<Response<pb::BackfillRunsResponse>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_BACKFILL).await?;
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
         let start = r
@@ -302,7 +380,7 @@ impl RunService for Runs {
                 run_ids: Vec::new(),
             }));
         }
-        let def = db::definitions::definition_get(&self.0.pool, &b.definition)
+        let def = db::definitions::definition_get(&self.0.pool, &b.definition, None)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;
         let runs: Vec<NewRun> = times
@@ -332,6 +410,7 @@ impl RunService for Runs {
             .begin()
             .await
             .map_err(|e| db_status(e.into(), "runs"))?;
+        check_hourly_budget(&mut tx, &tenant_id, runs.len() as u64, now).await?;
         let mut events = Vec::with_capacity(runs.len());
         for chunk in runs.chunks(1000) {
             events.extend(
@@ -340,6 +419,22 @@ impl RunService for Runs {
                     .map_err(|e| db_status(e, "runs"))?,
             );
         }
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            M_BACKFILL,
+            format!("binding/{binding_id}"),
+            None,
+            Some(serde_json::json!({
+                "start_time": start,
+                "end_time": end,
+                "runs": runs.len(),
+                "first_run_id": runs.first().map(|r| r.id),
+            })),
+        );
+        db::tenancy::audit_insert(&mut *tx, &event)
+            .await
+            .map_err(|e| db_status(e, "runs"))?;
         tx.commit().await.map_err(|e| db_status(e.into(), "runs"))?;
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
@@ -351,7 +446,7 @@ impl RunService for Runs {
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_GET).await?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
             .await
@@ -363,7 +458,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let tenant_id = tenant(&req)?;
+        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_LIST).await?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let before = if r.page_token.is_empty() {

@@ -11,7 +11,8 @@
 //! a fire that meets an active run of the binding by its overlap policy
 //! ([`crate::domain::policy::plan_overlap`]); `CANCEL_PREVIOUS` cancels the
 //! active runs in the same transaction (a running one through a cancel
-//! request to its node).
+//! request to its node). Fires beyond a tenant's hourly budget
+//! (`max_runs_per_hour`) become `SKIPPED` runs with reason `quota`.
 //!
 //! Between passes the loop sleeps until the earliest `next_run_time`, or
 //! until woken by a binding change (LISTEN/NOTIFY via the bridge), or at most
@@ -32,6 +33,7 @@ use uuid::Uuid;
 
 use crate::db::{self, runs::NewRun};
 use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
+use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
 use crate::domain::{Clock, FirePlan, OverlapPolicy, RunState, RunTrigger, plan_fires};
 use crate::events::EventBus;
 
@@ -213,6 +215,7 @@ impl Scheduler {
             ids.push(b.id);
             nexts.push(plan.next);
         }
+        self.apply_hourly_budget(&mut tx, &mut runs, now).await?;
         let mut events = db::runs::run_cancel_waiting(
             &mut tx,
             &self.node_id,
@@ -231,5 +234,45 @@ impl Scheduler {
             self.executor_wake.notify_one();
         }
         Ok(due.len())
+    }
+
+    /// Turns the fires of this pass that exceed their tenant's hourly budget
+    /// (`max_runs_per_hour`) into `SKIPPED` runs with reason `quota`, earliest
+    /// fire times first. Tenants without a budget are untouched.
+    async fn apply_hourly_budget(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        runs: &mut [NewRun],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), db::Error> {
+        let mut tenants: Vec<String> = runs
+            .iter()
+            .filter(|r| r.state == RunState::Queued)
+            .map(|r| r.tenant_id.clone())
+            .collect();
+        if tenants.is_empty() {
+            return Ok(());
+        }
+        tenants.sort();
+        tenants.dedup();
+        let mut remaining = db::tenancy::quota_hourly_remaining(tx, &tenants, now).await?;
+        if remaining.is_empty() {
+            return Ok(());
+        }
+        let mut queued: Vec<&mut NewRun> = runs
+            .iter_mut()
+            .filter(|r| r.state == RunState::Queued)
+            .collect();
+        queued.sort_by_key(|r| r.scheduled_time);
+        let fits = apply_hourly_budget(queued.iter().map(|r| r.tenant_id.as_str()), &mut remaining);
+        for (r, fits) in queued.into_iter().zip(fits) {
+            if !fits {
+                tracing::info!(binding = %r.binding_id, tenant = %r.tenant_id, fire_time = %r.scheduled_time,
+                    "hourly run budget spent; fire skipped");
+                r.state = RunState::Skipped;
+                r.reason = REASON_QUOTA.to_string();
+            }
+        }
+        Ok(())
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Channel;
 
+pub use pb::admin_service_client::AdminServiceClient;
 pub use pb::binding_service_client::BindingServiceClient;
 pub use pb::definition_service_client::DefinitionServiceClient;
 pub use pb::log_service_client::LogServiceClient;
@@ -154,6 +155,10 @@ pub fn settings(db: &TestDb, node_id: &str) -> Settings {
     s.claim_poll = Duration::from_millis(500);
     s.scheduler_max_sleep = Duration::from_secs(1);
     s.db_max_connections = 10;
+    // These nodes run as the development mode does (every caller a platform
+    // admin naming its tenant with x-tenant-id): most tests exercise the
+    // engine. tests/auth.rs and tests/quotas.rs turn auth on.
+    s.auth = false;
     s
 }
 
@@ -207,6 +212,9 @@ impl TestNode {
     pub fn logs(&self) -> LogServiceClient<Channel> {
         LogServiceClient::new(self.channel.clone())
     }
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
 
     /// Graceful stop; returns what `serve` returned.
     pub async fn stop(self) {
@@ -220,10 +228,29 @@ impl TestNode {
 
 /// `msg` with the `x-tenant-id` header.
 pub fn as_tenant<T>(tenant: &str, msg: T) -> Request<T> {
+    request(tenant, None, msg)
+}
+
+/// `msg` with the `x-tenant-id` header (unless `tenant` is empty) and, when
+/// given, `authorization: Bearer <token>`.
+pub fn request<T>(tenant: &str, token: Option<&str>, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("x-tenant-id", tenant.parse().expect("ascii tenant"));
+    if !tenant.is_empty() {
+        r.metadata_mut()
+            .insert("x-tenant-id", tenant.parse().expect("ascii tenant"));
+    }
+    if let Some(t) = token {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("ascii token"),
+        );
+    }
     r
+}
+
+/// `msg` with only `authorization: Bearer <token>`.
+pub fn with_key<T>(token: &str, msg: T) -> Request<T> {
+    request("", Some(token), msg)
 }
 
 /// A command definition.
@@ -286,25 +313,31 @@ pub async fn define_and_bind(
     tenant: &str,
     def: pb::TaskDefinition,
 ) -> pb::Binding {
-    define_and_bind_via(&node.channel, tenant, def).await
+    define_and_bind_via(&node.channel, tenant, None, def).await
 }
 
 /// [`define_and_bind`] through any channel (e.g. a `sked serve` child).
 pub async fn define_and_bind_via(
     ch: &Channel,
     tenant: &str,
+    token: Option<&str>,
     def: pb::TaskDefinition,
 ) -> pb::Binding {
     let name = def.name.clone();
     DefinitionServiceClient::new(ch.clone())
-        .create_definition(pb::CreateDefinitionRequest {
-            definition: Some(def),
-        })
+        .create_definition(request(
+            "",
+            token,
+            pb::CreateDefinitionRequest {
+                definition: Some(def),
+            },
+        ))
         .await
         .expect("create definition");
     BindingServiceClient::new(ch.clone())
-        .create_binding(as_tenant(
+        .create_binding(request(
             tenant,
+            token,
             pb::CreateBindingRequest {
                 binding: Some(pb::Binding {
                     definition: name,
@@ -319,14 +352,20 @@ pub async fn define_and_bind_via(
 
 /// Triggers a run of `binding_id` now.
 pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run {
-    trigger_via(&node.channel, tenant, binding_id).await
+    trigger_via(&node.channel, tenant, None, binding_id).await
 }
 
-/// [`trigger`] through any channel.
-pub async fn trigger_via(ch: &Channel, tenant: &str, binding_id: &str) -> pb::Run {
+/// [`trigger`] through any channel, with an API key when given.
+pub async fn trigger_via(
+    ch: &Channel,
+    tenant: &str,
+    token: Option<&str>,
+    binding_id: &str,
+) -> pb::Run {
     RunServiceClient::new(ch.clone())
-        .trigger_run(as_tenant(
+        .trigger_run(request(
             tenant,
+            token,
             pb::TriggerRunRequest {
                 binding_id: binding_id.into(),
                 ..Default::default()

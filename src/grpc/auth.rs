@@ -1,0 +1,301 @@
+//! Who is calling, and may they (SPEC §6).
+//!
+//! Every call carries `authorization: Bearer <api key>`. The key's id (the
+//! public half of the token) finds its row; a revoked, unknown or forged key
+//! is `UNAUTHENTICATED`. The secret is checked against the stored Argon2id
+//! hash once per key and process, then against an in-memory SHA-256 of it
+//! (the row is still read on every call, so a revocation on any node takes
+//! effect at once). A role too low for the method is `PERMISSION_DENIED`.
+//!
+//! Tenant: a tenant key acts for its tenant (an `x-tenant-id` naming another
+//! one is `PERMISSION_DENIED`); a platform key names the tenant of a
+//! tenant-scoped call with `x-tenant-id`. Isolation itself is in the
+//! queries: every tenant-scoped query filters by the tenant resolved here.
+//!
+//! Auth off ([`Auth::new`] with `required = false`) is the development mode
+//! of an embedded database on loopback: every caller is an anonymous
+//! platform admin and names the tenant with `x-tenant-id`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+use uuid::Uuid;
+
+use super::{TENANT_HEADER, db_status, invalid};
+use crate::db;
+use crate::domain::tenancy::{AuditEvent, parse_token, verify_secret};
+use crate::domain::{FieldViolation, Role, validate_tenant_id};
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Its key; `None` when auth is off.
+    pub key_id: Option<Uuid>,
+    /// What it may do.
+    pub role: Role,
+    /// The key's tenant; `None` for the platform.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// The caller when auth is off: an anonymous platform admin.
+    pub fn anonymous() -> Caller {
+        Caller {
+            key_id: None,
+            role: Role::Admin,
+            tenant: None,
+        }
+    }
+
+    /// For people and the audit log: `key <id>` or `anonymous`.
+    pub fn actor(&self) -> String {
+        match self.key_id {
+            Some(id) => format!("key {id}"),
+            None => "anonymous".to_string(),
+        }
+    }
+
+    /// Builds the audit event of a successful mutating call.
+    pub fn audit(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        tenant: Option<&str>,
+        method: &str,
+        target: String,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+    ) -> AuditEvent {
+        AuditEvent {
+            id: Uuid::now_v7(),
+            time: now,
+            key_id: self.key_id,
+            actor: self.actor(),
+            tenant_id: tenant.map(str::to_string),
+            method: method.to_string(),
+            target,
+            before,
+            after,
+        }
+    }
+}
+
+/// Most verified keys remembered; past it the memory starts over.
+const MAX_VERIFIED: usize = 10_000;
+
+/// The authenticator of a node.
+#[derive(Debug)]
+pub struct Auth {
+    required: bool,
+    /// Key id → SHA-256 of the secret that passed Argon2 verification.
+    verified: Mutex<HashMap<Uuid, [u8; 32]>>,
+}
+
+fn unauthenticated(why: &str) -> Status {
+    Status::unauthenticated(format!(
+        "{why}; send `authorization: Bearer <api key>` (create keys with AdminService.CreateApiKey or `sked admin bootstrap-key`)"
+    ))
+}
+
+impl Auth {
+    /// `required = false` only for the development mode (module docs).
+    pub fn new(required: bool) -> Auth {
+        Auth {
+            required,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether calls must carry a key.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// The caller of a request with `metadata`.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` without a valid, unrevoked key; `UNAVAILABLE` when
+    /// the database is down.
+    pub async fn authenticate(&self, pool: &PgPool, md: &MetadataMap) -> Result<Caller, Status> {
+        if !self.required {
+            return Ok(Caller::anonymous());
+        }
+        let header = md
+            .get("authorization")
+            .ok_or_else(|| unauthenticated("missing API key"))?
+            .to_str()
+            .map_err(|_| unauthenticated("malformed authorization header"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| unauthenticated("authorization must be `Bearer <api key>`"))?
+            .trim();
+        let (id, secret) = parse_token(token).ok_or_else(|| unauthenticated("invalid API key"))?;
+        let key = match db::tenancy::api_key_get(pool, id, None).await {
+            Ok(k) => k,
+            Err(db::Error::NotFound) => return Err(unauthenticated("invalid API key")),
+            Err(e) => return Err(db_status(e, "API key")),
+        };
+        if key.revoke_time.is_some() {
+            return Err(unauthenticated("API key revoked"));
+        }
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let known = self
+            .verified
+            .lock()
+            .map(|m| m.get(&id) == Some(&digest))
+            .unwrap_or(false);
+        if !known {
+            let (secret, hash) = (secret.to_string(), key.secret_hash.clone());
+            let ok = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash))
+                .await
+                .unwrap_or(false);
+            if !ok {
+                tracing::warn!(key_id = %id, "API key with a wrong secret refused");
+                return Err(unauthenticated("invalid API key"));
+            }
+            if let Ok(mut m) = self.verified.lock() {
+                if m.len() >= MAX_VERIFIED {
+                    m.clear();
+                }
+                m.insert(id, digest);
+            }
+        }
+        Ok(Caller {
+            key_id: Some(key.id),
+            role: key.role,
+            tenant: key.tenant_id,
+        })
+    }
+}
+
+/// `PERMISSION_DENIED` unless `caller` has at least `need` for `method`.
+///
+/// # Errors
+/// `PERMISSION_DENIED` naming the role needed.
+pub fn require_role(caller: &Caller, need: Role, method: &str) -> Result<(), Status> {
+    if caller.role >= need {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{method} needs role {} or higher; this key is {}",
+            need.as_str(),
+            caller.role.as_str()
+        )))
+    }
+}
+
+/// `PERMISSION_DENIED` unless `caller` is a platform key.
+///
+/// # Errors
+/// `PERMISSION_DENIED` for tenant keys.
+pub fn require_platform(caller: &Caller, method: &str) -> Result<(), Status> {
+    if caller.tenant.is_none() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{method} needs a platform key; this key belongs to a tenant"
+        )))
+    }
+}
+
+/// The tenant a call acts for: a tenant key's own (an `x-tenant-id` header,
+/// if sent, must name it), or for a platform key the `x-tenant-id` header.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` (field `x-tenant-id`) when a platform key sends none or
+/// a malformed one; `PERMISSION_DENIED` when a tenant key names another
+/// tenant.
+pub fn call_tenant<T>(caller: &Caller, req: &Request<T>) -> Result<String, Status> {
+    let header = req
+        .metadata()
+        .get(TENANT_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| invalid(FieldViolation::new(TENANT_HEADER, "header must be ASCII")))
+        })
+        .transpose()?;
+    match (&caller.tenant, header) {
+        (Some(own), None) => Ok(own.clone()),
+        (Some(own), Some(h)) if &h == own => Ok(h),
+        (Some(_), Some(_)) => Err(Status::permission_denied(format!(
+            "this key belongs to another tenant than the {TENANT_HEADER} header names"
+        ))),
+        (None, None) => Err(invalid(FieldViolation::new(
+            TENANT_HEADER,
+            "header is required for this call with a platform key",
+        ))),
+        (None, Some(h)) => {
+            validate_tenant_id(TENANT_HEADER, &h).map_err(invalid)?;
+            Ok(h)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_header(tenant: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(t) = tenant {
+            r.metadata_mut().insert(TENANT_HEADER, t.parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn tenant_resolution() {
+        let tenant_key = Caller {
+            key_id: Some(Uuid::nil()),
+            role: Role::Operator,
+            tenant: Some("acme".into()),
+        };
+        let platform = Caller {
+            tenant: None,
+            ..tenant_key.clone()
+        };
+        assert_eq!(
+            call_tenant(&tenant_key, &with_header(None)).unwrap(),
+            "acme"
+        );
+        assert_eq!(
+            call_tenant(&tenant_key, &with_header(Some("acme"))).unwrap(),
+            "acme"
+        );
+        assert_eq!(
+            call_tenant(&tenant_key, &with_header(Some("other")))
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            call_tenant(&platform, &with_header(None))
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            call_tenant(&platform, &with_header(Some("beta"))).unwrap(),
+            "beta"
+        );
+    }
+
+    #[test]
+    fn roles_include_lower_ones() {
+        let op = Caller {
+            key_id: None,
+            role: Role::Operator,
+            tenant: None,
+        };
+        assert!(require_role(&op, Role::Viewer, "m").is_ok());
+        assert!(require_role(&op, Role::Operator, "m").is_ok());
+        let e = require_role(&op, Role::Admin, "m").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("admin"));
+    }
+}
