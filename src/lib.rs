@@ -19,7 +19,8 @@
 //!   overlap plans, retry backoff, run states, params merge (RFC 7396), the
 //!   clock.
 //! - [`db`] — all SQL.
-//! - [`grpc`] — the API services, tenant context, status mapping.
+//! - [`grpc`] — the API services, authentication and roles (API keys),
+//!   tenant context, audit summaries, status mapping.
 //! - [`scheduler`] — due bindings → queued runs, exactly once; misfire,
 //!   overlap and pause decisions.
 //! - [`executor`] — claim queued runs and run their handlers; leases,
