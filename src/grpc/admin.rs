@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::audit;
 use super::auth::{Caller, call_tenant, require_platform};
 use super::convert::{json_to_struct, time_from, time_to};
-use super::{Ctx, db_status, invalid, page_size, parse_uuid};
+use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
 use crate::db;
 use crate::db::tenancy::AuditFilter;
 use crate::domain::tenancy::{
@@ -214,9 +214,7 @@ impl AdminService for Admin {
             Some(audit::quota(&before)),
             Some(audit::quota(&quota)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "quota"))?;
+        record(&mut tx, &event, "quota").await?;
         tx.commit()
             .await
             .map_err(|e| db_status(e.into(), "quota"))?;
@@ -287,9 +285,7 @@ impl AdminService for Admin {
             None,
             Some(audit::api_key(&key)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "API key"))?;
+        record(&mut tx, &event, "API key").await?;
         tx.commit()
             .await
             .map_err(|e| db_status(e.into(), "API key"))?;
@@ -329,9 +325,7 @@ impl AdminService for Admin {
             Some(audit::api_key(&before)),
             Some(audit::api_key(&after)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(key_id = %id, "API key revoked");
         Ok(Response::new(key_to(&after)))
@@ -357,12 +351,7 @@ impl AdminService for Admin {
         let keys = db::tenancy::api_key_list(&self.0.pool, tenant, after, limit + 1)
             .await
             .map_err(|e| db_status(e, "API keys"))?;
-        let more = keys.len() as i64 > limit;
-        let keys: Vec<_> = keys.into_iter().take(limit as usize).collect();
-        let next_page_token = match keys.last() {
-            Some(k) if more => k.id.to_string(),
-            _ => String::new(),
-        };
+        let (keys, next_page_token) = page(keys, limit, |k| k.id.to_string());
         Ok(Response::new(pb::ListApiKeysResponse {
             keys: keys.iter().map(key_to).collect(),
             next_page_token,
@@ -406,12 +395,7 @@ impl AdminService for Admin {
         let events = db::tenancy::audit_list(&self.0.pool, &filter, before, limit + 1)
             .await
             .map_err(|e| db_status(e, "audit events"))?;
-        let more = events.len() as i64 > limit;
-        let events: Vec<_> = events.into_iter().take(limit as usize).collect();
-        let next_page_token = match events.last() {
-            Some(e) if more => e.id.to_string(),
-            _ => String::new(),
-        };
+        let (events, next_page_token) = page(events, limit, |e| e.id.to_string());
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: events.iter().map(audit_to).collect(),
             next_page_token,

@@ -6,7 +6,9 @@ use uuid::Uuid;
 use super::audit;
 use super::auth::Caller;
 use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
-use super::{Ctx, check_etag, db_status, invalid, page_size, parse_uuid, update_paths};
+use super::{
+    Ctx, check_etag, db_status, invalid, page, page_size, parse_uuid, record, update_paths,
+};
 use crate::db;
 use crate::domain::{
     Binding, FieldViolation, Role, effective_schedule, merge_params, validate_definition_name,
@@ -117,9 +119,7 @@ impl BindingService for Bindings {
             None,
             Some(audit::binding(&binding)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "binding"))?;
+        record(&mut tx, &event, "binding").await?;
         tx.commit()
             .await
             .map_err(|e| db_status(e.into(), "binding"))?;
@@ -157,13 +157,7 @@ impl BindingService for Bindings {
             db::bindings::binding_list(&self.0.pool, &tenant_id, after, definition, limit + 1)
                 .await
                 .map_err(|e| db_status(e, "bindings"))?;
-        let more = list.len() as i64 > limit;
-        let list: Vec<_> = list.into_iter().take(limit as usize).collect();
-        let next_page_token = if more {
-            list.last().map(|b| b.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (list, next_page_token) = page(list, limit, |b| b.id.to_string());
         let now = self.0.clock.now();
         Ok(Response::new(pb::ListBindingsResponse {
             bindings: list.into_iter().map(|b| shown(b, now)).collect(),
@@ -284,9 +278,7 @@ impl BindingService for Bindings {
             Some(before),
             Some(audit::binding(&cur)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(binding = %id, version = cur.version, schedule_changed, next_run_time = ?cur.next_run_time, "binding updated");
         Ok(Response::new(shown(cur, now)))
@@ -376,9 +368,7 @@ impl BindingService for Bindings {
             Some(audit::binding(&before)),
             None,
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
@@ -426,9 +416,7 @@ impl Bindings {
             Some(before),
             Some(audit::binding(&cur)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         Ok(cur)
     }

@@ -8,7 +8,7 @@ use super::convert::{
     definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
     schedule_from, tenant_scope_from, time_from, time_to, timeout_from,
 };
-use super::{Ctx, check_etag, db_status, invalid, page_size, update_paths};
+use super::{Ctx, check_etag, db_status, invalid, page, page_size, record, update_paths};
 use crate::db;
 use crate::db::definitions as q;
 use crate::domain::{
@@ -104,9 +104,7 @@ impl DefinitionService for Definitions {
             None,
             Some(audit::definition(&def)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %def.name, "definition created");
         Ok(Response::new(definition_to(&def)))
@@ -140,13 +138,7 @@ impl DefinitionService for Definitions {
         )
         .await
         .map_err(|e| db_status(e, "definitions"))?;
-        let more = defs.len() as i64 > limit;
-        let defs: Vec<_> = defs.into_iter().take(limit as usize).collect();
-        let next_page_token = if more {
-            defs.last().map(|d| d.name.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (defs, next_page_token) = page(defs, limit, |d| d.name.clone());
         Ok(Response::new(pb::ListDefinitionsResponse {
             definitions: defs.iter().map(definition_to).collect(),
             next_page_token,
@@ -308,9 +300,7 @@ impl DefinitionService for Definitions {
             Some(before),
             Some(audit::definition(&cur)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %cur.name, version = cur.version, schedule_changed, "definition updated");
         Ok(Response::new(definition_to(&cur)))
@@ -352,9 +342,7 @@ impl DefinitionService for Definitions {
             Some(before),
             None,
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         tracing::info!(definition = %name, deleted_bindings = bindings.len(), "definition deleted");
         Ok(Response::new(pb::DeleteDefinitionResponse {}))

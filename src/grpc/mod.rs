@@ -155,6 +155,33 @@ pub fn page_size(n: i32, default: i64) -> Result<i64, Status> {
     }
 }
 
+/// One page of a list fetched with `limit + 1` rows: the first `limit` rows
+/// and the next page token (`token` of the last row kept; empty when there
+/// are no more rows).
+pub fn page<T>(mut rows: Vec<T>, limit: i64, token: impl Fn(&T) -> String) -> (Vec<T>, String) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = match rows.last() {
+        Some(last) if more => token(last),
+        _ => String::new(),
+    };
+    (rows, next)
+}
+
+/// Appends the audit event of a mutating call to its transaction.
+///
+/// # Errors
+/// As [`db_status`] for `what`.
+pub async fn record(
+    tx: &mut sqlx::PgConnection,
+    event: &crate::domain::tenancy::AuditEvent,
+    what: &str,
+) -> Result<(), Status> {
+    db::tenancy::audit_insert(tx, event)
+        .await
+        .map_err(|e| db_status(e, what))
+}
+
 /// Parses a UUID field.
 ///
 /// # Errors

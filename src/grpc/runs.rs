@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::audit;
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
-use super::{Ctx, db_status, invalid, page_size, parse_uuid};
+use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
 use crate::db::{self, runs::NewRun};
 use crate::domain::{FieldViolation, Role, RunState, RunTrigger, merge_params};
 use crate::proto::v1 as pb;
@@ -128,9 +128,7 @@ impl RunService for Runs {
                     Some(summary.clone()),
                     Some(summary),
                 );
-                db::tenancy::audit_insert(&mut *tx, &event)
-                    .await
-                    .map_err(|e| db_status(e, "run"))?;
+                record(&mut tx, &event, "run").await?;
                 tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
                 tracing::info!(run = %id, binding = %binding_id, "idempotency key seen; returning the first run");
                 return Ok(Response::new(run_to(&run)));
@@ -180,9 +178,7 @@ impl RunService for Runs {
             None,
             Some(audit::run(&run)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "run"))?;
+        record(&mut tx, &event, "run").await?;
         tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
@@ -242,9 +238,7 @@ impl RunService for Runs {
             Some(audit::run(&run)),
             Some(audit::run(&after)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         let cancelled_at_once = !events.is_empty();
         self.0.bus.publish(events);
@@ -316,9 +310,7 @@ impl RunService for Runs {
             None,
             Some(audit::run(&run)),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "run"))?;
+        record(&mut tx, &event, "run").await?;
         tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
@@ -432,9 +424,7 @@ impl RunService for Runs {
                 "first_run_id": runs.first().map(|r| r.id),
             })),
         );
-        db::tenancy::audit_insert(&mut *tx, &event)
-            .await
-            .map_err(|e| db_status(e, "runs"))?;
+        record(&mut tx, &event, "runs").await?;
         tx.commit().await.map_err(|e| db_status(e.into(), "runs"))?;
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
@@ -482,13 +472,7 @@ impl RunService for Runs {
         )
         .await
         .map_err(|e| db_status(e, "runs"))?;
-        let more = list.len() as i64 > limit;
-        let list: Vec<_> = list.into_iter().take(limit as usize).collect();
-        let next_page_token = if more {
-            list.last().map(|r| r.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (list, next_page_token) = page(list, limit, |r| r.id.to_string());
         Ok(Response::new(pb::ListRunsResponse {
             runs: list.iter().map(run_to).collect(),
             next_page_token,
