@@ -157,7 +157,7 @@ pub fn settings(db: &TestDb, node_id: &str) -> Settings {
     s.db_max_connections = 10;
     // These nodes run as the development mode does (every caller a platform
     // admin naming its tenant with x-tenant-id): most tests exercise the
-    // engine. tests/auth.rs and tests/quotas.rs turn auth on.
+    // engine and quotas. tests/auth.rs turns auth on.
     s.auth = false;
     s
 }
