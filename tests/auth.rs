@@ -883,6 +883,28 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
         .resume_binding(with_key(&a, pb::ResumeBindingRequest { id: b.id.clone() }))
         .await
         .unwrap(); // 7
+    // A manual schedule has no fire times to backfill: still one event.
+    let backfill = node
+        .runs()
+        .backfill_runs(with_key(
+            &a,
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: chrono_now() - 3600,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: chrono_now() - 1,
+                    nanos: 0,
+                }),
+                dry_run: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(backfill.run_ids.is_empty());
     let run = trigger_via(&node.channel, "", Some(&a), &b.id).await; // 8 TriggerRun
     let delayed = node
         .runs()
@@ -1027,6 +1049,7 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
             "UpdateBinding",
             "PauseBinding",
             "ResumeBinding",
+            "BackfillRuns",
             "TriggerRun",
             "TriggerRun",
             "CancelRun",
@@ -1047,7 +1070,7 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
     );
     // Who, what, before/after.
     let by_a: Vec<_> = events.iter().filter(|e| e.key_id == a_id).collect();
-    assert_eq!(by_a.len(), 11, "tenant-a's admin key made 11 of the calls");
+    assert_eq!(by_a.len(), 12, "tenant-a's admin key made 12 of the calls");
     assert!(
         by_a.iter()
             .all(|e| e.tenant_id == "tenant-a" && e.actor == format!("key {a_id}"))
@@ -1105,8 +1128,8 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
         .into_inner();
     assert_eq!(
         on_binding.events.len(),
-        5,
-        "create, update, pause, resume, delete"
+        6,
+        "create, update, pause, resume, backfill, delete"
     );
     node.stop().await;
 }

@@ -366,7 +366,8 @@ impl RunService for Runs {
             t = b.effective_schedule.next_after(x);
         }
         let scheduled_times = times.iter().map(|t| time_to(*t)).collect();
-        if r.dry_run || times.is_empty() {
+        // A real backfill is audited even when the range holds no fire time.
+        if r.dry_run {
             return Ok(Response::new(pb::BackfillRunsResponse {
                 scheduled_times,
                 run_ids: Vec::new(),
