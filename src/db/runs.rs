@@ -223,7 +223,7 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// not `ALLOW` is passed over while its binding has a `RUNNING` run, and at
 /// most one such run per binding is claimed at once (the unique index
 /// `runs_one_running` backs this up across nodes). Sets them `RUNNING` with a
-/// lease until `now + lease`, writes their `→ RUNNING` events and announces
+/// lease until `now + lease` (`now` read from `clock` once the claim lock is held), writes their `→ RUNNING` events and announces
 /// them. Returns each claimed run with that event.
 ///
 /// # Errors
@@ -233,7 +233,7 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 pub async fn run_claim(
     conn: &mut PgConnection,
     node_id: &str,
-    now: DateTime<Utc>,
+    clock: &crate::domain::Clock,
     lease: chrono::Duration,
     limit: i64,
 ) -> Result<Vec<(Run, RunEvent)>, Error> {
@@ -249,6 +249,9 @@ pub async fn run_claim(
     sqlx::query!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
         .execute(&mut *tx)
         .await?;
+    // Read after the lock: a start time taken before waiting for it could
+    // precede the end of the run this claim succeeds (the overlap rule).
+    let now = clock.now();
     let rows = sqlx::query_as!(
         RunRow,
         r#"WITH due AS (

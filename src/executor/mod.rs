@@ -272,14 +272,8 @@ impl Executor {
         let mut tries = 0;
         let claimed = loop {
             let mut conn = self.pool.acquire().await?;
-            match db::runs::run_claim(
-                &mut conn,
-                &self.node_id,
-                self.clock.now(),
-                lease,
-                free as i64,
-            )
-            .await
+            match db::runs::run_claim(&mut conn, &self.node_id, &self.clock, lease, free as i64)
+                .await
             {
                 // Another node started a run of the same overlap-free
                 // binding at this instant; the index refused ours. Again.
