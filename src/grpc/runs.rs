@@ -79,6 +79,40 @@ async fn check_hourly_budget(
 #[derive(Debug, Clone)]
 pub struct Runs(pub Ctx);
 
+impl Runs {
+    /// Inserts `new` in `tx` with the audit event of `method`, commits,
+    /// publishes its first event and wakes the executor; returns the run.
+    async fn create_run(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        caller: &super::auth::Caller,
+        method: &str,
+        new: NewRun,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<crate::domain::Run, Status> {
+        let (id, tenant_id) = (new.id, new.tenant_id.clone());
+        let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
+            .await
+            .map_err(|e| db_status(e, "run"))?;
+        let run = db::runs::run_get(&mut *tx, &tenant_id, id)
+            .await
+            .map_err(|e| db_status(e, format_args!("run {id}")))?;
+        let event = caller.audit(
+            now,
+            Some(&tenant_id),
+            method,
+            format!("run/{id}"),
+            None,
+            Some(audit::run(&run)),
+        );
+        record(&mut tx, &event, "run").await?;
+        tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
+        self.0.bus.publish(events);
+        self.0.executor_wake.notify_one();
+        Ok(run)
+    }
+}
+
 #[tonic::async_trait]
 impl RunService for Runs {
     async fn trigger_run(
@@ -164,24 +198,7 @@ impl RunService for Runs {
             idempotency_key: key.map(str::to_string),
         };
         let id = new.id;
-        let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
-            .await
-            .map_err(|e| db_status(e, "run"))?;
-        let run = db::runs::run_get(&mut *tx, &tenant_id, id)
-            .await
-            .map_err(|e| db_status(e, format_args!("run {id}")))?;
-        let event = caller.audit(
-            now,
-            Some(&tenant_id),
-            M_TRIGGER,
-            format!("run/{id}"),
-            None,
-            Some(audit::run(&run)),
-        );
-        record(&mut tx, &event, "run").await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
-        self.0.bus.publish(events);
-        self.0.executor_wake.notify_one();
+        let run = self.create_run(tx, &caller, M_TRIGGER, new, now).await?;
         tracing::info!(run = %id, binding = %binding_id, state = state.as_str(), "run triggered");
         Ok(Response::new(run_to(&run)))
     }
@@ -290,30 +307,13 @@ impl RunService for Runs {
             idempotency_key: None,
         };
         let new_id = new.id;
-        let mut tx = self
+        let tx = self
             .0
             .pool
             .begin()
             .await
             .map_err(|e| db_status(e.into(), "run"))?;
-        let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
-            .await
-            .map_err(|e| db_status(e, "run"))?;
-        let run = db::runs::run_get(&mut *tx, &tenant_id, new_id)
-            .await
-            .map_err(|e| db_status(e, format_args!("run {new_id}")))?;
-        let event = caller.audit(
-            now,
-            Some(&tenant_id),
-            M_RETRY,
-            format!("run/{new_id}"),
-            None,
-            Some(audit::run(&run)),
-        );
-        record(&mut tx, &event, "run").await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), "run"))?;
-        self.0.bus.publish(events);
-        self.0.executor_wake.notify_one();
+        let run = self.create_run(tx, &caller, M_RETRY, new, now).await?;
         tracing::info!(run = %new_id, retry_of = %id, "run retried by request");
         Ok(Response::new(run_to(&run)))
     }
