@@ -171,8 +171,9 @@ async fn serve_with_pool(
             bus: bus.clone(),
             wake: Arc::clone(&wakers.scheduler),
             executor_wake: Arc::clone(&wakers.executor),
-            batch: 500,
+            batch: 1000,
             max_sleep: settings.scheduler_max_sleep,
+            coalesce: Duration::from_millis(10),
         }
         .run(engine_stop.clone()),
     );

@@ -121,7 +121,7 @@ async fn wait_pid_line(ch: &Channel, token: &str, run_id: &str) -> i32 {
 fn last_state_change(events: &[pb::RunEvent]) -> Option<&pb::StateChanged> {
     match events.last()?.kind.as_ref()? {
         pb::run_event::Kind::StateChanged(s) => Some(s),
-        pb::run_event::Kind::Log(_) => None,
+        _ => None,
     }
 }
 

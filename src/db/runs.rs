@@ -47,12 +47,19 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
 }
 
-/// Inserts `runs` with their first event (seq 1, `→ QUEUED`, `→ SCHEDULED`
-/// or `→ SKIPPED` with the reason), announces them to executors and
+/// Inserts `runs` with their events, announces them to executors and
 /// subscribers, and returns the events of the runs actually inserted. A
-/// schedule fire whose `(binding_id, scheduled_time)` already has a run is
-/// left alone: that unique index is what makes firing exactly-once across
-/// nodes.
+/// waiting run (`QUEUED`, `SCHEDULED`) or a `SKIPPED` one gets its first
+/// event (seq 1, `→ state`, with the reason). A `SUCCEEDED` run is an `event`
+/// handler's run completed in the inserting transaction ([`complete_inline`]):
+/// it is written in its final state with all four events (`→ QUEUED`,
+/// `QUEUED → RUNNING`, `fired`, `RUNNING → SUCCEEDED`), started and ended at
+/// `now` on `node_id`. A schedule fire whose `(binding_id, scheduled_time)`
+/// already has a run is left alone: that unique index is what makes firing
+/// exactly-once across nodes.
+///
+/// One statement for the whole batch (arrays through `UNNEST`), whatever
+/// its size.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -65,15 +72,20 @@ pub async fn run_insert(
     if runs.is_empty() {
         return Ok(Vec::new());
     }
-    let bodies: Vec<EventBody> = runs
-        .iter()
-        .map(|r| EventBody::StateChanged {
-            from: None,
-            to: r.state,
-            reason: r.reason.clone(),
-        })
-        .collect();
-    let payloads: Vec<serde_json::Value> = bodies.iter().map(encode).collect();
+    let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
+    let n_events: usize = bodies.iter().map(Vec::len).sum();
+    let mut ev_run = Vec::with_capacity(n_events);
+    let mut ev_seq = Vec::with_capacity(n_events);
+    let mut ev_kind = Vec::with_capacity(n_events);
+    let mut ev_payload = Vec::with_capacity(n_events);
+    for (r, evs) in runs.iter().zip(&bodies) {
+        for (i, b) in evs.iter().enumerate() {
+            ev_run.push(r.id);
+            ev_seq.push(i as i64 + 1);
+            ev_kind.push(b.kind());
+            ev_payload.push(encode(b));
+        }
+    }
     let states: Vec<&str> = runs.iter().map(|r| r.state.as_str()).collect();
     let reasons: Vec<&str> = runs.iter().map(|r| r.reason.as_str()).collect();
     let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
@@ -100,34 +112,39 @@ pub async fn run_insert(
     let overlaps: Vec<&str> = runs.iter().map(|r| r.policy.overlap.as_str()).collect();
     let priorities: Vec<i32> = runs.iter().map(|r| r.policy.priority).collect();
     let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
-    let rows = sqlx::query!(
+    let last_seqs: Vec<i64> = bodies.iter().map(|b| b.len() as i64).collect();
+    let inserted = sqlx::query_scalar!(
         r#"WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
-                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::jsonb[],
+                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::bigint[],
                                   $13::timestamptz[], $14::int[], $15::uuid[], $16::int[], $17::jsonb[],
                                   $18::int[], $19::text[], $20::int[], $21::text[])
                   AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
-                       state, reason, payload, not_before, attempt, retry_of, max_attempts, retry_policy,
+                       state, reason, last_seq, not_before, attempt, retry_of, max_attempts, retry_policy,
                        timeout_secs, overlap_policy, priority, idempotency_key)),
            r AS (
              INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
-                               not_before, create_time, end_time, handler, params, reason, last_seq,
-                               attempt, retry_of, max_attempts, retry_policy, timeout_secs, overlap_policy,
-                               priority, idempotency_key)
+                               not_before, create_time, start_time, end_time, node_id, handler, params,
+                               reason, last_seq, attempt, retry_of, max_attempts, retry_policy,
+                               timeout_secs, overlap_policy, priority, idempotency_key)
              SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
-                    u.not_before,
-                    $9, CASE WHEN u.state = 'SKIPPED' THEN $9::timestamptz END, u.handler, u.params,
-                    NULLIF(u.reason, ''), 1, u.attempt, u.retry_of, u.max_attempts, u.retry_policy,
-                    u.timeout_secs, u.overlap_policy, u.priority, u.idempotency_key
+                    u.not_before, $9,
+                    CASE WHEN u.state = 'SUCCEEDED' THEN $9::timestamptz END,
+                    CASE WHEN u.state IN ('SKIPPED', 'SUCCEEDED') THEN $9::timestamptz END,
+                    CASE WHEN u.state = 'SUCCEEDED' THEN $22 END,
+                    u.handler, u.params, NULLIF(u.reason, ''), u.last_seq, u.attempt, u.retry_of,
+                    u.max_attempts, u.retry_policy, u.timeout_secs, u.overlap_policy, u.priority,
+                    u.idempotency_key
              FROM u
              ON CONFLICT (binding_id, scheduled_time) WHERE trigger = 'SCHEDULE' DO NOTHING
              RETURNING id, tenant_id, binding_id, definition),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT r.id, 1, $9, r.tenant_id, r.binding_id, r.definition, 'state_changed', u.payload
-             FROM r JOIN u ON u.id = r.id
+             SELECT r.id, ev.seq, $9, r.tenant_id, r.binding_id, r.definition, ev.kind, ev.payload
+             FROM UNNEST($23::uuid[], $24::bigint[], $25::text[], $26::jsonb[]) AS ev(run_id, seq, kind, payload)
+             JOIN r ON r.id = ev.run_id
              RETURNING run_id)
-           SELECT r.id, r.tenant_id, r.binding_id, r.definition, u.payload FROM r JOIN u ON u.id = r.id"#,
+           SELECT id AS "id!" FROM r"#,
         &ids,
         &tenants as &[&str],
         &bindings,
@@ -139,7 +156,7 @@ pub async fn run_insert(
         now,
         &states as &[&str],
         &reasons as &[&str],
-        &payloads,
+        &last_seqs,
         &not_before,
         &attempts,
         &retry_of as &[Option<Uuid>],
@@ -149,32 +166,32 @@ pub async fn run_insert(
         &overlaps as &[&str],
         &priorities,
         &keys as &[Option<&str>],
+        node_id,
+        &ev_run,
+        &ev_seq,
+        &ev_kind as &[&str],
+        &ev_payload,
     )
     .fetch_all(&mut *conn)
     .await?;
-    let events: Vec<RunEvent> = rows
-        .into_iter()
-        .map(|r| {
-            Ok(RunEvent {
-                run_id: r.id,
-                seq: 1,
-                time: now,
-                tenant_id: r.tenant_id,
-                binding_id: r.binding_id,
-                definition: r.definition,
-                body: decode("run event payload", r.payload.unwrap_or_default())?,
-            })
-        })
-        .collect::<Result<_, Error>>()?;
-    let waiting = events.iter().any(|e| {
-        matches!(
-            e.body,
-            EventBody::StateChanged {
-                to: RunState::Queued | RunState::Scheduled,
-                ..
-            }
-        )
-    });
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let mut events = Vec::with_capacity(n_events);
+    let mut waiting = false;
+    for (r, evs) in runs.iter().zip(bodies) {
+        if !inserted.contains(&r.id) {
+            continue;
+        }
+        waiting |= matches!(r.state, RunState::Queued | RunState::Scheduled);
+        events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
+            run_id: r.id,
+            seq: i as i64 + 1,
+            time: now,
+            tenant_id: r.tenant_id.clone(),
+            binding_id: r.binding_id,
+            definition: r.definition.clone(),
+            body,
+        }));
+    }
     if waiting {
         notify_runs(&mut *conn).await?;
     }
@@ -182,17 +199,64 @@ pub async fn run_insert(
     Ok(events)
 }
 
-/// Announces single state-change `events` (one seq each) on
+/// The events a new run is written with (see [`run_insert`]).
+fn initial_events(r: &NewRun) -> Vec<EventBody> {
+    let state = |from, to, reason: &str| EventBody::StateChanged {
+        from,
+        to,
+        reason: reason.to_string(),
+    };
+    if r.state == RunState::Succeeded {
+        vec![
+            state(None, RunState::Queued, ""),
+            state(Some(RunState::Queued), RunState::Running, ""),
+            EventBody::Fired {
+                params: r.params.clone(),
+            },
+            state(Some(RunState::Running), RunState::Succeeded, ""),
+        ]
+    } else {
+        vec![state(None, r.state, &r.reason)]
+    }
+}
+
+/// Marks the `QUEUED` runs of `event` handlers in `runs` that can start at
+/// once (`not_before <= now`) and whose tenant is not in `limited` (tenants
+/// with a `max_concurrent_runs` quota, whose runs must wait for a slot) as
+/// completed: [`run_insert`] then writes them `SUCCEEDED` with their
+/// `fired` event, in the inserting transaction. Such a run does nothing but
+/// publish, so claiming it separately would only cost two more writes of its
+/// row. Returns how many were marked.
+pub fn complete_inline(runs: &mut [NewRun], limited: &[String], now: DateTime<Utc>) -> usize {
+    let mut n = 0;
+    for r in runs.iter_mut() {
+        if r.state == RunState::Queued
+            && r.handler == Handler::Event
+            && r.not_before <= now
+            && !limited.contains(&r.tenant_id)
+        {
+            r.state = RunState::Succeeded;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Announces `events` (in seq order per run) on
 /// [`super::CHANNEL_EVENTS`]; nothing when there are none.
 async fn announce<'a>(
     conn: &mut PgConnection,
     node_id: &str,
     events: impl IntoIterator<Item = &'a RunEvent>,
 ) -> Result<(), Error> {
-    let ranges: Vec<_> = events
-        .into_iter()
-        .map(|e| (e.run_id, e.seq, e.seq))
-        .collect();
+    // Consecutive events of one run make one range.
+    let mut ranges: Vec<(Uuid, i64, i64)> = Vec::new();
+    for e in events {
+        match ranges.last_mut() {
+            Some((run, _, to)) if *run == e.run_id && *to + 1 == e.seq => *to = e.seq,
+            _ => ranges.push((e.run_id, e.seq, e.seq)),
+        }
+    }
     if ranges.is_empty() {
         return Ok(());
     }
@@ -226,6 +290,13 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// lease until `now + lease` (`now` read from `clock` once the claim lock is held), writes their `→ RUNNING` events and announces
 /// them. Returns each claimed run with that event.
 ///
+/// `kind` splits the queue: [`ClaimKind::Executed`] claims runs that need a
+/// task on this node (commands), up to its free slots;
+/// [`ClaimKind::Event`] claims runs of `event` handlers, which complete in
+/// the claim statement itself: the row goes `QUEUED` → `SUCCEEDED` in one
+/// write (started and ended at `now`), with its `→ RUNNING`, `fired` and
+/// `→ SUCCEEDED` events, and is returned so.
+///
 /// # Errors
 /// [`Error::AlreadyExists`] (`runs_one_running`) when another node claimed a
 /// run of the same overlap-free binding at the same instant: claim again.
@@ -236,10 +307,16 @@ pub async fn run_claim(
     clock: &crate::domain::Clock,
     lease: chrono::Duration,
     limit: i64,
-) -> Result<Vec<(Run, RunEvent)>, Error> {
+    kind: ClaimKind,
+) -> Result<Vec<(Run, Vec<RunEvent>)>, Error> {
     let body = EventBody::StateChanged {
         from: Some(RunState::Queued),
         to: RunState::Running,
+        reason: String::new(),
+    };
+    let done = EventBody::StateChanged {
+        from: Some(RunState::Running),
+        to: RunState::Succeeded,
         reason: String::new(),
     };
     // Claims are serialised across nodes (a transaction-scoped advisory
@@ -259,6 +336,7 @@ pub async fn run_claim(
                     row_number() OVER (PARTITION BY q.binding_id ORDER BY q.priority DESC, q.not_before, q.id) AS bn
              FROM runs q
              WHERE q.state = 'QUEUED' AND q.not_before <= $1
+               AND (q.handler->>'kind' = 'event') = $6
                AND (q.overlap_policy = 'ALLOW' OR NOT EXISTS (
                       SELECT 1 FROM runs x WHERE x.binding_id = q.binding_id AND x.state = 'RUNNING'
                                              AND x.overlap_policy <> 'ALLOW'))),
@@ -288,8 +366,10 @@ pub async fn run_claim(
              UPDATE runs SET throttled = true
              WHERE id IN (SELECT id FROM ranked WHERE over AND NOT throttled)),
            c AS (
-             UPDATE runs SET state = 'RUNNING', start_time = $1, node_id = $2, lease_expires_at = $3,
-                             last_seq = last_seq + 1
+             UPDATE runs SET state = CASE WHEN $6 THEN 'SUCCEEDED' ELSE 'RUNNING' END,
+                             start_time = $1, end_time = CASE WHEN $6 THEN $1::timestamptz END,
+                             node_id = $2, lease_expires_at = CASE WHEN $6 THEN NULL ELSE $3::timestamptz END,
+                             last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
              WHERE id IN (SELECT id FROM locked)
              RETURNING *),
            served AS (
@@ -298,7 +378,12 @@ pub async fn run_claim(
              ON CONFLICT (tenant_id) DO UPDATE SET last_claim_time = EXCLUDED.last_claim_time),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT c.id, c.last_seq, $1, c.tenant_id, c.binding_id, c.definition, 'state_changed', $5 FROM c
+             SELECT c.id, c.last_seq - x.back, $1, c.tenant_id, c.binding_id, c.definition, x.kind,
+                    coalesce(x.payload, jsonb_build_object('kind', 'fired', 'params', c.params))
+             FROM c CROSS JOIN LATERAL (VALUES (2, 'state_changed', $5::jsonb), (1, 'fired', NULL),
+                                               (0, 'state_changed', CASE WHEN $6 THEN $7 ELSE $5 END))
+                                       AS x(back, kind, payload)
+             WHERE $6 OR x.back = 0
              RETURNING run_id)
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
@@ -310,6 +395,8 @@ pub async fn run_claim(
         now + lease,
         limit,
         encode(&body),
+        kind == ClaimKind::Event,
+        encode(&done),
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -317,12 +404,35 @@ pub async fn run_claim(
     for r in rows {
         let seq = r.last_seq;
         let run = Run::try_from(r)?;
-        let ev = state_event(&run, seq, now, body.clone());
-        out.push((run, ev));
+        let events = match kind {
+            ClaimKind::Executed => vec![state_event(&run, seq, now, body.clone())],
+            ClaimKind::Event => vec![
+                state_event(&run, seq - 2, now, body.clone()),
+                state_event(
+                    &run,
+                    seq - 1,
+                    now,
+                    EventBody::Fired {
+                        params: run.params.clone(),
+                    },
+                ),
+                state_event(&run, seq, now, done.clone()),
+            ],
+        };
+        out.push((run, events));
     }
-    announce(&mut tx, node_id, out.iter().map(|(_, e)| e)).await?;
+    announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// Which runs a claim takes (see [`run_claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// Runs executed by a task on the node (commands): one slot each.
+    Executed,
+    /// Runs of `event` handlers, completed by the claim statement.
+    Event,
 }
 
 /// Advisory lock key serialising claims across nodes ("skedclai").

@@ -406,6 +406,24 @@ pub async fn quota_hourly_remaining(
         .collect())
 }
 
+/// Those of `tenants` that have a `max_concurrent_runs` quota (their runs
+/// wait for a slot in the claim, so they are never completed inline).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn quota_concurrency_limited(
+    db: impl sqlx::PgExecutor<'_>,
+    tenants: &[String],
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT tenant_id FROM tenant_quotas
+         WHERE tenant_id = ANY ($1) AND max_concurrent_runs IS NOT NULL",
+        tenants
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 /// The tenant's quota and its use at `now` (see [`QuotaUsage`]).
 ///
 /// # Errors

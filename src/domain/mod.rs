@@ -104,6 +104,10 @@ pub fn validate_tenant_id(field: &str, tenant: &str) -> Result<(), FieldViolatio
 pub enum Handler {
     /// Run a program as a child process.
     Command(CommandHandler),
+    /// Publish a `fired` event with the run's params and succeed at once
+    /// (SPEC §4): sked as a tick source. Executed in batches, without a task
+    /// per run ([`crate::executor`]).
+    Event,
 }
 
 /// A child process: `program` with `args`, no shell.
@@ -130,6 +134,7 @@ impl Handler {
     /// A [`FieldViolation`], e.g. `definition.command.program: is required`.
     pub fn validate(&self, prefix: &str) -> Result<(), FieldViolation> {
         match self {
+            Handler::Event => Ok(()),
             Handler::Command(c) => {
                 if c.program.trim().is_empty() {
                     return Err(FieldViolation::new(
@@ -493,6 +498,11 @@ pub enum EventBody {
         /// The line without its newline.
         message: String,
     },
+    /// A run of the `event` handler fired, carrying its params.
+    Fired {
+        /// The run's params snapshot (a JSON object).
+        params: serde_json::Value,
+    },
 }
 
 impl EventBody {
@@ -501,6 +511,7 @@ impl EventBody {
         match self {
             EventBody::StateChanged { .. } => "state_changed",
             EventBody::Log { .. } => "log",
+            EventBody::Fired { .. } => "fired",
         }
     }
     /// True for a transition into a terminal state: the run's last event.

@@ -21,7 +21,8 @@ const PAGE: i64 = 1000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// What a tail subscriber is sent.
-pub type TailItem = Result<RunEvent, db::Error>;
+/// Events are shared with the bus (no copy per subscriber).
+pub type TailItem = Result<Arc<RunEvent>, db::Error>;
 
 /// Streams the tenant's run `run_id` into `out`: persisted events with
 /// `seq > after_seq`, then (if `follow`) live ones, with no gap and no
@@ -93,10 +94,10 @@ impl Tail {
         if e.seq > self.last + 1 {
             return self.replay().await;
         }
-        self.send(RunEvent::clone(e)).await
+        self.send(Arc::clone(e)).await
     }
 
-    async fn send(&mut self, e: RunEvent) -> Result<bool, ()> {
+    async fn send(&mut self, e: Arc<RunEvent>) -> Result<bool, ()> {
         let terminal = e.body.is_terminal();
         self.last = e.seq;
         self.out.send(Ok(e)).await.map_err(|_| ())?;
@@ -140,7 +141,7 @@ impl Tail {
             };
             let full = page.len() as i64 == PAGE;
             for e in page {
-                if self.send(e).await? {
+                if self.send(Arc::new(e)).await? {
                     return Ok(true);
                 }
             }

@@ -328,6 +328,7 @@ async fn collect_logs(
         stderr_head: String::new(),
     };
     let mut batch: Vec<EventBody> = Vec::new();
+    let mut read_at = ex.clock.now();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let flush_at = deadline;
@@ -338,7 +339,7 @@ async fn collect_logs(
                 None
             }
             _ = async { if let Some(d) = flush_at { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
-                flush(ex, run, &mut batch).await;
+                flush(ex, run, &mut batch, read_at).await;
                 deadline = None;
                 continue;
             }
@@ -357,25 +358,35 @@ async fn collect_logs(
             }
             _ => {}
         }
+        if batch.is_empty() {
+            // The batch's events carry the time its first line was read, so
+            // RunEvent.time never flatters the write and delivery latency.
+            read_at = ex.clock.now();
+        }
         batch.push(EventBody::Log { stream, message });
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
         if batch.len() >= BATCH_LINES {
-            flush(ex, run, &mut batch).await;
+            flush(ex, run, &mut batch, read_at).await;
             deadline = None;
         }
     }
-    flush(ex, run, &mut batch).await;
+    flush(ex, run, &mut batch, read_at).await;
     logs
 }
 
-async fn flush(ex: &Executor, run: &Run, batch: &mut Vec<EventBody>) {
+async fn flush(
+    ex: &Executor,
+    run: &Run,
+    batch: &mut Vec<EventBody>,
+    read_at: chrono::DateTime<chrono::Utc>,
+) {
     if batch.is_empty() {
         return;
     }
     let mut delay = Duration::from_millis(100);
     // Lines are never dropped silently: retry until the database takes them.
     loop {
-        match ex.append(run, batch).await {
+        match ex.append_at(run, batch, read_at).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, lines = batch.len(), "writing log lines failed; retrying");

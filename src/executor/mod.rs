@@ -54,10 +54,10 @@ use uuid::Uuid;
 
 use crate::db::{
     self,
-    runs::{NewRun, Outcome},
+    runs::{ClaimKind, NewRun, Outcome},
 };
 use crate::domain::policy::jitter_from_id;
-use crate::domain::{Clock, EventBody, Handler, Run, RunState, RunTrigger};
+use crate::domain::{Clock, EventBody, Handler, Run, RunEvent, RunState, RunTrigger};
 use crate::events::EventBus;
 
 /// Reason of runs cancelled by a node's shutdown (they are retried per policy).
@@ -66,6 +66,8 @@ pub const REASON_SHUTDOWN: &str = "shutdown";
 pub const REASON_NODE_LOST: &str = "node_lost";
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
+/// Runs of `event` handlers claimed and completed per transaction.
+pub const EVENT_BATCH: usize = 1000;
 
 /// Why an executing run is being stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +211,15 @@ impl Executor {
                     Err(e) => tracing::warn!(error = %e, "claiming runs failed"),
                 }
             }
+            // Event handler runs need no slot: they complete in their claim.
+            match this.complete_events().await {
+                Ok(0) => {}
+                // More may be waiting (a batch's worth, or a next run of an
+                // overlap-free binding): claim again before sleeping.
+                Ok(_) if !shutdown.is_cancelled() => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "completing event runs failed"),
+            }
             let pause = this.sleep_time().await;
             tokio::select! {
                 _ = this.wake.notified() => {}
@@ -268,28 +279,57 @@ impl Executor {
     }
 
     async fn claim(&self, free: usize) -> Result<Vec<(Run, Stop)>, db::Error> {
+        let claimed = self.claim_kind(free, ClaimKind::Executed).await?;
+        let mut runs = Vec::with_capacity(claimed.len());
+        for (run, events) in claimed {
+            self.bus.publish(events);
+            let stop = self.running.insert(run.id);
+            runs.push((run, stop));
+        }
+        Ok(runs)
+    }
+
+    /// Claims and completes up to [`EVENT_BATCH`] due runs of `event`
+    /// handlers in one transaction, publishes their events; returns how
+    /// many.
+    async fn complete_events(&self) -> Result<usize, db::Error> {
+        let done = self.claim_kind(EVENT_BATCH, ClaimKind::Event).await?;
+        let n = done.len();
+        if n > 0 {
+            tracing::debug!(runs = n, "event runs completed");
+            self.bus
+                .publish(done.into_iter().flat_map(|(_, events)| events));
+        }
+        Ok(n)
+    }
+
+    async fn claim_kind(
+        &self,
+        limit: usize,
+        kind: ClaimKind,
+    ) -> Result<Vec<(Run, Vec<RunEvent>)>, db::Error> {
         let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30));
         let mut tries = 0;
-        let claimed = loop {
+        loop {
             let mut conn = self.pool.acquire().await?;
-            match db::runs::run_claim(&mut conn, &self.node_id, &self.clock, lease, free as i64)
-                .await
+            match db::runs::run_claim(
+                &mut conn,
+                &self.node_id,
+                &self.clock,
+                lease,
+                limit as i64,
+                kind,
+            )
+            .await
             {
                 // Another node started a run of the same overlap-free
                 // binding at this instant; the index refused ours. Again.
                 Err(db::Error::AlreadyExists(c)) if c == "runs_one_running" && tries < 5 => {
                     tries += 1;
                 }
-                r => break r?,
+                r => return r,
             }
-        };
-        let mut runs = Vec::with_capacity(claimed.len());
-        for (run, ev) in claimed {
-            self.bus.publish([ev]);
-            let stop = self.running.insert(run.id);
-            runs.push((run, stop));
         }
-        Ok(runs)
     }
 
     async fn promote(&self) -> Result<(), db::Error> {
@@ -367,6 +407,8 @@ impl Executor {
     async fn execute(&self, run: Run, stop: Stop) {
         let (state, outcome) = match &run.handler {
             Handler::Command(c) => command::execute(self, &run, c, &stop).await,
+            // Never claimed for a task (ClaimKind::Event); kept total.
+            Handler::Event => (RunState::Succeeded, Outcome::default()),
         };
         if stop.reason() == Some(&StopReason::LeaseLost) {
             tracing::warn!("run was taken from this node (lease lost); its final state stands");
@@ -379,10 +421,20 @@ impl Executor {
     /// Appends events to the run's log and publishes them. Errors are logged;
     /// the caller goes on (the run's final state matters more than a line).
     pub(crate) async fn append(&self, run: &Run, bodies: &[EventBody]) -> Result<(), db::Error> {
+        self.append_at(run, bodies, self.clock.now()).await
+    }
+
+    /// [`Executor::append`] with the events' time given (e.g. when the
+    /// first line of a batch was read).
+    pub(crate) async fn append_at(
+        &self,
+        run: &Run,
+        bodies: &[EventBody],
+        time: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), db::Error> {
         let mut conn = self.pool.acquire().await?;
         let events =
-            db::events::event_append(&mut conn, &self.node_id, run.id, bodies, self.clock.now())
-                .await?;
+            db::events::event_append(&mut conn, &self.node_id, run.id, bodies, time).await?;
         self.bus.publish(events);
         Ok(())
     }

@@ -503,6 +503,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
             env: c.env.clone().into_iter().collect(),
             working_dir: c.working_dir.clone(),
         }),
+        domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
     };
     pb::TaskDefinition {
         name: d.name.clone(),
@@ -595,7 +596,7 @@ pub fn handler_from(
         None => {
             return Err(FieldViolation::new(
                 format!("{prefix}.handler"),
-                "one of command is required",
+                "one of command or event is required",
             ));
         }
         Some(pb::task_definition::Handler::Command(c)) => {
@@ -606,6 +607,7 @@ pub fn handler_from(
                 working_dir: c.working_dir.clone(),
             })
         }
+        Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
     };
     h.validate(prefix)?;
     Ok(h)
@@ -736,6 +738,9 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
                 domain::LogStream::System => pb::LogStream::System,
             } as i32,
             message: message.clone(),
+        }),
+        domain::EventBody::Fired { params } => pb::run_event::Kind::Fired(pb::Fired {
+            params: json_to_struct(params),
         }),
     };
     pb::RunEvent {

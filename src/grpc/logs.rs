@@ -92,6 +92,7 @@ impl LogService for Logs {
             kinds.push(match pb::EventKind::try_from(k) {
                 Ok(pb::EventKind::StateChanged) => "state_changed",
                 Ok(pb::EventKind::Log) => "log",
+                Ok(pb::EventKind::Fired) => "fired",
                 _ => {
                     return Err(invalid(FieldViolation::new(
                         "kinds",

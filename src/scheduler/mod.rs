@@ -12,9 +12,13 @@
 //! ([`crate::domain::policy::plan_overlap`]); `CANCEL_PREVIOUS` cancels the
 //! active runs in the same transaction (a running one through a cancel
 //! request to its node). Fires beyond a tenant's hourly budget
-//! (`max_runs_per_hour`) become `SKIPPED` runs with reason `quota`.
+//! (`max_runs_per_hour`) become `SKIPPED` runs with reason `quota`. Fires of
+//! `event` handlers that may start at once are completed in the same
+//! transaction (written `SUCCEEDED` with their `fired` event): they do
+//! nothing but publish, so a claim would only cost two more row writes.
 //!
-//! Between passes the loop sleeps until the earliest `next_run_time`, or
+//! Between passes the loop sleeps until the earliest `next_run_time` (but at
+//! least until [`Scheduler::coalesce`] after the last pass began), or
 //! until woken by a binding change (LISTEN/NOTIFY via the bridge), or at most
 //! [`Scheduler::max_sleep`] (the poll fallback for lost notifications) — no
 //! fixed one-minute polling.
@@ -34,7 +38,7 @@ use uuid::Uuid;
 use crate::db::{self, runs::NewRun};
 use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
 use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
-use crate::domain::{Clock, FirePlan, OverlapPolicy, RunState, RunTrigger, plan_fires};
+use crate::domain::{Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, plan_fires};
 use crate::events::EventBus;
 
 /// The firing loop of one node.
@@ -56,15 +60,24 @@ pub struct Scheduler {
     pub batch: i64,
     /// Longest sleep between passes (poll fallback).
     pub max_sleep: Duration,
+    /// Shortest time from one pass's start to the next, unless a pass was
+    /// full: fires falling due within it are fired together by the next
+    /// pass, so a steady stream of fires costs one transaction per
+    /// `coalesce`, not one per fire. Adds at most this much fire lag.
+    pub coalesce: Duration,
 }
 
 impl Scheduler {
     /// Runs passes until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
+            let started = tokio::time::Instant::now();
             let pause = match self.fire_due().await {
                 Ok(n) if n as i64 >= self.batch => Duration::ZERO, // more may be due
-                Ok(_) => self.sleep_time().await,
+                Ok(_) => self
+                    .sleep_time()
+                    .await
+                    .max(self.coalesce.saturating_sub(started.elapsed())),
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduler pass failed; retrying");
                     Duration::from_millis(500)
@@ -216,6 +229,7 @@ impl Scheduler {
             nexts.push(plan.next);
         }
         self.apply_hourly_budget(&mut tx, &mut runs, now).await?;
+        self.complete_event_runs(&mut tx, &mut runs, now).await?;
         let mut events = db::runs::run_cancel_waiting(
             &mut tx,
             &self.node_id,
@@ -230,10 +244,39 @@ impl Scheduler {
         tx.commit().await?;
         tracing::debug!(due = due.len(), events = events.len(), "scheduler pass");
         if !events.is_empty() {
+            let waiting = runs
+                .iter()
+                .any(|r| matches!(r.state, RunState::Queued | RunState::Scheduled));
             self.bus.publish(events);
-            self.executor_wake.notify_one();
+            if waiting {
+                self.executor_wake.notify_one();
+            }
         }
         Ok(due.len())
+    }
+
+    /// Completes this pass's due `event` handler fires in the firing
+    /// transaction ([`db::runs::complete_inline`]), unless their tenant has a
+    /// concurrency quota (then they are claimed like any run).
+    async fn complete_event_runs(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        runs: &mut [NewRun],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), db::Error> {
+        let mut tenants: Vec<String> = runs
+            .iter()
+            .filter(|r| r.state == RunState::Queued && r.handler == Handler::Event)
+            .map(|r| r.tenant_id.clone())
+            .collect();
+        if tenants.is_empty() {
+            return Ok(());
+        }
+        tenants.sort();
+        tenants.dedup();
+        let limited = db::tenancy::quota_concurrency_limited(&mut *tx, &tenants).await?;
+        db::runs::complete_inline(runs, &limited, now);
+        Ok(())
     }
 
     /// Turns the fires of this pass that exceed their tenant's hourly budget
