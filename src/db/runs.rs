@@ -343,7 +343,7 @@ pub async fn run_claim(
            per_tenant AS (
              SELECT d.*, row_number() OVER (PARTITION BY d.tenant_id ORDER BY d.priority DESC, d.not_before, d.id) AS tn
              FROM due d WHERE d.overlap_policy = 'ALLOW' OR d.bn = 1),
-           room AS (
+           room AS MATERIALIZED (
              SELECT tq.tenant_id,
                     tq.max_concurrent_runs - (SELECT count(*) FROM runs r
                                               WHERE r.tenant_id = tq.tenant_id AND r.state = 'RUNNING') AS room
