@@ -1,0 +1,278 @@
+//! `fire`: fire accuracy of N bindings every 1 s (SPEC §9: ≥ 99.99 % of
+//! fires run, 0 duplicates, fire lag p99 ≤ 50 ms).
+//!
+//! Setup: definitions `bench.tick.<j>` with the `event` handler; N bindings,
+//! each overriding the schedule with an interval of 1 s. By default binding
+//! `i` is anchored at `t0 + i/N s` (phases spread uniformly over the second,
+//! as bindings created at different times are); `--aligned` anchors all of
+//! them at the same whole second.
+//!
+//! After `--warmup` seconds the window `[w0, w0 + measure)` is measured.
+//! About 3 s after it ends, from the database:
+//! * expected fires: per binding, the fire times `anchor + k s` inside the
+//!   window, counted exactly from its anchor;
+//! * fired: runs with trigger SCHEDULE, `scheduled_time` in the window and
+//!   state SUCCEEDED;
+//! * duplicates: (schedule runs in the window − distinct (binding,
+//!   scheduled_time)) + runs with more than one `fired` event;
+//! * lag: `start_time − scheduled_time` of the fired runs, p50/p99/max;
+//! * CPU of the nodes and of PostgreSQL over the window, nodes' RSS.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use clap::Args;
+use serde_json::json;
+
+use crate::Common;
+use crate::api::{self, Layout};
+use crate::env::{Env, progress};
+use crate::report::{Report, Target};
+use crate::stats::{ms1o, round};
+
+/// Flags of `fire`.
+#[derive(Debug, Clone, Args)]
+pub struct FireArgs {
+    /// Bindings, each firing every second.
+    #[arg(long, default_value_t = 10_000)]
+    pub bindings: usize,
+    /// Seconds between creating the bindings and the measured window.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// Length of the measured window, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub measure: u64,
+    /// Anchor every binding at the same whole second (all fire at once)
+    /// instead of spreading their phases over the second.
+    #[arg(long)]
+    pub aligned: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// The window's runs: (runs, distinct (binding, time), succeeded, skipped,
+/// not finished, lag p50, p99, max in ms).
+type WindowRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+);
+
+/// Seconds waited after the window before reading the results.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Runs the scenario; see the module docs.
+///
+/// # Errors
+/// Setup calls or measurement queries failing.
+pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(a.bindings >= 1, "--bindings must be at least 1");
+    anyhow::ensure!(a.measure >= 1, "--measure must be at least 1");
+    let n = a.bindings;
+    let layout = Layout::new("bench.tick", n, env.common.tenants);
+    progress!(
+        "fire: {n} bindings every 1 s ({}), {} definitions over {} tenants",
+        if a.aligned {
+            "aligned"
+        } else {
+            "phases spread over the second"
+        },
+        layout.definitions(),
+        layout.tenants
+    );
+    api::create_definitions(env, &layout, |name| {
+        api::event_def(name, api::interval(1, None))
+    })
+    .await?;
+
+    // Anchors, whole microseconds (the database's resolution).
+    let t0 = Utc
+        .timestamp_opt(Utc::now().timestamp(), 0)
+        .single()
+        .expect("valid now");
+    let anchors: Vec<DateTime<Utc>> = (0..n)
+        .map(|i| {
+            if a.aligned {
+                t0
+            } else {
+                t0 + TimeDelta::microseconds((i as i64 * 1_000_000) / n as i64)
+            }
+        })
+        .collect();
+    let setup_started = std::time::Instant::now();
+    api::create_bindings(env, &layout, |i| Some(api::interval(1, Some(anchors[i])))).await?;
+    let setup_secs = setup_started.elapsed().as_secs_f64();
+
+    progress!("warm-up {} s", a.warmup);
+    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
+    let w0 = api::now_us();
+    let w1 = w0 + TimeDelta::seconds(a.measure as i64);
+    let cpu0 = env.cpu_snapshot().await;
+    progress!("measuring {} s", a.measure);
+    sleep_until(w1).await;
+    let cpu1 = env.cpu_snapshot().await;
+    let rss = env.sked_rss_mib();
+    let cpu = cpu0.percent_until(&cpu1);
+    progress!("window over; settling {} s", SETTLE.as_secs());
+    tokio::time::sleep(SETTLE).await;
+
+    let expected: i64 = anchors.iter().map(|&a| fires_in(a, w0, w1)).sum();
+    let (runs, distinct, fired, skipped, pending, p50, p99, max): WindowRow = sqlx::query_as(
+        "SELECT count(*),
+                count(DISTINCT (binding_id, scheduled_time)),
+                count(*) FILTER (WHERE state = 'SUCCEEDED'),
+                count(*) FILTER (WHERE state = 'SKIPPED'),
+                count(*) FILTER (WHERE state IN ('SCHEDULED', 'QUEUED', 'RUNNING')),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM start_time - scheduled_time)::float8 * 1000)
+                    FILTER (WHERE state = 'SUCCEEDED'),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM start_time - scheduled_time)::float8 * 1000)
+                    FILTER (WHERE state = 'SUCCEEDED'),
+                (max(extract(epoch FROM start_time - scheduled_time)::float8 * 1000)
+                    FILTER (WHERE state = 'SUCCEEDED'))
+         FROM runs
+         WHERE trigger = 'SCHEDULE' AND scheduled_time >= $1 AND scheduled_time < $2",
+    )
+    .bind(w0)
+    .bind(w1)
+    .fetch_one(&env.pool)
+    .await?;
+    let (multi_fired, without_fired): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE f > 1), count(*) FILTER (WHERE f = 0 AND state = 'SUCCEEDED')
+         FROM (SELECT r.id, r.state, count(e.run_id) AS f
+               FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.kind = 'fired'
+               WHERE r.trigger = 'SCHEDULE' AND r.scheduled_time >= $1 AND r.scheduled_time < $2
+               GROUP BY r.id, r.state) w",
+    )
+    .bind(w0)
+    .bind(w1)
+    .fetch_one(&env.pool)
+    .await?;
+    let duplicates = (runs - distinct) + multi_fired;
+    let fired_pct = if expected > 0 {
+        Some(round(fired as f64 / expected as f64 * 100.0, 3))
+    } else {
+        None
+    };
+
+    let mut params = env.common.params();
+    params.insert("bindings".into(), json!(a.bindings));
+    params.insert("warmup".into(), json!(a.warmup));
+    params.insert("measure".into(), json!(a.measure));
+    params.insert("aligned".into(), json!(a.aligned));
+    let mut r = Report::new(params);
+    r.count(
+        "expected_fires",
+        "fires due in the window",
+        expected,
+        Target::Info,
+    );
+    r.count("fired", "fires run (SUCCEEDED)", fired, Target::Info);
+    r.num(
+        "fired_percent",
+        "fires run",
+        fired_pct,
+        "%",
+        Target::AtLeast(99.99),
+    );
+    r.count(
+        "duplicates",
+        "duplicate fires",
+        duplicates,
+        Target::Equal(0.0),
+    );
+    r.num("lag_p50_ms", "fire lag p50", ms1o(p50), "ms", Target::Info);
+    r.num(
+        "lag_p99_ms",
+        "fire lag p99",
+        ms1o(p99),
+        "ms",
+        Target::AtMost(50.0),
+    );
+    r.num("lag_max_ms", "fire lag max", ms1o(max), "ms", Target::Info);
+    r.count(
+        "skipped",
+        "fires SKIPPED (misfire/overlap)",
+        skipped,
+        Target::Info,
+    );
+    r.count(
+        "not_finished",
+        "runs not finished 3 s after the window",
+        pending,
+        Target::Info,
+    );
+    r.count(
+        "succeeded_without_fired_event",
+        "SUCCEEDED runs without a fired event",
+        without_fired,
+        Target::Info,
+    );
+    r.num(
+        "sked_cpu_percent",
+        "sked CPU (all nodes)",
+        Some(round(cpu.sked, 1)),
+        "% of a core",
+        Target::Info,
+    );
+    r.num(
+        "postgres_cpu_percent",
+        "PostgreSQL CPU",
+        cpu.pg.map(|v| round(v, 1)),
+        "% of a core",
+        Target::Info,
+    );
+    r.num(
+        "sked_rss_mib",
+        "sked RSS (all nodes)",
+        rss.map(|v| round(v, 1)),
+        "MiB",
+        Target::Info,
+    );
+    r.num(
+        "setup_bindings_per_s",
+        "CreateBinding rate during setup",
+        Some(round(n as f64 / setup_secs.max(1e-9), 1)),
+        "/s",
+        Target::Info,
+    );
+    r.extra("window_start", json!(w0.to_rfc3339()));
+    r.extra("window_end", json!(w1.to_rfc3339()));
+    Ok(r)
+}
+
+/// Fire times `anchor + k s` (integer k) in `[w0, w1)`.
+fn fires_in(anchor: DateTime<Utc>, w0: DateTime<Utc>, w1: DateTime<Utc>) -> i64 {
+    // Fire times before x: count of k with anchor + k < x, relative to a
+    // common origin: ceil((x - anchor) / 1 s).
+    let before = |x: DateTime<Utc>| {
+        let d = x.timestamp_micros() - anchor.timestamp_micros();
+        d.div_euclid(1_000_000) + i64::from(d.rem_euclid(1_000_000) != 0)
+    };
+    before(w1) - before(w0)
+}
+
+/// Sleeps until the wall-clock instant `t`.
+pub async fn sleep_until(t: DateTime<Utc>) {
+    let d = (t - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(d).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_fires_in_half_open_windows() {
+        let a = Utc.timestamp_opt(100, 250_000_000).unwrap();
+        let w0 = Utc.timestamp_opt(100, 250_000_000).unwrap();
+        let w1 = Utc.timestamp_opt(103, 250_000_000).unwrap();
+        assert_eq!(fires_in(a, w0, w1), 3); // 100.25, 101.25, 102.25
+        let w0 = Utc.timestamp_opt(100, 300_000_000).unwrap();
+        assert_eq!(fires_in(a, w0, w1), 2);
+    }
+}

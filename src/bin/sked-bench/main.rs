@@ -1,0 +1,201 @@
+//! `sked-bench`: the load scenarios behind SPEC §9's performance targets.
+//!
+//! ```sh
+//! cargo run --release --bin sked-bench -- <scenario> [flags]
+//! ```
+//!
+//! Every scenario prints a table (metric, value, unit, target, verdict) and,
+//! as the **last line of stdout**, one JSON object with every figure:
+//! `{"scenario":..,"machine":{..},"params":{..},"figures":{..},"targets":{..}}`.
+//! Progress goes to stderr.
+//!
+//! # Common mechanics ([`env`])
+//!
+//! * **Database.** `--database-url` (or `DATABASE_URL`) names a PostgreSQL
+//!   server: the bench creates a fresh database `sked_bench_<uuid>` on it and
+//!   drops it at the end (also on error and on Ctrl-C). Without a URL it starts
+//!   an embedded PostgreSQL ([`sked::embedded_pg::EmbeddedPg::start`], durable
+//!   default options, as `sked serve` does) in a temporary directory and removes
+//!   it at the end.
+//! * **Nodes.** `--nodes K` sked nodes run as child processes (this binary
+//!   re-executed with the hidden `node` subcommand, which calls
+//!   [`sked::app::serve`] with authentication off on loopback), so that their
+//!   CPU time and resident memory can be read from `/proc`. The bench waits for
+//!   the gRPC health check to answer SERVING and stops them with SIGTERM.
+//! * **Setup** goes through the generated gRPC clients, as users call them,
+//!   with `--concurrency` calls in flight, spread over `--tenants` tenants (the
+//!   `x-tenant-id` header). A tenant can bind a definition only once, so N
+//!   bindings use ⌈N ÷ tenants⌉ definitions of the same shape: binding `i`
+//!   belongs to tenant `i mod T` and binds definition `<prefix>.<i div T>`.
+//! * **Measurements** read the database directly (sqlx): the `runs` and
+//!   `run_events` tables. CPU is utime+stime from `/proc/<pid>/stat` over the
+//!   measured window, in % of one core, for the sked children and for the
+//!   PostgreSQL server's processes ([`env::ProcSet`]); memory is VmRSS.
+//!
+//! # Scenarios
+//!
+//! * [`fire`] — N bindings of an `event` handler every 1 s, phases spread over
+//!   the second (or `--aligned`): fraction of due fires that ran, duplicates,
+//!   fire lag (run start − scheduled time) p50/p99/max, CPU.
+//! * [`burst`] — N bindings on one per-minute cron: time from the fire instant
+//!   until the last of the N runs started, lag p50/p99.
+//! * [`throughput`] — offered load via BackfillRuns doubling per step until
+//!   completions stop keeping up; the highest completed runs/s against the
+//!   machine's batched row-insert ceiling measured in the same run.
+//! * [`stream`] — a command printing N lines followed live by S TailRun
+//!   subscribers: order, completeness, end-to-end latency, lines/s.
+//! * [`idle`] — N idle bindings: node start-up time, CPU and RSS per binding.
+
+mod api;
+mod burst;
+mod env;
+mod fire;
+mod idle;
+mod report;
+mod stats;
+mod stream;
+mod throughput;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sked-bench",
+    about = "Load scenarios for sked (SPEC §9): prints a table and a final JSON line"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Scenarios (and the hidden node runner).
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Fire accuracy: N bindings every 1 s (event handler).
+    Fire(fire::FireArgs),
+    /// A cron burst: N bindings due at the same instant.
+    Burst(burst::BurstArgs),
+    /// Sustained completed runs/s against the PostgreSQL row-insert ceiling.
+    Throughput(throughput::ThroughputArgs),
+    /// One run printing many lines, followed by many TailRun subscribers.
+    Stream(stream::StreamArgs),
+    /// Idle cost: start-up time, CPU and memory with N idle bindings.
+    Idle(idle::IdleArgs),
+    /// Runs one sked node (used by the bench for its child processes).
+    #[command(hide = true)]
+    Node(NodeArgs),
+}
+
+/// Flags every scenario takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// PostgreSQL server to create the bench database on; without it an
+    /// embedded PostgreSQL is started in a temporary directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// sked nodes (child processes) sharing the database.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Tenants the bindings are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub tenants: usize,
+    /// `max_concurrent_runs` of each node (sked's default when unset).
+    #[arg(long)]
+    pub max_concurrent_runs: Option<usize>,
+    /// Setup calls (CreateDefinition, CreateBinding, ...) in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+impl Common {
+    /// The flags as JSON `params` (the database URL is left out: it may
+    /// carry a password).
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("nodes".into(), self.nodes.into());
+        m.insert("tenants".into(), self.tenants.into());
+        m.insert(
+            "max_concurrent_runs".into(),
+            self.max_concurrent_runs.into(),
+        );
+        m.insert("concurrency".into(), self.concurrency.into());
+        m
+    }
+}
+
+/// Flags of the hidden `node` subcommand.
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Database of the node.
+    #[arg(long)]
+    database_url: String,
+    /// Address to serve on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Runs executing at once.
+    #[arg(long)]
+    max_concurrent_runs: Option<usize>,
+    /// Node id (default `<hostname>-<pid>`).
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sked-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Node(a) => rt.block_on(run_node(a)),
+        Cmd::Fire(a) => rt.block_on(env::run_scenario("fire", a.common.clone(), a, fire::run)),
+        Cmd::Burst(a) => rt.block_on(env::run_scenario("burst", a.common.clone(), a, burst::run)),
+        Cmd::Throughput(a) => rt.block_on(env::run_scenario(
+            "throughput",
+            a.common.clone(),
+            a,
+            throughput::run,
+        )),
+        Cmd::Stream(a) => rt.block_on(env::run_scenario(
+            "stream",
+            a.common.clone(),
+            a,
+            stream::run,
+        )),
+        Cmd::Idle(a) => rt.block_on(env::run_scenario("idle", a.common.clone(), a, idle::run)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sked-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The child process: one sked node with authentication off (loopback,
+/// benchmark), serving until SIGTERM/SIGINT.
+async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
+    sked::telemetry::init(sked::config::LogFormat::Pretty);
+    let mut settings = sked::app::Settings::new(a.database_url);
+    settings.auth = false;
+    if let Some(n) = a.max_concurrent_runs {
+        settings.max_concurrent_runs = n;
+    }
+    if let Some(id) = a.node_id {
+        settings.node_id = id;
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen).await?;
+    sked::app::serve(settings, listener, sked::app::shutdown_signal()).await?;
+    Ok(())
+}

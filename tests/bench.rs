@@ -1,0 +1,194 @@
+//! Smoke test of `sked-bench` (SPEC §9): every scenario once, at a tiny
+//! size, through the built binary, against the PostgreSQL server the other
+//! tests use. Checks the mechanics — exit status, the final JSON line and
+//! its figure keys, exactness (no duplicate fires, every streamed line in
+//! order) — never timings.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::TestDb;
+use serde_json::Value;
+
+/// Longest a tiny scenario may take (the bench itself waits for fire
+/// instants, warm-up and settle periods).
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs `sked-bench <args> --database-url <server>` and returns the JSON
+/// object on the last line of its stdout.
+///
+/// The server is the test harness's (`SKED_TEST_DATABASE_URL`, `DATABASE_URL`,
+/// 127.0.0.1:5432 or a private cluster): a [`TestDb`] on it gives its URL;
+/// the bench creates (and drops) a database of its own on the same server.
+async fn bench(args: &[&str]) -> Value {
+    let db = TestDb::new().await;
+    let out = tokio::time::timeout(
+        LIMIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sked-bench"))
+            .args(args)
+            .arg("--database-url")
+            .arg(&db.url)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("sked-bench {args:?} finishes within {LIMIT:?}"))
+    .expect("run sked-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sked-bench {args:?} failed with {}; stdout:\n{stdout}",
+        out.status
+    );
+    let last = stdout.lines().last().expect("stdout has lines");
+    let v: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is JSON ({e}): {last}"));
+    assert_eq!(v["scenario"], args[0], "{v}");
+    for k in ["cpus", "cpu_model", "postgres", "database"] {
+        assert!(v["machine"].get(k).is_some(), "machine.{k} missing: {v}");
+    }
+    assert_eq!(v["machine"]["database"], "url", "{v}");
+    assert!(v["params"].is_object(), "{v}");
+    v
+}
+
+/// Asserts `figures` has every key in `keys`.
+fn has_figures(v: &Value, keys: &[&str]) {
+    for k in keys {
+        assert!(v["figures"].get(*k).is_some(), "figure {k} missing: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_fire_smoke() {
+    let v = bench(&[
+        "fire",
+        "--bindings",
+        "20",
+        "--warmup",
+        "1",
+        "--measure",
+        "3",
+    ])
+    .await;
+    has_figures(
+        &v,
+        &[
+            "expected_fires",
+            "fired",
+            "fired_percent",
+            "duplicates",
+            "lag_p50_ms",
+            "lag_p99_ms",
+            "lag_max_ms",
+            "sked_cpu_percent",
+            "postgres_cpu_percent",
+            "sked_rss_mib",
+        ],
+    );
+    // 20 bindings × one fire per second of a 3 s window, counted from the anchors.
+    assert_eq!(v["figures"]["expected_fires"], 60, "{v}");
+    assert_eq!(v["figures"]["duplicates"], 0, "{v}");
+    assert_eq!(v["params"]["bindings"], 20, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_burst_smoke() {
+    let v = bench(&["burst", "--bindings", "50", "--cron", "*/5 * * * * *"]).await;
+    has_figures(
+        &v,
+        &[
+            "runs_created",
+            "runs_started",
+            "started_percent",
+            "all_started_ms",
+            "lag_p50_ms",
+            "lag_p99_ms",
+            "fire_time",
+        ],
+    );
+    assert_eq!(v["params"]["cron"], "*/5 * * * * *", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_throughput_smoke() {
+    let v = bench(&[
+        "throughput",
+        "--bindings",
+        "4",
+        "--step-secs",
+        "1",
+        "--start-rate",
+        "50",
+        "--max-rate",
+        "200",
+        "--ceiling-secs",
+        "1",
+    ])
+    .await;
+    has_figures(
+        &v,
+        &[
+            "completed_runs_per_s",
+            "ceiling_rows_per_s",
+            "ratio_percent",
+            "rows_per_run",
+            "row_equivalent_ratio_percent",
+            "step_list",
+        ],
+    );
+    let steps = v["figures"]["step_list"]
+        .as_array()
+        .expect("step_list array");
+    assert!(!steps.is_empty(), "{v}");
+    assert!(
+        v["figures"]["ceiling_rows_per_s"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_stream_smoke() {
+    let v = bench(&["stream", "--lines", "2000", "--subscribers", "3"]).await;
+    has_figures(
+        &v,
+        &[
+            "lines_persisted",
+            "persisted_lines_per_s",
+            "delivered_lines_per_s",
+            "subscribers_complete_in_order",
+            "all_delivered_in_order",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "latency_max_ms",
+        ],
+    );
+    assert_eq!(v["figures"]["lines_persisted"], 2000, "{v}");
+    assert_eq!(v["figures"]["subscribers_complete_in_order"], 3, "{v}");
+    assert_eq!(v["figures"]["all_delivered_in_order"], true, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_idle_smoke() {
+    let v = bench(&["idle", "--bindings", "200", "--measure", "2"]).await;
+    has_figures(
+        &v,
+        &[
+            "startup_empty_ms",
+            "startup_ms",
+            "rss_baseline_mib",
+            "rss_mib",
+            "rss_per_binding_kib",
+            "rss_total_per_binding_kib",
+            "sked_cpu_percent",
+        ],
+    );
+    // A yearly cron is never due within the bench.
+    assert_eq!(v["figures"]["runs"], 0, "{v}");
+}
