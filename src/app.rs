@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -174,6 +175,7 @@ async fn serve_with_pool(
             batch: 1000,
             max_sleep: settings.scheduler_max_sleep,
             coalesce: Duration::from_millis(10),
+            workers: 2,
         }
         .run(engine_stop.clone()),
     );
@@ -221,6 +223,16 @@ async fn serve_with_pool(
         }
     };
 
+    // No Nagle: streams write small frames, and Nagle with the client's
+    // delayed ACK held each one back ~40 ms (a custom incoming stream does
+    // not get tonic's own `tcp_nodelay`).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        })
+    });
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -240,7 +252,7 @@ async fn serve_with_pool(
         .add_service(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(incoming, drain)
         .await;
     // If the server failed on its own, stop everything else too.
     engine_stop.cancel();

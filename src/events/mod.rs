@@ -16,20 +16,46 @@
 pub mod bridge;
 pub mod tail;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
 use crate::domain::RunEvent;
 
-/// Events buffered per node before a slow subscriber lags (then it is re-fed
-/// from the database or told how many it missed).
-pub const BUS_CAPACITY: usize = 16 * 1024;
+/// Batches buffered per node before a slow subscriber lags (then it is
+/// re-fed from the database or told how many events it missed). With
+/// batches of at most [`MAX_BATCH`] events, a lagging subscriber holds at
+/// most `BUS_CAPACITY × MAX_BATCH` events in memory, shared by all.
+pub const BUS_CAPACITY: usize = 512;
+/// Most events per published batch (larger publications are split).
+pub const MAX_BATCH: usize = 512;
+
+/// Events persisted together, in order, published as one message: a
+/// subscriber wakes once per batch, not once per event (a log flush of 512
+/// lines, a scheduler pass).
+#[derive(Debug)]
+pub struct Batch {
+    /// Bus-wide index of the first event (0, 1, 2... over the node's life):
+    /// a subscriber that lagged learns exactly how many events it missed.
+    pub first: u64,
+    /// The events.
+    pub events: Vec<Arc<RunEvent>>,
+}
+
+impl Batch {
+    /// Index of the event after this batch's last.
+    pub fn end(&self) -> u64 {
+        self.first + self.events.len() as u64
+    }
+}
 
 /// In-process fan-out of run events (local and bridged from other nodes).
 #[derive(Debug, Clone)]
 pub struct EventBus {
-    tx: broadcast::Sender<Arc<RunEvent>>,
+    tx: broadcast::Sender<Arc<Batch>>,
+    /// Index of the next event; held while sending, so batches reach every
+    /// subscriber in index order.
+    next: Arc<Mutex<u64>>,
 }
 
 impl Default for EventBus {
@@ -39,22 +65,38 @@ impl Default for EventBus {
 }
 
 impl EventBus {
-    /// A bus holding up to [`BUS_CAPACITY`] events per subscriber.
+    /// A bus holding up to [`BUS_CAPACITY`] batches per subscriber.
     pub fn new() -> Self {
         Self {
             tx: broadcast::channel(BUS_CAPACITY).0,
+            next: Arc::new(Mutex::new(0)),
         }
     }
-    /// Publishes already-persisted events, in order.
+    /// Publishes already-persisted events, in order, in batches of at most
+    /// [`MAX_BATCH`].
     pub fn publish(&self, events: impl IntoIterator<Item = RunEvent>) {
-        for e in events {
+        let mut events = events.into_iter().map(Arc::new).peekable();
+        while events.peek().is_some() {
+            let chunk: Vec<Arc<RunEvent>> = events.by_ref().take(MAX_BATCH).collect();
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let batch = Batch {
+                first: *next,
+                events: chunk,
+            };
+            *next = batch.end();
             // No receivers is fine: nobody is watching.
-            let _ = self.tx.send(Arc::new(e));
+            let _ = self.tx.send(Arc::new(batch));
         }
     }
-    /// A receiver of every event published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<RunEvent>> {
+    /// A receiver of every batch published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Batch>> {
         self.tx.subscribe()
+    }
+    /// [`EventBus::subscribe`], with the index of the first event it will
+    /// receive (to count events missed by lagging).
+    pub fn subscribe_at(&self) -> (broadcast::Receiver<Arc<Batch>>, u64) {
+        let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        (self.tx.subscribe(), *next)
     }
     /// Whether anyone is subscribed (the bridge skips reads otherwise).
     pub fn has_subscribers(&self) -> bool {

@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::EventBus;
+use super::{Batch, EventBus};
 use crate::db;
 use crate::domain::{EventBody, RunEvent};
 
@@ -20,9 +20,9 @@ const PAGE: i64 = 1000;
 /// (covers NOTIFYs lost while a bridge reconnects).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// What a tail subscriber is sent.
-/// Events are shared with the bus (no copy per subscriber).
-pub type TailItem = Result<Arc<RunEvent>, db::Error>;
+/// What a tail subscriber is sent: consecutive events of the run (shared
+/// with the bus, never copied per subscriber), or the error that ended it.
+pub type TailItem = Result<Vec<Arc<RunEvent>>, db::Error>;
 
 /// Streams the tenant's run `run_id` into `out`: persisted events with
 /// `seq > after_seq`, then (if `follow`) live ones, with no gap and no
@@ -59,8 +59,7 @@ pub async fn tail_run(
     loop {
         let done = tokio::select! {
             r = rx.recv() => match r {
-                Ok(e) if e.run_id == run_id => tail.offer(&e).await,
-                Ok(_) => Ok(false),
+                Ok(batch) => tail.offer(&batch).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => tail.replay().await,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
@@ -85,23 +84,38 @@ struct Tail {
 }
 
 impl Tail {
-    /// Sends `e` if it is the next one; re-reads the database on a gap.
-    /// `Ok(true)` once the terminal event was sent; `Err` when the client is gone.
-    async fn offer(&mut self, e: &Arc<RunEvent>) -> Result<bool, ()> {
-        if e.seq <= self.last {
-            return Ok(false);
+    /// Sends this run's events of `batch` that come next, as one item;
+    /// re-reads the database on a gap. `Ok(true)` once the terminal event
+    /// was sent; `Err` when the client is gone.
+    async fn offer(&mut self, batch: &Batch) -> Result<bool, ()> {
+        let mut out = Vec::new();
+        let mut terminal = false;
+        for e in batch.events.iter().filter(|e| e.run_id == self.run_id) {
+            if e.seq <= self.last {
+                continue;
+            }
+            if e.seq > self.last + 1 {
+                // Missed some (e.g. announced by another node first): what
+                // we have goes out, the database fills the gap.
+                self.send(out).await?;
+                return self.replay().await;
+            }
+            self.last = e.seq;
+            terminal = e.body.is_terminal();
+            out.push(Arc::clone(e));
+            if terminal {
+                break;
+            }
         }
-        if e.seq > self.last + 1 {
-            return self.replay().await;
-        }
-        self.send(Arc::clone(e)).await
+        self.send(out).await?;
+        Ok(terminal)
     }
 
-    async fn send(&mut self, e: Arc<RunEvent>) -> Result<bool, ()> {
-        let terminal = e.body.is_terminal();
-        self.last = e.seq;
-        self.out.send(Ok(e)).await.map_err(|_| ())?;
-        Ok(terminal)
+    async fn send(&mut self, events: Vec<Arc<RunEvent>>) -> Result<(), ()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.out.send(Ok(events)).await.map_err(|_| ())
     }
 
     /// Sends every persisted event after `last`. `Ok(true)` when the run is
@@ -140,10 +154,19 @@ impl Tail {
                 }
             };
             let full = page.len() as i64 == PAGE;
+            let mut out = Vec::with_capacity(page.len());
+            let mut terminal = false;
             for e in page {
-                if self.send(Arc::new(e)).await? {
-                    return Ok(true);
+                self.last = e.seq;
+                terminal = e.body.is_terminal();
+                out.push(Arc::new(e));
+                if terminal {
+                    break;
                 }
+            }
+            self.send(out).await?;
+            if terminal {
+                return Ok(true);
             }
             if !full {
                 return Ok(false);
@@ -192,20 +215,28 @@ pub async fn watch_events(
     out: mpsc::Sender<WatchItem>,
     stop: CancellationToken,
 ) {
-    let mut rx = bus.subscribe();
+    // Index of the next event expected; after a lag, the next batch's first
+    // index tells exactly how many were skipped.
+    let (mut rx, mut expected) = bus.subscribe_at();
     loop {
-        let item = tokio::select! {
+        let batch = tokio::select! {
             r = rx.recv() => match r {
-                Ok(e) if filter.matches(&e) => WatchItem::Event(e),
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(n)) => WatchItem::Missed(n),
+                Ok(b) => b,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = out.closed() => return,
             _ = stop.cancelled() => return,
         };
-        if out.send(item).await.is_err() {
+        let missed = batch.first.saturating_sub(expected);
+        if missed > 0 && out.send(WatchItem::Missed(missed)).await.is_err() {
             return;
+        }
+        expected = batch.end();
+        for e in batch.events.iter().filter(|e| filter.matches(e)) {
+            if out.send(WatchItem::Event(Arc::clone(e))).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -276,7 +307,10 @@ mod tests {
             WatchItem::Missed(n) => panic!("missed {n}"),
         }
         // Overflow the bus for this slow watcher: it is told, not blocked.
-        bus.publish((0..(crate::events::BUS_CAPACITY as i64 + 10)).map(|i| event("a", i)));
+        // One batch per publish: BUS_CAPACITY + 10 batches of one event.
+        for i in 0..(crate::events::BUS_CAPACITY as i64 + 10) {
+            bus.publish([event("a", i)]);
+        }
         let mut missed = 0;
         while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
         {

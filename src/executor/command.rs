@@ -306,23 +306,29 @@ struct Logs {
     stderr_head: String,
 }
 
-/// Longest the log reader waits for the pipes to close once the process
-/// group is gone (a process that escaped its group may hold them open).
+/// How long the log reader waits for the next line once the process group
+/// is gone, before it closes the log although a pipe is still open (a
+/// process that escaped its group may hold it). Each line read restarts the
+/// wait, so lines still buffered in the pipe when the process exited are
+/// all written, however slow the database is.
 const PIPE_LINGER: Duration = Duration::from_secs(1);
+/// Hard limit on reading after the process group is gone (an escaped
+/// process writing without pause would otherwise hold the run open).
+const PIPE_DRAIN_MAX: Duration = Duration::from_secs(60);
 
 /// Writes lines to the run's log in batches until both pipes are closed, or
-/// [`PIPE_LINGER`] after `exited`.
+/// no line came for [`PIPE_LINGER`] after `exited` (at most
+/// [`PIPE_DRAIN_MAX`] after it).
 async fn collect_logs(
     ex: &Executor,
     run: &Run,
     mut rx: mpsc::Receiver<(LogStream, String)>,
     exited: &CancellationToken,
 ) -> Logs {
-    let linger = async {
-        exited.cancelled().await;
-        tokio::time::sleep(PIPE_LINGER).await;
-    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let linger = tokio::time::sleep_until(far());
     tokio::pin!(linger);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let mut logs = Logs {
         last_stdout: None,
         stderr_head: String::new(),
@@ -333,7 +339,20 @@ async fn collect_logs(
     loop {
         let flush_at = deadline;
         let line = tokio::select! {
-            l = rx.recv() => l,
+            // Lines first: the linger only counts while none are waiting.
+            biased;
+            l = rx.recv() => {
+                if let Some(until) = drain_until {
+                    linger.as_mut().reset((tokio::time::Instant::now() + PIPE_LINGER).min(until));
+                }
+                l
+            }
+            _ = exited.cancelled(), if drain_until.is_none() => {
+                let now = tokio::time::Instant::now();
+                drain_until = Some(now + PIPE_DRAIN_MAX);
+                linger.as_mut().reset(now + PIPE_LINGER);
+                continue;
+            }
             _ = &mut linger => {
                 tracing::warn!("output pipes still open after the process group ended; closing the log");
                 None

@@ -23,6 +23,36 @@ const STREAM_BUFFER: usize = 256;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// A tail's batches in, one message per event out. The encoder takes every
+/// message that is ready in one go, so a burst of lines costs few writes
+/// and one wake-up per batch.
+struct TailStream {
+    rx: mpsc::Receiver<tail::TailItem>,
+    buf: std::vec::IntoIter<std::sync::Arc<crate::domain::RunEvent>>,
+}
+
+impl Stream for TailStream {
+    type Item = Result<pb::RunEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some(e) = self.buf.next() {
+                return std::task::Poll::Ready(Some(Ok(event_to(&e))));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(events)) => self.buf = events.into_iter(),
+                Some(Err(e)) => {
+                    return std::task::Poll::Ready(Some(Err(db_status(e, "run events"))));
+                }
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
+}
+
 /// Implements `LogService`.
 #[derive(Debug, Clone)]
 pub struct Logs(pub Ctx);
@@ -60,11 +90,10 @@ impl LogService for Logs {
             tx,
             self.0.streams_stop.clone(),
         ));
-        let stream = ReceiverStream::new(rx).map(|item| match item {
-            Ok(e) => Ok(event_to(&e)),
-            Err(e) => Err(db_status(e, "run events")),
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(TailStream {
+            rx,
+            buf: Vec::new().into_iter(),
+        })))
     }
 
     async fn watch_events(

@@ -65,6 +65,8 @@ pub struct Scheduler {
     /// pass, so a steady stream of fires costs one transaction per
     /// `coalesce`, not one per fire. Adds at most this much fire lag.
     pub coalesce: Duration,
+    /// Passes run at once while the loop is behind (a full batch was due).
+    pub workers: usize,
 }
 
 impl Scheduler {
@@ -73,7 +75,12 @@ impl Scheduler {
         loop {
             let started = tokio::time::Instant::now();
             let pause = match self.fire_due().await {
-                Ok(n) if n as i64 >= self.batch => Duration::ZERO, // more may be due
+                Ok(n) if n as i64 >= self.batch => {
+                    // Behind (a burst of simultaneous fires, or a node that
+                    // was down): fire in parallel passes until caught up.
+                    self.catch_up(&shutdown).await;
+                    Duration::ZERO
+                }
                 Ok(_) => self
                     .sleep_time()
                     .await
@@ -95,6 +102,31 @@ impl Scheduler {
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Runs [`Scheduler::workers`] passes at once, each repeating while it
+    /// finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
+    /// the database works on several batches at a time instead of waiting
+    /// for each pass's round trips in turn.
+    async fn catch_up(&self, shutdown: &CancellationToken) {
+        let mut passes = tokio::task::JoinSet::new();
+        for _ in 0..self.workers.max(1) {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            passes.spawn(async move {
+                while !stop.is_cancelled() {
+                    match me.fire_due().await {
+                        Ok(n) if n as i64 >= me.batch => {}
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "scheduler pass failed; retrying");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        while passes.join_next().await.is_some() {}
     }
 
     async fn sleep_time(&self) -> Duration {
