@@ -358,3 +358,59 @@ async fn long_lines_are_cut_with_a_marker_not_dropped() {
     assert_eq!(lines[1], "after");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_buffered_when_the_process_exits_are_all_written_however_slow_the_database() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        sh_def("burst", "sleep 1; seq 1 10000", manual()),
+    )
+    .await;
+    let run = trigger(&node, "acme", &binding.id).await;
+    let run_id: uuid::Uuid = run.id.parse().unwrap();
+    // Once it runs, make every log write slow: hold the run's row 200 ms of
+    // every 220 ms for 6 s. The 10 000 lines (≈ 49 KB) fit in the pipe, so
+    // the process exits at once, and writing them takes seconds — well past
+    // the 1 s linger after exit.
+    let pool = db.pool().await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let state: String = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if state == "RUNNING" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the run starts");
+    let slow_until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while std::time::Instant::now() < slow_until {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tx.rollback().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let done = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(done.state, pb::RunState::Succeeded as i32);
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    assert_dense(&events);
+    let want: Vec<String> = (1..=10000).map(|i| i.to_string()).collect();
+    let got = log_lines(&events);
+    assert_eq!(got.len(), want.len(), "every line is written");
+    assert!(got == want, "in order");
+    node.stop().await;
+}
