@@ -4,6 +4,9 @@
 -- (priority DESC, not_before, id) only as far as the claim needs, split by
 -- handler kind (event runs are claimed apart) and by whether the overlap
 -- policy is ALLOW (only non-ALLOW runs are held to one per binding).
+-- Those two are int, not boolean: the planner folds `b = false` to `NOT b`
+-- and `NOT (x = 'y')` to `x <> 'y'`, which no longer matches the index
+-- column, so a boolean column would serve only one side of each split.
 CREATE INDEX runs_claim_tenant ON runs
     (tenant_id, (((handler->>'kind') = 'event')::int), ((overlap_policy = 'ALLOW')::int),
      priority DESC, not_before, id)
