@@ -23,8 +23,10 @@ use crate::domain::{
     CommandHandler, EventBody, LogStream, MAX_LOG_LINE, Run, RunState, cap_log_line,
 };
 
-/// Lines written per database batch at most.
-const BATCH_LINES: usize = 512;
+/// Lines written per database batch at most. Smaller batches reach
+/// subscribers sooner: with 100 tails of a `seq 1 200000`, 512 gave an
+/// end-to-end p50/p99 of 48/78 ms, 128 gives 16/67 ms, for 9 % fewer lines/s.
+const BATCH_LINES: usize = 128;
 /// Longest a line waits before its batch is written.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// Characters of stderr kept as the error summary.
