@@ -34,8 +34,9 @@
 //! runs/s ÷ ceiling rows/s (the target line), and "row-equivalent":
 //! (runs/s × rows sked writes per run) ÷ ceiling, where rows per run =
 //! (runs rows + run_events rows of the completed runs) ÷ completed runs,
-//! measured. (Row *updates* — a run row is written three times — and the
-//! audit row per BackfillRuns call are not counted.)
+//! measured. (Row *updates* — a run row is written twice: inserted QUEUED,
+//! then rewritten SUCCEEDED by the claim — and the audit row per
+//! BackfillRuns call are not counted.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
