@@ -296,16 +296,10 @@ impl Scheduler {
         runs: &mut [NewRun],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), db::Error> {
-        let mut tenants: Vec<String> = runs
-            .iter()
-            .filter(|r| r.state == RunState::Queued && r.handler == Handler::Event)
-            .map(|r| r.tenant_id.clone())
-            .collect();
+        let tenants = queued_tenants(runs, |r| r.handler == Handler::Event);
         if tenants.is_empty() {
             return Ok(());
         }
-        tenants.sort();
-        tenants.dedup();
         let limited = db::tenancy::quota_concurrency_limited(&mut *tx, &tenants).await?;
         db::runs::complete_inline(runs, &limited, now);
         Ok(())
@@ -320,16 +314,10 @@ impl Scheduler {
         runs: &mut [NewRun],
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), db::Error> {
-        let mut tenants: Vec<String> = runs
-            .iter()
-            .filter(|r| r.state == RunState::Queued)
-            .map(|r| r.tenant_id.clone())
-            .collect();
+        let tenants = queued_tenants(runs, |_| true);
         if tenants.is_empty() {
             return Ok(());
         }
-        tenants.sort();
-        tenants.dedup();
         let mut remaining = db::tenancy::quota_hourly_remaining(tx, &tenants, now).await?;
         if remaining.is_empty() {
             return Ok(());
@@ -350,4 +338,17 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// The distinct tenants (sorted) of the `QUEUED` runs in `runs` that pass
+/// `filter`.
+fn queued_tenants(runs: &[NewRun], filter: impl Fn(&NewRun) -> bool) -> Vec<String> {
+    let mut tenants: Vec<String> = runs
+        .iter()
+        .filter(|r| r.state == RunState::Queued && filter(r))
+        .map(|r| r.tenant_id.clone())
+        .collect();
+    tenants.sort();
+    tenants.dedup();
+    tenants
 }
