@@ -199,6 +199,9 @@ impl Executor {
                     tracing::warn!(error = %e, "reaping expired leases failed");
                 }
             }
+            // Finished runs free their slots even while event runs keep the
+            // loop from sleeping (where they are otherwise joined).
+            while running.try_join_next().is_some() {}
             let free = this.max_concurrent_runs.saturating_sub(running.len());
             if free > 0 {
                 match this.claim(free).await {

@@ -18,8 +18,14 @@ use crate::events::tail::{self, WatchFilter, WatchItem};
 use crate::proto::v1 as pb;
 use crate::proto::v1::log_service_server::LogService;
 
-/// Items buffered per stream before the producer waits for the client.
+/// Items buffered per WatchEvents stream before the producer waits for the
+/// client.
 const STREAM_BUFFER: usize = 256;
+/// Batches buffered per TailRun stream before its producer waits for the
+/// client: live batches are shared with the bus (at most 512 events each),
+/// replayed pages at most 1000 events, so a slow subscriber holds at most
+/// 16 000 events of its own.
+const TAIL_BUFFER: usize = 16;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -79,7 +85,7 @@ impl LogService for Logs {
         db::runs::run_get(&self.0.pool, &tenant_id, run_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
             self.0.pool.clone(),
             self.0.bus.clone(),
