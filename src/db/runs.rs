@@ -51,7 +51,7 @@ pub struct NewRun {
 /// subscribers, and returns the events of the runs actually inserted. A
 /// waiting run (`QUEUED`, `SCHEDULED`) or a `SKIPPED` one gets its first
 /// event (seq 1, `→ state`, with the reason). A `SUCCEEDED` run is an `event`
-/// handler's run completed in the inserting transaction ([`complete_inline`]):
+/// handler's run completed in the inserting transaction (by the scheduler):
 /// it is written in its final state with all four events (`→ QUEUED`,
 /// `QUEUED → RUNNING`, `fired`, `RUNNING → SUCCEEDED`), started and ended at
 /// `now` on `node_id`. A schedule fire whose `(binding_id, scheduled_time)`
@@ -218,28 +218,6 @@ fn initial_events(r: &NewRun) -> Vec<EventBody> {
     } else {
         vec![state(None, r.state, &r.reason)]
     }
-}
-
-/// Marks the `QUEUED` runs of `event` handlers in `runs` that can start at
-/// once (`not_before <= now`) and whose tenant is not in `limited` (tenants
-/// with a `max_concurrent_runs` quota, whose runs must wait for a slot) as
-/// completed: [`run_insert`] then writes them `SUCCEEDED` with their
-/// `fired` event, in the inserting transaction. Such a run does nothing but
-/// publish, so claiming it separately would only cost two more writes of its
-/// row. Returns how many were marked.
-pub fn complete_inline(runs: &mut [NewRun], limited: &[String], now: DateTime<Utc>) -> usize {
-    let mut n = 0;
-    for r in runs.iter_mut() {
-        if r.state == RunState::Queued
-            && r.handler == Handler::Event
-            && r.not_before <= now
-            && !limited.contains(&r.tenant_id)
-        {
-            r.state = RunState::Succeeded;
-            n += 1;
-        }
-    }
-    n
 }
 
 /// Announces `events` (in seq order per run) on

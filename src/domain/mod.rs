@@ -105,8 +105,9 @@ pub enum Handler {
     /// Run a program as a child process.
     Command(CommandHandler),
     /// Publish a `fired` event with the run's params and succeed at once
-    /// (SPEC §4): sked as a tick source. Executed in batches, without a task
-    /// per run ([`crate::executor`]).
+    /// (SPEC §4): sked as a tick source. Completed in batches without a task
+    /// per run: in the firing transaction ([`crate::scheduler`]) or in the
+    /// claim statement ([`crate::executor`]).
     Event,
 }
 

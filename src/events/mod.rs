@@ -31,8 +31,8 @@ pub const BUS_CAPACITY: usize = 512;
 pub const MAX_BATCH: usize = 512;
 
 /// Events persisted together, in order, published as one message: a
-/// subscriber wakes once per batch, not once per event (a log flush of 512
-/// lines, a scheduler pass).
+/// subscriber wakes once per batch, not once per event (a log flush, a
+/// scheduler pass).
 #[derive(Debug)]
 pub struct Batch {
     /// Bus-wide index of the first event (0, 1, 2... over the node's life):

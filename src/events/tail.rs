@@ -90,7 +90,8 @@ impl Tail {
     async fn offer(&mut self, batch: &Batch) -> Result<bool, ()> {
         let mut out = Vec::new();
         let mut terminal = false;
-        for e in batch.events.iter().filter(|e| e.run_id == self.run_id) {
+        let run_id = self.run_id;
+        for e in batch.events.iter().filter(|e| e.run_id == run_id) {
             if e.seq <= self.last {
                 continue;
             }
@@ -100,15 +101,22 @@ impl Tail {
                 self.send(out).await?;
                 return self.replay().await;
             }
-            self.last = e.seq;
-            terminal = e.body.is_terminal();
-            out.push(Arc::clone(e));
+            terminal = self.take(Arc::clone(e), &mut out);
             if terminal {
                 break;
             }
         }
         self.send(out).await?;
         Ok(terminal)
+    }
+
+    /// Appends `e`, the next event, to `out` and moves `last` to it; true
+    /// when it is the run's terminal event (nothing follows it).
+    fn take(&mut self, e: Arc<RunEvent>, out: &mut Vec<Arc<RunEvent>>) -> bool {
+        self.last = e.seq;
+        let terminal = e.body.is_terminal();
+        out.push(e);
+        terminal
     }
 
     async fn send(&mut self, events: Vec<Arc<RunEvent>>) -> Result<(), ()> {
@@ -157,9 +165,7 @@ impl Tail {
             let mut out = Vec::with_capacity(page.len());
             let mut terminal = false;
             for e in page {
-                self.last = e.seq;
-                terminal = e.body.is_terminal();
-                out.push(Arc::new(e));
+                terminal = self.take(Arc::new(e), &mut out);
                 if terminal {
                     break;
                 }

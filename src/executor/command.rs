@@ -327,8 +327,8 @@ async fn collect_logs(
     mut rx: mpsc::Receiver<(LogStream, String)>,
     exited: &CancellationToken,
 ) -> Logs {
-    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let linger = tokio::time::sleep_until(far());
+    // Armed (reset) once the process group is gone.
+    let linger = tokio::time::sleep(Duration::from_secs(86_400 * 365));
     tokio::pin!(linger);
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut logs = Logs {
