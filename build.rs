@@ -1,6 +1,12 @@
 //! Generates the gRPC code for `proto/sked/v1/*.proto` and a file descriptor
-//! set for server reflection. protoc comes from `protoc-bin-vendored`, so no
-//! system protoc is needed.
+//! set for server reflection and the input boundary (`grpc::boundary`).
+//! protoc comes from `protoc-bin-vendored`, so no system protoc is needed.
+//!
+//! Every generated service and client uses `grpc::codec::BoundaryCodec`
+//! (prost underneath): request messages that do not decode are
+//! `INVALID_ARGUMENT`, and decoded ones are checked against the limits of
+//! `grpc::boundary` before any handler sees them. Messages carry their type
+//! name (`prost::Name`) so the codec can find their descriptor.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -16,9 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sked/v1/log_service.proto".into(),
         "proto/sked/v1/admin_service.proto".into(),
     ];
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("sked_descriptor.bin"))
-        .compile_protos(&protos, &["proto".into(), include])?;
+        .codec_path("crate::grpc::codec::BoundaryCodec")
+        .compile_with_config(config, &protos, &["proto".into(), include])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -155,6 +155,7 @@ async fn serve_with_pool(
         executor_wake: Arc::clone(&wakers.executor),
         streams_stop: streams_stop.clone(),
         auth: Arc::new(grpc::auth::Auth::new(settings.auth)),
+        costly: Arc::default(),
     };
 
     let bridge_task = tokio::spawn(bridge::run(

@@ -171,6 +171,30 @@ pub fn merge_params(target: &serde_json::Value, patch: &serde_json::Value) -> se
     out
 }
 
+/// Largest params a run receives (the merge of definition, binding and
+/// trigger params), in bytes of compact JSON: 64 KiB.
+pub const MAX_MERGED_PARAMS_BYTES: usize = 64 * 1024;
+
+/// Checks that merged `params` stay within [`MAX_MERGED_PARAMS_BYTES`].
+///
+/// # Errors
+/// A violation on `field` giving the merged size and the limit.
+pub fn validate_merged_params(
+    field: &str,
+    params: &serde_json::Value,
+) -> Result<(), FieldViolation> {
+    let len = serde_json::to_vec(params).map_or(usize::MAX, |v| v.len());
+    if len > MAX_MERGED_PARAMS_BYTES {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "merged with the params it overrides, is {len} bytes of JSON; at most {MAX_MERGED_PARAMS_BYTES} bytes (64 KiB)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A task definition (platform-level): what to run and its default schedule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Definition {

@@ -237,6 +237,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Largest accepted [`Schedule::jitter_secs`]: one day, in seconds.
 pub const MAX_JITTER_SECS: u32 = 86_400;
+/// Longest cron expression, in bytes. With [`MAX_CRON_ITEMS`] this keeps one
+/// fire-time computation cheap (microseconds), whatever the expression.
+pub const MAX_CRON_LEN: usize = 256;
+/// Most comma-separated items in one cron field.
+pub const MAX_CRON_ITEMS: usize = 64;
+/// Longest interval: 100 years of 365.25 days, in seconds.
+pub const MAX_INTERVAL_SECS: i64 = 3_155_760_000;
 
 /// A schedule: when a binding fires.
 ///
@@ -467,6 +474,15 @@ impl Schedule {
         };
         match &self.kind {
             ScheduleKind::Cron { expression } => {
+                if expression.len() > MAX_CRON_LEN {
+                    return Err(fail(
+                        ".cron.expression",
+                        format!(
+                            "is {} bytes; at most {MAX_CRON_LEN} bytes",
+                            expression.len()
+                        ),
+                    ));
+                }
                 let spec = CronSpec::parse(expression)
                     .map_err(|reason| fail(".cron.expression", reason))?;
                 if let Some(reason) = spec.never_fires_reason() {
@@ -480,6 +496,14 @@ impl Schedule {
                     return Err(fail(
                         ".interval.every",
                         "must be at least 1 second".to_string(),
+                    ));
+                }
+                if *every_secs > MAX_INTERVAL_SECS {
+                    return Err(fail(
+                        ".interval.every",
+                        format!(
+                            "{every_secs}s is over the limit of {MAX_INTERVAL_SECS}s (100 years)"
+                        ),
                     ));
                 }
             }
@@ -1237,6 +1261,12 @@ fn parse_field(slot: Slot, text: &str) -> Result<ParsedField, String> {
     let mut mask = 0u64;
     let mut last = false;
     let mut items = Vec::new();
+    if text.split(',').count() > MAX_CRON_ITEMS {
+        return Err(slot.error(format_args!(
+            "has {} list items; at most {MAX_CRON_ITEMS}",
+            text.split(',').count()
+        )));
+    }
     for item in text.split(',') {
         if item.is_empty() {
             return Err(slot.error(format_args!("empty list element in \"{text}\"")));
@@ -4430,5 +4460,53 @@ mod tests {
             s.next_after(utc("2025-11-02T06:00:00Z")),
             Some(utc("2025-11-09T06:59:59Z"))
         );
+    }
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+
+    /// The most expensive expressions the limits allow still compute a fire
+    /// time in well under a millisecond (debug build: allow 5 ms on a loaded
+    /// machine; the point is "not 10 ms per fire").
+    #[test]
+    fn a_fire_time_of_any_accepted_cron_is_cheap() {
+        let minutes: Vec<String> = (0..60).map(|m| m.to_string()).collect();
+        let list = minutes[..MAX_CRON_ITEMS.min(60)].join(",");
+        let exprs = [
+            format!("{list} 0 29 2 *"),
+            format!("0 {list} 29 2 1"),
+            "0 0 31 2,4,6,9,11,12 *".to_string(),
+            format!(
+                "59 23 {} 2 *",
+                (1..=29)
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        ];
+        for e in exprs {
+            let s = Schedule::new(
+                ScheduleKind::Cron {
+                    expression: e.chars().take(MAX_CRON_LEN).collect(),
+                },
+                "America/New_York",
+            );
+            if s.validate("s").is_err() {
+                continue;
+            }
+            let start = std::time::Instant::now();
+            let mut t = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+            for _ in 0..100 {
+                match s.next_after(t) {
+                    Some(n) => t = n,
+                    None => break,
+                }
+            }
+            let per = start.elapsed() / 100;
+            eprintln!("{e}: {per:?} per fire");
+            assert!(per < std::time::Duration::from_millis(5), "{e}: {per:?}");
+        }
     }
 }

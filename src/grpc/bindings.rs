@@ -12,7 +12,7 @@ use super::{
 use crate::db;
 use crate::domain::{
     Binding, FieldViolation, Role, effective_schedule, merge_params, validate_definition_name,
-    validate_effective_window,
+    validate_effective_window, validate_merged_params,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
@@ -67,6 +67,10 @@ impl BindingService for Bindings {
             effective_from,
             effective_until,
         );
+        if let Some(p) = &params {
+            validate_merged_params("binding.params", &merge_params(&def.params, p))
+                .map_err(invalid)?;
+        }
         let binding = Binding {
             id: Uuid::now_v7(),
             tenant_id,
@@ -265,6 +269,7 @@ impl BindingService for Bindings {
             .params
             .as_ref()
             .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p));
+        validate_merged_params("binding.params", &cur.effective_params).map_err(invalid)?;
         cur.version += 1;
         cur.update_time = now;
         db::bindings::binding_update(&mut *tx, &cur, old_version)

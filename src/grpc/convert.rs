@@ -15,14 +15,26 @@ use crate::domain::{
 };
 use crate::proto::v1 as pb;
 
-/// Timestamp → UTC instant.
+/// Timestamp → UTC instant, truncated to whole microseconds (what the
+/// database stores, so a value reads back equal to what was accepted).
 ///
 /// # Errors
-/// A violation on `field` when out of range.
+/// A violation on `field` unless inside 0001-01-01T00:00:00Z ..
+/// 9999-12-31T23:59:59.999999Z with nanos 0..=999 999 999 (the boundary
+/// checks this before any handler; this keeps the conversion total).
 pub fn time_from(field: &str, t: &Timestamp) -> Result<DateTime<Utc>, FieldViolation> {
+    use crate::grpc::boundary::{MAX_TIMESTAMP_SECS, MIN_TIMESTAMP_SECS};
     let nanos = u32::try_from(t.nanos)
-        .map_err(|_| FieldViolation::new(field, "nanos must be 0-999999999"))?;
-    DateTime::from_timestamp(t.seconds, nanos)
+        .ok()
+        .filter(|n| *n <= 999_999_999)
+        .ok_or_else(|| FieldViolation::new(field, "nanos must be 0-999999999"))?;
+    if !(MIN_TIMESTAMP_SECS..=MAX_TIMESTAMP_SECS).contains(&t.seconds) {
+        return Err(FieldViolation::new(
+            field,
+            "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ));
+    }
+    DateTime::from_timestamp(t.seconds, nanos - nanos % 1000)
         .ok_or_else(|| FieldViolation::new(field, "timestamp out of range"))
 }
 
@@ -367,7 +379,9 @@ pub fn misfire_policy_to(p: &MisfirePolicy) -> pb::MisfirePolicy {
     }
 }
 
-/// A Duration of whole milliseconds ≥ 0.
+/// A Duration of whole milliseconds ≥ 0, at most one day (the longest
+/// backoff, `policy::MAX_DELAY`); checked arithmetic, so a huge value is
+/// rejected, never wrapped.
 fn millis_from(field: &str, d: &prost_types::Duration) -> Result<u64, FieldViolation> {
     if d.seconds < 0 || d.nanos < 0 || d.nanos % 1_000_000 != 0 {
         return Err(FieldViolation::new(
@@ -375,7 +389,17 @@ fn millis_from(field: &str, d: &prost_types::Duration) -> Result<u64, FieldViola
             "must be a non-negative whole number of milliseconds",
         ));
     }
-    Ok(d.seconds as u64 * 1000 + (d.nanos / 1_000_000) as u64)
+    let max = domain::policy::MAX_DELAY.as_millis() as u64;
+    (d.seconds as u64)
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add((d.nanos / 1_000_000) as u64))
+        .filter(|ms| *ms <= max)
+        .ok_or_else(|| {
+            FieldViolation::new(
+                field,
+                format!("{}s is out of range 0s-{}s", d.seconds, max / 1000),
+            )
+        })
 }
 
 fn millis_to(ms: u64) -> prost_types::Duration {

@@ -352,7 +352,8 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::PreviewScheduleRequest>,
     ) -> Result<Response<pb::PreviewScheduleResponse>, Status> {
-        self.0.authorize(&req, Role::Viewer, M_PREVIEW).await?;
+        let caller = self.0.authorize(&req, Role::Viewer, M_PREVIEW).await?;
+        let who = super::limit::caller_key(&caller, &req);
         let r = req.into_inner();
         let count = match r.count {
             0 => 10,
@@ -372,20 +373,27 @@ impl DefinitionService for Definitions {
             .map_err(invalid)?
             .ok_or_else(|| invalid(FieldViolation::new("schedule", "is required")))?
             .resolve_anchor(after);
-        let mut fire_times = Vec::new();
-        let mut t = after;
-        while fire_times.len() < count as usize {
-            let Some(fire) = schedule.next_fire_after(t) else {
-                break;
-            };
-            let next = fire.time;
-            fire_times.push(pb::FireTime {
-                time: Some(time_to(next)),
-                local_time: schedule.describe_local(next),
-                dst_shifted: fire.dst_shifted,
-            });
-            t = next;
-        }
+        let fire_times = self
+            .0
+            .costly
+            .run(who, "PreviewSchedule", move || {
+                let mut fire_times = Vec::new();
+                let mut t = after;
+                while fire_times.len() < count as usize {
+                    let Some(fire) = schedule.next_fire_after(t) else {
+                        break;
+                    };
+                    let next = fire.time;
+                    fire_times.push(pb::FireTime {
+                        time: Some(time_to(next)),
+                        local_time: schedule.describe_local(next),
+                        dst_shifted: fire.dst_shifted,
+                    });
+                    t = next;
+                }
+                fire_times
+            })
+            .await?;
         Ok(Response::new(pb::PreviewScheduleResponse { fire_times }))
     }
 }

@@ -11,8 +11,11 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod bindings;
+pub mod boundary;
+pub mod codec;
 pub mod convert;
 pub mod definitions;
+pub mod limit;
 pub mod logs;
 pub mod runs;
 
@@ -47,6 +50,8 @@ pub struct Ctx {
     pub streams_stop: tokio_util::sync::CancellationToken,
     /// Authentication of callers.
     pub auth: Arc<auth::Auth>,
+    /// Per-caller bounds on expensive calls.
+    pub costly: Arc<limit::CostLimiter>,
 }
 
 impl Ctx {
@@ -84,30 +89,60 @@ impl Ctx {
     }
 }
 
-/// `INVALID_ARGUMENT` with a `BadRequest` detail for `v`.
+/// Longest field path kept in an error, in bytes.
+pub const MAX_ERROR_FIELD: usize = 256;
+/// Longest error reason kept, in bytes. With the field path, an error
+/// message stays under 1 KiB, so it always fits the client's metadata
+/// limits and the real status reaches it.
+pub const MAX_ERROR_REASON: usize = 640;
+
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut at = max.saturating_sub('…'.len_utf8());
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push('…');
+    }
+    s
+}
+
+/// `INVALID_ARGUMENT` with a `BadRequest` detail for `v`; field and reason
+/// are cut to [`MAX_ERROR_FIELD`] / [`MAX_ERROR_REASON`] bytes.
 pub fn invalid(v: FieldViolation) -> Status {
+    let field = truncate(v.field, MAX_ERROR_FIELD);
+    let reason = truncate(v.reason, MAX_ERROR_REASON);
     Status::with_error_details(
         Code::InvalidArgument,
-        format!("{}: {}", v.field, v.reason),
-        ErrorDetails::with_bad_request_violation(v.field, v.reason),
+        format!("{field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
     )
 }
 
-/// `NOT_FOUND` for `what` (e.g. `run "0190..."`), with a `ResourceInfo`
-/// detail-free message that leaks nothing about other tenants.
+/// `NOT_FOUND` for `what` (e.g. `run "0190..."`): a message that leaks
+/// nothing about other tenants, cut to [`MAX_ERROR_REASON`] bytes.
 pub fn not_found(what: impl std::fmt::Display) -> Status {
-    Status::not_found(format!("{what} not found"))
+    Status::not_found(truncate(format!("{what} not found"), MAX_ERROR_REASON))
 }
 
 /// Maps a database error for an operation on `what`.
 pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
     match e {
         db::Error::NotFound => not_found(what),
-        db::Error::AlreadyExists(_) => Status::already_exists(format!("{what} already exists")),
-        db::Error::FailedPrecondition(m) => Status::failed_precondition(m),
-        db::Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        db::Error::Conflict => Status::aborted(format!(
-            "{what} was changed concurrently; read it again and retry"
+        db::Error::AlreadyExists(_) => {
+            Status::already_exists(truncate(format!("{what} already exists"), MAX_ERROR_REASON))
+        }
+        db::Error::FailedPrecondition(m) => {
+            Status::failed_precondition(truncate(m, MAX_ERROR_REASON))
+        }
+        db::Error::ResourceExhausted(m) => {
+            Status::resource_exhausted(truncate(m, MAX_ERROR_REASON))
+        }
+        db::Error::Conflict => Status::aborted(truncate(
+            format!("{what} was changed concurrently; read it again and retry"),
+            MAX_ERROR_REASON,
         )),
         db::Error::Sqlx(
             sqlx::Error::PoolTimedOut
@@ -190,8 +225,12 @@ pub fn parse_uuid(field: &str, s: &str) -> Result<uuid::Uuid, Status> {
     if s.is_empty() {
         return Err(invalid(FieldViolation::new(field, "is required")));
     }
-    s.parse()
-        .map_err(|_| invalid(FieldViolation::new(field, format!("{s:?} is not a UUID"))))
+    s.parse().map_err(|_| {
+        invalid(FieldViolation::new(
+            field,
+            format!("{} is not a UUID", boundary::quote(s)),
+        ))
+    })
 }
 
 /// The paths an update applies (AIP-134): `mask`'s paths, each of which must
@@ -216,7 +255,8 @@ pub fn update_paths(
                 invalid(FieldViolation::new(
                     "update_mask",
                     format!(
-                        "{p:?} is not an updatable field (updatable: {})",
+                        "{} is not an updatable field (updatable: {})",
+                        boundary::quote(p),
                         allowed.join(", ")
                     ),
                 ))
@@ -234,7 +274,8 @@ pub fn check_etag(what: &str, etag: &str, version: i64) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::aborted(format!(
-            "{what} etag {etag:?} does not match the current etag \"{version}\"; read it again and retry"
+            "{what} etag {} does not match the current etag \"{version}\"; read it again and retry",
+            boundary::quote(etag)
         )))
     }
 }

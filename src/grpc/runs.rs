@@ -7,7 +7,9 @@ use super::audit;
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
 use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
 use crate::db::{self, runs::NewRun};
-use crate::domain::{FieldViolation, Role, RunState, RunTrigger, merge_params};
+use crate::domain::{
+    FieldViolation, Role, RunState, RunTrigger, merge_params, validate_merged_params,
+};
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
 
@@ -176,6 +178,7 @@ impl RunService for Runs {
             Some(p) => merge_params(&b.effective_params, &struct_to_json(p)),
             None => b.effective_params.clone(),
         };
+        validate_merged_params("params", &params).map_err(invalid)?;
         let (state, at) = match run_time {
             Some(t) if t > now => (RunState::Scheduled, t),
             _ => (RunState::Queued, now),
@@ -323,6 +326,7 @@ impl RunService for Runs {
         req: Request<pb::BackfillRunsRequest>,
     ) -> Result<Response<pb::BackfillRunsResponse>, Status> {
         let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_BACKFILL).await?;
+        let who = format!("tenant:{tenant_id}");
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
         let start = r
@@ -351,20 +355,30 @@ impl RunService for Runs {
         let b = db::bindings::binding_get(&self.0.pool, &tenant_id, binding_id)
             .await
             .map_err(|e| db_status(e, format_args!("binding {binding_id}")))?;
-        let mut times = Vec::new();
-        let mut t = b
-            .effective_schedule
-            .next_after(start - chrono::Duration::microseconds(1));
-        while let Some(x) = t.filter(|x| *x < end) {
-            if times.len() == MAX_BACKFILL {
-                return Err(invalid(FieldViolation::new(
-                    "end_time",
-                    format!("the range holds more than {MAX_BACKFILL} fire times; narrow it"),
-                )));
-            }
-            times.push(x);
-            t = b.effective_schedule.next_after(x);
-        }
+        let schedule = b.effective_schedule.clone();
+        let times = self
+            .0
+            .costly
+            .run(who, "BackfillRuns", move || {
+                let mut times = Vec::new();
+                let mut t = start
+                    .checked_sub_signed(chrono::Duration::microseconds(1))
+                    .and_then(|s| schedule.next_after(s));
+                while let Some(x) = t.filter(|x| *x < end) {
+                    if times.len() == MAX_BACKFILL {
+                        return Err(invalid(FieldViolation::new(
+                            "end_time",
+                            format!(
+                                "the range holds more than {MAX_BACKFILL} fire times; narrow it"
+                            ),
+                        )));
+                    }
+                    times.push(x);
+                    t = schedule.next_after(x);
+                }
+                Ok(times)
+            })
+            .await??;
         let scheduled_times = times.iter().map(|t| time_to(*t)).collect();
         // A real backfill is audited even when the range holds no fire time.
         if r.dry_run {
