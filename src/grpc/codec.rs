@@ -76,10 +76,16 @@ where
         }
         let bytes = buf.copy_to_bytes(buf.remaining());
         let item = U::decode(bytes.clone()).map_err(|e| {
-            super::invalid(FieldViolation::new(
-                "request",
-                format!("is not a valid {} message: {e}", U::NAME),
-            ))
+            let e = e.to_string();
+            let reason = if e.contains("recursion limit") {
+                format!(
+                    "nests messages deeper than the decoder's limit of 100 (params may nest at most {} levels)",
+                    boundary::MAX_PARAMS_DEPTH
+                )
+            } else {
+                format!("is not a valid {} message: {e}", U::NAME)
+            };
+            super::invalid(FieldViolation::new("request", reason))
         })?;
         boundary::check_encoded(&U::full_name(), &bytes).map_err(super::invalid)?;
         Ok(Some(item))
