@@ -224,7 +224,10 @@ fn nested_json(depth: usize) -> serde_json::Value {
 
 /// Values a field must reject (with a label) and boundary values it may
 /// accept, for `leaf`.
-fn values(leaf: &Leaf) -> (Vec<(&'static str, Value)>, Vec<(&'static str, Value)>) {
+/// Labelled values for one leaf.
+type Cases = Vec<(&'static str, Value)>;
+
+fn values(leaf: &Leaf) -> (Cases, Cases) {
     let f = leaf.field();
     let mut bad = Vec::new();
     let mut edge = Vec::new();
