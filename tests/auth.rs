@@ -118,6 +118,25 @@ async fn missing_revoked_and_forged_keys_are_unauthenticated() {
         list(with_key(&forged, Default::default())).await,
         Code::Unauthenticated
     );
+    // A burst of forged secrets for one key costs at most one Argon2
+    // verification at a time, and then one a second: all are refused, and
+    // the real key (verified before) keeps working throughout.
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = node.definitions();
+            let forged = forged.clone();
+            tokio::spawn(async move {
+                code(
+                    c.list_definitions(with_key(&forged, Default::default()))
+                        .await,
+                )
+            })
+        })
+        .collect();
+    assert_eq!(list(with_key(&root, Default::default())).await, Code::Ok);
+    for b in burst {
+        assert_eq!(b.await.unwrap(), Code::Unauthenticated);
+    }
     let mut raw = tonic::Request::new(pb::ListDefinitionsRequest::default());
     raw.metadata_mut()
         .insert("authorization", format!("Basic {root}").parse().unwrap());

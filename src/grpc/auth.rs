@@ -86,12 +86,22 @@ impl Caller {
 /// Most verified keys remembered; past it the memory starts over.
 const MAX_VERIFIED: usize = 10_000;
 
+/// After a wrong secret for a key, how long further unverified secrets for
+/// that key are refused without running Argon2 (bounds the CPU a caller who
+/// knows a key id can make the node spend).
+pub const FAILED_KEY_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The authenticator of a node.
 #[derive(Debug)]
 pub struct Auth {
     required: bool,
     /// Key id → SHA-256 of the secret that passed Argon2 verification.
     verified: Mutex<HashMap<Uuid, [u8; 32]>>,
+    /// Key id → when a wrong secret for it was last refused.
+    failed: Mutex<HashMap<Uuid, std::time::Instant>>,
+    /// Key id → the lock its Argon2 verifications take one at a time (the
+    /// first verified secret then answers the others from `verified`).
+    verifying: Mutex<HashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn unauthenticated(why: &str) -> Status {
@@ -106,6 +116,8 @@ impl Auth {
         Auth {
             required,
             verified: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashMap::new()),
         }
     }
 
@@ -143,25 +155,52 @@ impl Auth {
             return Err(unauthenticated("API key revoked"));
         }
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        let known = self
-            .verified
-            .lock()
-            .map(|m| m.get(&id) == Some(&digest))
-            .unwrap_or(false);
-        if !known {
-            let (secret, hash) = (secret.to_string(), key.secret_hash.clone());
-            let ok = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash))
-                .await
-                .unwrap_or(false);
-            if !ok {
-                tracing::warn!(key_id = %id, "API key with a wrong secret refused");
-                return Err(unauthenticated("invalid API key"));
-            }
-            if let Ok(mut m) = self.verified.lock() {
+        let known = || {
+            self.verified
+                .lock()
+                .map(|m| m.get(&id) == Some(&digest))
+                .unwrap_or(false)
+        };
+        if !known() {
+            // One Argon2 verification at a time per key.
+            let lock = self.verifying.lock().map(|mut m| {
                 if m.len() >= MAX_VERIFIED {
-                    m.clear();
+                    m.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
                 }
-                m.insert(id, digest);
+                std::sync::Arc::clone(m.entry(id).or_default())
+            });
+            let lock = lock.map_err(|_| unauthenticated("invalid API key"))?;
+            let _turn = lock.lock().await;
+            if !known() {
+                let cooling = self.failed.lock().is_ok_and(|m| {
+                    m.get(&id)
+                        .is_some_and(|t| t.elapsed() < FAILED_KEY_COOLDOWN)
+                });
+                if cooling {
+                    return Err(unauthenticated(
+                        "invalid API key (a wrong secret for this key was refused in the last second; retry later)",
+                    ));
+                }
+                let (secret, hash) = (secret.to_string(), key.secret_hash.clone());
+                let ok = tokio::task::spawn_blocking(move || verify_secret(&secret, &hash))
+                    .await
+                    .unwrap_or(false);
+                if !ok {
+                    tracing::warn!(key_id = %id, "API key with a wrong secret refused");
+                    if let Ok(mut m) = self.failed.lock() {
+                        if m.len() >= MAX_VERIFIED {
+                            m.retain(|_, t| t.elapsed() < FAILED_KEY_COOLDOWN);
+                        }
+                        m.insert(id, std::time::Instant::now());
+                    }
+                    return Err(unauthenticated("invalid API key"));
+                }
+                if let Ok(mut m) = self.verified.lock() {
+                    if m.len() >= MAX_VERIFIED {
+                        m.clear();
+                    }
+                    m.insert(id, digest);
+                }
             }
         }
         Ok(Caller {
