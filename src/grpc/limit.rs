@@ -3,16 +3,19 @@
 //! every other caller and the engine, under a time limit, and at most
 //! [`COSTLY_PER_CALLER`] such calls run at once **per caller** (tenant, else
 //! key, else connection) — a limit of its own that no other tenant can use up.
+//! Open streams are bounded the same way, [`STREAMS_PER_TENANT`] per tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status};
 
 use super::auth::Caller;
 
+/// Streams (TailRun, WatchEvents) one tenant may have open on a node at once.
+pub const STREAMS_PER_TENANT: usize = 256;
 /// Expensive calls one caller may have in flight at once.
 pub const COSTLY_PER_CALLER: usize = 2;
 /// Longest an expensive call may compute before `DEADLINE_EXCEEDED`.
@@ -20,10 +23,31 @@ pub const COSTLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Above this many callers tracked, idle ones are forgotten.
 const MAX_TRACKED: usize = 10_000;
 
-/// Per-caller concurrency limits for expensive calls (module docs).
+/// Per-caller concurrency limits for expensive calls and open streams
+/// (module docs).
 #[derive(Debug, Default)]
 pub struct CostLimiter {
     callers: Mutex<HashMap<String, Arc<Semaphore>>>,
+    streams: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// `who`'s semaphore of `permits` in `map`, created on first use; idle
+/// entries are forgotten once the map grows past [`MAX_TRACKED`].
+fn semaphore(
+    map: &Mutex<HashMap<String, Arc<Semaphore>>>,
+    who: String,
+    permits: usize,
+) -> Arc<Semaphore> {
+    let mut map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if map.len() > MAX_TRACKED {
+        map.retain(|_, s| s.available_permits() < permits);
+    }
+    Arc::clone(
+        map.entry(who)
+            .or_insert_with(|| Arc::new(Semaphore::new(permits))),
+    )
 }
 
 /// Who a call is limited as: the tenant it acts for, else the key, else the
@@ -59,20 +83,7 @@ impl CostLimiter {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let sem = {
-            let mut callers = self
-                .callers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if callers.len() > MAX_TRACKED {
-                callers.retain(|_, s| s.available_permits() < COSTLY_PER_CALLER);
-            }
-            Arc::clone(
-                callers
-                    .entry(who)
-                    .or_insert_with(|| Arc::new(Semaphore::new(COSTLY_PER_CALLER))),
-            )
-        };
+        let sem = semaphore(&self.callers, who, COSTLY_PER_CALLER);
         let permit = sem.try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "at most {COSTLY_PER_CALLER} {what} calls at once per tenant; retry when one has answered"
@@ -91,5 +102,19 @@ impl CostLimiter {
                 COSTLY_TIMEOUT.as_secs()
             ))),
         }
+    }
+
+    /// A slot for one open stream of `tenant`, held while the stream lives.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when the tenant has [`STREAMS_PER_TENANT`] open.
+    pub fn stream_permit(&self, tenant: &str) -> Result<OwnedSemaphorePermit, Status> {
+        semaphore(&self.streams, tenant.to_string(), STREAMS_PER_TENANT)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "at most {STREAMS_PER_TENANT} open TailRun/WatchEvents streams per tenant on a node; close one first"
+                ))
+            })
     }
 }

@@ -33,6 +33,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// message that is ready in one go, so a burst of lines costs few writes
 /// and one wake-up per batch.
 struct TailStream {
+    /// The tenant's stream slot, released when the stream is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     rx: mpsc::Receiver<tail::TailItem>,
     buf: std::vec::IntoIter<std::sync::Arc<crate::domain::RunEvent>>,
 }
@@ -85,6 +87,7 @@ impl LogService for Logs {
         db::runs::run_get(&self.0.pool, &tenant_id, run_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
+        let permit = self.0.costly.stream_permit(&tenant_id)?;
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
             self.0.pool.clone(),
@@ -97,6 +100,7 @@ impl LogService for Logs {
             self.0.streams_stop.clone(),
         ));
         Ok(Response::new(Box::pin(TailStream {
+            _permit: permit,
             rx,
             buf: Vec::new().into_iter(),
         })))
@@ -136,6 +140,7 @@ impl LogService for Logs {
                 }
             });
         }
+        let permit = self.0.costly.stream_permit(&tenant_id)?;
         let filter = WatchFilter {
             tenant_id,
             binding_id,
@@ -149,7 +154,9 @@ impl LogService for Logs {
             tx,
             self.0.streams_stop.clone(),
         ));
-        let stream = ReceiverStream::new(rx).map(|item| {
+        let stream = ReceiverStream::new(rx).map(move |item| {
+            // The tenant's stream slot lives as long as this closure.
+            let _held = &permit;
             Ok(match item {
                 WatchItem::Event(e) => pb::WatchEventsResponse {
                     event: Some(event_to(&e)),
