@@ -359,6 +359,34 @@ async fn long_lines_are_cut_with_a_marker_not_dropped() {
     node.stop().await;
 }
 
+/// PostgreSQL cannot store NUL: a command whose output, stderr summary and
+/// JSON result contain it still ends normally, with U+FFFD in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_output_and_result_is_stored_as_a_replacement_character() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(
+        &node,
+        "acme",
+        sh_def(
+            "nul",
+            r#"printf 'a\000b\n'; printf 'err\000or\n' >&2; printf '{"k\\u0000":"x\\u0000y"}\n'"#,
+            manual(),
+        ),
+    )
+    .await;
+    let run = trigger(&node, "acme", &b.id).await;
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    assert_eq!(final_state(&events), Some(pb::RunState::Succeeded as i32));
+    let lines = log_lines(&events);
+    assert!(lines.contains(&"a\u{FFFD}b".to_string()), "{lines:?}");
+    assert!(lines.contains(&"err\u{FFFD}or".to_string()), "{lines:?}");
+    let run = wait_terminal(&node, "acme", &run.id).await;
+    let result = sked::grpc::convert::struct_to_json(&run.result.expect("result"));
+    assert_eq!(result, serde_json::json!({"k\u{FFFD}": "x\u{FFFD}y"}));
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_buffered_when_the_process_exits_are_all_written_however_slow_the_database() {
     let db = TestDb::new().await;

@@ -567,6 +567,32 @@ pub struct RunEvent {
     pub body: EventBody,
 }
 
+/// `s` with every NUL character replaced by U+FFFD: PostgreSQL text and
+/// jsonb cannot hold NUL, and a command's output may contain it.
+pub fn storable_text(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
+}
+
+/// `v` with NUL replaced by U+FFFD in every string and key (see
+/// [`storable_text`]); a command's JSON result may spell it `\u0000`.
+pub fn storable_json(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) => J::String(storable_text(s)),
+        J::Array(a) => J::Array(a.into_iter().map(storable_json).collect()),
+        J::Object(o) => J::Object(
+            o.into_iter()
+                .map(|(k, v)| (storable_text(k), storable_json(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// Cuts `line` to [`MAX_LOG_LINE`] bytes (at a char boundary) and appends the
 /// marker `…[truncated N bytes]` when it was longer.
 pub fn cap_log_line(mut line: String, dropped_extra: usize) -> String {

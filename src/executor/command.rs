@@ -195,7 +195,8 @@ pub(crate) async fn execute(
                 .last_stdout
                 .as_deref()
                 .and_then(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
-                .filter(serde_json::Value::is_object);
+                .filter(serde_json::Value::is_object)
+                .map(crate::domain::storable_json);
             (
                 RunState::Succeeded,
                 Outcome {
@@ -477,7 +478,7 @@ pub(crate) async fn read_capped_line<R: AsyncBufRead + Unpin>(
     if buf.last() == Some(&b'\r') {
         buf.pop();
     }
-    let line = String::from_utf8_lossy(&buf).into_owned();
+    let line = crate::domain::storable_text(String::from_utf8_lossy(&buf).into_owned());
     Ok(Some(cap_log_line(line, dropped)))
 }
 
