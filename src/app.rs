@@ -258,8 +258,12 @@ async fn serve_with_pool(
         server = server.tls_config(tls)?;
     }
     // Every service, health and reflection included, takes gzip and zstd
-    // and caps decoded messages (`transport::codec!`).
+    // and caps decoded messages (`transport::codec!`); a request that does
+    // not decompress is INVALID_ARGUMENT, not tonic's INTERNAL.
     let result = server
+        .layer(tower::util::MapResponseLayer::new(
+            transport::request_decode_status,
+        ))
         .add_service(codec!(health_service))
         .add_service(codec!(reflection_v1))
         .add_service(codec!(reflection_v1alpha))

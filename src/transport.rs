@@ -2,6 +2,14 @@
 //! compression and size limits. [`crate::app`] applies both; the decision
 //! whether a listener may run without TLS is
 //! [`crate::config::listen_security`].
+//!
+//! Compression: every service (sked.v1, health, reflection v1 and v1alpha)
+//! accepts requests compressed with gzip or zstd (`grpc-encoding`) and
+//! compresses its responses with the first of those the client lists in
+//! `grpc-accept-encoding`; other encodings are `UNIMPLEMENTED` (as gRPC
+//! specifies). A request message may be at most
+//! [`MAX_DECODED_MESSAGE_BYTES`] once decompressed; one that does not
+//! decompress is `INVALID_ARGUMENT` ([`request_decode_status`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,4 +153,48 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         src = inner.source();
     }
     s
+}
+
+/// `grpc-message` prefixes (percent-encoded, as tonic sends them) of the
+/// errors tonic's decoder raises as `INTERNAL` for a request it cannot
+/// read: a compressed message that does not decompress, a bad
+/// compressed-flag byte (or the flag without a `grpc-encoding`), and a
+/// frame cut short. Bad input from the client, so [`request_decode_status`]
+/// answers them `INVALID_ARGUMENT`.
+const REQUEST_DECODE_ERRORS: [&[u8]; 3] = [
+    b"Error%20decompressing",
+    b"protocol%20error:%20received%20message%20with",
+    b"Unexpected%20EOF%20decoding%20stream",
+];
+
+/// Turns tonic's `INTERNAL` for an undecodable request message (see
+/// [`REQUEST_DECODE_ERRORS`]) into `INVALID_ARGUMENT`, keeping tonic's
+/// short message (it says what was wrong, e.g. "Error decompressing:
+/// corrupt deflate stream, while sending request").
+///
+/// tonic decodes the request of a unary or server-streaming call before the
+/// handler runs and answers a failure as a trailers-only response (status
+/// in the headers), which is what this rewrites; every sked.v1 and health
+/// method is of that kind. sked makes no outgoing gRPC calls, so such a
+/// status can only come from decoding the caller's request. Used as a
+/// `tower::util::MapResponseLayer` around all services (in [`crate::app`]).
+pub fn request_decode_status<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers_mut();
+    let internal = headers
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() == b"13");
+    let from_decoder = headers.get("grpc-message").is_some_and(|m| {
+        REQUEST_DECODE_ERRORS
+            .iter()
+            .any(|p| m.as_bytes().starts_with(p))
+    });
+    if internal && from_decoder {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+    }
+    response
 }

@@ -341,3 +341,106 @@ async fn a_compressed_message_inflating_past_the_cap_is_refused_and_the_node_kee
     assert_eq!(r.code(), Code::NotFound);
     node.stop().await;
 }
+
+/// A gRPC frame: compressed-flag byte, big-endian length, payload.
+fn frame(flag: u8, declared_len: usize, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![flag];
+    f.extend_from_slice(&(declared_len as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends one raw gRPC request (`body` as is) to `path` with the given
+/// `grpc-encoding` header (none when empty); returns the answer's
+/// grpc-status and grpc-message (percent-encoded), from the headers of a
+/// trailers-only answer or from the trailers.
+async fn raw_call(ch: &Channel, path: &str, encoding: &str, body: Vec<u8>) -> (String, String) {
+    use http_body_util::BodyExt;
+    use tonic::codegen::{Service, http};
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if !encoding.is_empty() {
+        req = req.header("grpc-encoding", encoding);
+    }
+    let req = req
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            tonic::codegen::Bytes::from(body),
+        )))
+        .unwrap();
+    let mut ch = ch.clone();
+    std::future::poll_fn(|cx| ch.poll_ready(cx)).await.unwrap();
+    let resp = ch.call(req).await.expect("an HTTP answer");
+    let (parts, body) = resp.into_parts();
+    let trailers = body.collect().await.expect("body").trailers().cloned();
+    let get = |k: &str| {
+        parts
+            .headers
+            .get(k)
+            .or_else(|| trailers.as_ref().and_then(|t| t.get(k)))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_does_not_decompress_is_invalid_argument_and_the_node_keeps_serving() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let garbage = b"\x1f\x8b\x08\x00 not really deflate data";
+    let cases: [(&str, &str, Vec<u8>); 5] = [
+        ("corrupt gzip", "gzip", frame(1, garbage.len(), garbage)),
+        ("corrupt zstd", "zstd", frame(1, garbage.len(), garbage)),
+        (
+            "compressed flag without grpc-encoding",
+            "",
+            frame(1, 3, b"abc"),
+        ),
+        ("compressed flag 7", "gzip", frame(7, 3, b"abc")),
+        (
+            "frame shorter than its length",
+            "gzip",
+            frame(0, 100, b"abc"),
+        ),
+    ];
+    for path in [
+        "/sked.v1.DefinitionService/GetDefinition",
+        "/sked.v1.LogService/TailRun",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        for (what, encoding, body) in &cases {
+            let (status, message) = raw_call(&node.channel, path, encoding, body.clone()).await;
+            assert_eq!(
+                status, "3",
+                "{what} on {path}: INVALID_ARGUMENT, got {status} {message:?}"
+            );
+            assert!(
+                !message.is_empty() && message.len() <= 1024,
+                "{what}: {message:?}"
+            );
+        }
+    }
+    // An encoding sked does not offer is UNIMPLEMENTED, as gRPC specifies.
+    let (status, _) = raw_call(
+        &node.channel,
+        "/grpc.health.v1.Health/Check",
+        "br",
+        frame(1, 3, b"abc"),
+    )
+    .await;
+    assert_eq!(status, "12");
+    // The same connection serves well-formed compressed calls afterwards.
+    let mut health = compressed!(
+        tonic_health::pb::health_client::HealthClient<Channel>,
+        node.channel,
+        Gzip
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("a well-formed gzip call after the bad ones");
+    node.stop().await;
+}
