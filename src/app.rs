@@ -123,8 +123,9 @@ pub fn default_node_id() -> String {
 /// order (module docs). Tests and `sked serve` both start nodes this way.
 ///
 /// # Errors
-/// [`Error`] when the database is unreachable, migrations fail, or the
-/// server fails.
+/// [`Error`] when the TLS settings are unusable ([`Error::Tls`]), the
+/// database is unreachable (including a TLS failure its `sslmode` asks to
+/// fail on), migrations fail, or the server fails.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
@@ -349,11 +350,14 @@ async fn watch_database(
     }
 }
 
-/// `sked serve`: resolves the database (starting the embedded PostgreSQL
-/// under `--data-dir` when no `DATABASE_URL` is set), then serves until
-/// SIGINT or SIGTERM and stops the embedded PostgreSQL.
+/// `sked serve`: reads the TLS files and checks the listener may start
+/// ([`crate::config::listen_security`]), resolves the database (starting the
+/// embedded PostgreSQL under `--data-dir` when no `DATABASE_URL` is set),
+/// then serves until SIGINT or SIGTERM and stops the embedded PostgreSQL.
 ///
 /// # Errors
+/// [`Error::InsecureListen`] for a non-loopback plaintext listener without
+/// `--insecure-listen`, [`Error::Tls`] for unusable TLS files, else
 /// [`Error`] from start-up or serving.
 pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     // Refuse an unprotected public listener before starting anything.

@@ -167,10 +167,11 @@ const REQUEST_DECODE_ERRORS: [&[u8]; 3] = [
     b"Unexpected%20EOF%20decoding%20stream",
 ];
 
-/// Turns tonic's `INTERNAL` for an undecodable request message (see
-/// [`REQUEST_DECODE_ERRORS`]) into `INVALID_ARGUMENT`, keeping tonic's
-/// short message (it says what was wrong, e.g. "Error decompressing:
-/// corrupt deflate stream, while sending request").
+/// Turns tonic's `INTERNAL` for an undecodable request message (a compressed
+/// message that does not decompress, a bad compressed-flag byte or the flag
+/// without `grpc-encoding`, a frame cut short) into `INVALID_ARGUMENT`,
+/// keeping tonic's short message, which says what was wrong (e.g. "Error
+/// decompressing: corrupt deflate stream, while sending request").
 ///
 /// tonic decodes the request of a unary or server-streaming call before the
 /// handler runs and answers a failure as a trailers-only response (status
