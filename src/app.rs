@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServeArgs;
+use crate::config::{ListenSecurity, ServeArgs};
 use crate::db;
 use crate::domain::Clock;
 use crate::embedded_pg::{self, EmbeddedPg};
@@ -25,6 +25,7 @@ use crate::executor::Executor;
 use crate::grpc::{self, Ctx};
 use crate::proto::{self, v1 as pb};
 use crate::scheduler::Scheduler;
+use crate::transport::{self, TlsSettings, codec};
 
 /// Errors that stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,12 @@ pub enum Error {
     /// Building reflection failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] transport::TlsError),
+    /// A non-loopback listener without TLS and without `--insecure-listen`.
+    #[error(transparent)]
+    InsecureListen(#[from] crate::config::InsecureListen),
 }
 
 /// Everything a node needs once its database URL is known.
@@ -76,6 +83,10 @@ pub struct Settings {
     pub auth: bool,
     /// Source of now.
     pub clock: Clock,
+    /// TLS of the gRPC listener; `None`: plaintext (h2c). Whether plaintext
+    /// is allowed on the listener's address is decided before [`serve`]
+    /// ([`crate::config::listen_security`]).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Settings {
@@ -93,6 +104,7 @@ impl Settings {
             db_max_connections: 20,
             auth: true,
             clock: Clock::system(),
+            tls: None,
         }
     }
 }
@@ -111,13 +123,20 @@ pub fn default_node_id() -> String {
 /// order (module docs). Tests and `sked serve` both start nodes this way.
 ///
 /// # Errors
-/// [`Error`] when the database is unreachable, migrations fail, or the
-/// server fails.
+/// [`Error`] when the TLS settings are unusable ([`Error::Tls`]), the
+/// database is unreachable (including a TLS failure its `sslmode` asks to
+/// fail on), migrations fail, or the server fails.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    // Bad TLS material fails before anything starts.
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(TlsSettings::server_config)
+        .transpose()?;
     let pool = db::connect(&settings.database_url, settings.db_max_connections).await?;
     db::migrate(&pool).await?;
     let addr = listener.local_addr()?;
@@ -132,12 +151,13 @@ pub async fn serve(
             "authentication is OFF (development mode: embedded database on loopback); every caller acts as a platform admin"
         );
     }
-    tracing::info!(%addr, node_id = %settings.node_id, auth = settings.auth, "sked node serving");
-    serve_with_pool(settings, pool, listener, shutdown).await
+    tracing::info!(%addr, node_id = %settings.node_id, auth = settings.auth, tls = settings.tls.is_some(), "sked node serving");
+    serve_with_pool(settings, tls, pool, listener, shutdown).await
 }
 
 async fn serve_with_pool(
     settings: Settings,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     pool: PgPool,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -226,7 +246,8 @@ async fn serve_with_pool(
 
     // No Nagle: streams write small frames, and Nagle with the client's
     // delayed ACK held each one back ~40 ms (a custom incoming stream does
-    // not get tonic's own `tcp_nodelay`).
+    // not get tonic's own `tcp_nodelay`). With TLS, tonic runs the
+    // handshake on these same sockets.
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         conn.inspect(|s| {
             if let Err(e) = s.set_nodelay(true) {
@@ -234,25 +255,39 @@ async fn serve_with_pool(
             }
         })
     });
-    let result = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(pb::definition_service_server::DefinitionServiceServer::new(
-            grpc::definitions::Definitions(ctx.clone()),
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    // Every service, health and reflection included, takes gzip and zstd
+    // and caps decoded messages (`transport::codec!`); a request that does
+    // not decompress is INVALID_ARGUMENT, not tonic's INTERNAL.
+    let result = server
+        .layer(tower::util::MapResponseLayer::new(
+            transport::request_decode_status,
         ))
-        .add_service(pb::binding_service_server::BindingServiceServer::new(
-            grpc::bindings::Bindings(ctx.clone()),
+        .add_service(codec!(health_service))
+        .add_service(codec!(reflection_v1))
+        .add_service(codec!(reflection_v1alpha))
+        .add_service(codec!(
+            pb::definition_service_server::DefinitionServiceServer::new(
+                grpc::definitions::Definitions(ctx.clone()),
+            )
         ))
-        .add_service(pb::run_service_server::RunServiceServer::new(
+        .add_service(codec!(
+            pb::binding_service_server::BindingServiceServer::new(grpc::bindings::Bindings(
+                ctx.clone()
+            ),)
+        ))
+        .add_service(codec!(pb::run_service_server::RunServiceServer::new(
             grpc::runs::Runs(ctx.clone()),
-        ))
-        .add_service(pb::log_service_server::LogServiceServer::new(
+        )))
+        .add_service(codec!(pb::log_service_server::LogServiceServer::new(
             grpc::logs::Logs(ctx.clone()),
-        ))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(
+        )))
+        .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
-        ))
+        )))
         .serve_with_incoming_shutdown(incoming, drain)
         .await;
     // If the server failed on its own, stop everything else too.
@@ -316,13 +351,38 @@ async fn watch_database(
     }
 }
 
-/// `sked serve`: resolves the database (starting the embedded PostgreSQL
-/// under `--data-dir` when no `DATABASE_URL` is set), then serves until
-/// SIGINT or SIGTERM and stops the embedded PostgreSQL.
+/// `sked serve`: reads the TLS files and checks the listener may start
+/// ([`crate::config::listen_security`]), resolves the database (starting the
+/// embedded PostgreSQL under `--data-dir` when no `DATABASE_URL` is set),
+/// then serves until SIGINT or SIGTERM and stops the embedded PostgreSQL.
 ///
 /// # Errors
+/// [`Error::InsecureListen`] for a non-loopback plaintext listener without
+/// `--insecure-listen`, [`Error::Tls`] for unusable TLS files, else
 /// [`Error`] from start-up or serving.
 pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
+    // Refuse an unprotected public listener before starting anything.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsSettings::from_files(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    match crate::config::listen_security(args.listen, tls.is_some(), args.insecure_listen)? {
+        ListenSecurity::Tls => {
+            tracing::info!(
+                client_certificates = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+                "gRPC listener uses TLS"
+            );
+        }
+        ListenSecurity::LoopbackPlaintext => {}
+        ListenSecurity::InsecureOptOut => tracing::warn!(
+            listen = %args.listen,
+            "serving plaintext gRPC on a non-loopback address (--insecure-listen): API keys and data cross the network in clear unless a TLS-terminating proxy sits in front of this node"
+        ),
+    }
     let mut embedded = None;
     let url = match &args.database_url {
         Some(url) => url.clone(),
@@ -342,6 +402,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.lease = Duration::from_secs(args.lease_secs);
     settings.kill_grace = Duration::from_secs(args.kill_grace_secs);
     settings.db_max_connections = args.db_max_connections;
+    settings.tls = tls;
     // SPEC §6: auth is on whenever DATABASE_URL is set; only the embedded
     // database on a loopback listener may run without it.
     settings.auth =

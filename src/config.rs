@@ -98,6 +98,66 @@ pub struct ServeArgs {
     /// always on when DATABASE_URL is set or the listener is not loopback.
     #[arg(long, env = "SKED_REQUIRE_AUTH")]
     pub require_auth: bool,
+    /// PEM file with the gRPC listener's certificate chain (leaf first).
+    /// With --tls-key the listener speaks only TLS (rustls, TLS 1.2/1.3).
+    #[arg(long, env = "SKED_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert.
+    #[arg(long, env = "SKED_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file with CA certificate(s): every client must then present a
+    /// certificate signed by one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "SKED_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback --listen address, e.g. behind
+    /// a TLS-terminating proxy. Without it (or --tls-cert/--tls-key) sked
+    /// refuses to listen on a non-loopback address. Logged as a warning.
+    #[arg(long, env = "SKED_INSECURE_LISTEN")]
+    pub insecure_listen: bool,
+}
+
+/// How the gRPC listener is protected; see [`listen_security`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenSecurity {
+    /// TLS is configured.
+    Tls,
+    /// Plaintext on a loopback address (development; nothing leaves the host).
+    LoopbackPlaintext,
+    /// Plaintext on a non-loopback address, explicitly allowed with
+    /// `--insecure-listen` (a TLS-terminating proxy in front).
+    InsecureOptOut,
+}
+
+/// A non-loopback listener without TLS and without `--insecure-listen`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refusing to serve plaintext gRPC on non-loopback address {0}: API keys and data would \
+     cross the network in clear. Give --tls-cert and --tls-key (SKED_TLS_CERT, SKED_TLS_KEY), \
+     or --insecure-listen (SKED_INSECURE_LISTEN) if a TLS-terminating proxy handles TLS"
+)]
+pub struct InsecureListen(pub SocketAddr);
+
+/// Decides whether a listener on `listen` may start: with TLS always;
+/// without TLS only on a loopback address (127.0.0.0/8, ::1, or ::1-mapped
+/// IPv4 loopback) or with the explicit `insecure_listen` opt-out.
+///
+/// # Errors
+/// [`InsecureListen`] for a non-loopback address (including the
+/// unspecified `0.0.0.0` / `::`) without TLS and without the opt-out.
+pub fn listen_security(
+    listen: SocketAddr,
+    tls: bool,
+    insecure_listen: bool,
+) -> Result<ListenSecurity, InsecureListen> {
+    if tls {
+        Ok(ListenSecurity::Tls)
+    } else if listen.ip().to_canonical().is_loopback() {
+        Ok(ListenSecurity::LoopbackPlaintext)
+    } else if insecure_listen {
+        Ok(ListenSecurity::InsecureOptOut)
+    } else {
+        Err(InsecureListen(listen))
+    }
 }
 
 /// `sked migrate`.
@@ -106,4 +166,93 @@ pub struct MigrateArgs {
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn loopback_may_listen_without_tls() {
+        for a in [
+            "127.0.0.1:50051",
+            "127.1.2.3:1",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(
+                listen_security(addr(a), false, false),
+                Ok(ListenSecurity::LoopbackPlaintext),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_loopback_without_tls_is_refused_unless_opted_out() {
+        for a in [
+            "0.0.0.0:50051",
+            "[::]:50051",
+            "10.0.0.5:50051",
+            "[2001:db8::1]:443",
+        ] {
+            let err = listen_security(addr(a), false, false).unwrap_err();
+            assert_eq!(err, InsecureListen(addr(a)));
+            let msg = err.to_string();
+            for needle in ["--tls-cert", "--tls-key", "--insecure-listen", a] {
+                assert!(msg.contains(needle), "{msg:?} names {needle}");
+            }
+            assert_eq!(
+                listen_security(addr(a), false, true),
+                Ok(ListenSecurity::InsecureOptOut),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_may_listen_anywhere() {
+        for a in ["0.0.0.0:50051", "127.0.0.1:50051"] {
+            for opt_out in [false, true] {
+                assert_eq!(
+                    listen_security(addr(a), true, opt_out),
+                    Ok(ListenSecurity::Tls)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tls_flags_parse_and_key_requires_cert() {
+        let cli = Cli::try_parse_from([
+            "sked",
+            "serve",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(args.tls_key, Some(PathBuf::from("k.pem")));
+        assert_eq!(args.tls_client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(!args.insecure_listen);
+        for partial in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"][..],
+            &["--tls-client-ca", "ca.pem"][..],
+        ] {
+            let argv = ["sked", "serve"].iter().chain(partial);
+            assert!(Cli::try_parse_from(argv).is_err(), "{partial:?} alone");
+        }
+    }
 }

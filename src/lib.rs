@@ -27,6 +27,7 @@
 //!   heartbeat, reaper, retries, timeout, cancel, graceful drain.
 //! - [`events`] — publish run events, the LISTEN/NOTIFY bridge, streams.
 //! - [`embedded_pg`] — the private PostgreSQL of the one-command default.
+//! - [`transport`] — TLS, compression and message size of the gRPC listener.
 
 #![warn(missing_docs)]
 
@@ -41,3 +42,4 @@ pub mod grpc;
 pub mod proto;
 pub mod scheduler;
 pub mod telemetry;
+pub mod transport;
