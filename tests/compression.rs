@@ -74,7 +74,7 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
     let mut called = BTreeSet::new();
 
     // DefinitionService: a large, compressible description round-trips.
-    let description = "compress me ".repeat(4096);
+    let description = "compress me ".repeat(340); // within the 4 KiB bound
     let mut defs = compressed!(
         pb::definition_service_client::DefinitionServiceClient<Channel>,
         ch,
@@ -254,7 +254,7 @@ async fn a_zstd_client_is_served_with_zstd_responses() {
         enc
     );
     let mut def = sh_def("zstd", "true", manual());
-    def.description = "zstandard ".repeat(1000);
+    def.description = "zstandard ".repeat(400);
     let r = defs
         .create_definition(pb::CreateDefinitionRequest {
             definition: Some(def.clone()),
