@@ -197,5 +197,70 @@ pub fn request_decode_status<B>(
             tonic::codegen::http::HeaderValue::from_static("3"),
         );
     }
+    cap_status_headers(headers);
     response
+}
+
+/// Longest `grpc-message` header sent, in (percent-encoded) bytes.
+pub const MAX_GRPC_MESSAGE: usize = 1024;
+/// Largest `grpc-status-details-bin` header sent; a larger one is dropped.
+pub const MAX_GRPC_DETAILS: usize = 4096;
+
+/// The last line of defence for error sizes (handlers already keep their
+/// messages short): a status message over [`MAX_GRPC_MESSAGE`] is cut and
+/// details over [`MAX_GRPC_DETAILS`] are dropped, so a client's metadata
+/// limit never hides the real status behind a transport error.
+fn cap_status_headers(headers: &mut tonic::codegen::http::HeaderMap) {
+    if let Some(m) = headers.get("grpc-message")
+        && m.len() > MAX_GRPC_MESSAGE
+    {
+        let bytes = m.as_bytes();
+        // Never cut inside a %XX escape.
+        let mut end = MAX_GRPC_MESSAGE;
+        for back in 1..=2 {
+            if bytes[end - back] == b'%' {
+                end -= back;
+                break;
+            }
+        }
+        if let Ok(v) = tonic::codegen::http::HeaderValue::from_bytes(&bytes[..end]) {
+            headers.insert("grpc-message", v);
+        }
+    }
+    if headers
+        .get("grpc-status-details-bin")
+        .is_some_and(|d| d.len() > MAX_GRPC_DETAILS)
+    {
+        headers.remove("grpc-status-details-bin");
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use tonic::codegen::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn long_status_messages_are_cut_outside_escapes_and_big_details_dropped() {
+        let mut h = HeaderMap::new();
+        let msg = format!(
+            "{}%C3%A9{}",
+            "a".repeat(MAX_GRPC_MESSAGE - 2),
+            "b".repeat(5000)
+        );
+        h.insert("grpc-message", HeaderValue::from_str(&msg).unwrap());
+        h.insert(
+            "grpc-status-details-bin",
+            HeaderValue::from_str(&"A".repeat(MAX_GRPC_DETAILS + 1)).unwrap(),
+        );
+        cap_status_headers(&mut h);
+        let m = h.get("grpc-message").unwrap().as_bytes();
+        assert_eq!(m.len(), MAX_GRPC_MESSAGE - 2, "cut before the escape");
+        assert!(h.get("grpc-status-details-bin").is_none());
+        let mut short = HeaderMap::new();
+        short.insert("grpc-message", HeaderValue::from_static("fine"));
+        cap_status_headers(&mut short);
+        assert_eq!(short.get("grpc-message").unwrap(), "fine");
+    }
 }
