@@ -672,3 +672,92 @@ async fn expensive_calls_are_bounded_per_tenant_and_do_not_stall_the_node() {
     .await;
     node.stop().await;
 }
+
+/// The params a run receives (definition, binding and trigger merged) stay
+/// within 64 KiB whichever of the three grows.
+#[tokio::test]
+async fn merged_params_are_bounded_whichever_part_grows() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "merged").await;
+    let kib = |key: &str, n: usize| {
+        sked::grpc::convert::json_to_struct(&serde_json::json!({ key: "x".repeat(n * 1024) }))
+    };
+    let mut def = sh_def("big", "true", manual());
+    def.params = kib("a", 40);
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(def),
+        })
+        .await
+        .expect("40 KiB of params is fine");
+    let mut bindings = node.bindings();
+    let too_big = bindings
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "big".into(),
+                    params: kib("b", 30),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect_err("40 + 30 KiB merged is over 64 KiB");
+    assert_eq!(too_big.code(), Code::InvalidArgument);
+    assert!(
+        too_big.message().starts_with("binding.params"),
+        "{too_big:?}"
+    );
+    let b = bindings
+        .create_binding(as_tenant(
+            "acme",
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "big".into(),
+                    params: kib("b", 20),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect("40 + 20 KiB fits")
+        .into_inner();
+    let e = node
+        .runs()
+        .trigger_run(as_tenant(
+            "acme",
+            pb::TriggerRunRequest {
+                binding_id: b.id.clone(),
+                params: kib("c", 10),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("a trigger's params push the merge over");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("params"), "{e:?}");
+    let mut grown = sh_def("big", "true", manual());
+    grown.params = kib("a", 50);
+    let e = node
+        .definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(grown),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["params".into()],
+            }),
+        })
+        .await
+        .expect_err("the definition's params push a binding's merge over");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(&b.id), "{e:?}");
+    // Nothing was half-written: the definition keeps its 40 KiB.
+    let d = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest { name: "big".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(d.params, kib("a", 40));
+    node.stop().await;
+}

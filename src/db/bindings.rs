@@ -409,6 +409,28 @@ pub async fn binding_list_inheriting_schedule(
     .collect())
 }
 
+/// The params overrides of `definition`'s bindings that have one: (binding
+/// id, params). For checking what a change of the definition's params would
+/// make of theirs.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_list_param_overrides(
+    db: impl PgExecutor<'_>,
+    definition: &str,
+) -> Result<Vec<(Uuid, serde_json::Value)>, Error> {
+    Ok(sqlx::query!(
+        r#"SELECT id, params AS "params!" FROM bindings
+           WHERE definition = $1 AND params IS NOT NULL ORDER BY id"#,
+        definition
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.params))
+    .collect())
+}
+
 /// Sets each binding's effective schedule and next fire time and wakes every
 /// node's scheduler (a definition's schedule changed).
 ///

@@ -12,8 +12,8 @@ use super::{Ctx, check_etag, db_status, invalid, page, page_size, record, update
 use crate::db;
 use crate::db::definitions as q;
 use crate::domain::{
-    Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule,
-    validate_definition_name,
+    Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule, merge_params,
+    validate_definition_name, validate_merged_params,
 };
 
 const M_CREATE: &str = "sked.v1.DefinitionService/CreateDefinition";
@@ -211,7 +211,7 @@ impl DefinitionService for Definitions {
         let before = audit::definition(&cur);
         let old_version = cur.version;
         let mut schedule_changed = false;
-        for path in paths {
+        for path in paths.iter().copied() {
             match path {
                 "display_name" => cur.display_name = d.display_name.clone(),
                 "description" => cur.description = d.description.clone(),
@@ -268,6 +268,20 @@ impl DefinitionService for Definitions {
                     cur.tenant_scope = scope;
                 }
                 _ => {}
+            }
+        }
+        if paths.contains(&"params") {
+            // Runs receive the merge: it must stay within the limit for
+            // every binding that overrides some params.
+            let overrides = db::bindings::binding_list_param_overrides(&mut *tx, &cur.name)
+                .await
+                .map_err(|e| db_status(e, &what))?;
+            for (id, p) in overrides {
+                validate_merged_params(
+                    &format!("definition.params (binding {id})"),
+                    &merge_params(&cur.params, &p),
+                )
+                .map_err(invalid)?;
             }
         }
         let now = self.0.clock.now();
