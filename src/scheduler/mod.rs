@@ -157,35 +157,47 @@ impl Scheduler {
     pub async fn fire_due(&self) -> Result<usize, db::Error> {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
-        let due = db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
-        if due.is_empty() {
+        let (mut due, mut broken) =
+            db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
+        if due.is_empty() && broken.is_empty() {
             return Ok(0);
         }
+        let locked = due.len() + broken.len();
+        // Each binding's fire plan on its own, so that a schedule that cannot
+        // be evaluated (invalid stored data, or a bug that panics) takes out
+        // that binding only, never the pass for the others.
         let mut plans = Vec::with_capacity(due.len());
-        for b in &due {
-            let pause_over = b.paused && b.pause_expire_time.is_some_and(|e| e <= now);
-            if !b.enabled || (b.paused && !pause_over) {
-                plans.push(FirePlan {
-                    next: b.schedule.next_after(now),
-                    ..FirePlan::default()
+        let mut healthy = Vec::with_capacity(due.len());
+        for b in due.drain(..) {
+            let planned = b
+                .schedule
+                .validate("schedule")
+                .map_err(|e| format!("schedule cannot be evaluated: {e}"))
+                .and_then(|()| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan_binding(&b, now)))
+                        .map_err(|p| {
+                            format!("computing the next fire time failed: {}", panic_text(&p))
+                        })
                 });
-                continue;
+            match planned {
+                Ok(plan) => {
+                    plans.push(plan);
+                    healthy.push(b);
+                }
+                Err(reason) => broken.push(db::bindings::BrokenBinding {
+                    id: b.id,
+                    tenant_id: b.tenant_id,
+                    reason,
+                }),
             }
-            let mut from = Some(b.next_run_time);
-            if let Some(expire) = b.pause_expire_time.filter(|_| pause_over)
-                && b.next_run_time < expire
-            {
-                from = b
-                    .schedule
-                    .next_after(expire - chrono::Duration::microseconds(1));
+        }
+        let due = healthy;
+        if !broken.is_empty() {
+            for b in &broken {
+                tracing::error!(binding = %b.id, tenant = %b.tenant_id, reason = %b.reason,
+                    "binding's stored data cannot be read or computed; taken out of scheduling (it can be read and deleted)");
             }
-            plans.push(match from {
-                Some(t) if t <= now => plan_fires(&b.schedule, t, now, &b.misfire_policy),
-                next => FirePlan {
-                    next,
-                    ..FirePlan::default()
-                },
-            });
+            db::bindings::binding_mark_broken(&mut *tx, &broken).await?;
         }
         // Active runs of the bindings whose overlap policy matters.
         let contested: Vec<Uuid> = due
@@ -274,7 +286,12 @@ impl Scheduler {
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
-        tracing::debug!(due = due.len(), events = events.len(), "scheduler pass");
+        tracing::debug!(
+            due = due.len(),
+            broken = broken.len(),
+            events = events.len(),
+            "scheduler pass"
+        );
         if !events.is_empty() {
             let waiting = runs
                 .iter()
@@ -284,7 +301,7 @@ impl Scheduler {
                 self.executor_wake.notify_one();
             }
         }
-        Ok(due.len())
+        Ok(locked)
     }
 
     /// Completes this pass's due `event` handler fires in the firing
@@ -338,6 +355,51 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// The fire plan of due binding `b` at `now`: a disabled or paused one only
+/// advances its next fire time past now (fires in a pause are neither caught
+/// up nor recorded); a pause whose expiry has passed ends, and fires from the
+/// expiry on are handled normally by the misfire policy.
+fn plan_binding(b: &db::bindings::DueBinding, now: chrono::DateTime<chrono::Utc>) -> FirePlan {
+    let pause_over = b.paused && b.pause_expire_time.is_some_and(|e| e <= now);
+    if !b.enabled || (b.paused && !pause_over) {
+        return FirePlan {
+            next: b.schedule.next_after(now),
+            ..FirePlan::default()
+        };
+    }
+    let mut from = Some(b.next_run_time);
+    if let Some(expire) = b.pause_expire_time.filter(|_| pause_over)
+        && b.next_run_time < expire
+    {
+        from = b
+            .schedule
+            .next_after(expire - chrono::Duration::microseconds(1));
+    }
+    match from {
+        Some(t) if t <= now => {
+            let plan = plan_fires(&b.schedule, t, now, &b.misfire_policy);
+            // The jitter is computed for every run later in the pass: make
+            // sure it can be, here where a failure is this binding's alone.
+            for t in plan.run.iter().chain(plan.skipped.iter().map(|(t, _)| t)) {
+                let _ = *t + b.schedule.jitter_for(b.id.as_bytes(), *t);
+            }
+            plan
+        }
+        next => FirePlan {
+            next,
+            ..FirePlan::default()
+        },
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// The distinct tenants (sorted) of the `QUEUED` runs in `runs` that pass
