@@ -322,3 +322,46 @@ pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
     conn.close().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at_unix_micros(us: i64) -> DbTime {
+        DbTime(us - PG_EPOCH_UNIX_MICROS)
+    }
+
+    #[test]
+    fn db_time_accepts_years_1_to_9999_only() {
+        let t = DbTime(0).get("t").unwrap();
+        assert_eq!(t.to_rfc3339(), "2000-01-01T00:00:00+00:00");
+        let max = at_unix_micros(MAX_TIME_UNIX_MICROS).get("t").unwrap();
+        assert_eq!(max.to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        let min = at_unix_micros(MIN_TIME_UNIX_MICROS).get("t").unwrap();
+        assert_eq!(min.to_rfc3339(), "0001-01-01T00:00:00+00:00");
+        for bad in [
+            at_unix_micros(MAX_TIME_UNIX_MICROS + 1),
+            at_unix_micros(MIN_TIME_UNIX_MICROS - 1),
+            DbTime(i64::MAX - 1),
+            DbTime(i64::MIN + 1),
+        ] {
+            let e = bad.get("binding next_run_time").unwrap_err().to_string();
+            assert!(e.contains("binding next_run_time"), "{e}");
+            assert!(e.contains("outside years 1 to 9999"), "{e}");
+        }
+        let e = DbTime(i64::MAX).get("x").unwrap_err().to_string();
+        assert!(e.contains("infinity"), "{e}");
+        // PostgreSQL's largest timestamptz (294276 AD) names its year.
+        let e = DbTime(9_223_371_331_199_999_999)
+            .get("x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("year ~29427"), "{e}");
+    }
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("héllo", 2), "hé…");
+        assert_eq!(clip("hé", 2), "hé");
+    }
+}

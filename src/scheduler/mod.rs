@@ -38,7 +38,9 @@ use uuid::Uuid;
 use crate::db::{self, runs::NewRun};
 use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
 use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
-use crate::domain::{Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, plan_fires};
+use crate::domain::{
+    Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, Schedule, plan_fires,
+};
 use crate::events::EventBus;
 
 /// The firing loop of one node.
@@ -169,8 +171,15 @@ impl Scheduler {
         let mut plans = Vec::with_capacity(due.len());
         let mut healthy = Vec::with_capacity(due.len());
         for b in due.drain(..) {
-            let planned = b
-                .schedule
+            // The window bounds are the binding's effective window clipped
+            // into the schedule: a window may narrow to a single instant,
+            // which `validate` (meant for input) would refuse.
+            let unclipped = Schedule {
+                start_time: None,
+                end_time: None,
+                ..b.schedule.clone()
+            };
+            let planned = unclipped
                 .validate("schedule")
                 .map_err(|e| format!("schedule cannot be evaluated: {e}"))
                 .and_then(|()| {
