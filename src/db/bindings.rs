@@ -287,13 +287,15 @@ pub struct BrokenBinding {
 }
 
 /// Stored instants from this one on cannot be computed with (past year
-/// 9999): such a `next_run_time` is locked with the due ones, so that the
-/// binding is marked broken instead of lying in the index for ever.
+/// 9999); see [`binding_next_due_time`].
 const FAR_FUTURE: &str = "10000-01-01T00:00:00Z";
 
-/// Locks up to `limit` bindings due at `now` (`next_run_time <= now`, or
-/// past year 9999, which cannot be computed with), skipping rows another
-/// node has locked (`FOR UPDATE SKIP LOCKED`): each due binding is handled
+/// Why a binding whose next fire time lay past year 9999 was taken out.
+const REASON_FAR_FUTURE: &str =
+    "corrupt binding next_run_time in database: timestamp is past year 9999";
+
+/// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
+/// skipping rows another node has locked (`FOR UPDATE SKIP LOCKED`): each due binding is handled
 /// by exactly one node at a time. Call inside a transaction and advance them
 /// with [`binding_set_next_run_times`].
 ///
@@ -308,7 +310,6 @@ pub async fn binding_lock_due(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<(Vec<DueBinding>, Vec<BrokenBinding>), Error> {
-    let far: DateTime<Utc> = FAR_FUTURE.parse().unwrap_or(DateTime::<Utc>::MAX_UTC);
     let rows = sqlx::query!(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule,
                   b.next_run_time AS "next_run_time!: DbTime",
@@ -316,13 +317,12 @@ pub async fn binding_lock_due(
                   d.retry_policy, d.timeout_secs, d.priority, b.enabled AND d.enabled AS "enabled!",
                   b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", d.max_output_bytes
            FROM bindings b JOIN definitions d ON d.name = b.definition
-           WHERE b.next_run_time <= $1 OR b.next_run_time >= $3
+           WHERE b.next_run_time <= $1
            ORDER BY b.next_run_time
            LIMIT $2
            FOR UPDATE OF b SKIP LOCKED"#,
         now,
         limit,
-        far,
     )
     .fetch_all(db)
     .await?;
@@ -425,27 +425,46 @@ pub async fn binding_set_next_run_times(
     Ok(())
 }
 
-/// The earliest next fire time over all bindings, if any binding will fire.
-/// A stored time before year 1 comes back as `DateTime::MIN_UTC` (due at
-/// once: the next pass marks the binding broken); times past year 9999 are
-/// left out (the next pass locks and marks them as well).
+/// The earliest next fire time over all bindings, if any binding will fire,
+/// and the bindings (id, tenant) just taken out of the due set because
+/// their next fire time lay past year 9999.
+///
+/// Such a time is never due, so [`binding_lock_due`] would never see it:
+/// this statement, run between passes, marks those bindings broken instead
+/// (`next_run_time` cleared, `broken_reason` set) — an index range probe
+/// that finds nothing in the normal case. A stored time before year 1 comes
+/// back as `DateTime::MIN_UTC` (due at once: the next pass decodes and marks
+/// that binding).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn binding_next_due_time(
     db: impl PgExecutor<'_>,
-) -> Result<Option<DateTime<Utc>>, Error> {
+) -> Result<(Option<DateTime<Utc>>, Vec<(Uuid, String)>), Error> {
     let far: DateTime<Utc> = FAR_FUTURE.parse().unwrap_or(DateTime::<Utc>::MAX_UTC);
-    let t = sqlx::query_scalar!(
-        r#"SELECT min(next_run_time) AS "t: DbTime" FROM bindings WHERE next_run_time < $1"#,
-        far
+    let r = sqlx::query!(
+        r#"WITH far AS (
+             UPDATE bindings SET next_run_time = NULL, broken_reason = $2
+             WHERE next_run_time >= $1 RETURNING id, tenant_id)
+           SELECT (SELECT min(next_run_time) FROM bindings WHERE next_run_time < $1) AS "t: DbTime",
+                  (SELECT array_agg(id) FROM far) AS "ids: Vec<Uuid>",
+                  (SELECT array_agg(tenant_id) FROM far) AS "tenants: Vec<String>""#,
+        far,
+        REASON_FAR_FUTURE,
     )
     .fetch_one(db)
     .await?;
-    Ok(t.map(|t| {
+    let t = r.t.map(|t| {
         t.get("binding next_run_time")
             .unwrap_or(DateTime::<Utc>::MIN_UTC)
-    }))
+    });
+    let marked = r
+        .ids
+        .unwrap_or_default()
+        .into_iter()
+        .zip(r.tenants.unwrap_or_default())
+        .collect();
+    Ok((t, marked))
 }
 
 /// Gets the tenant's binding `id` and locks it for this transaction.

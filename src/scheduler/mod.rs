@@ -133,11 +133,18 @@ impl Scheduler {
 
     async fn sleep_time(&self) -> Duration {
         match db::bindings::binding_next_due_time(&self.pool).await {
-            Ok(Some(t)) => (t - self.clock.now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(self.max_sleep),
-            Ok(None) => self.max_sleep,
+            Ok((next, far)) => {
+                for (id, tenant) in far {
+                    tracing::error!(binding = %id, %tenant, "binding's next fire time lies past year 9999; taken out of scheduling (it can be read and deleted)");
+                }
+                match next {
+                    Some(t) => (t - self.clock.now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .min(self.max_sleep),
+                    None => self.max_sleep,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler could not read the next due time");
                 Duration::from_millis(500)
