@@ -26,6 +26,15 @@
 //! Failure handling: a failed pass rolls back (nothing fired, nothing
 //! advanced) and is retried after a short pause; a crash mid-pass leaves the
 //! bindings due, and another node (or this one on restart) fires them.
+//!
+//! Bad stored data takes out only its own binding: each locked row is
+//! decoded on its own ([`db::bindings::binding_lock_due`]), and each
+//! binding's schedule is validated and its fire plan computed on its own
+//! (a panic in that computation is caught). A binding that fails is logged
+//! and marked broken in the same pass (`next_run_time` cleared,
+//! `broken_reason` stored), so it leaves the due set instead of failing
+//! pass after pass; a next fire time past year 9999, never due, is marked
+//! between passes ([`db::bindings::binding_next_due_time`]).
 
 use std::sync::Arc;
 use std::time::Duration;
