@@ -233,6 +233,22 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
         let e = get_binding(&node, "bad", id).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
     }
+    // So can the definition that cannot be read.
+    node.definitions()
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "bad.bad-definition".into(),
+            force: false,
+        })
+        .await
+        .expect("delete the unreadable definition");
+    let e = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "bad.bad-definition".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     node.stop().await;
 }
 

@@ -335,13 +335,20 @@ impl DefinitionService for Definitions {
             .begin()
             .await
             .map_err(|e| db_status(e.into(), &what))?;
-        let cur = q::definition_get_for_update(&mut *tx, &name)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        // A definition whose stored data cannot be read can still be
+        // deleted (the row is locked all the same; the audit records why
+        // its content is missing).
+        let mut before = match q::definition_get_for_update(&mut *tx, &name).await {
+            Ok(cur) => audit::definition(&cur),
+            Err(e @ db::Error::Corrupt { .. }) => {
+                tracing::warn!(definition = %name, error = %e, "deleting a definition that cannot be read");
+                serde_json::json!({ "name": name, "unreadable": e.to_string() })
+            }
+            Err(e) => return Err(db_status(e, &what)),
+        };
         let bindings = q::definition_delete(&mut tx, &name, r.force)
             .await
             .map_err(|e| db_status(e, &what))?;
-        let mut before = audit::definition(&cur);
         if let Some(o) = before.as_object_mut()
             && !bindings.is_empty()
         {
