@@ -28,9 +28,10 @@
 //! bindings due, and another node (or this one on restart) fires them.
 //!
 //! Bad stored data takes out only its own binding: each locked row is
-//! decoded on its own ([`db::bindings::binding_lock_due`]), and each
-//! binding's schedule is validated and its fire plan computed on its own
-//! (a panic in that computation is caught). A binding that fails is logged
+//! decoded on its own ([`db::bindings::binding_lock_due`]), each binding's
+//! fire plan is computed on its own (a panic in that computation is
+//! caught), and a schedule that yields no next fire is validated (an
+//! invalid one evaluates to "never"). A binding that fails is logged
 //! and marked broken in the same pass (`next_run_time` cleared,
 //! `broken_reason` stored), so it leaves the due set instead of failing
 //! pass after pass; a next fire time past year 9999, never due, is marked
@@ -187,23 +188,29 @@ impl Scheduler {
         let mut plans = Vec::with_capacity(due.len());
         let mut healthy = Vec::with_capacity(due.len());
         for b in due.drain(..) {
-            // The window bounds are the binding's effective window clipped
-            // into the schedule: a window may narrow to a single instant,
-            // which `validate` (meant for input) would refuse.
-            let unclipped = Schedule {
-                start_time: None,
-                end_time: None,
-                ..b.schedule.clone()
-            };
-            let planned = unclipped
-                .validate("schedule")
-                .map_err(|e| format!("schedule cannot be evaluated: {e}"))
-                .and_then(|()| {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan_binding(&b, now)))
-                        .map_err(|p| {
-                            format!("computing the next fire time failed: {}", panic_text(&p))
-                        })
-                });
+            let planned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan_binding(&b, now)))
+                    .map_err(|p| format!("computing the next fire time failed: {}", panic_text(&p)))
+                    .and_then(|plan| {
+                        // An invalid schedule evaluates to "no next fire":
+                        // only then is it worth telling that apart from a
+                        // schedule that has ended (validating every due
+                        // binding would cost a cron parse per fire). The
+                        // window bounds are the binding's effective window
+                        // clipped into the schedule, which may narrow to one
+                        // instant that `validate` (meant for input) refuses.
+                        if plan.next.is_some() {
+                            return Ok(plan);
+                        }
+                        Schedule {
+                            start_time: None,
+                            end_time: None,
+                            ..b.schedule.clone()
+                        }
+                        .validate("schedule")
+                        .map(|()| plan)
+                        .map_err(|e| format!("schedule cannot be evaluated: {e}"))
+                    });
             match planned {
                 Ok(plan) => {
                     plans.push(plan);
