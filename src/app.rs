@@ -408,7 +408,18 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.auth =
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
+    // The private database is restarted should it die under the node.
+    let embedded = embedded.map(Arc::new);
+    let supervise_stop = CancellationToken::new();
+    let supervisor = embedded.clone().map(|pg| {
+        let stop = supervise_stop.clone();
+        tokio::spawn(async move { pg.supervise(Duration::from_secs(1), stop).await })
+    });
     let result = serve(settings, listener, shutdown_signal()).await;
+    supervise_stop.cancel();
+    if let Some(s) = supervisor {
+        let _ = s.await;
+    }
     if let Some(pg) = embedded {
         tracing::info!("stopping embedded PostgreSQL");
         if let Err(e) = pg.stop().await {

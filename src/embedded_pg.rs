@@ -60,6 +60,11 @@
 //! Dropping an [`EmbeddedPg`] that has not been stopped stops the server with
 //! [`EmbeddedPg::stop_blocking`].
 //!
+//! Should the server die while sked runs (a crash, the OOM killer, `kill -9`),
+//! [`EmbeddedPg::supervise`] (run by `sked serve`) notices within a second and
+//! starts it again; PostgreSQL's crash recovery replays its WAL, and the
+//! node's connection pool reconnects.
+//!
 //! # Binary versions
 //!
 //! For an existing cluster, the binaries of its major version (from `PG_VERSION`) in
@@ -196,6 +201,7 @@ pub struct EmbeddedPg {
     log_file: PathBuf,
     port: u16,
     run_as: RunAs,
+    opts: Options,
     stopped: AtomicBool,
 }
 
@@ -240,6 +246,7 @@ impl EmbeddedPg {
             log_file: prep.log_file,
             port: DEFAULT_PORT,
             run_as: prep.run_as,
+            opts,
             // Nothing to stop (or to stop on drop) until the server is up.
             stopped: AtomicBool::new(true),
         };
@@ -338,6 +345,52 @@ impl EmbeddedPg {
             Err(e) => {
                 self.stopped.store(false, Ordering::SeqCst);
                 tracing::error!(error = %e, "could not stop embedded PostgreSQL");
+            }
+        }
+    }
+
+    /// Whether the server runs: `postmaster.pid` names a live process.
+    pub fn is_running(&self) -> bool {
+        self.postmaster_pid().is_some_and(is_alive)
+    }
+
+    /// Starts the server again if its postmaster is gone although
+    /// [`stop`](Self::stop) was not called (it crashed or was killed).
+    /// Returns whether it restarted it. PostgreSQL recovers from its WAL;
+    /// a start refused while the dead server's processes are still exiting
+    /// is an error, and the next call tries again.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start)'s `pg_ctl` errors.
+    pub async fn restart_if_dead(&self) -> Result<bool, Error> {
+        if self.stopped.load(Ordering::SeqCst) || self.is_running() {
+            return Ok(false);
+        }
+        tracing::error!(data_dir = %self.data_dir.display(),
+            "embedded PostgreSQL is not running; restarting it");
+        self.clear_leftover_postmaster().await?;
+        if let Err(e) = self.pg_ctl_start(self.opts).await {
+            if self.is_running() {
+                // `pg_ctl -w` gave up on a server still recovering: it is up.
+                return Ok(true);
+            }
+            return Err(e);
+        }
+        tracing::warn!(data_dir = %self.data_dir.display(), "embedded PostgreSQL restarted");
+        Ok(true)
+    }
+
+    /// Checks the server every `every` until `stop` and restarts it when it
+    /// died ([`restart_if_dead`](Self::restart_if_dead)); failed restarts
+    /// are logged and retried at the next check.
+    pub async fn supervise(&self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = self.restart_if_dead().await {
+                tracing::warn!(error = %e, "restarting embedded PostgreSQL failed; retrying");
             }
         }
     }
@@ -1187,6 +1240,7 @@ mod tests {
                 gid: 1,
                 switch: false,
             },
+            opts: Options::default(),
             stopped: AtomicBool::new(true),
         };
         let url = pg.url("my db");

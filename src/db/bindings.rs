@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::{Error, decode, encode, policy_from_cols};
+use super::{DbTime, Error, decode, encode, policy_from_cols};
 use crate::domain::{Binding, Handler, MisfirePolicy, RunPolicy, Schedule, merge_params};
 
 struct Row {
@@ -14,17 +14,18 @@ struct Row {
     definition: String,
     schedule: Option<serde_json::Value>,
     params: Option<serde_json::Value>,
-    effective_from: Option<DateTime<Utc>>,
-    effective_until: Option<DateTime<Utc>>,
+    effective_from: Option<DbTime>,
+    effective_until: Option<DbTime>,
     effective_schedule: serde_json::Value,
-    next_run_time: Option<DateTime<Utc>>,
-    create_time: DateTime<Utc>,
-    update_time: DateTime<Utc>,
+    next_run_time: Option<DbTime>,
+    create_time: DbTime,
+    update_time: DbTime,
     version: i64,
     enabled: bool,
     paused: bool,
     pause_note: String,
-    pause_expire_time: Option<DateTime<Utc>>,
+    pause_expire_time: Option<DbTime>,
+    broken_reason: Option<String>,
     def_params: serde_json::Value,
     overlap_policy: String,
     retry_policy: serde_json::Value,
@@ -32,41 +33,91 @@ struct Row {
     priority: i32,
 }
 
-impl TryFrom<Row> for Binding {
-    type Error = Error;
-    fn try_from(r: Row) -> Result<Self, Error> {
+/// Longest stored or shown `broken_reason`, in characters.
+pub const MAX_BROKEN_REASON: usize = 500;
+
+/// Collects what of a row could not be read, keeping the readable rest.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// `r`'s value, or `fallback` with the error noted.
+    fn take<T>(&mut self, r: Result<T, Error>, fallback: impl FnOnce() -> T) -> T {
+        r.unwrap_or_else(|e| {
+            self.0.push(e.to_string());
+            fallback()
+        })
+    }
+    fn time(&mut self, t: Option<DbTime>, what: &'static str) -> Option<DateTime<Utc>> {
+        t.and_then(|t| self.take(t.get(what).map(Some), || None))
+    }
+}
+
+impl From<Row> for Binding {
+    /// Never fails: a field that cannot be read is shown empty (a schedule
+    /// as `manual`, an instant as unset or the Unix epoch, the policy as the
+    /// default) and [`Binding::broken_reason`] says what could not be read,
+    /// so one bad row never breaks a Get or a List.
+    fn from(r: Row) -> Self {
+        let mut p = Problems::default();
         let effective_params = match &r.params {
-            Some(p) => merge_params(&r.def_params, p),
+            Some(q) => merge_params(&r.def_params, q),
             None => r.def_params.clone(),
         };
-        Ok(Binding {
-            id: r.id,
-            tenant_id: r.tenant_id,
-            definition: r.definition,
-            schedule: r
-                .schedule
-                .map(|s| decode("binding schedule", s))
-                .transpose()?,
-            params: r.params,
-            effective_from: r.effective_from,
-            effective_until: r.effective_until,
-            effective_schedule: decode("binding effective schedule", r.effective_schedule)?,
-            effective_params,
-            next_run_time: r.next_run_time,
-            create_time: r.create_time,
-            update_time: r.update_time,
-            version: r.version,
-            enabled: r.enabled,
-            paused: r.paused,
-            pause_note: r.pause_note,
-            pause_expire_time: r.pause_expire_time,
-            effective_policy: policy_from_cols(
+        let manual = || Schedule::new(crate::domain::ScheduleKind::Manual, "UTC");
+        let schedule = r
+            .schedule
+            .map(|s| p.take(decode("binding schedule", s), manual));
+        let effective_schedule = p.take(
+            decode("binding effective schedule", r.effective_schedule),
+            manual,
+        );
+        let effective_policy = p.take(
+            policy_from_cols(
                 &r.overlap_policy,
                 r.retry_policy,
                 r.timeout_secs,
                 r.priority,
-            )?,
-        })
+            ),
+            RunPolicy::default,
+        );
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        let b = Binding {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            definition: r.definition,
+            schedule,
+            params: r.params,
+            effective_from: p.time(r.effective_from, "binding effective_from"),
+            effective_until: p.time(r.effective_until, "binding effective_until"),
+            effective_schedule,
+            effective_params,
+            next_run_time: p.time(r.next_run_time, "binding next_run_time"),
+            create_time: p
+                .time(Some(r.create_time), "binding create_time")
+                .unwrap_or(epoch),
+            update_time: p
+                .time(Some(r.update_time), "binding update_time")
+                .unwrap_or(epoch),
+            version: r.version,
+            enabled: r.enabled,
+            paused: r.paused,
+            pause_note: r.pause_note,
+            pause_expire_time: p.time(r.pause_expire_time, "binding pause_expire_time"),
+            effective_policy,
+            broken_reason: None,
+        };
+        let mut reasons: Vec<String> = r.broken_reason.into_iter().collect();
+        for q in p.0 {
+            if !reasons.contains(&q) {
+                reasons.push(q);
+            }
+        }
+        Binding {
+            broken_reason: (!reasons.is_empty())
+                .then(|| super::clip(&reasons.join("; "), MAX_BROKEN_REASON)),
+            ..b
+        }
     }
 }
 
@@ -115,21 +166,23 @@ pub async fn binding_get(
     tenant_id: &str,
     id: Uuid,
 ) -> Result<Binding, Error> {
-    sqlx::query_as!(
+    Ok(sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
-                b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
-                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
+                b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
+                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
+                b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
+                b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
                 d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
-         WHERE b.tenant_id = $1 AND b.id = $2",
+         WHERE b.tenant_id = $1 AND b.id = $2"#,
         tenant_id,
         id
     )
     .fetch_one(db)
     .await?
-    .try_into()
+    .into())
 }
 
 /// Lists up to `limit` of the tenant's bindings with id > `after`, in id
@@ -144,16 +197,18 @@ pub async fn binding_list(
     definition: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Binding>, Error> {
-    sqlx::query_as!(
+    Ok(sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
-                b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
-                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
+                b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
+                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
+                b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
+                b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
                 d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
-         ORDER BY b.id LIMIT $4",
+         ORDER BY b.id LIMIT $4"#,
         tenant_id,
         after,
         definition,
@@ -162,8 +217,8 @@ pub async fn binding_list(
     .fetch_all(db)
     .await?
     .into_iter()
-    .map(Binding::try_from)
-    .collect()
+    .map(Binding::from)
+    .collect())
 }
 
 /// Deletes the tenant's binding `id`; its runs stay.
@@ -219,46 +274,77 @@ pub struct DueBinding {
     pub pause_expire_time: Option<DateTime<Utc>>,
 }
 
+/// A due binding whose stored data cannot be read: it is to be taken out of
+/// the due set with [`binding_mark_broken`].
+#[derive(Debug, Clone)]
+pub struct BrokenBinding {
+    /// Binding id.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant_id: String,
+    /// What could not be read (short, for people).
+    pub reason: String,
+}
+
+/// Stored instants from this one on cannot be computed with (past year
+/// 9999); see [`binding_next_due_time`].
+const FAR_FUTURE: &str = "10000-01-01T00:00:00Z";
+
+/// Why a binding whose next fire time lay past year 9999 was taken out.
+const REASON_FAR_FUTURE: &str =
+    "corrupt binding next_run_time in database: timestamp is past year 9999";
+
 /// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
-/// skipping rows another node has locked (`FOR UPDATE SKIP LOCKED`): each due
-/// binding is handled by exactly one node at a time. Call inside a
-/// transaction and advance them with [`binding_set_next_run_times`].
+/// skipping rows another node has locked (`FOR UPDATE SKIP LOCKED`): each due binding is handled
+/// by exactly one node at a time. Call inside a transaction and advance them
+/// with [`binding_set_next_run_times`].
+///
+/// Each row is decoded on its own: the bindings whose stored data (their
+/// own or their definition's) does not decode come back as
+/// [`BrokenBinding`]s, so one bad row never fails the pass for the others.
 ///
 /// # Errors
-/// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
+/// [`Error::Sqlx`] on database failure.
 pub async fn binding_lock_due(
     db: impl PgExecutor<'_>,
     now: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<DueBinding>, Error> {
+) -> Result<(Vec<DueBinding>, Vec<BrokenBinding>), Error> {
     let rows = sqlx::query!(
-        r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule, b.next_run_time AS "next_run_time!",
+        r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule,
+                  b.next_run_time AS "next_run_time!: DbTime",
                   b.params, d.params AS def_params, d.handler, d.misfire_policy, d.overlap_policy,
                   d.retry_policy, d.timeout_secs, d.priority, b.enabled AND d.enabled AS "enabled!",
-                  b.paused, b.pause_expire_time
+                  b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", d.max_output_bytes
            FROM bindings b JOIN definitions d ON d.name = b.definition
            WHERE b.next_run_time <= $1
            ORDER BY b.next_run_time
            LIMIT $2
            FOR UPDATE OF b SKIP LOCKED"#,
         now,
-        limit
+        limit,
     )
     .fetch_all(db)
     .await?;
-    rows.into_iter()
-        .map(|r| {
+    let mut due = Vec::with_capacity(rows.len());
+    let mut broken = Vec::new();
+    for r in rows {
+        let decoded = (|| -> Result<DueBinding, Error> {
+            let mut handler: Handler = decode("definition handler", r.handler)?;
+            if let Handler::Command(c) = &mut handler {
+                c.max_output_bytes = r.max_output_bytes.and_then(|m| u64::try_from(m).ok());
+            }
             Ok(DueBinding {
                 id: r.id,
-                tenant_id: r.tenant_id,
+                tenant_id: r.tenant_id.clone(),
                 definition: r.definition,
                 schedule: decode("binding effective schedule", r.effective_schedule)?,
-                next_run_time: r.next_run_time,
+                next_run_time: r.next_run_time.get("binding next_run_time")?,
                 params: match &r.params {
                     Some(p) => merge_params(&r.def_params, p),
                     None => r.def_params,
                 },
-                handler: decode("definition handler", r.handler)?,
+                handler,
                 misfire_policy: decode("definition misfire policy", r.misfire_policy)?,
                 policy: policy_from_cols(
                     &r.overlap_policy,
@@ -268,10 +354,48 @@ pub async fn binding_lock_due(
                 )?,
                 enabled: r.enabled,
                 paused: r.paused,
-                pause_expire_time: r.pause_expire_time,
+                pause_expire_time: r
+                    .pause_expire_time
+                    .map(|t| t.get("binding pause_expire_time"))
+                    .transpose()?,
             })
-        })
-        .collect()
+        })();
+        match decoded {
+            Ok(b) => due.push(b),
+            Err(e) => broken.push(BrokenBinding {
+                id: r.id,
+                tenant_id: r.tenant_id,
+                reason: super::clip(&e.to_string(), MAX_BROKEN_REASON),
+            }),
+        }
+    }
+    Ok((due, broken))
+}
+
+/// Takes bindings out of the due set for good: no next fire time, and
+/// `broken_reason` set (shown by the API). Only DeleteBinding ends that.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_mark_broken(
+    db: impl PgExecutor<'_>,
+    broken: &[BrokenBinding],
+) -> Result<(), Error> {
+    let ids: Vec<Uuid> = broken.iter().map(|b| b.id).collect();
+    let reasons: Vec<String> = broken
+        .iter()
+        .map(|b| super::clip(&b.reason, MAX_BROKEN_REASON))
+        .collect();
+    sqlx::query!(
+        "UPDATE bindings b SET next_run_time = NULL, broken_reason = u.reason
+         FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason)
+         WHERE b.id = u.id",
+        &ids,
+        &reasons,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Sets each binding's next fire time (`None` = never again), and ends the
@@ -301,18 +425,46 @@ pub async fn binding_set_next_run_times(
     Ok(())
 }
 
-/// The earliest next fire time over all bindings, if any binding will fire.
+/// The earliest next fire time over all bindings, if any binding will fire,
+/// and the bindings (id, tenant) just taken out of the due set because
+/// their next fire time lay past year 9999.
+///
+/// Such a time is never due, so [`binding_lock_due`] would never see it:
+/// this statement, run between passes, marks those bindings broken instead
+/// (`next_run_time` cleared, `broken_reason` set) — an index range probe
+/// that finds nothing in the normal case. A stored time before year 1 comes
+/// back as `DateTime::MIN_UTC` (due at once: the next pass decodes and marks
+/// that binding).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn binding_next_due_time(
     db: impl PgExecutor<'_>,
-) -> Result<Option<DateTime<Utc>>, Error> {
-    Ok(
-        sqlx::query_scalar!("SELECT min(next_run_time) FROM bindings")
-            .fetch_one(db)
-            .await?,
+) -> Result<(Option<DateTime<Utc>>, Vec<(Uuid, String)>), Error> {
+    let far: DateTime<Utc> = FAR_FUTURE.parse().unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let r = sqlx::query!(
+        r#"WITH far AS (
+             UPDATE bindings SET next_run_time = NULL, broken_reason = $2
+             WHERE next_run_time >= $1 RETURNING id, tenant_id)
+           SELECT (SELECT min(next_run_time) FROM bindings WHERE next_run_time < $1) AS "t: DbTime",
+                  (SELECT array_agg(id) FROM far) AS "ids: Vec<Uuid>",
+                  (SELECT array_agg(tenant_id) FROM far) AS "tenants: Vec<String>""#,
+        far,
+        REASON_FAR_FUTURE,
     )
+    .fetch_one(db)
+    .await?;
+    let t = r.t.map(|t| {
+        t.get("binding next_run_time")
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    });
+    let marked = r
+        .ids
+        .unwrap_or_default()
+        .into_iter()
+        .zip(r.tenants.unwrap_or_default())
+        .collect();
+    Ok((t, marked))
 }
 
 /// Gets the tenant's binding `id` and locks it for this transaction.
@@ -324,22 +476,24 @@ pub async fn binding_get_for_update(
     tenant_id: &str,
     id: Uuid,
 ) -> Result<Binding, Error> {
-    sqlx::query_as!(
+    Ok(sqlx::query_as!(
         Row,
-        "SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params, b.effective_from, b.effective_until,
-                b.effective_schedule,
-                b.next_run_time, b.create_time, b.update_time, b.version, b.enabled, b.paused, b.pause_note,
-                b.pause_expire_time, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
+                b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
+                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
+                b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
+                b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
                 d.priority
          FROM bindings b JOIN definitions d ON d.name = b.definition
          WHERE b.tenant_id = $1 AND b.id = $2
-         FOR UPDATE OF b",
+         FOR UPDATE OF b"#,
         tenant_id,
         id
     )
     .fetch_one(db)
     .await?
-    .try_into()
+    .into())
 }
 
 /// Writes `b`'s overrides, effective schedule, next fire time, enabled and
@@ -389,7 +543,8 @@ pub async fn binding_update(
 /// A binding that inherits its definition's schedule: id and effective window.
 pub type InheritingBinding = (Uuid, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
-/// Bindings of `definition` that inherit its schedule (no override), locked.
+/// Bindings of `definition` that inherit its schedule (no override), locked;
+/// broken ones (and ones whose window cannot be read) are left out.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -398,14 +553,31 @@ pub async fn binding_list_inheriting_schedule(
     definition: &str,
 ) -> Result<Vec<InheritingBinding>, Error> {
     Ok(sqlx::query!(
-        "SELECT id, effective_from, effective_until FROM bindings
-         WHERE definition = $1 AND schedule IS NULL ORDER BY id FOR UPDATE",
+        r#"SELECT id, effective_from AS "effective_from: DbTime",
+                  effective_until AS "effective_until: DbTime"
+           FROM bindings
+           WHERE definition = $1 AND schedule IS NULL AND broken_reason IS NULL
+           ORDER BY id FOR UPDATE"#,
         definition
     )
     .fetch_all(db)
     .await?
     .into_iter()
-    .map(|r| (r.id, r.effective_from, r.effective_until))
+    // A window that cannot be read leaves that binding as it is (the
+    // scheduler marks it broken when it falls due).
+    .filter_map(|r| {
+        let from = r
+            .effective_from
+            .map(|t| t.get("effective_from"))
+            .transpose()
+            .ok()?;
+        let until = r
+            .effective_until
+            .map(|t| t.get("effective_until"))
+            .transpose()
+            .ok()?;
+        Some((r.id, from, until))
+    })
     .collect())
 }
 

@@ -2,10 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
-use super::{Error, decode, encode, policy_from_cols};
+use super::{DbTime, Error, decode, encode, policy_from_cols};
 use crate::domain::{Definition, TenantScope};
 
 struct Row {
@@ -24,8 +23,9 @@ struct Row {
     enabled: bool,
     protected: bool,
     tenant_scope: Option<Vec<String>>,
-    create_time: DateTime<Utc>,
-    update_time: DateTime<Utc>,
+    max_output_bytes: Option<i64>,
+    create_time: DbTime,
+    update_time: DbTime,
     version: i64,
 }
 
@@ -53,8 +53,9 @@ impl TryFrom<Row> for Definition {
                 None => TenantScope::AllTenants,
                 Some(l) => TenantScope::AllowList(l),
             },
-            create_time: r.create_time,
-            update_time: r.update_time,
+            max_output_bytes: r.max_output_bytes.and_then(|m| u64::try_from(m).ok()),
+            create_time: r.create_time.get("definition create_time")?,
+            update_time: r.update_time.get("definition update_time")?,
             version: r.version,
         })
     }
@@ -68,8 +69,9 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
     sqlx::query!(
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
                                   create_time, update_time, version, misfire_policy, overlap_policy,
-                                  retry_policy, timeout_secs, priority, enabled, protected, tenant_scope)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                                  retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
+                                  max_output_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         d.name,
         d.display_name,
         d.description,
@@ -88,6 +90,7 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         d.enabled,
         d.protected,
         d.tenant_scope.as_list(),
+        d.max_output_bytes.and_then(|m| i64::try_from(m).ok()),
     )
     .execute(db)
     .await?;
@@ -106,11 +109,12 @@ pub async fn definition_get(
 ) -> Result<Definition, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
+        r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                create_time, update_time, version
+                max_output_bytes, create_time AS "create_time: DbTime",
+                update_time AS "update_time: DbTime", version
          FROM definitions
-         WHERE name = $1 AND ($2::text IS NULL OR tenant_scope IS NULL OR $2 = ANY (tenant_scope))",
+         WHERE name = $1 AND ($2::text IS NULL OR tenant_scope IS NULL OR $2 = ANY (tenant_scope))"#,
         name,
         visible_to
     )
@@ -130,14 +134,15 @@ pub async fn definition_list(
     visible_to: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Definition>, Error> {
-    sqlx::query_as!(
+    Ok(sqlx::query_as!(
         Row,
-        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
+        r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                create_time, update_time, version
+                max_output_bytes, create_time AS "create_time: DbTime",
+                update_time AS "update_time: DbTime", version
          FROM definitions
          WHERE name > $1 AND ($3::text IS NULL OR tenant_scope IS NULL OR $3 = ANY (tenant_scope))
-         ORDER BY name LIMIT $2",
+         ORDER BY name LIMIT $2"#,
         after,
         limit,
         visible_to
@@ -145,8 +150,18 @@ pub async fn definition_list(
     .fetch_all(db)
     .await?
     .into_iter()
-    .map(Definition::try_from)
-    .collect()
+    // One definition whose stored data does not decode must not hide the
+    // others: it is left out of the page and logged (Get names it).
+    .filter_map(|r| {
+        let name = r.name.clone();
+        Definition::try_from(r)
+            .inspect_err(|e| {
+                tracing::error!(definition = %name, error = %e,
+                    "stored definition cannot be read; left out of the list");
+            })
+            .ok()
+    })
+    .collect())
 }
 
 /// Deletes the definition `name` (locked by the caller with
@@ -215,10 +230,11 @@ pub async fn definition_get_for_update(
 ) -> Result<Definition, Error> {
     sqlx::query_as!(
         Row,
-        "SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
+        r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                create_time, update_time, version
-         FROM definitions WHERE name = $1 FOR UPDATE",
+                max_output_bytes, create_time AS "create_time: DbTime",
+                update_time AS "update_time: DbTime", version
+         FROM definitions WHERE name = $1 FOR UPDATE"#,
         name
     )
     .fetch_one(db)
@@ -240,7 +256,7 @@ pub async fn definition_update(
         "UPDATE definitions SET display_name = $2, description = $3, labels = $4, handler = $5, schedule = $6,
                 params = $7, misfire_policy = $8, update_time = $9, version = $10, overlap_policy = $12,
                 retry_policy = $13, timeout_secs = $14, priority = $15, enabled = $16, protected = $17,
-                tenant_scope = $18
+                tenant_scope = $18, max_output_bytes = $19
          WHERE name = $1 AND version = $11",
         d.name,
         d.display_name,
@@ -260,6 +276,7 @@ pub async fn definition_update(
         d.enabled,
         d.protected,
         d.tenant_scope.as_list(),
+        d.max_output_bytes.and_then(|m| i64::try_from(m).ok()),
     )
     .execute(db)
     .await?;

@@ -106,6 +106,108 @@ pub(crate) fn policy_from_cols(
     })
 }
 
+/// A `timestamptz` column read without trusting its range.
+///
+/// PostgreSQL stores instants from 4713 BC to 294276 AD (and `±infinity`),
+/// while chrono ends at ±262143 and sqlx's own `DateTime` decoding panics past
+/// it; the protobuf `Timestamp` of the API, the RFC 3339 text in stored
+/// schedules and the schedule arithmetic only work within years 1 to 9999.
+/// Columns that stored data could have put out of that range (planted rows,
+/// rows written before input validation) are read as this type, so one bad
+/// row is a per-row error ([`DbTime::get`]), never a failed query or a panic
+/// that stops the scheduler for every tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DbTime(
+    /// Microseconds since 2000-01-01 00:00:00 UTC (PostgreSQL's epoch), as
+    /// stored; `i64::MAX`/`i64::MIN` are `infinity`/`-infinity`.
+    pub i64,
+);
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// First instant the engine computes with: 0001-01-01T00:00:00Z, the protobuf
+/// `Timestamp` minimum (Unix microseconds).
+pub const MIN_TIME_UNIX_MICROS: i64 = -62_135_596_800_000_000;
+/// Last instant the engine computes with: 9999-12-31T23:59:59.999999Z, the
+/// protobuf `Timestamp` maximum at microsecond precision (Unix microseconds).
+pub const MAX_TIME_UNIX_MICROS: i64 = 253_402_300_799_999_999;
+
+impl DbTime {
+    /// The instant, if within years 1 to 9999 ([`MIN_TIME_UNIX_MICROS`] ..=
+    /// [`MAX_TIME_UNIX_MICROS`]).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming `what` and the stored value's year when it is
+    /// outside that range.
+    pub fn get(self, what: &'static str) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+        self.0
+            .checked_add(PG_EPOCH_UNIX_MICROS)
+            .filter(|us| (MIN_TIME_UNIX_MICROS..=MAX_TIME_UNIX_MICROS).contains(us))
+            .and_then(chrono::DateTime::from_timestamp_micros)
+            .ok_or_else(|| Error::Corrupt {
+                what,
+                source: <serde_json::Error as serde::de::Error>::custom(format!(
+                    "timestamp {} is outside years 1 to 9999",
+                    self.describe()
+                )),
+            })
+    }
+
+    /// A short description of the stored value for error messages: the
+    /// approximate year, or `infinity`.
+    fn describe(self) -> String {
+        match self.0 {
+            i64::MAX => "infinity".into(),
+            i64::MIN => "-infinity".into(),
+            us => {
+                // Good enough to name the culprit (mean Gregorian year).
+                const MICROS_PER_YEAR: i128 = 31_556_952_000_000;
+                let year = 2000 + i128::from(us).div_euclid(MICROS_PER_YEAR);
+                format!("in year ~{year}")
+            }
+        }
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for DbTime {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <chrono::DateTime<chrono::Utc> as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <chrono::DateTime<chrono::Utc> as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for DbTime {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.format() {
+            // The binary form is the raw microsecond count: no range to trust.
+            sqlx::postgres::PgValueFormat::Binary => Ok(DbTime(<i64 as sqlx::Decode<
+                sqlx::Postgres,
+            >>::decode(value)?)),
+            // Text only appears outside prepared statements; chrono's parser
+            // errors (does not panic) on what it cannot hold.
+            sqlx::postgres::PgValueFormat::Text => {
+                let t =
+                    <chrono::DateTime<chrono::Utc> as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                Ok(DbTime(
+                    t.timestamp_micros().saturating_sub(PG_EPOCH_UNIX_MICROS),
+                ))
+            }
+        }
+    }
+}
+
+/// Truncates `s` to at most `max` characters (a stored reason that quotes
+/// data stays short).
+pub(crate) fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// Encodes a domain value as a JSON column.
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> serde_json::Value {
     // Serialising our own plain data types cannot fail (no maps with non-string keys).
@@ -219,4 +321,47 @@ pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
         .await?;
     conn.close().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at_unix_micros(us: i64) -> DbTime {
+        DbTime(us - PG_EPOCH_UNIX_MICROS)
+    }
+
+    #[test]
+    fn db_time_accepts_years_1_to_9999_only() {
+        let t = DbTime(0).get("t").unwrap();
+        assert_eq!(t.to_rfc3339(), "2000-01-01T00:00:00+00:00");
+        let max = at_unix_micros(MAX_TIME_UNIX_MICROS).get("t").unwrap();
+        assert_eq!(max.to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        let min = at_unix_micros(MIN_TIME_UNIX_MICROS).get("t").unwrap();
+        assert_eq!(min.to_rfc3339(), "0001-01-01T00:00:00+00:00");
+        for bad in [
+            at_unix_micros(MAX_TIME_UNIX_MICROS + 1),
+            at_unix_micros(MIN_TIME_UNIX_MICROS - 1),
+            DbTime(i64::MAX - 1),
+            DbTime(i64::MIN + 1),
+        ] {
+            let e = bad.get("binding next_run_time").unwrap_err().to_string();
+            assert!(e.contains("binding next_run_time"), "{e}");
+            assert!(e.contains("outside years 1 to 9999"), "{e}");
+        }
+        let e = DbTime(i64::MAX).get("x").unwrap_err().to_string();
+        assert!(e.contains("infinity"), "{e}");
+        // PostgreSQL's largest timestamptz (294276 AD) names its year.
+        let e = DbTime(9_223_371_331_199_999_999)
+            .get("x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("year ~29427"), "{e}");
+    }
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("héllo", 2), "hé…");
+        assert_eq!(clip("hé", 2), "hé");
+    }
 }

@@ -125,6 +125,37 @@ pub struct CommandHandler {
     /// Working directory; empty = the node's.
     #[serde(default)]
     pub working_dir: String,
+    /// Bytes of log lines stored per run at most ([`MIN_OUTPUT_BYTES`] ..=
+    /// [`MAX_OUTPUT_BYTES`]); `None` = [`DEFAULT_MAX_OUTPUT_BYTES`]. Set only
+    /// in a run's snapshot of the handler, from its definition's
+    /// [`Definition::max_output_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+}
+
+/// Default per-run cap on stored output: 64 MiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 64 << 20;
+/// Smallest accepted per-run output cap: 1 KiB.
+pub const MIN_OUTPUT_BYTES: u64 = 1 << 10;
+/// Largest accepted per-run output cap: 1 GiB.
+pub const MAX_OUTPUT_BYTES: u64 = 1 << 30;
+
+/// Checks a per-run output cap given for `field`.
+///
+/// # Errors
+/// A [`FieldViolation`] on `field` outside [`MIN_OUTPUT_BYTES`] ..=
+/// [`MAX_OUTPUT_BYTES`].
+pub fn validate_max_output_bytes(field: &str, bytes: u64) -> Result<(), FieldViolation> {
+    if (MIN_OUTPUT_BYTES..=MAX_OUTPUT_BYTES).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            format!(
+                "must be between {MIN_OUTPUT_BYTES} and {MAX_OUTPUT_BYTES} bytes (1 KiB to 1 GiB)"
+            ),
+        ))
+    }
 }
 
 impl Handler {
@@ -223,12 +254,27 @@ pub struct Definition {
     /// Which tenants may bind it (checked on bind; tenant keys see only
     /// definitions in scope).
     pub tenant_scope: TenantScope,
+    /// Bytes of log output stored per run at most ([`MIN_OUTPUT_BYTES`]
+    /// ..= [`MAX_OUTPUT_BYTES`]); `None` = [`DEFAULT_MAX_OUTPUT_BYTES`].
+    pub max_output_bytes: Option<u64>,
     /// Set by the database layer.
     pub create_time: DateTime<Utc>,
     /// Set by the database layer.
     pub update_time: DateTime<Utc>,
     /// Bumped on each update; rendered as the etag.
     pub version: i64,
+}
+
+impl Definition {
+    /// The handler as a run snapshots it: a command carries the
+    /// definition's output cap.
+    pub fn run_handler(&self) -> Handler {
+        let mut h = self.handler.clone();
+        if let Handler::Command(c) = &mut h {
+            c.max_output_bytes = self.max_output_bytes;
+        }
+        h
+    }
 }
 
 /// A tenant's use of a definition.
@@ -272,6 +318,10 @@ pub struct Binding {
     pub update_time: DateTime<Utc>,
     /// Bumped on each update; rendered as the etag.
     pub version: i64,
+    /// Why the binding's stored data cannot be read or computed (it is out
+    /// of scheduling then, and only Get, List and Delete work on it); `None`
+    /// for a healthy binding. At most 500 characters.
+    pub broken_reason: Option<String>,
 }
 
 impl Binding {
@@ -651,6 +701,7 @@ mod tests {
             args: vec![],
             env: BTreeMap::new(),
             working_dir: String::new(),
+            max_output_bytes: None,
         });
         assert_eq!(
             h.validate("definition").unwrap_err().field,

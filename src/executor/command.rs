@@ -1,8 +1,12 @@
 //! The `command` handler (SPEC §4): runs a program as a child process, no
-//! shell. Params go to stdin as JSON and to `SKED_PARAMS`; stdout and stderr
-//! are read line by line (each line capped at 16 KiB with a marker, never
-//! dropped) and appended to the run's log in batches; exit code 0 →
-//! `SUCCEEDED`, a last stdout line holding a JSON object → `result`.
+//! shell. Params go to stdin as JSON, and to `SKED_PARAMS` when their JSON
+//! is at most [`MAX_ENV_PARAMS`] bytes, else to a private file named by
+//! `SKED_PARAMS_FILE` (the environment has a size limit; stdin and a file do
+//! not). stdout and stderr are read line by line (each line capped at 16 KiB
+//! with a marker) and appended to the run's log in batches, up to the
+//! definition's output cap per run (past it lines are counted, not stored,
+//! and one marker line says how many); exit code 0 → `SUCCEEDED`, a last
+//! stdout line holding a JSON object → `result` (taken even past the cap).
 //!
 //! Backpressure: lines go through a bounded channel, so when the database is
 //! slower than the process, the pipe fills and the process waits; memory
@@ -20,8 +24,15 @@ use tokio_util::sync::CancellationToken;
 use super::{Executor, Stop, StopReason};
 use crate::db::runs::Outcome;
 use crate::domain::{
-    CommandHandler, EventBody, LogStream, MAX_LOG_LINE, Run, RunState, cap_log_line,
+    CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunState,
+    cap_log_line,
 };
+
+/// Largest params JSON passed in the `SKED_PARAMS` environment variable, in
+/// bytes (32 KiB): well within every platform's environment limit (Linux
+/// takes at most 128 KiB per string). Larger params go to a file named by
+/// `SKED_PARAMS_FILE` instead; stdin always has them.
+pub const MAX_ENV_PARAMS: usize = 32 << 10;
 
 /// Lines written per database batch at most. Smaller batches reach
 /// subscribers sooner: with 100 tails of a `seq 1 200000`, 512 gave an
@@ -52,10 +63,28 @@ pub(crate) async fn execute(
 ) -> (RunState, Outcome) {
     let params = serde_json::to_string(&run.params).unwrap_or_else(|_| "{}".into());
     let mut cmd = Command::new(&c.program);
-    cmd.args(&c.args)
-        .envs(&c.env)
-        .env("SKED_PARAMS", &params)
-        .env("SKED_RUN_ID", run.id.to_string())
+    // Removed (with the file) when this function returns, i.e. when the run
+    // has ended.
+    let mut _params_file = None;
+    cmd.args(&c.args).envs(&c.env);
+    // After the handler's own env: these names are sked's.
+    if params.len() <= MAX_ENV_PARAMS {
+        cmd.env("SKED_PARAMS", &params)
+            .env_remove("SKED_PARAMS_FILE");
+    } else {
+        match write_params_file(&params).await {
+            Ok(f) => {
+                cmd.env("SKED_PARAMS_FILE", &f.path)
+                    .env_remove("SKED_PARAMS");
+                _params_file = Some(f);
+            }
+            Err(e) => {
+                let message = format!("failed to write the params file: {e}");
+                return start_failed(ex, run, message).await;
+            }
+        }
+    }
+    cmd.env("SKED_RUN_ID", run.id.to_string())
         .env("SKED_TENANT_ID", &run.tenant_id)
         .env("SKED_BINDING_ID", run.binding_id.to_string())
         .env("SKED_DEFINITION", &run.definition)
@@ -74,23 +103,7 @@ pub(crate) async fn execute(
         Ok(child) => child,
         Err(e) => {
             let message = format!("failed to start {:?}: {e}", c.program);
-            let _ = ex
-                .append(
-                    run,
-                    &[EventBody::Log {
-                        stream: LogStream::System,
-                        message: message.clone(),
-                    }],
-                )
-                .await;
-            return (
-                RunState::Failed,
-                Outcome {
-                    error_message: Some(message.clone()),
-                    reason: message,
-                    ..Outcome::default()
-                },
-            );
+            return start_failed(ex, run, message).await;
         }
     };
     let pgid = child.id().map(|p| p as i32);
@@ -156,7 +169,8 @@ pub(crate) async fn execute(
         exited.cancel();
         (ended, status)
     };
-    let (logs, (ended, status)) = tokio::join!(collect_logs(ex, run, rx, &exited), supervise);
+    let cap = c.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES);
+    let (logs, (ended, status)) = tokio::join!(collect_logs(ex, run, rx, &exited, cap), supervise);
 
     let summary = (!logs.stderr_head.is_empty()).then(|| logs.stderr_head.clone());
     match ended {
@@ -236,6 +250,59 @@ pub(crate) async fn execute(
             )
         }
     }
+}
+
+/// Ends a run that could not start: one SYSTEM line, `FAILED`.
+async fn start_failed(ex: &Executor, run: &Run, message: String) -> (RunState, Outcome) {
+    let _ = ex
+        .append(
+            run,
+            &[EventBody::Log {
+                stream: LogStream::System,
+                message: message.clone(),
+            }],
+        )
+        .await;
+    (
+        RunState::Failed,
+        Outcome {
+            error_message: Some(message.clone()),
+            reason: message,
+            ..Outcome::default()
+        },
+    )
+}
+
+/// A params file: `<private dir>/params.json`, deleted with its directory
+/// when dropped.
+struct ParamsFile {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+/// Writes `params` to `params.json` (mode 0600) in a new directory of the
+/// system temp directory that only this user can enter (mode 0700).
+async fn write_params_file(params: &str) -> std::io::Result<ParamsFile> {
+    let params = params.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::Builder::new().prefix("sked-params-").tempdir()?;
+        // Private before the file exists in it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+        let path = dir.path().join("params.json");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(params.as_bytes())?;
+        f.flush()?;
+        Ok(ParamsFile { _dir: dir, path })
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 enum Ended {
@@ -322,11 +389,18 @@ const PIPE_DRAIN_MAX: Duration = Duration::from_secs(60);
 /// Writes lines to the run's log in batches until both pipes are closed, or
 /// no line came for [`PIPE_LINGER`] after `exited` (at most
 /// [`PIPE_DRAIN_MAX`] after it).
+///
+/// At most `cap` bytes of lines are stored (each line's bytes plus one for
+/// its end): from the first line that would pass it on, lines are still
+/// read (so the process never blocks on a full pipe, and the last stdout
+/// line still gives the result) but only counted, and one SYSTEM line at
+/// the end says how many were left out.
 async fn collect_logs(
     ex: &Executor,
     run: &Run,
     mut rx: mpsc::Receiver<(LogStream, String)>,
     exited: &CancellationToken,
+    cap: u64,
 ) -> Logs {
     // Armed (reset) once the process group is gone.
     let linger = tokio::time::sleep(Duration::from_secs(86_400 * 365));
@@ -337,6 +411,8 @@ async fn collect_logs(
         stderr_head: String::new(),
     };
     let mut batch: Vec<EventBody> = Vec::new();
+    let mut stored_bytes: u64 = 0;
+    let mut over = Overflow::default();
     let mut read_at = ex.clock.now();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -380,6 +456,13 @@ async fn collect_logs(
             }
             _ => {}
         }
+        let size = message.len() as u64 + 1;
+        if over.lines > 0 || stored_bytes + size > cap {
+            over.lines += 1;
+            over.bytes += size;
+            continue;
+        }
+        stored_bytes += size;
         if batch.is_empty() {
             // The batch's events carry the time its first line was read, so
             // RunEvent.time never flatters the write and delivery latency.
@@ -392,8 +475,29 @@ async fn collect_logs(
             deadline = None;
         }
     }
+    if over.lines > 0 {
+        if batch.is_empty() {
+            read_at = ex.clock.now();
+        }
+        tracing::info!(run = %run.id, cap, lines = over.lines, bytes = over.bytes,
+            "run output passed its cap; the rest was counted, not stored");
+        batch.push(EventBody::Log {
+            stream: LogStream::System,
+            message: format!(
+                "output cap of {cap} bytes reached: {} more lines ({} bytes) were not stored",
+                over.lines, over.bytes
+            ),
+        });
+    }
     flush(ex, run, &mut batch, read_at).await;
     logs
+}
+
+/// Lines past the output cap: counted, not stored.
+#[derive(Default)]
+struct Overflow {
+    lines: u64,
+    bytes: u64,
 }
 
 async fn flush(

@@ -563,6 +563,7 @@ mod tests {
                 args: vec![],
                 env: Default::default(),
                 working_dir: String::new(),
+                max_output_bytes: None,
             }),
             params: serde_json::json!({"a": 1}),
             result: None,

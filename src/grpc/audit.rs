@@ -24,6 +24,7 @@ pub fn definition(d: &Definition) -> Value {
         "priority": d.policy.priority,
         "enabled": d.enabled,
         "protected": d.protected,
+        "max_output_bytes": d.max_output_bytes,
         "tenant_scope": match &d.tenant_scope {
             TenantScope::AllTenants => json!("ALL_TENANTS"),
             TenantScope::AllowList(l) => json!(l),
@@ -47,6 +48,7 @@ pub fn binding(b: &Binding) -> Value {
         "pause_note": b.pause_note,
         "pause_expire_time": b.pause_expire_time,
         "next_run_time": b.next_run_time,
+        "broken_reason": b.broken_reason,
         "etag": b.version.to_string(),
     })
 }

@@ -7,7 +7,8 @@ use super::audit;
 use super::auth::Caller;
 use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
 use super::{
-    Ctx, check_etag, db_status, invalid, page, page_size, parse_uuid, record, update_paths,
+    Ctx, check_etag, db_status, invalid, page, page_size, parse_uuid, record, require_healthy,
+    update_paths,
 };
 use crate::db;
 use crate::domain::{
@@ -92,6 +93,7 @@ impl BindingService for Bindings {
             pause_note: String::new(),
             pause_expire_time: None,
             effective_policy: def.policy,
+            broken_reason: None,
         };
         let mut tx = self
             .0
@@ -217,6 +219,7 @@ impl BindingService for Bindings {
         let mut cur = db::bindings::binding_get_for_update(&mut *tx, &tenant_id, id)
             .await
             .map_err(|e| db_status(e, &what))?;
+        require_healthy(&cur)?;
         check_etag(&what, &b.etag, cur.version)?;
         let before = audit::binding(&cur);
         let old_version = cur.version;
@@ -405,6 +408,7 @@ impl Bindings {
         let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
             .await
             .map_err(|e| db_status(e, &what))?;
+        require_healthy(&cur)?;
         let before = audit::binding(&cur);
         let old_version = cur.version;
         change(&mut cur);

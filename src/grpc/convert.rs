@@ -548,6 +548,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         create_time: Some(time_to(d.create_time)),
         update_time: Some(time_to(d.update_time)),
         etag: d.version.to_string(),
+        max_output_bytes: d.max_output_bytes,
     }
 }
 
@@ -629,6 +630,7 @@ pub fn handler_from(
                 args: c.args.clone(),
                 env: c.env.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 working_dir: c.working_dir.clone(),
+                max_output_bytes: None,
             })
         }
         Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
@@ -663,6 +665,7 @@ pub fn binding_to(b: &domain::Binding) -> pb::Binding {
         create_time: Some(time_to(b.create_time)),
         update_time: Some(time_to(b.update_time)),
         etag: b.version.to_string(),
+        broken_reason: b.broken_reason.clone().unwrap_or_default(),
     }
 }
 

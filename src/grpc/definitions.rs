@@ -13,7 +13,7 @@ use crate::db;
 use crate::db::definitions as q;
 use crate::domain::{
     Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule, merge_params,
-    validate_definition_name, validate_merged_params,
+    validate_definition_name, validate_max_output_bytes, validate_merged_params,
 };
 
 const M_CREATE: &str = "sked.v1.DefinitionService/CreateDefinition";
@@ -68,8 +68,12 @@ impl DefinitionService for Definitions {
         };
         let tenant_scope = tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
             .map_err(invalid)?;
+        if let Some(m) = d.max_output_bytes {
+            validate_max_output_bytes("definition.max_output_bytes", m).map_err(invalid)?;
+        }
         let now = self.0.clock.now();
         let def = Definition {
+            max_output_bytes: d.max_output_bytes,
             protected: d.protected,
             tenant_scope,
             misfire_policy,
@@ -172,6 +176,7 @@ impl DefinitionService for Definitions {
             (d.enabled.is_some(), "enabled"),
             (d.protected, "protected"),
             (d.tenant_scope.is_some(), "tenant_scope"),
+            (d.max_output_bytes.is_some(), "max_output_bytes"),
         ] {
             if set {
                 implied.push(path);
@@ -194,6 +199,7 @@ impl DefinitionService for Definitions {
                 "enabled",
                 "protected",
                 "tenant_scope",
+                "max_output_bytes",
             ],
             implied,
         )?;
@@ -250,6 +256,13 @@ impl DefinitionService for Definitions {
                 "priority" => cur.policy.priority = d.priority,
                 "enabled" => cur.enabled = d.enabled.unwrap_or(true),
                 "protected" => cur.protected = d.protected,
+                "max_output_bytes" => {
+                    if let Some(m) = d.max_output_bytes {
+                        validate_max_output_bytes("definition.max_output_bytes", m)
+                            .map_err(invalid)?;
+                    }
+                    cur.max_output_bytes = d.max_output_bytes;
+                }
                 "tenant_scope" => {
                     let scope =
                         tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
@@ -336,13 +349,20 @@ impl DefinitionService for Definitions {
             .begin()
             .await
             .map_err(|e| db_status(e.into(), &what))?;
-        let cur = q::definition_get_for_update(&mut *tx, &name)
-            .await
-            .map_err(|e| db_status(e, &what))?;
+        // A definition whose stored data cannot be read can still be
+        // deleted (the row is locked all the same; the audit records why
+        // its content is missing).
+        let mut before = match q::definition_get_for_update(&mut *tx, &name).await {
+            Ok(cur) => audit::definition(&cur),
+            Err(e @ db::Error::Corrupt { .. }) => {
+                tracing::warn!(definition = %name, error = %e, "deleting a definition that cannot be read");
+                serde_json::json!({ "name": name, "unreadable": e.to_string() })
+            }
+            Err(e) => return Err(db_status(e, &what)),
+        };
         let bindings = q::definition_delete(&mut tx, &name, r.force)
             .await
             .map_err(|e| db_status(e, &what))?;
-        let mut before = audit::definition(&cur);
         if let Some(o) = before.as_object_mut()
             && !bindings.is_empty()
         {

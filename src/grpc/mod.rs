@@ -144,6 +144,14 @@ pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
             format!("{what} was changed concurrently; read it again and retry"),
             MAX_ERROR_REASON,
         )),
+        // Stored data that cannot be read: that one row, not the service.
+        db::Error::Corrupt { .. } => {
+            tracing::error!(error = %e, %what, "stored data cannot be read");
+            Status::data_loss(crate::db::clip(
+                &format!("stored data of {what} cannot be read: {e}"),
+                500,
+            ))
+        }
         db::Error::Sqlx(
             sqlx::Error::PoolTimedOut
             | sqlx::Error::Io(_)
@@ -154,6 +162,18 @@ pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
             Status::unavailable("database unavailable; retry")
         }
         other => internal(&other),
+    }
+}
+
+/// `FAILED_PRECONDITION` when the binding is broken (its stored data cannot
+/// be read or computed): only Get, List and Delete work on it.
+pub fn require_healthy(b: &crate::domain::Binding) -> Result<(), Status> {
+    match &b.broken_reason {
+        None => Ok(()),
+        Some(r) => Err(Status::failed_precondition(format!(
+            "binding {} is broken ({r}); it can only be read and deleted",
+            b.id
+        ))),
     }
 }
 

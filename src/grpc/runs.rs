@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::audit;
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
-use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
+use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record, require_healthy};
 use crate::db::{self, runs::NewRun};
 use crate::domain::{
     FieldViolation, Role, RunState, RunTrigger, merge_params, validate_merged_params,
@@ -145,6 +145,7 @@ impl RunService for Runs {
             None => db::bindings::binding_get(&mut *tx, &tenant_id, binding_id).await,
         }
         .map_err(|e| db_status(e, &what))?;
+        require_healthy(&b)?;
         let now = self.0.clock.now();
         if let Some(key) = key {
             let since = now - chrono::Duration::hours(IDEMPOTENCY_HOURS);
@@ -191,7 +192,7 @@ impl RunService for Runs {
             trigger: RunTrigger::Manual,
             scheduled_time: at,
             not_before: at,
-            handler: def.handler,
+            handler: def.run_handler(),
             params,
             state,
             reason: String::new(),
@@ -355,6 +356,7 @@ impl RunService for Runs {
         let b = db::bindings::binding_get(&self.0.pool, &tenant_id, binding_id)
             .await
             .map_err(|e| db_status(e, format_args!("binding {binding_id}")))?;
+        require_healthy(&b)?;
         let schedule = b.effective_schedule.clone();
         let times = self
             .0
@@ -400,7 +402,7 @@ impl RunService for Runs {
                 trigger: RunTrigger::Backfill,
                 scheduled_time: *t,
                 not_before: *t,
-                handler: def.handler.clone(),
+                handler: def.run_handler(),
                 params: b.effective_params.clone(),
                 state: RunState::Queued,
                 reason: String::new(),

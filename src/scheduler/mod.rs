@@ -26,6 +26,16 @@
 //! Failure handling: a failed pass rolls back (nothing fired, nothing
 //! advanced) and is retried after a short pause; a crash mid-pass leaves the
 //! bindings due, and another node (or this one on restart) fires them.
+//!
+//! Bad stored data takes out only its own binding: each locked row is
+//! decoded on its own ([`db::bindings::binding_lock_due`]), each binding's
+//! fire plan is computed on its own (a panic in that computation is
+//! caught), and a schedule that yields no next fire is validated (an
+//! invalid one evaluates to "never"). A binding that fails is logged
+//! and marked broken in the same pass (`next_run_time` cleared,
+//! `broken_reason` stored), so it leaves the due set instead of failing
+//! pass after pass; a next fire time past year 9999, never due, is marked
+//! between passes ([`db::bindings::binding_next_due_time`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +48,9 @@ use uuid::Uuid;
 use crate::db::{self, runs::NewRun};
 use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
 use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
-use crate::domain::{Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, plan_fires};
+use crate::domain::{
+    Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, Schedule, plan_fires,
+};
 use crate::events::EventBus;
 
 /// The firing loop of one node.
@@ -131,11 +143,18 @@ impl Scheduler {
 
     async fn sleep_time(&self) -> Duration {
         match db::bindings::binding_next_due_time(&self.pool).await {
-            Ok(Some(t)) => (t - self.clock.now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(self.max_sleep),
-            Ok(None) => self.max_sleep,
+            Ok((next, far)) => {
+                for (id, tenant) in far {
+                    tracing::error!(binding = %id, %tenant, "binding's next fire time lies past year 9999; taken out of scheduling (it can be read and deleted)");
+                }
+                match next {
+                    Some(t) => (t - self.clock.now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .min(self.max_sleep),
+                    None => self.max_sleep,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler could not read the next due time");
                 Duration::from_millis(500)
@@ -157,35 +176,60 @@ impl Scheduler {
     pub async fn fire_due(&self) -> Result<usize, db::Error> {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
-        let due = db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
-        if due.is_empty() {
+        let (mut due, mut broken) =
+            db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
+        if due.is_empty() && broken.is_empty() {
             return Ok(0);
         }
+        let locked = due.len() + broken.len();
+        // Each binding's fire plan on its own, so that a schedule that cannot
+        // be evaluated (invalid stored data, or a bug that panics) takes out
+        // that binding only, never the pass for the others.
         let mut plans = Vec::with_capacity(due.len());
-        for b in &due {
-            let pause_over = b.paused && b.pause_expire_time.is_some_and(|e| e <= now);
-            if !b.enabled || (b.paused && !pause_over) {
-                plans.push(FirePlan {
-                    next: b.schedule.next_after(now),
-                    ..FirePlan::default()
-                });
-                continue;
+        let mut healthy = Vec::with_capacity(due.len());
+        for b in due.drain(..) {
+            let planned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan_binding(&b, now)))
+                    .map_err(|p| format!("computing the next fire time failed: {}", panic_text(&p)))
+                    .and_then(|plan| {
+                        // An invalid schedule evaluates to "no next fire":
+                        // only then is it worth telling that apart from a
+                        // schedule that has ended (validating every due
+                        // binding would cost a cron parse per fire). The
+                        // window bounds are the binding's effective window
+                        // clipped into the schedule, which may narrow to one
+                        // instant that `validate` (meant for input) refuses.
+                        if plan.next.is_some() {
+                            return Ok(plan);
+                        }
+                        Schedule {
+                            start_time: None,
+                            end_time: None,
+                            ..b.schedule.clone()
+                        }
+                        .validate("schedule")
+                        .map(|()| plan)
+                        .map_err(|e| format!("schedule cannot be evaluated: {e}"))
+                    });
+            match planned {
+                Ok(plan) => {
+                    plans.push(plan);
+                    healthy.push(b);
+                }
+                Err(reason) => broken.push(db::bindings::BrokenBinding {
+                    id: b.id,
+                    tenant_id: b.tenant_id,
+                    reason,
+                }),
             }
-            let mut from = Some(b.next_run_time);
-            if let Some(expire) = b.pause_expire_time.filter(|_| pause_over)
-                && b.next_run_time < expire
-            {
-                from = b
-                    .schedule
-                    .next_after(expire - chrono::Duration::microseconds(1));
+        }
+        let due = healthy;
+        if !broken.is_empty() {
+            for b in &broken {
+                tracing::error!(binding = %b.id, tenant = %b.tenant_id, reason = %b.reason,
+                    "binding's stored data cannot be read or computed; taken out of scheduling (it can be read and deleted)");
             }
-            plans.push(match from {
-                Some(t) if t <= now => plan_fires(&b.schedule, t, now, &b.misfire_policy),
-                next => FirePlan {
-                    next,
-                    ..FirePlan::default()
-                },
-            });
+            db::bindings::binding_mark_broken(&mut *tx, &broken).await?;
         }
         // Active runs of the bindings whose overlap policy matters.
         let contested: Vec<Uuid> = due
@@ -274,7 +318,12 @@ impl Scheduler {
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
-        tracing::debug!(due = due.len(), events = events.len(), "scheduler pass");
+        tracing::debug!(
+            due = due.len(),
+            broken = broken.len(),
+            events = events.len(),
+            "scheduler pass"
+        );
         if !events.is_empty() {
             let waiting = runs
                 .iter()
@@ -284,7 +333,7 @@ impl Scheduler {
                 self.executor_wake.notify_one();
             }
         }
-        Ok(due.len())
+        Ok(locked)
     }
 
     /// Completes this pass's due `event` handler fires in the firing
@@ -338,6 +387,51 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// The fire plan of due binding `b` at `now`: a disabled or paused one only
+/// advances its next fire time past now (fires in a pause are neither caught
+/// up nor recorded); a pause whose expiry has passed ends, and fires from the
+/// expiry on are handled normally by the misfire policy.
+fn plan_binding(b: &db::bindings::DueBinding, now: chrono::DateTime<chrono::Utc>) -> FirePlan {
+    let pause_over = b.paused && b.pause_expire_time.is_some_and(|e| e <= now);
+    if !b.enabled || (b.paused && !pause_over) {
+        return FirePlan {
+            next: b.schedule.next_after(now),
+            ..FirePlan::default()
+        };
+    }
+    let mut from = Some(b.next_run_time);
+    if let Some(expire) = b.pause_expire_time.filter(|_| pause_over)
+        && b.next_run_time < expire
+    {
+        from = b
+            .schedule
+            .next_after(expire - chrono::Duration::microseconds(1));
+    }
+    match from {
+        Some(t) if t <= now => {
+            let plan = plan_fires(&b.schedule, t, now, &b.misfire_policy);
+            // The jitter is computed for every run later in the pass: make
+            // sure it can be, here where a failure is this binding's alone.
+            for t in plan.run.iter().chain(plan.skipped.iter().map(|(t, _)| t)) {
+                let _ = *t + b.schedule.jitter_for(b.id.as_bytes(), *t);
+            }
+            plan
+        }
+        next => FirePlan {
+            next,
+            ..FirePlan::default()
+        },
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// The distinct tenants (sorted) of the `QUEUED` runs in `runs` that pass

@@ -1,0 +1,560 @@
+//! Defence in depth in the engine (issue 12): stored data the engine cannot
+//! read or compute with takes out only its own binding; a run's stored
+//! output is capped; params of any size reach the command; the embedded
+//! PostgreSQL is restarted when it dies.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sked::proto::v1 as pb;
+use tonic::Code;
+
+fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        name: name.into(),
+        handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+        schedule: Some(schedule),
+        ..Default::default()
+    }
+}
+
+async fn get_binding(
+    node: &TestNode,
+    tenant: &str,
+    id: &str,
+) -> Result<pb::Binding, tonic::Status> {
+    node.bindings()
+        .get_binding(as_tenant(tenant, pb::GetBindingRequest { id: id.into() }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
+    let t = t.as_ref().expect("timestamp set");
+    t.seconds as f64 + f64::from(t.nanos) / 1e9
+}
+
+/// Waits until the healthy binding has `more` runs beyond `before`, each
+/// created within 1 s of its fire time; returns the runs.
+async fn keeps_firing(node: &TestNode, tenant: &str, id: &str, before: usize, more: usize) {
+    let runs = runs_until(
+        node,
+        tenant,
+        id,
+        Duration::from_secs(30),
+        "the healthy binding keeps firing",
+        |r| r.len() >= before + more,
+    )
+    .await;
+    for r in &runs[before..] {
+        let lag = secs(&r.create_time) - secs(&r.scheduled_time);
+        assert!(
+            lag < 1.0,
+            "fire lag {lag:.3}s of run {} (scheduled {:?})",
+            r.id,
+            r.scheduled_time
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_tenants() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "defence-1").await;
+    let pool = db.pool().await;
+
+    let good = define_and_bind(&node, "good", event_def("good.tick", every(1))).await;
+    runs_until(&node, "good", &good.id, WAIT, "first fires", |r| {
+        r.len() >= 2
+    })
+    .await;
+
+    // Six broken bindings of tenant "bad", each broken in its own way,
+    // written straight into the database (as old rows, a bug or a hand edit
+    // could have left them).
+    let kinds = [
+        // Beyond year 9999 (PostgreSQL stores it, the API cannot show it).
+        (
+            "far-next",
+            "UPDATE bindings SET next_run_time = '200000-01-01' WHERE id = $1",
+        ),
+        // Beyond chrono's range altogether (sqlx's own decoding panics here).
+        (
+            "chrono-max",
+            "UPDATE bindings SET paused = true, pause_expire_time = '290000-01-01',
+                                 next_run_time = now() - interval '1 second' WHERE id = $1",
+        ),
+        // Not a schedule document at all.
+        (
+            "garbage-schedule",
+            "UPDATE bindings SET effective_schedule = '{\"kind\": \"sometimes\", \"x\": [1]}',
+                                 next_run_time = now() - interval '1 second' WHERE id = $1",
+        ),
+        // A schedule that decodes but cannot be evaluated.
+        (
+            "bad-cron",
+            "UPDATE bindings SET effective_schedule =
+                   '{\"kind\": \"cron\", \"expression\": \"every tuesday-ish\", \"timezone\": \"Mars/Olympus\"}',
+                   next_run_time = now() - interval '1 second' WHERE id = $1",
+        ),
+        // -infinity: due at once, cannot be computed with.
+        (
+            "minus-infinity",
+            "UPDATE bindings SET next_run_time = '-infinity' WHERE id = $1",
+        ),
+        // Its definition's handler does not decode.
+        (
+            "bad-definition",
+            "WITH d AS (UPDATE definitions SET handler = '{\"kind\": \"teleport\"}'
+                          WHERE name = (SELECT definition FROM bindings WHERE id = $1))
+             UPDATE bindings SET next_run_time = now() - interval '1 second' WHERE id = $1",
+        ),
+    ];
+    let mut broken = Vec::new();
+    for (name, _) in &kinds {
+        let b = define_and_bind(&node, "bad", event_def(&format!("bad.{name}"), every(1))).await;
+        broken.push(b.id);
+    }
+    let before = runs_of(&node, "good", &good.id).await.len();
+    for ((_, sql), id) in kinds.iter().zip(&broken) {
+        let id: uuid::Uuid = id.parse().unwrap();
+        sqlx::query(*sql).bind(id).execute(&pool).await.unwrap();
+    }
+
+    // The healthy tenant's binding keeps firing with normal lag.
+    keeps_firing(&node, "good", &good.id, before, 4).await;
+
+    // Every broken binding is reported through the API and out of the due set.
+    let shown = tokio::time::timeout(WAIT, async {
+        loop {
+            let list = node
+                .bindings()
+                .list_bindings(as_tenant("bad", pb::ListBindingsRequest::default()))
+                .await
+                .expect("the tenant's list still works")
+                .into_inner()
+                .bindings;
+            if list.len() == broken.len() && list.iter().all(|b| !b.broken_reason.is_empty()) {
+                return list;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every broken binding shows a broken_reason");
+    for b in &shown {
+        assert!(
+            b.next_run_time.is_none(),
+            "{} still has a next fire time",
+            b.id
+        );
+        assert!(b.broken_reason.len() <= 1000, "{}", b.broken_reason);
+    }
+    let reason_of = |i: usize| {
+        shown
+            .iter()
+            .find(|b| b.id == broken[i])
+            .unwrap()
+            .broken_reason
+            .clone()
+    };
+    assert!(reason_of(0).contains("year"), "{}", reason_of(0));
+    assert!(
+        reason_of(1).contains("pause_expire_time"),
+        "{}",
+        reason_of(1)
+    );
+    assert!(reason_of(2).contains("schedule"), "{}", reason_of(2));
+    assert!(reason_of(3).contains("schedule"), "{}", reason_of(3));
+    assert!(reason_of(4).contains("infinity"), "{}", reason_of(4));
+    assert!(reason_of(5).contains("handler"), "{}", reason_of(5));
+    let in_due_set: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bindings WHERE broken_reason IS NOT NULL AND next_run_time IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(in_due_set, 0, "broken bindings left the due set");
+
+    // Get works on each; changing one is refused with the reason.
+    for id in &broken {
+        let b = get_binding(&node, "bad", id)
+            .await
+            .expect("get a broken binding");
+        assert!(!b.broken_reason.is_empty());
+    }
+    let e = node
+        .bindings()
+        .pause_binding(as_tenant(
+            "bad",
+            pb::PauseBindingRequest {
+                id: broken[2].clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // The corrupt definition: GetDefinition names it (DATA_LOSS, not
+    // INTERNAL); ListDefinitions still lists the others.
+    let e = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "bad.bad-definition".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("bad.bad-definition"), "{e:?}");
+    let defs = node
+        .definitions()
+        .list_definitions(pb::ListDefinitionsRequest::default())
+        .await
+        .expect("ListDefinitions still works")
+        .into_inner()
+        .definitions;
+    assert!(defs.iter().any(|d| d.name == "good.tick"));
+
+    // Still firing while all of that was going on.
+    let before = runs_of(&node, "good", &good.id).await.len();
+    keeps_firing(&node, "good", &good.id, before, 2).await;
+
+    // Each broken binding can be deleted: OK, then NOT_FOUND.
+    for id in &broken {
+        node.bindings()
+            .delete_binding(as_tenant(
+                "bad",
+                pb::DeleteBindingRequest { id: id.clone() },
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("delete broken binding {id}: {e:?}"));
+        let e = get_binding(&node, "bad", id).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    // So can the definition that cannot be read.
+    node.definitions()
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "bad.bad-definition".into(),
+            force: false,
+        })
+        .await
+        .expect("delete the unreadable definition");
+    let e = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "bad.bad-definition".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_with_an_unreadable_window_is_shown_broken_and_deletable() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "defence-2").await;
+    let pool = db.pool().await;
+    let b = define_and_bind(&node, "t", event_def("win", manual())).await;
+    sqlx::query("UPDATE bindings SET effective_until = '294276-12-31', create_time = 'infinity' WHERE id = $1")
+        .bind(b.id.parse::<uuid::Uuid>().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let got = get_binding(&node, "t", &b.id).await.expect("get it");
+    assert!(
+        got.broken_reason.contains("effective_until"),
+        "{}",
+        got.broken_reason
+    );
+    assert!(
+        got.broken_reason.contains("create_time"),
+        "{}",
+        got.broken_reason
+    );
+    assert!(got.effective_until.is_none());
+    let e = node
+        .runs()
+        .trigger_run(as_tenant(
+            "t",
+            pb::TriggerRunRequest {
+                binding_id: b.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    node.bindings()
+        .delete_binding(as_tenant(
+            "t",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("delete");
+    assert_eq!(
+        get_binding(&node, "t", &b.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_counted_not_stored_and_the_run_ends_normally() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "defence-3").await;
+
+    // Out of bounds: INVALID_ARGUMENT naming the field.
+    for bad in [0, 1023, (1 << 30) + 1] {
+        let e = node
+            .definitions()
+            .create_definition(pb::CreateDefinitionRequest {
+                definition: Some(pb::TaskDefinition {
+                    max_output_bytes: Some(bad),
+                    ..sh_def("capped.bad", "true", manual())
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {e:?}");
+        assert_eq!(violation_fields(&e), ["definition.max_output_bytes"]);
+    }
+
+    const CAP: u64 = 64 << 10;
+    const LINES: usize = 200_000;
+    let b = define_and_bind(
+        &node,
+        "t",
+        pb::TaskDefinition {
+            max_output_bytes: Some(CAP),
+            ..sh_def(
+                "capped",
+                &format!("yes 0123456789 | head -n {LINES}; echo '{{\"done\": true}}'"),
+                manual(),
+            )
+        },
+    )
+    .await;
+    let def = node
+        .definitions()
+        .get_definition(pb::GetDefinitionRequest {
+            name: "capped".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(def.max_output_bytes, Some(CAP), "the cap reads back");
+
+    let run = trigger(&node, "t", &b.id).await;
+    let events = tail_all(&node, "t", &run.id, 0).await;
+    let run = wait_terminal(&node, "t", &run.id).await;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:?}");
+    let result = run.result.expect("result from the last stdout line");
+    assert_eq!(
+        result.fields.get("done").and_then(|v| v.kind.clone()),
+        Some(prost_types::value::Kind::BoolValue(true))
+    );
+
+    let logs: Vec<&pb::LogLine> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::run_event::Kind::Log(l)) => Some(l),
+            _ => None,
+        })
+        .collect();
+    let stdout: Vec<&pb::LogLine> = logs
+        .iter()
+        .copied()
+        .filter(|l| l.stream == pb::LogStream::Stdout as i32)
+        .collect();
+    let stored: u64 = stdout.iter().map(|l| l.message.len() as u64 + 1).sum();
+    assert!(stored <= CAP, "stored {stored} bytes over a cap of {CAP}");
+    assert!(stored + 11 > CAP, "stored up to the cap: {stored}");
+    assert!(stdout.iter().all(|l| l.message == "0123456789"));
+    let markers: Vec<&&pb::LogLine> = logs
+        .iter()
+        .filter(|l| l.stream == pb::LogStream::System as i32)
+        .collect();
+    assert_eq!(markers.len(), 1, "exactly one marker: {markers:?}");
+    let not_stored = LINES + 1 - stdout.len();
+    assert!(
+        markers[0]
+            .message
+            .contains(&format!("{not_stored} more lines")),
+        "{}",
+        markers[0].message
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn params_of_60_kib_reach_the_command_on_stdin_and_in_a_private_file() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "defence-4").await;
+    // Reads stdin, checks SKED_PARAMS is unset and the file holds the same
+    // JSON, reports the size, the file's mode and its path.
+    let script = r#"in=$(cat)
+[ -z "$SKED_PARAMS" ] || { echo "SKED_PARAMS set" >&2; exit 3; }
+[ -n "$SKED_PARAMS_FILE" ] || { echo "no SKED_PARAMS_FILE" >&2; exit 4; }
+[ "$in" = "$(cat "$SKED_PARAMS_FILE")" ] || { echo "file differs from stdin" >&2; exit 5; }
+echo "{\"len\": ${#in}, \"mode\": \"$(stat -c %a "$SKED_PARAMS_FILE")\", \"dir_mode\": \"$(stat -c %a "$(dirname "$SKED_PARAMS_FILE")")\", \"file\": \"$SKED_PARAMS_FILE\"}""#;
+    let b = define_and_bind(&node, "t", sh_def("big.params", script, manual())).await;
+    let blob = "x".repeat(60 << 10);
+    let params = prost_types::Struct {
+        fields: [(
+            "blob".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(blob.clone())),
+            },
+        )]
+        .into(),
+    };
+    let run = node
+        .runs()
+        .trigger_run(as_tenant(
+            "t",
+            pb::TriggerRunRequest {
+                binding_id: b.id.clone(),
+                params: Some(params),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("trigger with 60 KiB of params")
+        .into_inner();
+    let run = wait_terminal(&node, "t", &run.id).await;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{:?}", run.error);
+    let result = run.result.expect("result");
+    let field = |k: &str| result.fields.get(k).and_then(|v| v.kind.clone());
+    let Some(prost_types::value::Kind::NumberValue(len)) = field("len") else {
+        panic!("{result:?}")
+    };
+    assert!(
+        len as usize > blob.len(),
+        "the command read all params: {len}"
+    );
+    assert_eq!(
+        field("mode"),
+        Some(prost_types::value::Kind::StringValue("600".into()))
+    );
+    assert_eq!(
+        field("dir_mode"),
+        Some(prost_types::value::Kind::StringValue("700".into()))
+    );
+    let Some(prost_types::value::Kind::StringValue(file)) = field("file") else {
+        panic!("{result:?}")
+    };
+    assert!(
+        !std::path::Path::new(&file).exists(),
+        "the params file is removed after the run"
+    );
+
+    // Small params still come in SKED_PARAMS.
+    let small = define_and_bind(
+        &node,
+        "t",
+        sh_def(
+            "small.params",
+            r#"[ -z "$SKED_PARAMS_FILE" ] && echo "$SKED_PARAMS""#,
+            manual(),
+        ),
+    )
+    .await;
+    let run = trigger(&node, "t", &small.id).await;
+    let run = wait_terminal(&node, "t", &run.id).await;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{:?}", run.error);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_postgres_killed_with_sigkill_is_restarted_and_firing_resumes() {
+    let dir = std::env::temp_dir().join(format!(
+        "sked-pgkill-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut child, channel) = spawn_sked(
+        &["--data-dir".as_ref(), dir.as_os_str()],
+        &[("SKED_SHUTDOWN_GRACE", "5")],
+    )
+    .await;
+    let b = define_and_bind_via(&channel, "acme", None, event_def("tick", every(1))).await;
+    let runs = RunServiceClient::new(channel.clone());
+    let latest_fire = |mut runs: RunServiceClient<tonic::transport::Channel>| {
+        let id = b.id.clone();
+        async move {
+            runs.list_runs(as_tenant(
+                "acme",
+                pb::ListRunsRequest {
+                    binding_id: id,
+                    page_size: 1000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .ok()
+            .and_then(|r| {
+                r.into_inner()
+                    .runs
+                    .iter()
+                    .map(|r| r.scheduled_time.as_ref().map_or(0, |t| t.seconds))
+                    .max()
+            })
+        }
+    };
+    tokio::time::timeout(WAIT, async {
+        while latest_fire(runs.clone()).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("fires before the kill");
+
+    let pid_file = dir.join("pg").join("pgdata").join("postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) with a PID read from the cluster's own postmaster.pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed_at = chrono::Utc::now().timestamp();
+
+    // A new postmaster, and fires after the kill.
+    let resumed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(t) = latest_fire(runs.clone()).await
+                && t > killed_at + 1
+            {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .expect("firing resumes within 60 s of the kill");
+    let new_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, pid, "a new postmaster runs");
+    assert!(resumed > killed_at);
+
+    // SAFETY: SIGTERM to the child we spawned.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("sked exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
