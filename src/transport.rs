@@ -161,7 +161,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// compressed-flag byte (or the flag without a `grpc-encoding`), and a
 /// frame cut short. Bad input from the client, so [`request_decode_status`]
 /// answers them `INVALID_ARGUMENT`.
-const REQUEST_DECODE_ERRORS: [&[u8]; 3] = [
+const REQUEST_DECODE_ERRORS: [&[u8]; 5] = [
+    // A request body with no message frame at all.
+    b"Missing%20request%20message",
+    // prost's own decode failure, from services without our codec (health).
+    b"failed%20to%20decode%20Protobuf%20message",
     b"Error%20decompressing",
     b"protocol%20error:%20received%20message%20with",
     b"Unexpected%20EOF%20decoding%20stream",
@@ -180,8 +184,9 @@ const REQUEST_DECODE_ERRORS: [&[u8]; 3] = [
 /// status can only come from decoding the caller's request. Used as a
 /// `tower::util::MapResponseLayer` around all services (in [`crate::app`]).
 pub fn request_decode_status<B>(
-    mut response: tonic::codegen::http::Response<B>,
-) -> tonic::codegen::http::Response<B> {
+    response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<CappedBody<B>> {
+    let mut response = response.map(|inner| CappedBody { inner });
     let headers = response.headers_mut();
     let internal = headers
         .get("grpc-status")
@@ -199,6 +204,46 @@ pub fn request_decode_status<B>(
     }
     cap_status_headers(headers);
     response
+}
+
+/// A response body whose trailers (the status of a streaming call) get the
+/// same caps as a unary call's headers ([`cap_status_headers`]).
+#[derive(Debug)]
+pub struct CappedBody<B> {
+    inner: B,
+}
+
+impl<B> http_body::Body for CappedBody<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        polled.map(|frame| {
+            frame.map(|frame| {
+                frame.map(|mut f| {
+                    if let Some(trailers) = f.trailers_mut() {
+                        cap_status_headers(trailers);
+                    }
+                    f
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Longest `grpc-message` header sent, in (percent-encoded) bytes.

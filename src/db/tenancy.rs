@@ -228,7 +228,7 @@ pub async fn audit_list(
          WHERE id < $1
            AND ($2::text IS NULL OR tenant_id = $2)
            AND ($3::uuid IS NULL OR key_id = $3)
-           AND ($4::text IS NULL OR method = $4 OR method LIKE '%/' || $4)
+           AND ($4::text IS NULL OR method = $4 OR right(method, length($4) + 1) = '/' || $4)
            AND ($5::text IS NULL OR starts_with(target, $5))
            AND ($6::timestamptz IS NULL OR time >= $6)
            AND ($7::timestamptz IS NULL OR time < $7)

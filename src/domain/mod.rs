@@ -50,6 +50,20 @@ impl From<ScheduleError> for FieldViolation {
     }
 }
 
+/// Longest prefix of an offending value quoted in an error message, in chars.
+pub const QUOTE_CHARS: usize = 40;
+
+/// `s` for an error message: whole when short, else its first
+/// [`QUOTE_CHARS`] characters and its length, e.g. `"aaaa…" (1048576 bytes)`.
+pub fn quote(s: &str) -> String {
+    if s.chars().count() <= QUOTE_CHARS {
+        format!("{s:?}")
+    } else {
+        let prefix: String = s.chars().take(QUOTE_CHARS).collect();
+        format!("{:?} ({} bytes)", format!("{prefix}…"), s.len())
+    }
+}
+
 /// Checks a definition name: `[a-z0-9][a-z0-9._-]{0,127}`.
 ///
 /// # Errors
@@ -68,7 +82,7 @@ pub fn validate_definition_name(field: &str, name: &str) -> Result<(), FieldViol
     if !(ok_first && ok_rest) || name.len() > 128 {
         return Err(FieldViolation::new(
             field,
-            format!("{name:?} must match [a-z0-9][a-z0-9._-]{{0,127}}"),
+            format!("{} must match [a-z0-9][a-z0-9._-]{{0,127}}", quote(name)),
         ));
     }
     Ok(())
@@ -92,7 +106,10 @@ pub fn validate_tenant_id(field: &str, tenant: &str) -> Result<(), FieldViolatio
     if !(ok_first && ok_rest) || tenant.len() > 64 {
         return Err(FieldViolation::new(
             field,
-            format!("{tenant:?} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"),
+            format!(
+                "{} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}",
+                quote(tenant)
+            ),
         ));
     }
     Ok(())
@@ -132,6 +149,12 @@ pub struct CommandHandler {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<u64>,
 }
+
+/// Most bytes of a command's program, args and env together (each with its
+/// terminator): 256 KiB, well inside Linux's argument space (2 MiB with the
+/// default 8 MiB stack), leaving room for the node's own environment and
+/// `SKED_PARAMS` (≤ 32 KiB).
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
 
 /// Default per-run cap on stored output: 64 MiB.
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 64 << 20;
@@ -184,9 +207,27 @@ impl Handler {
                     if k.is_empty() || k.contains('=') || k.contains('\0') {
                         return Err(FieldViolation::new(
                             format!("{prefix}.command.env"),
-                            format!("{k:?} is not a valid environment variable name"),
+                            format!("{} is not a valid environment variable name", quote(k)),
                         ));
                     }
+                }
+                // What exec(2) takes: every argument and variable with its
+                // terminator (and `=`) must fit the kernel's argument space
+                // with room for sked's own variables and SKED_PARAMS.
+                let total: usize = c.program.len()
+                    + 1
+                    + c.args.iter().map(|a| a.len() + 1).sum::<usize>()
+                    + c.env
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 2)
+                        .sum::<usize>();
+                if total > MAX_COMMAND_BYTES {
+                    return Err(FieldViolation::new(
+                        format!("{prefix}.command"),
+                        format!(
+                            "program, args and env take {total} bytes; at most {MAX_COMMAND_BYTES} (256 KiB) in all, so the process can start"
+                        ),
+                    ));
                 }
                 Ok(())
             }
@@ -219,7 +260,7 @@ pub fn validate_merged_params(
         return Err(FieldViolation::new(
             field,
             format!(
-                "merged with the params it overrides, is {len} bytes of JSON; at most {MAX_MERGED_PARAMS_BYTES} bytes (64 KiB)"
+                "as the JSON a run receives (merged with the params it overrides) is {len} bytes; at most {MAX_MERGED_PARAMS_BYTES} bytes (64 KiB)"
             ),
         ));
     }

@@ -237,6 +237,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Largest accepted [`Schedule::jitter_secs`]: one day, in seconds.
 pub const MAX_JITTER_SECS: u32 = 86_400;
+/// Last year a cron schedule computes fire times in (croner's search ends
+/// before its `YEAR_UPPER_LIMIT`); a cron schedule starting later is refused.
+pub const CRON_LAST_YEAR: i32 = croner::YEAR_UPPER_LIMIT - 1;
+
+/// The latest fire time of any schedule: 9999-12-31T23:59:59.999999Z, the
+/// end of the protobuf Timestamp range (at microsecond precision).
+pub fn latest_fire_time() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_799, 999_999_000).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// Longest cron expression, in bytes. With [`MAX_CRON_ITEMS`] this keeps one
 /// fire-time computation cheap (microseconds), whatever the expression.
 pub const MAX_CRON_LEN: usize = 256;
@@ -490,6 +500,14 @@ impl Schedule {
                 }
                 spec.to_croner()
                     .map_err(|e| fail(".cron.expression", e.to_string()))?;
+                if let Some(start) = self.start_time
+                    && start.year() > CRON_LAST_YEAR
+                {
+                    return Err(fail(
+                        ".start_time",
+                        format!("cron schedules compute fire times up to year {CRON_LAST_YEAR}"),
+                    ));
+                }
             }
             ScheduleKind::Interval { every_secs, .. } => {
                 if *every_secs < 1 {
@@ -744,6 +762,9 @@ impl Schedule {
         }?;
         match self.end_time {
             Some(end) if fire.time > end => None,
+            // Nothing past the protobuf Timestamp range: every fire time can
+            // be answered and stored.
+            _ if fire.time > latest_fire_time() => None,
             _ => Some(fire),
         }
     }

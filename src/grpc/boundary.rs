@@ -57,8 +57,40 @@ pub const MIN_TIMESTAMP_SECS: i64 = -62_135_596_800;
 pub const MAX_TIMESTAMP_SECS: i64 = 253_402_300_799;
 /// ±10 000 years, the protobuf Duration range.
 pub const MAX_DURATION_SECS: i64 = 315_576_000_000;
-/// Longest prefix of an offending value quoted in an error message, in chars.
-pub const QUOTE_CHARS: usize = 40;
+pub use crate::domain::QUOTE_CHARS;
+
+/// Output-only fields that are not strings (comments say "Output only" in
+/// the protos). Handlers ignore them on input, so they are not checked: a
+/// resource read with Get can be sent back in Update as it is, even when the
+/// server computed a value no client could send (a merged params Struct over
+/// 64 KiB encoded, a next fire time). Strings stay checked (`id` and `etag`
+/// select and guard updates). A test keeps this list equal to the protos.
+pub const OUTPUT_ONLY: &[&str] = &[
+    "sked.v1.ApiKey.create_time",
+    "sked.v1.ApiKey.revoke_time",
+    "sked.v1.Binding.paused",
+    "sked.v1.Binding.pause_expire_time",
+    "sked.v1.Binding.effective",
+    "sked.v1.Binding.next_run_time",
+    "sked.v1.Binding.create_time",
+    "sked.v1.Binding.update_time",
+    "sked.v1.Run.trigger",
+    "sked.v1.Run.state",
+    "sked.v1.Run.attempt",
+    "sked.v1.Run.scheduled_time",
+    "sked.v1.Run.create_time",
+    "sked.v1.Run.start_time",
+    "sked.v1.Run.end_time",
+    "sked.v1.Run.params",
+    "sked.v1.Run.result",
+    "sked.v1.Run.error",
+    "sked.v1.Run.exit_code",
+    "sked.v1.Run.max_attempts",
+    "sked.v1.Run.not_before",
+    "sked.v1.Run.timeout",
+    "sked.v1.TaskDefinition.create_time",
+    "sked.v1.TaskDefinition.update_time",
+];
 
 /// Bound of a string field (or map key/value), in bytes, by full field name.
 /// Map keys and values are named `<map field>.key` / `<map field>.value`.
@@ -114,16 +146,7 @@ pub fn is_request(full_name: &str) -> bool {
         .contains(full_name)
 }
 
-/// `s` for an error message: whole when short, else its first
-/// [`QUOTE_CHARS`] characters and its length, e.g. `"aaaa…" (1048576 bytes)`.
-pub fn quote(s: &str) -> String {
-    if s.chars().count() <= QUOTE_CHARS {
-        format!("{s:?}")
-    } else {
-        let prefix: String = s.chars().take(QUOTE_CHARS).collect();
-        format!("{:?} ({} bytes)", format!("{prefix}…"), s.len())
-    }
-}
+pub use crate::domain::quote;
 
 /// Checks the request `bytes` of message `full_name` (a sked request).
 ///
@@ -182,6 +205,9 @@ fn message(msg: &DynamicMessage, prefix: &str) -> Result<(), FieldViolation> {
         _ => {}
     }
     for (field, value) in msg.fields() {
+        if OUTPUT_ONLY.contains(&field.full_name()) {
+            continue;
+        }
         let path = join(prefix, field.name());
         match value {
             Value::List(items) => {
@@ -413,6 +439,59 @@ mod tests {
         assert!(is_request("sked.v1.CreateDefinitionRequest"));
         assert!(is_request("sked.v1.TailRunRequest"));
         assert!(!is_request("sked.v1.TaskDefinition"));
+    }
+
+    /// `OUTPUT_ONLY` is exactly the non-string fields whose comment says
+    /// "Output only" in proto/sked/v1.
+    #[test]
+    fn output_only_list_matches_the_protos() {
+        let files = [
+            include_str!("../../proto/sked/v1/common.proto"),
+            include_str!("../../proto/sked/v1/definition_service.proto"),
+            include_str!("../../proto/sked/v1/binding_service.proto"),
+            include_str!("../../proto/sked/v1/run_service.proto"),
+            include_str!("../../proto/sked/v1/log_service.proto"),
+            include_str!("../../proto/sked/v1/admin_service.proto"),
+        ];
+        let mut found = Vec::new();
+        for f in files {
+            // (is a message, its name) per open block.
+            let mut stack: Vec<(bool, String)> = Vec::new();
+            let mut comment = String::new();
+            for line in f.lines().map(str::trim) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if line.starts_with("//") {
+                    comment.push_str(&line.to_lowercase());
+                    continue;
+                }
+                if line.ends_with('{') && words.len() >= 2 {
+                    stack.push((words[0] == "message", words[1].to_string()));
+                } else if line.starts_with('}') {
+                    stack.pop();
+                } else if line.ends_with(';') && line.contains(" = ") && !stack.is_empty() {
+                    let before_eq = line.split(" = ").next().unwrap_or_default();
+                    let parts: Vec<&str> = before_eq.split_whitespace().collect();
+                    if parts.len() < 2 {
+                        comment.clear();
+                        continue; // an enum value
+                    }
+                    let (ty, name) = (parts[parts.len() - 2], parts[parts.len() - 1]);
+                    let msgs: Vec<&str> = stack
+                        .iter()
+                        .filter(|(m, _)| *m)
+                        .map(|(_, n)| n.as_str())
+                        .collect();
+                    if comment.contains("output only") && ty != "string" && !msgs.is_empty() {
+                        found.push(format!("sked.v1.{}.{name}", msgs.join(".")));
+                    }
+                }
+                comment.clear();
+            }
+        }
+        found.sort();
+        let mut listed: Vec<String> = OUTPUT_ONLY.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(found, listed);
     }
 
     #[test]

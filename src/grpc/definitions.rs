@@ -71,6 +71,8 @@ impl DefinitionService for Definitions {
         if let Some(m) = d.max_output_bytes {
             validate_max_output_bytes("definition.max_output_bytes", m).map_err(invalid)?;
         }
+        let params = params_from(d.params.as_ref());
+        validate_merged_params("definition.params", &params).map_err(invalid)?;
         let now = self.0.clock.now();
         let def = Definition {
             max_output_bytes: d.max_output_bytes,
@@ -85,7 +87,7 @@ impl DefinitionService for Definitions {
             labels: d.labels.into_iter().collect(),
             handler,
             schedule,
-            params: params_from(d.params.as_ref()),
+            params,
             create_time: now,
             update_time: now,
             version: 1,
@@ -123,7 +125,12 @@ impl DefinitionService for Definitions {
         validate_definition_name("name", &name).map_err(invalid)?;
         let d = q::definition_get(&self.0.pool, &name, caller.tenant.as_deref())
             .await
-            .map_err(|e| db_status(e, format_args!("definition {name:?}")))?;
+            .map_err(|e| {
+                db_status(
+                    e,
+                    format_args!("definition {}", crate::domain::quote(&name)),
+                )
+            })?;
         Ok(Response::new(definition_to(&d)))
     }
 
@@ -234,7 +241,10 @@ impl DefinitionService for Definitions {
                     schedule_changed |= s != cur.schedule;
                     cur.schedule = s;
                 }
-                "params" => cur.params = params_from(d.params.as_ref()),
+                "params" => {
+                    cur.params = params_from(d.params.as_ref());
+                    validate_merged_params("definition.params", &cur.params).map_err(invalid)?;
+                }
                 "misfire_policy" => {
                     cur.misfire_policy =
                         misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
@@ -342,7 +352,7 @@ impl DefinitionService for Definitions {
         let r = req.into_inner();
         let name = r.name;
         validate_definition_name("name", &name).map_err(invalid)?;
-        let what = format!("definition {name:?}");
+        let what = format!("definition {}", crate::domain::quote(&name));
         let mut tx = self
             .0
             .pool
@@ -387,7 +397,7 @@ impl DefinitionService for Definitions {
         req: Request<pb::PreviewScheduleRequest>,
     ) -> Result<Response<pb::PreviewScheduleResponse>, Status> {
         let caller = self.0.authorize(&req, Role::Viewer, M_PREVIEW).await?;
-        let who = super::limit::caller_key(&caller, &req);
+        let who = super::limit::caller_keys(&caller, &req);
         let r = req.into_inner();
         let count = match r.count {
             0 => 10,
@@ -407,6 +417,17 @@ impl DefinitionService for Definitions {
             .map_err(invalid)?
             .ok_or_else(|| invalid(FieldViolation::new("schedule", "is required")))?
             .resolve_anchor(after);
+        if matches!(schedule.kind, crate::domain::ScheduleKind::Cron { .. })
+            && chrono::Datelike::year(&after) > crate::domain::schedule::CRON_LAST_YEAR
+        {
+            return Err(invalid(FieldViolation::new(
+                "after",
+                format!(
+                    "cron schedules compute fire times up to year {}",
+                    crate::domain::schedule::CRON_LAST_YEAR
+                ),
+            )));
+        }
         let fire_times = self
             .0
             .costly

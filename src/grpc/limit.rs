@@ -50,45 +50,51 @@ fn semaphore(
     )
 }
 
-/// Who a call is limited as: the tenant it acts for, else the key, else the
-/// peer address (one connection).
-pub fn caller_key<T>(caller: &Caller, req: &Request<T>) -> String {
+/// Who a call is limited as, each with its own bound: the tenant it acts
+/// for (else its key), and the connection it came on (peer address), so
+/// naming a different tenant per call (possible with platform keys and in
+/// the development mode) does not lift the bound of one client.
+pub fn caller_keys<T>(caller: &Caller, req: &Request<T>) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2);
     if let Some(t) = &caller.tenant {
-        return format!("tenant:{t}");
-    }
-    if let Some(t) = req
+        keys.push(format!("tenant:{t}"));
+    } else if let Some(t) = req
         .metadata()
         .get(super::TENANT_HEADER)
         .and_then(|v| v.to_str().ok())
     {
-        return format!("tenant:{}", super::truncate(t.to_string(), 128));
+        keys.push(format!("tenant:{}", super::truncate(t.to_string(), 128)));
+    } else if let Some(k) = caller.key_id {
+        keys.push(format!("key:{k}"));
     }
-    if let Some(k) = caller.key_id {
-        return format!("key:{k}");
+    if let Some(a) = req.remote_addr() {
+        keys.push(format!("peer:{a}"));
     }
-    req.remote_addr()
-        .map_or_else(|| "peer:unknown".to_string(), |a| format!("peer:{a}"))
+    keys
 }
 
 impl CostLimiter {
     /// Runs `work` on the blocking pool as one of `who`'s expensive calls.
     ///
     /// # Errors
-    /// `RESOURCE_EXHAUSTED` when `who` already has [`COSTLY_PER_CALLER`]
-    /// in flight; `DEADLINE_EXCEEDED` after [`COSTLY_TIMEOUT`] (the slot stays
+    /// `RESOURCE_EXHAUSTED` when any of `who` (tenant, connection:
+    /// [`caller_keys`]) already has [`COSTLY_PER_CALLER`] in flight; `DEADLINE_EXCEEDED` after [`COSTLY_TIMEOUT`] (the slot stays
     /// taken until the work ends, so a caller cannot pile work up);
     /// `INTERNAL` if the work panicked.
-    pub async fn run<T, F>(&self, who: String, what: &str, work: F) -> Result<T, Status>
+    pub async fn run<T, F>(&self, who: Vec<String>, what: &str, work: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let sem = semaphore(&self.callers, who, COSTLY_PER_CALLER);
-        let permit = sem.try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "at most {COSTLY_PER_CALLER} {what} calls at once per tenant; retry when one has answered"
-            ))
-        })?;
+        let mut permit = Vec::with_capacity(who.len());
+        for w in who {
+            let sem = semaphore(&self.callers, w, COSTLY_PER_CALLER);
+            permit.push(sem.try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "at most {COSTLY_PER_CALLER} {what} calls at once per tenant and per connection; retry when one has answered"
+                ))
+            })?);
+        }
         let task = tokio::task::spawn_blocking(move || {
             let out = work();
             drop(permit);

@@ -181,6 +181,9 @@ impl LogService for Logs {
             .await?;
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
+        if r.after_seq < 0 {
+            return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
+        }
         let limit = page_size(r.page_size, 1000)?;
         db::runs::run_get(&self.0.pool, &tenant_id, run_id)
             .await

@@ -327,7 +327,8 @@ impl RunService for Runs {
         req: Request<pb::BackfillRunsRequest>,
     ) -> Result<Response<pb::BackfillRunsResponse>, Status> {
         let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_BACKFILL).await?;
-        let who = format!("tenant:{tenant_id}");
+        let mut who = vec![format!("tenant:{tenant_id}")];
+        who.extend(req.remote_addr().map(|a| format!("peer:{a}")));
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
         let start = r
