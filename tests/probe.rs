@@ -811,3 +811,44 @@ async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
     );
     node.stop().await;
 }
+
+/// A command definition inside every per-field bound (args ≤ 256 × 16 KiB,
+/// env ≤ 128 × 16 KiB) must be able to start: either its arguments and
+/// environment together are bounded below what exec accepts, or its runs
+/// start. Probe: 128 env values of 16 KiB (or 200 args of 16 KiB) were
+/// accepted and every run ended FAILED `failed to start "/bin/true":
+/// Argument list too long (os error 7)`.
+#[tokio::test]
+async fn accepted_command_arguments_fit_what_exec_accepts() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "probe-argmax").await;
+    let mut def = command_def("big-env", "true", &[], manual());
+    if let Some(pb::task_definition::Handler::Command(c)) = &mut def.handler {
+        c.env = (0..128)
+            .map(|i| (format!("K{i}"), "v".repeat(16 * 1024)))
+            .collect();
+    }
+    match create_definition(&node, def).await {
+        Err(e) => assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message()),
+        Ok(_) => {
+            let b = create_binding(
+                &node,
+                "t1",
+                pb::Binding {
+                    definition: "big-env".into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+            let run = trigger(&node, "t1", &b.id).await;
+            let run = wait_terminal(&node, "t1", &run.id).await;
+            assert_eq!(
+                run.state,
+                pb::RunState::Succeeded as i32,
+                "an accepted definition's run: {:?}",
+                run.error
+            );
+        }
+    }
+    node.stop().await;
+}
