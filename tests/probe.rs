@@ -852,3 +852,42 @@ async fn accepted_command_arguments_fit_what_exec_accepts() {
     }
     node.stop().await;
 }
+
+/// Deleted means stopped: after DeleteBinding (which then answers
+/// NOT_FOUND for the binding), RetryRun of one of its old runs may not
+/// start the deleted binding's command again. Probe: RetryRun answered OK
+/// and the new attempt ran to SUCCEEDED for a binding that no longer
+/// exists (also after a forced DeleteDefinition: the old command ran).
+#[tokio::test]
+async fn a_deleted_bindings_runs_cannot_be_retried_into_running() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "probe-retry-deleted").await;
+    let b = define_and_bind(&node, "t1", sh_def("once", "true", manual())).await;
+    let first = trigger(&node, "t1", &b.id).await;
+    wait_terminal(&node, "t1", &first.id).await;
+    node.bindings()
+        .delete_binding(as_tenant("t1", pb::DeleteBindingRequest { id: b.id }))
+        .await
+        .expect("delete binding");
+    match node
+        .runs()
+        .retry_run(as_tenant("t1", pb::RetryRunRequest { run_id: first.id }))
+        .await
+    {
+        Err(e) => assert!(
+            matches!(e.code(), Code::NotFound | Code::FailedPrecondition),
+            "{:?} {}",
+            e.code(),
+            e.message()
+        ),
+        Ok(r) => {
+            let r = wait_terminal(&node, "t1", &r.into_inner().id).await;
+            assert!(
+                r.start_time.is_none(),
+                "a retry of a deleted binding's run started and ended {:?}",
+                pb::RunState::try_from(r.state)
+            );
+        }
+    }
+    node.stop().await;
+}
