@@ -891,3 +891,63 @@ async fn a_deleted_bindings_runs_cannot_be_retried_into_running() {
     }
     node.stop().await;
 }
+
+/// Sends one raw gRPC request (`body` as is, no framing added) to `path`;
+/// returns grpc-status and grpc-message from the headers of a
+/// trailers-only answer or from the trailers.
+async fn raw_http_call(node: &TestNode, path: &str, body: Vec<u8>) -> (String, String) {
+    use http_body_util::BodyExt;
+    use tonic::codegen::{Service, http};
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-tenant-id", "t1")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            tonic::codegen::Bytes::from(body),
+        )))
+        .expect("request");
+    let mut ch = node.channel.clone();
+    std::future::poll_fn(|cx| ch.poll_ready(cx))
+        .await
+        .expect("ready");
+    let resp = ch.call(req).await.expect("an HTTP answer");
+    let (parts, body) = resp.into_parts();
+    let trailers = body.collect().await.expect("body").trailers().cloned();
+    let get = |k: &str| {
+        parts
+            .headers
+            .get(k)
+            .or_else(|| trailers.as_ref().and_then(|t| t.get(k)))
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+/// A request without any message (an empty body: the client sent no
+/// length-prefixed frame) is malformed input, INVALID_ARGUMENT like a
+/// truncated frame — never INTERNAL. Probe: every unary and server-streaming
+/// method, health included, answered grpc-status 13 "Missing request
+/// message." (a 3-byte body answered 3 "Unexpected EOF").
+#[tokio::test]
+async fn a_request_without_a_message_is_invalid_argument() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "probe-empty-body").await;
+    for path in [
+        "/sked.v1.BindingService/ListBindings",
+        "/sked.v1.DefinitionService/GetDefinition",
+        "/sked.v1.LogService/TailRun",
+        "/sked.v1.LogService/WatchEvents",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        let (status, message) = raw_http_call(&node, path, Vec::new()).await;
+        assert_eq!(
+            status,
+            (Code::InvalidArgument as i32).to_string(),
+            "{path} with an empty body: grpc-status {status} {message}"
+        );
+    }
+    node.stop().await;
+}
