@@ -447,6 +447,15 @@ impl Executor {
             let r = async {
                 let now = self.clock.now();
                 let mut tx = self.pool.begin().await?;
+                // A retry is written only while the binding exists; its
+                // lock (taken before the run's row, the order DeleteBinding
+                // takes them in) makes a concurrent delete see the retry
+                // and cancel it, or commit first and get none.
+                let bound = if may_retry(run, state, &outcome) {
+                    db::bindings::binding_lock_shared(&mut *tx, run.binding_id).await?
+                } else {
+                    true
+                };
                 let Some((ended, ev)) = db::runs::run_finish(
                     &mut tx,
                     &self.node_id,
@@ -461,7 +470,7 @@ impl Executor {
                     return Ok(None);
                 };
                 let mut events = vec![ev];
-                if let Some(retry) = retry_run(&ended, outcome.retryable, now) {
+                if let Some(retry) = retry_run(&ended, outcome.retryable, now).filter(|_| bound) {
                     events
                         .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
                 }
@@ -493,13 +502,28 @@ impl Executor {
     }
 }
 
+/// Whether `run`, ending in `state` with `outcome`, may get a retry (see
+/// [`retry_run`], which decides on the run as written).
+fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
+    let retry_state = match state {
+        RunState::Failed | RunState::TimedOut => true,
+        RunState::Cancelled => outcome.reason == REASON_SHUTDOWN,
+        _ => false,
+    };
+    retry_state
+        && outcome.retryable
+        && run.attempt < run.policy.retry.max_attempts as i32
+        && run.cancel_reason.is_none()
+}
+
 /// The retry of `ended` (a run that just reached its terminal state), if its
 /// policy allows one (SPEC §3): `FAILED` or `TIMED_OUT` (including
 /// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
 /// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
 /// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %
 /// jitter drawn from the new run's id); its `scheduled_time` is that due
-/// time. Runs cancelled by CancelRun or an overlap policy are not retried.
+/// time. Runs cancelled by CancelRun, an overlap policy or a deleted binding
+/// (or with such a cancel pending when they ended) are not retried.
 pub fn retry_run(
     ended: &Run,
     retryable: bool,
@@ -511,7 +535,9 @@ pub fn retry_run(
         _ => false,
     };
     let max = ended.policy.retry.max_attempts as i32;
-    if !retry_state || !retryable || ended.attempt >= max {
+    // A cancel was asked for (CancelRun, overlap, binding deleted) while it
+    // ran: whatever it ended with, the caller wanted it stopped.
+    if !retry_state || !retryable || ended.attempt >= max || ended.cancel_reason.is_some() {
         return None;
     }
     let id = Uuid::now_v7();
@@ -536,6 +562,7 @@ pub fn retry_run(
         retry_of: Some(ended.id),
         policy: ended.policy,
         idempotency_key: None,
+        manual: false,
     })
 }
 

@@ -196,6 +196,7 @@ impl RunService for Runs {
             retry_of: None,
             policy: def.policy,
             idempotency_key: key.map(str::to_string),
+            manual: true,
         };
         let id = new.id;
         let run = self.create_run(tx, &caller, M_TRIGGER, new, now).await?;
@@ -305,6 +306,7 @@ impl RunService for Runs {
             retry_of: Some(prev.id),
             policy,
             idempotency_key: None,
+            manual: true,
         };
         let new_id = new.id;
         let tx = self
@@ -394,6 +396,7 @@ impl RunService for Runs {
                 retry_of: None,
                 policy: def.policy,
                 idempotency_key: None,
+                manual: false,
             })
             .collect();
         // All or nothing: one transaction, in chunks.
