@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{Error, decode, encode, events::notify_events, policy_from_cols};
+use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
     EventBody, Handler, OverlapPolicy, Run, RunEvent, RunPolicy, RunState, RunTrigger,
 };
@@ -276,10 +277,27 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// past that wait `QUEUED` and are marked `throttled` for usage reports:
 /// only those among its first `limit` claimable runs (the ones a claim
 /// reads), so a deeper backlog is marked as it moves up. `FOR UPDATE SKIP
-/// LOCKED`, so nodes never claim the same run. Sets them `RUNNING` with a
-/// lease until `now + lease` (`now` read from `clock` once the claim lock is
-/// held), writes their `→ RUNNING` events and announces them. Returns each
-/// claimed run with that event.
+/// LOCKED`, so nodes never claim the same run.
+///
+/// Only runs that may start are taken: their binding exists, and either the
+/// run is `manual` (a TriggerRun or RetryRun, or a retry of one) or the
+/// binding is enabled and not paused (a pause whose `pause_expire_time` has
+/// passed is over); and their definition is enabled. The others wait where
+/// they are (stopped means stopped; [`run_claim_lock`] orders the stopping
+/// calls with claims). Per candidate that costs two primary-key lookups
+/// (binding, definition), inside the per-tenant reads, so a paused binding's
+/// runs never hide the tenant's others; a paused binding's backlog of
+/// `ALLOW` runs is read through on every claim of its tenant, though.
+///
+/// Sets them `RUNNING` with a lease, writes their `→ RUNNING` events and
+/// announces them. Returns each claimed run with that event. The start time
+/// is `now` (read from `clock` once the claim lock is held), but never
+/// before the end time of a run whose slot it takes: any run of its tenant
+/// when the tenant has a concurrency quota, else any run of its binding.
+/// Only runs that ended after `now` can matter (a finish that committed
+/// between the clock read and the statement's snapshot, or a node whose
+/// clock is ahead); they are read through the `runs_ended` index. So start
+/// times follow the slot's previous end whatever the nodes' clocks say.
 ///
 /// Cost: a claim reads O(tenants with queued runs × `limit`) runs, however
 /// long the queue. Per tenant, its first `limit` due `ALLOW` runs; and for
@@ -668,7 +686,9 @@ impl Default for Outcome {
 /// outcome, writes the `state_changed` event and announces it. Conditional on
 /// the run still being `RUNNING` at that attempt: returns `None` (and changes
 /// nothing) when it is not, so a late writer never overwrites a terminal run.
-/// Returns the run as it now is, with its event.
+/// The end time is `now`, or the start time if that is later (a start
+/// floored by [`run_claim`] on a node whose clock lags). Returns the run as
+/// it now is, with its event.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -789,7 +809,10 @@ pub async fn run_reap(
 }
 
 /// Moves up to `limit` `SCHEDULED` runs whose `not_before` has come to
-/// `QUEUED` (with their events, announced). `FOR UPDATE SKIP LOCKED`.
+/// `QUEUED` (with their events, announced). `FOR UPDATE SKIP LOCKED`. A due
+/// run whose binding no longer exists (a retry written by a reaper racing a
+/// DeleteBinding) ends `CANCELLED` with reason `binding_deleted` instead:
+/// it could never be claimed.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -804,24 +827,38 @@ pub async fn run_promote_due(
         to: RunState::Queued,
         reason: String::new(),
     };
+    let gone = EventBody::StateChanged {
+        from: Some(RunState::Scheduled),
+        to: RunState::Cancelled,
+        reason: REASON_BINDING_DELETED.to_string(),
+    };
     let rows = sqlx::query!(
         r#"WITH x AS (
-             SELECT id FROM runs WHERE state = 'SCHEDULED' AND not_before <= $1
-             ORDER BY not_before LIMIT $2 FOR UPDATE SKIP LOCKED),
+             SELECT r.id, NOT EXISTS (SELECT 1 FROM bindings b WHERE b.id = r.binding_id) AS gone
+             FROM runs r WHERE r.state = 'SCHEDULED' AND r.not_before <= $1
+             ORDER BY r.not_before LIMIT $2 FOR UPDATE OF r SKIP LOCKED),
            f AS (
-             UPDATE runs r SET state = 'QUEUED', last_seq = r.last_seq + 1 FROM x WHERE r.id = x.id
-             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq),
+             UPDATE runs r SET state = CASE WHEN x.gone THEN 'CANCELLED' ELSE 'QUEUED' END,
+                               end_time = CASE WHEN x.gone THEN $1::timestamptz END,
+                               reason = CASE WHEN x.gone THEN $5 ELSE r.reason END,
+                               last_seq = r.last_seq + 1
+             FROM x WHERE r.id = x.id
+             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.gone),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed', $3 FROM f
+             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                    CASE WHEN f.gone THEN $4::jsonb ELSE $3::jsonb END FROM f
              RETURNING run_id)
-           SELECT id, tenant_id, binding_id, definition, last_seq FROM f"#,
+           SELECT id, tenant_id, binding_id, definition, last_seq, gone AS "gone!" FROM f"#,
         now,
         limit,
         encode(&body),
+        encode(&gone),
+        REASON_BINDING_DELETED,
     )
     .fetch_all(&mut *conn)
     .await?;
+    let promoted = rows.iter().any(|r| !r.gone);
     let events: Vec<RunEvent> = rows
         .into_iter()
         .map(|r| RunEvent {
@@ -831,11 +868,13 @@ pub async fn run_promote_due(
             tenant_id: r.tenant_id,
             binding_id: r.binding_id,
             definition: r.definition,
-            body: body.clone(),
+            body: if r.gone { gone.clone() } else { body.clone() },
         })
         .collect();
     if !events.is_empty() {
         announce(&mut *conn, node_id, &events).await?;
+    }
+    if promoted {
         notify_runs(&mut *conn).await?;
     }
     Ok(events)

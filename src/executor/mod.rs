@@ -31,6 +31,12 @@
 //! - **Retries:** `FAILED`, `TIMED_OUT`, `node_lost` and shutdown-cancelled
 //!   attempts with attempts left get a `SCHEDULED` retry in the same
 //!   transaction as their final state ([`retry_run`]).
+//! - **Stopped bindings:** the claim takes no run of a deleted, paused or
+//!   disabled binding (manual runs excepted for pause/disable; see
+//!   [`db::runs::run_claim`]); a retry is written only while its binding
+//!   exists (its row lock orders the finish with a DeleteBinding), and a
+//!   due retry whose binding is gone is cancelled (`binding_deleted`)
+//!   instead of queued.
 //! - **Cancel:** a cancel request reaches the executing node by NOTIFY on
 //!   `sked_cancel` (through the bridge) or by its next heartbeat; the run's
 //!   process group gets SIGTERM, then SIGKILL after [`Executor::kill_grace`].
