@@ -389,10 +389,7 @@ async fn a_manual_trigger_on_a_paused_binding_runs_and_so_does_its_retry() {
     let retry = tokio::time::timeout(WAIT, async {
         loop {
             let runs = list_runs(&node, "acme", &b.id).await;
-            if let Some(x) = runs
-                .iter()
-                .find(|x| x.retry_of == run.id && is_terminal(x))
-            {
+            if let Some(x) = runs.iter().find(|x| x.retry_of == run.id && is_terminal(x)) {
                 return x.clone();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

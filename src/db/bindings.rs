@@ -198,12 +198,13 @@ pub async fn binding_delete(
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn binding_lock_shared(db: impl PgExecutor<'_>, id: Uuid) -> Result<bool, Error> {
-    Ok(
-        sqlx::query_scalar!("SELECT 1 AS x FROM bindings WHERE id = $1 FOR KEY SHARE", id)
-            .fetch_optional(db)
-            .await?
-            .is_some(),
+    Ok(sqlx::query_scalar!(
+        "SELECT 1 AS x FROM bindings WHERE id = $1 FOR KEY SHARE",
+        id
     )
+    .fetch_optional(db)
+    .await?
+    .is_some())
 }
 
 /// Locks the bindings of definition `name` (`FOR UPDATE`) for the caller's
@@ -213,13 +214,13 @@ pub async fn binding_lock_shared(db: impl PgExecutor<'_>, id: Uuid) -> Result<bo
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn binding_lock_by_definition(
-    db: impl PgExecutor<'_>,
-    name: &str,
-) -> Result<(), Error> {
-    sqlx::query!("SELECT id FROM bindings WHERE definition = $1 FOR UPDATE", name)
-        .fetch_all(db)
-        .await?;
+pub async fn binding_lock_by_definition(db: impl PgExecutor<'_>, name: &str) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT id FROM bindings WHERE definition = $1 FOR UPDATE",
+        name
+    )
+    .fetch_all(db)
+    .await?;
     Ok(())
 }
 
