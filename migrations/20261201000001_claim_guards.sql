@@ -12,3 +12,8 @@ ALTER TABLE runs ADD COLUMN manual boolean NOT NULL DEFAULT false;
 -- and its snapshot, or a node whose clock is ahead) and starts the runs that
 -- take their slots no earlier than they ended (db::runs::run_claim).
 CREATE INDEX runs_ended ON runs (end_time) WHERE start_time IS NOT NULL AND end_time IS NOT NULL;
+
+-- The claim holds back the runs of paused or disabled bindings and of
+-- disabled definitions; it reads those few through these.
+CREATE INDEX bindings_stopped ON bindings (id) WHERE paused OR NOT enabled;
+CREATE INDEX definitions_disabled ON definitions (name) WHERE NOT enabled;

@@ -284,10 +284,13 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// binding is enabled and not paused (a pause whose `pause_expire_time` has
 /// passed is over); and their definition is enabled. The others wait where
 /// they are (stopped means stopped; [`run_claim_lock`] orders the stopping
-/// calls with claims). Per candidate that costs two primary-key lookups
-/// (binding, definition), inside the per-tenant reads, so a paused binding's
-/// runs never hide the tenant's others; a paused binding's backlog of
-/// `ALLOW` runs is read through on every claim of its tenant, though.
+/// calls with claims). The paused or disabled bindings and the disabled
+/// definitions are read once per claim (partial indexes: O(stopped ones))
+/// and tested per candidate as hashed sets, inside the per-tenant reads, so
+/// a paused binding's runs never hide the tenant's others; a paused
+/// binding's backlog of `ALLOW` runs is read through on every claim of its
+/// tenant, though. Existence is checked on the picked runs only (a deleted
+/// binding's runs were cancelled with it).
 ///
 /// Sets them `RUNNING` with a lease, writes their `→ RUNNING` events and
 /// announces them. Returns each claimed run with that event. The start time
@@ -367,6 +370,16 @@ pub async fn run_claim(
            -- and they are its first $4 claimable ones in (priority DESC,
            -- not_before, id) order, so only those are read (indexes in
            -- migration 20261121000006), never the whole backlog.
+           -- Stopped means stopped: the bindings paused or disabled now
+           -- hold their runs except manual ones, disabled definitions all
+           -- theirs (hashed sets, from partial indexes in migration
+           -- 20261201000001; a deleted binding's runs are checked in
+           -- `locked`).
+           held_back AS MATERIALIZED (
+             SELECT b.id FROM bindings b
+             WHERE (b.paused OR NOT b.enabled)
+               AND (NOT b.enabled OR coalesce(b.pause_expire_time > $1, true))),
+           off_defs AS MATERIALIZED (SELECT d.name FROM definitions d WHERE NOT d.enabled),
            -- Tenants with QUEUED runs: a loose index scan.
            tenants AS (
              (SELECT tenant_id FROM runs WHERE state = 'QUEUED' ORDER BY tenant_id LIMIT 1)
@@ -382,9 +395,8 @@ pub async fn run_claim(
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
                  AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
-                 AND EXISTS (SELECT 1 FROM bindings sb JOIN definitions sd ON sd.name = sb.definition
-                             WHERE sb.id = q.binding_id AND sd.enabled
-                               AND (q.manual OR (sb.enabled AND NOT (sb.paused AND coalesce(sb.pause_expire_time > $1, true)))))
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY q.priority DESC, q.not_before, q.id LIMIT $4) a),
            -- Other runs: only a binding's first due run of the kind (of any
            -- policy) may be claimed, and not while the binding has a
@@ -418,9 +430,8 @@ pub async fn run_claim(
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
                  AND (q.overlap_policy = 'ALLOW')::int = 0 AND q.not_before <= $1
-                 AND EXISTS (SELECT 1 FROM bindings sb JOIN definitions sd ON sd.name = sb.definition
-                             WHERE sb.id = q.binding_id AND sd.enabled
-                               AND (q.manual OR (sb.enabled AND NOT (sb.paused AND coalesce(sb.pause_expire_time > $1, true)))))
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY q.priority DESC, q.not_before, q.id LIMIT 2 * $4) h),
            held_ok AS (
              SELECT h.id, h.tenant_id, h.priority, h.not_before, h.throttled
@@ -431,9 +442,8 @@ pub async fn run_claim(
                AND h.id = (SELECT y.id FROM runs y
                            WHERE y.binding_id = h.binding_id AND y.state = 'QUEUED'
                              AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
-                             AND EXISTS (SELECT 1 FROM bindings sb JOIN definitions sd ON sd.name = sb.definition
-                                         WHERE sb.id = y.binding_id AND sd.enabled
-                                           AND (y.manual OR (sb.enabled AND NOT (sb.paused AND coalesce(sb.pause_expire_time > $1, true)))))
+                             AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                             AND y.definition NOT IN (SELECT name FROM off_defs)
                            ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1)),
            -- Those runs hold the tenant's first $4 heads unless there were
            -- 2 * $4 of them with fewer heads (a few bindings' backlog): then
@@ -464,9 +474,8 @@ pub async fn run_claim(
                FROM runs y
                WHERE y.binding_id = b.binding_id AND y.state = 'QUEUED'
                  AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
-                 AND EXISTS (SELECT 1 FROM bindings sb JOIN definitions sd ON sd.name = sb.definition
-                             WHERE sb.id = y.binding_id AND sd.enabled
-                               AND (y.manual OR (sb.enabled AND NOT (sb.paused AND coalesce(sb.pause_expire_time > $1, true)))))
+                 AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                 AND y.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1) f
              WHERE f.overlap_policy <> 'ALLOW'
                AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.binding_id = f.binding_id AND x.state = 'RUNNING'
@@ -498,8 +507,10 @@ pub async fn run_claim(
              ORDER BY r.priority DESC, r.tn, tc.last_claim_time NULLS FIRST, r.not_before, r.id
              LIMIT $4),
            locked AS (
-             SELECT id, tenant_id, binding_id FROM runs WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
-             FOR UPDATE SKIP LOCKED),
+             SELECT id, tenant_id, binding_id FROM runs
+             WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
+               AND EXISTS (SELECT 1 FROM bindings b WHERE b.id = runs.binding_id)
+             FOR UPDATE OF runs SKIP LOCKED),
            -- A run starts no earlier than the end of any run whose slot it
            -- may take: its tenant's when the tenant has a concurrency quota,
            -- its binding's otherwise. Only runs that ended after $1 matter
