@@ -473,3 +473,45 @@ async fn a_lagging_node_starts_a_quota_slot_no_earlier_than_it_was_freed() {
 async fn a_lagging_node_starts_a_bindings_next_run_no_earlier_than_the_previous_ended() {
     lagging_node_starts_no_earlier_than_the_slot_was_freed(false).await;
 }
+
+/// A retry written for a binding that a concurrent DeleteBinding removed
+/// (the reaper's race, planted here) is cancelled when due, never queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_retry_of_a_deleted_binding_is_cancelled_instead_of_queued() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(&node, "acme", sh_def("gone", "true", manual())).await;
+    node.bindings()
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("delete binding");
+    let id = uuid::Uuid::now_v7();
+    let binding: uuid::Uuid = b.id.parse().unwrap();
+    let pool = db.pool().await;
+    sqlx::query(
+        "INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, attempt,
+                           scheduled_time, create_time, handler, params, not_before, last_seq)
+         VALUES ($1, 'acme', $2, 'gone', 'RETRY', 'SCHEDULED', 2, now(), now(),
+                 '{\"kind\": \"command\", \"program\": \"true\"}', '{}', now(), 1)",
+    )
+    .bind(id)
+    .bind(binding)
+    .execute(&pool)
+    .await
+    .expect("plant a retry");
+    let r = wait_run(
+        &node,
+        "acme",
+        &id.to_string(),
+        "the retry ends",
+        is_terminal,
+    )
+    .await;
+    assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
+    assert_eq!(r.reason, "binding_deleted", "{r:?}");
+    assert!(r.start_time.is_none(), "{r:?}");
+    node.stop().await;
+}
