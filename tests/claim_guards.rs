@@ -515,3 +515,110 @@ async fn a_due_retry_of_a_deleted_binding_is_cancelled_instead_of_queued() {
     assert!(r.start_time.is_none(), "{r:?}");
     node.stop().await;
 }
+
+/// Event handler runs are claimed (and completed) by the same guarded claim:
+/// a paused binding's backfilled event runs wait, also for a tenant whose
+/// quota makes them queue, and complete after ResumeBinding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    for (tenant, quota) in [("acme", None), ("limited", Some(5))] {
+        if let Some(q) = quota {
+            node.admin()
+                .set_tenant_quota(pb::SetTenantQuotaRequest {
+                    quota: Some(pb::TenantQuota {
+                        tenant_id: tenant.into(),
+                        max_concurrent_runs: Some(q),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("set quota");
+        }
+    }
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "tick".into(),
+                handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+                schedule: Some(cron("0 0 1 1 *", "UTC")),
+                overlap_policy: pb::OverlapPolicy::Allow as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create definition");
+    let mut bindings = Vec::new();
+    for tenant in ["acme", "limited"] {
+        let b = node
+            .bindings()
+            .create_binding(as_tenant(
+                tenant,
+                pb::CreateBindingRequest {
+                    binding: Some(pb::Binding {
+                        definition: "tick".into(),
+                        ..Default::default()
+                    }),
+                },
+            ))
+            .await
+            .expect("create binding")
+            .into_inner();
+        node.bindings()
+            .pause_binding(as_tenant(
+                tenant,
+                pb::PauseBindingRequest {
+                    id: b.id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("pause");
+        // Three New Year's fires.
+        let now = now_secs();
+        let created = node
+            .runs()
+            .backfill_runs(as_tenant(
+                tenant,
+                pb::BackfillRunsRequest {
+                    binding_id: b.id.clone(),
+                    start_time: Some(prost_types::Timestamp {
+                        seconds: now as i64 - 3 * 366 * 86_400,
+                        nanos: 0,
+                    }),
+                    end_time: Some(prost_types::Timestamp {
+                        seconds: now as i64 - 1,
+                        nanos: 0,
+                    }),
+                    dry_run: false,
+                },
+            ))
+            .await
+            .expect("backfill")
+            .into_inner();
+        assert_eq!(created.run_ids.len(), 3, "{created:?}");
+        bindings.push((tenant, b, created.run_ids));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (tenant, _, ids) in &bindings {
+        for id in ids {
+            let r = get_run(&node, tenant, id).await;
+            assert_eq!(state(&r), pb::RunState::Queued, "held while paused: {r:?}");
+        }
+    }
+    for (tenant, b, ids) in &bindings {
+        node.bindings()
+            .resume_binding(as_tenant(
+                tenant,
+                pb::ResumeBindingRequest { id: b.id.clone() },
+            ))
+            .await
+            .expect("resume");
+        for id in ids {
+            let r = wait_run(&node, tenant, id, "completes after resume", is_terminal).await;
+            assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+        }
+    }
+    node.stop().await;
+}
