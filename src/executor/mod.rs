@@ -650,5 +650,11 @@ mod tests {
         assert!(retry_run(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
         assert!(retry_run(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
         assert!(retry_run(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
+        let mut asked = ended(RunState::Failed, "exit code 1", 1, 3);
+        asked.cancel_reason = Some("binding_deleted".into());
+        assert!(
+            retry_run(&asked, true, now).is_none(),
+            "a run whose cancel was asked for is not retried, whatever it ended with"
+        );
     }
 }
