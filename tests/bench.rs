@@ -146,6 +146,12 @@ async fn bench_throughput_smoke() {
         .expect("step_list array");
     assert!(!steps.is_empty(), "{v}");
     assert!(
+        v["figures"]["completed_runs_per_s"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0),
+        "the backfilled runs complete: {v}"
+    );
+    assert!(
         v["figures"]["ceiling_rows_per_s"]
             .as_f64()
             .is_some_and(|c| c > 0.0),

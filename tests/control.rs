@@ -52,14 +52,24 @@ fn is_terminal(r: &pb::Run) -> bool {
     )
 }
 
-/// Lets a binding fire for `secs`, deletes it, then waits until every run
-/// it made has ended; returns them.
+/// Lets a binding fire for `secs`, ends its effective window (it fires no
+/// more; unlike a delete or pause, that leaves its runs alone), then waits
+/// until every run it made has ended; returns them.
 async fn fire_for(node: &TestNode, b: &pb::Binding, secs: u64) -> Vec<pb::Run> {
     tokio::time::sleep(Duration::from_secs(secs)).await;
     node.bindings()
-        .delete_binding(as_tenant(
+        .update_binding(as_tenant(
             "acme",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    effective_until: Some(ts(now_secs())),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["effective_until".into()],
+                }),
+            },
         ))
         .await
         .unwrap();

@@ -245,6 +245,40 @@ pub async fn binding_delete(
     }
 }
 
+/// Whether binding `id` exists, taking a `FOR KEY SHARE` lock on it for the
+/// caller's transaction: a DeleteBinding then waits for that transaction
+/// (and sees what it wrote), or has committed before and the binding is gone.
+/// Used before writing a retry, so a deleted binding gets none.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_lock_shared(db: impl PgExecutor<'_>, id: Uuid) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT 1 AS x FROM bindings WHERE id = $1 FOR KEY SHARE",
+        id
+    )
+    .fetch_optional(db)
+    .await?
+    .is_some())
+}
+
+/// Locks the bindings of definition `name` (`FOR UPDATE`) for the caller's
+/// transaction, so a scheduler pass firing one of them (which holds its row
+/// lock) finishes first, and later passes see what the caller writes (a
+/// disabled definition).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_lock_by_definition(db: impl PgExecutor<'_>, name: &str) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT id FROM bindings WHERE definition = $1 FOR UPDATE",
+        name
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(())
+}
+
 /// A binding whose next fire time has come, locked for this transaction.
 #[derive(Debug, Clone)]
 pub struct DueBinding {

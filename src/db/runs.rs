@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{Error, decode, encode, events::notify_events, policy_from_cols};
+use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
     EventBody, Handler, OverlapPolicy, Run, RunEvent, RunPolicy, RunState, RunTrigger,
 };
@@ -45,6 +46,10 @@ pub struct NewRun {
     pub policy: RunPolicy,
     /// TriggerRun's idempotency key.
     pub idempotency_key: Option<String>,
+    /// An explicit request (TriggerRun, RetryRun): it may start while its
+    /// binding is paused or disabled (see [`run_claim`]). A retry is manual
+    /// also when the attempt it retries (`retry_of`) was.
+    pub manual: bool,
 }
 
 /// Inserts `runs` with their events, announces them to executors and
@@ -113,20 +118,21 @@ pub async fn run_insert(
     let priorities: Vec<i32> = runs.iter().map(|r| r.policy.priority).collect();
     let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
     let last_seqs: Vec<i64> = bodies.iter().map(|b| b.len() as i64).collect();
+    let manual: Vec<bool> = runs.iter().map(|r| r.manual).collect();
     let inserted = sqlx::query_scalar!(
         r#"WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
                                   $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::bigint[],
                                   $13::timestamptz[], $14::int[], $15::uuid[], $16::int[], $17::jsonb[],
-                                  $18::int[], $19::text[], $20::int[], $21::text[])
+                                  $18::int[], $19::text[], $20::int[], $21::text[], $27::bool[])
                   AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
                        state, reason, last_seq, not_before, attempt, retry_of, max_attempts, retry_policy,
-                       timeout_secs, overlap_policy, priority, idempotency_key)),
+                       timeout_secs, overlap_policy, priority, idempotency_key, manual)),
            r AS (
              INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
                                not_before, create_time, start_time, end_time, node_id, handler, params,
                                reason, last_seq, attempt, retry_of, max_attempts, retry_policy,
-                               timeout_secs, overlap_policy, priority, idempotency_key)
+                               timeout_secs, overlap_policy, priority, idempotency_key, manual)
              SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
                     u.not_before, $9,
                     CASE WHEN u.state = 'SUCCEEDED' THEN $9::timestamptz END,
@@ -134,7 +140,8 @@ pub async fn run_insert(
                     CASE WHEN u.state = 'SUCCEEDED' THEN $22 END,
                     u.handler, u.params, NULLIF(u.reason, ''), u.last_seq, u.attempt, u.retry_of,
                     u.max_attempts, u.retry_policy, u.timeout_secs, u.overlap_policy, u.priority,
-                    u.idempotency_key
+                    u.idempotency_key,
+                    u.manual OR coalesce((SELECT p.manual FROM runs p WHERE p.id = u.retry_of), false)
              FROM u
              ON CONFLICT (binding_id, scheduled_time) WHERE trigger = 'SCHEDULE' DO NOTHING
              RETURNING id, tenant_id, binding_id, definition),
@@ -171,6 +178,7 @@ pub async fn run_insert(
         &ev_seq,
         &ev_kind as &[&str],
         &ev_payload,
+        &manual,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -269,10 +277,30 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// past that wait `QUEUED` and are marked `throttled` for usage reports:
 /// only those among its first `limit` claimable runs (the ones a claim
 /// reads), so a deeper backlog is marked as it moves up. `FOR UPDATE SKIP
-/// LOCKED`, so nodes never claim the same run. Sets them `RUNNING` with a
-/// lease until `now + lease` (`now` read from `clock` once the claim lock is
-/// held), writes their `→ RUNNING` events and announces them. Returns each
-/// claimed run with that event.
+/// LOCKED`, so nodes never claim the same run.
+///
+/// Only runs that may start are taken: their binding exists, and either the
+/// run is `manual` (a TriggerRun or RetryRun, or a retry of one) or the
+/// binding is enabled and not paused (a pause whose `pause_expire_time` has
+/// passed is over); and their definition is enabled. The others wait where
+/// they are (stopped means stopped; [`run_claim_lock`] orders the stopping
+/// calls with claims). The paused or disabled bindings and the disabled
+/// definitions are read once per claim (partial indexes: O(stopped ones))
+/// and tested per candidate as hashed sets, inside the per-tenant reads, so
+/// a paused binding's runs never hide the tenant's others; a paused
+/// binding's backlog of `ALLOW` runs is read through on every claim of its
+/// tenant, though. Existence is checked on the picked runs only (a deleted
+/// binding's runs were cancelled with it).
+///
+/// Sets them `RUNNING` with a lease, writes their `→ RUNNING` events and
+/// announces them. Returns each claimed run with that event. The start time
+/// is `now` (read from `clock` once the claim lock is held), but never
+/// before the end time of a run whose slot it takes: any run of its tenant
+/// when the tenant has a concurrency quota, else any run of its binding.
+/// Only runs that ended after `now` can matter (a finish that committed
+/// between the clock read and the statement's snapshot, or a node whose
+/// clock is ahead); they are read through the `runs_ended` index. So start
+/// times follow the slot's previous end whatever the nodes' clocks say.
 ///
 /// Cost: a claim reads O(tenants with queued runs × `limit`) runs, however
 /// long the queue. Per tenant, its first `limit` due `ALLOW` runs; and for
@@ -329,8 +357,11 @@ pub async fn run_claim(
     )
     .fetch_one(&mut *tx)
     .await?;
-    // Read after the lock: a start time taken before waiting for it could
-    // precede the end of the run this claim succeeds (the overlap rule).
+    // Read after the lock. This alone would not keep a start after the end
+    // of the run whose slot it takes: a finish may read its clock after
+    // this and commit before the statement below takes its snapshot, and
+    // another node's clock may be ahead. So the statement floors each start
+    // time at those runs' end times (`late`, `starts`).
     let now = clock.now();
     let rows = sqlx::query_as!(
         RunRow,
@@ -339,6 +370,16 @@ pub async fn run_claim(
            -- and they are its first $4 claimable ones in (priority DESC,
            -- not_before, id) order, so only those are read (indexes in
            -- migration 20261121000006), never the whole backlog.
+           -- Stopped means stopped: the bindings paused or disabled now
+           -- hold their runs except manual ones, disabled definitions all
+           -- theirs (hashed sets, from partial indexes in migration
+           -- 20261201000001; a deleted binding's runs are checked in
+           -- `locked`).
+           held_back AS MATERIALIZED (
+             SELECT b.id FROM bindings b
+             WHERE (b.paused OR NOT b.enabled)
+               AND (NOT b.enabled OR coalesce(b.pause_expire_time > $1, true))),
+           off_defs AS MATERIALIZED (SELECT d.name FROM definitions d WHERE NOT d.enabled),
            -- Tenants with QUEUED runs: a loose index scan.
            tenants AS (
              (SELECT tenant_id FROM runs WHERE state = 'QUEUED' ORDER BY tenant_id LIMIT 1)
@@ -354,6 +395,8 @@ pub async fn run_claim(
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
                  AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY q.priority DESC, q.not_before, q.id LIMIT $4) a),
            -- Other runs: only a binding's first due run of the kind (of any
            -- policy) may be claimed, and not while the binding has a
@@ -387,6 +430,8 @@ pub async fn run_claim(
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
                  AND (q.overlap_policy = 'ALLOW')::int = 0 AND q.not_before <= $1
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY q.priority DESC, q.not_before, q.id LIMIT 2 * $4) h),
            held_ok AS (
              SELECT h.id, h.tenant_id, h.priority, h.not_before, h.throttled
@@ -397,6 +442,8 @@ pub async fn run_claim(
                AND h.id = (SELECT y.id FROM runs y
                            WHERE y.binding_id = h.binding_id AND y.state = 'QUEUED'
                              AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                             AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                             AND y.definition NOT IN (SELECT name FROM off_defs)
                            ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1)),
            -- Those runs hold the tenant's first $4 heads unless there were
            -- 2 * $4 of them with fewer heads (a few bindings' backlog): then
@@ -427,6 +474,8 @@ pub async fn run_claim(
                FROM runs y
                WHERE y.binding_id = b.binding_id AND y.state = 'QUEUED'
                  AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                 AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                 AND y.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1) f
              WHERE f.overlap_policy <> 'ALLOW'
                AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.binding_id = f.binding_id AND x.state = 'RUNNING'
@@ -458,25 +507,41 @@ pub async fn run_claim(
              ORDER BY r.priority DESC, r.tn, tc.last_claim_time NULLS FIRST, r.not_before, r.id
              LIMIT $4),
            locked AS (
-             SELECT id FROM runs WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
-             FOR UPDATE SKIP LOCKED),
+             SELECT id, tenant_id, binding_id FROM runs
+             WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
+               AND EXISTS (SELECT 1 FROM bindings b WHERE b.id = runs.binding_id)
+             FOR UPDATE OF runs SKIP LOCKED),
+           -- A run starts no earlier than the end of any run whose slot it
+           -- may take: its tenant's when the tenant has a concurrency quota,
+           -- its binding's otherwise. Only runs that ended after $1 matter
+           -- (a finish that committed after this claim read its clock, or a
+           -- node whose clock is ahead): a short range of runs_ended.
+           late AS MATERIALIZED (
+             SELECT tenant_id, binding_id, end_time FROM runs WHERE end_time > $1 AND start_time IS NOT NULL),
+           starts AS (
+             SELECT l.id, GREATEST($1, (SELECT max(x.end_time) FROM late x
+                                        WHERE x.tenant_id = l.tenant_id
+                                          AND (x.binding_id = l.binding_id
+                                               OR l.tenant_id IN (SELECT tenant_id FROM room)))) AS t
+             FROM locked l),
            throttle AS (
              UPDATE runs SET throttled = true
              WHERE id IN (SELECT id FROM ranked WHERE over AND NOT throttled)),
            c AS (
              UPDATE runs SET state = CASE WHEN $6 THEN 'SUCCEEDED' ELSE 'RUNNING' END,
-                             start_time = $1, end_time = CASE WHEN $6 THEN $1::timestamptz END,
-                             node_id = $2, lease_expires_at = CASE WHEN $6 THEN NULL ELSE $3::timestamptz END,
+                             start_time = s.t, end_time = CASE WHEN $6 THEN s.t END,
+                             node_id = $2,
+                             lease_expires_at = CASE WHEN $6 THEN NULL ELSE s.t + ($3::timestamptz - $1) END,
                              last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
-             WHERE id IN (SELECT id FROM locked)
-             RETURNING *),
+             FROM starts s WHERE runs.id = s.id
+             RETURNING runs.*),
            served AS (
              INSERT INTO tenant_claims (tenant_id, last_claim_time)
              SELECT DISTINCT tenant_id, $1::timestamptz FROM c
              ON CONFLICT (tenant_id) DO UPDATE SET last_claim_time = EXCLUDED.last_claim_time),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT c.id, c.last_seq - x.back, $1, c.tenant_id, c.binding_id, c.definition, x.kind,
+             SELECT c.id, c.last_seq - x.back, c.start_time, c.tenant_id, c.binding_id, c.definition, x.kind,
                     coalesce(x.payload, jsonb_build_object('kind', 'fired', 'params', c.params))
              FROM c CROSS JOIN LATERAL (VALUES (2, 'state_changed', $5::jsonb), (1, 'fired', NULL),
                                                (0, 'state_changed', CASE WHEN $6 THEN $7 ELSE $5 END))
@@ -502,6 +567,7 @@ pub async fn run_claim(
     for r in rows {
         let seq = r.last_seq;
         let run = Run::try_from(r)?;
+        let now = run.start_time.unwrap_or(now);
         let events = match kind {
             ClaimKind::Executed => vec![state_event(&run, seq, now, body.clone())],
             ClaimKind::Event => vec![
@@ -522,6 +588,55 @@ pub async fn run_claim(
     announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// Takes the lock that serialises claims ([`run_claim`]) for the rest of the
+/// caller's transaction. A transaction that stops a binding (pause, disable,
+/// delete) holds it while it writes, so a claim either committed before
+/// (its runs started before the stop returned) or takes its snapshot after
+/// the stop committed and sees it: no run of a stopped binding starts after
+/// the stop returned. Waits for a claim in progress (milliseconds).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends every run of `bindings` that has not ended (their bindings are being
+/// deleted): waiting ones (`SCHEDULED`, `QUEUED`) `CANCELLED` at once with
+/// `reason`, running ones through a cancel request to their node (as
+/// CancelRun), so they end `CANCELLED` with `reason` and are not retried.
+/// Call with [`run_claim_lock`] held, in the deleting transaction. Returns
+/// the events of the runs cancelled at once (announced on commit).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_cancel_bindings(
+    conn: &mut PgConnection,
+    node_id: &str,
+    bindings: &[Uuid],
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<RunEvent>, Error> {
+    if bindings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = sqlx::query_scalar!(
+        "SELECT id FROM runs WHERE binding_id = ANY($1) AND state IN ('SCHEDULED', 'QUEUED', 'RUNNING')",
+        bindings
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let events = run_cancel_waiting(&mut *conn, node_id, &ids, reason, now).await?;
+    run_request_cancel(&mut *conn, &ids, reason).await?;
+    Ok(events)
 }
 
 /// Which runs a claim takes (see [`run_claim`]).
@@ -582,7 +697,9 @@ impl Default for Outcome {
 /// outcome, writes the `state_changed` event and announces it. Conditional on
 /// the run still being `RUNNING` at that attempt: returns `None` (and changes
 /// nothing) when it is not, so a late writer never overwrites a terminal run.
-/// Returns the run as it now is, with its event.
+/// The end time is `now`, or the start time if that is later (a start
+/// floored by [`run_claim`] on a node whose clock lags). Returns the run as
+/// it now is, with its event.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -603,14 +720,14 @@ pub async fn run_finish(
     let row = sqlx::query_as!(
         RunRow,
         r#"WITH f AS (
-             UPDATE runs SET state = $3, end_time = $4, result = $5, error_message = $6,
+             UPDATE runs SET state = $3, end_time = GREATEST($4, start_time), result = $5, error_message = $6,
                              error_summary = $7, exit_code = $8, reason = NULLIF($9, ''),
                              lease_expires_at = NULL, last_seq = last_seq + 1
              WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
              RETURNING *),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT f.id, f.last_seq, $4, f.tenant_id, f.binding_id, f.definition, 'state_changed', $10 FROM f
+             SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed', $10 FROM f
              RETURNING run_id)
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
@@ -632,7 +749,7 @@ pub async fn run_finish(
     let Some(r) = row else { return Ok(None) };
     let seq = r.last_seq;
     let run = Run::try_from(r)?;
-    let ev = state_event(&run, seq, now, body);
+    let ev = state_event(&run, seq, run.end_time.unwrap_or(now), body);
     announce(&mut *conn, node_id, [&ev]).await?;
     if run.policy.overlap != OverlapPolicy::Allow {
         // A run of this binding may have been waiting for this one to end.
@@ -662,7 +779,7 @@ pub async fn run_reap(
              ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
            f AS (
              UPDATE runs r SET state = CASE WHEN r.cancel_reason IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
-                    end_time = $1, reason = coalesce(r.cancel_reason, 'node_lost'),
+                    end_time = GREATEST($1, r.start_time), reason = coalesce(r.cancel_reason, 'node_lost'),
                     error_message = CASE WHEN r.cancel_reason IS NULL
                                          THEN 'node ' || coalesce(r.node_id, '?') || ' stopped renewing the run''s lease' END,
                     lease_expires_at = NULL, last_seq = r.last_seq + 1
@@ -670,7 +787,7 @@ pub async fn run_reap(
              RETURNING r.*),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+             SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed',
                     jsonb_build_object('kind', 'state_changed', 'from', 'RUNNING', 'to', f.state,
                                        'reason', f.reason)
              FROM f RETURNING run_id)
@@ -692,7 +809,7 @@ pub async fn run_reap(
             to: run.state,
             reason: run.reason.clone().unwrap_or_default(),
         };
-        let ev = state_event(&run, seq, now, body);
+        let ev = state_event(&run, seq, run.end_time.unwrap_or(now), body);
         out.push((run, ev));
     }
     if !out.is_empty() {
@@ -703,7 +820,10 @@ pub async fn run_reap(
 }
 
 /// Moves up to `limit` `SCHEDULED` runs whose `not_before` has come to
-/// `QUEUED` (with their events, announced). `FOR UPDATE SKIP LOCKED`.
+/// `QUEUED` (with their events, announced). `FOR UPDATE SKIP LOCKED`. A due
+/// run whose binding no longer exists (a retry written by a reaper racing a
+/// DeleteBinding) ends `CANCELLED` with reason `binding_deleted` instead:
+/// it could never be claimed.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -718,24 +838,38 @@ pub async fn run_promote_due(
         to: RunState::Queued,
         reason: String::new(),
     };
+    let gone = EventBody::StateChanged {
+        from: Some(RunState::Scheduled),
+        to: RunState::Cancelled,
+        reason: REASON_BINDING_DELETED.to_string(),
+    };
     let rows = sqlx::query!(
         r#"WITH x AS (
-             SELECT id FROM runs WHERE state = 'SCHEDULED' AND not_before <= $1
-             ORDER BY not_before LIMIT $2 FOR UPDATE SKIP LOCKED),
+             SELECT r.id, NOT EXISTS (SELECT 1 FROM bindings b WHERE b.id = r.binding_id) AS gone
+             FROM runs r WHERE r.state = 'SCHEDULED' AND r.not_before <= $1
+             ORDER BY r.not_before LIMIT $2 FOR UPDATE OF r SKIP LOCKED),
            f AS (
-             UPDATE runs r SET state = 'QUEUED', last_seq = r.last_seq + 1 FROM x WHERE r.id = x.id
-             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq),
+             UPDATE runs r SET state = CASE WHEN x.gone THEN 'CANCELLED' ELSE 'QUEUED' END,
+                               end_time = CASE WHEN x.gone THEN $1::timestamptz END,
+                               reason = CASE WHEN x.gone THEN $5 ELSE r.reason END,
+                               last_seq = r.last_seq + 1
+             FROM x WHERE r.id = x.id
+             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.gone),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed', $3 FROM f
+             SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                    CASE WHEN f.gone THEN $4::jsonb ELSE $3::jsonb END FROM f
              RETURNING run_id)
-           SELECT id, tenant_id, binding_id, definition, last_seq FROM f"#,
+           SELECT id, tenant_id, binding_id, definition, last_seq, gone AS "gone!" FROM f"#,
         now,
         limit,
         encode(&body),
+        encode(&gone),
+        REASON_BINDING_DELETED,
     )
     .fetch_all(&mut *conn)
     .await?;
+    let promoted = rows.iter().any(|r| !r.gone);
     let events: Vec<RunEvent> = rows
         .into_iter()
         .map(|r| RunEvent {
@@ -745,11 +879,13 @@ pub async fn run_promote_due(
             tenant_id: r.tenant_id,
             binding_id: r.binding_id,
             definition: r.definition,
-            body: body.clone(),
+            body: if r.gone { gone.clone() } else { body.clone() },
         })
         .collect();
     if !events.is_empty() {
         announce(&mut *conn, node_id, &events).await?;
+    }
+    if promoted {
         notify_runs(&mut *conn).await?;
     }
     Ok(events)

@@ -55,6 +55,10 @@ impl OverlapPolicy {
 
 /// Reason of a fire skipped, or a run cancelled, by the overlap policy.
 pub const REASON_OVERLAP: &str = "overlap";
+/// Reason of the runs a DeleteBinding (or a forced DeleteDefinition) ended:
+/// waiting ones `CANCELLED` at once, running ones cancelled on their node.
+/// They are not retried.
+pub const REASON_BINDING_DELETED: &str = "binding_deleted";
 
 /// What one scheduler pass does with a binding's due fire times, given its
 /// active runs (SPEC §3 overlap), as Temporal Schedules' overlap policies.

@@ -31,6 +31,12 @@
 //! - **Retries:** `FAILED`, `TIMED_OUT`, `node_lost` and shutdown-cancelled
 //!   attempts with attempts left get a `SCHEDULED` retry in the same
 //!   transaction as their final state ([`retry_run`]).
+//! - **Stopped bindings:** the claim takes no run of a deleted, paused or
+//!   disabled binding (manual runs excepted for pause/disable; see
+//!   [`db::runs::run_claim`]); a retry is written only while its binding
+//!   exists (its row lock orders the finish with a DeleteBinding), and a
+//!   due retry whose binding is gone is cancelled (`binding_deleted`)
+//!   instead of queued.
 //! - **Cancel:** a cancel request reaches the executing node by NOTIFY on
 //!   `sked_cancel` (through the bridge) or by its next heartbeat; the run's
 //!   process group gets SIGTERM, then SIGKILL after [`Executor::kill_grace`].
@@ -447,6 +453,15 @@ impl Executor {
             let r = async {
                 let now = self.clock.now();
                 let mut tx = self.pool.begin().await?;
+                // A retry is written only while the binding exists; its
+                // lock (taken before the run's row, the order DeleteBinding
+                // takes them in) makes a concurrent delete see the retry
+                // and cancel it, or commit first and get none.
+                let bound = if may_retry(run, state, &outcome) {
+                    db::bindings::binding_lock_shared(&mut *tx, run.binding_id).await?
+                } else {
+                    true
+                };
                 let Some((ended, ev)) = db::runs::run_finish(
                     &mut tx,
                     &self.node_id,
@@ -461,7 +476,7 @@ impl Executor {
                     return Ok(None);
                 };
                 let mut events = vec![ev];
-                if let Some(retry) = retry_run(&ended, outcome.retryable, now) {
+                if let Some(retry) = retry_run(&ended, outcome.retryable, now).filter(|_| bound) {
                     events
                         .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
                 }
@@ -493,13 +508,28 @@ impl Executor {
     }
 }
 
+/// Whether `run`, ending in `state` with `outcome`, may get a retry (see
+/// [`retry_run`], which decides on the run as written).
+fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
+    let retry_state = match state {
+        RunState::Failed | RunState::TimedOut => true,
+        RunState::Cancelled => outcome.reason == REASON_SHUTDOWN,
+        _ => false,
+    };
+    retry_state
+        && outcome.retryable
+        && run.attempt < run.policy.retry.max_attempts as i32
+        && run.cancel_reason.is_none()
+}
+
 /// The retry of `ended` (a run that just reached its terminal state), if its
 /// policy allows one (SPEC §3): `FAILED` or `TIMED_OUT` (including
 /// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
 /// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
 /// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %
 /// jitter drawn from the new run's id); its `scheduled_time` is that due
-/// time. Runs cancelled by CancelRun or an overlap policy are not retried.
+/// time. Runs cancelled by CancelRun, an overlap policy or a deleted binding
+/// (or with such a cancel pending when they ended) are not retried.
 pub fn retry_run(
     ended: &Run,
     retryable: bool,
@@ -511,7 +541,9 @@ pub fn retry_run(
         _ => false,
     };
     let max = ended.policy.retry.max_attempts as i32;
-    if !retry_state || !retryable || ended.attempt >= max {
+    // A cancel was asked for (CancelRun, overlap, binding deleted) while it
+    // ran: whatever it ended with, the caller wanted it stopped.
+    if !retry_state || !retryable || ended.attempt >= max || ended.cancel_reason.is_some() {
         return None;
     }
     let id = Uuid::now_v7();
@@ -536,6 +568,7 @@ pub fn retry_run(
         retry_of: Some(ended.id),
         policy: ended.policy,
         idempotency_key: None,
+        manual: false,
     })
 }
 
@@ -618,5 +651,11 @@ mod tests {
         assert!(retry_run(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
         assert!(retry_run(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
         assert!(retry_run(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
+        let mut asked = ended(RunState::Failed, "exit code 1", 1, 3);
+        asked.cancel_reason = Some("binding_deleted".into());
+        assert!(
+            retry_run(&asked, true, now).is_none(),
+            "a run whose cancel was asked for is not retried, whatever it ended with"
+        );
     }
 }

@@ -11,6 +11,7 @@ use super::{
     update_paths,
 };
 use crate::db;
+use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
     Binding, FieldViolation, Role, effective_schedule, merge_params, validate_definition_name,
     validate_effective_window, validate_merged_params,
@@ -278,6 +279,7 @@ impl BindingService for Bindings {
         db::bindings::binding_update(&mut *tx, &cur, old_version)
             .await
             .map_err(|e| db_status(e, &what))?;
+        hold_or_release(&mut tx, !cur.enabled, &what).await?;
         let event = caller.audit(
             now,
             Some(&tenant_id),
@@ -368,8 +370,23 @@ impl BindingService for Bindings {
         db::bindings::binding_delete(&mut *tx, &tenant_id, id)
             .await
             .map_err(|e| db_status(e, &what))?;
+        // Stopped means stopped: under the claim lock, no run of it starts
+        // after this commits; its runs end CANCELLED/binding_deleted.
+        let now = self.0.clock.now();
+        db::runs::run_claim_lock(&mut tx)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let cancelled = db::runs::run_cancel_bindings(
+            &mut tx,
+            &self.0.node_id,
+            &[id],
+            REASON_BINDING_DELETED,
+            now,
+        )
+        .await
+        .map_err(|e| db_status(e, &what))?;
         let event = caller.audit(
-            self.0.clock.now(),
+            now,
             Some(&tenant_id),
             M_DELETE,
             format!("binding/{id}"),
@@ -378,6 +395,7 @@ impl BindingService for Bindings {
         );
         record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        self.0.bus.publish(cancelled);
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }
@@ -417,6 +435,7 @@ impl Bindings {
         db::bindings::binding_update(&mut *tx, &cur, old_version)
             .await
             .map_err(|e| db_status(e, &what))?;
+        hold_or_release(&mut tx, cur.paused, &what).await?;
         let event = caller.audit(
             now,
             Some(tenant_id),
@@ -429,6 +448,23 @@ impl Bindings {
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
         Ok(cur)
     }
+}
+
+/// In a transaction that writes a binding's (or definition's) paused or
+/// enabled flag: when `stopped`, takes the claim lock so no run of it starts
+/// once the transaction commits ([`db::runs::run_claim_lock`]); otherwise
+/// wakes every node's executor on commit, as its held runs may start now.
+pub(super) async fn hold_or_release(
+    tx: &mut sqlx::PgConnection,
+    stopped: bool,
+    what: &str,
+) -> Result<(), Status> {
+    if stopped {
+        db::runs::run_claim_lock(tx).await
+    } else {
+        db::runs::notify_runs(tx).await
+    }
+    .map_err(|e| db_status(e, what))
 }
 
 /// A binding as the API shows it at `now`: a pause whose expiry has passed

@@ -11,6 +11,7 @@ use super::convert::{
 use super::{Ctx, check_etag, db_status, invalid, page, page_size, record, update_paths};
 use crate::db;
 use crate::db::definitions as q;
+use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
     Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule, merge_params,
     validate_definition_name, validate_max_output_bytes, validate_merged_params,
@@ -313,6 +314,13 @@ impl DefinitionService for Definitions {
         q::definition_update(&mut *tx, &cur, old_version)
             .await
             .map_err(|e| db_status(e, &what))?;
+        if !cur.enabled {
+            // A scheduler pass firing one of its bindings ends first.
+            db::bindings::binding_lock_by_definition(&mut *tx, &cur.name)
+                .await
+                .map_err(|e| db_status(e, &what))?;
+        }
+        super::bindings::hold_or_release(&mut tx, !cur.enabled, &what).await?;
         if schedule_changed {
             // Bindings that inherit the schedule follow it at once; an
             // interval without anchor is anchored at the change.
@@ -373,13 +381,27 @@ impl DefinitionService for Definitions {
         let bindings = q::definition_delete(&mut tx, &name, r.force)
             .await
             .map_err(|e| db_status(e, &what))?;
+        // As DeleteBinding for each deleted binding.
+        let now = self.0.clock.now();
+        db::runs::run_claim_lock(&mut tx)
+            .await
+            .map_err(|e| db_status(e, &what))?;
+        let cancelled = db::runs::run_cancel_bindings(
+            &mut tx,
+            &self.0.node_id,
+            &bindings,
+            REASON_BINDING_DELETED,
+            now,
+        )
+        .await
+        .map_err(|e| db_status(e, &what))?;
         if let Some(o) = before.as_object_mut()
             && !bindings.is_empty()
         {
             o.insert("deleted_bindings".into(), serde_json::json!(bindings));
         }
         let event = caller.audit(
-            self.0.clock.now(),
+            now,
             None,
             M_DELETE,
             format!("definition/{name}"),
@@ -388,6 +410,7 @@ impl DefinitionService for Definitions {
         );
         record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
+        self.0.bus.publish(cancelled);
         tracing::info!(definition = %name, deleted_bindings = bindings.len(), "definition deleted");
         Ok(Response::new(pb::DeleteDefinitionResponse {}))
     }

@@ -77,6 +77,21 @@ async fn check_hourly_budget(
     }
 }
 
+/// Checks that binding `id` still exists and keeps it so until `tx` ends
+/// (a `FOR KEY SHARE` lock): a run created for it is then either seen and
+/// cancelled by a concurrent DeleteBinding, or refused here because the
+/// delete committed first. A deleted binding's runs cannot be retried.
+async fn bound(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(), Status> {
+    let what = format!("binding {id}");
+    match db::bindings::binding_lock_shared(tx, id).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Status::failed_precondition(format!(
+            "{what} was deleted; no run of it can start"
+        ))),
+        Err(e) => Err(db_status(e, &what)),
+    }
+}
+
 /// Implements `RunService`.
 #[derive(Debug, Clone)]
 pub struct Runs(pub Ctx);
@@ -93,6 +108,7 @@ impl Runs {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<crate::domain::Run, Status> {
         let (id, tenant_id) = (new.id, new.tenant_id.clone());
+        bound(&mut tx, new.binding_id).await?;
         let events = db::runs::run_insert(&mut tx, &self.0.node_id, &[new], now)
             .await
             .map_err(|e| db_status(e, "run"))?;
@@ -200,6 +216,7 @@ impl RunService for Runs {
             retry_of: None,
             policy: def.policy,
             idempotency_key: key.map(str::to_string),
+            manual: true,
         };
         let id = new.id;
         let run = self.create_run(tx, &caller, M_TRIGGER, new, now).await?;
@@ -309,6 +326,7 @@ impl RunService for Runs {
             retry_of: Some(prev.id),
             policy,
             idempotency_key: None,
+            manual: true,
         };
         let new_id = new.id;
         let tx = self
@@ -411,6 +429,7 @@ impl RunService for Runs {
                 retry_of: None,
                 policy: def.policy,
                 idempotency_key: None,
+                manual: false,
             })
             .collect();
         // All or nothing: one transaction, in chunks.
@@ -420,6 +439,7 @@ impl RunService for Runs {
             .begin()
             .await
             .map_err(|e| db_status(e.into(), "runs"))?;
+        bound(&mut tx, binding_id).await?;
         check_hourly_budget(&mut tx, &tenant_id, runs.len() as u64, now).await?;
         let mut events = Vec::with_capacity(runs.len());
         for chunk in runs.chunks(1000) {

@@ -283,6 +283,7 @@ impl Scheduler {
                 retry_of: None,
                 policy: b.policy,
                 idempotency_key: None,
+                manual: false,
             };
             runs.extend(
                 plan.skipped

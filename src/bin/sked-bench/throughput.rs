@@ -4,10 +4,11 @@
 //! Setup: definitions `bench.load.<j>` with the `event` handler, an interval
 //! schedule of 1 s and overlap policy ALLOW (backfilled fire times of one
 //! binding are independent runs, so none waits for another of its binding);
-//! B bindings, each paused without expiry right after creation so that it
-//! never fires by itself. BackfillRuns does not look at the pause (it
-//! creates runs for past fire times of the schedule, SPEC §3), so the paused
-//! bindings are pure load generators through the public API.
+//! B bindings, each with its effective window ended right after creation
+//! (`effective_until` = then) so that it never fires by itself. BackfillRuns
+//! creates runs for past fire times inside the window (SPEC §3), so the
+//! bindings are pure load generators through the public API. (Not paused:
+//! a paused binding's backfilled runs wait for its resume.)
 //!
 //! Offered load: steps of `--step-secs`, starting at `--start-rate` runs/s
 //! and doubling up to `--max-rate`. Within a step, every `--tick-ms` the bench
@@ -127,7 +128,7 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
     );
     let layout = Layout::new("bench.load", a.bindings, env.common.tenants);
     progress!(
-        "throughput: {} paused bindings, {} definitions over {} tenants",
+        "throughput: {} bindings (window ended), {} definitions over {} tenants",
         a.bindings,
         layout.definitions(),
         layout.tenants
@@ -138,7 +139,7 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
     })
     .await?;
     let bound = api::create_bindings(env, &layout, |_| None).await?;
-    pause_all(env, &bound).await?;
+    end_windows(env, &bound).await?;
 
     // Each binding's next backfill range starts at its cursor and moves
     // forward; the cursors start a week back (well inside retention) on
@@ -447,20 +448,27 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
     Ok(r)
 }
 
-/// Pauses every binding (no expiry), `concurrency` calls at a time.
-async fn pause_all(env: &Env, bound: &[Bound]) -> anyhow::Result<()> {
+/// Ends every binding's effective window now (so it fires no more),
+/// `concurrency` calls at a time.
+async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<()> {
     let channels = env.channels();
-    api::bulk("PauseBinding", bound.len(), env.common.concurrency, |i| {
+    let until = api::ts(Utc::now());
+    api::bulk("UpdateBinding", bound.len(), env.common.concurrency, |i| {
         let b = bound[i].clone();
         let ch = channels[i % channels.len()].clone();
         async move {
             api::BindingServiceClient::new(ch)
-                .pause_binding(api::req(
+                .update_binding(api::req(
                     &b.tenant,
-                    pb::PauseBindingRequest {
-                        id: b.id,
-                        note: "sked-bench load generator".into(),
-                        expire_time: None,
+                    pb::UpdateBindingRequest {
+                        binding: Some(pb::Binding {
+                            id: b.id,
+                            effective_until: Some(until),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["effective_until".into()],
+                        }),
                     },
                 ))
                 .await?;

@@ -1,0 +1,624 @@
+//! What the claim guards (SPEC §3, issue 12):
+//! - **stopped means stopped:** after DeleteBinding, PauseBinding, a disable
+//!   of the binding or of its definition, or a forced DeleteDefinition
+//!   returns, no automatic run of the binding starts (retries included);
+//!   paused/disabled runs wait and start after resume/enable; a deleted
+//!   binding's runs end `CANCELLED`/`binding_deleted`, running ones too;
+//!   TriggerRun on a paused binding runs, and so do its retries.
+//! - **run times:** a run never starts before the end of the run whose slot
+//!   it takes (tenant quota, or the binding's previous run), even when the
+//!   claiming node's clock lags the node that ended that run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sked::domain::Clock;
+use sked::proto::v1 as pb;
+
+fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
+    let t = t.as_ref().expect("timestamp set");
+    t.seconds as f64 + f64::from(t.nanos) / 1e9
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn dur(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn state(r: &pb::Run) -> pb::RunState {
+    pb::RunState::try_from(r.state).unwrap()
+}
+
+fn is_terminal(r: &pb::Run) -> bool {
+    matches!(
+        state(r),
+        pb::RunState::Succeeded
+            | pb::RunState::Failed
+            | pb::RunState::TimedOut
+            | pb::RunState::Cancelled
+            | pb::RunState::Skipped
+    )
+}
+
+async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
+    node.runs()
+        .get_run(as_tenant(tenant, pb::GetRunRequest { id: id.into() }))
+        .await
+        .expect("get run")
+        .into_inner()
+}
+
+async fn list_runs(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb::Run> {
+    node.runs()
+        .list_runs(as_tenant(
+            tenant,
+            pb::ListRunsRequest {
+                binding_id: binding_id.into(),
+                page_size: 1000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list runs")
+        .into_inner()
+        .runs
+}
+
+/// The states a run went through, from its events.
+async fn states_seen(node: &TestNode, tenant: &str, id: &str) -> Vec<pb::RunState> {
+    node.logs()
+        .list_run_events(as_tenant(
+            tenant,
+            pb::ListRunEventsRequest {
+                run_id: id.into(),
+                page_size: 1000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list run events")
+        .into_inner()
+        .events
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(pb::run_event::Kind::StateChanged(s)) => pb::RunState::try_from(s.to).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls run `id` until `done` holds for it (within [`WAIT`]).
+async fn wait_run(
+    node: &TestNode,
+    tenant: &str,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::Run) -> bool,
+) -> pb::Run {
+    let mut last = None;
+    let r = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = get_run(node, tenant, id).await;
+            if done(&r) {
+                return r;
+            }
+            last = Some(r);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| panic!("{what}: {last:?}"))
+}
+
+/// A definition whose runs fail, with one retry after `backoff_ms`.
+fn failing(name: &str, schedule: pb::Schedule, backoff_ms: i64) -> pb::TaskDefinition {
+    let mut def = sh_def(name, "exit 3", schedule);
+    def.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Some(dur(backoff_ms)),
+        backoff_coefficient: 1.0,
+        max_backoff: Some(dur(backoff_ms)),
+    });
+    def
+}
+
+/// Binds a failing definition that fires every second and waits for its
+/// first attempt's retry to be pending (`SCHEDULED`, due 3 s after the
+/// failure); returns the binding and that retry.
+async fn pending_retry(node: &TestNode, name: &str) -> (pb::Binding, pb::Run) {
+    let b = define_and_bind(node, "acme", failing(name, every(1), 3000)).await;
+    let retry = tokio::time::timeout(WAIT, async {
+        loop {
+            let runs = list_runs(node, "acme", &b.id).await;
+            if let Some(r) = runs
+                .iter()
+                .find(|r| r.trigger == pb::RunTrigger::Retry as i32)
+            {
+                return r.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a failed fire gets a retry");
+    assert_eq!(state(&retry), pb::RunState::Scheduled, "{retry:?}");
+    (b, retry)
+}
+
+/// Waits until the retry is due plus a margin, then checks it never started.
+async fn assert_held(node: &TestNode, retry: &pb::Run) -> pb::Run {
+    let due = secs(&retry.not_before);
+    let margin = 2.0;
+    let wait = (due + margin - now_secs()).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    let r = get_run(node, "acme", &retry.id).await;
+    assert!(
+        matches!(state(&r), pb::RunState::Scheduled | pb::RunState::Queued),
+        "the held retry waits: {r:?}"
+    );
+    assert!(r.start_time.is_none(), "{r:?}");
+    let seen = states_seen(node, "acme", &retry.id).await;
+    assert!(
+        !seen.contains(&pb::RunState::Running),
+        "never RUNNING: {seen:?}"
+    );
+    r
+}
+
+/// After the stop is undone: the retry starts (after `since`) and ends.
+async fn assert_runs_after(node: &TestNode, retry: &pb::Run, since: f64) {
+    let r = wait_run(node, "acme", &retry.id, "the retry runs", is_terminal).await;
+    assert_eq!(state(&r), pb::RunState::Failed, "{r:?}");
+    assert!(secs(&r.start_time) >= since, "started after: {r:?}");
+    let seen = states_seen(node, "acme", &retry.id).await;
+    assert!(seen.contains(&pb::RunState::Running), "{seen:?}");
+}
+
+async fn set_binding_enabled(node: &TestNode, b: &pb::Binding, on: bool) {
+    node.bindings()
+        .update_binding(as_tenant(
+            "acme",
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: b.id.clone(),
+                    enabled: Some(on),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            },
+        ))
+        .await
+        .expect("update binding");
+}
+
+async fn set_definition_enabled(node: &TestNode, name: &str, on: bool) {
+    node.definitions()
+        .update_definition(pb::UpdateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: name.into(),
+                enabled: Some(on),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["enabled".into()],
+            }),
+        })
+        .await
+        .expect("update definition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_of_a_paused_binding_waits_and_runs_after_resume() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let (b, retry) = pending_retry(&node, "pauseretry").await;
+    node.bindings()
+        .pause_binding(as_tenant(
+            "acme",
+            pb::PauseBindingRequest {
+                id: b.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pause");
+    assert_held(&node, &retry).await;
+    let resumed = now_secs();
+    node.bindings()
+        .resume_binding(as_tenant(
+            "acme",
+            pb::ResumeBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("resume");
+    assert_runs_after(&node, &retry, resumed).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_of_a_disabled_binding_waits_and_runs_after_enable() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let (b, retry) = pending_retry(&node, "disableretry").await;
+    set_binding_enabled(&node, &b, false).await;
+    assert_held(&node, &retry).await;
+    let enabled = now_secs();
+    set_binding_enabled(&node, &b, true).await;
+    assert_runs_after(&node, &retry, enabled).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_of_a_disabled_definition_waits_and_runs_after_enable() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let (_, retry) = pending_retry(&node, "defdisable").await;
+    set_definition_enabled(&node, "defdisable", false).await;
+    assert_held(&node, &retry).await;
+    let enabled = now_secs();
+    set_definition_enabled(&node, "defdisable", true).await;
+    assert_runs_after(&node, &retry, enabled).await;
+    node.stop().await;
+}
+
+/// The retry of a deleted binding ends `CANCELLED`/`binding_deleted` at once,
+/// never runs, and stays readable.
+async fn assert_cancelled_by_delete(node: &TestNode, retry: &pb::Run) {
+    let r = get_run(node, "acme", &retry.id).await;
+    assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
+    assert_eq!(r.reason, "binding_deleted", "{r:?}");
+    let due = secs(&retry.not_before);
+    tokio::time::sleep(Duration::from_secs_f64((due + 2.0 - now_secs()).max(0.0))).await;
+    let r = get_run(node, "acme", &retry.id).await;
+    assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
+    assert!(r.start_time.is_none(), "{r:?}");
+    let seen = states_seen(node, "acme", &retry.id).await;
+    assert!(
+        !seen.contains(&pb::RunState::Running),
+        "never RUNNING: {seen:?}"
+    );
+    let runs = list_runs(node, "acme", &retry.binding_id).await;
+    assert!(
+        runs.iter().all(is_terminal),
+        "nothing of the deleted binding waits or runs: {runs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_of_a_deleted_binding_is_cancelled_and_never_runs() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let (b, retry) = pending_retry(&node, "deleteretry").await;
+    node.bindings()
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("delete binding");
+    assert_cancelled_by_delete(&node, &retry).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_of_a_force_deleted_definition_is_cancelled_and_never_runs() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let (_, retry) = pending_retry(&node, "forcedelete").await;
+    node.definitions()
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "forcedelete".into(),
+            force: true,
+        })
+        .await
+        .expect("force delete definition");
+    assert_cancelled_by_delete(&node, &retry).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_run_of_a_deleted_binding_ends_cancelled_and_is_not_retried() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut def = sh_def("sleeper", "sleep 30", manual());
+    def.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Some(dur(100)),
+        backoff_coefficient: 1.0,
+        max_backoff: Some(dur(100)),
+    });
+    let b = define_and_bind(&node, "acme", def).await;
+    let run = trigger(&node, "acme", &b.id).await;
+    wait_run(&node, "acme", &run.id, "the run starts", |r| {
+        state(r) == pb::RunState::Running
+    })
+    .await;
+    let deleted = std::time::Instant::now();
+    node.bindings()
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("delete binding");
+    let r = wait_run(&node, "acme", &run.id, "the run ends", is_terminal).await;
+    assert!(
+        deleted.elapsed() < Duration::from_secs(10),
+        "stopped promptly, not after its 30 s"
+    );
+    assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
+    assert_eq!(r.reason, "binding_deleted", "{r:?}");
+    // A retry would be due 100 ms after the end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let runs = list_runs(&node, "acme", &b.id).await;
+    assert_eq!(runs.len(), 1, "no retry: {runs:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_trigger_on_a_paused_binding_runs_and_so_does_its_retry() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(&node, "acme", failing("manualpaused", manual(), 200)).await;
+    node.bindings()
+        .pause_binding(as_tenant(
+            "acme",
+            pb::PauseBindingRequest {
+                id: b.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pause");
+    let run = trigger(&node, "acme", &b.id).await;
+    let r = wait_run(&node, "acme", &run.id, "the manual run ends", is_terminal).await;
+    assert_eq!(state(&r), pb::RunState::Failed, "{r:?}");
+    let retry = tokio::time::timeout(WAIT, async {
+        loop {
+            let runs = list_runs(&node, "acme", &b.id).await;
+            if let Some(x) = runs.iter().find(|x| x.retry_of == run.id && is_terminal(x)) {
+                return x.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the manual run's retry runs while paused");
+    assert_eq!(state(&retry), pb::RunState::Failed, "{retry:?}");
+    assert_eq!(retry.attempt, 2);
+    node.stop().await;
+}
+
+/// Two nodes share a database; the second's clock lags the first's by 5 s.
+/// A run of the first node holds the only slot (a tenant quota of 1, or a
+/// binding whose overlap policy is not ALLOW) while the next one waits; the
+/// first node stops claiming (shutdown) and lets its run finish, so the
+/// lagging node claims the next one. Its start time must not precede the
+/// end of the run whose slot it took.
+async fn lagging_node_starts_no_earlier_than_the_slot_was_freed(quota: bool) {
+    let db = TestDb::new().await;
+    let mut s = settings(&db, "ahead");
+    s.shutdown_grace = Duration::from_secs(15);
+    let ahead = TestNode::start_with(s).await;
+    let mut def = sh_def("slot", "sleep 1", manual());
+    if quota {
+        def.overlap_policy = pb::OverlapPolicy::Allow as i32;
+        ahead
+            .admin()
+            .set_tenant_quota(pb::SetTenantQuotaRequest {
+                quota: Some(pb::TenantQuota {
+                    tenant_id: "acme".into(),
+                    max_concurrent_runs: Some(1),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("set quota");
+    }
+    let b = define_and_bind(&ahead, "acme", def).await;
+    let first = trigger(&ahead, "acme", &b.id).await;
+    wait_run(&ahead, "acme", &first.id, "the first run starts", |r| {
+        state(r) == pb::RunState::Running
+    })
+    .await;
+    let mut s = settings(&db, "lagging");
+    s.clock = Clock::system();
+    s.clock.advance(chrono::Duration::seconds(-5));
+    let lagging = TestNode::start_with(s).await;
+    // Triggered through the lagging node, so it is due by that node's clock.
+    let second = trigger(&lagging, "acme", &b.id).await;
+    // The first node stops claiming now and drains its run.
+    let stopping = tokio::spawn(ahead.stop());
+    let second = wait_run(&lagging, "acme", &second.id, "the second run ends", |r| {
+        is_terminal(r)
+    })
+    .await;
+    stopping.await.expect("first node stops");
+    let first = get_run(&lagging, "acme", &first.id).await;
+    assert_eq!(state(&first), pb::RunState::Succeeded, "{first:?}");
+    assert_eq!(state(&second), pb::RunState::Succeeded, "{second:?}");
+    assert_eq!(first.node_id, "ahead");
+    assert_eq!(second.node_id, "lagging", "the lagging node took the slot");
+    assert!(
+        secs(&second.start_time) >= secs(&first.end_time),
+        "started {:.6} s before the run whose slot it took ended",
+        secs(&first.end_time) - secs(&second.start_time)
+    );
+    assert!(
+        secs(&second.end_time) >= secs(&second.start_time),
+        "ends no earlier than it started: {second:?}"
+    );
+    lagging.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_starts_a_quota_slot_no_earlier_than_it_was_freed() {
+    lagging_node_starts_no_earlier_than_the_slot_was_freed(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_starts_a_bindings_next_run_no_earlier_than_the_previous_ended() {
+    lagging_node_starts_no_earlier_than_the_slot_was_freed(false).await;
+}
+
+/// A retry written for a binding that a concurrent DeleteBinding removed
+/// (the reaper's race, planted here) is cancelled when due, never queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_retry_of_a_deleted_binding_is_cancelled_instead_of_queued() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(&node, "acme", sh_def("gone", "true", manual())).await;
+    node.bindings()
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest { id: b.id.clone() },
+        ))
+        .await
+        .expect("delete binding");
+    let id = uuid::Uuid::now_v7();
+    let binding: uuid::Uuid = b.id.parse().unwrap();
+    let pool = db.pool().await;
+    sqlx::query(
+        "INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, attempt,
+                           scheduled_time, create_time, handler, params, not_before, last_seq)
+         VALUES ($1, 'acme', $2, 'gone', 'RETRY', 'SCHEDULED', 2, now(), now(),
+                 '{\"kind\": \"command\", \"program\": \"true\"}', '{}', now(), 1)",
+    )
+    .bind(id)
+    .bind(binding)
+    .execute(&pool)
+    .await
+    .expect("plant a retry");
+    let r = wait_run(
+        &node,
+        "acme",
+        &id.to_string(),
+        "the retry ends",
+        is_terminal,
+    )
+    .await;
+    assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
+    assert_eq!(r.reason, "binding_deleted", "{r:?}");
+    assert!(r.start_time.is_none(), "{r:?}");
+    node.stop().await;
+}
+
+/// Event handler runs are claimed (and completed) by the same guarded claim:
+/// a paused binding's backfilled event runs wait, also for a tenant whose
+/// quota makes them queue, and complete after ResumeBinding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    for (tenant, quota) in [("acme", None), ("limited", Some(5))] {
+        if let Some(q) = quota {
+            node.admin()
+                .set_tenant_quota(pb::SetTenantQuotaRequest {
+                    quota: Some(pb::TenantQuota {
+                        tenant_id: tenant.into(),
+                        max_concurrent_runs: Some(q),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("set quota");
+        }
+    }
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: "tick".into(),
+                handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+                schedule: Some(cron("0 0 1 1 *", "UTC")),
+                overlap_policy: pb::OverlapPolicy::Allow as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create definition");
+    let mut bindings = Vec::new();
+    for tenant in ["acme", "limited"] {
+        let b = node
+            .bindings()
+            .create_binding(as_tenant(
+                tenant,
+                pb::CreateBindingRequest {
+                    binding: Some(pb::Binding {
+                        definition: "tick".into(),
+                        ..Default::default()
+                    }),
+                },
+            ))
+            .await
+            .expect("create binding")
+            .into_inner();
+        node.bindings()
+            .pause_binding(as_tenant(
+                tenant,
+                pb::PauseBindingRequest {
+                    id: b.id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("pause");
+        // Three New Year's fires.
+        let now = now_secs();
+        let created = node
+            .runs()
+            .backfill_runs(as_tenant(
+                tenant,
+                pb::BackfillRunsRequest {
+                    binding_id: b.id.clone(),
+                    start_time: Some(prost_types::Timestamp {
+                        seconds: now as i64 - 3 * 366 * 86_400,
+                        nanos: 0,
+                    }),
+                    end_time: Some(prost_types::Timestamp {
+                        seconds: now as i64 - 1,
+                        nanos: 0,
+                    }),
+                    dry_run: false,
+                },
+            ))
+            .await
+            .expect("backfill")
+            .into_inner();
+        assert_eq!(created.run_ids.len(), 3, "{created:?}");
+        bindings.push((tenant, b, created.run_ids));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (tenant, _, ids) in &bindings {
+        for id in ids {
+            let r = get_run(&node, tenant, id).await;
+            assert_eq!(state(&r), pb::RunState::Queued, "held while paused: {r:?}");
+        }
+    }
+    for (tenant, b, ids) in &bindings {
+        node.bindings()
+            .resume_binding(as_tenant(
+                tenant,
+                pb::ResumeBindingRequest { id: b.id.clone() },
+            ))
+            .await
+            .expect("resume");
+        for id in ids {
+            let r = wait_run(&node, tenant, id, "completes after resume", is_terminal).await;
+            assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+        }
+    }
+    node.stop().await;
+}
