@@ -12,50 +12,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut};
 use prost::Message;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value};
 use sked::grpc::boundary::{self, MAX_DURATION_SECS, MAX_TIMESTAMP_SECS, MIN_TIMESTAMP_SECS};
 use sked::proto::v1 as pb;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use common::*;
-
-/// Sends and receives encoded messages as they are.
-#[derive(Default, Clone)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
 
 struct Method {
     path: String,
@@ -330,17 +294,7 @@ async fn every_field_of_every_request_rejects_bad_values_by_name_and_never_fails
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "hostile").await;
     // Another tenant's one-second event binding fires all along.
-    let canary = define_and_bind(
-        &node,
-        "canary",
-        pb::TaskDefinition {
-            name: "canary".into(),
-            handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-            schedule: Some(every(1)),
-            ..Default::default()
-        },
-    )
-    .await;
+    let canary = event_canary(&node, "canary").await;
     // Something for calls to find: a definition and a binding of the
     // hostile tenant (so handlers get past NOT_FOUND where they can).
     let own = define_and_bind(&node, "hostile", sh_def("target", "true", manual())).await;
@@ -489,17 +443,7 @@ async fn every_field_of_every_request_rejects_bad_values_by_name_and_never_fails
 async fn accepted_extreme_timestamps_round_trip_and_nothing_stops_firing() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "extremes").await;
-    let canary = define_and_bind(
-        &node,
-        "canary",
-        pb::TaskDefinition {
-            name: "canary".into(),
-            handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-            schedule: Some(every(1)),
-            ..Default::default()
-        },
-    )
-    .await;
+    let canary = event_canary(&node, "canary").await;
     let b = define_and_bind(&node, "hostile", sh_def("target", "true", every(60))).await;
     let max = prost_types::Timestamp {
         seconds: MAX_TIMESTAMP_SECS,
@@ -600,17 +544,7 @@ fn short(s: &str) -> String {
 async fn expensive_calls_are_bounded_per_tenant_and_do_not_stall_the_node() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "costly").await;
-    let canary = define_and_bind(
-        &node,
-        "canary",
-        pb::TaskDefinition {
-            name: "canary".into(),
-            handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-            schedule: Some(every(1)),
-            ..Default::default()
-        },
-    )
-    .await;
+    let canary = event_canary(&node, "canary").await;
     let minutes: Vec<String> = (0..60).map(|m| m.to_string()).collect();
     let expr = format!("{} 0 29 2 *", minutes.join(","));
     let stop_at = Instant::now() + Duration::from_secs(4);

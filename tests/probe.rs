@@ -11,48 +11,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut};
 use prost_types::{Struct, Value as PValue, value::Kind as PKind};
 use sked::grpc::boundary::MAX_TIMESTAMP_SECS;
 use sked::proto::v1 as pb;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
 use common::*;
-
-/// Sends and receives encoded messages as they are.
-#[derive(Default, Clone)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
 
 fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }

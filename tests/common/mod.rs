@@ -557,3 +557,65 @@ pub async fn runs_until(
     .await
     .unwrap_or_else(|_| panic!("within {limit:?}: {what}"))
 }
+
+/// A codec that sends and receives encoded messages as they are (for
+/// malformed and descriptor-built requests).
+#[derive(Default, Clone)]
+pub struct RawCodec;
+/// [`RawCodec`]'s encoder.
+pub struct RawEncoder;
+/// [`RawCodec`]'s decoder.
+pub struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// A one-second `event` definition bound for `tenant`: a canary whose fires
+/// show the node keeps scheduling.
+pub async fn event_canary(node: &TestNode, tenant: &str) -> pb::Binding {
+    define_and_bind(
+        node,
+        tenant,
+        pb::TaskDefinition {
+            name: format!("canary-{}", tenant.to_lowercase()),
+            handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+            schedule: Some(every(1)),
+            ..Default::default()
+        },
+    )
+    .await
+}
