@@ -63,7 +63,11 @@ pub struct Settings {
     pub database_url: String,
     /// Unique node id.
     pub node_id: String,
-    /// Runs executing at once on this node.
+    /// Runs executing at once on this node (0 = none: API, scheduler and
+    /// maintenance only). One tenant holds at most all but a quarter of them
+    /// (at least one fewer when ≥ 2: 64 → 48, 4 → 3, 2 → 1, 1 → 1; see
+    /// [`crate::executor::tenant_slot_cap`]), so one tenant's long runs never
+    /// take every slot from the others.
     pub max_concurrent_runs: usize,
     /// How long running runs may take to finish on shutdown.
     pub shutdown_grace: Duration,

@@ -76,7 +76,8 @@ pub struct ServeArgs {
     /// `<hostname>-<pid>`.
     #[arg(long, env = "SKED_NODE_ID")]
     pub node_id: Option<String>,
-    /// Runs executing at once on this node; more wait QUEUED.
+    /// Runs executing at once on this node; more wait QUEUED. One tenant
+    /// holds at most all but a quarter of them (at least one fewer: 64 → 48).
     #[arg(long, env = "SKED_MAX_CONCURRENT_RUNS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_runs: u32,
     /// Seconds running runs may take to finish on shutdown.

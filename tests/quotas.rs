@@ -3,7 +3,8 @@
 //! max_runs_per_hour skips scheduled fires with reason "quota" and refuses
 //! triggers, max_bindings refuses the next binding, GetQuotaUsage reports it
 //! all, and the claim order serves a small tenant before a big backlog and a
-//! high priority before both.
+//! high priority before both. A tenant holds at most its share of a node's
+//! slots (`max_concurrent_runs` minus a quarter), and uses all of it.
 //!
 //! These nodes run with auth off (every caller a platform admin naming its
 //! tenant with x-tenant-id), so SetTenantQuota needs no key.
@@ -271,6 +272,41 @@ async fn max_concurrent_runs_caps_a_tenant_and_all_runs_finish() {
     assert_eq!(f.runs_last_hour, 4, "{f:?}");
     assert_eq!(f.throttled_last_hour, 0, "{f:?}");
     assert_eq!(health(&f), pb::QuotaHealth::Ok, "{f:?}");
+    node.stop().await;
+}
+
+/// A node keeps a quarter of its slots for other tenants (4 → one tenant
+/// holds at most 3), but a tenant alone on the node still uses its whole
+/// share at once, and its excess runs wait and all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_alone_on_a_node_runs_up_to_its_share_of_the_slots() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db, "n1");
+    s.max_concurrent_runs = 4;
+    let node = TestNode::start_with(s).await;
+    let b = define_and_bind(&node, "acme", allow(sh_def("par", "sleep 3", manual()))).await;
+    for _ in 0..6 {
+        trigger(&node, "acme", &b.id).await;
+    }
+    let runs = runs_until(
+        &node,
+        "acme",
+        &b.id,
+        Duration::from_secs(60),
+        "all 6 runs end",
+        |rs| rs.len() == 6 && rs.iter().all(is_terminal),
+    )
+    .await;
+    for r in &runs {
+        assert_eq!(state(r), pb::RunState::Succeeded, "{r:?}");
+    }
+    let iv = intervals(&runs);
+    assert_eq!(iv.len(), 6);
+    assert_eq!(
+        max_running(&iv),
+        3,
+        "one tenant ran exactly its share (3 of 4 slots) at once at most, and reached it: {iv:?}"
+    );
     node.stop().await;
 }
 

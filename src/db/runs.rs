@@ -317,6 +317,12 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// write (started and ended at `now`), with its `→ RUNNING`, `fired` and
 /// `→ SUCCEEDED` events, and is returned so.
 ///
+/// No run of a tenant in `excluded` is taken (the executor passes the
+/// tenants holding their share of its slots, see [`crate::executor`]; empty
+/// for [`ClaimKind::Event`]). They are dropped where the tenants are
+/// enumerated, so their backlogs are not read: an excluded tenant costs one
+/// index probe.
+///
 /// # Errors
 /// [`Error::AlreadyExists`] (`runs_one_running`) when another node claimed a
 /// run of the same overlap-free binding at the same instant: claim again.
@@ -328,6 +334,7 @@ pub async fn run_claim(
     lease: chrono::Duration,
     limit: i64,
     kind: ClaimKind,
+    excluded: &[String],
 ) -> Result<Vec<(Run, Vec<RunEvent>)>, Error> {
     let body = EventBody::StateChanged {
         from: Some(RunState::Queued),
@@ -387,9 +394,13 @@ pub async fn run_claim(
              SELECT (SELECT r.tenant_id FROM runs r WHERE r.state = 'QUEUED' AND r.tenant_id > t.tenant_id
                      ORDER BY r.tenant_id LIMIT 1)
              FROM tenants t WHERE t.tenant_id IS NOT NULL),
+           -- Those the caller did not exclude ($8: tenants at their share
+           -- of the node's slots); an excluded tenant's backlog is not read.
+           open_tenants AS (
+             SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL AND tenant_id <> ALL($8::text[])),
            -- ALLOW runs: each tenant's first $4 due ones of the kind.
            allowed AS (
-             SELECT a.* FROM tenants t CROSS JOIN LATERAL (
+             SELECT a.* FROM open_tenants t CROSS JOIN LATERAL (
                SELECT q.id, q.tenant_id, q.priority, q.not_before, q.throttled
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
@@ -408,7 +419,7 @@ pub async fn run_claim(
                     (SELECT r.binding_id FROM runs r
                      WHERE r.tenant_id = t.tenant_id AND r.state = 'QUEUED' AND r.overlap_policy <> 'ALLOW'
                      ORDER BY r.binding_id LIMIT 1) AS binding_id
-             FROM tenants t WHERE t.tenant_id IS NOT NULL
+             FROM open_tenants t
              UNION ALL
              SELECT b.tenant_id, b.n + 1,
                     (SELECT r.binding_id FROM runs r
@@ -560,6 +571,7 @@ pub async fn run_claim(
         encode(&body),
         kind == ClaimKind::Event,
         encode(&done),
+        excluded,
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -4,7 +4,19 @@
 //! The claim loop takes up to the number of free slots
 //! (`max_concurrent_runs` minus running) in one statement (`FOR UPDATE SKIP
 //! LOCKED`, so no two nodes claim the same run), commits, and only then runs
-//! each handler outside any transaction. Each pass it also moves due
+//! each handler outside any transaction.
+//!
+//! **Per-tenant share:** one tenant holds at most [`tenant_slot_cap`] of a
+//! node's slots (`max_concurrent_runs` minus a quarter of it, at least one
+//! fewer: 64 → 48, 4 → 3, 2 → 1, 1 → 1), so however many long runs one
+//! tenant queues, a quarter of every node's slots stays open to the others.
+//! The loop counts its running runs per tenant; a claim skips the tenants
+//! at their share (their backlog is not even read, see
+//! [`db::runs::run_claim`]) and takes at most as many runs as the tenant
+//! closest to its share may still start, so no claim pushes a tenant past
+//! it. A claim cut short so claims again at once. A tenant alone on a node
+//! still gets its share, not all of it; `event` runs hold no slot and are
+//! not counted. Each pass it also moves due
 //! `SCHEDULED` runs (retry backoff, delayed triggers) to `QUEUED` and reaps
 //! expired leases. It wakes on the `sked_runs` NOTIFY (and locally right
 //! after the scheduler queued runs), when a run finishes, at the next
@@ -163,7 +175,8 @@ pub struct Executor {
     /// Runs executing here (shared with the bridge for cancel requests).
     pub running: RunningRuns,
     /// Runs executing at once on this node; 0 = this node executes nothing
-    /// (API, scheduler and maintenance only).
+    /// (API, scheduler and maintenance only). One tenant holds at most
+    /// [`tenant_slot_cap`] of them.
     pub max_concurrent_runs: usize,
     /// Lease taken on claim and renewed every `lease / 3`.
     pub lease: Duration,
@@ -193,7 +206,8 @@ impl Executor {
 
     async fn claim_and_drain(self: Arc<Self>, shutdown: CancellationToken) {
         let this = self;
-        let mut running: JoinSet<()> = JoinSet::new();
+        let mut running = Slots::default();
+        let cap = tenant_slot_cap(this.max_concurrent_runs);
         let mut last_reap: Option<tokio::time::Instant> = None;
         loop {
             if let Err(e) = this.promote().await {
@@ -207,17 +221,32 @@ impl Executor {
             }
             // Finished runs free their slots even while event runs keep the
             // loop from sleeping (where they are otherwise joined).
-            while running.try_join_next().is_some() {}
-            let free = this.max_concurrent_runs.saturating_sub(running.len());
-            if free > 0 {
-                match this.claim(free).await {
+            while running.try_join_next() {}
+            loop {
+                let free = this.max_concurrent_runs.saturating_sub(running.len());
+                if free == 0 {
+                    break;
+                }
+                let (limit, excluded) = claim_plan(free, cap, &running.held);
+                match this.claim(limit, &excluded).await {
                     Ok(runs) => {
+                        let n = runs.len();
                         for (run, stop) in runs {
                             let ex = Arc::clone(&this);
-                            running.spawn(async move { ex.execute(run, stop).await });
+                            let tenant = run.tenant_id.clone();
+                            running.spawn(tenant, async move { ex.execute(run, stop).await });
+                        }
+                        // Cut short by a tenant near its share, the claim
+                        // may have left other tenants' runs for free slots:
+                        // claim again (each round fills at least a slot).
+                        if n < limit || limit == free {
+                            break;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "claiming runs failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming runs failed");
+                        break;
+                    }
                 }
             }
             // Event handler runs need no slot: they complete in their claim.
@@ -230,11 +259,14 @@ impl Executor {
                 Err(e) => tracing::warn!(error = %e, "completing event runs failed"),
             }
             let pause = this.sleep_time().await;
-            tokio::select! {
-                _ = this.wake.notified() => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-                _ = tokio::time::sleep(pause) => {}
+            let joined = tokio::select! {
+                _ = this.wake.notified() => None,
+                Some(r) = running.tasks.join_next_with_id(), if !running.is_empty() => Some(r),
+                _ = tokio::time::sleep(pause) => None,
                 _ = shutdown.cancelled() => break,
+            };
+            if let Some(r) = joined {
+                running.joined(r);
             }
         }
         if !running.is_empty() {
@@ -243,7 +275,7 @@ impl Executor {
                 grace = ?this.shutdown_grace,
                 "waiting for running runs to finish"
             );
-            let drain = async { while running.join_next().await.is_some() {} };
+            let drain = async { while running.tasks.join_next().await.is_some() {} };
             if tokio::time::timeout(this.shutdown_grace, drain)
                 .await
                 .is_err()
@@ -254,7 +286,7 @@ impl Executor {
                 );
                 this.running.stop_all(StopReason::Shutdown);
                 // They end CANCELLED/shutdown once their processes are gone.
-                let drain = async { while running.join_next().await.is_some() {} };
+                let drain = async { while running.tasks.join_next().await.is_some() {} };
                 if tokio::time::timeout(this.kill_grace + Duration::from_secs(10), drain)
                     .await
                     .is_err()
@@ -263,7 +295,7 @@ impl Executor {
                         abandoned = running.len(),
                         "runs did not stop; abandoning them to the reaper"
                     );
-                    running.abort_all();
+                    running.tasks.abort_all();
                 }
             }
         }
@@ -287,8 +319,15 @@ impl Executor {
         }
     }
 
-    async fn claim(&self, free: usize) -> Result<Vec<(Run, Stop)>, db::Error> {
-        let claimed = self.claim_kind(free, ClaimKind::Executed).await?;
+    /// Claims up to `limit` runs to execute, none of the `excluded` tenants.
+    async fn claim(
+        &self,
+        limit: usize,
+        excluded: &[String],
+    ) -> Result<Vec<(Run, Stop)>, db::Error> {
+        let claimed = self
+            .claim_kind(limit, ClaimKind::Executed, excluded)
+            .await?;
         let mut runs = Vec::with_capacity(claimed.len());
         for (run, events) in claimed {
             self.bus.publish(events);
@@ -302,7 +341,8 @@ impl Executor {
     /// handlers in one transaction, publishes their events; returns how
     /// many.
     async fn complete_events(&self) -> Result<usize, db::Error> {
-        let done = self.claim_kind(EVENT_BATCH, ClaimKind::Event).await?;
+        // They hold no slot, so no tenant's share limits them.
+        let done = self.claim_kind(EVENT_BATCH, ClaimKind::Event, &[]).await?;
         let n = done.len();
         if n > 0 {
             tracing::debug!(runs = n, "event runs completed");
@@ -316,6 +356,7 @@ impl Executor {
         &self,
         limit: usize,
         kind: ClaimKind,
+        excluded: &[String],
     ) -> Result<Vec<(Run, Vec<RunEvent>)>, db::Error> {
         let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30));
         let mut tries = 0;
@@ -328,6 +369,7 @@ impl Executor {
                 lease,
                 limit as i64,
                 kind,
+                excluded,
             )
             .await
             {
@@ -508,6 +550,98 @@ impl Executor {
     }
 }
 
+/// How many of a node's `max_concurrent_runs` slots one tenant may hold:
+/// all but a quarter of them, and at least one fewer when there are two or
+/// more (64 → 48, 4 → 3, 2 → 1); 1 for a single slot (0 stays 0: the node
+/// executes nothing). The rest stays open to other tenants however many
+/// runs one tenant has waiting.
+pub fn tenant_slot_cap(max_concurrent_runs: usize) -> usize {
+    if max_concurrent_runs == 0 {
+        return 0;
+    }
+    max_concurrent_runs
+        .saturating_sub((max_concurrent_runs / 4).max(1))
+        .max(1)
+}
+
+/// The claim for `free` slots when tenants hold `held` of them and each may
+/// hold `cap`: how many runs it may take (at most what the tenant closest
+/// to its share may still start, since a claim may give every run to one
+/// tenant) and the tenants at their share, whose runs it must skip.
+fn claim_plan(free: usize, cap: usize, held: &HashMap<String, usize>) -> (usize, Vec<String>) {
+    let mut limit = free.min(cap);
+    let mut excluded = Vec::new();
+    for (tenant, &n) in held {
+        if n >= cap {
+            excluded.push(tenant.clone());
+        } else {
+            limit = limit.min(cap - n);
+        }
+    }
+    (limit, excluded)
+}
+
+/// The executing runs' tasks, with how many each tenant holds. A task is
+/// counted from its spawn until it is joined (whichever join point sees it,
+/// and also when it panicked: the tenant is kept by task id).
+#[derive(Default)]
+struct Slots {
+    tasks: JoinSet<()>,
+    tenant_of: HashMap<tokio::task::Id, String>,
+    held: HashMap<String, usize>,
+}
+
+impl Slots {
+    fn spawn<F>(&mut self, tenant: String, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = self.tasks.spawn(task).id();
+        *self.held.entry(tenant.clone()).or_default() += 1;
+        self.tenant_of.insert(id, tenant);
+    }
+
+    /// Accounts for a joined task.
+    fn joined(&mut self, r: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match r {
+            Ok((id, ())) => id,
+            Err(e) => {
+                if e.is_panic() {
+                    tracing::error!(error = %e, "a run's task panicked");
+                }
+                e.id()
+            }
+        };
+        if let Some(tenant) = self.tenant_of.remove(&id)
+            && let Some(n) = self.held.get_mut(&tenant)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&tenant);
+            }
+        }
+    }
+
+    /// Joins one finished task if there is one; returns whether it did.
+    fn try_join_next(&mut self) -> bool {
+        match self.tasks.try_join_next_with_id() {
+            Some(r) => {
+                self.joined(r);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
 /// Whether `run`, ending in `state` with `outcome`, may get a retry (see
 /// [`retry_run`], which decides on the run as written).
 fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
@@ -619,6 +753,33 @@ mod tests {
             idempotency_key: None,
             cancel_reason: None,
         }
+    }
+
+    #[test]
+    fn a_tenant_holds_at_most_its_share_of_the_slots() {
+        let caps: Vec<_> = [0, 1, 2, 3, 4, 5, 8, 64, 100]
+            .into_iter()
+            .map(tenant_slot_cap)
+            .collect();
+        assert_eq!(caps, [0, 1, 1, 2, 3, 4, 6, 48, 75]);
+
+        let held = |v: &[(&str, usize)]| -> HashMap<String, usize> {
+            v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+        };
+        // Nobody running: one claim may fill up to the cap.
+        assert_eq!(claim_plan(4, 3, &held(&[])), (3, vec![]));
+        // A tenant at its share is skipped; the claim is not limited by it.
+        assert_eq!(
+            claim_plan(1, 3, &held(&[("hog", 3)])),
+            (1, vec!["hog".to_string()])
+        );
+        // A tenant one short of its share: one run per claim, so the claim
+        // cannot give it two.
+        assert_eq!(
+            claim_plan(30, 48, &held(&[("a", 47), ("b", 2)])),
+            (1, vec![])
+        );
+        assert_eq!(claim_plan(30, 48, &held(&[("a", 40)])), (8, vec![]));
     }
 
     #[test]
