@@ -704,20 +704,39 @@ async fn the_node_concurrency_limit_keeps_excess_runs_queued() {
     let node = TestNode::start_with(s).await;
     let mut def = sh_def("par", "sleep 1", manual());
     def.overlap_policy = pb::OverlapPolicy::Allow as i32;
+    // Two tenants, so the node's limit (not one tenant's share of it,
+    // which is 1 of 2 slots) is what binds.
     let b = define_and_bind(&node, "acme", def).await;
+    let beta = bind_existing(&node, "beta", "par").await;
     let mut ids = Vec::new();
-    for _ in 0..5 {
-        ids.push(trigger(&node, "acme", &b.id).await.id);
+    for _ in 0..4 {
+        ids.push(("acme", trigger(&node, "acme", &b.id).await.id));
+        ids.push(("beta", trigger(&node, "beta", &beta.id).await.id));
     }
     let mut runs = Vec::new();
-    for id in &ids {
-        runs.push(wait_terminal(&node, "acme", id).await);
+    for (tenant, id) in &ids {
+        runs.push(wait_terminal(&node, tenant, id).await);
     }
     assert!(runs.iter().all(|r| state(r) == pb::RunState::Succeeded));
     let iv = intervals(&runs);
     for (start, _) in &iv {
         let running = iv.iter().filter(|(s, e)| s <= start && start < e).count();
         assert!(running <= 2, "{running} running at once: {iv:?}");
+    }
+    for tenant in ["acme", "beta"] {
+        let own: Vec<_> = runs
+            .iter()
+            .filter(|r| r.tenant_id == tenant)
+            .cloned()
+            .collect();
+        let iv = intervals(&own);
+        for (start, _) in &iv {
+            let running = iv.iter().filter(|(s, e)| s <= start && start < e).count();
+            assert!(
+                running <= 1,
+                "{tenant}: {running} of its runs at once on a 2-slot node"
+            );
+        }
     }
     node.stop().await;
 }

@@ -619,3 +619,20 @@ pub async fn event_canary(node: &TestNode, tenant: &str) -> pb::Binding {
     )
     .await
 }
+
+/// Binds the existing definition `definition` for `tenant`.
+pub async fn bind_existing(node: &TestNode, tenant: &str, definition: &str) -> pb::Binding {
+    node.bindings()
+        .create_binding(as_tenant(
+            tenant,
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: definition.into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect("create binding")
+        .into_inner()
+}
