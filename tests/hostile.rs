@@ -120,7 +120,13 @@ fn with_leaf(base: &DynamicMessage, leaf: &Leaf, v: Value) -> DynamicMessage {
 fn set(msg: &mut DynamicMessage, path: &[FieldDescriptor], v: Value) {
     let f = &path[0];
     if path.len() == 1 {
-        let v = if f.is_map() {
+        let whole = matches!(
+            (&v, f.is_list(), f.is_map()),
+            (Value::List(_), true, _) | (Value::Map(_), _, true)
+        );
+        let v = if whole {
+            v
+        } else if f.is_map() {
             let key = MapKey::String("k".into());
             Value::Map([(key, v)].into_iter().collect())
         } else if f.is_list() {
@@ -354,6 +360,40 @@ async fn every_field_of_every_request_rejects_bad_values_by_name_and_never_fails
                         short(s.message())
                     ));
                 }
+            }
+        }
+        // Lists and maps one item over their bound.
+        for leaf in ls
+            .iter()
+            .filter(|l| l.field().is_list() || l.field().is_map())
+        {
+            let (_, edge) = values(leaf);
+            let Some((_, item)) = edge.into_iter().next() else {
+                continue;
+            };
+            let n = boundary::items_limit(leaf.field()) + 1;
+            let v = if leaf.field().is_map() {
+                Value::Map(
+                    (0..n)
+                        .map(|i| (MapKey::String(format!("k{i}")), item.clone()))
+                        .collect(),
+                )
+            } else {
+                Value::List(vec![item; n])
+            };
+            calls += 1;
+            let body = with_leaf(&base, leaf, v).encode_to_vec();
+            match call(&node.channel, &m, "hostile", body).await {
+                Err(s) if s.code() == Code::InvalidArgument && s.message().len() <= 1024 => {}
+                Err(s) if s.code() == Code::OutOfRange => {} // over 4 MiB in all
+                other => failures.push(format!(
+                    "{} {} ({n} items): {:?}",
+                    m.path,
+                    leaf.name(),
+                    other
+                        .map(|_| "OK")
+                        .map_err(|s| (s.code(), short(s.message())))
+                )),
             }
         }
         // Malformed bytes: garbage, a truncated message, invalid UTF-8.
