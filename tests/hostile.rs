@@ -744,3 +744,32 @@ async fn merged_params_are_bounded_whichever_part_grows() {
     assert_eq!(d.params, kib("a", 40));
     node.stop().await;
 }
+
+/// Ambiguous or malformed selectors are refused, not guessed at: two
+/// `x-tenant-id` headers, a page token that no page could have produced.
+#[tokio::test]
+async fn ambiguous_tenant_headers_and_foreign_page_tokens_are_invalid_argument() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "selectors").await;
+    let mut req = as_tenant("acme", pb::ListBindingsRequest::default());
+    req.metadata_mut()
+        .append("x-tenant-id", "other".parse().expect("ascii"));
+    let e = node
+        .bindings()
+        .list_bindings(req)
+        .await
+        .expect_err("two tenants named");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("x-tenant-id"), "{e:?}");
+    let e = node
+        .definitions()
+        .list_definitions(pb::ListDefinitionsRequest {
+            page_token: "not a name!".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a token no page produced");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("page_token"), "{e:?}");
+    node.stop().await;
+}

@@ -249,6 +249,18 @@ pub fn require_platform(caller: &Caller, method: &str) -> Result<(), Status> {
 /// a malformed one; `PERMISSION_DENIED` when a tenant key names another
 /// tenant.
 pub fn call_tenant<T>(caller: &Caller, req: &Request<T>) -> Result<String, Status> {
+    if req
+        .metadata()
+        .get_all(TENANT_HEADER)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(invalid(FieldViolation::new(
+            TENANT_HEADER,
+            "header given more than once; name one tenant",
+        )));
+    }
     let header = req
         .metadata()
         .get(TENANT_HEADER)

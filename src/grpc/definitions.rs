@@ -142,6 +142,10 @@ impl DefinitionService for Definitions {
         let caller = self.0.authorize(&req, Role::Viewer, M_LIST).await?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
+        // The token is the last name of the previous page.
+        if !r.page_token.is_empty() {
+            validate_definition_name("page_token", &r.page_token).map_err(invalid)?;
+        }
         let defs = q::definition_list(
             &self.0.pool,
             &r.page_token,

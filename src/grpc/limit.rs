@@ -3,7 +3,8 @@
 //! every other caller and the engine, under a time limit, and at most
 //! [`COSTLY_PER_CALLER`] such calls run at once **per caller** (tenant, else
 //! key, else connection) — a limit of its own that no other tenant can use up.
-//! Open streams are bounded the same way, [`STREAMS_PER_TENANT`] per tenant.
+//! Open streams are bounded the same way, [`STREAMS_PER_TENANT`] per tenant
+//! and per connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -110,17 +111,29 @@ impl CostLimiter {
         }
     }
 
-    /// A slot for one open stream of `tenant`, held while the stream lives.
+    /// Slots for one open stream of `tenant` on the connection from `peer`,
+    /// held while the stream lives.
     ///
     /// # Errors
-    /// `RESOURCE_EXHAUSTED` when the tenant has [`STREAMS_PER_TENANT`] open.
-    pub fn stream_permit(&self, tenant: &str) -> Result<OwnedSemaphorePermit, Status> {
-        semaphore(&self.streams, tenant.to_string(), STREAMS_PER_TENANT)
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "at most {STREAMS_PER_TENANT} open TailRun/WatchEvents streams per tenant on a node; close one first"
-                ))
+    /// `RESOURCE_EXHAUSTED` when the tenant, or the connection, has
+    /// [`STREAMS_PER_TENANT`] open.
+    pub fn stream_permit(
+        &self,
+        tenant: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Vec<OwnedSemaphorePermit>, Status> {
+        let mut keys = vec![format!("tenant:{tenant}")];
+        keys.extend(peer.map(|a| format!("peer:{a}")));
+        keys.into_iter()
+            .map(|k| {
+                semaphore(&self.streams, k, STREAMS_PER_TENANT)
+                    .try_acquire_owned()
+                    .map_err(|_| {
+                        Status::resource_exhausted(format!(
+                            "at most {STREAMS_PER_TENANT} open TailRun/WatchEvents streams per tenant and per connection on a node; close one first"
+                        ))
+                    })
             })
+            .collect()
     }
 }

@@ -33,8 +33,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// message that is ready in one go, so a burst of lines costs few writes
 /// and one wake-up per batch.
 struct TailStream {
-    /// The tenant's stream slot, released when the stream is dropped.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The tenant's and the connection's stream slots, released when the
+    /// stream is dropped.
+    _permit: Vec<tokio::sync::OwnedSemaphorePermit>,
     rx: mpsc::Receiver<tail::TailItem>,
     buf: std::vec::IntoIter<std::sync::Arc<crate::domain::RunEvent>>,
 }
@@ -78,6 +79,7 @@ impl LogService for Logs {
             .0
             .tenant_call(&req, Role::Viewer, "sked.v1.LogService/TailRun")
             .await?;
+        let peer = req.remote_addr();
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
         if r.after_seq < 0 {
@@ -87,7 +89,7 @@ impl LogService for Logs {
         db::runs::run_get(&self.0.pool, &tenant_id, run_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
-        let permit = self.0.costly.stream_permit(&tenant_id)?;
+        let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
             self.0.pool.clone(),
@@ -114,6 +116,7 @@ impl LogService for Logs {
             .0
             .tenant_call(&req, Role::Viewer, "sked.v1.LogService/WatchEvents")
             .await?;
+        let peer = req.remote_addr();
         let r = req.into_inner();
         let binding_id = if r.binding_id.is_empty() {
             None
@@ -140,7 +143,7 @@ impl LogService for Logs {
                 }
             });
         }
-        let permit = self.0.costly.stream_permit(&tenant_id)?;
+        let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
         let filter = WatchFilter {
             tenant_id,
             binding_id,
