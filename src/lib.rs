@@ -20,7 +20,10 @@
 //!   clock.
 //! - [`db`] — all SQL.
 //! - [`grpc`] — the API services, authentication and roles (API keys),
-//!   tenant context, audit summaries, status mapping.
+//!   tenant context, audit summaries, status mapping; the input boundary
+//!   (`grpc::codec` + `grpc::boundary`: every request field checked from the
+//!   descriptor set before a handler runs) and per-tenant cost bounds
+//!   (`grpc::limit`).
 //! - [`scheduler`] — due bindings → queued runs, exactly once; misfire,
 //!   overlap and pause decisions.
 //! - [`executor`] — claim queued runs and run their handlers; leases,

@@ -207,7 +207,7 @@ pub fn request_decode_status<B>(
 }
 
 /// A response body whose trailers (the status of a streaming call) get the
-/// same caps as a unary call's headers ([`cap_status_headers`]).
+/// same caps as a unary call's headers (`cap_status_headers`).
 #[derive(Debug)]
 pub struct CappedBody<B> {
     inner: B,

@@ -5,7 +5,7 @@
 //! UTF-8 in a string, a truncated message, nesting past prost's recursion
 //! limit) with `INTERNAL`; the client's input is at fault, so here it is
 //! `INVALID_ARGUMENT` with a `BadRequest` on `request`. A decoded request is
-//! then checked by [`boundary`](super::boundary) (NUL, lengths, ranges,
+//! then checked by [`boundary`] (NUL, lengths, ranges,
 //! params size and depth). Messages that are not `sked.v1` requests (the
 //! responses our own clients decode) are decoded as prost does.
 

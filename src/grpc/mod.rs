@@ -2,7 +2,13 @@
 //! status mapping and proto ↔ domain conversion. No SQL and no loops here:
 //! handlers validate, call `db` or `events`, and convert.
 //!
-//! Errors follow SPEC §7: `INVALID_ARGUMENT` carries a `google.rpc.BadRequest`
+//! Every request passes the input boundary first ([`codec`] decodes,
+//! [`boundary`] checks each field against its bound), so handlers may rely
+//! on NUL-free, bounded strings, in-range timestamps and durations, and
+//! params within size and depth. Expensive work is bounded per tenant and
+//! connection by [`limit`].
+//!
+//! Errors: `INVALID_ARGUMENT` carries a `google.rpc.BadRequest`
 //! naming the field; internal errors never leak SQL text — the client gets a
 //! request id (also in a `google.rpc.RequestInfo` detail) and the server log
 //! has the full chain under that id.
