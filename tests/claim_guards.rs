@@ -17,48 +17,6 @@ use common::*;
 use sked::domain::Clock;
 use sked::proto::v1 as pb;
 
-fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
-    let t = t.as_ref().expect("timestamp set");
-    t.seconds as f64 + f64::from(t.nanos) / 1e9
-}
-
-fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn dur(ms: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: ms / 1000,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-fn state(r: &pb::Run) -> pb::RunState {
-    pb::RunState::try_from(r.state).unwrap()
-}
-
-fn is_terminal(r: &pb::Run) -> bool {
-    matches!(
-        state(r),
-        pb::RunState::Succeeded
-            | pb::RunState::Failed
-            | pb::RunState::TimedOut
-            | pb::RunState::Cancelled
-            | pb::RunState::Skipped
-    )
-}
-
-async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
-    node.runs()
-        .get_run(as_tenant(tenant, pb::GetRunRequest { id: id.into() }))
-        .await
-        .expect("get run")
-        .into_inner()
-}
-
 async fn list_runs(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb::Run> {
     node.runs()
         .list_runs(as_tenant(

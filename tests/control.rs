@@ -11,47 +11,6 @@ use common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
-    let t = t.as_ref().expect("timestamp set");
-    t.seconds as f64 + f64::from(t.nanos) / 1e9
-}
-
-fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn ts(at: f64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.floor() as i64,
-        nanos: ((at - at.floor()) * 1e9) as i32,
-    }
-}
-
-fn dur(ms: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: ms / 1000,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-fn state(r: &pb::Run) -> pb::RunState {
-    pb::RunState::try_from(r.state).unwrap()
-}
-
-fn is_terminal(r: &pb::Run) -> bool {
-    matches!(
-        state(r),
-        pb::RunState::Succeeded
-            | pb::RunState::Failed
-            | pb::RunState::TimedOut
-            | pb::RunState::Cancelled
-            | pb::RunState::Skipped
-    )
-}
-
 /// Lets a binding fire for `secs`, ends its effective window (it fires no
 /// more; unlike a delete or pause, that leaves its runs alone), then waits
 /// until every run it made has ended; returns them.

@@ -31,11 +31,6 @@ async fn get_binding(
         .map(|r| r.into_inner())
 }
 
-fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
-    let t = t.as_ref().expect("timestamp set");
-    t.seconds as f64 + f64::from(t.nanos) / 1e9
-}
-
 /// Waits until the healthy binding has `more` runs beyond `before`, each
 /// created within 1 s of its fire time; returns the runs.
 async fn keeps_firing(node: &TestNode, tenant: &str, id: &str, before: usize, more: usize) {

@@ -17,42 +17,8 @@ use common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
-    let t = t.as_ref().expect("timestamp set");
-    t.seconds as f64 + f64::from(t.nanos) / 1e9
-}
-
-fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn ts(at: f64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.floor() as i64,
-        nanos: ((at - at.floor()) * 1e9) as i32,
-    }
-}
-
-fn state(r: &pb::Run) -> pb::RunState {
-    pb::RunState::try_from(r.state).unwrap()
-}
-
 fn health(u: &pb::QuotaUsage) -> pb::QuotaHealth {
     pb::QuotaHealth::try_from(u.health).unwrap()
-}
-
-fn is_terminal(r: &pb::Run) -> bool {
-    matches!(
-        state(r),
-        pb::RunState::Succeeded
-            | pb::RunState::Failed
-            | pb::RunState::TimedOut
-            | pb::RunState::Cancelled
-            | pb::RunState::Skipped
-    )
 }
 
 fn quota_skipped(runs: &[pb::Run]) -> usize {
@@ -115,14 +81,6 @@ async fn usage(node: &TestNode, tenant: &str) -> pb::QuotaUsage {
         })
         .await
         .expect("get quota usage")
-        .into_inner()
-}
-
-async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
-    node.runs()
-        .get_run(as_tenant(tenant, pb::GetRunRequest { id: id.into() }))
-        .await
-        .expect("get run")
         .into_inner()
 }
 

@@ -636,3 +636,59 @@ pub async fn bind_existing(node: &TestNode, tenant: &str, definition: &str) -> p
         .expect("create binding")
         .into_inner()
 }
+
+/// A set timestamp as seconds since the epoch (fractional).
+pub fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
+    let t = t.as_ref().expect("timestamp set");
+    t.seconds as f64 + f64::from(t.nanos) / 1e9
+}
+
+/// Now, as seconds since the epoch (fractional).
+pub fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Seconds since the epoch (fractional) → Timestamp.
+pub fn ts(at: f64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.floor() as i64,
+        nanos: ((at - at.floor()) * 1e9) as i32,
+    }
+}
+
+/// `ms` milliseconds as a Duration.
+pub fn dur(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A run's state as the enum.
+pub fn state(r: &pb::Run) -> pb::RunState {
+    pb::RunState::try_from(r.state).unwrap()
+}
+
+/// Whether a run has ended (or was skipped).
+pub fn is_terminal(r: &pb::Run) -> bool {
+    matches!(
+        state(r),
+        pb::RunState::Succeeded
+            | pb::RunState::Failed
+            | pb::RunState::TimedOut
+            | pb::RunState::Cancelled
+            | pb::RunState::Skipped
+    )
+}
+
+/// GetRun as `tenant`.
+pub async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
+    node.runs()
+        .get_run(as_tenant(tenant, pb::GetRunRequest { id: id.into() }))
+        .await
+        .expect("get run")
+        .into_inner()
+}
