@@ -622,8 +622,9 @@ pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
 /// deleted): waiting ones (`SCHEDULED`, `QUEUED`) `CANCELLED` at once with
 /// `reason`, running ones through a cancel request to their node (as
 /// CancelRun), so they end `CANCELLED` with `reason` and are not retried.
-/// Call with [`run_claim_lock`] held, in the deleting transaction. Returns
-/// the events of the runs cancelled at once (announced on commit).
+/// Call in the deleting transaction: it takes [`run_claim_lock`] first, so
+/// no claim starts a run of these bindings once that commits. Returns the
+/// events of the runs cancelled at once (announced on commit).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -637,6 +638,7 @@ pub async fn run_cancel_bindings(
     if bindings.is_empty() {
         return Ok(Vec::new());
     }
+    run_claim_lock(&mut *conn).await?;
     let ids = sqlx::query_scalar!(
         "SELECT id FROM runs WHERE binding_id = ANY($1) AND state IN ('SCHEDULED', 'QUEUED', 'RUNNING')",
         bindings

@@ -373,9 +373,6 @@ impl BindingService for Bindings {
         // Stopped means stopped: under the claim lock, no run of it starts
         // after this commits; its runs end CANCELLED/binding_deleted.
         let now = self.0.clock.now();
-        db::runs::run_claim_lock(&mut tx)
-            .await
-            .map_err(|e| db_status(e, &what))?;
         let cancelled = db::runs::run_cancel_bindings(
             &mut tx,
             &self.0.node_id,

@@ -387,9 +387,6 @@ impl DefinitionService for Definitions {
             .map_err(|e| db_status(e, &what))?;
         // As DeleteBinding for each deleted binding.
         let now = self.0.clock.now();
-        db::runs::run_claim_lock(&mut tx)
-            .await
-            .map_err(|e| db_status(e, &what))?;
         let cancelled = db::runs::run_cancel_bindings(
             &mut tx,
             &self.0.node_id,
