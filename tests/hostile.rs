@@ -236,6 +236,17 @@ fn values(leaf: &Leaf) -> (Cases, Cases) {
             edge.push(("i64::MAX", Value::I64(i64::MAX)));
             edge.push(("i64::MIN", Value::I64(i64::MIN)));
         }
+        Kind::Uint32 => {
+            edge.push(("u32::MAX", Value::U32(u32::MAX)));
+            edge.push(("zero", Value::U32(0)));
+        }
+        Kind::Uint64 => {
+            edge.push(("u64::MAX", Value::U64(u64::MAX)));
+            edge.push(("zero", Value::U64(0)));
+        }
+        Kind::Bool => {
+            edge.push(("true", Value::Bool(true)));
+        }
         Kind::Message(m) => match m.full_name() {
             "google.protobuf.Timestamp" => {
                 bad.push(("year 10000", timestamp(MAX_TIMESTAMP_SECS + 1, 0)));
