@@ -80,8 +80,15 @@ pub struct Settings {
     pub claim_poll: Duration,
     /// Longest scheduler sleep (poll fallback).
     pub scheduler_max_sleep: Duration,
-    /// Database connections.
+    /// Database connections of the node, split between its engine and its
+    /// API ([`split_connections`]).
     pub db_max_connections: u32,
+    /// Changes one tenant may make per second on this node (0: no limit);
+    /// see [`crate::grpc::limit::RateLimits`].
+    pub tenant_changes_per_sec: u32,
+    /// Runs one tenant may create per second through the API on this node
+    /// (0: no limit).
+    pub tenant_api_runs_per_sec: u32,
     /// Whether calls must carry an API key (SPEC §6). Off only for the
     /// development mode: embedded database, loopback listener.
     pub auth: bool,
@@ -106,6 +113,8 @@ impl Settings {
             claim_poll: Duration::from_secs(1),
             scheduler_max_sleep: Duration::from_secs(5),
             db_max_connections: 20,
+            tenant_changes_per_sec: 200,
+            tenant_api_runs_per_sec: 1000,
             auth: true,
             clock: Clock::system(),
             tls: None,
@@ -141,8 +150,14 @@ pub async fn serve(
         .as_ref()
         .map(TlsSettings::server_config)
         .transpose()?;
-    let pool = db::connect(&settings.database_url, settings.db_max_connections).await?;
-    db::migrate(&pool).await?;
+    // Two pools: the engine's (scheduler, executor, reaper, event bridge,
+    // health) and the API's, so no amount of API traffic — a burst of
+    // backfills, slow streams — can keep the scheduler or a claim waiting
+    // for a connection. They share the node's budget.
+    let (engine_size, api_size) = split_connections(settings.db_max_connections);
+    let engine_pool = db::connect(&settings.database_url, engine_size).await?;
+    db::migrate(&engine_pool).await?;
+    let pool = db::connect(&settings.database_url, api_size).await?;
     let addr = listener.local_addr()?;
     if settings.auth {
         if db::tenancy::api_key_count_active(&pool).await? == 0 {
@@ -156,12 +171,20 @@ pub async fn serve(
         );
     }
     tracing::info!(%addr, node_id = %settings.node_id, auth = settings.auth, tls = settings.tls.is_some(), "sked node serving");
-    serve_with_pool(settings, tls, pool, listener, shutdown).await
+    serve_with_pool(settings, tls, engine_pool, pool, listener, shutdown).await
+}
+
+/// How a node's `db_max_connections` is split: (engine pool, API pool),
+/// half each, at least 2 each.
+pub fn split_connections(total: u32) -> (u32, u32) {
+    let engine = (total / 2).max(2);
+    (engine, total.saturating_sub(engine).max(2))
 }
 
 async fn serve_with_pool(
     settings: Settings,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    engine_pool: PgPool,
     pool: PgPool,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -180,10 +203,14 @@ async fn serve_with_pool(
         streams_stop: streams_stop.clone(),
         auth: Arc::new(grpc::auth::Auth::new(settings.auth)),
         costly: Arc::default(),
+        rates: Arc::new(grpc::limit::RateLimits::new(
+            settings.tenant_changes_per_sec,
+            settings.tenant_api_runs_per_sec,
+        )),
     };
 
     let bridge_task = tokio::spawn(bridge::run(
-        pool.clone(),
+        engine_pool.clone(),
         settings.node_id.clone(),
         bus.clone(),
         wakers.clone(),
@@ -191,7 +218,7 @@ async fn serve_with_pool(
     ));
     let scheduler_task = tokio::spawn(
         Scheduler {
-            pool: pool.clone(),
+            pool: engine_pool.clone(),
             clock: settings.clock.clone(),
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
@@ -206,7 +233,7 @@ async fn serve_with_pool(
     );
     let executor_task = tokio::spawn(
         Executor {
-            pool: pool.clone(),
+            pool: engine_pool.clone(),
             clock: settings.clock.clone(),
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
@@ -224,7 +251,7 @@ async fn serve_with_pool(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, true).await;
     let health_task = tokio::spawn(watch_database(
-        pool.clone(),
+        engine_pool.clone(),
         health.clone(),
         engine_stop.clone(),
     ));
@@ -300,6 +327,7 @@ async fn serve_with_pool(
     bridge_stop.cancel();
     let _ = bridge_task.await;
     pool.close().await;
+    engine_pool.close().await;
     tracing::info!("node stopped");
     Ok(result?)
 }
@@ -406,6 +434,8 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.lease = Duration::from_secs(args.lease_secs);
     settings.kill_grace = Duration::from_secs(args.kill_grace_secs);
     settings.db_max_connections = args.db_max_connections;
+    settings.tenant_changes_per_sec = args.tenant_changes_per_sec;
+    settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;
     settings.tls = tls;
     // SPEC §6: auth is on whenever DATABASE_URL is set; only the embedded
     // database on a loopback listener may run without it.

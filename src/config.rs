@@ -92,9 +92,22 @@ pub struct ServeArgs {
     /// (timeout, cancel, shutdown).
     #[arg(long, env = "SKED_KILL_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub kill_grace_secs: u64,
-    /// Database connections of this node.
+    /// Database connections of this node, 4 to 1000: half for its engine
+    /// (scheduler, executor, reaper), half for API calls, so API traffic
+    /// never starves the engine.
     #[arg(long, env = "SKED_DB_MAX_CONNECTIONS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(4..=1000))]
     pub db_max_connections: u32,
+    /// Changes (calls that need more than the viewer role) one tenant may
+    /// make per second on this node, 0 (no limit) to 1e6; bursts of 5 s
+    /// worth pass. Past it: RESOURCE_EXHAUSTED with a retry delay.
+    #[arg(long, env = "SKED_TENANT_CHANGES_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub tenant_changes_per_sec: u32,
+    /// Runs one tenant may create per second through the API on this node
+    /// (TriggerRun and RetryRun count 1, BackfillRuns one per fire time),
+    /// 0 (no limit) to 1e6; bursts of 10 s worth, at least 10 000, pass.
+    /// Past it: RESOURCE_EXHAUSTED with a retry delay.
+    #[arg(long, env = "SKED_TENANT_API_RUNS_PER_SEC", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub tenant_api_runs_per_sec: u32,
     /// Require API keys even in the embedded development mode. Auth is
     /// always on when DATABASE_URL is set or the listener is not loopback.
     #[arg(long, env = "SKED_REQUIRE_AUTH")]

@@ -704,11 +704,13 @@ async fn errors_quote_only_a_short_prefix() {
 /// half of its fires were SKIPPED "overlap" (and an `event` binding of a
 /// third tenant lagged up to 0.7 s, missing fires).
 ///
-/// Still open (issue 12): 160 000 queued runs saturate PostgreSQL on this
-/// machine; scheduled fires need priority over backfilled runs and backfills
-/// a per-tenant budget. Run with `--ignored` to see the state.
+/// Causes found: the 16 backfill calls held every database connection of
+/// the node, so the scheduler and the claim waited for one (now the engine
+/// has its own pool); each fire of a backfilled binding read its whole
+/// backlog to apply the overlap policy (now two index probes); and plans
+/// made from statistics stale after the burst of inserts turned the claim's
+/// primary-key lookups into a scan of the whole queue (now forced probes).
 #[tokio::test]
-#[ignore = "open defect of issue 12: a backfill flood still delays other tenants' fires"]
 async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "probe-backfill-fair").await;
@@ -756,27 +758,47 @@ async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
     let from = now + 1;
     tokio::time::sleep(Duration::from_secs(15)).await;
     let runs = runs_of(&node, "victim", &victim.id).await;
-    let late: Vec<(i64, String)> = runs
+    let mut lags = Vec::new();
+    let mut missed = Vec::new();
+    for r in runs
         .iter()
         .filter(|r| r.scheduled_time.is_some_and(|t| t.seconds >= from))
-        .filter_map(|r| {
-            let s = r.scheduled_time?;
-            match r.start_time {
-                Some(st) => {
-                    let lag_ms = (st.seconds - s.seconds) * 1000
-                        + i64::from((st.nanos - s.nanos) / 1_000_000);
-                    (lag_ms > 1000).then(|| (s.seconds, format!("started {lag_ms} ms late")))
-                }
-                None if r.state == pb::RunState::Skipped as i32 => {
-                    Some((s.seconds, format!("skipped: {}", r.reason)))
-                }
-                None => None,
+    {
+        let s = r.scheduled_time.unwrap_or_default();
+        match r.start_time {
+            Some(st) => lags.push(
+                (st.seconds - s.seconds) * 1000 + i64::from((st.nanos - s.nanos) / 1_000_000),
+            ),
+            None if r.state == pb::RunState::Skipped as i32 => {
+                missed.push((s.seconds, r.reason.clone()))
             }
-        })
-        .collect();
+            None => {}
+        }
+    }
+    lags.sort_unstable();
+    let pct = |p: usize| lags.get((lags.len() * p / 100).min(lags.len().saturating_sub(1)));
+    eprintln!(
+        "victim fire lag while backfills drained: n={} p50={:?} ms p99={:?} ms max={:?} ms",
+        lags.len(),
+        pct(50),
+        pct(99),
+        lags.last()
+    );
     assert!(
-        late.is_empty(),
-        "the other tenant's fires while backfills drained: {late:?}"
+        missed.is_empty(),
+        "the other tenant's fires skipped while backfills drained: {missed:?}"
+    );
+    assert!(
+        lags.len() >= 10,
+        "the other tenant's binding fired {} times in 15 s",
+        lags.len()
+    );
+    // The ≤ 100 ms p99 target is measured by sked-bench (a timed test
+    // flakes on a shared machine); this bounds the defect it guards.
+    assert!(
+        lags.last().is_some_and(|&m| m < 1000),
+        "the other tenant's fires started up to {:?} ms late: {lags:?}",
+        lags.last()
     );
     node.stop().await;
 }

@@ -299,7 +299,7 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 /// when the tenant has a concurrency quota, else any run of its binding.
 /// Only runs that ended after `now` can matter (a finish that committed
 /// between the clock read and the statement's snapshot, or a node whose
-/// clock is ahead); they are read through the `runs_ended` index. So start
+/// clock is ahead); they are read through the `runs_ended_tenant` index. So start
 /// times follow the slot's previous end whatever the nodes' clocks say.
 ///
 /// Cost: a claim reads O(tenants with queued runs × `limit`) runs, however
@@ -517,23 +517,31 @@ pub async fn run_claim(
              WHERE NOT r.over
              ORDER BY r.priority DESC, r.tn, tc.last_claim_time NULLS FIRST, r.not_before, r.id
              LIMIT $4),
+           -- By primary key, one probe per picked run. Written so that no
+           -- plan can do otherwise, even one made from statistics gone
+           -- stale after a large backfill (which once read the whole queue
+           -- here): an array, not a join, and the state test in a form no
+           -- partial index on QUEUED runs matches.
            locked AS (
              SELECT id, tenant_id, binding_id FROM runs
-             WHERE id IN (SELECT id FROM pick) AND state = 'QUEUED'
+             WHERE id = ANY(ARRAY(SELECT id FROM pick)) AND state IS NOT DISTINCT FROM 'QUEUED'
                AND EXISTS (SELECT 1 FROM bindings b WHERE b.id = runs.binding_id)
              FOR UPDATE OF runs SKIP LOCKED),
            -- A run starts no earlier than the end of any run whose slot it
            -- may take: its tenant's when the tenant has a concurrency quota,
            -- its binding's otherwise. Only runs that ended after $1 matter
            -- (a finish that committed after this claim read its clock, or a
-           -- node whose clock is ahead): a short range of runs_ended.
-           late AS MATERIALIZED (
-             SELECT tenant_id, binding_id, end_time FROM runs WHERE end_time > $1 AND start_time IS NOT NULL),
+           -- node whose clock is ahead): per claimed run, the latest such
+           -- end of its tenant, read backwards down the short top of the
+           -- tenant's range of runs_ended_tenant (equality, range and order
+           -- all the index's, so no statistics make another plan cheaper).
            starts AS (
-             SELECT l.id, GREATEST($1, (SELECT max(x.end_time) FROM late x
-                                        WHERE x.tenant_id = l.tenant_id
+             SELECT l.id, GREATEST($1, (SELECT x.end_time FROM runs x
+                                        WHERE x.tenant_id = l.tenant_id AND x.end_time > $1
+                                          AND x.start_time IS NOT NULL AND x.end_time IS NOT NULL
                                           AND (x.binding_id = l.binding_id
-                                               OR l.tenant_id IN (SELECT tenant_id FROM room)))) AS t
+                                               OR l.tenant_id IN (SELECT tenant_id FROM room))
+                                        ORDER BY x.tenant_id, x.end_time DESC LIMIT 1)) AS t
              FROM locked l),
            throttle AS (
              UPDATE runs SET throttled = true
@@ -1023,9 +1031,53 @@ pub struct ActiveRun {
     pub state: RunState,
 }
 
+/// Whether a binding has active runs, for overlap decisions: a `RUNNING`
+/// one, and a waiting one (`QUEUED`, or a `SCHEDULED` retry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveState {
+    /// Binding.
+    pub binding_id: Uuid,
+    /// It has a `RUNNING` run.
+    pub running: bool,
+    /// It has a `QUEUED` run or a `SCHEDULED` retry.
+    pub waiting: bool,
+}
+
+/// [`ActiveState`] of each of `bindings` (one row each, in no order): two
+/// index probes per binding (`runs_active_state`), so the cost does not grow
+/// with a binding's backlog (a backfill of thousands of queued runs).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_active_state(
+    db: impl PgExecutor<'_>,
+    bindings: &[Uuid],
+) -> Result<Vec<ActiveState>, Error> {
+    Ok(sqlx::query!(
+        r#"SELECT b AS "binding_id!",
+                  EXISTS (SELECT 1 FROM runs WHERE binding_id = b AND state = 'RUNNING') AS "running!",
+                  (EXISTS (SELECT 1 FROM runs WHERE binding_id = b AND state = 'QUEUED')
+                   OR EXISTS (SELECT 1 FROM runs WHERE binding_id = b AND state = 'SCHEDULED'
+                                                   AND trigger = 'RETRY')) AS "waiting!"
+           FROM unnest($1::uuid[]) AS b"#,
+        bindings
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| ActiveState {
+        binding_id: r.binding_id,
+        running: r.running,
+        waiting: r.waiting,
+    })
+    .collect())
+}
+
 /// The active runs of `bindings`: `QUEUED`, `RUNNING`, and `SCHEDULED`
 /// retries (a retry waiting out its backoff is still the same execution; a
 /// delayed manual trigger is not counted).
+/// Reads every one of them: for `CANCEL_PREVIOUS`, which cancels them all
+/// (elsewhere [`run_active_state`] is enough).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status};
+use tonic_types::StatusExt;
 
 use super::auth::Caller;
+use super::runs::MAX_BACKFILL;
 
 /// Streams (TailRun, WatchEvents) one tenant may have open on a node at once.
 pub const STREAMS_PER_TENANT: usize = 256;
@@ -23,6 +25,26 @@ pub const COSTLY_PER_CALLER: usize = 2;
 pub const COSTLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Above this many callers tracked, idle ones are forgotten.
 const MAX_TRACKED: usize = 10_000;
+
+/// Who a call's rates are counted for: the tenant it acts for (a tenant
+/// key's own, or the `x-tenant-id` a platform key names), else its key, else
+/// (no authentication, no tenant) one shared name.
+pub fn rate_key<T>(caller: &Caller, req: &Request<T>) -> String {
+    if let Some(t) = &caller.tenant {
+        return t.clone();
+    }
+    if let Some(t) = req
+        .metadata()
+        .get(super::TENANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        return super::truncate(t.to_string(), 128);
+    }
+    match caller.key_id {
+        Some(k) => format!("key:{k}"),
+        None => "platform".to_string(),
+    }
+}
 
 /// Per-caller concurrency limits for expensive calls and open streams
 /// (module docs).
@@ -136,4 +158,106 @@ impl CostLimiter {
             })
             .collect()
     }
+}
+
+/// Per-tenant rates on a node (token buckets, `governor`): changes (every
+/// call that needs more than the viewer role) per second, and runs created
+/// through the API (TriggerRun, RetryRun: 1; BackfillRuns: one per fire
+/// time) per second. Each tenant has buckets of its own, so no tenant can
+/// spend another's; past its rate a call is `RESOURCE_EXHAUSTED` with a
+/// `RetryInfo` saying when to retry, and changes nothing.
+///
+/// Why: changes take row locks and some the claim lock (stopping calls,
+/// ordered with claims), and every run inserted costs the database that all
+/// tenants share. A burst of 10 s worth of runs is allowed at once (at
+/// least one largest backfill, 10 000 runs).
+#[derive(Debug)]
+pub struct RateLimits {
+    writes: Option<(Keyed, u32)>,
+    runs: Option<(Keyed, u32)>,
+}
+
+type Keyed = governor::DefaultKeyedRateLimiter<String>;
+
+impl RateLimits {
+    /// Buckets for `writes_per_sec` changes (burst 5 s worth) and
+    /// `runs_per_sec` API-created runs (burst 10 s worth, at least
+    /// [`MAX_BACKFILL`], the largest backfill) per tenant; 0 turns that limit
+    /// off.
+    pub fn new(writes_per_sec: u32, runs_per_sec: u32) -> RateLimits {
+        let bucket = |rate: u32, burst: u32| {
+            let rate = std::num::NonZeroU32::new(rate)?;
+            let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+            Some((
+                governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst)),
+                rate.get(),
+            ))
+        };
+        RateLimits {
+            writes: bucket(writes_per_sec, writes_per_sec.saturating_mul(5)),
+            runs: bucket(
+                runs_per_sec,
+                runs_per_sec.saturating_mul(10).max(MAX_BACKFILL as u32),
+            ),
+        }
+    }
+
+    /// No limits (tests of other things).
+    pub fn unlimited() -> RateLimits {
+        RateLimits::new(0, 0)
+    }
+
+    /// Spends one change of `tenant`'s.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` with `RetryInfo` past the rate.
+    pub fn write(&self, tenant: &str) -> Result<(), Status> {
+        match &self.writes {
+            None => Ok(()),
+            Some((l, rate)) => take(l, tenant, 1, || {
+                format!("tenant {tenant:?} may make at most {rate} changes per second on a node")
+            }),
+        }
+    }
+
+    /// Spends `n` API-created runs of `tenant`'s.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` with `RetryInfo` past the rate.
+    pub fn runs(&self, tenant: &str, n: usize) -> Result<(), Status> {
+        let (Some((l, rate)), Ok(n)) = (&self.runs, u32::try_from(n)) else {
+            return Ok(());
+        };
+        let Some(n) = std::num::NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        take(l, tenant, n.get(), || {
+            format!(
+                "tenant {tenant:?} may create at most {rate} runs per second through the API on a node"
+            )
+        })
+    }
+}
+
+fn take(l: &Keyed, tenant: &str, n: u32, what: impl Fn() -> String) -> Result<(), Status> {
+    if l.len() > MAX_TRACKED {
+        l.retain_recent();
+    }
+    let key = tenant.to_string();
+    let n = std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    let wait = match l.check_key_n(&key, n) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(not_until)) => not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        )),
+        // More than the bucket holds: cannot happen for the run bucket
+        // (≥ MAX_BACKFILL); for any other cost, wait for a full bucket.
+        Err(_) => Duration::from_secs(10),
+    };
+    let wait = wait.max(Duration::from_millis(1));
+    Err(Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("{}; retry in {:.3} s", what(), wait.as_secs_f64()),
+        tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+    ))
 }

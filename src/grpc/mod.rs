@@ -58,14 +58,18 @@ pub struct Ctx {
     pub auth: Arc<auth::Auth>,
     /// Per-caller bounds on expensive calls.
     pub costly: Arc<limit::CostLimiter>,
+    /// Per-tenant rates of changes and of runs created through the API.
+    pub rates: Arc<limit::RateLimits>,
 }
 
 impl Ctx {
     /// Authenticates the caller of `req` and checks it has at least `need`
-    /// for `method`.
+    /// for `method`; a call needing more than [`Role::Viewer`] (a change)
+    /// spends one of its tenant's changes ([`limit::RateLimits::write`]).
     ///
     /// # Errors
-    /// `UNAUTHENTICATED`, `PERMISSION_DENIED` (see [`auth`]).
+    /// `UNAUTHENTICATED`, `PERMISSION_DENIED` (see [`auth`]);
+    /// `RESOURCE_EXHAUSTED` past the tenant's rate of changes.
     pub async fn authorize<T>(
         &self,
         req: &Request<T>,
@@ -74,6 +78,11 @@ impl Ctx {
     ) -> Result<auth::Caller, Status> {
         let caller = self.auth.authenticate(&self.pool, req.metadata()).await?;
         auth::require_role(&caller, need, method)?;
+        // Every call that needs more than reading is a change: counted
+        // against its tenant's rate before it does anything.
+        if need != Role::Viewer {
+            self.rates.write(&limit::rate_key(&caller, req))?;
+        }
         Ok(caller)
     }
 

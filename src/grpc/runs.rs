@@ -138,6 +138,7 @@ impl RunService for Runs {
         req: Request<pb::TriggerRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_TRIGGER).await?;
+        self.0.rates.runs(&tenant_id, 1)?;
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
         let key = validate_idempotency_key(&r.idempotency_key).map_err(invalid)?;
@@ -296,6 +297,7 @@ impl RunService for Runs {
         req: Request<pb::RetryRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_RETRY).await?;
+        self.0.rates.runs(&tenant_id, 1)?;
         let id = parse_uuid("run_id", &req.get_ref().run_id)?;
         let what = format!("run {id}");
         let prev = db::runs::run_get(&self.0.pool, &tenant_id, id)
@@ -408,6 +410,7 @@ impl RunService for Runs {
                 run_ids: Vec::new(),
             }));
         }
+        self.0.rates.runs(&tenant_id, times.len())?;
         let def = db::definitions::definition_get(&self.0.pool, &b.definition, None)
             .await
             .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;

@@ -231,17 +231,33 @@ impl Scheduler {
             }
             db::bindings::binding_mark_broken(&mut *tx, &broken).await?;
         }
-        // Active runs of the bindings whose overlap policy matters.
+        // Whether the bindings whose overlap policy matters have active
+        // runs; the runs themselves only where they are to be cancelled.
         let contested: Vec<Uuid> = due
             .iter()
             .zip(&plans)
             .filter(|(b, p)| b.policy.overlap != OverlapPolicy::Allow && !p.run.is_empty())
             .map(|(b, _)| b.id)
             .collect();
-        let active = if contested.is_empty() {
+        let active_state: std::collections::HashMap<Uuid, (bool, bool)> = if contested.is_empty() {
+            Default::default()
+        } else {
+            db::runs::run_active_state(&mut *tx, &contested)
+                .await?
+                .into_iter()
+                .map(|a| (a.binding_id, (a.running, a.waiting)))
+                .collect()
+        };
+        let cancelling: Vec<Uuid> = due
+            .iter()
+            .filter(|b| b.policy.overlap == OverlapPolicy::CancelPrevious)
+            .filter(|b| active_state.get(&b.id).is_some_and(|&(r, w)| r || w))
+            .map(|b| b.id)
+            .collect();
+        let active = if cancelling.is_empty() {
             Vec::new()
         } else {
-            db::runs::run_list_active(&mut *tx, &contested).await?
+            db::runs::run_list_active(&mut *tx, &cancelling).await?
         };
 
         let mut runs = Vec::with_capacity(due.len());
@@ -254,9 +270,14 @@ impl Scheduler {
                 tracing::info!(binding = %b.id, skipped = plan.skipped.len(), runs = plan.run.len(),
                     "binding missed fire times; applying its misfire policy");
             }
+            let (running, waiting) = active_state.get(&b.id).copied().unwrap_or_default();
+            let overlap = plan_overlap(
+                b.policy.overlap,
+                plan.run,
+                usize::from(running),
+                usize::from(waiting),
+            );
             let mine: Vec<_> = active.iter().filter(|a| a.binding_id == b.id).collect();
-            let running = mine.iter().filter(|a| a.state == RunState::Running).count();
-            let overlap = plan_overlap(b.policy.overlap, plan.run, running, mine.len() - running);
             if overlap.cancel_active {
                 for a in &mine {
                     if a.state == RunState::Running {
