@@ -128,7 +128,12 @@ impl Env {
     /// A node that exits or does not answer SERVING within 60 s.
     pub async fn start_nodes(&mut self, k: usize) -> anyhow::Result<()> {
         for _ in 0..k {
-            let n = Node::spawn(&self.db.url, self.common.max_concurrent_runs).await?;
+            let n = Node::spawn(
+                &self.db.url,
+                self.common.max_concurrent_runs,
+                self.common.rate_limits,
+            )
+            .await?;
             progress!(
                 "node pid {} serving on {} (start-up {:.0} ms)",
                 n.pid,
@@ -315,9 +320,14 @@ impl Node {
     ///
     /// # Errors
     /// Spawn failures, the child exiting, or no SERVING within 60 s.
+    ///
+    /// `rate_limits`: the node keeps sked's default per-tenant rates of
+    /// changes and API-created runs; otherwise they are off (the scenarios
+    /// measure the engine, and their setup makes thousands of changes).
     pub async fn spawn(
         database_url: &str,
         max_concurrent_runs: Option<usize>,
+        rate_limits: bool,
     ) -> anyhow::Result<Node> {
         // A free port: bind :0, read it, let go (the child binds it again).
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -330,6 +340,9 @@ impl Node {
             .arg(addr.to_string());
         if let Some(n) = max_concurrent_runs {
             cmd.arg("--max-concurrent-runs").arg(n.to_string());
+        }
+        if rate_limits {
+            cmd.arg("--rate-limits");
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");

@@ -109,6 +109,11 @@ pub struct Common {
     /// Setup calls (CreateDefinition, CreateBinding, ...) in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Keep sked's default per-tenant rate limits (changes and API-created
+    /// runs per second) on the nodes; off by default, the scenarios measure
+    /// the engine.
+    #[arg(long)]
+    pub rate_limits: bool,
 }
 
 impl Common {
@@ -123,6 +128,7 @@ impl Common {
             self.max_concurrent_runs.into(),
         );
         m.insert("concurrency".into(), self.concurrency.into());
+        m.insert("rate_limits".into(), self.rate_limits.into());
         m
     }
 }
@@ -142,6 +148,9 @@ struct NodeArgs {
     /// Node id (default `<hostname>-<pid>`).
     #[arg(long)]
     node_id: Option<String>,
+    /// Keep sked's default per-tenant rate limits (else off).
+    #[arg(long)]
+    rate_limits: bool,
 }
 
 fn main() -> ExitCode {
@@ -189,6 +198,10 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     sked::telemetry::init(sked::config::LogFormat::Pretty);
     let mut settings = sked::app::Settings::new(a.database_url);
     settings.auth = false;
+    if !a.rate_limits {
+        settings.tenant_changes_per_sec = 0;
+        settings.tenant_api_runs_per_sec = 0;
+    }
     if let Some(n) = a.max_concurrent_runs {
         settings.max_concurrent_runs = n;
     }
