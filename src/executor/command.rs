@@ -13,6 +13,8 @@
 //! stays bounded.
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -116,12 +118,25 @@ pub(crate) async fn execute(
             let _ = stdin.shutdown().await;
         });
     }
-    let (tx, rx) = mpsc::channel::<(LogStream, String)>(BATCH_LINES * 2);
+    let (tx, rx) = mpsc::channel::<Piped>(BATCH_LINES * 2);
+    let past_cap = Arc::new(AtomicBool::new(false));
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(BufReader::new(out), LogStream::Stdout, tx.clone()));
+        let r = BufReader::with_capacity(PIPE_BUFFER, out);
+        tokio::spawn(pump(
+            r,
+            LogStream::Stdout,
+            tx.clone(),
+            Arc::clone(&past_cap),
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(BufReader::new(err), LogStream::Stderr, tx.clone()));
+        let r = BufReader::with_capacity(PIPE_BUFFER, err);
+        tokio::spawn(pump(
+            r,
+            LogStream::Stderr,
+            tx.clone(),
+            Arc::clone(&past_cap),
+        ));
     }
     drop(tx);
 
@@ -170,7 +185,10 @@ pub(crate) async fn execute(
         (ended, status)
     };
     let cap = c.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES);
-    let (logs, (ended, status)) = tokio::join!(collect_logs(ex, run, rx, &exited, cap), supervise);
+    let (logs, (ended, status)) = tokio::join!(
+        collect_logs(ex, run, rx, &exited, cap, &past_cap),
+        supervise
+    );
 
     let summary = (!logs.stderr_head.is_empty()).then(|| logs.stderr_head.clone());
     match ended {
@@ -391,16 +409,19 @@ const PIPE_DRAIN_MAX: Duration = Duration::from_secs(60);
 /// [`PIPE_DRAIN_MAX`] after it).
 ///
 /// At most `cap` bytes of lines are stored (each line's bytes plus one for
-/// its end): from the first line that would pass it on, lines are still
+/// its end): from the first line that would pass it on, output is still
 /// read (so the process never blocks on a full pipe, and the last stdout
 /// line still gives the result) but only counted, and one SYSTEM line at
-/// the end says how many were left out.
+/// the end says how many were left out. Past the cap the pumps stop
+/// splitting lines one by one (`past_cap`): they count whole buffers
+/// ([`skim`]), so a process printing without end costs the node little CPU.
 async fn collect_logs(
     ex: &Executor,
     run: &Run,
-    mut rx: mpsc::Receiver<(LogStream, String)>,
+    mut rx: mpsc::Receiver<Piped>,
     exited: &CancellationToken,
     cap: u64,
+    past_cap: &AtomicBool,
 ) -> Logs {
     // Armed (reset) once the process group is gone.
     let linger = tokio::time::sleep(Duration::from_secs(86_400 * 365));
@@ -442,7 +463,23 @@ async fn collect_logs(
                 continue;
             }
         };
-        let Some((stream, message)) = line else { break };
+        let (stream, message) = match line {
+            None => break,
+            Some(Piped::Line(stream, message)) => (stream, message),
+            Some(Piped::Skimmed {
+                stream,
+                lines,
+                bytes,
+                last,
+            }) => {
+                over.lines += lines;
+                over.bytes += bytes;
+                if let (LogStream::Stdout, Some(last)) = (stream, last) {
+                    logs.last_stdout = Some(last);
+                }
+                continue;
+            }
+        };
         match stream {
             LogStream::Stdout if !message.trim().is_empty() => {
                 logs.last_stdout = Some(message.clone())
@@ -460,6 +497,7 @@ async fn collect_logs(
         if over.lines > 0 || stored_bytes + size > cap {
             over.lines += 1;
             over.bytes += size;
+            past_cap.store(true, Ordering::Relaxed);
             continue;
         }
         stored_bytes += size;
@@ -524,28 +562,133 @@ async fn flush(
     batch.clear();
 }
 
-/// Reads `r` line by line into `tx` until EOF or the receiver is gone.
+/// Read buffer of each output pipe, bytes: what [`skim`] counts per step.
+const PIPE_BUFFER: usize = 64 << 10;
+
+/// What a pump sends to the log writer.
+#[derive(Debug, PartialEq)]
+enum Piped {
+    /// One line (without its end), capped at [`MAX_LOG_LINE`].
+    Line(LogStream, String),
+    /// Output past the cap, counted in bulk: `lines` ended in it (a last
+    /// line without an end counts at EOF), `bytes` read, and the last
+    /// non-blank line that ended in it, capped (stdout's gives the result).
+    Skimmed {
+        stream: LogStream,
+        lines: u64,
+        bytes: u64,
+        last: Option<String>,
+    },
+}
+
+/// Reads `r` line by line into `tx` until EOF or the receiver is gone; once
+/// `past_cap` is set, counts the rest in bulk ([`skim`]).
 async fn pump<R: AsyncBufRead + Unpin>(
     mut r: R,
     stream: LogStream,
-    tx: mpsc::Sender<(LogStream, String)>,
+    tx: mpsc::Sender<Piped>,
+    past_cap: Arc<AtomicBool>,
 ) {
     loop {
+        if past_cap.load(Ordering::Relaxed) {
+            return skim(r, stream, tx).await;
+        }
         match read_capped_line(&mut r).await {
             Ok(Some(line)) => {
-                if tx.send((stream, line)).await.is_err() {
+                if tx.send(Piped::Line(stream, line)).await.is_err() {
                     return;
                 }
             }
             Ok(None) => return,
-            Err(e) => {
-                let _ = tx
-                    .send((LogStream::System, format!("reading {stream:?} failed: {e}")))
-                    .await;
-                return;
-            }
+            Err(e) => return read_failed(&tx, stream, &e).await,
         }
     }
+}
+
+async fn read_failed(tx: &mpsc::Sender<Piped>, stream: LogStream, e: &std::io::Error) {
+    let message = format!("reading {stream:?} failed: {e}");
+    let _ = tx.send(Piped::Line(LogStream::System, message)).await;
+}
+
+/// Counts the rest of `r` a buffer at a time, one [`Piped::Skimmed`] per
+/// buffer: lines (newlines) and bytes, and the buffer's last non-blank line
+/// (a line's start may lie in an earlier buffer: at most [`MAX_LOG_LINE`]
+/// bytes of the line in progress are kept).
+async fn skim<R: AsyncBufRead + Unpin>(mut r: R, stream: LogStream, tx: mpsc::Sender<Piped>) {
+    // The line in progress: its first bytes, its length, whether blank.
+    let mut head: Vec<u8> = Vec::new();
+    let mut len = 0usize;
+    let mut blank = true;
+    let keep = MAX_LOG_LINE + 4;
+    loop {
+        let chunk = match r.fill_buf().await {
+            Ok(c) => c,
+            Err(e) => return read_failed(&tx, stream, &e).await,
+        };
+        let n = chunk.len();
+        if n == 0 {
+            if len > 0 {
+                let last = (!blank).then(|| line_text(&head, len));
+                let _ = tx
+                    .send(Piped::Skimmed {
+                        stream,
+                        lines: 1,
+                        bytes: 0,
+                        last,
+                    })
+                    .await;
+            }
+            return;
+        }
+        let mut lines = 0u64;
+        let mut last = None;
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let seg = &rest[..i];
+            lines += 1;
+            let seg_blank = blank && seg.iter().all(u8::is_ascii_whitespace);
+            if !seg_blank {
+                // The last non-blank line ending in this buffer: only its
+                // bounds are kept until the buffer is done.
+                last = Some((std::mem::take(&mut head), len, seg));
+            }
+            head.clear();
+            len = 0;
+            blank = true;
+            rest = &rest[i + 1..];
+        }
+        let last = last.map(|(mut h, l, seg)| {
+            let room = keep.saturating_sub(h.len());
+            h.extend_from_slice(&seg[..seg.len().min(room)]);
+            line_text(&h, l + seg.len())
+        });
+        let room = keep.saturating_sub(head.len());
+        head.extend_from_slice(&rest[..rest.len().min(room)]);
+        len += rest.len();
+        blank = blank && rest.iter().all(u8::is_ascii_whitespace);
+        r.consume(n);
+        let msg = Piped::Skimmed {
+            stream,
+            lines,
+            bytes: n as u64,
+            last,
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A line kept by [`skim`]: `kept` holds the first bytes of a line of
+/// `len` bytes; as [`read_capped_line`] makes it.
+fn line_text(kept: &[u8], len: usize) -> String {
+    let mut kept = &kept[..kept.len().min(MAX_LOG_LINE + 4)];
+    let dropped = len.saturating_sub(kept.len());
+    if dropped == 0 && kept.last() == Some(&b'\r') {
+        kept = &kept[..kept.len() - 1];
+    }
+    let line = crate::domain::storable_text(String::from_utf8_lossy(kept).into_owned());
+    cap_log_line(line, dropped)
 }
 
 /// Reads one line (without its `\n` / `\r\n`), keeping at most
@@ -589,6 +732,92 @@ pub(crate) async fn read_capped_line<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What skimming `input` reports: (lines, bytes, last non-blank line).
+    async fn skimmed(input: &[u8], buffer: usize) -> (u64, u64, Option<String>) {
+        let (tx, mut rx) = mpsc::channel(4);
+        let input = input.to_vec();
+        let task = tokio::spawn(async move {
+            skim(
+                BufReader::with_capacity(buffer, &input[..]),
+                LogStream::Stdout,
+                tx,
+            )
+            .await
+        });
+        let (mut lines, mut bytes, mut last) = (0, 0, None);
+        while let Some(m) = rx.recv().await {
+            let Piped::Skimmed {
+                lines: l,
+                bytes: b,
+                last: x,
+                ..
+            } = m
+            else {
+                panic!("skim sent a line: {m:?}");
+            };
+            lines += l;
+            bytes += b;
+            if x.is_some() {
+                last = x;
+            }
+        }
+        task.await.unwrap();
+        (lines, bytes, last)
+    }
+
+    /// The same, line by line.
+    async fn read_by_line(input: &[u8]) -> (u64, Option<String>) {
+        let mut r = BufReader::with_capacity(1024, input);
+        let (mut lines, mut last) = (0, None);
+        while let Some(l) = read_capped_line(&mut r).await.unwrap() {
+            lines += 1;
+            if !l.trim().is_empty() {
+                last = Some(l);
+            }
+        }
+        (lines, last)
+    }
+
+    /// Skimming counts the lines, bytes and last non-blank line that
+    /// reading line by line finds, whatever the buffer boundaries: random
+    /// inputs of short, blank, CR-ended and over-long lines, cut at buffers
+    /// of 1 to 97 bytes.
+    #[tokio::test]
+    async fn skimming_agrees_with_reading_line_by_line() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..next() % 12 {
+                match next() % 6 {
+                    0 => input.extend_from_slice(b"\n"),
+                    1 => input.extend_from_slice(b"  \t\n"),
+                    2 => input.extend_from_slice(b"{\"ok\":1}\r\n"),
+                    3 => input.extend(std::iter::repeat_n(
+                        b'x',
+                        MAX_LOG_LINE + (next() % 40) as usize,
+                    )),
+                    4 => input.extend_from_slice("é line\n".as_bytes()),
+                    _ => input.extend_from_slice(b"y\n"),
+                }
+            }
+            if next() % 3 == 0 {
+                input.extend_from_slice(b"tail without end");
+            }
+            let buffer = 1 + (next() % 97) as usize;
+            let (lines, bytes, last) = skimmed(&input, buffer).await;
+            let (want_lines, want_last) = read_by_line(&input).await;
+            assert_eq!(lines, want_lines, "case {case}: lines");
+            assert_eq!(bytes, input.len() as u64, "case {case}: bytes");
+            assert_eq!(last, want_last, "case {case}: last line (buffer {buffer})");
+        }
+    }
 
     #[tokio::test]
     async fn lines_are_split_and_capped() {
