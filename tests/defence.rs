@@ -247,6 +247,128 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
     node.stop().await;
 }
 
+/// Run rows the engine cannot decode (planted: the API never writes them)
+/// take out only themselves: a claimed one ends FAILED with reason
+/// "corrupt", a reaped one ends without retry, and the claims and the
+/// reaper go on for every other run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_run_rows_end_alone_and_never_stop_claims_or_the_reaper() {
+    let db = TestDb::new().await;
+    let mut settings = settings(&db, "defence-runs");
+    settings.lease = Duration::from_secs(2);
+    let node = TestNode::start_with(settings).await;
+    let pool = db.pool().await;
+    let good = define_and_bind(&node, "good", sh_def("good.tick", "true", every(1))).await;
+    let bad = define_and_bind(&node, "bad", sh_def("bad.cmd", "true", manual())).await;
+    // Two finished runs of the bad binding, to be planted as lost RUNNING
+    // ones (one unreadable) for the reaper.
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let r = trigger(&node, "bad", &bad.id).await;
+        done.push(wait_terminal(&node, "bad", &r.id).await.id);
+    }
+    // Two delayed triggers, made unreadable before they are due.
+    let due = now_secs() + 3.0;
+    let mut delayed = Vec::new();
+    for _ in 0..2 {
+        let r = node
+            .runs()
+            .trigger_run(as_tenant(
+                "bad",
+                pb::TriggerRunRequest {
+                    binding_id: bad.id.clone(),
+                    run_time: Some(ts(due)),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("delayed trigger")
+            .into_inner();
+        delayed.push(r.id.parse::<uuid::Uuid>().unwrap());
+    }
+    sqlx::query("UPDATE runs SET handler = '{\"kind\": \"teleport\"}' WHERE id = $1")
+        .bind(delayed[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET retry_policy = '\"whenever\"' WHERE id = $1")
+        .bind(delayed[1])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lost: Vec<uuid::Uuid> = done.iter().map(|id| id.parse().unwrap()).collect();
+    // One lost run unreadable, one readable: each of its own binding copy
+    // would need a second binding; ALLOW lets two run at once instead.
+    sqlx::query("UPDATE runs SET overlap_policy = 'ALLOW' WHERE binding_id = $1")
+        .bind(bad.id.parse::<uuid::Uuid>().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE runs SET state = 'RUNNING', end_time = NULL, node_id = 'gone',
+                lease_expires_at = now() - interval '1 second',
+                retry_policy = CASE WHEN id = $1 THEN '[1, 2]'::jsonb ELSE retry_policy END
+         WHERE id = ANY($2)",
+    )
+    .bind(lost[0])
+    .bind(&lost)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let before = runs_of(&node, "good", &good.id).await.len();
+    keeps_firing(&node, "good", &good.id, before, 6).await;
+    // And its runs were claimed and ran, each within 1 s of its fire time.
+    let runs = runs_until(
+        &node,
+        "good",
+        &good.id,
+        Duration::from_secs(30),
+        "the healthy binding's runs end",
+        |r| r.len() >= before + 6 && r[before..before + 6].iter().all(is_terminal),
+    )
+    .await;
+    for r in &runs[before..before + 6] {
+        assert_eq!(state(r), pb::RunState::Succeeded, "{r:?}");
+        let lag = secs(&r.start_time) - secs(&r.scheduled_time);
+        assert!(
+            lag < 1.0,
+            "run {} started {lag:.3} s after its fire time",
+            r.id
+        );
+    }
+
+    let rows: Vec<(uuid::Uuid, String, Option<String>)> =
+        sqlx::query_as("SELECT id, state, reason FROM runs WHERE id = ANY($1) ORDER BY id")
+            .bind([delayed.clone(), lost.clone()].concat())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (id, state, reason) in rows {
+        if delayed.contains(&id) {
+            assert_eq!(
+                (state.as_str(), reason.as_deref()),
+                ("FAILED", Some("corrupt")),
+                "claimed unreadable run {id}"
+            );
+        } else {
+            assert_eq!(
+                (state.as_str(), reason.as_deref()),
+                ("FAILED", Some("node_lost")),
+                "reaped run {id}"
+            );
+        }
+    }
+    // Neither reaped run was retried.
+    let (retries,): (i64,) = sqlx::query_as("SELECT count(*) FROM runs WHERE retry_of = ANY($1)")
+        .bind(&lost)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(retries, 0);
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binding_with_an_unreadable_window_is_shown_broken_and_deletable() {
     let db = TestDb::new().await;

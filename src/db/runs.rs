@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{Error, decode, encode, events::notify_events, policy_from_cols};
-use crate::domain::policy::REASON_BINDING_DELETED;
+use super::{Error, clip, decode, encode, events::notify_events, policy_from_cols};
+use crate::domain::policy::{REASON_BINDING_DELETED, REASON_CORRUPT};
 use crate::domain::{
     EventBody, Handler, OverlapPolicy, Run, RunEvent, RunPolicy, RunState, RunTrigger,
 };
@@ -586,7 +586,21 @@ pub async fn run_claim(
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let seq = r.last_seq;
-        let run = Run::try_from(r)?;
+        let (id, tenant) = (r.id, r.tenant_id.clone());
+        // A row that does not decode takes out only itself: a command run
+        // that cannot be executed ends FAILED here (an event run has
+        // already ended, in the statement); the claim goes on for the rest.
+        let run = match Run::try_from(r) {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::error!(run = %id, tenant = %tenant, error = %e,
+                    "claimed run's stored data cannot be read; it ends FAILED (reason \"corrupt\")");
+                if kind == ClaimKind::Executed {
+                    run_fail_unreadable(&mut tx, id, now, &e.to_string()).await?;
+                }
+                continue;
+            }
+        };
         let now = run.start_time.unwrap_or(now);
         let events = match kind {
             ClaimKind::Executed => vec![state_event(&run, seq, now, body.clone())],
@@ -608,6 +622,35 @@ pub async fn run_claim(
     announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
+/// reason [`REASON_CORRUPT`] and `error` (clipped), with its event.
+async fn run_fail_unreadable(
+    conn: &mut PgConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+    error: &str,
+) -> Result<(), Error> {
+    let message = clip(&format!("stored run data cannot be read: {error}"), 500);
+    sqlx::query!(
+        r#"WITH f AS (
+             UPDATE runs SET state = 'FAILED', end_time = GREATEST($2, start_time), reason = $4,
+                             error_message = $3, lease_expires_at = NULL, last_seq = last_seq + 1
+             WHERE id = $1 AND state = 'RUNNING'
+             RETURNING id, last_seq, end_time, tenant_id, binding_id, definition)
+           INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+           SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                  jsonb_build_object('kind', 'state_changed', 'from', 'RUNNING', 'to', 'FAILED', 'reason', $4::text)
+           FROM f"#,
+        id,
+        now,
+        message,
+        REASON_CORRUPT,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Takes the lock that serialises claims ([`run_claim`]) for the rest of the
@@ -825,7 +868,17 @@ pub async fn run_reap(
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let seq = r.last_seq;
-        let run = Run::try_from(r)?;
+        let id = r.id;
+        // Already ended by the statement; one that does not decode is not
+        // retried (its policy cannot be read) and never stops the reaper.
+        let run = match Run::try_from(r) {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::error!(run = %id, error = %e,
+                    "reaped run's stored data cannot be read; ended without retry");
+                continue;
+            }
+        };
         let body = EventBody::StateChanged {
             from: Some(RunState::Running),
             to: run.state,

@@ -59,6 +59,9 @@ pub const REASON_OVERLAP: &str = "overlap";
 /// waiting ones `CANCELLED` at once, running ones cancelled on their node.
 /// They are not retried.
 pub const REASON_BINDING_DELETED: &str = "binding_deleted";
+/// Reason of a run ended `FAILED` because its stored data cannot be read
+/// (it is not retried: its policy cannot be read either).
+pub const REASON_CORRUPT: &str = "corrupt";
 
 /// What one scheduler pass does with a binding's due fire times, given its
 /// active runs (SPEC §3 overlap), as Temporal Schedules' overlap policies.
