@@ -738,7 +738,14 @@ async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
             },
         )
         .await;
-        let mut runs = node.runs();
+        // Each flooding tenant is a client of its own (one connection may
+        // have only 2 BackfillRuns calls at once).
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut runs = pb::run_service_client::RunServiceClient::new(channel);
         calls.push(tokio::spawn(async move {
             runs.backfill_runs(as_tenant(
                 &tenant,

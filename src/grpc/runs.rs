@@ -15,6 +15,9 @@ use crate::proto::v1::run_service_server::RunService;
 
 /// Most runs one BackfillRuns creates.
 pub const MAX_BACKFILL: usize = 10_000;
+/// A backfill of at least this many runs refreshes the statistics of the
+/// runs table ([`db::runs::run_analyze_after_burst`]).
+const ANALYZE_AFTER: usize = 1000;
 /// How long an idempotency key is remembered per binding, hours.
 pub const IDEMPOTENCY_HOURS: i64 = 24;
 /// Longest idempotency key, bytes.
@@ -470,6 +473,10 @@ impl RunService for Runs {
         self.0.bus.publish(events);
         self.0.executor_wake.notify_one();
         tracing::info!(binding = %binding_id, runs = runs.len(), "backfill created");
+        if runs.len() >= ANALYZE_AFTER {
+            let pool = self.0.pool.clone();
+            tokio::spawn(async move { db::runs::run_analyze_after_burst(&pool).await });
+        }
         Ok(Response::new(pb::BackfillRunsResponse {
             scheduled_times,
             run_ids: runs.iter().map(|r| r.id.to_string()).collect(),

@@ -368,8 +368,10 @@ fn flood(
                 match r {
                     Ok(resp) => done.created += resp.into_inner().run_ids.len() as i64,
                     Err(e) => {
+                        if done.refused == 0 {
+                            progress!("{}: first refusal: {}", b.tenant, e.message());
+                        }
                         done.refused += 1;
-                        progress!("hostile backfill refused: {}", e.message());
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
