@@ -1,7 +1,7 @@
 //! Wiring: pool, migrations, services, health, reflection, background tasks
 //! and the shutdown order. The only place that spawns long-lived tasks.
 //!
-//! Shutdown order (SPEC §3): health reports NOT_SERVING → the scheduler and
+//! Shutdown order (`docs/operations.md`, "Health and shutdown"): health reports NOT_SERVING → the scheduler and
 //! the executor stop claiming → running runs get `shutdown_grace` to finish →
 //! open streams end → the gRPC server stops → the bridge stops.
 
@@ -89,7 +89,7 @@ pub struct Settings {
     /// Runs one tenant may create per second through the API on this node
     /// (0: no limit).
     pub tenant_api_runs_per_sec: u32,
-    /// Whether calls must carry an API key (SPEC §6). Off only for the
+    /// Whether calls must carry an API key (`docs/semantics.md`, "Tenancy"). Off only for the
     /// development mode: embedded database, loopback listener.
     pub auth: bool,
     /// Source of now.
@@ -437,7 +437,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.tenant_changes_per_sec = args.tenant_changes_per_sec;
     settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;
     settings.tls = tls;
-    // SPEC §6: auth is on whenever DATABASE_URL is set; only the embedded
+    // Auth is on whenever DATABASE_URL is set (docs/operations.md, "Security"); only the embedded
     // database on a loopback listener may run without it.
     settings.auth =
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;

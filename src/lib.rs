@@ -4,7 +4,8 @@
 //! definitions; each tenant binds them with its own schedule and params; sked
 //! fires every due run exactly once across any number of nodes sharing one
 //! database, executes it, records every state change and log line, and
-//! streams the live execution to subscribers. The contract is SPEC.md.
+//! streams the live execution to subscribers. What it promises is in
+//! `docs/semantics.md`, how it is built in `docs/architecture.md`.
 //!
 //! # Layout
 //!

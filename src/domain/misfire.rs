@@ -1,4 +1,4 @@
-//! Misfire handling (SPEC §3): what happens to fire times that passed while
+//! Misfire handling (`docs/semantics.md`, "Run lifecycle"): what happens to fire times that passed while
 //! no node could fire them (downtime, overload).
 //!
 //! A fire time late by at most [`MISFIRE_TOLERANCE`] is on time (that is fire

@@ -115,14 +115,14 @@ pub fn validate_tenant_id(field: &str, tenant: &str) -> Result<(), FieldViolatio
     Ok(())
 }
 
-/// How a run executes (SPEC §4). Stored as JSON, tagged by `kind`.
+/// How a run executes (`docs/semantics.md`, "Handlers"). Stored as JSON, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Handler {
     /// Run a program as a child process.
     Command(CommandHandler),
     /// Publish a `fired` event with the run's params and succeed at once
-    /// (SPEC §4): sked as a tick source. Completed in batches without a task
+    /// sked as a tick source. Completed in batches without a task
     /// per run: in the firing transaction ([`crate::scheduler`]) or in the
     /// claim statement ([`crate::executor`]).
     Event,
@@ -343,7 +343,7 @@ pub struct Binding {
     /// A disabled binding does not fire (manual triggers still work).
     pub enabled: bool,
     /// A paused binding does not fire; fires that fall in the pause are
-    /// neither caught up nor recorded (SPEC §3).
+    /// neither caught up nor recorded.
     pub paused: bool,
     /// Why it was paused (free text).
     pub pause_note: String,
@@ -419,7 +419,7 @@ pub fn validate_effective_window(
     }
 }
 
-/// Run lifecycle state (SPEC §3):
+/// Run lifecycle state (`docs/semantics.md`, "Run lifecycle"):
 ///
 /// ```text
 /// SCHEDULED ──► QUEUED ──► RUNNING ──► SUCCEEDED | FAILED | TIMED_OUT | CANCELLED
@@ -636,7 +636,7 @@ impl EventBody {
     }
 }
 
-/// Longest log line kept whole, in bytes (SPEC §1: 16 KiB, cut with a marker).
+/// Longest log line kept whole, in bytes (16 KiB; longer lines are cut with a marker).
 pub const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// A persisted run event.

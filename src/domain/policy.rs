@@ -1,4 +1,4 @@
-//! Run policies (SPEC §3): what happens when a fire meets an active run
+//! Run policies (`docs/semantics.md`, "Run lifecycle"): what happens when a fire meets an active run
 //! ([`OverlapPolicy`]), when an attempt fails ([`RetryPolicy`]), and how long
 //! an attempt may take (timeout, whole seconds).
 //!
@@ -64,7 +64,7 @@ pub const REASON_BINDING_DELETED: &str = "binding_deleted";
 pub const REASON_CORRUPT: &str = "corrupt";
 
 /// What one scheduler pass does with a binding's due fire times, given its
-/// active runs (SPEC §3 overlap), as Temporal Schedules' overlap policies.
+/// active runs, as Temporal Schedules' overlap policies.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OverlapPlan<T> {
     /// Fire times that get a run.

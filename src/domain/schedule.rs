@@ -128,7 +128,7 @@
 //! immediately following the gap" and "only once, at its first occurrence";
 //! interval/wildcard jobs skip occurrences within the gap and "execute for
 //! each occurrence" in a repeated hour. For the calendar kinds the same rules
-//! are sked's product contract (SPEC §2). Notes:
+//! are sked's product contract (`docs/semantics.md`, "Schedules"). Notes:
 //!
 //! * Vixie cron starts one catch-up run per skipped matching minute; here a
 //!   fire time is an instant, so all matches inside one gap are one fire.
@@ -141,7 +141,7 @@
 //!   (`disambiguation: "compatible"`, the default, as in RFC 5545) moves a
 //!   nonexistent wall time *forward by the gap's length* (02:30 → 03:30 in
 //!   New York) rather than to the gap's end (03:00). sked fires at the
-//!   first instant after the gap (Vixie cron, croner 4; SPEC §2), so a
+//!   first instant after the gap (Vixie cron, croner 4), so a
 //!   daily job never loses a day and never runs later than necessary.
 //!   Temporal and sked agree on the fold (the earlier occurrence); Quartz
 //!   may fire twice there.
@@ -177,7 +177,7 @@
 //! 5000-01-01T00:00:00); for an `after` in year 5000 or later
 //! [`Schedule::next_after`] answers `None`.
 //!
-//! # Calendar kinds (sked SPEC §2)
+//! # Calendar kinds
 //!
 //! All four fire once on each selected local calendar date at
 //! [`TimeOfDay`] (whole seconds) on the wall clock of the time zone, with
@@ -211,7 +211,7 @@
 //! * [`ScheduleKind::Once`] fires at `at` only.
 //! * [`ScheduleKind::Manual`] never fires by itself.
 //!
-//! # Common fields: active window and jitter (sked SPEC §2)
+//! # Common fields: active window and jitter
 //!
 //! * [`Schedule::start_time`]: no fire before it; the first fire is the first
 //!   schedule time `>= start_time`. It clips, it does not move anything: an

@@ -1,4 +1,4 @@
-//! Tenancy rules (SPEC §1 quotas, §6): roles, API keys, quotas and the
+//! Tenancy rules (`docs/semantics.md`, "Tenancy"): roles, API keys, quotas and the
 //! hourly budget, usage verdicts, audit events.
 //!
 //! # API keys
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::FieldViolation;
 
-/// What a key may do. Each role includes the ones below it (SPEC §6).
+/// What a key may do. Each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     /// Read: get, list, tail, watch.

@@ -1,7 +1,7 @@
 //! Run events: publication inside a node, the LISTEN/NOTIFY bridge between
 //! nodes, and the subscriptions behind `TailRun` and `WatchEvents`.
 //!
-//! Rules (DESIGN.md "Streams"): events are persisted first (by `db`) and
+//! Rules (`docs/architecture.md`, "How a log line reaches a subscriber"): events are persisted first (by `db`) and
 //! published second; a subscriber subscribes to the bus *before* replaying
 //! from the database and de-duplicates by `seq`; a subscriber that lags
 //! behind the bus is re-fed from the database, so a slow client never blocks

@@ -1,4 +1,4 @@
-//! The `command` handler (SPEC §4): runs a program as a child process, no
+//! The `command` handler (`docs/semantics.md`, "Handlers"): runs a program as a child process, no
 //! shell. Params go to stdin as JSON, and to `SKED_PARAMS` when their JSON
 //! is at most [`MAX_ENV_PARAMS`] bytes, else to a private file named by
 //! `SKED_PARAMS_FILE` (the environment has a size limit; stdin and a file do

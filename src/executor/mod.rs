@@ -184,7 +184,7 @@ pub struct Executor {
     pub poll: Duration,
     /// On shutdown, how long running runs may go on before they are cancelled.
     pub shutdown_grace: Duration,
-    /// After SIGTERM, how long a process group has before SIGKILL (SPEC: 10 s).
+    /// After SIGTERM, how long a process group has before SIGKILL (default 10 s).
     pub kill_grace: Duration,
 }
 
@@ -657,7 +657,7 @@ fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
 }
 
 /// The retry of `ended` (a run that just reached its terminal state), if its
-/// policy allows one (SPEC §3): `FAILED` or `TIMED_OUT` (including
+/// policy allows one (`docs/semantics.md`, "Run lifecycle"): `FAILED` or `TIMED_OUT` (including
 /// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
 /// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
 /// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %

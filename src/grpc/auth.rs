@@ -1,4 +1,4 @@
-//! Who is calling, and may they (SPEC §6).
+//! Who is calling, and may they (`docs/semantics.md`, "Tenancy").
 //!
 //! Every call carries `authorization: Bearer <api key>`. The key's id (the
 //! public half of the token) finds its row; a revoked, unknown or forged key

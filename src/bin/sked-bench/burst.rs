@@ -1,4 +1,4 @@
-//! `burst`: N bindings due at the same instant (SPEC §9: a per-minute cron
+//! `burst`: N bindings due at the same instant (target, `docs/operations.md`: a per-minute cron
 //! burst of 100 000 bindings at :00 all started within 10 s).
 //!
 //! Setup: definitions `bench.burst.<j>` with the `event` handler and the

@@ -1,4 +1,4 @@
-//! `fire`: fire accuracy of N bindings every 1 s (SPEC §9: ≥ 99.99 % of
+//! `fire`: fire accuracy of N bindings every 1 s (target, `docs/operations.md`: ≥ 99.99 % of
 //! fires run, 0 duplicates, fire lag p99 ≤ 50 ms).
 //!
 //! Setup: definitions `bench.tick.<j>` with the `event` handler; N bindings,

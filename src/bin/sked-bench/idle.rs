@@ -1,4 +1,4 @@
-//! `idle`: what idle bindings cost (SPEC §9: 100 000 idle bindings, < 1 % of
+//! `idle`: what idle bindings cost (target, `docs/operations.md`: 100 000 idle bindings, < 1 % of
 //! a core when nothing is due, < 1 KiB resident memory per binding, node
 //! start-up < 2 s).
 //!

@@ -1,4 +1,5 @@
-//! `sked-bench`: the load scenarios behind SPEC §9's performance targets.
+//! `sked-bench`: the load scenarios behind sked's performance targets
+//! (`docs/operations.md`, "Measuring").
 //!
 //! ```sh
 //! cargo run --release --bin sked-bench -- <scenario> [flags]
@@ -65,7 +66,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "sked-bench",
-    about = "Load scenarios for sked (SPEC §9): prints a table and a final JSON line"
+    about = "Load scenarios for sked: prints a table and a final JSON line"
 )]
 struct Cli {
     #[command(subcommand)]

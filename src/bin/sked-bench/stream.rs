@@ -1,5 +1,5 @@
 //! `stream`: one run printing N lines as fast as it can, followed live by S
-//! TailRun subscribers (SPEC §9: every line to every subscriber in order,
+//! TailRun subscribers (target, `docs/operations.md`: every line to every subscriber in order,
 //! end-to-end p99 ≤ 50 ms while the run is live).
 //!
 //! Setup: a definition `bench.stream.0` with the command handler

@@ -1,12 +1,12 @@
 //! `throughput`: sustained completed runs/s against the machine's batched
-//! PostgreSQL row-insert ceiling (SPEC §9: ≥ 50 % of the ceiling).
+//! PostgreSQL row-insert ceiling (target, `docs/operations.md`: ≥ 50 % of the ceiling).
 //!
 //! Setup: definitions `bench.load.<j>` with the `event` handler, an interval
 //! schedule of 1 s and overlap policy ALLOW (backfilled fire times of one
 //! binding are independent runs, so none waits for another of its binding);
 //! B bindings, each with its effective window ended right after creation
 //! (`effective_until` = then) so that it never fires by itself. BackfillRuns
-//! creates runs for past fire times inside the window (SPEC §3), so the
+//! creates runs for past fire times inside the window, so the
 //! bindings are pure load generators through the public API. (Not paused:
 //! a paused binding's backfilled runs wait for its resume.)
 //!
