@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use prost_types::{Struct, Value as PValue, value::Kind as PKind};
 use sked::grpc::boundary::MAX_TIMESTAMP_SECS;
 use sked::proto::v1 as pb;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use common::*;
 
@@ -73,21 +73,6 @@ async fn create_binding(node: &TestNode, tenant: &str, b: pb::Binding) -> pb::Bi
         .await
         .expect("create binding")
         .into_inner()
-}
-
-async fn create_definition(
-    node: &TestNode,
-    def: pb::TaskDefinition,
-) -> Result<pb::TaskDefinition, Status> {
-    node.definitions()
-        .create_definition(as_tenant(
-            "",
-            pb::CreateDefinitionRequest {
-                definition: Some(def),
-            },
-        ))
-        .await
-        .map(|r| r.into_inner())
 }
 
 /// Malformed bytes to the health service: INVALID_ARGUMENT like every other

@@ -20,18 +20,6 @@ async fn node_with(db: &TestDb, name: &str, changes: u32, runs: u32) -> TestNode
     TestNode::start_with(s).await
 }
 
-async fn create_definition(node: &TestNode, def: pb::TaskDefinition) -> Result<(), tonic::Status> {
-    node.definitions()
-        .create_definition(as_tenant(
-            "",
-            pb::CreateDefinitionRequest {
-                definition: Some(def),
-            },
-        ))
-        .await
-        .map(|_| ())
-}
-
 fn retry_delay(e: &tonic::Status) -> Option<Duration> {
     e.get_details_retry_info().and_then(|r| r.retry_delay)
 }

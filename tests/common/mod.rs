@@ -307,6 +307,22 @@ pub fn cron(expr: &str, tz: &str) -> pb::Schedule {
     }
 }
 
+/// CreateDefinition of `def` (as a platform caller); the stored definition.
+pub async fn create_definition(
+    node: &TestNode,
+    def: pb::TaskDefinition,
+) -> Result<pb::TaskDefinition, tonic::Status> {
+    node.definitions()
+        .create_definition(as_tenant(
+            "",
+            pb::CreateDefinitionRequest {
+                definition: Some(def),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Creates `def` and binds it for `tenant`; returns the binding.
 pub async fn define_and_bind(
     node: &TestNode,
