@@ -1,0 +1,464 @@
+//! Claiming runs: [`run_claim`], the one statement that picks due `QUEUED`
+//! runs in fair-share order and starts them; [`run_claim_lock`], which orders
+//! claims with the calls that stop bindings; [`ClaimKind`]; and
+//! [`run_analyze_after_burst`], which keeps the claim's plans right after a
+//! large backfill.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{RunRow, announce, state_event};
+use crate::db::{Error, clip, encode};
+use crate::domain::policy::REASON_CORRUPT;
+use crate::domain::{EventBody, Run, RunEvent, RunState};
+
+/// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
+/// `node_id`, in fair-share order: highest priority first; then round-robin
+/// across tenants (each tenant's claimable runs are ranked by priority, due
+/// time and id, and rank 1 of every tenant goes before rank 2 of any, ties
+/// going to the tenant served least recently per `tenant_claims`, never
+/// served first), so a tenant with thousands of queued runs cannot starve
+/// one with a single run; then oldest due time, then id. A run whose
+/// overlap policy is not `ALLOW` is claimable only while its binding has no
+/// `RUNNING` run of a non-`ALLOW` policy, and only if it is its binding's
+/// first due run of the kind (of any policy), so at most one such run per
+/// binding is claimed at once (the unique index `runs_one_running` backs
+/// this up across nodes). A tenant with a `max_concurrent_runs` quota gets
+/// at most that many minus its `RUNNING` runs; its claimable runs ranked
+/// past that wait `QUEUED` and are marked `throttled` for usage reports:
+/// only those among its first `limit` claimable runs (the ones a claim
+/// reads), so a deeper backlog is marked as it moves up. `FOR UPDATE SKIP
+/// LOCKED`, so nodes never claim the same run.
+///
+/// Only runs that may start are taken: their binding exists, and either the
+/// run is `manual` (a TriggerRun or RetryRun, or a retry of one) or the
+/// binding is enabled and not paused (a pause whose `pause_expire_time` has
+/// passed is over); and their definition is enabled. The others wait where
+/// they are (stopped means stopped; [`run_claim_lock`] orders the stopping
+/// calls with claims). The paused or disabled bindings and the disabled
+/// definitions are read once per claim (partial indexes: O(stopped ones))
+/// and tested per candidate as hashed sets, inside the per-tenant reads, so
+/// a paused binding's runs never hide the tenant's others; a paused
+/// binding's backlog of `ALLOW` runs is read through on every claim of its
+/// tenant, though. Existence is checked on the picked runs only (a deleted
+/// binding's runs were cancelled with it).
+///
+/// Sets them `RUNNING` with a lease, writes their `→ RUNNING` events and
+/// announces them. Returns each claimed run with that event. The start time
+/// is `now` (read from `clock` once the claim lock is held), but never
+/// before the end time of a run whose slot it takes: any run of its tenant
+/// when the tenant has a concurrency quota, else any run of its binding.
+/// Only runs that ended after `now` can matter (a finish that committed
+/// between the clock read and the statement's snapshot, or a node whose
+/// clock is ahead); they are read through the `runs_ended_tenant` index. So start
+/// times follow the slot's previous end whatever the nodes' clocks say.
+///
+/// Cost: a claim reads O(tenants with queued runs × `limit`) runs, however
+/// long the queue. Per tenant, its first `limit` due `ALLOW` runs; and for
+/// the other policies the first due run of each of its bindings with queued
+/// non-`ALLOW` runs when it has at most 100 such bindings, else its first
+/// 2 × `limit` due non-`ALLOW` runs, falling back to every such binding's
+/// first run when those hold fewer than `limit` claimable ones (a few
+/// bindings' deep backlog).
+///
+/// `kind` splits the queue: [`ClaimKind::Executed`] claims runs that need a
+/// task on this node (commands), up to its free slots;
+/// [`ClaimKind::Event`] claims runs of `event` handlers, which complete in
+/// the claim statement itself: the row goes `QUEUED` → `SUCCEEDED` in one
+/// write (started and ended at `now`), with its `→ RUNNING`, `fired` and
+/// `→ SUCCEEDED` events, and is returned so.
+///
+/// No run of a tenant in `excluded` is taken (the executor passes the
+/// tenants holding their share of its slots, see [`crate::executor`]; empty
+/// for [`ClaimKind::Event`]). They are dropped where the tenants are
+/// enumerated, so their backlogs are not read: an excluded tenant costs one
+/// index probe.
+///
+/// # Errors
+/// [`Error::AlreadyExists`] (`runs_one_running`) when another node claimed a
+/// run of the same overlap-free binding at the same instant: claim again.
+/// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
+pub async fn run_claim(
+    conn: &mut PgConnection,
+    node_id: &str,
+    clock: &crate::domain::Clock,
+    lease: chrono::Duration,
+    limit: i64,
+    kind: ClaimKind,
+    excluded: &[String],
+) -> Result<Vec<(Run, Vec<RunEvent>)>, Error> {
+    let body = EventBody::StateChanged {
+        from: Some(RunState::Queued),
+        to: RunState::Running,
+        reason: String::new(),
+    };
+    let done = EventBody::StateChanged {
+        from: Some(RunState::Running),
+        to: RunState::Succeeded,
+        reason: String::new(),
+    };
+    // Claims are serialised across nodes (a transaction-scoped advisory
+    // lock), so the tenants' running counts below are exact and a
+    // concurrency quota is never exceeded by two nodes claiming at once.
+    // Bitmap scans are off for the claim: the per-tenant reads below must
+    // walk an index in claim order and stop after `limit` rows, and the
+    // planner, estimating every tenant at the average size, would
+    // otherwise read a large tenant's whole backlog and sort it. JIT is
+    // off too: the statement runs in milliseconds, and JIT compiles anew on
+    // every execution whose estimated cost passes jit_above_cost (about 1 s
+    // of the former claim's 1.6 s at 130 000 queued runs).
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock($1), set_config('enable_bitmapscan', 'off', true) AS bitmapscan,
+                set_config('jit', 'off', true) AS jit",
+        CLAIM_LOCK
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    // Read after the lock. This alone would not keep a start after the end
+    // of the run whose slot it takes: a finish may read its clock after
+    // this and commit before the statement below takes its snapshot, and
+    // another node's clock may be ahead. So the statement floors each start
+    // time at those runs' end times (`late`, `starts`).
+    let now = clock.now();
+    let rows = sqlx::query_as!(
+        RunRow,
+        r#"WITH RECURSIVE
+           -- Candidates, per tenant: at most $4 of its runs can be claimed
+           -- and they are its first $4 claimable ones in (priority DESC,
+           -- not_before, id) order, so only those are read (indexes in
+           -- migration 20261121000006), never the whole backlog.
+           -- Stopped means stopped: the bindings paused or disabled now
+           -- hold their runs except manual ones, disabled definitions all
+           -- theirs (hashed sets, from partial indexes in migration
+           -- 20261201000001; a deleted binding's runs are checked in
+           -- `locked`).
+           held_back AS MATERIALIZED (
+             SELECT b.id FROM bindings b
+             WHERE (b.paused OR NOT b.enabled)
+               AND (NOT b.enabled OR coalesce(b.pause_expire_time > $1, true))),
+           off_defs AS MATERIALIZED (SELECT d.name FROM definitions d WHERE NOT d.enabled),
+           -- Tenants with QUEUED runs: a loose index scan of
+           -- runs_claim_tenant. Its second column is in the ORDER BY only
+           -- so that no other index serves: from statistics where most rows
+           -- are queued, the planner once walked (tenant_id, create_time)
+           -- through every finished run instead.
+           tenants AS (
+             (SELECT tenant_id FROM runs WHERE state = 'QUEUED'
+              ORDER BY tenant_id, ((handler->>'kind') = 'event')::int LIMIT 1)
+             UNION ALL
+             SELECT (SELECT r.tenant_id FROM runs r WHERE r.state = 'QUEUED' AND r.tenant_id > t.tenant_id
+                     ORDER BY r.tenant_id, ((r.handler->>'kind') = 'event')::int LIMIT 1)
+             FROM tenants t WHERE t.tenant_id IS NOT NULL),
+           -- Those the caller did not exclude ($8: tenants at their share
+           -- of the node's slots); an excluded tenant's backlog is not read.
+           open_tenants AS (
+             SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL AND tenant_id <> ALL($8::text[])),
+           -- ALLOW runs: each tenant's first $4 due ones of the kind.
+           allowed AS (
+             SELECT a.* FROM open_tenants t CROSS JOIN LATERAL (
+               SELECT q.id, q.tenant_id, q.priority, q.not_before, q.throttled
+               FROM runs q
+               WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
+                 AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
+                 AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
+               ORDER BY q.priority DESC, q.not_before, q.id LIMIT $4) a),
+           -- Other runs: only a binding's first due run of the kind (of any
+           -- policy) may be claimed, and not while the binding has a
+           -- RUNNING non-ALLOW run; the first such runs ("heads") are found
+           -- per tenant by one of three means. First, the tenant's bindings
+           -- with QUEUED non-ALLOW runs (loose index scan), up to 101.
+           held_bindings AS (
+             SELECT t.tenant_id, 1 AS n,
+                    (SELECT r.binding_id FROM runs r
+                     WHERE r.tenant_id = t.tenant_id AND r.state = 'QUEUED' AND r.overlap_policy <> 'ALLOW'
+                     ORDER BY r.binding_id LIMIT 1) AS binding_id
+             FROM open_tenants t
+             UNION ALL
+             SELECT b.tenant_id, b.n + 1,
+                    (SELECT r.binding_id FROM runs r
+                     WHERE r.tenant_id = b.tenant_id AND r.state = 'QUEUED' AND r.overlap_policy <> 'ALLOW'
+                       AND r.binding_id > b.binding_id
+                     ORDER BY r.binding_id LIMIT 1)
+             FROM held_bindings b WHERE b.binding_id IS NOT NULL AND b.n <= 100),
+           -- Tenants with more than 100: instead read their first 2 * $4 due
+           -- non-ALLOW runs of the kind in claim order; a binding's first
+           -- run among them is its head if no earlier due run of it (ALLOW)
+           -- comes before.
+           busy AS (
+             SELECT tenant_id, binding_id FROM held_bindings WHERE n = 101 AND binding_id IS NOT NULL),
+           held AS (
+             SELECT h.*, row_number() OVER (PARTITION BY h.binding_id ORDER BY h.priority DESC, h.not_before, h.id) AS bn
+             FROM busy t CROSS JOIN LATERAL (
+               SELECT q.id, q.tenant_id, q.binding_id, q.priority, q.not_before, q.throttled
+               FROM runs q
+               WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
+                 AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
+                 AND (q.overlap_policy = 'ALLOW')::int = 0 AND q.not_before <= $1
+                 AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
+                 AND q.definition NOT IN (SELECT name FROM off_defs)
+               ORDER BY q.priority DESC, q.not_before, q.id LIMIT 2 * $4) h),
+           held_ok AS (
+             SELECT h.id, h.tenant_id, h.priority, h.not_before, h.throttled
+             FROM held h
+             WHERE h.bn = 1
+               AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.binding_id = h.binding_id AND x.state = 'RUNNING'
+                                                      AND x.overlap_policy <> 'ALLOW')
+               AND h.id = (SELECT y.id FROM runs y
+                           WHERE y.binding_id = h.binding_id AND y.state = 'QUEUED'
+                             AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                             AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                             AND y.definition NOT IN (SELECT name FROM off_defs)
+                           ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1)),
+           -- Those runs hold the tenant's first $4 heads unless there were
+           -- 2 * $4 of them with fewer heads (a few bindings' backlog): then
+           -- the rest of its bindings are enumerated after all.
+           deep AS (
+             SELECT h.tenant_id FROM held h GROUP BY h.tenant_id
+             HAVING count(*) = 2 * $4 AND (SELECT count(*) FROM held_ok o WHERE o.tenant_id = h.tenant_id) < $4),
+           more_bindings AS (
+             SELECT b.tenant_id, b.binding_id FROM busy b WHERE b.tenant_id IN (SELECT tenant_id FROM deep)
+             UNION ALL
+             SELECT m.tenant_id,
+                    (SELECT r.binding_id FROM runs r
+                     WHERE r.tenant_id = m.tenant_id AND r.state = 'QUEUED' AND r.overlap_policy <> 'ALLOW'
+                       AND r.binding_id > m.binding_id
+                     ORDER BY r.binding_id LIMIT 1)
+             FROM more_bindings m WHERE m.binding_id IS NOT NULL),
+           enumerated AS (
+             SELECT tenant_id, binding_id FROM held_bindings
+             WHERE binding_id IS NOT NULL AND n <= 100
+               AND (tenant_id NOT IN (SELECT tenant_id FROM busy) OR tenant_id IN (SELECT tenant_id FROM deep))
+             UNION ALL
+             SELECT tenant_id, binding_id FROM more_bindings WHERE binding_id IS NOT NULL),
+           -- An enumerated binding's head: its first due run of the kind.
+           heads AS (
+             SELECT f.id, f.tenant_id, f.priority, f.not_before, f.throttled
+             FROM enumerated b CROSS JOIN LATERAL (
+               SELECT y.id, y.tenant_id, y.binding_id, y.overlap_policy, y.priority, y.not_before, y.throttled
+               FROM runs y
+               WHERE y.binding_id = b.binding_id AND y.state = 'QUEUED'
+                 AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                 AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
+                 AND y.definition NOT IN (SELECT name FROM off_defs)
+               ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1) f
+             WHERE f.overlap_policy <> 'ALLOW'
+               AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.binding_id = f.binding_id AND x.state = 'RUNNING'
+                                                      AND x.overlap_policy <> 'ALLOW')),
+           cand AS (
+             SELECT * FROM allowed
+             UNION ALL
+             SELECT * FROM held_ok WHERE tenant_id NOT IN (SELECT tenant_id FROM deep)
+             UNION ALL
+             SELECT * FROM heads),
+           -- Rank the candidates as the whole queue would be ranked.
+           per_tenant AS (
+             SELECT c.*, row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.not_before, c.id) AS tn
+             FROM cand c),
+           room AS MATERIALIZED (
+             SELECT tq.tenant_id,
+                    tq.max_concurrent_runs - (SELECT count(*) FROM runs r
+                                              WHERE r.tenant_id = tq.tenant_id AND r.state = 'RUNNING') AS room
+             FROM tenant_quotas tq
+             WHERE tq.max_concurrent_runs IS NOT NULL
+               AND tq.tenant_id IN (SELECT DISTINCT tenant_id FROM cand)),
+           ranked AS (
+             SELECT p.id, p.tenant_id, p.priority, p.tn, p.not_before, p.throttled,
+                    (rm.room IS NOT NULL AND p.tn > rm.room) AS over
+             FROM per_tenant p LEFT JOIN room rm ON rm.tenant_id = p.tenant_id),
+           pick AS (
+             SELECT r.id FROM ranked r LEFT JOIN tenant_claims tc ON tc.tenant_id = r.tenant_id
+             WHERE NOT r.over
+             ORDER BY r.priority DESC, r.tn, tc.last_claim_time NULLS FIRST, r.not_before, r.id
+             LIMIT $4),
+           -- By primary key, one probe per picked run. Written so that no
+           -- plan can do otherwise, even one made from statistics gone
+           -- stale after a large backfill (which once read the whole queue
+           -- here): an array, not a join, and the state test in a form no
+           -- partial index on QUEUED runs matches.
+           locked AS (
+             SELECT id, tenant_id, binding_id FROM runs
+             WHERE id = ANY(ARRAY(SELECT id FROM pick)) AND state IS NOT DISTINCT FROM 'QUEUED'
+               AND EXISTS (SELECT 1 FROM bindings b WHERE b.id = runs.binding_id)
+             FOR UPDATE OF runs SKIP LOCKED),
+           -- A run starts no earlier than the end of any run whose slot it
+           -- may take: its tenant's when the tenant has a concurrency quota,
+           -- its binding's otherwise. Only runs that ended after $1 matter
+           -- (a finish that committed after this claim read its clock, or a
+           -- node whose clock is ahead): per claimed run, the latest such
+           -- end of its tenant, read backwards down the short top of the
+           -- tenant's range of runs_ended_tenant (equality, range and order
+           -- all the index's, so no statistics make another plan cheaper).
+           starts AS (
+             SELECT l.id, GREATEST($1, (SELECT x.end_time FROM runs x
+                                        WHERE x.tenant_id = l.tenant_id AND x.end_time > $1
+                                          AND x.start_time IS NOT NULL AND x.end_time IS NOT NULL
+                                          AND (x.binding_id = l.binding_id
+                                               OR l.tenant_id IN (SELECT tenant_id FROM room))
+                                        ORDER BY x.tenant_id, x.end_time DESC LIMIT 1)) AS t
+             FROM locked l),
+           throttle AS (
+             UPDATE runs SET throttled = true
+             WHERE id IN (SELECT id FROM ranked WHERE over AND NOT throttled)),
+           c AS (
+             UPDATE runs SET state = CASE WHEN $6 THEN 'SUCCEEDED' ELSE 'RUNNING' END,
+                             start_time = s.t, end_time = CASE WHEN $6 THEN s.t END,
+                             node_id = $2,
+                             lease_expires_at = CASE WHEN $6 THEN NULL ELSE s.t + ($3::timestamptz - $1) END,
+                             last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
+             FROM starts s WHERE runs.id = s.id
+             RETURNING runs.*),
+           served AS (
+             INSERT INTO tenant_claims (tenant_id, last_claim_time)
+             SELECT DISTINCT tenant_id, $1::timestamptz FROM c
+             ON CONFLICT (tenant_id) DO UPDATE SET last_claim_time = EXCLUDED.last_claim_time),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT c.id, c.last_seq - x.back, c.start_time, c.tenant_id, c.binding_id, c.definition, x.kind,
+                    coalesce(x.payload, jsonb_build_object('kind', 'fired', 'params', c.params))
+             FROM c CROSS JOIN LATERAL (VALUES (2, 'state_changed', $5::jsonb), (1, 'fired', NULL),
+                                               (0, 'state_changed', CASE WHEN $6 THEN $7 ELSE $5 END))
+                                       AS x(back, kind, payload)
+             WHERE $6 OR x.back = 0
+             RETURNING run_id)
+           SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
+           FROM c"#,
+        now,
+        node_id,
+        now + lease,
+        limit,
+        encode(&body),
+        kind == ClaimKind::Event,
+        encode(&done),
+        excluded,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let seq = r.last_seq;
+        let (id, tenant) = (r.id, r.tenant_id.clone());
+        // A row that does not decode takes out only itself: a command run
+        // that cannot be executed ends FAILED here (an event run has
+        // already ended, in the statement); the claim goes on for the rest.
+        let run = match Run::try_from(r) {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::error!(run = %id, tenant = %tenant, error = %e,
+                    "claimed run's stored data cannot be read; it ends FAILED (reason \"corrupt\")");
+                if kind == ClaimKind::Executed {
+                    run_fail_unreadable(&mut tx, id, now, &e.to_string()).await?;
+                }
+                continue;
+            }
+        };
+        let now = run.start_time.unwrap_or(now);
+        let events = match kind {
+            ClaimKind::Executed => vec![state_event(&run, seq, now, body.clone())],
+            ClaimKind::Event => vec![
+                state_event(&run, seq - 2, now, body.clone()),
+                state_event(
+                    &run,
+                    seq - 1,
+                    now,
+                    EventBody::Fired {
+                        params: run.params.clone(),
+                    },
+                ),
+                state_event(&run, seq, now, done.clone()),
+            ],
+        };
+        out.push((run, events));
+    }
+    announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
+/// reason [`REASON_CORRUPT`] and `error` (clipped), with its event.
+async fn run_fail_unreadable(
+    conn: &mut PgConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+    error: &str,
+) -> Result<(), Error> {
+    let message = clip(&format!("stored run data cannot be read: {error}"), 500);
+    sqlx::query!(
+        r#"WITH f AS (
+             UPDATE runs SET state = 'FAILED', end_time = GREATEST($2, start_time), reason = $4,
+                             error_message = $3, lease_expires_at = NULL, last_seq = last_seq + 1
+             WHERE id = $1 AND state = 'RUNNING'
+             RETURNING id, last_seq, end_time, tenant_id, binding_id, definition)
+           INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+           SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed',
+                  jsonb_build_object('kind', 'state_changed', 'from', 'RUNNING', 'to', 'FAILED', 'reason', $4::text)
+           FROM f"#,
+        id,
+        now,
+        message,
+        REASON_CORRUPT,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes the lock that serialises claims ([`run_claim`]) for the rest of the
+/// caller's transaction. A transaction that stops a binding (pause, disable,
+/// delete) holds it while it writes, so a claim either committed before
+/// (its runs started before the stop returned) or takes its snapshot after
+/// the stop committed and sees it: no run of a stopped binding starts after
+/// the stop returned. Waits for a claim in progress (milliseconds).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Which runs a claim takes (see [`run_claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// Runs executed by a task on the node (commands): one slot each.
+    Executed,
+    /// Runs of `event` handlers, completed by the claim statement.
+    Event,
+}
+
+/// Advisory lock key serialising claims across nodes ("skedclai").
+const CLAIM_LOCK: i64 = 0x736b_6564_636c_6169;
+
+/// Least time between two [`run_analyze_after_burst`] of one process.
+const ANALYZE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refreshes the planner's statistics of `runs` (`ANALYZE`, a sample of the
+/// table, no lock that blocks reads or writes) after a burst of inserts — a
+/// large backfill — at most once per `ANALYZE_EVERY` (10 s) in this process.
+/// PostgreSQL advises it after bulk loads: until autovacuum gets to it
+/// (its naptime is a minute), plans made from the old statistics take the
+/// new QUEUED backlog for a handful of rows. Failures are logged.
+pub async fn run_analyze_after_burst(pool: &sqlx::PgPool) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < ANALYZE_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    if let Err(e) = sqlx::raw_sql("ANALYZE runs").execute(pool).await {
+        tracing::warn!(error = %e, "refreshing the statistics of runs failed");
+    }
+}

@@ -1,0 +1,371 @@
+//! `runs`: one attempt of one execution. Creation, claim and finish each
+//! write the run row, its `state_changed` event and the NOTIFYs in one
+//! transaction, so an event is persisted before anyone can see it.
+//!
+//! | file           | inside                                                              |
+//! |----------------|---------------------------------------------------------------------|
+//! | `mod.rs`       | [`NewRun`] and [`run_insert`], the NOTIFYs, the row every read decodes |
+//! | `claim.rs`     | [`run_claim`] (the fair-share claim statement), [`run_claim_lock`], [`ClaimKind`], [`run_analyze_after_burst`] |
+//! | `lifecycle.rs` | after the claim: finish, reap, promote, cancel, heartbeat           |
+//! | `read.rs`      | reads: one run, lists, the scheduler's active state, due times      |
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{Error, decode, encode, events::notify_events, policy_from_cols};
+use crate::domain::{EventBody, Handler, Run, RunEvent, RunPolicy, RunState, RunTrigger};
+
+mod claim;
+mod lifecycle;
+mod read;
+
+pub use claim::{ClaimKind, run_analyze_after_burst, run_claim, run_claim_lock};
+pub use lifecycle::{
+    Outcome, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat, run_promote_due,
+    run_reap, run_request_cancel,
+};
+pub use read::{
+    ActiveRun, ActiveState, run_active_state, run_find_by_idempotency_key, run_get, run_list,
+    run_list_active, run_next_due_time, run_progress,
+};
+
+/// A run to create: `QUEUED` (due), `SCHEDULED` (for a future time) or
+/// `SKIPPED` (a fire that deliberately does not run, with a reason).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// UUIDv7.
+    pub id: Uuid,
+    /// Owner.
+    pub tenant_id: String,
+    /// Producing binding.
+    pub binding_id: Uuid,
+    /// Definition name.
+    pub definition: String,
+    /// What created it.
+    pub trigger: RunTrigger,
+    /// Fire time (manual: trigger or run time; retry: its due time).
+    pub scheduled_time: DateTime<Utc>,
+    /// Claimed no earlier than this (fire time + jitter, retry backoff, run_time).
+    pub not_before: DateTime<Utc>,
+    /// Handler snapshot.
+    pub handler: Handler,
+    /// Params snapshot.
+    pub params: serde_json::Value,
+    /// `Queued`, `Scheduled` or `Skipped`.
+    pub state: RunState,
+    /// Why it is skipped (empty otherwise).
+    pub reason: String,
+    /// 1-based attempt.
+    pub attempt: i32,
+    /// Previous attempt, for retries.
+    pub retry_of: Option<Uuid>,
+    /// Policy snapshot.
+    pub policy: RunPolicy,
+    /// TriggerRun's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// An explicit request (TriggerRun, RetryRun): it may start while its
+    /// binding is paused or disabled (see [`run_claim`]). A retry is manual
+    /// also when the attempt it retries (`retry_of`) was.
+    pub manual: bool,
+}
+
+/// Inserts `runs` with their events, announces them to executors and
+/// subscribers, and returns the events of the runs actually inserted. A
+/// waiting run (`QUEUED`, `SCHEDULED`) or a `SKIPPED` one gets its first
+/// event (seq 1, `→ state`, with the reason). A `SUCCEEDED` run is an `event`
+/// handler's run completed in the inserting transaction (by the scheduler):
+/// it is written in its final state with all four events (`→ QUEUED`,
+/// `QUEUED → RUNNING`, `fired`, `RUNNING → SUCCEEDED`), started and ended at
+/// `now` on `node_id`. A schedule fire whose `(binding_id, scheduled_time)`
+/// already has a run is left alone: that unique index is what makes firing
+/// exactly-once across nodes.
+///
+/// One statement for the whole batch (arrays through `UNNEST`), whatever
+/// its size.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_insert(
+    conn: &mut PgConnection,
+    node_id: &str,
+    runs: &[NewRun],
+    now: DateTime<Utc>,
+) -> Result<Vec<RunEvent>, Error> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
+    let n_events: usize = bodies.iter().map(Vec::len).sum();
+    let mut ev_run = Vec::with_capacity(n_events);
+    let mut ev_seq = Vec::with_capacity(n_events);
+    let mut ev_kind = Vec::with_capacity(n_events);
+    let mut ev_payload = Vec::with_capacity(n_events);
+    for (r, evs) in runs.iter().zip(&bodies) {
+        for (i, b) in evs.iter().enumerate() {
+            ev_run.push(r.id);
+            ev_seq.push(i as i64 + 1);
+            ev_kind.push(b.kind());
+            ev_payload.push(encode(b));
+        }
+    }
+    let states: Vec<&str> = runs.iter().map(|r| r.state.as_str()).collect();
+    let reasons: Vec<&str> = runs.iter().map(|r| r.reason.as_str()).collect();
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+    let tenants: Vec<&str> = runs.iter().map(|r| r.tenant_id.as_str()).collect();
+    let bindings: Vec<Uuid> = runs.iter().map(|r| r.binding_id).collect();
+    let defs: Vec<&str> = runs.iter().map(|r| r.definition.as_str()).collect();
+    let triggers: Vec<&str> = runs.iter().map(|r| r.trigger.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = runs.iter().map(|r| r.scheduled_time).collect();
+    let not_before: Vec<DateTime<Utc>> = runs.iter().map(|r| r.not_before).collect();
+    let handlers: Vec<serde_json::Value> = runs.iter().map(|r| encode(&r.handler)).collect();
+    let params: Vec<serde_json::Value> = runs.iter().map(|r| r.params.clone()).collect();
+    let attempts: Vec<i32> = runs.iter().map(|r| r.attempt).collect();
+    let retry_of: Vec<Option<Uuid>> = runs.iter().map(|r| r.retry_of).collect();
+    let max_attempts: Vec<i32> = runs
+        .iter()
+        .map(|r| r.policy.retry.max_attempts as i32)
+        .collect();
+    let retry_policies: Vec<serde_json::Value> =
+        runs.iter().map(|r| encode(&r.policy.retry)).collect();
+    let timeouts: Vec<Option<i32>> = runs
+        .iter()
+        .map(|r| r.policy.timeout_secs.map(|t| t as i32))
+        .collect();
+    let overlaps: Vec<&str> = runs.iter().map(|r| r.policy.overlap.as_str()).collect();
+    let priorities: Vec<i32> = runs.iter().map(|r| r.policy.priority).collect();
+    let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
+    let last_seqs: Vec<i64> = bodies.iter().map(|b| b.len() as i64).collect();
+    let manual: Vec<bool> = runs.iter().map(|r| r.manual).collect();
+    let inserted = sqlx::query_scalar!(
+        r#"WITH u AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
+                                  $7::jsonb[], $8::jsonb[], $10::text[], $11::text[], $12::bigint[],
+                                  $13::timestamptz[], $14::int[], $15::uuid[], $16::int[], $17::jsonb[],
+                                  $18::int[], $19::text[], $20::int[], $21::text[], $27::bool[])
+                  AS u(id, tenant_id, binding_id, definition, trigger, scheduled_time, handler, params,
+                       state, reason, last_seq, not_before, attempt, retry_of, max_attempts, retry_policy,
+                       timeout_secs, overlap_policy, priority, idempotency_key, manual)),
+           r AS (
+             INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
+                               not_before, create_time, start_time, end_time, node_id, handler, params,
+                               reason, last_seq, attempt, retry_of, max_attempts, retry_policy,
+                               timeout_secs, overlap_policy, priority, idempotency_key, manual)
+             SELECT u.id, u.tenant_id, u.binding_id, u.definition, u.trigger, u.state, u.scheduled_time,
+                    u.not_before, $9,
+                    CASE WHEN u.state = 'SUCCEEDED' THEN $9::timestamptz END,
+                    CASE WHEN u.state IN ('SKIPPED', 'SUCCEEDED') THEN $9::timestamptz END,
+                    CASE WHEN u.state = 'SUCCEEDED' THEN $22 END,
+                    u.handler, u.params, NULLIF(u.reason, ''), u.last_seq, u.attempt, u.retry_of,
+                    u.max_attempts, u.retry_policy, u.timeout_secs, u.overlap_policy, u.priority,
+                    u.idempotency_key,
+                    u.manual OR coalesce((SELECT p.manual FROM runs p WHERE p.id = u.retry_of), false)
+             FROM u
+             ON CONFLICT (binding_id, scheduled_time) WHERE trigger = 'SCHEDULE' DO NOTHING
+             RETURNING id, tenant_id, binding_id, definition),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT r.id, ev.seq, $9, r.tenant_id, r.binding_id, r.definition, ev.kind, ev.payload
+             FROM UNNEST($23::uuid[], $24::bigint[], $25::text[], $26::jsonb[]) AS ev(run_id, seq, kind, payload)
+             JOIN r ON r.id = ev.run_id
+             RETURNING run_id)
+           SELECT id AS "id!" FROM r"#,
+        &ids,
+        &tenants as &[&str],
+        &bindings,
+        &defs as &[&str],
+        &triggers as &[&str],
+        &times,
+        &handlers,
+        &params,
+        now,
+        &states as &[&str],
+        &reasons as &[&str],
+        &last_seqs,
+        &not_before,
+        &attempts,
+        &retry_of as &[Option<Uuid>],
+        &max_attempts,
+        &retry_policies,
+        &timeouts as &[Option<i32>],
+        &overlaps as &[&str],
+        &priorities,
+        &keys as &[Option<&str>],
+        node_id,
+        &ev_run,
+        &ev_seq,
+        &ev_kind as &[&str],
+        &ev_payload,
+        &manual,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let mut events = Vec::with_capacity(n_events);
+    let mut waiting = false;
+    for (r, evs) in runs.iter().zip(bodies) {
+        if !inserted.contains(&r.id) {
+            continue;
+        }
+        waiting |= matches!(r.state, RunState::Queued | RunState::Scheduled);
+        events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
+            run_id: r.id,
+            seq: i as i64 + 1,
+            time: now,
+            tenant_id: r.tenant_id.clone(),
+            binding_id: r.binding_id,
+            definition: r.definition.clone(),
+            body,
+        }));
+    }
+    if waiting {
+        notify_runs(&mut *conn).await?;
+    }
+    announce(&mut *conn, node_id, &events).await?;
+    Ok(events)
+}
+
+/// The events a new run is written with (see [`run_insert`]).
+fn initial_events(r: &NewRun) -> Vec<EventBody> {
+    let state = |from, to, reason: &str| EventBody::StateChanged {
+        from,
+        to,
+        reason: reason.to_string(),
+    };
+    if r.state == RunState::Succeeded {
+        vec![
+            state(None, RunState::Queued, ""),
+            state(Some(RunState::Queued), RunState::Running, ""),
+            EventBody::Fired {
+                params: r.params.clone(),
+            },
+            state(Some(RunState::Running), RunState::Succeeded, ""),
+        ]
+    } else {
+        vec![state(None, r.state, &r.reason)]
+    }
+}
+
+/// Announces `events` (in seq order per run) on
+/// [`super::CHANNEL_EVENTS`]; nothing when there are none.
+async fn announce<'a>(
+    conn: &mut PgConnection,
+    node_id: &str,
+    events: impl IntoIterator<Item = &'a RunEvent>,
+) -> Result<(), Error> {
+    // Consecutive events of one run make one range.
+    let mut ranges: Vec<(Uuid, i64, i64)> = Vec::new();
+    for e in events {
+        match ranges.last_mut() {
+            Some((run, _, to)) if *run == e.run_id && *to + 1 == e.seq => *to = e.seq,
+            _ => ranges.push((e.run_id, e.seq, e.seq)),
+        }
+    }
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    notify_events(conn, node_id, ranges).await
+}
+
+/// Tells every node's executor that runs are waiting (or a slot freed up):
+/// [`super::CHANNEL_RUNS`], delivered on commit.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn state_event(run: &Run, seq: i64, now: DateTime<Utc>, body: EventBody) -> RunEvent {
+    RunEvent {
+        run_id: run.id,
+        seq,
+        time: now,
+        tenant_id: run.tenant_id.clone(),
+        binding_id: run.binding_id,
+        definition: run.definition.clone(),
+        body,
+    }
+}
+
+fn corrupt_state(s: &str) -> Error {
+    Error::Corrupt {
+        what: "run state",
+        source: <serde_json::Error as serde::de::Error>::custom(format!("unknown value {s:?}")),
+    }
+}
+
+struct RunRow {
+    id: Uuid,
+    tenant_id: String,
+    binding_id: Uuid,
+    definition: String,
+    trigger: String,
+    state: String,
+    attempt: i32,
+    scheduled_time: DateTime<Utc>,
+    create_time: DateTime<Utc>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    handler: serde_json::Value,
+    params: serde_json::Value,
+    result: Option<serde_json::Value>,
+    error_message: Option<String>,
+    error_summary: Option<String>,
+    exit_code: Option<i32>,
+    node_id: Option<String>,
+    reason: Option<String>,
+    last_seq: i64,
+    not_before: DateTime<Utc>,
+    retry_of: Option<Uuid>,
+    retry_policy: serde_json::Value,
+    timeout_secs: Option<i32>,
+    overlap_policy: String,
+    priority: i32,
+    idempotency_key: Option<String>,
+    cancel_reason: Option<String>,
+}
+
+impl TryFrom<RunRow> for Run {
+    type Error = Error;
+    fn try_from(r: RunRow) -> Result<Self, Error> {
+        let bad = |what: &'static str, v: &str| Error::Corrupt {
+            what,
+            source: <serde_json::Error as serde::de::Error>::custom(format!("unknown value {v:?}")),
+        };
+        Ok(Run {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            binding_id: r.binding_id,
+            definition: r.definition,
+            trigger: RunTrigger::parse(&r.trigger).ok_or_else(|| bad("run trigger", &r.trigger))?,
+            state: RunState::parse(&r.state).ok_or_else(|| bad("run state", &r.state))?,
+            attempt: r.attempt,
+            scheduled_time: r.scheduled_time,
+            create_time: r.create_time,
+            start_time: r.start_time,
+            end_time: r.end_time,
+            handler: decode("run handler", r.handler)?,
+            params: r.params,
+            result: r.result,
+            error_message: r.error_message,
+            error_summary: r.error_summary,
+            exit_code: r.exit_code,
+            node_id: r.node_id,
+            reason: r.reason,
+            not_before: r.not_before,
+            retry_of: r.retry_of,
+            policy: policy_from_cols(
+                &r.overlap_policy,
+                r.retry_policy,
+                r.timeout_secs,
+                r.priority,
+            )?,
+            idempotency_key: r.idempotency_key,
+            cancel_reason: r.cancel_reason,
+        })
+    }
+}
