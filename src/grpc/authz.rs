@@ -364,7 +364,10 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        assert!(!methods.is_empty(), "the descriptor set has sked.v1 services");
+        assert!(
+            !methods.is_empty(),
+            "the descriptor set has sked.v1 services"
+        );
         let ruled: Vec<&str> = RULES.iter().map(|r| r.path).collect();
         let unique: BTreeSet<&str> = ruled.iter().copied().collect();
         assert_eq!(unique.len(), ruled.len(), "a path has two rules");
