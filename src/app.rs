@@ -293,10 +293,16 @@ async fn serve_with_pool(
     // Every service, health and reflection included, takes gzip and zstd
     // and caps decoded messages (`transport::codec!`); a request that does
     // not decompress is INVALID_ARGUMENT, not tonic's INTERNAL.
+    //
+    // Inside that, the authorization gate (`grpc::authz`, one table of role
+    // and scope per method): before a request is decoded, a path without a
+    // rule is UNIMPLEMENTED, the key, role and tenant are checked and a
+    // change is counted; health and reflection pass without a key.
     let result = server
         .layer(tower::util::MapResponseLayer::new(
             transport::request_decode_status,
         ))
+        .layer(grpc::authz::AuthzLayer::new(&ctx))
         .add_service(codec!(health_service))
         .add_service(codec!(reflection_v1))
         .add_service(codec!(reflection_v1alpha))

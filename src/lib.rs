@@ -20,11 +20,12 @@
 //!   overlap plans, retry backoff, run states, params merge (RFC 7396), the
 //!   clock.
 //! - [`db`] — all SQL.
-//! - [`grpc`] — the API services, authentication and roles (API keys),
-//!   tenant context, audit summaries, status mapping; the input boundary
-//!   (`grpc::codec` + `grpc::boundary`: every request field checked from the
-//!   descriptor set before a handler runs) and per-tenant cost bounds
-//!   (`grpc::limit`).
+//! - [`grpc`] — the API services, authentication (API keys, `grpc::auth`),
+//!   authorization (`grpc::authz`: one table of role and scope per method,
+//!   enforced by one tower layer before a request is decoded), audit
+//!   summaries, status mapping; the input boundary (`grpc::codec` +
+//!   `grpc::boundary`: every request field checked from the descriptor set
+//!   before a handler runs) and per-tenant cost bounds (`grpc::limit`).
 //! - [`scheduler`] — due bindings → queued runs, exactly once; misfire,
 //!   overlap and pause decisions.
 //! - [`executor`] — claim queued runs and run their handlers; leases,

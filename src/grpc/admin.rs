@@ -5,7 +5,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::audit;
-use super::auth::{Caller, call_tenant, require_platform};
+use super::auth::{Caller, call_tenant};
+use super::authz::{Grant, grant};
 use super::convert::{json_to_struct, time_from, time_to};
 use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
 use crate::db;
@@ -17,14 +18,6 @@ use crate::domain::{FieldViolation, Role, validate_tenant_id};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
 
-const M_GET_QUOTA: &str = "sked.v1.AdminService/GetTenantQuota";
-const M_SET_QUOTA: &str = "sked.v1.AdminService/SetTenantQuota";
-const M_USAGE: &str = "sked.v1.AdminService/GetQuotaUsage";
-const M_CREATE_KEY: &str = "sked.v1.AdminService/CreateApiKey";
-const M_REVOKE_KEY: &str = "sked.v1.AdminService/RevokeApiKey";
-const M_LIST_KEYS: &str = "sked.v1.AdminService/ListApiKeys";
-const M_LIST_AUDIT: &str = "sked.v1.AdminService/ListAuditEvents";
-
 /// Implements `AdminService`.
 #[derive(Debug, Clone)]
 pub struct Admin(pub Ctx);
@@ -33,7 +26,7 @@ pub struct Admin(pub Ctx);
 /// name its own), else the call's tenant ([`call_tenant`]).
 fn quota_tenant<T>(caller: &Caller, req: &Request<T>, field: &str) -> Result<String, Status> {
     if field.is_empty() {
-        return call_tenant(caller, req);
+        return call_tenant(caller, req.metadata());
     }
     validate_tenant_id("tenant_id", field).map_err(invalid)?;
     match &caller.tenant {
@@ -176,7 +169,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::GetTenantQuotaRequest>,
     ) -> Result<Response<pb::TenantQuota>, Status> {
-        let caller = self.0.authorize(&req, Role::Viewer, M_GET_QUOTA).await?;
+        let caller = grant(&req)?.caller;
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
         let q = db::tenancy::quota_get(&self.0.pool, &tenant)
             .await
@@ -188,8 +181,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::SetTenantQuotaRequest>,
     ) -> Result<Response<pb::TenantQuota>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_SET_QUOTA).await?;
-        require_platform(&caller, M_SET_QUOTA)?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let q = req
             .into_inner()
             .quota
@@ -209,7 +201,7 @@ impl AdminService for Admin {
         let event = caller.audit(
             now,
             Some(&q.tenant_id),
-            M_SET_QUOTA,
+            method,
             format!("quota/{}", q.tenant_id),
             Some(audit::quota(&before)),
             Some(audit::quota(&quota)),
@@ -226,7 +218,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::GetQuotaUsageRequest>,
     ) -> Result<Response<pb::QuotaUsage>, Status> {
-        let caller = self.0.authorize(&req, Role::Viewer, M_USAGE).await?;
+        let caller = grant(&req)?.caller;
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
         let mut conn = self
             .0
@@ -244,7 +236,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_CREATE_KEY).await?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
         if r.name.chars().count() > MAX_KEY_NAME {
             return Err(invalid(FieldViolation::new(
@@ -280,7 +272,7 @@ impl AdminService for Admin {
         let event = caller.audit(
             now,
             key.tenant_id.as_deref(),
-            M_CREATE_KEY,
+            method,
             format!("api_key/{}", key.id),
             None,
             Some(audit::api_key(&key)),
@@ -300,7 +292,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_REVOKE_KEY).await?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let what = format!("API key {id}");
         let now = self.0.clock.now();
@@ -320,7 +312,7 @@ impl AdminService for Admin {
         let event = caller.audit(
             now,
             before.tenant_id.as_deref(),
-            M_REVOKE_KEY,
+            method,
             format!("api_key/{id}"),
             Some(audit::api_key(&before)),
             Some(audit::api_key(&after)),
@@ -335,7 +327,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_LIST_KEYS).await?;
+        let caller = grant(&req)?.caller;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let after = if r.page_token.is_empty() {
@@ -362,7 +354,7 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_LIST_AUDIT).await?;
+        let caller = grant(&req)?.caller;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let before = if r.page_token.is_empty() {

@@ -5,7 +5,9 @@
 //! is `UNAUTHENTICATED`. The secret is checked against the stored Argon2id
 //! hash once per key and process, then against an in-memory SHA-256 of it
 //! (the row is still read on every call, so a revocation on any node takes
-//! effect at once). A role too low for the method is `PERMISSION_DENIED`.
+//! effect at once). A role too low for the method is `PERMISSION_DENIED`;
+//! which role and scope each method needs is the table of [`super::authz`],
+//! whose gate calls the functions here before a request is decoded.
 //!
 //! Tenant: a tenant key acts for its tenant (an `x-tenant-id` naming another
 //! one is `PERMISSION_DENIED`); a platform key names the tenant of a
@@ -21,8 +23,8 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Status};
 use uuid::Uuid;
 
 use super::{TENANT_HEADER, db_status, invalid};
@@ -241,28 +243,22 @@ pub fn require_platform(caller: &Caller, method: &str) -> Result<(), Status> {
     }
 }
 
-/// The tenant a call acts for: a tenant key's own (an `x-tenant-id` header,
-/// if sent, must name it), or for a platform key the `x-tenant-id` header.
+/// The tenant a call with metadata `md` acts for: a tenant key's own (an
+/// `x-tenant-id` header, if sent, must name it), or for a platform key the
+/// `x-tenant-id` header.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` (field `x-tenant-id`) when a platform key sends none or
 /// a malformed one; `PERMISSION_DENIED` when a tenant key names another
 /// tenant.
-pub fn call_tenant<T>(caller: &Caller, req: &Request<T>) -> Result<String, Status> {
-    if req
-        .metadata()
-        .get_all(TENANT_HEADER)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+pub fn call_tenant(caller: &Caller, md: &MetadataMap) -> Result<String, Status> {
+    if md.get_all(TENANT_HEADER).iter().nth(1).is_some() {
         return Err(invalid(FieldViolation::new(
             TENANT_HEADER,
             "header given more than once; name one tenant",
         )));
     }
-    let header = req
-        .metadata()
+    let header = md
         .get(TENANT_HEADER)
         .map(|v| {
             v.to_str()
@@ -291,12 +287,12 @@ pub fn call_tenant<T>(caller: &Caller, req: &Request<T>) -> Result<String, Statu
 mod tests {
     use super::*;
 
-    fn with_header(tenant: Option<&str>) -> Request<()> {
-        let mut r = Request::new(());
+    fn with_header(tenant: Option<&str>) -> MetadataMap {
+        let mut md = MetadataMap::new();
         if let Some(t) = tenant {
-            r.metadata_mut().insert(TENANT_HEADER, t.parse().unwrap());
+            md.insert(TENANT_HEADER, t.parse().unwrap());
         }
-        r
+        md
     }
 
     #[test]

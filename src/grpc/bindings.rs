@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::audit;
 use super::auth::Caller;
+use super::authz::{Grant, tenant_grant};
 use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
 use super::{
     Ctx, check_etag, db_status, invalid, page, page_size, parse_uuid, record, require_healthy,
@@ -13,19 +14,11 @@ use super::{
 use crate::db;
 use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
-    Binding, FieldViolation, Role, effective_schedule, merge_params, validate_definition_name,
+    Binding, FieldViolation, effective_schedule, merge_params, validate_definition_name,
     validate_effective_window, validate_merged_params,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
-
-const M_CREATE: &str = "sked.v1.BindingService/CreateBinding";
-const M_GET: &str = "sked.v1.BindingService/GetBinding";
-const M_LIST: &str = "sked.v1.BindingService/ListBindings";
-const M_UPDATE: &str = "sked.v1.BindingService/UpdateBinding";
-const M_DELETE: &str = "sked.v1.BindingService/DeleteBinding";
-const M_PAUSE: &str = "sked.v1.BindingService/PauseBinding";
-const M_RESUME: &str = "sked.v1.BindingService/ResumeBinding";
 
 /// Implements `BindingService`.
 #[derive(Debug, Clone)]
@@ -37,7 +30,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::CreateBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_CREATE).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let b = req
             .into_inner()
             .binding
@@ -121,7 +114,7 @@ impl BindingService for Bindings {
         let event = caller.audit(
             now,
             Some(&binding.tenant_id),
-            M_CREATE,
+            method,
             format!("binding/{}", binding.id),
             None,
             Some(audit::binding(&binding)),
@@ -139,7 +132,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::GetBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_GET).await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let b = db::bindings::binding_get(&self.0.pool, &tenant_id, id)
             .await
@@ -151,7 +144,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::ListBindingsRequest>,
     ) -> Result<Response<pb::ListBindingsResponse>, Status> {
-        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_LIST).await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let after = if r.page_token.is_empty() {
@@ -176,7 +169,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::UpdateBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_UPDATE).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let b = r
             .binding
@@ -283,7 +276,7 @@ impl BindingService for Bindings {
         let event = caller.audit(
             now,
             Some(&tenant_id),
-            M_UPDATE,
+            method,
             format!("binding/{id}"),
             Some(before),
             Some(audit::binding(&cur)),
@@ -298,7 +291,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::PauseBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_PAUSE).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let id = parse_uuid("id", &r.id)?;
         if r.note.chars().count() > MAX_NOTE {
@@ -321,7 +314,7 @@ impl BindingService for Bindings {
             )));
         }
         let b = self
-            .set_pause(&caller, M_PAUSE, &tenant_id, id, now, |b| {
+            .set_pause(&caller, method, &tenant_id, id, now, |b| {
                 b.paused = true;
                 b.pause_note = r.note.clone();
                 b.pause_expire_time = expire;
@@ -335,11 +328,11 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::ResumeBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_RESUME).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let now = self.0.clock.now();
         let b = self
-            .set_pause(&caller, M_RESUME, &tenant_id, id, now, |b| {
+            .set_pause(&caller, method, &tenant_id, id, now, |b| {
                 if b.paused {
                     // From the next fire after now: no catch-up of the pause.
                     b.next_run_time = b.effective_schedule.next_after(now);
@@ -355,7 +348,7 @@ impl BindingService for Bindings {
         &self,
         req: Request<pb::DeleteBindingRequest>,
     ) -> Result<Response<pb::DeleteBindingResponse>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_DELETE).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let what = format!("binding {id}");
         let mut tx = self
@@ -385,7 +378,7 @@ impl BindingService for Bindings {
         let event = caller.audit(
             now,
             Some(&tenant_id),
-            M_DELETE,
+            method,
             format!("binding/{id}"),
             Some(audit::binding(&before)),
             None,

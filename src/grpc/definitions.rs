@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::audit;
-use super::auth::require_platform;
+use super::authz::{Grant, grant};
 use super::convert::{
     definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
     schedule_from, tenant_scope_from, time_from, time_to, timeout_from,
@@ -13,16 +13,9 @@ use crate::db;
 use crate::db::definitions as q;
 use crate::domain::policy::REASON_BINDING_DELETED;
 use crate::domain::{
-    Definition, FieldViolation, Role, RunPolicy, TenantScope, effective_schedule, merge_params,
+    Definition, FieldViolation, RunPolicy, TenantScope, effective_schedule, merge_params,
     validate_definition_name, validate_max_output_bytes, validate_merged_params,
 };
-
-const M_CREATE: &str = "sked.v1.DefinitionService/CreateDefinition";
-const M_GET: &str = "sked.v1.DefinitionService/GetDefinition";
-const M_LIST: &str = "sked.v1.DefinitionService/ListDefinitions";
-const M_UPDATE: &str = "sked.v1.DefinitionService/UpdateDefinition";
-const M_DELETE: &str = "sked.v1.DefinitionService/DeleteDefinition";
-const M_PREVIEW: &str = "sked.v1.DefinitionService/PreviewSchedule";
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
 
@@ -39,8 +32,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::CreateDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_CREATE).await?;
-        require_platform(&caller, M_CREATE)?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let d = req
             .into_inner()
             .definition
@@ -106,7 +98,7 @@ impl DefinitionService for Definitions {
         let event = caller.audit(
             now,
             None,
-            M_CREATE,
+            method,
             format!("definition/{}", def.name),
             None,
             Some(audit::definition(&def)),
@@ -121,7 +113,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::GetDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
-        let caller = self.0.authorize(&req, Role::Viewer, M_GET).await?;
+        let caller = grant(&req)?.caller;
         let name = req.into_inner().name;
         validate_definition_name("name", &name).map_err(invalid)?;
         let d = q::definition_get(&self.0.pool, &name, caller.tenant.as_deref())
@@ -139,7 +131,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::ListDefinitionsRequest>,
     ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Viewer, M_LIST).await?;
+        let caller = grant(&req)?.caller;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         // The token is the last name of the previous page.
@@ -165,8 +157,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::UpdateDefinitionRequest>,
     ) -> Result<Response<pb::TaskDefinition>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_UPDATE).await?;
-        require_platform(&caller, M_UPDATE)?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
         let d = r
             .definition
@@ -344,7 +335,7 @@ impl DefinitionService for Definitions {
         let event = caller.audit(
             now,
             None,
-            M_UPDATE,
+            method,
             format!("definition/{}", cur.name),
             Some(before),
             Some(audit::definition(&cur)),
@@ -359,8 +350,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::DeleteDefinitionRequest>,
     ) -> Result<Response<pb::DeleteDefinitionResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Admin, M_DELETE).await?;
-        require_platform(&caller, M_DELETE)?;
+        let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
         let name = r.name;
         validate_definition_name("name", &name).map_err(invalid)?;
@@ -404,7 +394,7 @@ impl DefinitionService for Definitions {
         let event = caller.audit(
             now,
             None,
-            M_DELETE,
+            method,
             format!("definition/{name}"),
             Some(before),
             None,
@@ -420,7 +410,7 @@ impl DefinitionService for Definitions {
         &self,
         req: Request<pb::PreviewScheduleRequest>,
     ) -> Result<Response<pb::PreviewScheduleResponse>, Status> {
-        let caller = self.0.authorize(&req, Role::Viewer, M_PREVIEW).await?;
+        let caller = grant(&req)?.caller;
         let who = super::limit::caller_keys(&caller, &req);
         let r = req.into_inner();
         let count = match r.count {

@@ -26,18 +26,14 @@ pub const COSTLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Above this many callers tracked, idle ones are forgotten.
 const MAX_TRACKED: usize = 10_000;
 
-/// Who a call's rates are counted for: the tenant it acts for (a tenant
-/// key's own, or the `x-tenant-id` a platform key names), else its key, else
-/// (no authentication, no tenant) one shared name.
-pub fn rate_key<T>(caller: &Caller, req: &Request<T>) -> String {
+/// Who a call with metadata `md` has its rates counted for: the tenant it
+/// acts for (a tenant key's own, or the `x-tenant-id` a platform key names),
+/// else its key, else (no authentication, no tenant) one shared name.
+pub fn rate_key(caller: &Caller, md: &tonic::metadata::MetadataMap) -> String {
     if let Some(t) = &caller.tenant {
         return t.clone();
     }
-    if let Some(t) = req
-        .metadata()
-        .get(super::TENANT_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(t) = md.get(super::TENANT_HEADER).and_then(|v| v.to_str().ok()) {
         return super::truncate(t.to_string(), 128);
     }
     match caller.key_id {

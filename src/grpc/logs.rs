@@ -9,10 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::authz::tenant_grant;
 use super::convert::event_to;
 use super::{Ctx, db_status, invalid, page_size, parse_uuid};
 use crate::db;
-use crate::domain::Role;
 use crate::domain::{FieldViolation, validate_definition_name};
 use crate::events::tail::{self, WatchFilter, WatchItem};
 use crate::proto::v1 as pb;
@@ -75,10 +75,7 @@ impl LogService for Logs {
         &self,
         req: Request<pb::TailRunRequest>,
     ) -> Result<Response<Self::TailRunStream>, Status> {
-        let (_, tenant_id) = self
-            .0
-            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/TailRun")
-            .await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let peer = req.remote_addr();
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
@@ -112,10 +109,7 @@ impl LogService for Logs {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let (_, tenant_id) = self
-            .0
-            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/WatchEvents")
-            .await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let peer = req.remote_addr();
         let r = req.into_inner();
         let binding_id = if r.binding_id.is_empty() {
@@ -178,10 +172,7 @@ impl LogService for Logs {
         &self,
         req: Request<pb::ListRunEventsRequest>,
     ) -> Result<Response<pb::ListRunEventsResponse>, Status> {
-        let (_, tenant_id) = self
-            .0
-            .tenant_call(&req, Role::Viewer, "sked.v1.LogService/ListRunEvents")
-            .await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
         if r.after_seq < 0 {

@@ -2,11 +2,14 @@
 //! status mapping and proto ↔ domain conversion. No SQL and no loops here:
 //! handlers validate, call `db` or `events`, and convert.
 //!
-//! Every request passes the input boundary first ([`codec`] decodes,
-//! [`boundary`] checks each field against its bound), so handlers may rely
-//! on NUL-free, bounded strings, in-range timestamps and durations, and
-//! params within size and depth. Expensive work is bounded per tenant and
-//! connection by [`limit`].
+//! Every request passes the authorization gate first ([`authz`]: one table
+//! of role and scope per method, enforced by a tower layer; the key itself
+//! is checked by [`auth`]), then the input boundary ([`codec`] decodes,
+//! [`boundary`] checks each field against its bound), so handlers get the
+//! caller and its tenant from [`authz::grant`] / [`authz::tenant_grant`] and
+//! may rely on NUL-free, bounded strings, in-range timestamps and
+//! durations, and params within size and depth. Expensive work is bounded
+//! per tenant and connection by [`limit`].
 //!
 //! Errors: `INVALID_ARGUMENT` carries a `google.rpc.BadRequest`
 //! naming the field; internal errors never leak SQL text — the client gets a
@@ -16,6 +19,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod authz;
 pub mod bindings;
 pub mod boundary;
 pub mod codec;
@@ -29,11 +33,11 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::db;
-use crate::domain::{Clock, FieldViolation, Role};
+use crate::domain::{Clock, FieldViolation};
 use crate::events::EventBus;
 
 /// Request header naming the tenant of a tenant-scoped call.
@@ -54,54 +58,13 @@ pub struct Ctx {
     pub executor_wake: Arc<Notify>,
     /// Cancelled at shutdown, after runs drained: ends every open stream.
     pub streams_stop: tokio_util::sync::CancellationToken,
-    /// Authentication of callers.
+    /// Authentication of callers (by the gate, [`authz`]).
     pub auth: Arc<auth::Auth>,
     /// Per-caller bounds on expensive calls.
     pub costly: Arc<limit::CostLimiter>,
-    /// Per-tenant rates of changes and of runs created through the API.
+    /// Per-tenant rates of changes (spent by the gate, [`authz`]) and of
+    /// runs created through the API (spent by the handlers).
     pub rates: Arc<limit::RateLimits>,
-}
-
-impl Ctx {
-    /// Authenticates the caller of `req` and checks it has at least `need`
-    /// for `method`; a call needing more than [`Role::Viewer`] (a change)
-    /// spends one of its tenant's changes ([`limit::RateLimits::write`]).
-    ///
-    /// # Errors
-    /// `UNAUTHENTICATED`, `PERMISSION_DENIED` (see [`auth`]);
-    /// `RESOURCE_EXHAUSTED` past the tenant's rate of changes.
-    pub async fn authorize<T>(
-        &self,
-        req: &Request<T>,
-        need: Role,
-        method: &str,
-    ) -> Result<auth::Caller, Status> {
-        let caller = self.auth.authenticate(&self.pool, req.metadata()).await?;
-        auth::require_role(&caller, need, method)?;
-        // Every call that needs more than reading is a change: counted
-        // against its tenant's rate before it does anything.
-        if need != Role::Viewer {
-            self.rates.write(&limit::rate_key(&caller, req))?;
-        }
-        Ok(caller)
-    }
-
-    /// [`Ctx::authorize`] for a tenant-scoped call; also returns the tenant
-    /// it acts for ([`auth::call_tenant`]).
-    ///
-    /// # Errors
-    /// `UNAUTHENTICATED`, `PERMISSION_DENIED`, `INVALID_ARGUMENT` on
-    /// `x-tenant-id`.
-    pub async fn tenant_call<T>(
-        &self,
-        req: &Request<T>,
-        need: Role,
-        method: &str,
-    ) -> Result<(auth::Caller, String), Status> {
-        let caller = self.authorize(req, need, method).await?;
-        let tenant = auth::call_tenant(&caller, req)?;
-        Ok((caller, tenant))
-    }
 }
 
 /// Longest field path kept in an error, in bytes.

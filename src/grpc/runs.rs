@@ -4,12 +4,11 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::audit;
+use super::authz::{Grant, tenant_grant};
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
 use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record, require_healthy};
 use crate::db::{self, runs::NewRun};
-use crate::domain::{
-    FieldViolation, Role, RunState, RunTrigger, merge_params, validate_merged_params,
-};
+use crate::domain::{FieldViolation, RunState, RunTrigger, merge_params, validate_merged_params};
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
 
@@ -51,13 +50,6 @@ fn ended(run: &crate::domain::Run) -> Status {
         run.state.as_str()
     ))
 }
-
-const M_TRIGGER: &str = "sked.v1.RunService/TriggerRun";
-const M_CANCEL: &str = "sked.v1.RunService/CancelRun";
-const M_RETRY: &str = "sked.v1.RunService/RetryRun";
-const M_BACKFILL: &str = "sked.v1.RunService/BackfillRuns";
-const M_GET: &str = "sked.v1.RunService/GetRun";
-const M_LIST: &str = "sked.v1.RunService/ListRuns";
 
 /// `RESOURCE_EXHAUSTED` unless `n` more runs fit in what is left of the
 /// tenant's hourly budget; locks the tenant's quota row for the rest of the
@@ -140,7 +132,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::TriggerRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_TRIGGER).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         self.0.rates.runs(&tenant_id, 1)?;
         let r = req.into_inner();
         let binding_id = parse_uuid("binding_id", &r.binding_id)?;
@@ -180,7 +172,7 @@ impl RunService for Runs {
                 let event = caller.audit(
                     now,
                     Some(&tenant_id),
-                    M_TRIGGER,
+                    method,
                     format!("run/{id}"),
                     Some(summary.clone()),
                     Some(summary),
@@ -223,7 +215,7 @@ impl RunService for Runs {
             manual: true,
         };
         let id = new.id;
-        let run = self.create_run(tx, &caller, M_TRIGGER, new, now).await?;
+        let run = self.create_run(tx, &caller, method, new, now).await?;
         tracing::info!(run = %id, binding = %binding_id, state = state.as_str(), "run triggered");
         Ok(Response::new(run_to(&run)))
     }
@@ -232,7 +224,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_CANCEL).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let id = parse_uuid("run_id", &r.run_id)?;
         if r.reason.chars().count() > MAX_REASON {
@@ -275,7 +267,7 @@ impl RunService for Runs {
         let event = caller.audit(
             now,
             Some(&tenant_id),
-            M_CANCEL,
+            method,
             format!("run/{id}"),
             Some(audit::run(&run)),
             Some(audit::run(&after)),
@@ -299,7 +291,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::RetryRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_RETRY).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         self.0.rates.runs(&tenant_id, 1)?;
         let id = parse_uuid("run_id", &req.get_ref().run_id)?;
         let what = format!("run {id}");
@@ -340,7 +332,7 @@ impl RunService for Runs {
             .begin()
             .await
             .map_err(|e| db_status(e.into(), "run"))?;
-        let run = self.create_run(tx, &caller, M_RETRY, new, now).await?;
+        let run = self.create_run(tx, &caller, method, new, now).await?;
         tracing::info!(run = %new_id, retry_of = %id, "run retried by request");
         Ok(Response::new(run_to(&run)))
     }
@@ -349,7 +341,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::BackfillRunsRequest>,
     ) -> Result<Response<pb::BackfillRunsResponse>, Status> {
-        let (caller, tenant_id) = self.0.tenant_call(&req, Role::Operator, M_BACKFILL).await?;
+        let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let mut who = vec![format!("tenant:{tenant_id}")];
         who.extend(req.remote_addr().map(|a| format!("peer:{a}")));
         let r = req.into_inner();
@@ -458,7 +450,7 @@ impl RunService for Runs {
         let event = caller.audit(
             now,
             Some(&tenant_id),
-            M_BACKFILL,
+            method,
             format!("binding/{binding_id}"),
             None,
             Some(serde_json::json!({
@@ -484,7 +476,7 @@ impl RunService for Runs {
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
-        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_GET).await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let run = db::runs::run_get(&self.0.pool, &tenant_id, id)
             .await
@@ -496,7 +488,7 @@ impl RunService for Runs {
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let (_, tenant_id) = self.0.tenant_call(&req, Role::Viewer, M_LIST).await?;
+        let (_, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let before = if r.page_token.is_empty() {
