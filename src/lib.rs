@@ -48,3 +48,81 @@ pub mod proto;
 pub mod scheduler;
 pub mod telemetry;
 pub mod transport;
+
+/// Checks that keep the layering of `# Layout` true (read the sources).
+#[cfg(test)]
+mod house {
+    use std::path::{Path, PathBuf};
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read src") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    fn sources(under: &str) -> Vec<(PathBuf, String)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(under);
+        let mut files = Vec::new();
+        rust_files(&root, &mut files);
+        files
+            .into_iter()
+            // Test code is not the layering's business: a `tests.rs` file,
+            // and a file's inline test module (from `#[cfg(test)]` on).
+            .filter(|p| !p.ends_with("tests.rs"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("read source");
+                let code = match text.find("#[cfg(test)]") {
+                    Some(i) => text[..i].to_string(),
+                    None => text,
+                };
+                (p, code)
+            })
+            .collect()
+    }
+
+    /// `src/domain` is pure: no database, no gRPC, no async runtime.
+    #[test]
+    fn domain_uses_no_sqlx_tonic_or_tokio() {
+        for (path, text) in sources("src/domain") {
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for krate in ["sqlx::", "tonic::", "tokio::", "use sqlx", "use tonic", "use tokio"] {
+                    assert!(
+                        !code.contains(krate),
+                        "{}:{}: the domain layer uses {krate}: {line}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
+
+    /// SQL lives in `src/db` only (the benchmark binary reads the database
+    /// directly to measure, and is not part of the service).
+    #[test]
+    fn sql_only_under_src_db() {
+        for (path, text) in sources("src") {
+            let p = path.to_string_lossy();
+            if p.contains("/src/db/") || p.contains("/src/bin/") || p.ends_with("/src/lib.rs") {
+                continue;
+            }
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for q in ["sqlx::query", "sqlx::raw_sql", "query_as!(", "query_scalar!("] {
+                    assert!(
+                        !code.contains(q),
+                        "{}:{}: SQL outside src/db: {line}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
+}
