@@ -91,7 +91,14 @@ mod house {
         for (path, text) in sources("src/domain") {
             for (n, line) in text.lines().enumerate() {
                 let code = line.split("//").next().unwrap_or_default();
-                for krate in ["sqlx::", "tonic::", "tokio::", "use sqlx", "use tonic", "use tokio"] {
+                for krate in [
+                    "sqlx::",
+                    "tonic::",
+                    "tokio::",
+                    "use sqlx",
+                    "use tonic",
+                    "use tokio",
+                ] {
                     assert!(
                         !code.contains(krate),
                         "{}:{}: the domain layer uses {krate}: {line}",
@@ -114,7 +121,12 @@ mod house {
             }
             for (n, line) in text.lines().enumerate() {
                 let code = line.split("//").next().unwrap_or_default();
-                for q in ["sqlx::query", "sqlx::raw_sql", "query_as!(", "query_scalar!("] {
+                for q in [
+                    "sqlx::query",
+                    "sqlx::raw_sql",
+                    "query_as!(",
+                    "query_scalar!(",
+                ] {
                     assert!(
                         !code.contains(q),
                         "{}:{}: SQL outside src/db: {line}",
