@@ -221,10 +221,12 @@ impl RateLimits {
     /// # Errors
     /// `RESOURCE_EXHAUSTED` with `RetryInfo` past the rate.
     pub fn runs(&self, tenant: &str, n: usize) -> Result<(), Status> {
-        let (Some((l, rate)), Ok(n)) = (&self.runs, u32::try_from(n)) else {
+        let Some((l, rate)) = &self.runs else {
             return Ok(());
         };
-        let Some(n) = std::num::NonZeroU32::new(n) else {
+        // More than u32 runs is more than any bucket holds: refused, not
+        // waved through.
+        let Some(n) = std::num::NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
             return Ok(());
         };
         take(l, tenant, n.get(), || {
