@@ -195,11 +195,13 @@ async fn serve_with_pool(
     let streams_stop = CancellationToken::new();
     let bridge_stop = CancellationToken::new();
     let ctx = Ctx {
-        pool: pool.clone(),
-        clock: settings.clock.clone(),
-        node_id: settings.node_id.clone(),
-        bus: bus.clone(),
-        executor_wake: Arc::clone(&wakers.executor),
+        core: crate::usecase::Core {
+            pool: pool.clone(),
+            clock: settings.clock.clone(),
+            node_id: settings.node_id.clone(),
+            bus: bus.clone(),
+            executor_wake: Arc::clone(&wakers.executor),
+        },
         streams_stop: streams_stop.clone(),
         auth: Arc::new(grpc::auth::Auth::new(settings.auth)),
         costly: Arc::default(),
@@ -510,7 +512,7 @@ pub async fn bootstrap_key(database_url: &str, name: &str) -> Result<String, Err
         method: "sked admin bootstrap-key".into(),
         target: format!("api_key/{}", key.id),
         before: None,
-        after: Some(grpc::audit::api_key(&key)),
+        after: Some(crate::usecase::audit::api_key(&key)),
     };
     db::tenancy::audit_insert(&mut *tx, &event).await?;
     tx.commit().await.map_err(db::Error::from)?;

@@ -48,6 +48,7 @@ pub mod proto;
 pub mod scheduler;
 pub mod telemetry;
 pub mod transport;
+pub mod usecase;
 
 /// Checks that keep the layering of `# Layout` true (read the sources).
 #[cfg(test)]

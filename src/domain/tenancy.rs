@@ -332,6 +332,59 @@ impl TenantScope {
     }
 }
 
+/// The authenticated caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Its key; `None` when auth is off.
+    pub key_id: Option<Uuid>,
+    /// What it may do.
+    pub role: Role,
+    /// The key's tenant; `None` for the platform.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// The caller when auth is off: an anonymous platform admin.
+    pub fn anonymous() -> Caller {
+        Caller {
+            key_id: None,
+            role: Role::Admin,
+            tenant: None,
+        }
+    }
+
+    /// For people and the audit log: `key <id>` or `anonymous`.
+    pub fn actor(&self) -> String {
+        match self.key_id {
+            Some(id) => format!("key {id}"),
+            None => "anonymous".to_string(),
+        }
+    }
+
+    /// Builds the audit event of a successful mutating call.
+    pub fn audit(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        tenant: Option<&str>,
+        method: &str,
+        target: String,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+    ) -> AuditEvent {
+        AuditEvent {
+            id: Uuid::now_v7(),
+            time: now,
+            key_id: self.key_id,
+            actor: self.actor(),
+            tenant_id: tenant.map(str::to_string),
+            method: method.to_string(),
+            target,
+            before,
+            after,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

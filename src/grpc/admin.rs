@@ -4,7 +4,6 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::audit;
 use super::auth::{Caller, call_tenant};
 use super::authz::{Grant, grant};
 use super::convert::{json_to_struct, time_from, time_to};
@@ -17,6 +16,7 @@ use crate::domain::tenancy::{
 use crate::domain::{FieldViolation, Role, validate_tenant_id};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
+use crate::usecase::audit;
 
 /// Implements `AdminService`.
 #[derive(Debug, Clone)]
@@ -171,7 +171,7 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::TenantQuota>, Status> {
         let caller = grant(&req)?.caller;
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
-        let q = db::tenancy::quota_get(&self.0.pool, &tenant)
+        let q = db::tenancy::quota_get(&self.0.core.pool, &tenant)
             .await
             .map_err(|e| db_status(e, "quota"))?;
         Ok(Response::new(quota_to(&tenant, &q)))
@@ -188,9 +188,10 @@ impl AdminService for Admin {
             .ok_or_else(|| invalid(FieldViolation::new("quota", "is required")))?;
         validate_tenant_id("quota.tenant_id", &q.tenant_id).map_err(invalid)?;
         let quota = quota_from(&q).map_err(invalid)?;
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -222,11 +223,12 @@ impl AdminService for Admin {
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
         let mut conn = self
             .0
+            .core
             .pool
             .acquire()
             .await
             .map_err(|e| db_status(e.into(), "quota usage"))?;
-        let usage = db::tenancy::quota_usage(&mut conn, &tenant, self.0.clock.now())
+        let usage = db::tenancy::quota_usage(&mut conn, &tenant, self.0.core.clock.now())
             .await
             .map_err(|e| db_status(e, "quota usage"))?;
         Ok(Response::new(usage_to(&tenant, &usage)))
@@ -259,9 +261,10 @@ impl AdminService for Admin {
                 Some(t.to_string())
             }
         };
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -295,9 +298,10 @@ impl AdminService for Admin {
         let Grant { caller, method, .. } = grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
         let what = format!("API key {id}");
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -340,7 +344,7 @@ impl AdminService for Admin {
             None if r.tenant_id.is_empty() => None,
             None => Some(r.tenant_id.as_str()),
         };
-        let keys = db::tenancy::api_key_list(&self.0.pool, tenant, after, limit + 1)
+        let keys = db::tenancy::api_key_list(&self.0.core.pool, tenant, after, limit + 1)
             .await
             .map_err(|e| db_status(e, "API keys"))?;
         let (keys, next_page_token) = page(keys, limit, |k| k.id.to_string());
@@ -384,7 +388,7 @@ impl AdminService for Admin {
             start_time: time("start_time", &r.start_time)?,
             end_time: time("end_time", &r.end_time)?,
         };
-        let events = db::tenancy::audit_list(&self.0.pool, &filter, before, limit + 1)
+        let events = db::tenancy::audit_list(&self.0.core.pool, &filter, before, limit + 1)
             .await
             .map_err(|e| db_status(e, "audit events"))?;
         let (events, next_page_token) = page(events, limit, |e| e.id.to_string());

@@ -233,7 +233,7 @@ impl Gate {
     pub fn new(ctx: &Ctx) -> Gate {
         Gate {
             auth: Arc::clone(&ctx.auth),
-            pool: ctx.pool.clone(),
+            pool: ctx.core.pool.clone(),
             rates: Arc::clone(&ctx.rates),
         }
     }

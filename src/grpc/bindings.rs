@@ -3,7 +3,6 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::audit;
 use super::auth::Caller;
 use super::authz::{Grant, tenant_grant};
 use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
@@ -19,6 +18,7 @@ use crate::domain::{
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
+use crate::usecase::audit;
 
 /// Implements `BindingService`.
 #[derive(Debug, Clone)]
@@ -39,23 +39,26 @@ impl BindingService for Bindings {
         let schedule = schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
         let params = b.params.as_ref().map(struct_to_json);
         let (effective_from, effective_until) = window_from(&b)?;
-        let def =
-            db::definitions::definition_get(&self.0.pool, &b.definition, caller.tenant.as_deref())
-                .await
-                .map_err(|e| match e {
-                    db::Error::NotFound => Status::not_found(format!(
-                        "binding.definition: definition {:?} not found",
-                        b.definition
-                    )),
-                    e => db_status(e, "definition"),
-                })?;
+        let def = db::definitions::definition_get(
+            &self.0.core.pool,
+            &b.definition,
+            caller.tenant.as_deref(),
+        )
+        .await
+        .map_err(|e| match e {
+            db::Error::NotFound => Status::not_found(format!(
+                "binding.definition: definition {:?} not found",
+                b.definition
+            )),
+            e => db_status(e, "definition"),
+        })?;
         if !def.tenant_scope.allows(&tenant_id) {
             return Err(Status::failed_precondition(format!(
                 "definition {:?} may not be bound by tenant {tenant_id:?}: its tenant_scope excludes it",
                 def.name
             )));
         }
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let effective = effective_schedule(
             schedule.as_ref().unwrap_or(&def.schedule),
             now,
@@ -91,6 +94,7 @@ impl BindingService for Bindings {
         };
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -134,10 +138,10 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::Binding>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
-        let b = db::bindings::binding_get(&self.0.pool, &tenant_id, id)
+        let b = db::bindings::binding_get(&self.0.core.pool, &tenant_id, id)
             .await
             .map_err(|e| db_status(e, format_args!("binding {id}")))?;
-        Ok(Response::new(shown(b, self.0.clock.now())))
+        Ok(Response::new(shown(b, self.0.core.clock.now())))
     }
 
     async fn list_bindings(
@@ -154,11 +158,11 @@ impl BindingService for Bindings {
         };
         let definition = (!r.definition.is_empty()).then_some(r.definition.as_str());
         let list =
-            db::bindings::binding_list(&self.0.pool, &tenant_id, after, definition, limit + 1)
+            db::bindings::binding_list(&self.0.core.pool, &tenant_id, after, definition, limit + 1)
                 .await
                 .map_err(|e| db_status(e, "bindings"))?;
         let (list, next_page_token) = page(list, limit, |b| b.id.to_string());
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         Ok(Response::new(pb::ListBindingsResponse {
             bindings: list.into_iter().map(|b| shown(b, now)).collect(),
             next_page_token,
@@ -206,6 +210,7 @@ impl BindingService for Bindings {
         let what = format!("binding {id}");
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -217,7 +222,7 @@ impl BindingService for Bindings {
         check_etag(&what, &b.etag, cur.version)?;
         let before = audit::binding(&cur);
         let old_version = cur.version;
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let mut schedule_changed = false;
         let mut re_enabled = false;
         for path in paths {
@@ -300,7 +305,7 @@ impl BindingService for Bindings {
                 format!("must be at most {MAX_NOTE} characters"),
             )));
         }
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let expire = r
             .expire_time
             .as_ref()
@@ -330,7 +335,7 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::Binding>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("id", &req.get_ref().id)?;
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let b = self
             .set_pause(&caller, method, &tenant_id, id, now, |b| {
                 if b.paused {
@@ -353,6 +358,7 @@ impl BindingService for Bindings {
         let what = format!("binding {id}");
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -365,10 +371,10 @@ impl BindingService for Bindings {
             .map_err(|e| db_status(e, &what))?;
         // Stopped means stopped: under the claim lock, no run of it starts
         // after this commits; its runs end CANCELLED/binding_deleted.
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let cancelled = db::runs::run_cancel_bindings(
             &mut tx,
-            &self.0.node_id,
+            &self.0.core.node_id,
             &[id],
             REASON_BINDING_DELETED,
             now,
@@ -385,7 +391,7 @@ impl BindingService for Bindings {
         );
         record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        self.0.bus.publish(cancelled);
+        self.0.core.bus.publish(cancelled);
         tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }
@@ -409,6 +415,7 @@ impl Bindings {
         let what = format!("binding {id}");
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await

@@ -2,7 +2,6 @@
 
 use tonic::{Request, Response, Status};
 
-use super::audit;
 use super::authz::{Grant, grant};
 use super::convert::{
     definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
@@ -18,6 +17,7 @@ use crate::domain::{
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
+use crate::usecase::audit;
 
 /// Most fire times one PreviewSchedule returns.
 pub const MAX_PREVIEW: i32 = 1000;
@@ -66,7 +66,7 @@ impl DefinitionService for Definitions {
         }
         let params = params_from(d.params.as_ref());
         validate_merged_params("definition.params", &params).map_err(invalid)?;
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let def = Definition {
             max_output_bytes: d.max_output_bytes,
             protected: d.protected,
@@ -88,6 +88,7 @@ impl DefinitionService for Definitions {
         let what = format!("definition {:?}", def.name);
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -116,7 +117,7 @@ impl DefinitionService for Definitions {
         let caller = grant(&req)?.caller;
         let name = req.into_inner().name;
         validate_definition_name("name", &name).map_err(invalid)?;
-        let d = q::definition_get(&self.0.pool, &name, caller.tenant.as_deref())
+        let d = q::definition_get(&self.0.core.pool, &name, caller.tenant.as_deref())
             .await
             .map_err(|e| {
                 db_status(
@@ -139,7 +140,7 @@ impl DefinitionService for Definitions {
             validate_definition_name("page_token", &r.page_token).map_err(invalid)?;
         }
         let defs = q::definition_list(
-            &self.0.pool,
+            &self.0.core.pool,
             &r.page_token,
             caller.tenant.as_deref(),
             limit + 1,
@@ -209,6 +210,7 @@ impl DefinitionService for Definitions {
         let what = format!("definition {:?}", d.name);
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -303,7 +305,7 @@ impl DefinitionService for Definitions {
                 .map_err(invalid)?;
             }
         }
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         cur.version += 1;
         cur.update_time = now;
         q::definition_update(&mut *tx, &cur, old_version)
@@ -357,6 +359,7 @@ impl DefinitionService for Definitions {
         let what = format!("definition {}", crate::domain::quote(&name));
         let mut tx = self
             .0
+            .core
             .pool
             .begin()
             .await
@@ -376,10 +379,10 @@ impl DefinitionService for Definitions {
             .await
             .map_err(|e| db_status(e, &what))?;
         // As DeleteBinding for each deleted binding.
-        let now = self.0.clock.now();
+        let now = self.0.core.clock.now();
         let cancelled = db::runs::run_cancel_bindings(
             &mut tx,
-            &self.0.node_id,
+            &self.0.core.node_id,
             &bindings,
             REASON_BINDING_DELETED,
             now,
@@ -401,7 +404,7 @@ impl DefinitionService for Definitions {
         );
         record(&mut tx, &event, &what).await?;
         tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        self.0.bus.publish(cancelled);
+        self.0.core.bus.publish(cancelled);
         tracing::info!(definition = %name, deleted_bindings = bindings.len(), "definition deleted");
         Ok(Response::new(pb::DeleteDefinitionResponse {}))
     }
@@ -425,7 +428,7 @@ impl DefinitionService for Definitions {
         };
         let after = match &r.after {
             Some(t) => time_from("after", t).map_err(invalid)?,
-            None => self.0.clock.now(),
+            None => self.0.core.clock.now(),
         };
         let schedule = schedule_from("schedule", r.schedule.as_ref())
             .map_err(invalid)?

@@ -15,7 +15,7 @@ use tonic::{Request, Status};
 use tonic_types::StatusExt;
 
 use super::auth::Caller;
-use super::runs::MAX_BACKFILL;
+use crate::usecase::runs::MAX_BACKFILL;
 
 /// Streams (TailRun, WatchEvents) one tenant may have open on a node at once.
 pub const STREAMS_PER_TENANT: usize = 256;

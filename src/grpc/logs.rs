@@ -83,14 +83,14 @@ impl LogService for Logs {
             return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
         }
         // Existence and ownership first: another tenant's run is NOT_FOUND.
-        db::runs::run_get(&self.0.pool, &tenant_id, run_id)
+        db::runs::run_get(&self.0.core.pool, &tenant_id, run_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
         let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
-            self.0.pool.clone(),
-            self.0.bus.clone(),
+            self.0.core.pool.clone(),
+            self.0.core.bus.clone(),
             tenant_id,
             run_id,
             r.after_seq,
@@ -146,7 +146,7 @@ impl LogService for Logs {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(tail::watch_events(
-            self.0.bus.clone(),
+            self.0.core.bus.clone(),
             filter,
             tx,
             self.0.streams_stop.clone(),
@@ -179,12 +179,13 @@ impl LogService for Logs {
             return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
         }
         let limit = page_size(r.page_size, 1000)?;
-        db::runs::run_get(&self.0.pool, &tenant_id, run_id)
+        db::runs::run_get(&self.0.core.pool, &tenant_id, run_id)
             .await
             .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
-        let events = db::events::event_list(&self.0.pool, &tenant_id, run_id, r.after_seq, limit)
-            .await
-            .map_err(|e| db_status(e, "run events"))?;
+        let events =
+            db::events::event_list(&self.0.core.pool, &tenant_id, run_id, r.after_seq, limit)
+                .await
+                .map_err(|e| db_status(e, "run events"))?;
         let next_after_seq = if events.len() as i64 == limit {
             events.last().map_or(0, |e| e.seq)
         } else {

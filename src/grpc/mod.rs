@@ -17,7 +17,6 @@
 //! has the full chain under that id.
 
 pub mod admin;
-pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod bindings;
@@ -31,14 +30,12 @@ pub mod runs;
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-use tokio::sync::Notify;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::db;
-use crate::domain::{Clock, FieldViolation};
-use crate::events::EventBus;
+use crate::domain::FieldViolation;
+use crate::usecase::{self, Core};
 
 /// Request header naming the tenant of a tenant-scoped call.
 pub const TENANT_HEADER: &str = "x-tenant-id";
@@ -46,16 +43,9 @@ pub const TENANT_HEADER: &str = "x-tenant-id";
 /// What every service needs.
 #[derive(Debug, Clone)]
 pub struct Ctx {
-    /// Database.
-    pub pool: PgPool,
-    /// Source of now.
-    pub clock: Clock,
-    /// This node's id.
-    pub node_id: String,
-    /// Local event bus.
-    pub bus: EventBus,
-    /// Wakes the local executor (after TriggerRun).
-    pub executor_wake: Arc<Notify>,
+    /// What the use cases need: database, clock, node id, event bus,
+    /// executor wake-up.
+    pub core: Core,
     /// Cancelled at shutdown, after runs drained: ends every open stream.
     pub streams_stop: tokio_util::sync::CancellationToken,
     /// Authentication of callers (by the gate, [`authz`]).
@@ -140,6 +130,53 @@ pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
             Status::unavailable("database unavailable; retry")
         }
         other => internal(&other),
+    }
+}
+
+impl From<usecase::Error> for Status {
+    /// The status of a refused or failed use case: `INVALID_ARGUMENT` with
+    /// `BadRequest`, `NOT_FOUND` with `ResourceInfo` (type and name of what
+    /// was not found), `ALREADY_EXISTS`, `FAILED_PRECONDITION`,
+    /// `RESOURCE_EXHAUSTED` (quotas), `ABORTED` (etag, concurrent change),
+    /// `DATA_LOSS` (unreadable stored data of one resource), `UNAVAILABLE`
+    /// (database), `INTERNAL` with a request id (anything else; the chain is
+    /// logged, never sent).
+    fn from(e: usecase::Error) -> Status {
+        use usecase::Error as E;
+        match e {
+            E::Invalid(v) => invalid(v),
+            E::NotFound(t) => {
+                let message = truncate(format!("{t} not found"), MAX_ERROR_REASON);
+                Status::with_error_details(
+                    Code::NotFound,
+                    message,
+                    ErrorDetails::with_resource_info(
+                        t.kind,
+                        truncate(t.name, MAX_ERROR_FIELD),
+                        "",
+                        "not found",
+                    ),
+                )
+            }
+            E::AlreadyExists(t) => {
+                Status::already_exists(truncate(format!("{t} already exists"), MAX_ERROR_REASON))
+            }
+            E::Precondition(m) => Status::failed_precondition(truncate(m, MAX_ERROR_REASON)),
+            E::QuotaExceeded(m) => Status::resource_exhausted(truncate(m, MAX_ERROR_REASON)),
+            E::Conflict(m) => Status::aborted(truncate(m, MAX_ERROR_REASON)),
+            E::Corrupt { target, source } => {
+                tracing::error!(error = %source, %target, "stored data cannot be read");
+                Status::data_loss(crate::db::clip(
+                    &format!("stored data of {target} cannot be read: {source}"),
+                    500,
+                ))
+            }
+            E::Unavailable(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Status::unavailable("database unavailable; retry")
+            }
+            E::Internal(e) => internal(&e),
+        }
     }
 }
 

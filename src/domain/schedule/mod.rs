@@ -330,6 +330,30 @@ impl Schedule {
         self.next_fire_after(after).map(|fire| fire.time)
     }
 
+    /// The fire times in `[start, end)`, in order, at most `max` of them.
+    ///
+    /// # Errors
+    /// `Err(max)` when the range holds more than `max` fire times.
+    pub fn fire_times_in(
+        &self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<DateTime<Utc>>, usize> {
+        let mut times = Vec::new();
+        let mut t = start
+            .checked_sub_signed(TimeDelta::microseconds(1))
+            .and_then(|s| self.next_after(s));
+        while let Some(x) = t.filter(|x| *x < end) {
+            if times.len() == max {
+                return Err(max);
+            }
+            times.push(x);
+            t = self.next_after(x);
+        }
+        Ok(times)
+    }
+
     /// The first fire strictly after `after` (and `>= start_time`,
     /// `<= end_time`), with [`Fire::dst_shifted`] telling whether the wall
     /// time asked for did not exist and the fire moved to the end of the gap.

@@ -1,0 +1,1 @@
+//! Definitions: the tasks platform teams publish.

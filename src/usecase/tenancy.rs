@@ -1,0 +1,1 @@
+//! Tenancy: API keys, quotas, the audit log.
