@@ -176,7 +176,12 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
         .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     node.bindings()
-        .delete_binding(as_tenant("acme", pb::DeleteBindingRequest { id: first.id }))
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest {
+                binding_id: first.id,
+            },
+        ))
         .await
         .unwrap();
     node.definitions()
@@ -199,12 +204,12 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
         .get_run(as_tenant(
             "acme",
             pb::GetRunRequest {
-                id: "not-a-uuid".into(),
+                run_id: "not-a-uuid".into(),
             },
         ))
         .await
         .unwrap_err();
-    assert_eq!(violation_fields(&s), ["id"]);
+    assert_eq!(violation_fields(&s), ["run_id"]);
     let s = node
         .runs()
         .list_runs(as_tenant(
@@ -273,7 +278,12 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
 
     let s = node
         .bindings()
-        .get_binding(as_tenant("a", pb::GetBindingRequest { id: b.id.clone() }))
+        .get_binding(as_tenant(
+            "a",
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
@@ -281,14 +291,21 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
         .bindings()
         .delete_binding(as_tenant(
             "a",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     let s = node
         .runs()
-        .get_run(as_tenant("a", pb::GetRunRequest { id: run.id.clone() }))
+        .get_run(as_tenant(
+            "a",
+            pb::GetRunRequest {
+                run_id: run.id.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);

@@ -147,7 +147,10 @@ async fn missing_revoked_and_forged_keys_are_unauthenticated() {
     assert_eq!(list(with_key(&viewer, Default::default())).await, Code::Ok);
     let revoked = node
         .admin()
-        .revoke_api_key(with_key(&root, pb::RevokeApiKeyRequest { id: id.clone() }))
+        .revoke_api_key(with_key(
+            &root,
+            pb::RevokeApiKeyRequest { key_id: id.clone() },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -158,7 +161,7 @@ async fn missing_revoked_and_forged_keys_are_unauthenticated() {
     );
     let again = node
         .admin()
-        .revoke_api_key(with_key(&root, pb::RevokeApiKeyRequest { id }))
+        .revoke_api_key(with_key(&root, pb::RevokeApiKeyRequest { key_id: id }))
         .await
         .unwrap()
         .into_inner();
@@ -207,7 +210,9 @@ async fn each_role_may_do_what_spec_6_says_and_no_more() {
                     .get_binding(request(
                         "",
                         Some(&key),
-                        pb::GetBindingRequest { id: b.id.clone() },
+                        pb::GetBindingRequest {
+                            binding_id: b.id.clone(),
+                        },
                     ))
                     .await,
             ),
@@ -272,7 +277,7 @@ async fn each_role_may_do_what_spec_6_says_and_no_more() {
                     .pause_binding(with_key(
                         &key,
                         pb::PauseBindingRequest {
-                            id: b.id.clone(),
+                            binding_id: b.id.clone(),
                             ..Default::default()
                         },
                     ))
@@ -286,7 +291,9 @@ async fn each_role_may_do_what_spec_6_says_and_no_more() {
                 node.bindings()
                     .delete_binding(with_key(
                         &key,
-                        pb::DeleteBindingRequest { id: b.id.clone() },
+                        pb::DeleteBindingRequest {
+                            binding_id: b.id.clone(),
+                        },
                     ))
                     .await,
             ),
@@ -385,7 +392,9 @@ async fn each_role_may_do_what_spec_6_says_and_no_more() {
                 .get_binding(request(
                     "acme",
                     Some(&p_view),
-                    pb::GetBindingRequest { id: b.id.clone() }
+                    pb::GetBindingRequest {
+                        binding_id: b.id.clone()
+                    }
                 ))
                 .await
         ),
@@ -427,7 +436,12 @@ async fn each_role_may_do_what_spec_6_says_and_no_more() {
     );
     let missing_tenant = node
         .bindings()
-        .get_binding(with_key(&p_op, pb::GetBindingRequest { id: b.id.clone() }))
+        .get_binding(with_key(
+            &p_op,
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(missing_tenant.code(), Code::InvalidArgument);
@@ -493,7 +507,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
                 .get_binding(with_key(
                     &a,
                     pb::GetBindingRequest {
-                        id: b_binding.id.clone(),
+                        binding_id: b_binding.id.clone(),
                     },
                 ))
                 .await,
@@ -506,7 +520,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
                 .pause_binding(with_key(
                     &a,
                     pb::PauseBindingRequest {
-                        id: b_binding.id.clone(),
+                        binding_id: b_binding.id.clone(),
                         ..Default::default()
                     },
                 ))
@@ -520,7 +534,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
                 .delete_binding(with_key(
                     &a,
                     pb::DeleteBindingRequest {
-                        id: b_binding.id.clone(),
+                        binding_id: b_binding.id.clone(),
                     },
                 ))
                 .await,
@@ -533,7 +547,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
                 .get_run(with_key(
                     &a,
                     pb::GetRunRequest {
-                        id: b_run.id.clone(),
+                        run_id: b_run.id.clone(),
                     },
                 ))
                 .await,
@@ -605,7 +619,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
                     "tenant-b",
                     Some(&a),
                     pb::GetRunRequest {
-                        id: b_run.id.clone()
+                        run_id: b_run.id.clone()
                     }
                 ))
                 .await
@@ -704,7 +718,7 @@ async fn a_tenant_key_sees_nothing_of_another_tenant() {
     tokio::time::timeout(WAIT, async {
         while let Some(m) = watch.message().await.unwrap() {
             if let Some(e) = m.event {
-                let terminal = matches!(&e.kind, Some(pb::run_event::Kind::StateChanged(s)) if s.to == pb::RunState::Succeeded as i32);
+                let terminal = matches!(&e.kind, Some(pb::run_event::Kind::StateChanged(s)) if s.to_state == pb::RunState::Succeeded as i32);
                 let mine = e.run_id == a_run.id;
                 seen.push(e);
                 if mine && terminal {
@@ -729,17 +743,19 @@ async fn tenant_scope_and_protected_definitions() {
     let (node, root) = secured(&db).await;
     let mut only_b = def("only-b");
     only_b.tenant_scope = Some(pb::TenantScope {
-        all_tenants: false,
-        tenant_ids: vec!["tenant-b".into()],
+        scope: Some(pb::tenant_scope::Scope::TenantList(pb::TenantList {
+            tenant_ids: vec!["tenant-b".into()],
+        })),
     });
     assert_eq!(create_def(&node, &root, only_b).await, Code::Ok);
     let mut builtin = def("builtin");
-    builtin.protected = true;
+    builtin.deletion_protection = true;
     assert_eq!(create_def(&node, &root, builtin).await, Code::Ok);
     let mut bad = def("bad-scope");
     bad.tenant_scope = Some(pb::TenantScope {
-        all_tenants: false,
-        tenant_ids: vec!["Not Valid".into()],
+        scope: Some(pb::tenant_scope::Scope::TenantList(pb::TenantList {
+            tenant_ids: vec!["Not Valid".into()],
+        })),
     });
     let e = node
         .definitions()
@@ -754,7 +770,7 @@ async fn tenant_scope_and_protected_definitions() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(
         violation_fields(&e),
-        vec!["definition.tenant_scope.tenant_ids[0]"]
+        vec!["definition.tenant_scope.tenant_list.tenant_ids[0]"]
     );
 
     let (_, a) = make_key(&node, &root, pb::Role::Operator, "tenant-a").await;
@@ -810,8 +826,9 @@ async fn tenant_scope_and_protected_definitions() {
                 definition: Some(pb::TaskDefinition {
                     name: "only-b".into(),
                     tenant_scope: Some(pb::TenantScope {
-                        all_tenants: false,
-                        tenant_ids: vec!["tenant-c".into()],
+                        scope: Some(pb::tenant_scope::Scope::TenantList(pb::TenantList {
+                            tenant_ids: vec!["tenant-c".into()],
+                        })),
                     }),
                     ..Default::default()
                 }),
@@ -842,7 +859,12 @@ async fn tenant_scope_and_protected_definitions() {
     assert_eq!(
         code(
             node.bindings()
-                .get_binding(with_key(&b, pb::GetBindingRequest { id: b_binding.id }))
+                .get_binding(with_key(
+                    &b,
+                    pb::GetBindingRequest {
+                        binding_id: b_binding.id
+                    }
+                ))
                 .await
         ),
         Code::NotFound
@@ -892,14 +914,19 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
         .pause_binding(with_key(
             &a,
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 ..Default::default()
             },
         ))
         .await
         .unwrap(); // 6
     node.bindings()
-        .resume_binding(with_key(&a, pb::ResumeBindingRequest { id: b.id.clone() }))
+        .resume_binding(with_key(
+            &a,
+            pb::ResumeBindingRequest {
+                binding_id: b.id.clone(),
+            },
+        ))
         .await
         .unwrap(); // 7
     // A manual schedule has no fire times to backfill: still one event.
@@ -994,11 +1021,21 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
         .unwrap(); // 12 SetTenantQuota
     let (v_id, _) = make_key(&node, &a, pb::Role::Viewer, "").await; // 13 CreateApiKey
     node.admin()
-        .revoke_api_key(with_key(&a, pb::RevokeApiKeyRequest { id: v_id.clone() }))
+        .revoke_api_key(with_key(
+            &a,
+            pb::RevokeApiKeyRequest {
+                key_id: v_id.clone(),
+            },
+        ))
         .await
         .unwrap(); // 14 RevokeApiKey
     node.bindings()
-        .delete_binding(with_key(&a, pb::DeleteBindingRequest { id: b.id.clone() }))
+        .delete_binding(with_key(
+            &a,
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
+        ))
         .await
         .unwrap(); // 15 DeleteBinding
     node.definitions()
@@ -1020,7 +1057,12 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
     assert_eq!(
         code(
             node.bindings()
-                .delete_binding(with_key(&a, pb::DeleteBindingRequest { id: b.id.clone() }))
+                .delete_binding(with_key(
+                    &a,
+                    pb::DeleteBindingRequest {
+                        binding_id: b.id.clone()
+                    }
+                ))
                 .await
         ),
         Code::NotFound

@@ -50,7 +50,7 @@ async fn states_seen(node: &TestNode, tenant: &str, id: &str) -> Vec<pb::RunStat
         .events
         .into_iter()
         .filter_map(|e| match e.kind {
-            Some(pb::run_event::Kind::StateChanged(s)) => pb::RunState::try_from(s.to).ok(),
+            Some(pb::run_event::Kind::StateChanged(s)) => pb::RunState::try_from(s.to_state).ok(),
             _ => None,
         })
         .collect()
@@ -187,7 +187,7 @@ async fn a_pending_retry_of_a_paused_binding_waits_and_runs_after_resume() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 ..Default::default()
             },
         ))
@@ -198,7 +198,9 @@ async fn a_pending_retry_of_a_paused_binding_waits_and_runs_after_resume() {
     node.bindings()
         .resume_binding(as_tenant(
             "acme",
-            pb::ResumeBindingRequest { id: b.id.clone() },
+            pb::ResumeBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("resume");
@@ -263,7 +265,9 @@ async fn a_pending_retry_of_a_deleted_binding_is_cancelled_and_never_runs() {
     node.bindings()
         .delete_binding(as_tenant(
             "acme",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("delete binding");
@@ -308,7 +312,9 @@ async fn a_running_run_of_a_deleted_binding_ends_cancelled_and_is_not_retried() 
     node.bindings()
         .delete_binding(as_tenant(
             "acme",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("delete binding");
@@ -335,7 +341,7 @@ async fn a_manual_trigger_on_a_paused_binding_runs_and_so_does_its_retry() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 ..Default::default()
             },
         ))
@@ -442,7 +448,9 @@ async fn a_due_retry_of_a_deleted_binding_is_cancelled_instead_of_queued() {
     node.bindings()
         .delete_binding(as_tenant(
             "acme",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("delete binding");
@@ -527,7 +535,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
             .pause_binding(as_tenant(
                 tenant,
                 pb::PauseBindingRequest {
-                    id: b.id.clone(),
+                    binding_id: b.id.clone(),
                     ..Default::default()
                 },
             ))
@@ -569,7 +577,9 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
         node.bindings()
             .resume_binding(as_tenant(
                 tenant,
-                pb::ResumeBindingRequest { id: b.id.clone() },
+                pb::ResumeBindingRequest {
+                    binding_id: b.id.clone(),
+                },
             ))
             .await
             .expect("resume");

@@ -176,7 +176,12 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
     called.insert("sked.v1.LogService");
 
     let r = runs
-        .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() }))
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                run_id: run.id.clone(),
+            },
+        ))
         .await
         .expect("GetRun over gzip");
     assert_eq!(r.into_inner().state, pb::RunState::Succeeded as i32);

@@ -289,7 +289,7 @@ async fn timeout_terminates_the_whole_process_group_and_kills_one_ignoring_sigte
         let events = tail_all(&node, "acme", &run.id, 0).await;
         let run = node
             .runs()
-            .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id }))
+            .get_run(as_tenant("acme", pb::GetRunRequest { run_id: run.id }))
             .await
             .unwrap()
             .into_inner();
@@ -366,7 +366,7 @@ async fn cancel_through_another_node_stops_the_run_within_2s_and_does_not_retry(
     let last = ended.last().unwrap();
     match &last.kind {
         Some(pb::run_event::Kind::StateChanged(s)) => {
-            assert_eq!(s.to, pb::RunState::Cancelled as i32);
+            assert_eq!(s.to_state, pb::RunState::Cancelled as i32);
             assert_eq!(s.reason, "operator: wrong input");
         }
         k => panic!("last event is the terminal state change, got {k:?}"),
@@ -417,7 +417,7 @@ async fn delayed_trigger_waits_scheduled_and_cancel_of_a_waiting_run_is_immediat
     let states: Vec<i32> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(pb::run_event::Kind::StateChanged(s)) => Some(s.to),
+            Some(pb::run_event::Kind::StateChanged(s)) => Some(s.to_state),
             _ => None,
         })
         .collect();
@@ -506,7 +506,7 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 note: "maintenance window".into(),
                 expire_time: Some(ts(expire)),
             },
@@ -550,7 +550,9 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         .bindings()
         .get_binding(as_tenant(
             "acme",
-            pb::GetBindingRequest { id: b.id.clone() },
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap()
@@ -562,7 +564,7 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 ..Default::default()
             },
         ))
@@ -573,7 +575,9 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         .bindings()
         .resume_binding(as_tenant(
             "acme",
-            pb::ResumeBindingRequest { id: b.id.clone() },
+            pb::ResumeBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap()
@@ -744,7 +748,7 @@ async fn rejected_run_control_calls_get_the_right_status() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: unknown.clone(),
+                binding_id: unknown.clone(),
                 ..Default::default()
             },
         ))
@@ -754,7 +758,9 @@ async fn rejected_run_control_calls_get_the_right_status() {
     let e = bindings
         .resume_binding(as_tenant(
             "other",
-            pb::ResumeBindingRequest { id: b.id.clone() },
+            pb::ResumeBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap_err();
@@ -764,7 +770,7 @@ async fn rejected_run_control_calls_get_the_right_status() {
         .pause_binding(as_tenant(
             "acme",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 note: String::new(),
                 expire_time: Some(ts(now_secs() - 10.0)),
             },

@@ -45,7 +45,9 @@ async fn get_run(ch: &Channel, token: &str, run_id: &str) -> pb::Run {
         .get_run(request(
             TENANT,
             Some(token),
-            pb::GetRunRequest { id: run_id.into() },
+            pb::GetRunRequest {
+                run_id: run_id.into(),
+            },
         ))
         .await
         .expect("get run")
@@ -241,8 +243,8 @@ async fn kill_9_of_a_node_mid_run_fails_it_node_lost_and_the_retry_runs_elsewher
     assert_eq!(
         last_state_change(&events),
         Some(&pb::StateChanged {
-            from: pb::RunState::Running as i32,
-            to: pb::RunState::Failed as i32,
+            from_state: pb::RunState::Running as i32,
+            to_state: pb::RunState::Failed as i32,
             reason: "node_lost".into(),
         }),
         "{events:#?}"
@@ -372,8 +374,8 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     assert_eq!(
         last_state_change(&events),
         Some(&pb::StateChanged {
-            from: pb::RunState::Running as i32,
-            to: pb::RunState::Succeeded as i32,
+            from_state: pb::RunState::Running as i32,
+            to_state: pb::RunState::Succeeded as i32,
             reason: String::new(),
         }),
         "{events:#?}"
@@ -400,8 +402,8 @@ async fn sigterm_drains_runs_then_cancels_the_rest_with_shutdown_and_exits_0() {
     assert_eq!(
         last_state_change(&events),
         Some(&pb::StateChanged {
-            from: pb::RunState::Running as i32,
-            to: pb::RunState::Cancelled as i32,
+            from_state: pb::RunState::Running as i32,
+            to_state: pb::RunState::Cancelled as i32,
             reason: "shutdown".into(),
         }),
         "{events:#?}"

@@ -26,7 +26,12 @@ async fn get_binding(
     id: &str,
 ) -> Result<pb::Binding, tonic::Status> {
     node.bindings()
-        .get_binding(as_tenant(tenant, pb::GetBindingRequest { id: id.into() }))
+        .get_binding(as_tenant(
+            tenant,
+            pb::GetBindingRequest {
+                binding_id: id.into(),
+            },
+        ))
         .await
         .map(|r| r.into_inner())
 }
@@ -185,7 +190,7 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
         .pause_binding(as_tenant(
             "bad",
             pb::PauseBindingRequest {
-                id: broken[2].clone(),
+                binding_id: broken[2].clone(),
                 ..Default::default()
             },
         ))
@@ -221,7 +226,9 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
         node.bindings()
             .delete_binding(as_tenant(
                 "bad",
-                pb::DeleteBindingRequest { id: id.clone() },
+                pb::DeleteBindingRequest {
+                    binding_id: id.clone(),
+                },
             ))
             .await
             .unwrap_or_else(|e| panic!("delete broken binding {id}: {e:?}"));
@@ -407,7 +414,9 @@ async fn a_binding_with_an_unreadable_window_is_shown_broken_and_deletable() {
     node.bindings()
         .delete_binding(as_tenant(
             "t",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("delete");

@@ -21,7 +21,7 @@ fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
 
 fn state(e: &pb::RunEvent) -> Option<(i32, i32)> {
     match &e.kind {
-        Some(pb::run_event::Kind::StateChanged(s)) => Some((s.from, s.to)),
+        Some(pb::run_event::Kind::StateChanged(s)) => Some((s.from_state, s.to_state)),
         _ => None,
     }
 }

@@ -537,7 +537,9 @@ async fn accepted_extreme_timestamps_round_trip_and_nothing_stops_firing() {
     let got = bindings
         .get_binding(as_tenant(
             "hostile",
-            pb::GetBindingRequest { id: b.id.clone() },
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("the binding still reads")
@@ -556,7 +558,7 @@ async fn accepted_extreme_timestamps_round_trip_and_nothing_stops_firing() {
         .pause_binding(as_tenant(
             "hostile",
             pb::PauseBindingRequest {
-                id: b.id.clone(),
+                binding_id: b.id.clone(),
                 note: "far".into(),
                 expire_time: Some(max),
             },
@@ -576,7 +578,9 @@ async fn accepted_extreme_timestamps_round_trip_and_nothing_stops_firing() {
     bindings
         .delete_binding(as_tenant(
             "hostile",
-            pb::DeleteBindingRequest { id: b.id.clone() },
+            pb::DeleteBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .expect("delete");

@@ -104,7 +104,9 @@ async fn restart_after_downtime_applies_each_misfire_policy() {
             .bindings()
             .get_binding(as_tenant(
                 "acme",
-                pb::GetBindingRequest { id: b.id.clone() },
+                pb::GetBindingRequest {
+                    binding_id: b.id.clone(),
+                },
             ))
             .await
             .unwrap()
@@ -118,7 +120,7 @@ async fn restart_after_downtime_applies_each_misfire_policy() {
     match &events[0].kind {
         Some(pb::run_event::Kind::StateChanged(s)) => {
             assert_eq!(
-                (s.to, s.reason.as_str()),
+                (s.to_state, s.reason.as_str()),
                 (pb::RunState::Skipped as i32, "misfire")
             );
         }

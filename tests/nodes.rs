@@ -147,7 +147,12 @@ async fn tail_on_node_b_follows_a_run_executing_on_node_a() {
     );
     let finished = b
         .runs()
-        .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() }))
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                run_id: run.id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -327,7 +327,12 @@ async fn a_binding_as_read_can_be_written_back() {
     .await;
     let mut read = node
         .bindings()
-        .get_binding(as_tenant("t1", pb::GetBindingRequest { id: created.id }))
+        .get_binding(as_tenant(
+            "t1",
+            pb::GetBindingRequest {
+                binding_id: created.id,
+            },
+        ))
         .await
         .expect("get")
         .into_inner();
@@ -865,7 +870,10 @@ async fn a_deleted_bindings_runs_cannot_be_retried_into_running() {
     let first = trigger(&node, "t1", &b.id).await;
     wait_terminal(&node, "t1", &first.id).await;
     node.bindings()
-        .delete_binding(as_tenant("t1", pb::DeleteBindingRequest { id: b.id }))
+        .delete_binding(as_tenant(
+            "t1",
+            pb::DeleteBindingRequest { binding_id: b.id },
+        ))
         .await
         .expect("delete binding");
     match node

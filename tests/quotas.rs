@@ -108,7 +108,7 @@ async fn pause(node: &TestNode, tenant: &str, binding_id: &str) {
         .pause_binding(as_tenant(
             tenant,
             pb::PauseBindingRequest {
-                id: binding_id.into(),
+                binding_id: binding_id.into(),
                 ..Default::default()
             },
         ))

@@ -42,7 +42,7 @@ async fn a_tenant_past_its_rate_of_changes_is_refused_and_others_are_not() {
             .pause_binding(as_tenant(
                 "hog",
                 pb::PauseBindingRequest {
-                    id: hog.id.clone(),
+                    binding_id: hog.id.clone(),
                     note: format!("pause {i}"),
                     expire_time: None,
                 },
@@ -74,7 +74,9 @@ async fn a_tenant_past_its_rate_of_changes_is_refused_and_others_are_not() {
         .bindings()
         .get_binding(as_tenant(
             "hog",
-            pb::GetBindingRequest { id: hog.id.clone() },
+            pb::GetBindingRequest {
+                binding_id: hog.id.clone(),
+            },
         ))
         .await
         .expect("reads are not counted")
@@ -86,7 +88,7 @@ async fn a_tenant_past_its_rate_of_changes_is_refused_and_others_are_not() {
             .pause_binding(as_tenant(
                 "calm",
                 pb::PauseBindingRequest {
-                    id: calm.id.clone(),
+                    binding_id: calm.id.clone(),
                     note: "calm".into(),
                     expire_time: None,
                 },
@@ -99,7 +101,9 @@ async fn a_tenant_past_its_rate_of_changes_is_refused_and_others_are_not() {
     node.bindings()
         .resume_binding(as_tenant(
             "hog",
-            pb::ResumeBindingRequest { id: hog.id.clone() },
+            pb::ResumeBindingRequest {
+                binding_id: hog.id.clone(),
+            },
         ))
         .await
         .expect("after the retry delay");

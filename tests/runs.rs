@@ -8,7 +8,7 @@ use tokio_stream::StreamExt;
 
 fn final_state(events: &[pb::RunEvent]) -> Option<i32> {
     events.iter().rev().find_map(|e| match &e.kind {
-        Some(pb::run_event::Kind::StateChanged(s)) => Some(s.to),
+        Some(pb::run_event::Kind::StateChanged(s)) => Some(s.to_state),
         _ => None,
     })
 }
@@ -77,7 +77,8 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
         while let Some(item) = watch.next().await {
             let e = item.unwrap().event.unwrap();
             if let Some(pb::run_event::Kind::StateChanged(s)) = &e.kind
-                && (s.to == pb::RunState::Succeeded as i32 || s.to == pb::RunState::Failed as i32)
+                && (s.to_state == pb::RunState::Succeeded as i32
+                    || s.to_state == pb::RunState::Failed as i32)
             {
                 return e.run_id;
             }
@@ -89,7 +90,12 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
 
     let run = node
         .runs()
-        .get_run(as_tenant("acme", pb::GetRunRequest { id: run_id.clone() }))
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                run_id: run_id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -133,7 +139,7 @@ async fn bound_definition_fires_on_schedule_and_succeeds_with_its_output() {
     let states: Vec<(i32, i32)> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(pb::run_event::Kind::StateChanged(s)) => Some((s.from, s.to)),
+            Some(pb::run_event::Kind::StateChanged(s)) => Some((s.from_state, s.to_state)),
             _ => None,
         })
         .collect();
@@ -229,7 +235,12 @@ async fn tail_before_during_and_after_a_run_returns_the_same_events() {
     let run = trigger(&node, "acme", &target.id).await;
     let queued = node
         .runs()
-        .get_run(as_tenant("acme", pb::GetRunRequest { id: run.id.clone() }))
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                run_id: run.id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();

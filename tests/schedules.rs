@@ -92,7 +92,9 @@ async fn updating_a_binding_schedule_changes_the_next_fire_within_a_second() {
         .bindings()
         .get_binding(as_tenant(
             "acme",
-            pb::GetBindingRequest { id: b.id.clone() },
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap()
@@ -195,7 +197,7 @@ async fn updating_a_definition_schedule_moves_inheriting_bindings_only() {
         .get_binding(as_tenant(
             "a",
             pb::GetBindingRequest {
-                id: inherits.id.clone(),
+                binding_id: inherits.id.clone(),
             },
         ))
         .await
@@ -217,7 +219,7 @@ async fn updating_a_definition_schedule_moves_inheriting_bindings_only() {
         .get_binding(as_tenant(
             "b",
             pb::GetBindingRequest {
-                id: overrides.id.clone(),
+                binding_id: overrides.id.clone(),
             },
         ))
         .await
@@ -318,7 +320,9 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
         .bindings()
         .get_binding(as_tenant(
             "acme",
-            pb::GetBindingRequest { id: b.id.clone() },
+            pb::GetBindingRequest {
+                binding_id: b.id.clone(),
+            },
         ))
         .await
         .unwrap()

@@ -296,7 +296,7 @@ impl AdminService for Admin {
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let Grant { caller, method, .. } = grant(&req)?;
-        let id = parse_uuid("id", &req.get_ref().id)?;
+        let id = parse_uuid("key_id", &req.get_ref().key_id)?;
         let what = format!("API key {id}");
         let now = self.0.core.clock.now();
         let mut tx = self

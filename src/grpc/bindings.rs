@@ -137,7 +137,7 @@ impl BindingService for Bindings {
         req: Request<pb::GetBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
-        let id = parse_uuid("id", &req.get_ref().id)?;
+        let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let b = db::bindings::binding_get(&self.0.core.pool, &tenant_id, id)
             .await
             .map_err(|e| db_status(e, format_args!("binding {id}")))?;
@@ -298,7 +298,7 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::Binding>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
-        let id = parse_uuid("id", &r.id)?;
+        let id = parse_uuid("binding_id", &r.binding_id)?;
         if r.note.chars().count() > MAX_NOTE {
             return Err(invalid(FieldViolation::new(
                 "note",
@@ -334,7 +334,7 @@ impl BindingService for Bindings {
         req: Request<pb::ResumeBindingRequest>,
     ) -> Result<Response<pb::Binding>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
-        let id = parse_uuid("id", &req.get_ref().id)?;
+        let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let now = self.0.core.clock.now();
         let b = self
             .set_pause(&caller, method, &tenant_id, id, now, |b| {
@@ -354,7 +354,7 @@ impl BindingService for Bindings {
         req: Request<pb::DeleteBindingRequest>,
     ) -> Result<Response<pb::DeleteBindingResponse>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
-        let id = parse_uuid("id", &req.get_ref().id)?;
+        let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let what = format!("binding {id}");
         let mut tx = self
             .0

@@ -543,7 +543,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         overlap_policy: overlap_to(d.policy.overlap) as i32,
         priority: d.policy.priority,
         enabled: Some(d.enabled),
-        protected: d.protected,
+        deletion_protection: d.protected,
         tenant_scope: Some(tenant_scope_to(&d.tenant_scope)),
         create_time: Some(time_to(d.create_time)),
         update_time: Some(time_to(d.update_time)),
@@ -556,10 +556,12 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
 pub const MAX_SCOPE_TENANTS: usize = 1000;
 
 /// API tenant scope → domain: unset means all tenants; otherwise exactly one
-/// of `all_tenants` or a non-empty `tenant_ids` (sorted, de-duplicated).
+/// of `all_tenants` (true) or a `tenant_list` of at least one tenant (sorted,
+/// de-duplicated).
 ///
 /// # Errors
-/// A violation on `<field>` or `<field>.tenant_ids[i]`.
+/// A violation on `<field>`, `<field>.all_tenants`,
+/// `<field>.tenant_list.tenant_ids` or `<field>.tenant_list.tenant_ids[i]`.
 pub fn tenant_scope_from(
     field: &str,
     s: Option<&pb::TenantScope>,
@@ -567,27 +569,34 @@ pub fn tenant_scope_from(
     let Some(s) = s else {
         return Ok(domain::TenantScope::AllTenants);
     };
-    match (s.all_tenants, s.tenant_ids.is_empty()) {
-        (true, true) => Ok(domain::TenantScope::AllTenants),
-        (true, false) => Err(FieldViolation::new(
+    match &s.scope {
+        None => Err(FieldViolation::new(
             field,
-            "set either all_tenants or tenant_ids, not both",
+            "set all_tenants, or tenant_list with at least one tenant (or leave tenant_scope unset for all tenants)",
         )),
-        (false, true) => Err(FieldViolation::new(
-            field,
-            "set all_tenants, or list at least one tenant in tenant_ids (to stop a definition from firing, disable it)",
+        Some(pb::tenant_scope::Scope::AllTenants(true)) => Ok(domain::TenantScope::AllTenants),
+        Some(pb::tenant_scope::Scope::AllTenants(false)) => Err(FieldViolation::new(
+            format!("{field}.all_tenants"),
+            "must be true when set; to limit the tenants, set tenant_list instead",
         )),
-        (false, false) => {
-            if s.tenant_ids.len() > MAX_SCOPE_TENANTS {
+        Some(pb::tenant_scope::Scope::TenantList(list)) => {
+            let ids = &list.tenant_ids;
+            if ids.is_empty() {
                 return Err(FieldViolation::new(
-                    format!("{field}.tenant_ids"),
+                    format!("{field}.tenant_list.tenant_ids"),
+                    "list at least one tenant (to stop a definition from firing, disable it)",
+                ));
+            }
+            if ids.len() > MAX_SCOPE_TENANTS {
+                return Err(FieldViolation::new(
+                    format!("{field}.tenant_list.tenant_ids"),
                     format!("at most {MAX_SCOPE_TENANTS} tenants"),
                 ));
             }
-            for (i, t) in s.tenant_ids.iter().enumerate() {
-                domain::validate_tenant_id(&format!("{field}.tenant_ids[{i}]"), t)?;
+            for (i, t) in ids.iter().enumerate() {
+                domain::validate_tenant_id(&format!("{field}.tenant_list.tenant_ids[{i}]"), t)?;
             }
-            let mut l = s.tenant_ids.clone();
+            let mut l = ids.clone();
             l.sort();
             l.dedup();
             Ok(domain::TenantScope::AllowList(l))
@@ -597,16 +606,13 @@ pub fn tenant_scope_from(
 
 /// Domain tenant scope → API.
 pub fn tenant_scope_to(s: &domain::TenantScope) -> pb::TenantScope {
-    match s {
-        domain::TenantScope::AllTenants => pb::TenantScope {
-            all_tenants: true,
-            tenant_ids: Vec::new(),
-        },
-        domain::TenantScope::AllowList(l) => pb::TenantScope {
-            all_tenants: false,
+    let scope = match s {
+        domain::TenantScope::AllTenants => pb::tenant_scope::Scope::AllTenants(true),
+        domain::TenantScope::AllowList(l) => pb::tenant_scope::Scope::TenantList(pb::TenantList {
             tenant_ids: l.clone(),
-        },
-    }
+        }),
+    };
+    pb::TenantScope { scope: Some(scope) }
 }
 
 /// API handler → domain handler (validated).
@@ -747,8 +753,8 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
     let kind = match &e.body {
         domain::EventBody::StateChanged { from, to, reason } => {
             pb::run_event::Kind::StateChanged(pb::StateChanged {
-                from: from.map_or(pb::RunState::Unspecified, state_to) as i32,
-                to: state_to(*to) as i32,
+                from_state: from.map_or(pb::RunState::Unspecified, state_to) as i32,
+                to_state: state_to(*to) as i32,
                 reason: reason.clone(),
             })
         }
@@ -806,5 +812,49 @@ mod tests {
         };
         let e = schedule_from("definition.schedule", Some(&s)).unwrap_err();
         assert_eq!(e.field, "definition.schedule.interval.every");
+    }
+
+    #[test]
+    fn tenant_scope_is_one_of_all_tenants_or_a_tenant_list() {
+        use pb::tenant_scope::Scope;
+        let f = "definition.tenant_scope";
+        let scope = |s: Option<Scope>| pb::TenantScope { scope: s };
+        let list = |ids: &[&str]| {
+            Some(Scope::TenantList(pb::TenantList {
+                tenant_ids: ids.iter().map(|t| t.to_string()).collect(),
+            }))
+        };
+        assert_eq!(
+            tenant_scope_from(f, None).unwrap(),
+            domain::TenantScope::AllTenants
+        );
+        let all = scope(Some(Scope::AllTenants(true)));
+        assert_eq!(
+            tenant_scope_from(f, Some(&all)).unwrap(),
+            domain::TenantScope::AllTenants
+        );
+        assert_eq!(tenant_scope_to(&domain::TenantScope::AllTenants), all);
+        let b_a = scope(list(&["b", "a", "b"]));
+        let allow = tenant_scope_from(f, Some(&b_a)).unwrap();
+        assert_eq!(
+            allow,
+            domain::TenantScope::AllowList(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(tenant_scope_to(&allow), scope(list(&["a", "b"])));
+        // Neither form, an explicit false, an empty list: each names its field.
+        let field = |s: pb::TenantScope| tenant_scope_from(f, Some(&s)).unwrap_err().field;
+        assert_eq!(field(scope(None)), f);
+        assert_eq!(
+            field(scope(Some(Scope::AllTenants(false)))),
+            "definition.tenant_scope.all_tenants"
+        );
+        assert_eq!(
+            field(scope(list(&[]))),
+            "definition.tenant_scope.tenant_list.tenant_ids"
+        );
+        assert_eq!(
+            field(scope(list(&["a", "Not Valid"]))),
+            "definition.tenant_scope.tenant_list.tenant_ids[1]"
+        );
     }
 }

@@ -69,7 +69,7 @@ impl DefinitionService for Definitions {
         let now = self.0.core.clock.now();
         let def = Definition {
             max_output_bytes: d.max_output_bytes,
-            protected: d.protected,
+            protected: d.deletion_protection,
             tenant_scope,
             misfire_policy,
             policy,
@@ -178,7 +178,7 @@ impl DefinitionService for Definitions {
             (d.overlap_policy != 0, "overlap_policy"),
             (d.priority != 0, "priority"),
             (d.enabled.is_some(), "enabled"),
-            (d.protected, "protected"),
+            (d.deletion_protection, "deletion_protection"),
             (d.tenant_scope.is_some(), "tenant_scope"),
             (d.max_output_bytes.is_some(), "max_output_bytes"),
         ] {
@@ -201,7 +201,7 @@ impl DefinitionService for Definitions {
                 "overlap_policy",
                 "priority",
                 "enabled",
-                "protected",
+                "deletion_protection",
                 "tenant_scope",
                 "max_output_bytes",
             ],
@@ -263,7 +263,7 @@ impl DefinitionService for Definitions {
                 }
                 "priority" => cur.policy.priority = d.priority,
                 "enabled" => cur.enabled = d.enabled.unwrap_or(true),
-                "protected" => cur.protected = d.protected,
+                "deletion_protection" => cur.protected = d.deletion_protection,
                 "max_output_bytes" => {
                     if let Some(m) = d.max_output_bytes {
                         validate_max_output_bytes("definition.max_output_bytes", m)

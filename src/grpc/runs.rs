@@ -132,7 +132,7 @@ impl RunService for Runs {
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
-        let id = parse_uuid("id", &req.get_ref().id)?;
+        let id = parse_uuid("run_id", &req.get_ref().run_id)?;
         let run = runs::get(&self.0.core, &tenant_id, id).await?;
         Ok(Response::new(run_to(&run)))
     }

@@ -23,7 +23,7 @@ pub fn definition(d: &Definition) -> Value {
         "timeout_secs": d.policy.timeout_secs,
         "priority": d.policy.priority,
         "enabled": d.enabled,
-        "protected": d.protected,
+        "deletion_protection": d.protected,
         "max_output_bytes": d.max_output_bytes,
         "tenant_scope": match &d.tenant_scope {
             TenantScope::AllTenants => json!("ALL_TENANTS"),

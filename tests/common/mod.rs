@@ -489,7 +489,12 @@ pub async fn tail_all(
 pub async fn wait_terminal(node: &TestNode, tenant: &str, run_id: &str) -> pb::Run {
     tail_all(node, tenant, run_id, 0).await;
     node.runs()
-        .get_run(as_tenant(tenant, pb::GetRunRequest { id: run_id.into() }))
+        .get_run(as_tenant(
+            tenant,
+            pb::GetRunRequest {
+                run_id: run_id.into(),
+            },
+        ))
         .await
         .expect("get run")
         .into_inner()
@@ -703,7 +708,7 @@ pub fn is_terminal(r: &pb::Run) -> bool {
 /// GetRun as `tenant`.
 pub async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
     node.runs()
-        .get_run(as_tenant(tenant, pb::GetRunRequest { id: id.into() }))
+        .get_run(as_tenant(tenant, pb::GetRunRequest { run_id: id.into() }))
         .await
         .expect("get run")
         .into_inner()

@@ -376,7 +376,7 @@ async fn subscribe(ch: Channel, tenant: String, run_id: String, lines: u64) -> S
                         seen.last_us = Some(now);
                     }
                     Some(pb::run_event::Kind::StateChanged(sc)) => {
-                        let to = pb::RunState::try_from(sc.to).unwrap_or_default();
+                        let to = pb::RunState::try_from(sc.to_state).unwrap_or_default();
                         if matches!(
                             to,
                             pb::RunState::Succeeded
