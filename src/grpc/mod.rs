@@ -314,3 +314,54 @@ pub fn check_etag(what: &str, etag: &str, version: i64) -> Result<(), Status> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+    use crate::usecase::{Error, Target};
+
+    #[test]
+    fn not_found_names_the_resource_in_resource_info() {
+        let id = uuid::Uuid::now_v7();
+        let s = Status::from(Error::NotFound(Target::new("run", id)));
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), format!("run {id} not found"));
+        let info = s.get_details_resource_info().expect("ResourceInfo detail");
+        assert_eq!(info.resource_type, "run");
+        assert_eq!(info.resource_name, id.to_string());
+    }
+
+    #[test]
+    fn use_case_errors_map_to_their_codes() {
+        let cases = [
+            (
+                Error::Invalid(FieldViolation::new("f", "bad")),
+                Code::InvalidArgument,
+            ),
+            (
+                Error::AlreadyExists(Target::new("definition", "d")),
+                Code::AlreadyExists,
+            ),
+            (Error::Precondition("x".into()), Code::FailedPrecondition),
+            (Error::QuotaExceeded("x".into()), Code::ResourceExhausted),
+            (Error::Conflict("x".into()), Code::Aborted),
+            (
+                Error::Unavailable(db::Error::Sqlx(sqlx::Error::PoolTimedOut)),
+                Code::Unavailable,
+            ),
+            (
+                Error::Internal(db::Error::Sqlx(sqlx::Error::RowNotFound)),
+                Code::Internal,
+            ),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().len() < 1024);
+        }
+        let s = Status::from(Error::AlreadyExists(Target::new("definition", "d")));
+        assert_eq!(s.message(), "definition \"d\" already exists");
+    }
+}
