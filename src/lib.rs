@@ -9,8 +9,8 @@
 //!
 //! # Layout
 //!
-//! Data flows one way, gRPC → domain → db; the engine (scheduler → executor
-//! → events) works beside the gRPC layer on the same database.
+//! Data flows one way, gRPC → usecase → domain/db; the engine (scheduler →
+//! executor → events) works beside them on the same database.
 //!
 //! - [`proto`] — generated `sked.v1` code and its descriptor set.
 //! - [`config`] — command line and `SKED_*` environment.
@@ -20,6 +20,9 @@
 //!   overlap plans, retry backoff, run states, params merge (RFC 7396), the
 //!   clock.
 //! - [`db`] — all SQL.
+//! - [`usecase`] — what sked does for a caller (gRPC, CLI): one module per
+//!   resource owning transactions, checks beyond shape, quotas,
+//!   idempotency, audit and run creation.
 //! - [`grpc`] — the API services, authentication (API keys, `grpc::auth`),
 //!   authorization (`grpc::authz`: one table of role and scope per method,
 //!   enforced by one tower layer before a request is decoded), audit
