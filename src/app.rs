@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ListenSecurity, ServeArgs};
 use crate::db;
 use crate::domain::Clock;
+use crate::domain::tenancy::Caller;
 use crate::embedded_pg::{self, EmbeddedPg};
 use crate::events::{EventBus, bridge};
 use crate::executor::Executor;
@@ -26,6 +27,7 @@ use crate::grpc::{self, Ctx};
 use crate::proto::{self, v1 as pb};
 use crate::scheduler::Scheduler;
 use crate::transport::{self, TlsSettings, codec};
+use crate::usecase::{Actor, tenancy};
 
 /// Errors that stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,9 @@ pub enum Error {
     /// The database could not be reached.
     #[error("database: {0}")]
     Db(#[from] db::Error),
+    /// A use case (e.g. creating the bootstrap key) refused or failed.
+    #[error(transparent)]
+    UseCase(#[from] crate::usecase::Error),
     /// Migrations failed.
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -485,37 +490,37 @@ async fn start_embedded(data_dir: &Path) -> Result<EmbeddedPg, Error> {
 
 /// `sked admin bootstrap-key`: creates a platform admin key directly in
 /// the database (applying migrations first) and returns its token, to be
-/// printed once. Audited with actor `cli`.
+/// printed once. The same use case as CreateApiKey
+/// ([`tenancy::create_api_key`]), acting as [`Caller::cli`]: audited with
+/// actor `cli` and method `sked admin bootstrap-key`.
 ///
 /// # Errors
-/// [`Error`] when the database is unreachable or refuses.
+/// [`Error`] when the database is unreachable or refuses, or the name is
+/// longer than [`crate::domain::tenancy::MAX_KEY_NAME`] characters.
 pub async fn bootstrap_key(database_url: &str, name: &str) -> Result<String, Error> {
     let pool = db::connect(database_url, 2).await?;
     db::migrate(&pool).await?;
-    let now = Clock::system().now();
-    let mut tx = pool.begin().await.map_err(db::Error::from)?;
-    let (key, token) = grpc::admin::create_key(
-        &mut tx,
-        name.to_string(),
-        crate::domain::Role::Admin,
-        None,
-        None,
-        now,
-    )
-    .await?;
-    let event = crate::domain::tenancy::AuditEvent {
-        id: uuid::Uuid::now_v7(),
-        time: now,
-        key_id: None,
-        actor: "cli".into(),
-        tenant_id: None,
-        method: "sked admin bootstrap-key".into(),
-        target: format!("api_key/{}", key.id),
-        before: None,
-        after: Some(crate::usecase::audit::api_key(&key)),
+    // The use case wants a node's Core; creating a key publishes no run
+    // event and wakes no executor, so a bus and a wake-up nobody listens to
+    // do.
+    let core = crate::usecase::Core {
+        pool: pool.clone(),
+        clock: Clock::system(),
+        node_id: default_node_id(),
+        bus: EventBus::new(),
+        executor_wake: Arc::default(),
     };
-    db::tenancy::audit_insert(&mut *tx, &event).await?;
-    tx.commit().await.map_err(db::Error::from)?;
+    let caller = Caller::cli();
+    let actor = Actor {
+        caller: &caller,
+        action: "sked admin bootstrap-key",
+    };
+    let new = tenancy::NewApiKey {
+        name: name.to_string(),
+        role: crate::domain::Role::Admin,
+        tenant_id: None,
+    };
+    let (key, token) = tenancy::create_api_key(&core, actor, new).await?;
     pool.close().await;
     tracing::info!(key_id = %key.id, "platform admin key created");
     Ok(token)

@@ -1130,6 +1130,13 @@ async fn every_mutating_call_leaves_exactly_one_audit_event() {
         .collect::<Vec<_>>()
     );
     // Who, what, before/after.
+    let bootstrap = &events[0];
+    assert_eq!(
+        (bootstrap.actor.as_str(), bootstrap.key_id.as_str()),
+        ("cli", ""),
+        "the CLI's key is audited as actor cli, without a key"
+    );
+    assert!(bootstrap.target.starts_with("api_key/") && bootstrap.tenant_id.is_empty());
     let by_a: Vec<_> = events.iter().filter(|e| e.key_id == a_id).collect();
     assert_eq!(by_a.len(), 12, "tenant-a's admin key made 12 of the calls");
     assert!(

@@ -332,15 +332,29 @@ impl TenantScope {
     }
 }
 
+/// Where a caller acts from: the audit log tells an API call without a key
+/// (auth off) from the operator's command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// A request to the API, with a key or (auth off) anonymous.
+    #[default]
+    Api,
+    /// The `sked` command line acting on the database directly (e.g.
+    /// `sked admin bootstrap-key`); whoever runs it holds the database URL.
+    Cli,
+}
+
 /// The authenticated caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// Its key; `None` when auth is off.
+    /// Its key; `None` when auth is off, and for the CLI.
     pub key_id: Option<Uuid>,
     /// What it may do.
     pub role: Role,
     /// The key's tenant; `None` for the platform.
     pub tenant: Option<String>,
+    /// API or command line.
+    pub origin: Origin,
 }
 
 impl Caller {
@@ -350,14 +364,26 @@ impl Caller {
             key_id: None,
             role: Role::Admin,
             tenant: None,
+            origin: Origin::Api,
         }
     }
 
-    /// For people and the audit log: `key <id>` or `anonymous`.
+    /// The `sked` command line: a platform admin without a key (it reaches
+    /// the database itself, so no key could limit it).
+    pub fn cli() -> Caller {
+        Caller {
+            origin: Origin::Cli,
+            ..Caller::anonymous()
+        }
+    }
+
+    /// For people and the audit log: `key <id>`, `anonymous` (auth off) or
+    /// `cli`.
     pub fn actor(&self) -> String {
-        match self.key_id {
-            Some(id) => format!("key {id}"),
-            None => "anonymous".to_string(),
+        match (self.origin, self.key_id) {
+            (Origin::Cli, _) => "cli".to_string(),
+            (Origin::Api, Some(id)) => format!("key {id}"),
+            (Origin::Api, None) => "anonymous".to_string(),
         }
     }
 
@@ -486,6 +512,34 @@ mod tests {
         };
         assert_eq!(q.validate("quota").unwrap_err().field, "quota.max_bindings");
         assert!(Quota::default().validate("quota").is_ok());
+    }
+
+    #[test]
+    fn actors_name_key_anonymous_and_cli() {
+        let id = Uuid::nil();
+        let key = Caller {
+            key_id: Some(id),
+            role: Role::Viewer,
+            tenant: Some("acme".into()),
+            origin: Origin::Api,
+        };
+        assert_eq!(key.actor(), format!("key {id}"));
+        assert_eq!(Caller::anonymous().actor(), "anonymous");
+        let cli = Caller::cli();
+        assert_eq!(cli.actor(), "cli");
+        assert_eq!(
+            (cli.key_id, cli.role, cli.tenant.as_deref()),
+            (None, Role::Admin, None)
+        );
+        let e = cli.audit(
+            Utc::now(),
+            None,
+            "sked admin bootstrap-key",
+            "api_key/x".into(),
+            None,
+            None,
+        );
+        assert_eq!((e.actor.as_str(), e.key_id), ("cli", None));
     }
 
     #[test]

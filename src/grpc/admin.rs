@@ -1,5 +1,6 @@
 //! `sked.v1.AdminService`: tenant quotas and their usage, API keys, the
-//! audit log.
+//! audit log. Parses requests, calls [`usecase::tenancy`](tenancy),
+//! converts the results.
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -7,16 +8,12 @@ use uuid::Uuid;
 use super::auth::{Caller, call_tenant};
 use super::authz::{Grant, grant};
 use super::convert::{json_to_struct, time_from, time_to};
-use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record};
-use crate::db;
-use crate::db::tenancy::AuditFilter;
-use crate::domain::tenancy::{
-    ApiKey, AuditEvent, MAX_KEY_NAME, Quota, QuotaHealth, QuotaUsage, generate_key,
-};
+use super::{Ctx, invalid, page_size, parse_uuid};
+use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaHealth, QuotaUsage};
 use crate::domain::{FieldViolation, Role, validate_tenant_id};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
-use crate::usecase::audit;
+use crate::usecase::{Actor, Page, tenancy};
 
 /// Implements `AdminService`.
 #[derive(Debug, Clone)]
@@ -34,6 +31,15 @@ fn quota_tenant<T>(caller: &Caller, req: &Request<T>, field: &str) -> Result<Str
             "a tenant key may only read its own tenant's quota",
         )),
         _ => Ok(field.to_string()),
+    }
+}
+
+/// An optional UUID field: empty is `None`.
+fn optional_uuid(field: &str, s: &str) -> Result<Option<Uuid>, Status> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_uuid(field, s).map(Some)
     }
 }
 
@@ -131,38 +137,6 @@ fn usage_to(tenant: &str, u: &QuotaUsage) -> pb::QuotaUsage {
     }
 }
 
-/// Creates an API key as `created_by` and returns it with its token (the
-/// only time the secret exists outside the caller's hands). Used by
-/// CreateApiKey and by `sked admin bootstrap-key`.
-///
-/// # Errors
-/// [`db::Error`] when storing fails.
-pub async fn create_key(
-    tx: &mut sqlx::PgConnection,
-    name: String,
-    role: Role,
-    tenant_id: Option<String>,
-    created_by: Option<Uuid>,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<(ApiKey, String), db::Error> {
-    let secret = tokio::task::spawn_blocking(generate_key)
-        .await
-        .map_err(|e| db::Error::FailedPrecondition(format!("key generation failed: {e}")))?
-        .map_err(|e| db::Error::FailedPrecondition(e.to_string()))?;
-    let key = ApiKey {
-        id: secret.id,
-        name,
-        role,
-        tenant_id,
-        secret_hash: secret.secret_hash,
-        create_time: now,
-        created_by,
-        revoke_time: None,
-    };
-    db::tenancy::api_key_insert(&mut *tx, &key).await?;
-    Ok((key, secret.token))
-}
-
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn get_tenant_quota(
@@ -171,9 +145,7 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::TenantQuota>, Status> {
         let caller = grant(&req)?.caller;
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
-        let q = db::tenancy::quota_get(&self.0.core.pool, &tenant)
-            .await
-            .map_err(|e| db_status(e, "quota"))?;
+        let q = tenancy::get_quota(&self.0.core, &tenant).await?;
         Ok(Response::new(quota_to(&tenant, &q)))
     }
 
@@ -188,30 +160,11 @@ impl AdminService for Admin {
             .ok_or_else(|| invalid(FieldViolation::new("quota", "is required")))?;
         validate_tenant_id("quota.tenant_id", &q.tenant_id).map_err(invalid)?;
         let quota = quota_from(&q).map_err(invalid)?;
-        let now = self.0.core.clock.now();
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), "quota"))?;
-        let before = db::tenancy::quota_set(&mut tx, &q.tenant_id, &quota, now)
-            .await
-            .map_err(|e| db_status(e, "quota"))?;
-        let event = caller.audit(
-            now,
-            Some(&q.tenant_id),
-            method,
-            format!("quota/{}", q.tenant_id),
-            Some(audit::quota(&before)),
-            Some(audit::quota(&quota)),
-        );
-        record(&mut tx, &event, "quota").await?;
-        tx.commit()
-            .await
-            .map_err(|e| db_status(e.into(), "quota"))?;
-        tracing::info!(tenant = %q.tenant_id, ?quota, "tenant quota set");
+        let actor = Actor {
+            caller: &caller,
+            action: method,
+        };
+        let quota = tenancy::set_quota(&self.0.core, actor, &q.tenant_id, quota).await?;
         Ok(Response::new(quota_to(&q.tenant_id, &quota)))
     }
 
@@ -221,16 +174,7 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::QuotaUsage>, Status> {
         let caller = grant(&req)?.caller;
         let tenant = quota_tenant(&caller, &req, &req.get_ref().tenant_id)?;
-        let mut conn = self
-            .0
-            .core
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| db_status(e.into(), "quota usage"))?;
-        let usage = db::tenancy::quota_usage(&mut conn, &tenant, self.0.core.clock.now())
-            .await
-            .map_err(|e| db_status(e, "quota usage"))?;
+        let usage = tenancy::quota_usage(&self.0.core, &tenant).await?;
         Ok(Response::new(usage_to(&tenant, &usage)))
     }
 
@@ -240,14 +184,9 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
-        if r.name.chars().count() > MAX_KEY_NAME {
-            return Err(invalid(FieldViolation::new(
-                "name",
-                format!("must be at most {MAX_KEY_NAME} characters"),
-            )));
-        }
+        tenancy::validate_key_name(&r.name)?;
         let role = role_from(r.role).map_err(invalid)?;
-        let tenant = match (&caller.tenant, r.tenant_id.as_str()) {
+        let tenant_id = match (&caller.tenant, r.tenant_id.as_str()) {
             (Some(own), "") => Some(own.clone()),
             (Some(own), t) if t == own => Some(own.clone()),
             (Some(_), _) => {
@@ -261,30 +200,16 @@ impl AdminService for Admin {
                 Some(t.to_string())
             }
         };
-        let now = self.0.core.clock.now();
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), "API key"))?;
-        let (key, token) = create_key(&mut tx, r.name, role, tenant, caller.key_id, now)
-            .await
-            .map_err(|e| db_status(e, "API key"))?;
-        let event = caller.audit(
-            now,
-            key.tenant_id.as_deref(),
-            method,
-            format!("api_key/{}", key.id),
-            None,
-            Some(audit::api_key(&key)),
-        );
-        record(&mut tx, &event, "API key").await?;
-        tx.commit()
-            .await
-            .map_err(|e| db_status(e.into(), "API key"))?;
-        tracing::info!(key_id = %key.id, role = key.role.as_str(), tenant = ?key.tenant_id, "API key created");
+        let actor = Actor {
+            caller: &caller,
+            action: method,
+        };
+        let new = tenancy::NewApiKey {
+            name: r.name,
+            role,
+            tenant_id,
+        };
+        let (key, token) = tenancy::create_api_key(&self.0.core, actor, new).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key: Some(key_to(&key)),
             token,
@@ -297,34 +222,12 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ApiKey>, Status> {
         let Grant { caller, method, .. } = grant(&req)?;
         let id = parse_uuid("key_id", &req.get_ref().key_id)?;
-        let what = format!("API key {id}");
-        let now = self.0.core.clock.now();
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), &what))?;
-        let before = db::tenancy::api_key_revoke(&mut tx, id, caller.tenant.as_deref(), now)
-            .await
-            .map_err(|e| db_status(e, &what))?;
-        let after = ApiKey {
-            revoke_time: before.revoke_time.or(Some(now)),
-            ..before.clone()
+        let actor = Actor {
+            caller: &caller,
+            action: method,
         };
-        let event = caller.audit(
-            now,
-            before.tenant_id.as_deref(),
-            method,
-            format!("api_key/{id}"),
-            Some(audit::api_key(&before)),
-            Some(audit::api_key(&after)),
-        );
-        record(&mut tx, &event, &what).await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        tracing::info!(key_id = %id, "API key revoked");
-        Ok(Response::new(key_to(&after)))
+        let key = tenancy::revoke_api_key(&self.0.core, actor, id).await?;
+        Ok(Response::new(key_to(&key)))
     }
 
     async fn list_api_keys(
@@ -333,24 +236,15 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
         let caller = grant(&req)?.caller;
         let r = req.into_inner();
-        let limit = page_size(r.page_size, 50)?;
-        let after = if r.page_token.is_empty() {
-            Uuid::nil()
-        } else {
-            parse_uuid("page_token", &r.page_token)?
+        let page = Page {
+            size: page_size(r.page_size, 50)?,
+            after: optional_uuid("page_token", &r.page_token)?,
         };
-        let tenant = match &caller.tenant {
-            Some(own) => Some(own.as_str()),
-            None if r.tenant_id.is_empty() => None,
-            None => Some(r.tenant_id.as_str()),
-        };
-        let keys = db::tenancy::api_key_list(&self.0.core.pool, tenant, after, limit + 1)
-            .await
-            .map_err(|e| db_status(e, "API keys"))?;
-        let (keys, next_page_token) = page(keys, limit, |k| k.id.to_string());
+        let tenant_id = (!r.tenant_id.is_empty()).then_some(r.tenant_id.as_str());
+        let (keys, next) = tenancy::list_api_keys(&self.0.core, &caller, tenant_id, page).await?;
         Ok(Response::new(pb::ListApiKeysResponse {
             keys: keys.iter().map(key_to).collect(),
-            next_page_token,
+            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -360,41 +254,31 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let caller = grant(&req)?.caller;
         let r = req.into_inner();
-        let limit = page_size(r.page_size, 50)?;
-        let before = if r.page_token.is_empty() {
-            Uuid::max()
-        } else {
-            parse_uuid("page_token", &r.page_token)?
+        let page = Page {
+            size: page_size(r.page_size, 50)?,
+            after: optional_uuid("page_token", &r.page_token)?,
         };
-        let key_id = if r.key_id.is_empty() {
-            None
-        } else {
-            Some(parse_uuid("key_id", &r.key_id)?)
-        };
+        let key_id = optional_uuid("key_id", &r.key_id)?;
         let time = |field: &str, t: &Option<prost_types::Timestamp>| {
             t.as_ref()
                 .map(|t| time_from(field, t))
                 .transpose()
                 .map_err(invalid)
         };
-        let filter = AuditFilter {
-            tenant_id: match &caller.tenant {
-                Some(own) => Some(own.as_str()),
-                None => (!r.tenant_id.is_empty()).then_some(r.tenant_id.as_str()),
-            },
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        let filter = tenancy::AuditFilter {
             key_id,
-            method: (!r.method.is_empty()).then_some(r.method.as_str()),
-            target_prefix: (!r.target_prefix.is_empty()).then_some(r.target_prefix.as_str()),
             start_time: time("start_time", &r.start_time)?,
             end_time: time("end_time", &r.end_time)?,
+            tenant_id: nonempty(r.tenant_id),
+            method: nonempty(r.method),
+            target_prefix: nonempty(r.target_prefix),
         };
-        let events = db::tenancy::audit_list(&self.0.core.pool, &filter, before, limit + 1)
-            .await
-            .map_err(|e| db_status(e, "audit events"))?;
-        let (events, next_page_token) = page(events, limit, |e| e.id.to_string());
+        let (events, next) =
+            tenancy::list_audit_events(&self.0.core, &caller, &filter, page).await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: events.iter().map(audit_to).collect(),
-            next_page_token,
+            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 }

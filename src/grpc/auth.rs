@@ -27,10 +27,10 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use uuid::Uuid;
 
-use super::{TENANT_HEADER, db_status, invalid};
-use crate::db;
-use crate::domain::tenancy::{parse_token, verify_secret};
+use super::{TENANT_HEADER, invalid};
+use crate::domain::tenancy::{Origin, parse_token, verify_secret};
 use crate::domain::{FieldViolation, Role, validate_tenant_id};
+use crate::usecase;
 
 pub use crate::domain::tenancy::Caller;
 
@@ -97,10 +97,10 @@ impl Auth {
             .ok_or_else(|| unauthenticated("authorization must be `Bearer <api key>`"))?
             .trim();
         let (id, secret) = parse_token(token).ok_or_else(|| unauthenticated("invalid API key"))?;
-        let key = match db::tenancy::api_key_get(pool, id, None).await {
+        let key = match usecase::tenancy::find_api_key(pool, id).await {
             Ok(k) => k,
-            Err(db::Error::NotFound) => return Err(unauthenticated("invalid API key")),
-            Err(e) => return Err(db_status(e, "API key")),
+            Err(usecase::Error::NotFound(_)) => return Err(unauthenticated("invalid API key")),
+            Err(e) => return Err(e.into()),
         };
         if key.revoke_time.is_some() {
             return Err(unauthenticated("API key revoked"));
@@ -158,6 +158,7 @@ impl Auth {
             key_id: Some(key.id),
             role: key.role,
             tenant: key.tenant_id,
+            origin: Origin::Api,
         })
     }
 }
@@ -250,6 +251,7 @@ mod tests {
             key_id: Some(Uuid::nil()),
             role: Role::Operator,
             tenant: Some("acme".into()),
+            origin: Origin::Api,
         };
         let platform = Caller {
             tenant: None,
@@ -287,6 +289,7 @@ mod tests {
             key_id: None,
             role: Role::Operator,
             tenant: None,
+            origin: Origin::Api,
         };
         assert!(require_role(&op, Role::Viewer, "m").is_ok());
         assert!(require_role(&op, Role::Operator, "m").is_ok());

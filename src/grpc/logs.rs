@@ -1,6 +1,6 @@
 //! `sked.v1.LogService`: TailRun, WatchEvents and ListRunEvents. The stream
-//! loops live in [`crate::events::tail`]; this file checks access and maps
-//! items to the API.
+//! loops live in [`crate::events::tail`]; this file checks access (through
+//! [`usecase::runs`]) and maps items to the API.
 
 use std::pin::Pin;
 
@@ -11,12 +11,12 @@ use tonic::{Request, Response, Status};
 
 use super::authz::tenant_grant;
 use super::convert::event_to;
-use super::{Ctx, db_status, invalid, page_size, parse_uuid};
-use crate::db;
+use super::{Ctx, invalid, page_size, parse_uuid};
 use crate::domain::{FieldViolation, validate_definition_name};
 use crate::events::tail::{self, WatchFilter, WatchItem};
 use crate::proto::v1 as pb;
 use crate::proto::v1::log_service_server::LogService;
+use crate::usecase::{self, Target, runs};
 
 /// Items buffered per WatchEvents stream before the producer waits for the
 /// client.
@@ -54,7 +54,8 @@ impl Stream for TailStream {
             match std::task::ready!(self.rx.poll_recv(cx)) {
                 Some(Ok(events)) => self.buf = events.into_iter(),
                 Some(Err(e)) => {
-                    return std::task::Poll::Ready(Some(Err(db_status(e, "run events"))));
+                    let e = usecase::Error::db(e, &Target::all("run_event"));
+                    return std::task::Poll::Ready(Some(Err(e.into())));
                 }
                 None => return std::task::Poll::Ready(None),
             }
@@ -83,9 +84,7 @@ impl LogService for Logs {
             return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
         }
         // Existence and ownership first: another tenant's run is NOT_FOUND.
-        db::runs::run_get(&self.0.core.pool, &tenant_id, run_id)
-            .await
-            .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
+        runs::get(&self.0.core, &tenant_id, run_id).await?;
         let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
@@ -179,13 +178,8 @@ impl LogService for Logs {
             return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
         }
         let limit = page_size(r.page_size, 1000)?;
-        db::runs::run_get(&self.0.core.pool, &tenant_id, run_id)
-            .await
-            .map_err(|e| db_status(e, format_args!("run {run_id}")))?;
         let events =
-            db::events::event_list(&self.0.core.pool, &tenant_id, run_id, r.after_seq, limit)
-                .await
-                .map_err(|e| db_status(e, "run events"))?;
+            runs::list_events(&self.0.core, &tenant_id, run_id, r.after_seq, limit).await?;
         let next_after_seq = if events.len() as i64 == limit {
             events.last().map_or(0, |e| e.seq)
         } else {

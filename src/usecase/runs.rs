@@ -490,3 +490,23 @@ pub async fn list(
     .map_err(Error::on(&Target::all("run")))?;
     Ok(super::page(rows, page.size, |r| r.id))
 }
+
+/// Events of run `run_id` of `tenant_id` with `seq > after_seq`, oldest
+/// first, at most `limit` (ListRunEvents).
+///
+/// # Errors
+/// `NotFound` (also for another tenant's run), database errors.
+pub async fn list_events(
+    core: &Core,
+    tenant_id: &str,
+    run_id: Uuid,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<crate::domain::RunEvent>> {
+    // Existence and ownership first: another tenant's run is NOT_FOUND,
+    // not an empty list.
+    get(core, tenant_id, run_id).await?;
+    db::events::event_list(&core.pool, tenant_id, run_id, after_seq, limit)
+        .await
+        .map_err(Error::on(&Target::all("run_event")))
+}
