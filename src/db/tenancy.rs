@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use super::Error;
 use crate::domain::Role;
-use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaUsage, REASON_QUOTA};
+use crate::domain::RunReason;
+use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaUsage};
 
 struct KeyRow {
     id: Uuid,
@@ -449,7 +450,7 @@ pub async fn quota_usage(
         tenant,
         now,
         hour_ago,
-        REASON_QUOTA
+        RunReason::Quota.as_str()
     )
     .fetch_one(&mut *db)
     .await?;

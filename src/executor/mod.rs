@@ -75,13 +75,9 @@ use crate::db::{
     runs::{ClaimKind, NewRun, Outcome},
 };
 use crate::domain::policy::jitter_from_id;
-use crate::domain::{Clock, EventBody, Handler, Run, RunEvent, RunState, RunTrigger};
+use crate::domain::{Clock, EventBody, Handler, Run, RunEvent, RunReason, RunState, RunTrigger};
 use crate::events::EventBus;
 
-/// Reason of runs cancelled by a node's shutdown (they are retried per policy).
-pub const REASON_SHUTDOWN: &str = "shutdown";
-/// Reason of runs whose node stopped renewing their lease.
-pub const REASON_NODE_LOST: &str = "node_lost";
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
 /// Runs of `event` handlers claimed and completed per transaction.
@@ -647,7 +643,7 @@ impl Slots {
 fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
     let retry_state = match state {
         RunState::Failed | RunState::TimedOut => true,
-        RunState::Cancelled => outcome.reason == REASON_SHUTDOWN,
+        RunState::Cancelled => outcome.reason == RunReason::Shutdown.as_str(),
         _ => false,
     };
     retry_state
@@ -671,7 +667,7 @@ pub fn retry_run(
 ) -> Option<NewRun> {
     let retry_state = match ended.state {
         RunState::Failed | RunState::TimedOut => true,
-        RunState::Cancelled => ended.reason.as_deref() == Some(REASON_SHUTDOWN),
+        RunState::Cancelled => ended.reason.as_deref() == Some(RunReason::Shutdown.as_str()),
         _ => false,
     };
     let max = ended.policy.retry.max_attempts as i32;
@@ -795,11 +791,11 @@ mod tests {
         let delay = (retry.not_before - now).num_milliseconds();
         assert!((1800..=2200).contains(&delay), "2 s ±10 %: {delay}");
 
-        assert!(retry_run(&ended(RunState::TimedOut, "timeout", 1, 2), true, now).is_some());
-        assert!(retry_run(&ended(RunState::Failed, REASON_NODE_LOST, 1, 2), true, now).is_some());
+        assert!(retry_run(&ended(RunState::TimedOut, RunReason::Timeout.as_str(), 1, 2), true, now).is_some());
+        assert!(retry_run(&ended(RunState::Failed, RunReason::NodeLost.as_str(), 1, 2), true, now).is_some());
         assert!(
             retry_run(
-                &ended(RunState::Cancelled, REASON_SHUTDOWN, 1, 2),
+                &ended(RunState::Cancelled, RunReason::Shutdown.as_str(), 1, 2),
                 true,
                 now
             )
@@ -813,7 +809,7 @@ mod tests {
         assert!(retry_run(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
         assert!(retry_run(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
         let mut asked = ended(RunState::Failed, "exit code 1", 1, 3);
-        asked.cancel_reason = Some("binding_deleted".into());
+        asked.cancel_reason = Some(RunReason::BindingDeleted.to_string());
         assert!(
             retry_run(&asked, true, now).is_none(),
             "a run whose cancel was asked for is not retried, whatever it ended with"

@@ -12,7 +12,7 @@ use super::{
     update_paths,
 };
 use crate::db;
-use crate::domain::policy::REASON_BINDING_DELETED;
+use crate::domain::RunReason;
 use crate::domain::{
     Binding, FieldViolation, effective_schedule, merge_params, validate_definition_name,
     validate_effective_window, validate_merged_params,
@@ -370,7 +370,7 @@ impl BindingService for Bindings {
             &mut tx,
             &self.0.node_id,
             &[id],
-            REASON_BINDING_DELETED,
+            RunReason::BindingDeleted.as_str(),
             now,
         )
         .await

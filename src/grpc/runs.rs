@@ -234,7 +234,7 @@ impl RunService for Runs {
             )));
         }
         let reason = if r.reason.trim().is_empty() {
-            "cancelled".to_string()
+            crate::domain::RunReason::Cancelled.to_string()
         } else {
             r.reason.clone()
         };

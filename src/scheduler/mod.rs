@@ -46,10 +46,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{self, runs::NewRun};
-use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
-use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
+use crate::domain::policy::plan_overlap;
+use crate::domain::tenancy::apply_hourly_budget;
 use crate::domain::{
-    Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, Schedule, plan_fires,
+    Clock, FirePlan, Handler, OverlapPolicy, RunReason, RunState, RunTrigger, Schedule, plan_fires,
 };
 use crate::events::EventBus;
 
@@ -315,7 +315,7 @@ impl Scheduler {
                 overlap
                     .skipped
                     .into_iter()
-                    .map(|t| new_run(t, RunState::Skipped, REASON_OVERLAP.to_string())),
+                    .map(|t| new_run(t, RunState::Skipped, RunReason::Overlap.to_string())),
             );
             runs.extend(
                 overlap
@@ -332,11 +332,11 @@ impl Scheduler {
             &mut tx,
             &self.node_id,
             &cancel_waiting,
-            REASON_OVERLAP,
+            RunReason::Overlap.as_str(),
             now,
         )
         .await?;
-        db::runs::run_request_cancel(&mut tx, &cancel_running, REASON_OVERLAP).await?;
+        db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str()).await?;
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
@@ -404,7 +404,7 @@ impl Scheduler {
                 tracing::info!(binding = %r.binding_id, tenant = %r.tenant_id, fire_time = %r.scheduled_time,
                     "hourly run budget spent; fire skipped");
                 r.state = RunState::Skipped;
-                r.reason = REASON_QUOTA.to_string();
+                r.reason = RunReason::Quota.to_string();
             }
         }
         Ok(())

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{RunRow, announce, state_event};
 use crate::db::{Error, clip, encode};
-use crate::domain::policy::REASON_CORRUPT;
+use crate::domain::RunReason;
 use crate::domain::{EventBody, Run, RunEvent, RunState};
 
 /// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
@@ -382,7 +382,7 @@ pub async fn run_claim(
 }
 
 /// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
-/// reason [`REASON_CORRUPT`] and `error` (clipped), with its event.
+/// reason [`RunReason::Corrupt`] and `error` (clipped), with its event.
 async fn run_fail_unreadable(
     conn: &mut PgConnection,
     id: Uuid,
@@ -403,7 +403,7 @@ async fn run_fail_unreadable(
         id,
         now,
         message,
-        REASON_CORRUPT,
+        RunReason::Corrupt.as_str(),
     )
     .execute(&mut *conn)
     .await?;
