@@ -205,8 +205,9 @@ pub async fn definition_delete(
     .await?;
     let r = sqlx::query!(
         r#"WITH d AS (DELETE FROM definitions WHERE name = $1 RETURNING name)
-           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM d"#,
-        name
+           SELECT count(*) AS "n!", pg_notify($2::text, '') AS "x" FROM d"#,
+        name,
+        super::notify::BINDINGS,
     )
     .fetch_one(&mut *db)
     .await;

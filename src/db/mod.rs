@@ -10,23 +10,12 @@
 pub mod bindings;
 pub mod definitions;
 pub mod events;
+pub mod notify;
 pub mod runs;
 pub mod tenancy;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-
-/// Channel on which new run events are announced: payload
-/// `<node_id>|<run_id>:<from_seq>:<to_seq>[,...]`.
-pub const CHANNEL_EVENTS: &str = "sked_events";
-/// Channel on which "runs are queued" is announced (empty payload).
-pub const CHANNEL_RUNS: &str = "sked_runs";
-/// Channel on which cancel requests for running runs are announced (payload:
-/// `<run id>|<reason>`), so the node executing the run stops it.
-pub const CHANNEL_CANCEL: &str = "sked_cancel";
-/// Channel on which binding changes are announced (empty payload), so
-/// schedulers recompute their next wake-up.
-pub const CHANNEL_BINDINGS: &str = "sked_bindings";
 
 /// Largest NOTIFY payload we send; PostgreSQL's limit is 8000 bytes.
 pub const MAX_NOTIFY_PAYLOAD: usize = 7900;

@@ -289,7 +289,7 @@ pub async fn quota_get(db: impl PgExecutor<'_>, tenant: &str) -> Result<Quota, E
 }
 
 /// Replaces the tenant's quota; returns the previous one. Wakes the
-/// executors (`sked_runs`): a raised concurrency limit frees waiting runs.
+/// executors ([`super::notify::RUNS`]): a raised concurrency limit frees waiting runs.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -325,7 +325,7 @@ pub async fn quota_set(
     )
     .execute(&mut *db)
     .await?;
-    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+    sqlx::query!("SELECT pg_notify($1::text, '')", super::notify::RUNS)
         .execute(&mut *db)
         .await?;
     Ok(before)

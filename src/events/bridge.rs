@@ -1,5 +1,5 @@
-//! The LISTEN/NOTIFY bridge: one connection per node listening on
-//! `sked_events`, `sked_runs`, `sked_bindings` and `sked_cancel`. It wakes
+//! The LISTEN/NOTIFY bridge: one connection per node listening on every
+//! channel of [`db::notify`] (events, runs, bindings, cancel). It wakes
 //! the local scheduler and executor, hands cancel requests to the runs
 //! executing here, and republishes other nodes' events on the local bus.
 //! After a lost connection it wakes everything, since notifications sent
@@ -82,14 +82,7 @@ async fn listen(
     shutdown: &CancellationToken,
 ) -> Result<(), db::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([
-            db::CHANNEL_EVENTS,
-            db::CHANNEL_RUNS,
-            db::CHANNEL_BINDINGS,
-            db::CHANNEL_CANCEL,
-        ])
-        .await?;
+    listener.listen_all(db::notify::ALL).await?;
     // Anything announced before we listened is missed: look once.
     wakers.all();
     loop {
@@ -108,9 +101,9 @@ async fn listen(
         let mut pending = Some(first);
         while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
             match n.channel() {
-                db::CHANNEL_RUNS => wakers.executor.notify_one(),
-                db::CHANNEL_BINDINGS => wakers.scheduler.notify_one(),
-                db::CHANNEL_CANCEL => match n.payload().split_once('|') {
+                db::notify::RUNS => wakers.executor.notify_one(),
+                db::notify::BINDINGS => wakers.scheduler.notify_one(),
+                db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {
                         if let Ok(id) = id.parse::<Uuid>()
                             && wakers
@@ -122,7 +115,7 @@ async fn listen(
                     }
                     None => tracing::warn!(payload = n.payload(), "malformed sked_cancel payload"),
                 },
-                db::CHANNEL_EVENTS => match parse_events_payload(n.payload()) {
+                db::notify::EVENTS => match parse_events_payload(n.payload()) {
                     Some((from_node, r)) if from_node != node_id => ranges.extend(r),
                     Some(_) => {}
                     None => tracing::warn!(payload = n.payload(), "malformed sked_events payload"),

@@ -344,7 +344,7 @@ pub async fn run_cancel_waiting(
 
 /// Requests the cancel of those of `ids` that are `RUNNING` (and have no
 /// cancel pending): records `reason` and tells every node on
-/// [`CHANNEL_CANCEL`](crate::db::CHANNEL_CANCEL) (payload: `<run id>|<reason>`). The node executing the
+/// [`notify::CANCEL`](crate::db::notify::CANCEL) (payload: `<run id>|<reason>`). The node executing the
 /// run terminates it and ends it `CANCELLED`; its heartbeat also picks the
 /// request up, should the notification be lost. Returns the ids requested.
 ///
@@ -359,9 +359,10 @@ pub async fn run_request_cancel(
         r#"WITH f AS (
              UPDATE runs SET cancel_reason = $2
              WHERE id = ANY($1) AND state = 'RUNNING' AND cancel_reason IS NULL RETURNING id)
-           SELECT id AS "id!" FROM f, pg_notify('sked_cancel', f.id::text || '|' || $2)"#,
+           SELECT id AS "id!" FROM f, pg_notify($3::text, f.id::text || '|' || $2)"#,
         ids,
         reason,
+        crate::db::notify::CANCEL,
     )
     .fetch_all(&mut *conn)
     .await?)

@@ -247,7 +247,7 @@ fn initial_events(r: &NewRun) -> Vec<EventBody> {
 }
 
 /// Announces `events` (in seq order per run) on
-/// [`super::CHANNEL_EVENTS`]; nothing when there are none.
+/// [`super::notify::EVENTS`]; nothing when there are none.
 async fn announce<'a>(
     conn: &mut PgConnection,
     node_id: &str,
@@ -268,12 +268,12 @@ async fn announce<'a>(
 }
 
 /// Tells every node's executor that runs are waiting (or a slot freed up):
-/// [`super::CHANNEL_RUNS`], delivered on commit.
+/// [`super::notify::RUNS`], delivered on commit.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
-    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+    sqlx::query!("SELECT pg_notify($1::text, '')", super::notify::RUNS)
         .execute(&mut *conn)
         .await?;
     Ok(())
