@@ -17,20 +17,39 @@ use uuid::Uuid;
 
 use super::EventBus;
 use crate::db;
-use crate::executor::{RunningRuns, StopReason};
+
+/// The runs executing on this node, as far as the bridge needs them: a
+/// cancel request names a run, and only the node executing it acts. The
+/// executor's registry implements it, so the engine depends on the events
+/// module and never the other way round.
+pub trait LocalRuns: std::fmt::Debug + Send + Sync {
+    /// Asks run `id` to stop and end `CANCELLED` with `reason`, if it
+    /// executes on this node; returns whether it does.
+    fn cancel(&self, id: Uuid, reason: &str) -> bool;
+}
 
 /// Whom the bridge wakes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Wakers {
     /// The scheduler (bindings changed).
     pub scheduler: Arc<Notify>,
     /// The executor (runs queued).
     pub executor: Arc<Notify>,
     /// Runs executing on this node (cancel requests).
-    pub running: RunningRuns,
+    pub running: Arc<dyn LocalRuns>,
 }
 
 impl Wakers {
+    /// Fresh wake-ups for the scheduler and executor, cancel requests going
+    /// to `running`.
+    pub fn new(running: Arc<dyn LocalRuns>) -> Self {
+        Wakers {
+            scheduler: Arc::default(),
+            executor: Arc::default(),
+            running,
+        }
+    }
+
     fn all(&self) {
         self.scheduler.notify_one();
         self.executor.notify_one();
@@ -105,11 +124,7 @@ async fn listen(
                 db::notify::BINDINGS => wakers.scheduler.notify_one(),
                 db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {
-                        if let Ok(id) = id.parse::<Uuid>()
-                            && wakers
-                                .running
-                                .stop(id, StopReason::Cancel(reason.to_string()))
-                        {
+                        if let Ok(id) = id.parse::<Uuid>() && wakers.running.cancel(id, reason) {
                             tracing::info!(run = %id, reason, "cancel requested; stopping the run");
                         }
                     }

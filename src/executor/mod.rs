@@ -77,6 +77,7 @@ use crate::db::{
 use crate::domain::policy::jitter_from_id;
 use crate::domain::{Clock, EventBody, Handler, Run, RunEvent, RunReason, RunState, RunTrigger};
 use crate::events::EventBus;
+use crate::events::bridge::LocalRuns;
 
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
@@ -152,6 +153,12 @@ impl RunningRuns {
         for s in self.lock().values() {
             s.stop(why.clone());
         }
+    }
+}
+
+impl LocalRuns for RunningRuns {
+    fn cancel(&self, id: Uuid, reason: &str) -> bool {
+        self.stop(id, StopReason::Cancel(reason.to_string()))
     }
 }
 
