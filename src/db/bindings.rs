@@ -125,7 +125,7 @@ impl From<Row> for Binding {
 /// ([`super::notify::BINDINGS`]).
 ///
 /// # Errors
-/// [`Error::AlreadyExists`] when the tenant already binds the definition;
+/// [`Error::Duplicate`] when the tenant already binds the definition;
 /// [`Error::NotFound`] when the definition does not exist (any more).
 pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), Error> {
     let r = sqlx::query!(

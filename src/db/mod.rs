@@ -26,16 +26,17 @@ pub enum Error {
     /// No row matched (or it belongs to another tenant).
     #[error("not found")]
     NotFound,
-    /// A unique constraint was violated; carries the constraint name.
-    #[error("already exists ({0})")]
-    AlreadyExists(String),
-    /// The operation conflicts with existing rows (e.g. a definition still
-    /// has bindings).
-    #[error("failed precondition: {0}")]
-    FailedPrecondition(String),
+    /// A unique constraint was violated (the row is a duplicate); carries
+    /// the constraint name.
+    #[error("duplicate ({0})")]
+    Duplicate(String),
+    /// The state of other rows refuses the operation (e.g. a definition
+    /// still has bindings); carries the explanation.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A tenant quota refuses the operation; carries the explanation.
-    #[error("quota exceeded: {0}")]
-    ResourceExhausted(String),
+    #[error("over quota: {0}")]
+    OverQuota(String),
     /// A conditional update found a newer version (etag mismatch).
     #[error("conflict: the row changed")]
     Conflict,
@@ -57,7 +58,7 @@ impl From<sqlx::Error> for Error {
         if let sqlx::Error::Database(db) = &e
             && db.is_unique_violation()
         {
-            return Error::AlreadyExists(db.constraint().unwrap_or_default().to_string());
+            return Error::Duplicate(db.constraint().unwrap_or_default().to_string());
         }
         if matches!(e, sqlx::Error::RowNotFound) {
             return Error::NotFound;

@@ -336,7 +336,7 @@ pub async fn quota_set(
 /// the other; call inside the transaction that inserts the binding.
 ///
 /// # Errors
-/// [`Error::ResourceExhausted`] over the limit; [`Error::Sqlx`].
+/// [`Error::OverQuota`] over the limit; [`Error::Sqlx`].
 pub async fn quota_check_new_binding(db: &mut PgConnection, tenant: &str) -> Result<(), Error> {
     let max = sqlx::query_scalar!(
         "SELECT max_bindings FROM tenant_quotas WHERE tenant_id = $1 FOR UPDATE",
@@ -353,7 +353,7 @@ pub async fn quota_check_new_binding(db: &mut PgConnection, tenant: &str) -> Res
     .fetch_one(&mut *db)
     .await?;
     if n >= i64::from(max) {
-        return Err(Error::ResourceExhausted(format!(
+        return Err(Error::OverQuota(format!(
             "tenant {tenant:?} has {n} binding(s), its quota max_bindings is {max}"
         )));
     }

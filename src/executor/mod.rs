@@ -329,7 +329,7 @@ impl Executor {
         excluded: &[String],
     ) -> Result<Vec<(Run, Stop)>, db::Error> {
         let claimed = self
-            .claim_kind(limit, ClaimKind::Executed, excluded)
+            .claim_kind(limit, ClaimKind::ToExecute, excluded)
             .await?;
         let mut runs = Vec::with_capacity(claimed.len());
         for (run, events) in claimed {
@@ -378,7 +378,7 @@ impl Executor {
             {
                 // Another node started a run of the same overlap-free
                 // binding at this instant; the index refused ours. Again.
-                Err(db::Error::AlreadyExists(c)) if c == "runs_one_running" && tries < 5 => {
+                Err(db::Error::Duplicate(c)) if c == "runs_one_running" && tries < 5 => {
                     tries += 1;
                 }
                 r => return r,
@@ -664,8 +664,8 @@ fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
 /// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
 /// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
 /// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %
-/// jitter drawn from the new run's id); its `scheduled_time` is that due
-/// time. Runs cancelled by CancelRun, an overlap policy or a deleted binding
+/// jitter drawn from the new run's id); its `scheduled_time` (fire time) is
+/// that same instant, the end of its backoff. Runs cancelled by CancelRun, an overlap policy or a deleted binding
 /// (or with such a cancel pending when they ended) are not retried.
 pub fn retry_run(
     ended: &Run,
@@ -688,15 +688,15 @@ pub fn retry_run(
         .policy
         .retry
         .backoff(ended.attempt as u32, jitter_from_id(&id));
-    let due = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+    let backoff_end = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
     Some(NewRun {
         id,
         tenant_id: ended.tenant_id.clone(),
         binding_id: ended.binding_id,
         definition: ended.definition.clone(),
         trigger: RunTrigger::Retry,
-        scheduled_time: due,
-        not_before: due,
+        scheduled_time: backoff_end,
+        not_before: backoff_end,
         handler: ended.handler.clone(),
         params: ended.params.clone(),
         state: RunState::Scheduled,

@@ -147,8 +147,8 @@ pub async fn create_key(
 ) -> Result<(ApiKey, String), db::Error> {
     let secret = tokio::task::spawn_blocking(generate_key)
         .await
-        .map_err(|e| db::Error::FailedPrecondition(format!("key generation failed: {e}")))?
-        .map_err(|e| db::Error::FailedPrecondition(e.to_string()))?;
+        .map_err(|e| db::Error::Refused(format!("key generation failed: {e}")))?
+        .map_err(|e| db::Error::Refused(e.to_string()))?;
     let key = ApiKey {
         id: secret.id,
         name,

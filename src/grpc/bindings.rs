@@ -105,7 +105,7 @@ impl BindingService for Bindings {
                     "binding.definition: definition {:?} not found",
                     def.name
                 )),
-                db::Error::AlreadyExists(_) => Status::already_exists(format!(
+                db::Error::Duplicate(_) => Status::already_exists(format!(
                     "tenant {:?} already has a binding of definition {:?}",
                     binding.tenant_id, binding.definition
                 )),

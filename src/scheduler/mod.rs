@@ -89,8 +89,8 @@ impl Scheduler {
             let pause = match self.fire_due().await {
                 Ok(n) if n as i64 >= self.batch => {
                     // Behind (a burst of simultaneous fires, or a node that
-                    // was down): fire in parallel passes until caught up.
-                    self.catch_up(&shutdown).await;
+                    // was down): drain the backlog in parallel passes.
+                    self.drain_backlog(&shutdown).await;
                     Duration::ZERO
                 }
                 Ok(_) => self
@@ -116,11 +116,11 @@ impl Scheduler {
         }
     }
 
-    /// Runs [`Scheduler::workers`] passes at once, each repeating while it
-    /// finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
+    /// Drains a backlog of due bindings: runs [`Scheduler::workers`] passes
+    /// at once, each repeating while it finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
     /// the database works on several batches at a time instead of waiting
     /// for each pass's round trips in turn.
-    async fn catch_up(&self, shutdown: &CancellationToken) {
+    async fn drain_backlog(&self, shutdown: &CancellationToken) {
         let mut passes = tokio::task::JoinSet::new();
         for _ in 0..self.workers.max(1) {
             let me = self.clone();
@@ -156,7 +156,7 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "scheduler could not read the next due time");
+                tracing::warn!(error = %e, "scheduler could not read the next fire time");
                 Duration::from_millis(500)
             }
         }
@@ -166,7 +166,7 @@ impl Scheduler {
     /// were due (fired or found already fired).
     ///
     /// Per binding: a disabled or paused one only advances its next fire
-    /// time past now (fires in a pause are neither caught up nor recorded);
+    /// time past now (fires in a pause are neither run nor recorded as misfires);
     /// a pause whose expiry has passed ends, and fires from the expiry on are
     /// handled normally. The misfire policy picks the fire times to run, the
     /// overlap policy then decides against the binding's active runs.

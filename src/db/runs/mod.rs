@@ -44,7 +44,7 @@ pub struct NewRun {
     pub definition: String,
     /// What created it.
     pub trigger: RunTrigger,
-    /// Fire time (manual: trigger or run time; retry: its due time).
+    /// Fire time (manual: trigger or run time; retry: the end of its backoff).
     pub scheduled_time: DateTime<Utc>,
     /// Claimed no earlier than this (fire time + jitter, retry backoff, run_time).
     pub not_before: DateTime<Utc>,
