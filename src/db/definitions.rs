@@ -212,9 +212,9 @@ pub async fn definition_delete(
     .fetch_one(&mut *db)
     .await;
     match r {
-        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(
-            Error::Refused(format!("definition {name:?} was bound concurrently")),
-        ),
+        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(Error::Refused(
+            format!("definition {name:?} was bound concurrently"),
+        )),
         Err(e) => Err(e.into()),
         Ok(r) if r.n == 0 => Err(Error::NotFound),
         Ok(_) => Ok(bindings),

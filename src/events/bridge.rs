@@ -124,7 +124,9 @@ async fn listen(
                 db::notify::BINDINGS => wakers.scheduler.notify_one(),
                 db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {
-                        if let Ok(id) = id.parse::<Uuid>() && wakers.running.cancel(id, reason) {
+                        if let Ok(id) = id.parse::<Uuid>()
+                            && wakers.running.cancel(id, reason)
+                        {
                             tracing::info!(run = %id, reason, "cancel requested; stopping the run");
                         }
                     }

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Executor, Stop, StopReason};
 use crate::db::runs::Outcome;
 use crate::domain::{
-    CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunReason, RunState,
-    cap_log_line,
+    CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunReason,
+    RunState, cap_log_line,
 };
 
 /// Largest params JSON passed in the `SKED_PARAMS` environment variable, in

@@ -798,8 +798,22 @@ mod tests {
         let delay = (retry.not_before - now).num_milliseconds();
         assert!((1800..=2200).contains(&delay), "2 s ±10 %: {delay}");
 
-        assert!(retry_run(&ended(RunState::TimedOut, RunReason::Timeout.as_str(), 1, 2), true, now).is_some());
-        assert!(retry_run(&ended(RunState::Failed, RunReason::NodeLost.as_str(), 1, 2), true, now).is_some());
+        assert!(
+            retry_run(
+                &ended(RunState::TimedOut, RunReason::Timeout.as_str(), 1, 2),
+                true,
+                now
+            )
+            .is_some()
+        );
+        assert!(
+            retry_run(
+                &ended(RunState::Failed, RunReason::NodeLost.as_str(), 1, 2),
+                true,
+                now
+            )
+            .is_some()
+        );
         assert!(
             retry_run(
                 &ended(RunState::Cancelled, RunReason::Shutdown.as_str(), 1, 2),
