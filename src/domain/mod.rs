@@ -18,7 +18,7 @@ use uuid::Uuid;
 pub use clock::Clock;
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
-pub use run::RunReason;
+pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 pub use tenancy::{Role, TenantScope};
 

@@ -7,8 +7,8 @@ use super::audit;
 use super::authz::{Grant, tenant_grant};
 use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
 use super::{Ctx, db_status, invalid, page, page_size, parse_uuid, record, require_healthy};
-use crate::db::{self, runs::NewRun};
-use crate::domain::{FieldViolation, RunState, RunTrigger, merge_params, validate_merged_params};
+use crate::db;
+use crate::domain::{FieldViolation, NewRun, RunSpec, merge_params, validate_merged_params};
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
 
@@ -192,29 +192,16 @@ impl RunService for Runs {
             None => b.effective_params.clone(),
         };
         validate_merged_params("params", &params).map_err(invalid)?;
-        let (state, at) = match run_time {
-            Some(t) if t > now => (RunState::Scheduled, t),
-            _ => (RunState::Queued, now),
-        };
-        let new = NewRun {
-            id: Uuid::now_v7(),
+        let spec = RunSpec {
             tenant_id: tenant_id.clone(),
             binding_id,
             definition: b.definition.clone(),
-            trigger: RunTrigger::Manual,
-            scheduled_time: at,
-            not_before: at,
             handler: def.run_handler(),
             params,
-            state,
-            reason: String::new(),
-            attempt: 1,
-            retry_of: None,
             policy: def.policy,
-            idempotency_key: key.map(str::to_string),
-            manual: true,
         };
-        let id = new.id;
+        let new = NewRun::trigger(spec, now, run_time, key.map(str::to_string));
+        let (id, state) = (new.id, new.state);
         let run = self.create_run(tx, &caller, method, new, now).await?;
         tracing::info!(run = %id, binding = %binding_id, state = state.as_str(), "run triggered");
         Ok(Response::new(run_to(&run)))
@@ -305,26 +292,7 @@ impl RunService for Runs {
             )));
         }
         let now = self.0.clock.now();
-        let mut policy = prev.policy;
-        policy.retry.max_attempts = policy.retry.max_attempts.max(prev.attempt as u32 + 1);
-        let new = NewRun {
-            id: Uuid::now_v7(),
-            tenant_id: tenant_id.clone(),
-            binding_id: prev.binding_id,
-            definition: prev.definition.clone(),
-            trigger: RunTrigger::Retry,
-            scheduled_time: now,
-            not_before: now,
-            handler: prev.handler.clone(),
-            params: prev.params.clone(),
-            state: RunState::Queued,
-            reason: String::new(),
-            attempt: prev.attempt + 1,
-            retry_of: Some(prev.id),
-            policy,
-            idempotency_key: None,
-            manual: true,
-        };
+        let new = NewRun::manual_retry(&prev, now);
         let new_id = new.id;
         let tx = self
             .0
@@ -411,23 +379,16 @@ impl RunService for Runs {
             .map_err(|e| db_status(e, format_args!("definition {:?}", b.definition)))?;
         let runs: Vec<NewRun> = times
             .iter()
-            .map(|t| NewRun {
-                id: Uuid::now_v7(),
-                tenant_id: tenant_id.clone(),
-                binding_id,
-                definition: b.definition.clone(),
-                trigger: RunTrigger::Backfill,
-                scheduled_time: *t,
-                not_before: *t,
-                handler: def.run_handler(),
-                params: b.effective_params.clone(),
-                state: RunState::Queued,
-                reason: String::new(),
-                attempt: 1,
-                retry_of: None,
-                policy: def.policy,
-                idempotency_key: None,
-                manual: false,
+            .map(|t| {
+                let spec = RunSpec {
+                    tenant_id: tenant_id.clone(),
+                    binding_id,
+                    definition: b.definition.clone(),
+                    handler: def.run_handler(),
+                    params: b.effective_params.clone(),
+                    policy: def.policy,
+                };
+                NewRun::backfill(spec, *t)
             })
             .collect();
         // All or nothing: one transaction, in chunks.

@@ -45,11 +45,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{self, runs::NewRun};
+use crate::db;
 use crate::domain::policy::plan_overlap;
 use crate::domain::tenancy::apply_hourly_budget;
 use crate::domain::{
-    Clock, FirePlan, Handler, OverlapPolicy, RunReason, RunState, RunTrigger, Schedule, plan_fires,
+    Clock, FirePlan, Handler, NewRun, OverlapPolicy, RunReason, RunSpec, RunState, Schedule,
+    plan_fires,
 };
 use crate::events::EventBus;
 
@@ -287,42 +288,30 @@ impl Scheduler {
                     }
                 }
             }
-            let new_run = |time, state, reason: String| NewRun {
-                id: Uuid::now_v7(),
-                tenant_id: b.tenant_id.clone(),
-                binding_id: b.id,
-                definition: b.definition.clone(),
-                trigger: RunTrigger::Schedule,
-                scheduled_time: time,
+            let fire = |time| {
+                let spec = RunSpec {
+                    tenant_id: b.tenant_id.clone(),
+                    binding_id: b.id,
+                    definition: b.definition.clone(),
+                    handler: b.handler.clone(),
+                    params: b.params.clone(),
+                    policy: b.policy,
+                };
                 // Deterministic per (binding, fire time): every node agrees.
-                not_before: time + b.schedule.jitter_for(b.id.as_bytes(), time),
-                handler: b.handler.clone(),
-                params: b.params.clone(),
-                state,
-                reason,
-                attempt: 1,
-                retry_of: None,
-                policy: b.policy,
-                idempotency_key: None,
-                manual: false,
+                NewRun::fire(spec, time, b.schedule.jitter_for(b.id.as_bytes(), time))
             };
             runs.extend(
                 plan.skipped
                     .into_iter()
-                    .map(|(t, reason)| new_run(t, RunState::Skipped, reason)),
+                    .map(|(t, reason)| fire(t).skipped(reason)),
             );
             runs.extend(
                 overlap
                     .skipped
                     .into_iter()
-                    .map(|t| new_run(t, RunState::Skipped, RunReason::Overlap.to_string())),
+                    .map(|t| fire(t).skipped(RunReason::Overlap.as_str())),
             );
-            runs.extend(
-                overlap
-                    .run
-                    .into_iter()
-                    .map(|t| new_run(t, RunState::Queued, String::new())),
-            );
+            runs.extend(overlap.run.into_iter().map(fire));
             ids.push(b.id);
             nexts.push(plan.next);
         }
