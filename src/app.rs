@@ -22,7 +22,7 @@ use crate::domain::Clock;
 use crate::domain::tenancy::Caller;
 use crate::embedded_pg::{self, EmbeddedPg};
 use crate::events::{EventBus, bridge};
-use crate::executor::Executor;
+use crate::executor::{Executor, RunningRuns};
 use crate::grpc::{self, Ctx};
 use crate::proto::{self, v1 as pb};
 use crate::scheduler::Scheduler;
@@ -195,7 +195,8 @@ async fn serve_with_pool(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let bus = EventBus::new();
-    let wakers = bridge::Wakers::default();
+    let running = RunningRuns::default();
+    let wakers = bridge::Wakers::new(Arc::new(running.clone()));
     let engine_stop = CancellationToken::new();
     let streams_stop = CancellationToken::new();
     let bridge_stop = CancellationToken::new();
@@ -245,7 +246,7 @@ async fn serve_with_pool(
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
             wake: Arc::clone(&wakers.executor),
-            running: wakers.running.clone(),
+            running,
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,
             kill_grace: settings.kill_grace,

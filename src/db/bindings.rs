@@ -122,10 +122,10 @@ impl From<Row> for Binding {
 }
 
 /// Inserts `b` and announces the change to every node's scheduler
-/// ([`super::CHANNEL_BINDINGS`]).
+/// ([`super::notify::BINDINGS`]).
 ///
 /// # Errors
-/// [`Error::AlreadyExists`] when the tenant already binds the definition;
+/// [`Error::Duplicate`] when the tenant already binds the definition;
 /// [`Error::NotFound`] when the definition does not exist (any more).
 pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), Error> {
     let r = sqlx::query!(
@@ -134,7 +134,7 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
                                    next_run_time, create_time, update_time, version, effective_from,
                                    effective_until, enabled)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id)
-           SELECT pg_notify('sked_bindings', '') AS "n" FROM ins"#,
+           SELECT pg_notify($14::text, '') AS "n" FROM ins"#,
         b.id,
         b.tenant_id,
         b.definition,
@@ -148,6 +148,7 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         b.effective_from,
         b.effective_until,
         b.enabled,
+        super::notify::BINDINGS,
     )
     .execute(db)
     .await;
@@ -232,9 +233,10 @@ pub async fn binding_delete(
 ) -> Result<(), Error> {
     let r = sqlx::query!(
         r#"WITH del AS (DELETE FROM bindings WHERE tenant_id = $1 AND id = $2 RETURNING id)
-           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM del"#,
+           SELECT count(*) AS "n!", pg_notify($3::text, '') AS "x" FROM del"#,
         tenant_id,
-        id
+        id,
+        super::notify::BINDINGS,
     )
     .fetch_one(db)
     .await?;
@@ -548,7 +550,7 @@ pub async fn binding_update(
                                  update_time = $7, version = $8, effective_from = $10, effective_until = $11,
                                  enabled = $12, paused = $13, pause_note = $14, pause_expire_time = $15
              WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
-           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
+           SELECT count(*) AS "n!", pg_notify($16::text, '') AS "x" FROM u"#,
         b.tenant_id,
         b.id,
         b.schedule.as_ref().map(encode),
@@ -564,6 +566,7 @@ pub async fn binding_update(
         b.paused,
         b.pause_note,
         b.pause_expire_time,
+        super::notify::BINDINGS,
     )
     .fetch_one(db)
     .await?;
@@ -656,11 +659,12 @@ pub async fn binding_set_effective_schedules(
                                    version = version + 1
              FROM UNNEST($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(id, schedule, next)
              WHERE b.id = u.id RETURNING b.id)
-           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM u"#,
+           SELECT count(*) AS "n!", pg_notify($5::text, '') AS "x" FROM u"#,
         ids,
         &schedules,
         next as &[Option<DateTime<Utc>>],
         now,
+        super::notify::BINDINGS,
     )
     .fetch_one(db)
     .await?;

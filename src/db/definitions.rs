@@ -64,7 +64,7 @@ impl TryFrom<Row> for Definition {
 /// Inserts `d` (its times and version are taken as given).
 ///
 /// # Errors
-/// [`Error::AlreadyExists`] when the name is taken.
+/// [`Error::Duplicate`] when the name is taken.
 pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Result<(), Error> {
     sqlx::query!(
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
@@ -170,7 +170,7 @@ pub async fn definition_list(
 /// history, like DeleteBinding's). Returns the deleted bindings' ids.
 ///
 /// # Errors
-/// [`Error::FailedPrecondition`] when it is protected, or bound and not
+/// [`Error::Refused`] when it is protected, or bound and not
 /// forced (a concurrent bind then fails on the foreign key instead);
 /// [`Error::NotFound`].
 pub async fn definition_delete(
@@ -187,12 +187,12 @@ pub async fn definition_delete(
     .await?
     .ok_or(Error::NotFound)?;
     if r.protected {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::Refused(format!(
             "definition {name:?} is protected: it can be disabled, not deleted"
         )));
     }
     if r.bindings > 0 && !force {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::Refused(format!(
             "definition {name:?} still has {} binding(s); delete them first or pass force",
             r.bindings
         )));
@@ -205,15 +205,16 @@ pub async fn definition_delete(
     .await?;
     let r = sqlx::query!(
         r#"WITH d AS (DELETE FROM definitions WHERE name = $1 RETURNING name)
-           SELECT count(*) AS "n!", pg_notify('sked_bindings', '') AS "x" FROM d"#,
-        name
+           SELECT count(*) AS "n!", pg_notify($2::text, '') AS "x" FROM d"#,
+        name,
+        super::notify::BINDINGS,
     )
     .fetch_one(&mut *db)
     .await;
     match r {
-        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(
-            Error::FailedPrecondition(format!("definition {name:?} was bound concurrently")),
-        ),
+        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => Err(Error::Refused(
+            format!("definition {name:?} was bound concurrently"),
+        )),
         Err(e) => Err(e.into()),
         Ok(r) if r.n == 0 => Err(Error::NotFound),
         Ok(_) => Ok(bindings),

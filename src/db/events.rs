@@ -1,6 +1,6 @@
 //! `run_events`: the persisted log of every run. Seqs are allocated from
 //! `runs.last_seq` in the statement that inserts the events, so they are
-//! dense per run; NOTIFY on [`super::CHANNEL_EVENTS`] tells other nodes which
+//! dense per run; NOTIFY on [`super::notify::EVENTS`] tells other nodes which
 //! seq range to read.
 
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use super::{Error, decode, encode, notify_payloads};
 use crate::domain::{EventBody, RunEvent};
 
 /// Announces new events `(run_id, from_seq, to_seq)` written by `node_id`, on
-/// [`super::CHANNEL_EVENTS`] (delivered when the transaction commits).
+/// [`super::notify::EVENTS`] (delivered when the transaction commits).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -27,8 +27,9 @@ pub async fn notify_events(
             .map(|(id, from, to)| format!("{id}:{from}:{to}")),
     );
     sqlx::query!(
-        "SELECT pg_notify('sked_events', p) FROM UNNEST($1::text[]) AS p",
-        &payloads
+        "SELECT pg_notify($2::text, p) FROM UNNEST($1::text[]) AS p",
+        &payloads,
+        super::notify::EVENTS,
     )
     .execute(conn)
     .await?;

@@ -10,23 +10,12 @@
 pub mod bindings;
 pub mod definitions;
 pub mod events;
+pub mod notify;
 pub mod runs;
 pub mod tenancy;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-
-/// Channel on which new run events are announced: payload
-/// `<node_id>|<run_id>:<from_seq>:<to_seq>[,...]`.
-pub const CHANNEL_EVENTS: &str = "sked_events";
-/// Channel on which "runs are queued" is announced (empty payload).
-pub const CHANNEL_RUNS: &str = "sked_runs";
-/// Channel on which cancel requests for running runs are announced (payload:
-/// `<run id>|<reason>`), so the node executing the run stops it.
-pub const CHANNEL_CANCEL: &str = "sked_cancel";
-/// Channel on which binding changes are announced (empty payload), so
-/// schedulers recompute their next wake-up.
-pub const CHANNEL_BINDINGS: &str = "sked_bindings";
 
 /// Largest NOTIFY payload we send; PostgreSQL's limit is 8000 bytes.
 pub const MAX_NOTIFY_PAYLOAD: usize = 7900;
@@ -37,16 +26,17 @@ pub enum Error {
     /// No row matched (or it belongs to another tenant).
     #[error("not found")]
     NotFound,
-    /// A unique constraint was violated; carries the constraint name.
-    #[error("already exists ({0})")]
-    AlreadyExists(String),
-    /// The operation conflicts with existing rows (e.g. a definition still
-    /// has bindings).
-    #[error("failed precondition: {0}")]
-    FailedPrecondition(String),
+    /// A unique constraint was violated (the row is a duplicate); carries
+    /// the constraint name.
+    #[error("duplicate ({0})")]
+    Duplicate(String),
+    /// The state of other rows refuses the operation (e.g. a definition
+    /// still has bindings); carries the explanation.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A tenant quota refuses the operation; carries the explanation.
-    #[error("quota exceeded: {0}")]
-    ResourceExhausted(String),
+    #[error("over quota: {0}")]
+    OverQuota(String),
     /// A conditional update found a newer version (etag mismatch).
     #[error("conflict: the row changed")]
     Conflict,
@@ -68,7 +58,7 @@ impl From<sqlx::Error> for Error {
         if let sqlx::Error::Database(db) = &e
             && db.is_unique_violation()
         {
-            return Error::AlreadyExists(db.constraint().unwrap_or_default().to_string());
+            return Error::Duplicate(db.constraint().unwrap_or_default().to_string());
         }
         if matches!(e, sqlx::Error::RowNotFound) {
             return Error::NotFound;

@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use super::Error;
 use crate::domain::Role;
-use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaUsage, REASON_QUOTA};
+use crate::domain::RunReason;
+use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaUsage};
 
 struct KeyRow {
     id: Uuid,
@@ -288,7 +289,7 @@ pub async fn quota_get(db: impl PgExecutor<'_>, tenant: &str) -> Result<Quota, E
 }
 
 /// Replaces the tenant's quota; returns the previous one. Wakes the
-/// executors (`sked_runs`): a raised concurrency limit frees waiting runs.
+/// executors ([`super::notify::RUNS`]): a raised concurrency limit frees waiting runs.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -324,7 +325,7 @@ pub async fn quota_set(
     )
     .execute(&mut *db)
     .await?;
-    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+    sqlx::query!("SELECT pg_notify($1::text, '')", super::notify::RUNS)
         .execute(&mut *db)
         .await?;
     Ok(before)
@@ -335,7 +336,7 @@ pub async fn quota_set(
 /// the other; call inside the transaction that inserts the binding.
 ///
 /// # Errors
-/// [`Error::ResourceExhausted`] over the limit; [`Error::Sqlx`].
+/// [`Error::OverQuota`] over the limit; [`Error::Sqlx`].
 pub async fn quota_check_new_binding(db: &mut PgConnection, tenant: &str) -> Result<(), Error> {
     let max = sqlx::query_scalar!(
         "SELECT max_bindings FROM tenant_quotas WHERE tenant_id = $1 FOR UPDATE",
@@ -352,7 +353,7 @@ pub async fn quota_check_new_binding(db: &mut PgConnection, tenant: &str) -> Res
     .fetch_one(&mut *db)
     .await?;
     if n >= i64::from(max) {
-        return Err(Error::ResourceExhausted(format!(
+        return Err(Error::OverQuota(format!(
             "tenant {tenant:?} has {n} binding(s), its quota max_bindings is {max}"
         )));
     }
@@ -449,7 +450,7 @@ pub async fn quota_usage(
         tenant,
         now,
         hour_ago,
-        REASON_QUOTA
+        RunReason::Quota.as_str()
     )
     .fetch_one(&mut *db)
     .await?;

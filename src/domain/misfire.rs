@@ -24,7 +24,7 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::Schedule;
+use super::{RunReason, Schedule};
 
 /// Lateness that is still "on time", not a misfire.
 pub const MISFIRE_TOLERANCE: Duration = Duration::seconds(5);
@@ -151,7 +151,7 @@ fn skipped_rows(times: &[DateTime<Utc>], jumped: bool) -> Vec<(DateTime<Utc>, St
     let mut rows: Vec<(DateTime<Utc>, String)> = times
         .iter()
         .take(MAX_SKIPPED_ROWS)
-        .map(|t| (*t, "misfire".to_string()))
+        .map(|t| (*t, RunReason::Misfire.to_string()))
         .collect();
     if times.len() > MAX_SKIPPED_ROWS || jumped {
         let rest = &times[MAX_SKIPPED_ROWS.min(times.len())..];
@@ -163,7 +163,10 @@ fn skipped_rows(times: &[DateTime<Utc>], jumped: bool) -> Vec<(DateTime<Utc>, St
             };
             rows.push((
                 *last,
-                format!("misfire: {count} further missed fire times from {first} to {last} (summary row)"),
+                format!(
+                    "{}: {count} further missed fire times from {first} to {last} (summary row)",
+                    RunReason::Misfire
+                ),
             ));
         }
     }

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod misfire;
 pub mod policy;
+pub mod run;
 pub mod schedule;
 pub mod tenancy;
 
@@ -17,6 +18,7 @@ use uuid::Uuid;
 pub use clock::Clock;
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
+pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 pub use tenancy::{Role, TenantScope};
 

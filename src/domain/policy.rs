@@ -53,23 +53,13 @@ impl OverlapPolicy {
     }
 }
 
-/// Reason of a fire skipped, or a run cancelled, by the overlap policy.
-pub const REASON_OVERLAP: &str = "overlap";
-/// Reason of the runs a DeleteBinding (or a forced DeleteDefinition) ended:
-/// waiting ones `CANCELLED` at once, running ones cancelled on their node.
-/// They are not retried.
-pub const REASON_BINDING_DELETED: &str = "binding_deleted";
-/// Reason of a run ended `FAILED` because its stored data cannot be read
-/// (it is not retried: its policy cannot be read either).
-pub const REASON_CORRUPT: &str = "corrupt";
-
 /// What one scheduler pass does with a binding's due fire times, given its
 /// active runs, as Temporal Schedules' overlap policies.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OverlapPlan<T> {
     /// Fire times that get a run.
     pub run: Vec<T>,
-    /// Fire times recorded as `SKIPPED` with reason [`REASON_OVERLAP`].
+    /// Fire times recorded as `SKIPPED` with reason [`RunReason::Overlap`](super::RunReason::Overlap).
     pub skipped: Vec<T>,
     /// Cancel the binding's active runs first (`CANCEL_PREVIOUS`).
     pub cancel_active: bool,

@@ -157,7 +157,7 @@ pub struct Quota {
     /// Runs of the tenant executing at once; more wait `QUEUED`.
     pub max_concurrent_runs: Option<u32>,
     /// Runs started (first attempts created) per rolling hour; scheduled
-    /// fires beyond it are `SKIPPED` with reason [`REASON_QUOTA`], manual
+    /// fires beyond it are `SKIPPED` with reason [`RunReason::Quota`](super::RunReason::Quota), manual
     /// triggers and backfills are refused with `RESOURCE_EXHAUSTED`.
     pub max_runs_per_hour: Option<u32>,
     /// Bindings the tenant may have; CreateBinding beyond it is
@@ -192,9 +192,6 @@ impl Quota {
         Ok(())
     }
 }
-
-/// Reason of a fire skipped because its tenant's hourly budget was spent.
-pub const REASON_QUOTA: &str = "quota";
 
 /// How many of `wanted` new runs per tenant fit in the hourly budget:
 /// `remaining[tenant]` is what is left of it (tenants without a budget are

@@ -1,5 +1,5 @@
-//! The LISTEN/NOTIFY bridge: one connection per node listening on
-//! `sked_events`, `sked_runs`, `sked_bindings` and `sked_cancel`. It wakes
+//! The LISTEN/NOTIFY bridge: one connection per node listening on every
+//! channel of [`db::notify`] (events, runs, bindings, cancel). It wakes
 //! the local scheduler and executor, hands cancel requests to the runs
 //! executing here, and republishes other nodes' events on the local bus.
 //! After a lost connection it wakes everything, since notifications sent
@@ -17,20 +17,39 @@ use uuid::Uuid;
 
 use super::EventBus;
 use crate::db;
-use crate::executor::{RunningRuns, StopReason};
+
+/// The runs executing on this node, as far as the bridge needs them: a
+/// cancel request names a run, and only the node executing it acts. The
+/// executor's registry implements it, so the engine depends on the events
+/// module and never the other way round.
+pub trait LocalRuns: std::fmt::Debug + Send + Sync {
+    /// Asks run `id` to stop and end `CANCELLED` with `reason`, if it
+    /// executes on this node; returns whether it does.
+    fn cancel(&self, id: Uuid, reason: &str) -> bool;
+}
 
 /// Whom the bridge wakes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Wakers {
     /// The scheduler (bindings changed).
     pub scheduler: Arc<Notify>,
     /// The executor (runs queued).
     pub executor: Arc<Notify>,
     /// Runs executing on this node (cancel requests).
-    pub running: RunningRuns,
+    pub running: Arc<dyn LocalRuns>,
 }
 
 impl Wakers {
+    /// Fresh wake-ups for the scheduler and executor, cancel requests going
+    /// to `running`.
+    pub fn new(running: Arc<dyn LocalRuns>) -> Self {
+        Wakers {
+            scheduler: Arc::default(),
+            executor: Arc::default(),
+            running,
+        }
+    }
+
     fn all(&self) {
         self.scheduler.notify_one();
         self.executor.notify_one();
@@ -82,14 +101,7 @@ async fn listen(
     shutdown: &CancellationToken,
 ) -> Result<(), db::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([
-            db::CHANNEL_EVENTS,
-            db::CHANNEL_RUNS,
-            db::CHANNEL_BINDINGS,
-            db::CHANNEL_CANCEL,
-        ])
-        .await?;
+    listener.listen_all(db::notify::ALL).await?;
     // Anything announced before we listened is missed: look once.
     wakers.all();
     loop {
@@ -108,21 +120,19 @@ async fn listen(
         let mut pending = Some(first);
         while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
             match n.channel() {
-                db::CHANNEL_RUNS => wakers.executor.notify_one(),
-                db::CHANNEL_BINDINGS => wakers.scheduler.notify_one(),
-                db::CHANNEL_CANCEL => match n.payload().split_once('|') {
+                db::notify::RUNS => wakers.executor.notify_one(),
+                db::notify::BINDINGS => wakers.scheduler.notify_one(),
+                db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {
                         if let Ok(id) = id.parse::<Uuid>()
-                            && wakers
-                                .running
-                                .stop(id, StopReason::Cancel(reason.to_string()))
+                            && wakers.running.cancel(id, reason)
                         {
                             tracing::info!(run = %id, reason, "cancel requested; stopping the run");
                         }
                     }
                     None => tracing::warn!(payload = n.payload(), "malformed sked_cancel payload"),
                 },
-                db::CHANNEL_EVENTS => match parse_events_payload(n.payload()) {
+                db::notify::EVENTS => match parse_events_payload(n.payload()) {
                     Some((from_node, r)) if from_node != node_id => ranges.extend(r),
                     Some(_) => {}
                     None => tracing::warn!(payload = n.payload(), "malformed sked_events payload"),

@@ -14,7 +14,7 @@ use super::{Batch, EventBus};
 use crate::db;
 use crate::domain::{EventBody, RunEvent};
 
-/// Rows read per database page while replaying or catching up.
+/// Rows read per database page while replaying or resyncing.
 const PAGE: i64 = 1000;
 /// How long a follower waits for a live event before checking the database
 /// (covers NOTIFYs lost while a bridge reconnects).
@@ -50,7 +50,7 @@ pub async fn tail_run(
         last: after_seq,
         out,
     };
-    match tail.catch_up().await {
+    match tail.resync().await {
         Ok(true) => return,
         Ok(false) if !follow => return,
         Ok(false) => {}
@@ -63,7 +63,7 @@ pub async fn tail_run(
                 Err(broadcast::error::RecvError::Lagged(_)) => tail.replay().await,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            _ = tokio::time::sleep(IDLE_POLL) => tail.catch_up().await,
+            _ = tokio::time::sleep(IDLE_POLL) => tail.resync().await,
             _ = tail.out.closed() => return,
             _ = stop.cancelled() => return,
         };
@@ -126,10 +126,12 @@ impl Tail {
         self.out.send(Ok(events)).await.map_err(|_| ())
     }
 
-    /// Sends every persisted event after `last`. `Ok(true)` when the run is
-    /// over for this subscriber: the terminal event was among them, or it
-    /// had been sent before (a reconnect with `after_seq` at the run's end).
-    async fn catch_up(&mut self) -> Result<bool, ()> {
+    /// Resyncs this subscriber from the database: sends every persisted
+    /// event after `last` (what a lagging bus or a lost NOTIFY dropped).
+    /// `Ok(true)` when the run is over for this subscriber: the terminal
+    /// event was among them, or it had been sent before (a reconnect with
+    /// `after_seq` at the run's end).
+    async fn resync(&mut self) -> Result<bool, ()> {
         if self.replay().await? {
             return Ok(true);
         }

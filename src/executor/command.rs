@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Executor, Stop, StopReason};
 use crate::db::runs::Outcome;
 use crate::domain::{
-    CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunState,
-    cap_log_line,
+    CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunReason,
+    RunState, cap_log_line,
 };
 
 /// Largest params JSON passed in the `SKED_PARAMS` environment variable, in
@@ -199,7 +199,7 @@ pub(crate) async fn execute(
                 Outcome {
                     error_message: Some(message.clone()),
                     error_summary: summary,
-                    reason: "timeout".into(),
+                    reason: RunReason::Timeout.to_string(),
                     ..Outcome::default()
                 },
             );
@@ -207,8 +207,8 @@ pub(crate) async fn execute(
         Ended::Stopped => {
             let reason = match stop.reason() {
                 Some(StopReason::Cancel(r)) => r.clone(),
-                Some(StopReason::Shutdown) => super::REASON_SHUTDOWN.to_string(),
-                _ => "lease lost".to_string(),
+                Some(StopReason::Shutdown) => RunReason::Shutdown.to_string(),
+                _ => RunReason::LeaseLost.to_string(),
             };
             return (
                 RunState::Cancelled,

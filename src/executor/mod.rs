@@ -72,16 +72,12 @@ use uuid::Uuid;
 
 use crate::db::{
     self,
-    runs::{ClaimKind, NewRun, Outcome},
+    runs::{ClaimKind, Outcome},
 };
-use crate::domain::policy::jitter_from_id;
-use crate::domain::{Clock, EventBody, Handler, Run, RunEvent, RunState, RunTrigger};
+use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunEvent, RunReason, RunState};
 use crate::events::EventBus;
+use crate::events::bridge::LocalRuns;
 
-/// Reason of runs cancelled by a node's shutdown (they are retried per policy).
-pub const REASON_SHUTDOWN: &str = "shutdown";
-/// Reason of runs whose node stopped renewing their lease.
-pub const REASON_NODE_LOST: &str = "node_lost";
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
 /// Runs of `event` handlers claimed and completed per transaction.
@@ -156,6 +152,12 @@ impl RunningRuns {
         for s in self.lock().values() {
             s.stop(why.clone());
         }
+    }
+}
+
+impl LocalRuns for RunningRuns {
+    fn cancel(&self, id: Uuid, reason: &str) -> bool {
+        self.stop(id, StopReason::Cancel(reason.to_string()))
     }
 }
 
@@ -326,7 +328,7 @@ impl Executor {
         excluded: &[String],
     ) -> Result<Vec<(Run, Stop)>, db::Error> {
         let claimed = self
-            .claim_kind(limit, ClaimKind::Executed, excluded)
+            .claim_kind(limit, ClaimKind::ToExecute, excluded)
             .await?;
         let mut runs = Vec::with_capacity(claimed.len());
         for (run, events) in claimed {
@@ -375,7 +377,7 @@ impl Executor {
             {
                 // Another node started a run of the same overlap-free
                 // binding at this instant; the index refused ours. Again.
-                Err(db::Error::AlreadyExists(c)) if c == "runs_one_running" && tries < 5 => {
+                Err(db::Error::Duplicate(c)) if c == "runs_one_running" && tries < 5 => {
                     tries += 1;
                 }
                 r => return r,
@@ -407,7 +409,7 @@ impl Executor {
         }
         let retries: Vec<NewRun> = reaped
             .iter()
-            .filter_map(|(run, _)| retry_run(run, true, now))
+            .filter_map(|(run, _)| NewRun::retry_of(run, true, now))
             .collect();
         let mut events: Vec<_> = reaped.iter().map(|(_, e)| e.clone()).collect();
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &retries, now).await?);
@@ -518,7 +520,9 @@ impl Executor {
                     return Ok(None);
                 };
                 let mut events = vec![ev];
-                if let Some(retry) = retry_run(&ended, outcome.retryable, now).filter(|_| bound) {
+                if let Some(retry) =
+                    NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound)
+                {
                     events
                         .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
                 }
@@ -643,11 +647,11 @@ impl Slots {
 }
 
 /// Whether `run`, ending in `state` with `outcome`, may get a retry (see
-/// [`retry_run`], which decides on the run as written).
+/// [`NewRun::retry_of`], which decides on the run as written).
 fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
     let retry_state = match state {
         RunState::Failed | RunState::TimedOut => true,
-        RunState::Cancelled => outcome.reason == REASON_SHUTDOWN,
+        RunState::Cancelled => outcome.reason == RunReason::Shutdown.as_str(),
         _ => false,
     };
     retry_state
@@ -656,60 +660,10 @@ fn may_retry(run: &Run, state: RunState, outcome: &Outcome) -> bool {
         && run.cancel_reason.is_none()
 }
 
-/// The retry of `ended` (a run that just reached its terminal state), if its
-/// policy allows one (`docs/semantics.md`, "Run lifecycle"): `FAILED` or `TIMED_OUT` (including
-/// `node_lost`), or `CANCELLED` by a shutdown, with `attempt < max_attempts`
-/// and a `retryable` failure. The retry is a new run, `trigger = RETRY`,
-/// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at now + backoff (±10 %
-/// jitter drawn from the new run's id); its `scheduled_time` is that due
-/// time. Runs cancelled by CancelRun, an overlap policy or a deleted binding
-/// (or with such a cancel pending when they ended) are not retried.
-pub fn retry_run(
-    ended: &Run,
-    retryable: bool,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Option<NewRun> {
-    let retry_state = match ended.state {
-        RunState::Failed | RunState::TimedOut => true,
-        RunState::Cancelled => ended.reason.as_deref() == Some(REASON_SHUTDOWN),
-        _ => false,
-    };
-    let max = ended.policy.retry.max_attempts as i32;
-    // A cancel was asked for (CancelRun, overlap, binding deleted) while it
-    // ran: whatever it ended with, the caller wanted it stopped.
-    if !retry_state || !retryable || ended.attempt >= max || ended.cancel_reason.is_some() {
-        return None;
-    }
-    let id = Uuid::now_v7();
-    let delay = ended
-        .policy
-        .retry
-        .backoff(ended.attempt as u32, jitter_from_id(&id));
-    let due = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
-    Some(NewRun {
-        id,
-        tenant_id: ended.tenant_id.clone(),
-        binding_id: ended.binding_id,
-        definition: ended.definition.clone(),
-        trigger: RunTrigger::Retry,
-        scheduled_time: due,
-        not_before: due,
-        handler: ended.handler.clone(),
-        params: ended.params.clone(),
-        state: RunState::Scheduled,
-        reason: String::new(),
-        attempt: ended.attempt + 1,
-        retry_of: Some(ended.id),
-        policy: ended.policy,
-        idempotency_key: None,
-        manual: false,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{CommandHandler, RetryPolicy, RunPolicy};
+    use crate::domain::{CommandHandler, RetryPolicy, RunPolicy, RunTrigger};
 
     fn ended(state: RunState, reason: &str, attempt: i32, max_attempts: u32) -> Run {
         let now = chrono::Utc::now();
@@ -786,7 +740,7 @@ mod tests {
     fn retries_follow_the_policy() {
         let now = chrono::Utc::now();
         let r = ended(RunState::Failed, "exit code 1", 2, 3);
-        let retry = retry_run(&r, true, now).expect("attempts left");
+        let retry = NewRun::retry_of(&r, true, now).expect("attempts left");
         assert_eq!(retry.attempt, 3);
         assert_eq!(retry.retry_of, Some(r.id));
         assert_eq!(retry.state, RunState::Scheduled);
@@ -795,27 +749,41 @@ mod tests {
         let delay = (retry.not_before - now).num_milliseconds();
         assert!((1800..=2200).contains(&delay), "2 s ±10 %: {delay}");
 
-        assert!(retry_run(&ended(RunState::TimedOut, "timeout", 1, 2), true, now).is_some());
-        assert!(retry_run(&ended(RunState::Failed, REASON_NODE_LOST, 1, 2), true, now).is_some());
         assert!(
-            retry_run(
-                &ended(RunState::Cancelled, REASON_SHUTDOWN, 1, 2),
+            NewRun::retry_of(
+                &ended(RunState::TimedOut, RunReason::Timeout.as_str(), 1, 2),
                 true,
                 now
             )
             .is_some()
         );
         assert!(
-            retry_run(&ended(RunState::Cancelled, "operator", 1, 2), true, now).is_none(),
+            NewRun::retry_of(
+                &ended(RunState::Failed, RunReason::NodeLost.as_str(), 1, 2),
+                true,
+                now
+            )
+            .is_some()
+        );
+        assert!(
+            NewRun::retry_of(
+                &ended(RunState::Cancelled, RunReason::Shutdown.as_str(), 1, 2),
+                true,
+                now
+            )
+            .is_some()
+        );
+        assert!(
+            NewRun::retry_of(&ended(RunState::Cancelled, "operator", 1, 2), true, now).is_none(),
             "cancelled runs are not retried"
         );
-        assert!(retry_run(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
-        assert!(retry_run(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
-        assert!(retry_run(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
+        assert!(NewRun::retry_of(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
+        assert!(NewRun::retry_of(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
+        assert!(NewRun::retry_of(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
         let mut asked = ended(RunState::Failed, "exit code 1", 1, 3);
-        asked.cancel_reason = Some("binding_deleted".into());
+        asked.cancel_reason = Some(RunReason::BindingDeleted.to_string());
         assert!(
-            retry_run(&asked, true, now).is_none(),
+            NewRun::retry_of(&asked, true, now).is_none(),
             "a run whose cancel was asked for is not retried, whatever it ended with"
         );
     }

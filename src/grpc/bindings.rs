@@ -11,7 +11,7 @@ use super::{
     update_paths,
 };
 use crate::db;
-use crate::domain::policy::REASON_BINDING_DELETED;
+use crate::domain::RunReason;
 use crate::domain::{
     Binding, FieldViolation, effective_schedule, merge_params, validate_definition_name,
     validate_effective_window, validate_merged_params,
@@ -109,7 +109,7 @@ impl BindingService for Bindings {
                     "binding.definition: definition {:?} not found",
                     def.name
                 )),
-                db::Error::AlreadyExists(_) => Status::already_exists(format!(
+                db::Error::Duplicate(_) => Status::already_exists(format!(
                     "tenant {:?} already has a binding of definition {:?}",
                     binding.tenant_id, binding.definition
                 )),
@@ -376,7 +376,7 @@ impl BindingService for Bindings {
             &mut tx,
             &self.0.core.node_id,
             &[id],
-            REASON_BINDING_DELETED,
+            RunReason::BindingDeleted.as_str(),
             now,
         )
         .await

@@ -10,7 +10,7 @@ use super::convert::{
 use super::{Ctx, check_etag, db_status, invalid, page, page_size, record, update_paths};
 use crate::db;
 use crate::db::definitions as q;
-use crate::domain::policy::REASON_BINDING_DELETED;
+use crate::domain::RunReason;
 use crate::domain::{
     Definition, FieldViolation, RunPolicy, TenantScope, effective_schedule, merge_params,
     validate_definition_name, validate_max_output_bytes, validate_merged_params,
@@ -384,7 +384,7 @@ impl DefinitionService for Definitions {
             &mut tx,
             &self.0.core.node_id,
             &bindings,
-            REASON_BINDING_DELETED,
+            RunReason::BindingDeleted.as_str(),
             now,
         )
         .await

@@ -99,15 +99,11 @@ pub fn not_found(what: impl std::fmt::Display) -> Status {
 pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
     match e {
         db::Error::NotFound => not_found(what),
-        db::Error::AlreadyExists(_) => {
+        db::Error::Duplicate(_) => {
             Status::already_exists(truncate(format!("{what} already exists"), MAX_ERROR_REASON))
         }
-        db::Error::FailedPrecondition(m) => {
-            Status::failed_precondition(truncate(m, MAX_ERROR_REASON))
-        }
-        db::Error::ResourceExhausted(m) => {
-            Status::resource_exhausted(truncate(m, MAX_ERROR_REASON))
-        }
+        db::Error::Refused(m) => Status::failed_precondition(truncate(m, MAX_ERROR_REASON)),
+        db::Error::OverQuota(m) => Status::resource_exhausted(truncate(m, MAX_ERROR_REASON)),
         db::Error::Conflict => Status::aborted(truncate(
             format!("{what} was changed concurrently; read it again and retry"),
             MAX_ERROR_REASON,

@@ -45,11 +45,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{self, runs::NewRun};
-use crate::domain::policy::{REASON_OVERLAP, plan_overlap};
-use crate::domain::tenancy::{REASON_QUOTA, apply_hourly_budget};
+use crate::db;
+use crate::domain::policy::plan_overlap;
+use crate::domain::tenancy::apply_hourly_budget;
 use crate::domain::{
-    Clock, FirePlan, Handler, OverlapPolicy, RunState, RunTrigger, Schedule, plan_fires,
+    Clock, FirePlan, Handler, NewRun, OverlapPolicy, RunReason, RunSpec, RunState, Schedule,
+    plan_fires,
 };
 use crate::events::EventBus;
 
@@ -89,8 +90,8 @@ impl Scheduler {
             let pause = match self.fire_due().await {
                 Ok(n) if n as i64 >= self.batch => {
                     // Behind (a burst of simultaneous fires, or a node that
-                    // was down): fire in parallel passes until caught up.
-                    self.catch_up(&shutdown).await;
+                    // was down): drain the backlog in parallel passes.
+                    self.drain_backlog(&shutdown).await;
                     Duration::ZERO
                 }
                 Ok(_) => self
@@ -116,11 +117,11 @@ impl Scheduler {
         }
     }
 
-    /// Runs [`Scheduler::workers`] passes at once, each repeating while it
-    /// finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
+    /// Drains a backlog of due bindings: runs [`Scheduler::workers`] passes
+    /// at once, each repeating while it finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
     /// the database works on several batches at a time instead of waiting
     /// for each pass's round trips in turn.
-    async fn catch_up(&self, shutdown: &CancellationToken) {
+    async fn drain_backlog(&self, shutdown: &CancellationToken) {
         let mut passes = tokio::task::JoinSet::new();
         for _ in 0..self.workers.max(1) {
             let me = self.clone();
@@ -156,7 +157,7 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "scheduler could not read the next due time");
+                tracing::warn!(error = %e, "scheduler could not read the next fire time");
                 Duration::from_millis(500)
             }
         }
@@ -166,7 +167,7 @@ impl Scheduler {
     /// were due (fired or found already fired).
     ///
     /// Per binding: a disabled or paused one only advances its next fire
-    /// time past now (fires in a pause are neither caught up nor recorded);
+    /// time past now (fires in a pause are neither run nor recorded as misfires);
     /// a pause whose expiry has passed ends, and fires from the expiry on are
     /// handled normally. The misfire policy picks the fire times to run, the
     /// overlap policy then decides against the binding's active runs.
@@ -287,42 +288,30 @@ impl Scheduler {
                     }
                 }
             }
-            let new_run = |time, state, reason: String| NewRun {
-                id: Uuid::now_v7(),
-                tenant_id: b.tenant_id.clone(),
-                binding_id: b.id,
-                definition: b.definition.clone(),
-                trigger: RunTrigger::Schedule,
-                scheduled_time: time,
+            let fire = |time| {
+                let spec = RunSpec {
+                    tenant_id: b.tenant_id.clone(),
+                    binding_id: b.id,
+                    definition: b.definition.clone(),
+                    handler: b.handler.clone(),
+                    params: b.params.clone(),
+                    policy: b.policy,
+                };
                 // Deterministic per (binding, fire time): every node agrees.
-                not_before: time + b.schedule.jitter_for(b.id.as_bytes(), time),
-                handler: b.handler.clone(),
-                params: b.params.clone(),
-                state,
-                reason,
-                attempt: 1,
-                retry_of: None,
-                policy: b.policy,
-                idempotency_key: None,
-                manual: false,
+                NewRun::fire(spec, time, b.schedule.jitter_for(b.id.as_bytes(), time))
             };
             runs.extend(
                 plan.skipped
                     .into_iter()
-                    .map(|(t, reason)| new_run(t, RunState::Skipped, reason)),
+                    .map(|(t, reason)| fire(t).skipped(reason)),
             );
             runs.extend(
                 overlap
                     .skipped
                     .into_iter()
-                    .map(|t| new_run(t, RunState::Skipped, REASON_OVERLAP.to_string())),
+                    .map(|t| fire(t).skipped(RunReason::Overlap.as_str())),
             );
-            runs.extend(
-                overlap
-                    .run
-                    .into_iter()
-                    .map(|t| new_run(t, RunState::Queued, String::new())),
-            );
+            runs.extend(overlap.run.into_iter().map(fire));
             ids.push(b.id);
             nexts.push(plan.next);
         }
@@ -332,11 +321,11 @@ impl Scheduler {
             &mut tx,
             &self.node_id,
             &cancel_waiting,
-            REASON_OVERLAP,
+            RunReason::Overlap.as_str(),
             now,
         )
         .await?;
-        db::runs::run_request_cancel(&mut tx, &cancel_running, REASON_OVERLAP).await?;
+        db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str()).await?;
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
@@ -404,7 +393,7 @@ impl Scheduler {
                 tracing::info!(binding = %r.binding_id, tenant = %r.tenant_id, fire_time = %r.scheduled_time,
                     "hourly run budget spent; fire skipped");
                 r.state = RunState::Skipped;
-                r.reason = REASON_QUOTA.to_string();
+                r.reason = RunReason::Quota.to_string();
             }
         }
         Ok(())

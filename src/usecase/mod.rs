@@ -156,9 +156,9 @@ impl Error {
     pub fn db(e: db::Error, target: &Target) -> Error {
         match e {
             db::Error::NotFound => Error::NotFound(target.clone()),
-            db::Error::AlreadyExists(_) => Error::AlreadyExists(target.clone()),
-            db::Error::FailedPrecondition(m) => Error::Precondition(m),
-            db::Error::ResourceExhausted(m) => Error::QuotaExceeded(m),
+            db::Error::Duplicate(_) => Error::AlreadyExists(target.clone()),
+            db::Error::Refused(m) => Error::Precondition(m),
+            db::Error::OverQuota(m) => Error::QuotaExceeded(m),
             db::Error::Conflict => Error::Conflict(format!(
                 "{target} was changed concurrently; read it again and retry"
             )),

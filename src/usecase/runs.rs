@@ -7,9 +7,10 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
-use crate::db::{self, runs::NewRun};
+use crate::db;
 use crate::domain::{
-    Binding, FieldViolation, Run, RunState, RunTrigger, merge_params, validate_merged_params,
+    Binding, FieldViolation, NewRun, Run, RunReason, RunSpec, RunState, merge_params,
+    validate_merged_params,
 };
 
 /// Most runs one backfill creates.
@@ -24,8 +25,6 @@ pub const IDEMPOTENCY_HOURS: i64 = 24;
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// Longest cancel reason, characters.
 pub const MAX_REASON: usize = 1000;
-/// Cancel reason when the caller gives none.
-pub const DEFAULT_CANCEL_REASON: &str = "cancelled";
 
 /// Checks an idempotency key: empty (none) or 1-200 printable ASCII
 /// characters.
@@ -186,28 +185,16 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
         None => b.effective_params.clone(),
     };
     validate_merged_params("params", &params)?;
-    let (state, at) = match t.run_time {
-        Some(at) if at > now => (RunState::Scheduled, at),
-        _ => (RunState::Queued, now),
-    };
-    let new = NewRun {
-        id: Uuid::now_v7(),
+    let spec = RunSpec {
         tenant_id: tenant_id.to_string(),
         binding_id: t.binding_id,
         definition: b.definition.clone(),
-        trigger: RunTrigger::Manual,
-        scheduled_time: at,
-        not_before: at,
         handler: def.run_handler(),
         params,
-        state,
-        reason: String::new(),
-        attempt: 1,
-        retry_of: None,
         policy: def.policy,
-        idempotency_key: key.map(str::to_string),
-        manual: true,
     };
+    let new = NewRun::trigger(spec, now, t.run_time, key.map(str::to_string));
+    let state = new.state;
     let run = create(core, actor, tx, new).await?;
     tracing::info!(run = %run.id, binding = %t.binding_id, state = state.as_str(), "run triggered");
     Ok(run)
@@ -216,7 +203,7 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
 /// Cancels run `run_id` of `tenant_id` (CancelRun): a run not yet started
 /// ends CANCELLED at once; a running one is asked to stop (its node kills
 /// it, then it ends CANCELLED). `reason` — at most [`MAX_REASON`]
-/// characters; blank means [`DEFAULT_CANCEL_REASON`].
+/// characters; blank means [`RunReason::Cancelled`].
 ///
 /// # Errors
 /// `Invalid` (reason), `NotFound`, `Precondition` when the run already
@@ -235,7 +222,7 @@ pub async fn cancel(
         )));
     }
     let reason = if reason.trim().is_empty() {
-        DEFAULT_CANCEL_REASON
+        RunReason::Cancelled.as_str()
     } else {
         reason
     };
@@ -300,26 +287,7 @@ pub async fn retry(core: &Core, actor: Actor<'_>, tenant_id: &str, run_id: Uuid)
         )));
     }
     let now = core.clock.now();
-    let mut policy = prev.policy;
-    policy.retry.max_attempts = policy.retry.max_attempts.max(prev.attempt as u32 + 1);
-    let new = NewRun {
-        id: Uuid::now_v7(),
-        tenant_id: tenant_id.to_string(),
-        binding_id: prev.binding_id,
-        definition: prev.definition.clone(),
-        trigger: RunTrigger::Retry,
-        scheduled_time: now,
-        not_before: now,
-        handler: prev.handler.clone(),
-        params: prev.params.clone(),
-        state: RunState::Queued,
-        reason: String::new(),
-        attempt: prev.attempt + 1,
-        retry_of: Some(prev.id),
-        policy,
-        idempotency_key: None,
-        manual: true,
-    };
+    let new = NewRun::manual_retry(&prev, now);
     let tx = begin(core, &Target::all("run")).await?;
     let run = create(core, actor, tx, new).await?;
     tracing::info!(run = %run.id, retry_of = %run_id, "run retried by request");
@@ -392,23 +360,16 @@ pub async fn backfill(
         .map_err(Error::on(&Target::new("definition", &binding.definition)))?;
     let runs: Vec<NewRun> = times
         .iter()
-        .map(|t| NewRun {
-            id: Uuid::now_v7(),
-            tenant_id: tenant_id.to_string(),
-            binding_id: binding.id,
-            definition: binding.definition.clone(),
-            trigger: RunTrigger::Backfill,
-            scheduled_time: *t,
-            not_before: *t,
-            handler: def.run_handler(),
-            params: binding.effective_params.clone(),
-            state: RunState::Queued,
-            reason: String::new(),
-            attempt: 1,
-            retry_of: None,
-            policy: def.policy,
-            idempotency_key: None,
-            manual: false,
+        .map(|t| {
+            let spec = RunSpec {
+                tenant_id: tenant_id.to_string(),
+                binding_id: binding.id,
+                definition: binding.definition.clone(),
+                handler: def.run_handler(),
+                params: binding.effective_params.clone(),
+                policy: def.policy,
+            };
+            NewRun::backfill(spec, *t)
         })
         .collect();
     let now = core.clock.now();

@@ -10,16 +10,16 @@ use uuid::Uuid;
 
 use super::{RunRow, announce, state_event};
 use crate::db::{Error, clip, encode};
-use crate::domain::policy::REASON_CORRUPT;
+use crate::domain::RunReason;
 use crate::domain::{EventBody, Run, RunEvent, RunState};
 
 /// Claims up to `limit` due `QUEUED` runs (`not_before <= now`) for
 /// `node_id`, in fair-share order: highest priority first; then round-robin
-/// across tenants (each tenant's claimable runs are ranked by priority, due
-/// time and id, and rank 1 of every tenant goes before rank 2 of any, ties
+/// across tenants (each tenant's claimable runs are ranked by priority,
+/// `not_before` and id, and rank 1 of every tenant goes before rank 2 of any, ties
 /// going to the tenant served least recently per `tenant_claims`, never
 /// served first), so a tenant with thousands of queued runs cannot starve
-/// one with a single run; then oldest due time, then id. A run whose
+/// one with a single run; then earliest `not_before`, then id. A run whose
 /// overlap policy is not `ALLOW` is claimable only while its binding has no
 /// `RUNNING` run of a non-`ALLOW` policy, and only if it is its binding's
 /// first due run of the kind (of any policy), so at most one such run per
@@ -62,7 +62,7 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 /// first run when those hold fewer than `limit` claimable ones (a few
 /// bindings' deep backlog).
 ///
-/// `kind` splits the queue: [`ClaimKind::Executed`] claims runs that need a
+/// `kind` splits the queue: [`ClaimKind::ToExecute`] claims runs that need a
 /// task on this node (commands), up to its free slots;
 /// [`ClaimKind::Event`] claims runs of `event` handlers, which complete in
 /// the claim statement itself: the row goes `QUEUED` → `SUCCEEDED` in one
@@ -76,7 +76,7 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 /// index probe.
 ///
 /// # Errors
-/// [`Error::AlreadyExists`] (`runs_one_running`) when another node claimed a
+/// [`Error::Duplicate`] (`runs_one_running`) when another node claimed a
 /// run of the same overlap-free binding at the same instant: claim again.
 /// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
 pub async fn run_claim(
@@ -352,7 +352,7 @@ pub async fn run_claim(
             Err(e) => {
                 tracing::error!(run = %id, tenant = %tenant, error = %e,
                     "claimed run's stored data cannot be read; it ends FAILED (reason \"corrupt\")");
-                if kind == ClaimKind::Executed {
+                if kind == ClaimKind::ToExecute {
                     run_fail_unreadable(&mut tx, id, now, &e.to_string()).await?;
                 }
                 continue;
@@ -360,7 +360,7 @@ pub async fn run_claim(
         };
         let now = run.start_time.unwrap_or(now);
         let events = match kind {
-            ClaimKind::Executed => vec![state_event(&run, seq, now, body.clone())],
+            ClaimKind::ToExecute => vec![state_event(&run, seq, now, body.clone())],
             ClaimKind::Event => vec![
                 state_event(&run, seq - 2, now, body.clone()),
                 state_event(
@@ -382,7 +382,7 @@ pub async fn run_claim(
 }
 
 /// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
-/// reason [`REASON_CORRUPT`] and `error` (clipped), with its event.
+/// reason [`RunReason::Corrupt`] and `error` (clipped), with its event.
 async fn run_fail_unreadable(
     conn: &mut PgConnection,
     id: Uuid,
@@ -403,7 +403,7 @@ async fn run_fail_unreadable(
         id,
         now,
         message,
-        REASON_CORRUPT,
+        RunReason::Corrupt.as_str(),
     )
     .execute(&mut *conn)
     .await?;
@@ -429,8 +429,9 @@ pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
 /// Which runs a claim takes (see [`run_claim`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimKind {
-    /// Runs executed by a task on the node (commands): one slot each.
-    Executed,
+    /// Runs this node still has to execute in a task of its own (commands):
+    /// one slot each.
+    ToExecute,
     /// Runs of `event` handlers, completed by the claim statement.
     Event,
 }

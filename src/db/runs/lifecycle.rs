@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{RunRow, announce, corrupt_state, notify_runs, run_claim_lock, state_event};
 use crate::db::{Error, encode};
-use crate::domain::policy::REASON_BINDING_DELETED;
+use crate::domain::RunReason;
 use crate::domain::{EventBody, OverlapPolicy, Run, RunEvent, RunState};
 
 /// Ends every run of `bindings` that has not ended (their bindings are being
@@ -143,7 +143,8 @@ pub async fn run_finish(
 }
 
 /// Ends up to `limit` `RUNNING` runs whose lease expired before `now` (their
-/// node stopped heartbeating): `FAILED` with reason `node_lost`, or
+/// node stopped heartbeating): `FAILED` with reason
+/// [`RunReason::NodeLost`], or
 /// `CANCELLED` with the pending cancel reason when a cancel was requested.
 /// `FOR UPDATE SKIP LOCKED`, so reapers on several nodes never collide.
 /// Returns the ended runs with their events (announced).
@@ -163,7 +164,7 @@ pub async fn run_reap(
              ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
            f AS (
              UPDATE runs r SET state = CASE WHEN r.cancel_reason IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
-                    end_time = GREATEST($1, r.start_time), reason = coalesce(r.cancel_reason, 'node_lost'),
+                    end_time = GREATEST($1, r.start_time), reason = coalesce(r.cancel_reason, $3::text),
                     error_message = CASE WHEN r.cancel_reason IS NULL
                                          THEN 'node ' || coalesce(r.node_id, '?') || ' stopped renewing the run''s lease' END,
                     lease_expires_at = NULL, last_seq = r.last_seq + 1
@@ -181,6 +182,7 @@ pub async fn run_reap(
                   retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason FROM f"#,
         now,
         limit,
+        RunReason::NodeLost.as_str(),
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -235,7 +237,7 @@ pub async fn run_promote_due(
     let gone = EventBody::StateChanged {
         from: Some(RunState::Scheduled),
         to: RunState::Cancelled,
-        reason: REASON_BINDING_DELETED.to_string(),
+        reason: RunReason::BindingDeleted.to_string(),
     };
     let rows = sqlx::query!(
         r#"WITH x AS (
@@ -259,7 +261,7 @@ pub async fn run_promote_due(
         limit,
         encode(&body),
         encode(&gone),
-        REASON_BINDING_DELETED,
+        RunReason::BindingDeleted.as_str(),
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -342,7 +344,7 @@ pub async fn run_cancel_waiting(
 
 /// Requests the cancel of those of `ids` that are `RUNNING` (and have no
 /// cancel pending): records `reason` and tells every node on
-/// [`CHANNEL_CANCEL`](crate::db::CHANNEL_CANCEL) (payload: `<run id>|<reason>`). The node executing the
+/// [`notify::CANCEL`](crate::db::notify::CANCEL) (payload: `<run id>|<reason>`). The node executing the
 /// run terminates it and ends it `CANCELLED`; its heartbeat also picks the
 /// request up, should the notification be lost. Returns the ids requested.
 ///
@@ -357,9 +359,10 @@ pub async fn run_request_cancel(
         r#"WITH f AS (
              UPDATE runs SET cancel_reason = $2
              WHERE id = ANY($1) AND state = 'RUNNING' AND cancel_reason IS NULL RETURNING id)
-           SELECT id AS "id!" FROM f, pg_notify('sked_cancel', f.id::text || '|' || $2)"#,
+           SELECT id AS "id!" FROM f, pg_notify($3::text, f.id::text || '|' || $2)"#,
         ids,
         reason,
+        crate::db::notify::CANCEL,
     )
     .fetch_all(&mut *conn)
     .await?)

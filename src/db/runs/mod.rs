@@ -4,7 +4,7 @@
 //!
 //! | file           | inside                                                              |
 //! |----------------|---------------------------------------------------------------------|
-//! | `mod.rs`       | [`NewRun`] and [`run_insert`], the NOTIFYs, the row every read decodes |
+//! | `mod.rs`       | [`run_insert`] (of a [`NewRun`]), the NOTIFYs, the row every read decodes |
 //! | `claim.rs`     | [`run_claim`] (the fair-share claim statement), [`run_claim_lock`], [`ClaimKind`], [`run_analyze_after_burst`] |
 //! | `lifecycle.rs` | after the claim: finish, reap, promote, cancel, heartbeat           |
 //! | `read.rs`      | reads: one run, lists, the scheduler's active state, due times      |
@@ -14,7 +14,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{Error, decode, encode, events::notify_events, policy_from_cols};
-use crate::domain::{EventBody, Handler, Run, RunEvent, RunPolicy, RunState, RunTrigger};
+use crate::domain::{EventBody, NewRun, Run, RunEvent, RunState, RunTrigger};
 
 mod claim;
 mod lifecycle;
@@ -29,46 +29,6 @@ pub use read::{
     ActiveRun, ActiveState, run_active_state, run_find_by_idempotency_key, run_get, run_list,
     run_list_active, run_next_due_time, run_progress,
 };
-
-/// A run to create: `QUEUED` (due), `SCHEDULED` (for a future time) or
-/// `SKIPPED` (a fire that deliberately does not run, with a reason).
-#[derive(Debug, Clone)]
-pub struct NewRun {
-    /// UUIDv7.
-    pub id: Uuid,
-    /// Owner.
-    pub tenant_id: String,
-    /// Producing binding.
-    pub binding_id: Uuid,
-    /// Definition name.
-    pub definition: String,
-    /// What created it.
-    pub trigger: RunTrigger,
-    /// Fire time (manual: trigger or run time; retry: its due time).
-    pub scheduled_time: DateTime<Utc>,
-    /// Claimed no earlier than this (fire time + jitter, retry backoff, run_time).
-    pub not_before: DateTime<Utc>,
-    /// Handler snapshot.
-    pub handler: Handler,
-    /// Params snapshot.
-    pub params: serde_json::Value,
-    /// `Queued`, `Scheduled` or `Skipped`.
-    pub state: RunState,
-    /// Why it is skipped (empty otherwise).
-    pub reason: String,
-    /// 1-based attempt.
-    pub attempt: i32,
-    /// Previous attempt, for retries.
-    pub retry_of: Option<Uuid>,
-    /// Policy snapshot.
-    pub policy: RunPolicy,
-    /// TriggerRun's idempotency key.
-    pub idempotency_key: Option<String>,
-    /// An explicit request (TriggerRun, RetryRun): it may start while its
-    /// binding is paused or disabled (see [`run_claim`]). A retry is manual
-    /// also when the attempt it retries (`retry_of`) was.
-    pub manual: bool,
-}
 
 /// Inserts `runs` with their events, announces them to executors and
 /// subscribers, and returns the events of the runs actually inserted. A
@@ -247,7 +207,7 @@ fn initial_events(r: &NewRun) -> Vec<EventBody> {
 }
 
 /// Announces `events` (in seq order per run) on
-/// [`super::CHANNEL_EVENTS`]; nothing when there are none.
+/// [`super::notify::EVENTS`]; nothing when there are none.
 async fn announce<'a>(
     conn: &mut PgConnection,
     node_id: &str,
@@ -268,12 +228,12 @@ async fn announce<'a>(
 }
 
 /// Tells every node's executor that runs are waiting (or a slot freed up):
-/// [`super::CHANNEL_RUNS`], delivered on commit.
+/// [`super::notify::RUNS`], delivered on commit.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
-    sqlx::query!("SELECT pg_notify('sked_runs', '')")
+    sqlx::query!("SELECT pg_notify($1::text, '')", super::notify::RUNS)
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -6,8 +6,8 @@
 //! `[0, jitter_secs]` seconds, millisecond resolution, derived from a fixed
 //! hash (FNV-1a 64 followed by the SplitMix64 finaliser, spelled out on
 //! `jitter_for`) so that every replica and every build agrees. The fire time
-//! itself (what [`Schedule::next_after`] returns, what is recorded as the
-//! scheduled time) is not moved by jitter.
+//! itself (what [`Schedule::next_after`] returns, stored as the run's
+//! `scheduled_time`) is not moved by jitter.
 
 use chrono::{DateTime, TimeDelta, Utc};
 

@@ -46,7 +46,7 @@
 //! each occurrence" in a repeated hour. For the calendar kinds the same rules
 //! are sked's product contract (`docs/semantics.md`, "Schedules"). Notes:
 //!
-//! * Vixie cron starts one catch-up run per skipped matching minute; here a
+//! * Vixie cron starts one run per skipped matching minute; here a
 //!   fire time is an instant, so all matches inside one gap are one fire.
 //! * Other schedulers differ on the gap, and we chose *fire after the gap*:
 //!   Quartz's `CronTrigger` skips a fire time that falls into a gap (its
