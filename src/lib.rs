@@ -141,4 +141,32 @@ mod house {
             }
         }
     }
+
+    /// gRPC handlers parse, call a use case and convert: nothing under
+    /// `src/grpc` opens a transaction, writes the audit log or calls the
+    /// database layer (`src/usecase` does).
+    #[test]
+    fn grpc_handlers_open_no_transactions() {
+        for (path, text) in sources("src/grpc") {
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for q in [
+                    ".begin()",
+                    "Transaction<",
+                    ".commit()",
+                    "PgConnection",
+                    "audit_insert",
+                    "crate::db",
+                    "db::",
+                ] {
+                    assert!(
+                        !code.contains(q),
+                        "{}:{}: a gRPC handler reaches past the use-case layer ({q}): {line}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
 }

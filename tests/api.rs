@@ -107,7 +107,10 @@ async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
-    assert!(s.message().contains("binding.definition"), "{s:?}");
+    assert!(
+        s.message().contains(r#"definition "nope" not found"#),
+        "{s:?}"
+    );
     create(
         &node,
         sh_def("ok", "true", cron("0 3 * * *", "Europe/Berlin")),

@@ -1,4 +1,5 @@
-//! `sked.v1.DefinitionService`.
+//! `sked.v1.DefinitionService`: parses requests, calls
+//! [`usecase::definitions`], converts the results.
 
 use tonic::{Request, Response, Status};
 
@@ -7,24 +8,71 @@ use super::convert::{
     definition_to, handler_from, misfire_policy_from, overlap_from, params_from, retry_policy_from,
     schedule_from, tenant_scope_from, time_from, time_to, timeout_from,
 };
-use super::{Ctx, check_etag, db_status, invalid, page, page_size, record, update_paths};
-use crate::db;
-use crate::db::definitions as q;
-use crate::domain::RunReason;
+use super::{Ctx, invalid, page_size, update_paths};
 use crate::domain::{
-    Definition, FieldViolation, RunPolicy, TenantScope, effective_schedule, merge_params,
-    validate_definition_name, validate_max_output_bytes, validate_merged_params,
+    Definition, FieldViolation, RunPolicy, validate_definition_name, validate_max_output_bytes,
+    validate_merged_params,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::definition_service_server::DefinitionService;
-use crate::usecase::audit;
-
-/// Most fire times one PreviewSchedule returns.
-pub const MAX_PREVIEW: i32 = 1000;
+use crate::usecase::definitions::{self as uc, DefinitionChange};
+use crate::usecase::{Actor, Page};
 
 /// Implements `DefinitionService`.
 #[derive(Debug, Clone)]
 pub struct Definitions(pub Ctx);
+
+/// The change UpdateDefinition's `path` asks for, parsed from `d`.
+fn change_from(path: &str, d: &pb::TaskDefinition) -> Result<Option<DefinitionChange>, Status> {
+    Ok(Some(match path {
+        "display_name" => DefinitionChange::DisplayName(d.display_name.clone()),
+        "description" => DefinitionChange::Description(d.description.clone()),
+        "labels" => DefinitionChange::Labels(d.labels.clone().into_iter().collect()),
+        "command" => DefinitionChange::Handler(
+            handler_from("definition", d.handler.as_ref()).map_err(invalid)?,
+        ),
+        "schedule" => DefinitionChange::Schedule(
+            schedule_from("definition.schedule", d.schedule.as_ref())
+                .map_err(invalid)?
+                .ok_or_else(|| {
+                    invalid(FieldViolation::new("definition.schedule", "is required"))
+                })?,
+        ),
+        "params" => {
+            let params = params_from(d.params.as_ref());
+            validate_merged_params("definition.params", &params).map_err(invalid)?;
+            DefinitionChange::Params(params)
+        }
+        "misfire_policy" => DefinitionChange::MisfirePolicy(
+            misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
+                .map_err(invalid)?,
+        ),
+        "retry_policy" => DefinitionChange::RetryPolicy(
+            retry_policy_from("definition.retry_policy", d.retry_policy.as_ref())
+                .map_err(invalid)?,
+        ),
+        "timeout" => DefinitionChange::Timeout(
+            timeout_from("definition.timeout", d.timeout.as_ref()).map_err(invalid)?,
+        ),
+        "overlap_policy" => DefinitionChange::OverlapPolicy(
+            overlap_from("definition.overlap_policy", d.overlap_policy).map_err(invalid)?,
+        ),
+        "priority" => DefinitionChange::Priority(d.priority),
+        "enabled" => DefinitionChange::Enabled(d.enabled.unwrap_or(true)),
+        "deletion_protection" => DefinitionChange::DeletionProtection(d.deletion_protection),
+        "max_output_bytes" => {
+            if let Some(m) = d.max_output_bytes {
+                validate_max_output_bytes("definition.max_output_bytes", m).map_err(invalid)?;
+            }
+            DefinitionChange::MaxOutputBytes(d.max_output_bytes)
+        }
+        "tenant_scope" => DefinitionChange::TenantScope(
+            tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
+                .map_err(invalid)?,
+        ),
+        _ => return Ok(None),
+    }))
+}
 
 #[tonic::async_trait]
 impl DefinitionService for Definitions {
@@ -66,7 +114,6 @@ impl DefinitionService for Definitions {
         }
         let params = params_from(d.params.as_ref());
         validate_merged_params("definition.params", &params).map_err(invalid)?;
-        let now = self.0.core.clock.now();
         let def = Definition {
             max_output_bytes: d.max_output_bytes,
             protected: d.deletion_protection,
@@ -81,32 +128,16 @@ impl DefinitionService for Definitions {
             handler,
             schedule,
             params,
-            create_time: now,
-            update_time: now,
-            version: 1,
+            // Times and version are the use case's to set.
+            create_time: Default::default(),
+            update_time: Default::default(),
+            version: 0,
         };
-        let what = format!("definition {:?}", def.name);
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), &what))?;
-        q::definition_insert(&mut *tx, &def)
-            .await
-            .map_err(|e| db_status(e, &what))?;
-        let event = caller.audit(
-            now,
-            None,
-            method,
-            format!("definition/{}", def.name),
-            None,
-            Some(audit::definition(&def)),
-        );
-        record(&mut tx, &event, &what).await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        tracing::info!(definition = %def.name, "definition created");
+        let actor = Actor {
+            caller: &caller,
+            action: method,
+        };
+        let def = uc::create(&self.0.core, actor, def).await?;
         Ok(Response::new(definition_to(&def)))
     }
 
@@ -117,14 +148,7 @@ impl DefinitionService for Definitions {
         let caller = grant(&req)?.caller;
         let name = req.into_inner().name;
         validate_definition_name("name", &name).map_err(invalid)?;
-        let d = q::definition_get(&self.0.core.pool, &name, caller.tenant.as_deref())
-            .await
-            .map_err(|e| {
-                db_status(
-                    e,
-                    format_args!("definition {}", crate::domain::quote(&name)),
-                )
-            })?;
+        let d = uc::get(&self.0.core, caller.tenant.as_deref(), &name).await?;
         Ok(Response::new(definition_to(&d)))
     }
 
@@ -134,23 +158,19 @@ impl DefinitionService for Definitions {
     ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
         let caller = grant(&req)?.caller;
         let r = req.into_inner();
-        let limit = page_size(r.page_size, 50)?;
+        let size = page_size(r.page_size, 50)?;
         // The token is the last name of the previous page.
         if !r.page_token.is_empty() {
             validate_definition_name("page_token", &r.page_token).map_err(invalid)?;
         }
-        let defs = q::definition_list(
-            &self.0.core.pool,
-            &r.page_token,
-            caller.tenant.as_deref(),
-            limit + 1,
-        )
-        .await
-        .map_err(|e| db_status(e, "definitions"))?;
-        let (defs, next_page_token) = page(defs, limit, |d| d.name.clone());
+        let page = Page {
+            size,
+            after: (!r.page_token.is_empty()).then_some(r.page_token),
+        };
+        let (defs, next) = uc::list(&self.0.core, caller.tenant.as_deref(), page).await?;
         Ok(Response::new(pb::ListDefinitionsResponse {
             definitions: defs.iter().map(definition_to).collect(),
-            next_page_token,
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
@@ -207,145 +227,21 @@ impl DefinitionService for Definitions {
             ],
             implied,
         )?;
-        let what = format!("definition {:?}", d.name);
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), &what))?;
-        let mut cur = q::definition_get_for_update(&mut *tx, &d.name)
-            .await
-            .map_err(|e| db_status(e, &what))?;
-        check_etag(&what, &d.etag, cur.version)?;
-        let before = audit::definition(&cur);
-        let old_version = cur.version;
-        let mut schedule_changed = false;
-        for path in paths.iter().copied() {
-            match path {
-                "display_name" => cur.display_name = d.display_name.clone(),
-                "description" => cur.description = d.description.clone(),
-                "labels" => cur.labels = d.labels.clone().into_iter().collect(),
-                "command" => {
-                    cur.handler = handler_from("definition", d.handler.as_ref()).map_err(invalid)?
-                }
-                "schedule" => {
-                    let s = schedule_from("definition.schedule", d.schedule.as_ref())
-                        .map_err(invalid)?
-                        .ok_or_else(|| {
-                            invalid(FieldViolation::new("definition.schedule", "is required"))
-                        })?;
-                    schedule_changed |= s != cur.schedule;
-                    cur.schedule = s;
-                }
-                "params" => {
-                    cur.params = params_from(d.params.as_ref());
-                    validate_merged_params("definition.params", &cur.params).map_err(invalid)?;
-                }
-                "misfire_policy" => {
-                    cur.misfire_policy =
-                        misfire_policy_from("definition.misfire_policy", d.misfire_policy.as_ref())
-                            .map_err(invalid)?
-                }
-                "retry_policy" => {
-                    cur.policy.retry =
-                        retry_policy_from("definition.retry_policy", d.retry_policy.as_ref())
-                            .map_err(invalid)?
-                }
-                "timeout" => {
-                    cur.policy.timeout_secs =
-                        timeout_from("definition.timeout", d.timeout.as_ref()).map_err(invalid)?
-                }
-                "overlap_policy" => {
-                    cur.policy.overlap = overlap_from("definition.overlap_policy", d.overlap_policy)
-                        .map_err(invalid)?
-                }
-                "priority" => cur.policy.priority = d.priority,
-                "enabled" => cur.enabled = d.enabled.unwrap_or(true),
-                "deletion_protection" => cur.protected = d.deletion_protection,
-                "max_output_bytes" => {
-                    if let Some(m) = d.max_output_bytes {
-                        validate_max_output_bytes("definition.max_output_bytes", m)
-                            .map_err(invalid)?;
-                    }
-                    cur.max_output_bytes = d.max_output_bytes;
-                }
-                "tenant_scope" => {
-                    let scope =
-                        tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
-                            .map_err(invalid)?;
-                    if let TenantScope::AllowList(allow) = &scope {
-                        let stranded = q::definition_bound_outside(&mut *tx, &cur.name, allow)
-                            .await
-                            .map_err(|e| db_status(e, &what))?;
-                        if !stranded.is_empty() {
-                            return Err(Status::failed_precondition(format!(
-                                "tenants outside the new tenant_scope still bind {what}: {}; delete their bindings first",
-                                stranded.join(", ")
-                            )));
-                        }
-                    }
-                    cur.tenant_scope = scope;
-                }
-                _ => {}
-            }
+        let mut changes = Vec::with_capacity(paths.len());
+        for path in paths {
+            changes.extend(change_from(path, &d)?);
         }
-        if paths.contains(&"params") {
-            // Runs receive the merge: it must stay within the limit for
-            // every binding that overrides some params.
-            let overrides = db::bindings::binding_list_param_overrides(&mut *tx, &cur.name)
-                .await
-                .map_err(|e| db_status(e, &what))?;
-            for (id, p) in overrides {
-                validate_merged_params(
-                    &format!("definition.params (binding {id})"),
-                    &merge_params(&cur.params, &p),
-                )
-                .map_err(invalid)?;
-            }
-        }
-        let now = self.0.core.clock.now();
-        cur.version += 1;
-        cur.update_time = now;
-        q::definition_update(&mut *tx, &cur, old_version)
-            .await
-            .map_err(|e| db_status(e, &what))?;
-        if !cur.enabled {
-            // A scheduler pass firing one of its bindings ends first.
-            db::bindings::binding_lock_by_definition(&mut *tx, &cur.name)
-                .await
-                .map_err(|e| db_status(e, &what))?;
-        }
-        super::bindings::hold_or_release(&mut tx, !cur.enabled, &what).await?;
-        if schedule_changed {
-            // Bindings that inherit the schedule follow it at once; an
-            // interval without anchor is anchored at the change.
-            let bindings = db::bindings::binding_list_inheriting_schedule(&mut *tx, &cur.name)
-                .await
-                .map_err(|e| db_status(e, &what))?;
-            let ids: Vec<_> = bindings.iter().map(|b| b.0).collect();
-            let schedules: Vec<_> = bindings
-                .iter()
-                .map(|(_, from, until)| effective_schedule(&cur.schedule, now, *from, *until))
-                .collect();
-            let nexts: Vec<_> = schedules.iter().map(|s| s.next_after(now)).collect();
-            db::bindings::binding_set_effective_schedules(&mut *tx, &ids, &schedules, &nexts, now)
-                .await
-                .map_err(|e| db_status(e, &what))?;
-        }
-        let event = caller.audit(
-            now,
-            None,
-            method,
-            format!("definition/{}", cur.name),
-            Some(before),
-            Some(audit::definition(&cur)),
-        );
-        record(&mut tx, &event, &what).await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        tracing::info!(definition = %cur.name, version = cur.version, schedule_changed, "definition updated");
-        Ok(Response::new(definition_to(&cur)))
+        let update = uc::DefinitionUpdate {
+            name: d.name,
+            etag: d.etag,
+            changes,
+        };
+        let actor = Actor {
+            caller: &caller,
+            action: method,
+        };
+        let def = uc::update(&self.0.core, actor, update).await?;
+        Ok(Response::new(definition_to(&def)))
     }
 
     async fn delete_definition(
@@ -354,58 +250,12 @@ impl DefinitionService for Definitions {
     ) -> Result<Response<pb::DeleteDefinitionResponse>, Status> {
         let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
-        let name = r.name;
-        validate_definition_name("name", &name).map_err(invalid)?;
-        let what = format!("definition {}", crate::domain::quote(&name));
-        let mut tx = self
-            .0
-            .core
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_status(e.into(), &what))?;
-        // A definition whose stored data cannot be read can still be
-        // deleted (the row is locked all the same; the audit records why
-        // its content is missing).
-        let mut before = match q::definition_get_for_update(&mut *tx, &name).await {
-            Ok(cur) => audit::definition(&cur),
-            Err(e @ db::Error::Corrupt { .. }) => {
-                tracing::warn!(definition = %name, error = %e, "deleting a definition that cannot be read");
-                serde_json::json!({ "name": name, "unreadable": e.to_string() })
-            }
-            Err(e) => return Err(db_status(e, &what)),
+        validate_definition_name("name", &r.name).map_err(invalid)?;
+        let actor = Actor {
+            caller: &caller,
+            action: method,
         };
-        let bindings = q::definition_delete(&mut tx, &name, r.force)
-            .await
-            .map_err(|e| db_status(e, &what))?;
-        // As DeleteBinding for each deleted binding.
-        let now = self.0.core.clock.now();
-        let cancelled = db::runs::run_cancel_bindings(
-            &mut tx,
-            &self.0.core.node_id,
-            &bindings,
-            RunReason::BindingDeleted.as_str(),
-            now,
-        )
-        .await
-        .map_err(|e| db_status(e, &what))?;
-        if let Some(o) = before.as_object_mut()
-            && !bindings.is_empty()
-        {
-            o.insert("deleted_bindings".into(), serde_json::json!(bindings));
-        }
-        let event = caller.audit(
-            now,
-            None,
-            method,
-            format!("definition/{name}"),
-            Some(before),
-            None,
-        );
-        record(&mut tx, &event, &what).await?;
-        tx.commit().await.map_err(|e| db_status(e.into(), &what))?;
-        self.0.core.bus.publish(cancelled);
-        tracing::info!(definition = %name, deleted_bindings = bindings.len(), "definition deleted");
+        uc::delete(&self.0.core, actor, &r.name, r.force).await?;
         Ok(Response::new(pb::DeleteDefinitionResponse {}))
     }
 
@@ -416,56 +266,31 @@ impl DefinitionService for Definitions {
         let caller = grant(&req)?.caller;
         let who = super::limit::caller_keys(&caller, &req);
         let r = req.into_inner();
-        let count = match r.count {
-            0 => 10,
-            1..=MAX_PREVIEW => r.count,
-            n => {
-                return Err(invalid(FieldViolation::new(
-                    "count",
-                    format!("{n} is out of range 0-{MAX_PREVIEW}"),
-                )));
-            }
-        };
+        let count = uc::preview_count(r.count)?;
         let after = match &r.after {
             Some(t) => time_from("after", t).map_err(invalid)?,
             None => self.0.core.clock.now(),
         };
         let schedule = schedule_from("schedule", r.schedule.as_ref())
             .map_err(invalid)?
-            .ok_or_else(|| invalid(FieldViolation::new("schedule", "is required")))?
-            .resolve_anchor(after);
-        if matches!(schedule.kind, crate::domain::ScheduleKind::Cron { .. })
-            && chrono::Datelike::year(&after) > crate::domain::schedule::CRON_LAST_YEAR
-        {
-            return Err(invalid(FieldViolation::new(
-                "after",
-                format!(
-                    "cron schedules compute fire times up to year {}",
-                    crate::domain::schedule::CRON_LAST_YEAR
-                ),
-            )));
-        }
-        let fire_times = self
+            .ok_or_else(|| invalid(FieldViolation::new("schedule", "is required")))?;
+        let preview = uc::preview(schedule, after, count)?;
+        // Up to MAX_PREVIEW schedule steps are CPU work: bounded per
+        // tenant and connection.
+        let fires = self
             .0
             .costly
-            .run(who, "PreviewSchedule", move || {
-                let mut fire_times = Vec::new();
-                let mut t = after;
-                while fire_times.len() < count as usize {
-                    let Some(fire) = schedule.next_fire_after(t) else {
-                        break;
-                    };
-                    let next = fire.time;
-                    fire_times.push(pb::FireTime {
-                        time: Some(time_to(next)),
-                        local_time: schedule.describe_local(next),
-                        dst_shifted: fire.dst_shifted,
-                    });
-                    t = next;
-                }
-                fire_times
-            })
+            .run(who, "PreviewSchedule", move || preview.fire_times())
             .await?;
-        Ok(Response::new(pb::PreviewScheduleResponse { fire_times }))
+        Ok(Response::new(pb::PreviewScheduleResponse {
+            fire_times: fires
+                .into_iter()
+                .map(|f| pb::FireTime {
+                    time: Some(time_to(f.time)),
+                    local_time: f.local_time,
+                    dst_shifted: f.dst_shifted,
+                })
+                .collect(),
+        }))
     }
 }

@@ -1,6 +1,10 @@
 //! The gRPC API (`sked.v1`): one file per service, plus tenant context,
-//! status mapping and proto ↔ domain conversion. No SQL and no loops here:
-//! handlers validate, call `db` or `events`, and convert.
+//! status mapping and proto ↔ domain conversion. No SQL, no transactions
+//! and no business rules here: handlers parse a request into plain values,
+//! call one function of [`crate::usecase`] (or open an event stream) and
+//! convert the answer; a use-case error becomes its status code
+//! (`impl From<usecase::Error> for Status`; `NOT_FOUND` carries a
+//! `google.rpc.ResourceInfo`).
 //!
 //! Every request passes the authorization gate first ([`authz`]: one table
 //! of role and scope per method, enforced by a tower layer; the key itself
@@ -33,7 +37,6 @@ use std::sync::Arc;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::db;
 use crate::domain::FieldViolation;
 use crate::usecase::{self, Core};
 
@@ -89,46 +92,6 @@ pub fn invalid(v: FieldViolation) -> Status {
     )
 }
 
-/// `NOT_FOUND` for `what` (e.g. `run "0190..."`): a message that leaks
-/// nothing about other tenants, cut to [`MAX_ERROR_REASON`] bytes.
-pub fn not_found(what: impl std::fmt::Display) -> Status {
-    Status::not_found(truncate(format!("{what} not found"), MAX_ERROR_REASON))
-}
-
-/// Maps a database error for an operation on `what`.
-pub fn db_status(e: db::Error, what: impl std::fmt::Display) -> Status {
-    match e {
-        db::Error::NotFound => not_found(what),
-        db::Error::Duplicate(_) => {
-            Status::already_exists(truncate(format!("{what} already exists"), MAX_ERROR_REASON))
-        }
-        db::Error::Refused(m) => Status::failed_precondition(truncate(m, MAX_ERROR_REASON)),
-        db::Error::OverQuota(m) => Status::resource_exhausted(truncate(m, MAX_ERROR_REASON)),
-        db::Error::Conflict => Status::aborted(truncate(
-            format!("{what} was changed concurrently; read it again and retry"),
-            MAX_ERROR_REASON,
-        )),
-        // Stored data that cannot be read: that one row, not the service.
-        db::Error::Corrupt { .. } => {
-            tracing::error!(error = %e, %what, "stored data cannot be read");
-            Status::data_loss(crate::db::clip(
-                &format!("stored data of {what} cannot be read: {e}"),
-                500,
-            ))
-        }
-        db::Error::Sqlx(
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::Io(_)
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_),
-        ) => {
-            tracing::warn!(error = %e, "database unavailable");
-            Status::unavailable("database unavailable; retry")
-        }
-        other => internal(&other),
-    }
-}
-
 impl From<usecase::Error> for Status {
     /// The status of a refused or failed use case: `INVALID_ARGUMENT` with
     /// `BadRequest`, `NOT_FOUND` with `ResourceInfo` (type and name of what
@@ -162,9 +125,9 @@ impl From<usecase::Error> for Status {
             E::Conflict(m) => Status::aborted(truncate(m, MAX_ERROR_REASON)),
             E::Corrupt { target, source } => {
                 tracing::error!(error = %source, %target, "stored data cannot be read");
-                Status::data_loss(crate::db::clip(
-                    &format!("stored data of {target} cannot be read: {source}"),
-                    500,
+                Status::data_loss(truncate(
+                    format!("stored data of {target} cannot be read: {source}"),
+                    MAX_ERROR_REASON,
                 ))
             }
             E::Unavailable(e) => {
@@ -173,18 +136,6 @@ impl From<usecase::Error> for Status {
             }
             E::Internal(e) => internal(&e),
         }
-    }
-}
-
-/// `FAILED_PRECONDITION` when the binding is broken (its stored data cannot
-/// be read or computed): only Get, List and Delete work on it.
-pub fn require_healthy(b: &crate::domain::Binding) -> Result<(), Status> {
-    match &b.broken_reason {
-        None => Ok(()),
-        Some(r) => Err(Status::failed_precondition(format!(
-            "binding {} is broken ({r}); it can only be read and deleted",
-            b.id
-        ))),
     }
 }
 
@@ -219,33 +170,6 @@ pub fn page_size(n: i32, default: i64) -> Result<i64, Status> {
             format!("{n} is out of range 0-1000"),
         ))),
     }
-}
-
-/// One page of a list fetched with `limit + 1` rows: the first `limit` rows
-/// and the next page token (`token` of the last row kept; empty when there
-/// are no more rows).
-pub fn page<T>(mut rows: Vec<T>, limit: i64, token: impl Fn(&T) -> String) -> (Vec<T>, String) {
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next = match rows.last() {
-        Some(last) if more => token(last),
-        _ => String::new(),
-    };
-    (rows, next)
-}
-
-/// Appends the audit event of a mutating call to its transaction.
-///
-/// # Errors
-/// As [`db_status`] for `what`.
-pub async fn record(
-    tx: &mut sqlx::PgConnection,
-    event: &crate::domain::tenancy::AuditEvent,
-    what: &str,
-) -> Result<(), Status> {
-    db::tenancy::audit_insert(tx, event)
-        .await
-        .map_err(|e| db_status(e, what))
 }
 
 /// Parses a UUID field.
@@ -296,26 +220,12 @@ pub fn update_paths(
         .collect()
 }
 
-/// `ABORTED` unless `etag` is empty or equals the current `version`.
-///
-/// # Errors
-/// `ABORTED` on mismatch.
-pub fn check_etag(what: &str, etag: &str, version: i64) -> Result<(), Status> {
-    if etag.is_empty() || etag == version.to_string() {
-        Ok(())
-    } else {
-        Err(Status::aborted(format!(
-            "{what} etag {} does not match the current etag \"{version}\"; read it again and retry",
-            boundary::quote(etag)
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tonic_types::StatusExt;
 
     use super::*;
+    use crate::db;
     use crate::usecase::{Error, Target};
 
     #[test]

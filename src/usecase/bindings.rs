@@ -1,13 +1,24 @@
 //! Bindings: a tenant's use of a definition with its own schedule and
-//! params.
+//! params. Creating (within the tenant's quota), reading, changing,
+//! pausing and resuming, and deleting them (with their runs).
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Core, Error, Result, Target};
+use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
 use crate::db;
-use crate::domain::Binding;
+use crate::domain::RunReason;
+use crate::domain::{
+    Binding, FieldViolation, Schedule, effective_schedule, merge_params, validate_effective_window,
+    validate_merged_params,
+};
 
-/// Binding `binding_id` of `tenant_id`.
+/// Longest pause note, in characters.
+pub const MAX_NOTE: usize = 1000;
+
+/// Binding `binding_id` of `tenant_id`, as stored (a pause whose expiry has
+/// passed is still recorded; see [`shown`]).
 ///
 /// # Errors
 /// `NotFound` (also for another tenant's binding), database errors.
@@ -15,4 +26,453 @@ pub async fn get(core: &Core, tenant_id: &str, binding_id: Uuid) -> Result<Bindi
     db::bindings::binding_get(&core.pool, tenant_id, binding_id)
         .await
         .map_err(Error::on(&Target::new("binding", binding_id)))
+}
+
+/// A binding as callers see it at `now`: a pause whose expiry has passed is
+/// over, even before the scheduler has cleared it.
+pub fn shown(mut b: Binding, now: DateTime<Utc>) -> Binding {
+    if b.pause_expired(now) {
+        b.end_pause();
+    }
+    b
+}
+
+/// Binding `binding_id` of `tenant_id` as callers see it now ([`shown`]):
+/// what GetBinding returns.
+///
+/// # Errors
+/// As [`get`].
+pub async fn view(core: &Core, tenant_id: &str, binding_id: Uuid) -> Result<Binding> {
+    let b = get(core, tenant_id, binding_id).await?;
+    Ok(shown(b, core.clock.now()))
+}
+
+/// One page of `tenant_id`'s bindings (of `definition` only, when given),
+/// in id order, as callers see them now ([`shown`]); the cursor is the last
+/// binding's id.
+///
+/// # Errors
+/// Database errors.
+pub async fn list(
+    core: &Core,
+    tenant_id: &str,
+    definition: Option<&str>,
+    page: Page<Uuid>,
+) -> Result<(Vec<Binding>, Option<Uuid>)> {
+    let rows = db::bindings::binding_list(
+        &core.pool,
+        tenant_id,
+        page.after.unwrap_or(Uuid::nil()),
+        definition,
+        page.size + 1,
+    )
+    .await
+    .map_err(Error::on(&Target::all("binding")))?;
+    let (rows, next) = super::page(rows, page.size, |b| b.id);
+    let now = core.clock.now();
+    Ok((rows.into_iter().map(|b| shown(b, now)).collect(), next))
+}
+
+/// What CreateBinding asks for, checked for shape (definition name,
+/// schedule, effective window).
+#[derive(Debug, Clone)]
+pub struct NewBinding {
+    /// The definition to bind.
+    pub definition: String,
+    /// Schedule override; `None` inherits the definition's.
+    pub schedule: Option<Schedule>,
+    /// Params patch merged over the definition's (RFC 7396); `None` for
+    /// none.
+    pub params: Option<Value>,
+    /// Fires only at or after this instant.
+    pub effective_from: Option<DateTime<Utc>>,
+    /// Fires only at or before this instant.
+    pub effective_until: Option<DateTime<Utc>>,
+    /// A disabled binding does not fire.
+    pub enabled: bool,
+}
+
+/// Binds a definition for `tenant_id` (CreateBinding): the definition must
+/// be visible to the caller and its tenant scope include `tenant_id`; the
+/// tenant's `max_bindings` quota is checked under its quota row lock.
+/// Returns the new binding, its next fire time computed from now.
+///
+/// # Errors
+/// `NotFound` (definition), `Precondition` when the definition's tenant
+/// scope excludes the tenant, `Invalid` on `binding.params` when the merged
+/// params exceed the limits, `QuotaExceeded` (`max_bindings`),
+/// `AlreadyExists` when the tenant already binds the definition, database
+/// errors.
+pub async fn create(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    new: NewBinding,
+) -> Result<Binding> {
+    let def_target = Target::new("definition", &new.definition);
+    let def = db::definitions::definition_get(
+        &core.pool,
+        &new.definition,
+        actor.caller.tenant.as_deref(),
+    )
+    .await
+    .map_err(Error::on(&def_target))?;
+    if !def.tenant_scope.allows(tenant_id) {
+        return Err(Error::Precondition(format!(
+            "definition {:?} may not be bound by tenant {tenant_id:?}: its tenant_scope excludes it",
+            def.name
+        )));
+    }
+    let now = core.clock.now();
+    let effective = effective_schedule(
+        new.schedule.as_ref().unwrap_or(&def.schedule),
+        now,
+        new.effective_from,
+        new.effective_until,
+    );
+    if let Some(p) = &new.params {
+        validate_merged_params("binding.params", &merge_params(&def.params, p))?;
+    }
+    let binding = Binding {
+        id: Uuid::now_v7(),
+        tenant_id: tenant_id.to_string(),
+        definition: def.name.clone(),
+        next_run_time: effective.next_after(now),
+        effective_from: new.effective_from,
+        effective_until: new.effective_until,
+        schedule: new.schedule,
+        effective_params: new
+            .params
+            .as_ref()
+            .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p)),
+        params: new.params,
+        effective_schedule: effective,
+        create_time: now,
+        update_time: now,
+        version: 1,
+        enabled: new.enabled,
+        paused: false,
+        pause_note: String::new(),
+        pause_expire_time: None,
+        effective_policy: def.policy,
+        broken_reason: None,
+    };
+    let target = Target::all("binding");
+    let mut tx = begin(core, &target).await?;
+    db::tenancy::quota_check_new_binding(&mut tx, tenant_id)
+        .await
+        .map_err(Error::on(&target))?;
+    db::bindings::binding_insert(&mut *tx, &binding)
+        .await
+        .map_err(|e| match e {
+            // Deleted since it was read.
+            db::Error::NotFound => Error::NotFound(Target::new("definition", &def.name)),
+            db::Error::Duplicate(_) => Error::AlreadyExists(Target::new(
+                "binding",
+                format_args!(
+                    "of definition {:?} for tenant {:?}",
+                    binding.definition, binding.tenant_id
+                ),
+            )),
+            e => Error::db(e, &target),
+        })?;
+    let event = actor.audit(
+        now,
+        Some(tenant_id),
+        format!("binding/{}", binding.id),
+        None,
+        Some(audit::binding(&binding)),
+    );
+    record(&mut tx, &event, &target).await?;
+    commit(tx, &target).await?;
+    tracing::info!(binding = %binding.id, tenant = %binding.tenant_id, definition = %binding.definition,
+        next_run_time = ?binding.next_run_time, "binding created");
+    Ok(binding)
+}
+
+/// One field an UpdateBinding sets, already parsed and checked for shape.
+#[derive(Debug, Clone)]
+pub enum BindingChange {
+    /// `schedule`: the override; `None` inherits the definition's again.
+    Schedule(Option<Schedule>),
+    /// `params`: the patch over the definition's; `None` for none.
+    Params(Option<Value>),
+    /// `effective_from`.
+    EffectiveFrom(Option<DateTime<Utc>>),
+    /// `effective_until`.
+    EffectiveUntil(Option<DateTime<Utc>>),
+    /// `enabled`: re-enabling fires from the next fire time after now, with
+    /// no catch-up of what passed while disabled.
+    Enabled(bool),
+}
+
+/// What UpdateBinding asks for.
+#[derive(Debug, Clone)]
+pub struct BindingUpdate {
+    /// The binding to change.
+    pub binding_id: Uuid,
+    /// The version the caller read (its etag); empty to skip the check.
+    pub etag: String,
+    /// The fields to set, applied in order.
+    pub changes: Vec<BindingChange>,
+}
+
+/// Changes a binding of `tenant_id` (UpdateBinding) under its row lock and
+/// bumps its version. A changed schedule or window recomputes the
+/// effective schedule (anchored now) and the next fire time; disabling it
+/// takes the claim lock, so none of its runs starts after the commit, and
+/// enabling it wakes every node's executor. Returns the binding as callers
+/// see it ([`shown`]).
+///
+/// # Errors
+/// `NotFound`, `Precondition` (broken binding), `Conflict` (etag,
+/// concurrent change), `Invalid` on `binding.effective_until` (window) or
+/// `binding.params` (merged params over the limits), database errors.
+pub async fn update(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    u: BindingUpdate,
+) -> Result<Binding> {
+    let id = u.binding_id;
+    let target = Target::new("binding", id);
+    let mut tx = begin(core, &target).await?;
+    let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
+        .await
+        .map_err(Error::on(&target))?;
+    super::require_healthy(&cur)?;
+    super::check_etag(&target, &u.etag, cur.version)?;
+    let before = audit::binding(&cur);
+    let old_version = cur.version;
+    let now = core.clock.now();
+    let mut schedule_changed = false;
+    let mut re_enabled = false;
+    for change in u.changes {
+        match change {
+            BindingChange::Schedule(s) => {
+                schedule_changed |= s != cur.schedule;
+                cur.schedule = s;
+            }
+            BindingChange::Params(p) => cur.params = p,
+            BindingChange::EffectiveFrom(from) => {
+                schedule_changed |= from != cur.effective_from;
+                cur.effective_from = from;
+            }
+            BindingChange::EffectiveUntil(until) => {
+                schedule_changed |= until != cur.effective_until;
+                cur.effective_until = until;
+            }
+            BindingChange::Enabled(on) => {
+                // Re-enabled: from the next fire after now, no catch-up.
+                re_enabled = on && !cur.enabled;
+                cur.enabled = on;
+            }
+        }
+    }
+    let def = db::definitions::definition_get(&mut *tx, &cur.definition, None)
+        .await
+        .map_err(Error::on(&Target::new("definition", &cur.definition)))?;
+    validate_effective_window(cur.effective_from, cur.effective_until)?;
+    if schedule_changed {
+        cur.effective_schedule = effective_schedule(
+            cur.schedule.as_ref().unwrap_or(&def.schedule),
+            now,
+            cur.effective_from,
+            cur.effective_until,
+        );
+        cur.next_run_time = cur.effective_schedule.next_after(now);
+    } else if re_enabled {
+        // Same schedule and anchor; only what passed while disabled is dropped.
+        cur.next_run_time = cur.effective_schedule.next_after(now);
+    }
+    cur.effective_params = cur
+        .params
+        .as_ref()
+        .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p));
+    validate_merged_params("binding.params", &cur.effective_params)?;
+    cur.version += 1;
+    cur.update_time = now;
+    db::bindings::binding_update(&mut *tx, &cur, old_version)
+        .await
+        .map_err(Error::on(&target))?;
+    hold_or_release(&mut tx, !cur.enabled, &target).await?;
+    let event = actor.audit(
+        now,
+        Some(tenant_id),
+        format!("binding/{id}"),
+        Some(before),
+        Some(audit::binding(&cur)),
+    );
+    record(&mut tx, &event, &target).await?;
+    commit(tx, &target).await?;
+    tracing::info!(binding = %id, version = cur.version, schedule_changed, next_run_time = ?cur.next_run_time, "binding updated");
+    Ok(shown(cur, now))
+}
+
+/// Pauses a binding of `tenant_id` (PauseBinding): it does not fire, and
+/// none of its runs starts after the commit (claim lock), until resumed or
+/// until `expire_time` passes. `note` — at most [`MAX_NOTE`] characters.
+/// Pausing a paused binding replaces its note and expiry. Returns the
+/// binding as callers see it.
+///
+/// # Errors
+/// `Invalid` on `note` (too long) or `expire_time` (not in the future),
+/// `NotFound`, `Precondition` (broken binding), database errors.
+pub async fn pause(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    binding_id: Uuid,
+    note: &str,
+    expire_time: Option<DateTime<Utc>>,
+) -> Result<Binding> {
+    if note.chars().count() > MAX_NOTE {
+        return Err(
+            FieldViolation::new("note", format!("must be at most {MAX_NOTE} characters")).into(),
+        );
+    }
+    let now = core.clock.now();
+    if expire_time.is_some_and(|e| e <= now) {
+        return Err(FieldViolation::new("expire_time", "must be in the future").into());
+    }
+    let b = set_pause(core, actor, tenant_id, binding_id, now, |b| {
+        b.paused = true;
+        b.pause_note = note.to_string();
+        b.pause_expire_time = expire_time;
+    })
+    .await?;
+    tracing::info!(binding = %binding_id, expire_time = ?expire_time, note = %note, "binding paused");
+    Ok(shown(b, now))
+}
+
+/// Resumes a binding of `tenant_id` (ResumeBinding): a paused one fires
+/// from the next fire time after now (no catch-up of the pause) and its
+/// held runs may start; resuming a binding that is not paused only bumps
+/// its version. Returns the binding as callers see it.
+///
+/// # Errors
+/// `NotFound`, `Precondition` (broken binding), database errors.
+pub async fn resume(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    binding_id: Uuid,
+) -> Result<Binding> {
+    let now = core.clock.now();
+    let b = set_pause(core, actor, tenant_id, binding_id, now, |b| {
+        if b.paused {
+            // From the next fire after now: no catch-up of the pause.
+            b.next_run_time = b.effective_schedule.next_after(now);
+        }
+        b.end_pause();
+    })
+    .await?;
+    tracing::info!(binding = %binding_id, next_run_time = ?b.next_run_time, "binding resumed");
+    Ok(shown(b, now))
+}
+
+/// Applies `change` to binding `id` of `tenant_id` under its row lock and
+/// writes it (new version), holding or releasing its runs as it is now
+/// paused or not; audited. Returns the stored binding.
+async fn set_pause(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+    now: DateTime<Utc>,
+    change: impl FnOnce(&mut Binding),
+) -> Result<Binding> {
+    let target = Target::new("binding", id);
+    let mut tx = begin(core, &target).await?;
+    let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
+        .await
+        .map_err(Error::on(&target))?;
+    super::require_healthy(&cur)?;
+    let before = audit::binding(&cur);
+    let old_version = cur.version;
+    change(&mut cur);
+    cur.version += 1;
+    cur.update_time = now;
+    db::bindings::binding_update(&mut *tx, &cur, old_version)
+        .await
+        .map_err(Error::on(&target))?;
+    hold_or_release(&mut tx, cur.paused, &target).await?;
+    let event = actor.audit(
+        now,
+        Some(tenant_id),
+        format!("binding/{id}"),
+        Some(before),
+        Some(audit::binding(&cur)),
+    );
+    record(&mut tx, &event, &target).await?;
+    commit(tx, &target).await?;
+    Ok(cur)
+}
+
+/// Deletes binding `binding_id` of `tenant_id` (DeleteBinding); a broken
+/// binding can be deleted too. Stopped means stopped: under the claim lock,
+/// no run of it starts after the commit; its runs end
+/// CANCELLED/binding_deleted.
+///
+/// # Errors
+/// `NotFound`, database errors.
+pub async fn delete(
+    core: &Core,
+    actor: Actor<'_>,
+    tenant_id: &str,
+    binding_id: Uuid,
+) -> Result<()> {
+    let id = binding_id;
+    let target = Target::new("binding", id);
+    let mut tx = begin(core, &target).await?;
+    let before = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
+        .await
+        .map_err(Error::on(&target))?;
+    db::bindings::binding_delete(&mut *tx, tenant_id, id)
+        .await
+        .map_err(Error::on(&target))?;
+    // Stopped means stopped: under the claim lock, no run of it starts
+    // after this commits; its runs end CANCELLED/binding_deleted.
+    let now = core.clock.now();
+    let cancelled = db::runs::run_cancel_bindings(
+        &mut tx,
+        &core.node_id,
+        &[id],
+        RunReason::BindingDeleted.as_str(),
+        now,
+    )
+    .await
+    .map_err(Error::on(&target))?;
+    let event = actor.audit(
+        now,
+        Some(tenant_id),
+        format!("binding/{id}"),
+        Some(audit::binding(&before)),
+        None,
+    );
+    record(&mut tx, &event, &target).await?;
+    commit(tx, &target).await?;
+    core.bus.publish(cancelled);
+    tracing::info!(binding = %id, tenant = %tenant_id, "binding deleted");
+    Ok(())
+}
+
+/// In a transaction that writes a binding's (or definition's) paused or
+/// enabled flag: when `stopped`, takes the claim lock so no run of it starts
+/// once the transaction commits ([`db::runs::run_claim_lock`]); otherwise
+/// wakes every node's executor on commit, as its held runs may start now.
+///
+/// # Errors
+/// Database errors, reported on `target`.
+pub(crate) async fn hold_or_release(
+    tx: &mut sqlx::PgConnection,
+    stopped: bool,
+    target: &Target,
+) -> Result<()> {
+    if stopped {
+        db::runs::run_claim_lock(tx).await
+    } else {
+        db::runs::notify_runs(tx).await
+    }
+    .map_err(Error::on(target))
 }
