@@ -7,8 +7,6 @@
 //! bypassed by naming other tenants, cron schedules that stop computing at
 //! year 5000, LIKE wildcards in an exact filter, and long quotes in errors.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use prost_types::{Struct, Value as PValue, value::Kind as PKind};
@@ -16,7 +14,7 @@ use sked::grpc::boundary::MAX_TIMESTAMP_SECS;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-use common::*;
+use crate::common::*;
 
 fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }

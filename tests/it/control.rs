@@ -3,11 +3,9 @@
 //! delayed and idempotent triggers, the per-node concurrency limit, and the
 //! status codes of rejected calls.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 

@@ -9,11 +9,9 @@
 //!   it takes (tenant quota, or the binding's previous run), even when the
 //!   claiming node's clock lags the node that ended that run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::domain::Clock;
 use sked::proto::v1 as pb;
 

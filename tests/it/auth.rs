@@ -2,11 +2,9 @@
 //! and the audit log, through the API with real keys on a node that
 //! requires them (as every node with a DATABASE_URL does).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 

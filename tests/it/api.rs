@@ -1,8 +1,6 @@
 //! Validation, tenancy, health and reflection, through the API.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 

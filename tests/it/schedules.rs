@@ -1,10 +1,8 @@
 //! Schedule changes, once schedules and updates, through the API.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
