@@ -325,7 +325,8 @@ async fn once_fires_exactly_once_then_has_no_next_time() {
         after.next_run_time.is_none(),
         "a once schedule has no next time after it fired"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let canary = event_canary(&node, "watch").await;
+    fires_passed(&node, "watch", &canary, now_secs()).await;
     let runs = runs_of(&node, "acme", &b.id).await;
     assert_eq!(runs.len(), 1, "fired exactly once");
     node.stop().await;
@@ -634,7 +635,8 @@ async fn a_binding_outside_its_effective_window_does_not_fire() {
         (next - (now + chrono::Duration::hours(1)).timestamp()).abs() <= 1,
         "first fire at the window's start"
     );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let canary = event_canary(&node, "watch").await;
+    fires_passed(&node, "watch", &canary, now_secs() + 1.0).await;
     for (tenant, id) in [("acme", &past.id), ("other", &future.id)] {
         let runs = runs_of(&node, tenant, id).await;
         assert!(
