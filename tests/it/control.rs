@@ -314,7 +314,7 @@ async fn timeout_terminates_the_whole_process_group_and_kills_one_ignoring_sigte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_through_another_node_stops_the_run_within_2s_and_does_not_retry() {
-    let db = TestDb::alone().await;
+    let db = TestDb::new().await;
     let a = TestNode::start(&db, "a").await;
     let mut s = settings(&db, "b");
     s.max_concurrent_runs = 0;

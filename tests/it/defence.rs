@@ -54,7 +54,7 @@ async fn keeps_firing(node: &TestNode, tenant: &str, id: &str, before: usize, mo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_tenants() {
-    let db = TestDb::alone().await;
+    let db = TestDb::new().await;
     let node = TestNode::start(&db, "defence-1").await;
     let pool = db.pool().await;
 
@@ -251,7 +251,7 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
 /// reaper go on for every other run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_run_rows_end_alone_and_never_stop_claims_or_the_reaper() {
-    let db = TestDb::alone().await;
+    let db = TestDb::new().await;
     let mut settings = settings(&db, "defence-runs");
     settings.lease = Duration::from_secs(2);
     let node = TestNode::start_with(settings).await;

@@ -591,7 +591,7 @@ fn short(s: &str) -> String {
 /// keeps firing.
 #[tokio::test]
 async fn expensive_calls_are_bounded_per_tenant_and_do_not_stall_the_node() {
-    let db = TestDb::alone().await;
+    let db = TestDb::new().await;
     let node = TestNode::start(&db, "costly").await;
     let canary = event_canary(&node, "canary").await;
     let minutes: Vec<String> = (0..60).map(|m| m.to_string()).collect();

@@ -287,7 +287,7 @@ async fn updating_a_definition_schedule_moves_inheriting_bindings_only() {
 async fn once_fires_exactly_once_then_has_no_next_time() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
-    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(3000);
     let once = pb::Schedule {
         kind: Some(pb::schedule::Kind::Once(pb::OnceSchedule {
             at: Some(prost_types::Timestamp {

@@ -102,11 +102,13 @@ async fn server() -> &'static Server {
 }
 
 /// Turns of the tests in this binary: every [`TestDb`] holds one. Tests
-/// share theirs ([`TestDb::new`]), except those whose assertions are about
-/// timing (fire lag, promptness under load), which take theirs alone
-/// ([`TestDb::alone`]) so the other tests' nodes and processes on the same
-/// cores do not decide their outcome. (One test holds one `TestDb`: a
-/// second shared turn queued behind an alone one would never come.)
+/// share theirs ([`TestDb::new`]); a test whose assertions are about timing
+/// under its own load (fire lag while it floods the node) takes its turn
+/// alone ([`TestDb::alone`]), so the other tests' nodes and processes on the
+/// same cores do not decide its outcome. Each alone turn costs the suite
+/// its duration on one of the test threads: keep them few. (One test holds
+/// one `TestDb`: a second shared turn queued behind an alone one would
+/// never come.)
 static TURN: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 enum Turn {
