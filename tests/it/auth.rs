@@ -2,11 +2,9 @@
 //! and the audit log, through the API with real keys on a node that
 //! requires them (as every node with a DATABASE_URL does).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
@@ -1333,4 +1331,430 @@ async fn keys_are_never_stored_or_logged_in_clear() {
 fn nix_term(child: &tokio::process::Child) {
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+}
+
+/// One row of [`every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found`].
+struct Rpc {
+    /// `/sked.v1.<Service>/<Method>`.
+    path: &'static str,
+    /// The least role SPEC §6 gives the method.
+    role: pb::Role,
+    /// Platform keys only: a tenant key is refused whatever its role.
+    platform: bool,
+    /// A minimal request, encoded. When `target` holds it names a
+    /// well-formed target (id, run, binding, definition, key) that does not
+    /// exist.
+    req: Vec<u8>,
+    target: bool,
+}
+
+fn rpc(
+    path: &'static str,
+    role: pb::Role,
+    platform: bool,
+    target: bool,
+    req: impl prost::Message,
+) -> Rpc {
+    Rpc {
+        path,
+        role,
+        platform,
+        req: req.encode_to_vec(),
+        target,
+    }
+}
+
+/// Calls `path` with the encoded request `req`; the status code (of a
+/// stream: of its opening or first message; `OK` while it stays open).
+async fn raw_code(node: &TestNode, path: &str, req: tonic::Request<Vec<u8>>) -> Code {
+    let streaming = path.ends_with("/TailRun") || path.ends_with("/WatchEvents");
+    let mut grpc = tonic::client::Grpc::new(node.channel.clone());
+    grpc.ready().await.expect("ready");
+    let path = path.parse().expect("path");
+    if streaming {
+        match grpc.server_streaming(req, path, RawCodec).await {
+            Err(s) => s.code(),
+            Ok(r) => {
+                let mut s = r.into_inner();
+                match tokio::time::timeout(Duration::from_secs(1), s.message()).await {
+                    Ok(Err(e)) => e.code(),
+                    _ => Code::Ok,
+                }
+            }
+        }
+    } else {
+        code(grpc.unary(req, path, RawCodec).await)
+    }
+}
+
+/// Every sked.v1 method, from one table: each role below the method's
+/// least role is PERMISSION_DENIED (platform and tenant keys; a tenant
+/// admin too for a platform-only method), and a well-formed id of nothing
+/// is NOT_FOUND for every method that takes a target. The table must list
+/// exactly the methods of the proto, so a new RPC needs a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
+    use pb::Role::{Admin, Operator, Viewer};
+    let db = TestDb::new().await;
+    let (node, root) = secured(&db).await;
+    // Never issued, but a valid id of every kind.
+    let nothing = uuid::Uuid::new_v4().to_string();
+    let missing_def = "no-such-definition".to_string();
+    let now = now_secs();
+    let table = vec![
+        rpc(
+            "/sked.v1.DefinitionService/CreateDefinition",
+            Admin,
+            true,
+            false,
+            pb::CreateDefinitionRequest {
+                definition: Some(def("made-by-nobody")),
+            },
+        ),
+        rpc(
+            "/sked.v1.DefinitionService/GetDefinition",
+            Viewer,
+            false,
+            true,
+            pb::GetDefinitionRequest {
+                name: missing_def.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.DefinitionService/ListDefinitions",
+            Viewer,
+            false,
+            false,
+            pb::ListDefinitionsRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.DefinitionService/UpdateDefinition",
+            Admin,
+            true,
+            true,
+            pb::UpdateDefinitionRequest {
+                definition: Some(pb::TaskDefinition {
+                    name: missing_def.clone(),
+                    enabled: Some(false),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            },
+        ),
+        rpc(
+            "/sked.v1.DefinitionService/DeleteDefinition",
+            Admin,
+            true,
+            true,
+            pb::DeleteDefinitionRequest {
+                name: missing_def.clone(),
+                force: false,
+            },
+        ),
+        rpc(
+            "/sked.v1.DefinitionService/PreviewSchedule",
+            Viewer,
+            false,
+            false,
+            pb::PreviewScheduleRequest {
+                schedule: Some(every(60)),
+                count: 1,
+                after: None,
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/CreateBinding",
+            Operator,
+            false,
+            true,
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: missing_def.clone(),
+                    ..Default::default()
+                }),
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/GetBinding",
+            Viewer,
+            false,
+            true,
+            pb::GetBindingRequest {
+                id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/ListBindings",
+            Viewer,
+            false,
+            false,
+            pb::ListBindingsRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.BindingService/UpdateBinding",
+            Operator,
+            false,
+            true,
+            pb::UpdateBindingRequest {
+                binding: Some(pb::Binding {
+                    id: nothing.clone(),
+                    enabled: Some(false),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/DeleteBinding",
+            Operator,
+            false,
+            true,
+            pb::DeleteBindingRequest {
+                id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/PauseBinding",
+            Operator,
+            false,
+            true,
+            pb::PauseBindingRequest {
+                id: nothing.clone(),
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.BindingService/ResumeBinding",
+            Operator,
+            false,
+            true,
+            pb::ResumeBindingRequest {
+                id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.RunService/TriggerRun",
+            Operator,
+            false,
+            true,
+            pb::TriggerRunRequest {
+                binding_id: nothing.clone(),
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.RunService/CancelRun",
+            Operator,
+            false,
+            true,
+            pb::CancelRunRequest {
+                run_id: nothing.clone(),
+                reason: String::new(),
+            },
+        ),
+        rpc(
+            "/sked.v1.RunService/RetryRun",
+            Operator,
+            false,
+            true,
+            pb::RetryRunRequest {
+                run_id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.RunService/GetRun",
+            Viewer,
+            false,
+            true,
+            pb::GetRunRequest {
+                id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.RunService/ListRuns",
+            Viewer,
+            false,
+            false,
+            pb::ListRunsRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.RunService/BackfillRuns",
+            Operator,
+            false,
+            true,
+            pb::BackfillRunsRequest {
+                binding_id: nothing.clone(),
+                start_time: Some(ts(now - 3600.0)),
+                end_time: Some(ts(now - 60.0)),
+                dry_run: true,
+            },
+        ),
+        rpc(
+            "/sked.v1.LogService/TailRun",
+            Viewer,
+            false,
+            true,
+            pb::TailRunRequest {
+                run_id: nothing.clone(),
+                after_seq: 0,
+                follow: false,
+            },
+        ),
+        rpc(
+            "/sked.v1.LogService/WatchEvents",
+            Viewer,
+            false,
+            false,
+            pb::WatchEventsRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.LogService/ListRunEvents",
+            Viewer,
+            false,
+            true,
+            pb::ListRunEventsRequest {
+                run_id: nothing.clone(),
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.AdminService/GetTenantQuota",
+            Viewer,
+            false,
+            false,
+            pb::GetTenantQuotaRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.AdminService/SetTenantQuota",
+            Admin,
+            true,
+            false,
+            pb::SetTenantQuotaRequest {
+                quota: Some(pb::TenantQuota {
+                    tenant_id: "acme".into(),
+                    max_bindings: Some(100),
+                    ..Default::default()
+                }),
+            },
+        ),
+        rpc(
+            "/sked.v1.AdminService/GetQuotaUsage",
+            Viewer,
+            false,
+            false,
+            pb::GetQuotaUsageRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.AdminService/CreateApiKey",
+            Admin,
+            false,
+            false,
+            pb::CreateApiKeyRequest {
+                name: "by-nobody".into(),
+                role: Viewer as i32,
+                tenant_id: "acme".into(),
+            },
+        ),
+        rpc(
+            "/sked.v1.AdminService/RevokeApiKey",
+            Admin,
+            false,
+            true,
+            pb::RevokeApiKeyRequest {
+                id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.AdminService/ListApiKeys",
+            Admin,
+            false,
+            false,
+            pb::ListApiKeysRequest::default(),
+        ),
+        rpc(
+            "/sked.v1.AdminService/ListAuditEvents",
+            Admin,
+            false,
+            false,
+            pb::ListAuditEventsRequest::default(),
+        ),
+    ];
+
+    // Exactly the methods of the proto.
+    let mut proto: Vec<String> = sked::grpc::boundary::pool()
+        .services()
+        .filter(|s| s.full_name().starts_with("sked.v1."))
+        .flat_map(|s| {
+            s.methods()
+                .map(|m| format!("/{}/{}", s.full_name(), m.name()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    proto.sort();
+    let mut listed: Vec<String> = table.iter().map(|r| r.path.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, proto, "one row per sked.v1 method");
+
+    let mut platform = Vec::new();
+    let mut tenant = Vec::new();
+    for role in [Viewer, Operator] {
+        platform.push((role, make_key(&node, &root, role, "").await.1));
+    }
+    for role in [Viewer, Operator, Admin] {
+        tenant.push((role, make_key(&node, &root, role, "acme").await.1));
+    }
+    let tenant_admin = tenant[2].1.clone();
+
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    let mut expect = |what: String, got: Code, want: Code| {
+        checked += 1;
+        if got != want {
+            wrong.push(format!("{what}: {got:?}, want {want:?}"));
+        }
+    };
+    for row in &table {
+        let weaker = |role: &pb::Role| (*role as i32) < (row.role as i32);
+        for (role, key) in platform.iter().filter(|(r, _)| weaker(r)) {
+            let got = raw_code(&node, row.path, request("acme", Some(key), row.req.clone())).await;
+            let what = format!("{} as a platform {role:?}", row.path);
+            expect(what, got, Code::PermissionDenied);
+        }
+        for (role, key) in tenant.iter().filter(|(r, _)| weaker(r)) {
+            let got = raw_code(&node, row.path, with_key(key, row.req.clone())).await;
+            let what = format!("{} as a tenant {role:?}", row.path);
+            expect(what, got, Code::PermissionDenied);
+        }
+        if row.platform {
+            let got = raw_code(&node, row.path, with_key(&tenant_admin, row.req.clone())).await;
+            let what = format!("{} as a tenant admin", row.path);
+            expect(what, got, Code::PermissionDenied);
+        }
+        if row.target {
+            let got = raw_code(
+                &node,
+                row.path,
+                request("acme", Some(&root), row.req.clone()),
+            )
+            .await;
+            let what = format!("{} of nothing as the platform", row.path);
+            expect(what, got, Code::NotFound);
+            if !row.platform {
+                let got = raw_code(&node, row.path, with_key(&tenant_admin, row.req.clone())).await;
+                let what = format!("{} of nothing as a tenant admin", row.path);
+                expect(what, got, Code::NotFound);
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {checked} checks:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    node.stop().await;
 }

@@ -4,12 +4,10 @@
 //! its figure keys, exactness (no duplicate fires, every streamed line in
 //! order) — never timings.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::TestDb;
+use crate::common::TestDb;
 use serde_json::Value;
 
 /// Longest a tiny scenario may take (the bench itself waits for fire

@@ -1,11 +1,9 @@
 //! The one-command node: `sked serve` with no DATABASE_URL starts a private
 //! PostgreSQL, serves, and shuts down cleanly on SIGTERM.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

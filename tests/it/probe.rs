@@ -7,8 +7,6 @@
 //! bypassed by naming other tenants, cron schedules that stop computing at
 //! year 5000, LIKE wildcards in an exact filter, and long quotes in errors.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use prost_types::{Struct, Value as PValue, value::Kind as PKind};
@@ -16,7 +14,7 @@ use sked::grpc::boundary::MAX_TIMESTAMP_SECS;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-use common::*;
+use crate::common::*;
 
 fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }
@@ -702,7 +700,7 @@ async fn errors_quote_only_a_short_prefix() {
 /// primary-key lookups into a scan of the whole queue (now forced probes).
 #[tokio::test]
 async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
-    let db = TestDb::new().await;
+    let db = TestDb::alone().await;
     let node = TestNode::start(&db, "probe-backfill-fair").await;
     create_definition(&node, event_def("ev", every(1)))
         .await
@@ -765,6 +763,8 @@ async fn backfills_of_one_tenant_do_not_starve_another_tenants_schedule() {
         c.await.expect("join").expect("backfill");
     }
     let from = now + 1;
+    // The window the bystanders' fires are measured over while the
+    // backlog drains: real firing time, not a wait for something.
     tokio::time::sleep(Duration::from_secs(15)).await;
     for (tenant, id) in [("victim", &victim.id), ("ticker", &ticker.id)] {
         let runs = runs_of(&node, tenant, id).await;

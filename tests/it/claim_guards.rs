@@ -9,11 +9,9 @@
 //!   it takes (tenant quota, or the binding's previous run), even when the
 //!   claiming node's clock lags the node that ended that run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::domain::Clock;
 use sked::proto::v1 as pb;
 
@@ -114,12 +112,10 @@ async fn pending_retry(node: &TestNode, name: &str) -> (pb::Binding, pb::Run) {
     (b, retry)
 }
 
-/// Waits until the retry is due plus a margin, then checks it never started.
+/// Waits until a run due after the retry has been claimed, then checks the
+/// retry never started.
 async fn assert_held(node: &TestNode, retry: &pb::Run) -> pb::Run {
-    let due = secs(&retry.not_before);
-    let margin = 2.0;
-    let wait = (due + margin - now_secs()).max(0.0);
-    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    claims_passed(node, secs(&retry.not_before) + 0.1).await;
     let r = get_run(node, "acme", &retry.id).await;
     assert!(
         matches!(state(&r), pb::RunState::Scheduled | pb::RunState::Queued),
@@ -240,8 +236,7 @@ async fn assert_cancelled_by_delete(node: &TestNode, retry: &pb::Run) {
     let r = get_run(node, "acme", &retry.id).await;
     assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
     assert_eq!(r.reason, "binding_deleted", "{r:?}");
-    let due = secs(&retry.not_before);
-    tokio::time::sleep(Duration::from_secs_f64((due + 2.0 - now_secs()).max(0.0))).await;
+    claims_passed(node, secs(&retry.not_before) + 0.1).await;
     let r = get_run(node, "acme", &retry.id).await;
     assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
     assert!(r.start_time.is_none(), "{r:?}");
@@ -326,7 +321,7 @@ async fn a_running_run_of_a_deleted_binding_ends_cancelled_and_is_not_retried() 
     assert_eq!(state(&r), pb::RunState::Cancelled, "{r:?}");
     assert_eq!(r.reason, "binding_deleted", "{r:?}");
     // A retry would be due 100 ms after the end.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    claims_passed(&node, secs(&r.end_time) + 0.2).await;
     let runs = list_runs(&node, "acme", &b.id).await;
     assert_eq!(runs.len(), 1, "no retry: {runs:?}");
     node.stop().await;
@@ -566,7 +561,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
         assert_eq!(created.run_ids.len(), 3, "{created:?}");
         bindings.push((tenant, b, created.run_ids));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    claims_passed(&node, now_secs()).await;
     for (tenant, _, ids) in &bindings {
         for id in ids {
             let r = get_run(&node, tenant, id).await;

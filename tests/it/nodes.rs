@@ -1,11 +1,9 @@
 //! Several nodes on one database: exactly-once firing, cross-node tails.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -101,15 +101,41 @@ async fn server() -> &'static Server {
     SERVER.get().expect("initialised above")
 }
 
+/// Turns of the tests in this binary: every [`TestDb`] holds one. Tests
+/// share theirs ([`TestDb::new`]); a test whose assertions are about timing
+/// under its own load (fire lag while it floods the node) takes its turn
+/// alone ([`TestDb::alone`]), so the other tests' nodes and processes on the
+/// same cores do not decide its outcome. Each alone turn costs the suite
+/// its duration on one of the test threads: keep them few. (One test holds
+/// one `TestDb`: a second shared turn queued behind an alone one would
+/// never come.)
+static TURN: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum Turn {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 /// A fresh database for one test, dropped on drop.
 pub struct TestDb {
     pub name: String,
     pub url: String,
     admin_url: String,
+    _turn: Turn,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        Self::create(Turn::Shared(TURN.read().await)).await
+    }
+
+    /// [`TestDb::new`] for a test that measures timing: it runs while no
+    /// other test of this binary holds a `TestDb`.
+    pub async fn alone() -> TestDb {
+        Self::create(Turn::Alone(TURN.write().await)).await
+    }
+
+    async fn create(turn: Turn) -> TestDb {
         let server = server().await;
         let name = format!("sked_t_{}", uuid::Uuid::new_v4().simple());
         let admin_url = server.url("postgres");
@@ -120,6 +146,7 @@ impl TestDb {
             url: server.url(&name),
             name,
             admin_url,
+            _turn: turn,
         }
     }
 
@@ -157,7 +184,7 @@ pub fn settings(db: &TestDb, node_id: &str) -> Settings {
     s.db_max_connections = 10;
     // These nodes run as the development mode does (every caller a platform
     // admin naming its tenant with x-tenant-id): most tests exercise the
-    // engine and quotas. tests/auth.rs turns auth on.
+    // engine and quotas. tests/it/auth.rs turns auth on.
     s.auth = false;
     s
 }
@@ -712,4 +739,44 @@ pub async fn get_run(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
         .await
         .expect("get run")
         .into_inner()
+}
+
+/// Waits until a run due at `at` (seconds since the epoch) has been
+/// claimed and has ended on the nodes of `node`'s database: a `true` command
+/// of its own definition, binding and tenant ("witness"), triggered for
+/// `at` (or now, if `at` has passed). The claim passes have then looked at
+/// everything due by `at`, so a test can show that something due by then
+/// did not start (or was not created) without guessing how long to wait.
+pub async fn claims_passed(node: &TestNode, at: f64) {
+    // Already there after the first call on this database.
+    let _ = create_definition(node, sh_def("witness", "true", manual())).await;
+    let b = bind_existing(node, "witness", "witness").await;
+    let run = node
+        .runs()
+        .trigger_run(as_tenant(
+            "witness",
+            pb::TriggerRunRequest {
+                binding_id: b.id.clone(),
+                run_time: (at > now_secs()).then(|| ts(at)),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("trigger the witness run")
+        .into_inner();
+    let done = wait_terminal(node, "witness", &run.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "witness: {done:?}");
+}
+
+/// Waits until `canary` (an [`event_canary`] binding of `tenant`) has fired
+/// for a fire time a second or more after `at` (seconds since the epoch).
+/// Fires are made in passes of the node's scheduler: a whole pass that
+/// began at or after `at` has then ended (the second covers a pass that
+/// fired the canary before it looked at the rest), so a test can show that
+/// something due by `at` did not fire without guessing how long to wait.
+pub async fn fires_passed(node: &TestNode, tenant: &str, canary: &pb::Binding, at: f64) {
+    runs_until(node, tenant, &canary.id, WAIT, "the canary fires", |runs| {
+        runs.iter().any(|r| secs(&r.scheduled_time) >= at + 1.0)
+    })
+    .await;
 }

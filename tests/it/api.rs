@@ -1,8 +1,6 @@
 //! Validation, tenancy, health and reflection, through the API.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
@@ -379,11 +377,27 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
         .unwrap()
         .unwrap();
     assert_eq!(seen_b.event.unwrap().tenant_id, "b");
-    let leaked =
-        tokio::time::timeout(std::time::Duration::from_millis(500), watch_a.message()).await;
+    // a's own run after b's ended: a's watcher gets to its end and saw
+    // nothing of b's before it.
+    let a_run = trigger(&node, "a", &bind_existing(&node, "a", "secret").await.id).await;
+    let mut seen_a = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(m) = watch_a.message().await.unwrap() {
+            assert_eq!(m.missed_events, 0, "a's watcher missed events");
+            let Some(e) = m.event else { continue };
+            let done = e.run_id == a_run.id
+                && matches!(&e.kind, Some(pb::run_event::Kind::StateChanged(s)) if s.to == pb::RunState::Succeeded as i32);
+            seen_a.push(e);
+            if done {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a's run ends within the wait");
     assert!(
-        leaked.is_err(),
-        "tenant a must see nothing of b: {leaked:?}"
+        seen_a.iter().all(|e| e.tenant_id == "a"),
+        "tenant a must see nothing of b: {seen_a:?}"
     );
     node.stop().await;
 }

@@ -1,11 +1,9 @@
 //! Schedules across downtime: misfire policies, through the API. The nodes
 //! share a clock that the test moves forward to simulate the outage.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::domain::Clock;
 use sked::proto::v1 as pb;
 

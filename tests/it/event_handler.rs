@@ -3,9 +3,7 @@
 //! the firing transaction (scheduled fires) or claimed by the executor
 //! (triggers, tenants with a concurrency quota).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tokio_stream::StreamExt;
 

@@ -4,11 +4,9 @@
 //! versions — and gets compressed responses; a compressed message that
 //! inflates past the decoded-size cap is refused and the node keeps serving.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use sked::transport::MAX_DECODED_MESSAGE_BYTES;
 use tonic::Code;

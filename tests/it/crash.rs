@@ -8,11 +8,9 @@
 //!   complete and dense), the rest are cancelled with reason `shutdown`, their
 //!   process groups leave nothing behind, and the process exits 0.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tokio::process::Child;
 use tonic::transport::Channel;

@@ -3,11 +3,9 @@
 //! delayed and idempotent triggers, the per-node concurrency limit, and the
 //! status codes of rejected calls.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
@@ -376,7 +374,8 @@ async fn cancel_through_another_node_stops_the_run_within_2s_and_does_not_retry(
     let got = wait_terminal(&b_node, "acme", &run.id).await;
     assert_eq!(state(&got), pb::RunState::Cancelled);
     assert_eq!(got.node_id, "a");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A retry would be due 100 ms after the end.
+    claims_passed(&a, secs(&got.end_time) + 0.2).await;
     assert_eq!(
         runs_of(&a, "acme", &b.id).await.len(),
         1,
@@ -570,6 +569,8 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
         ))
         .await
         .unwrap();
+    // Stays paused past fire times (the binding fires every second) that
+    // the resume must not catch up: real time has to pass.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let resumed = node
         .bindings()
@@ -595,7 +596,9 @@ async fn disabled_definitions_and_bindings_do_not_fire_but_can_be_triggered() {
     let mut def = sh_def("off", "echo on", every(1));
     def.enabled = Some(false);
     let b = define_and_bind(&node, "acme", def).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let bound = now_secs();
+    let canary = event_canary(&node, "watch").await;
+    fires_passed(&node, "watch", &canary, bound + 1.0).await;
     assert!(
         runs_of(&node, "acme", &b.id).await.is_empty(),
         "a disabled definition does not fire"
@@ -642,10 +645,11 @@ async fn disabled_definitions_and_bindings_do_not_fire_but_can_be_triggered() {
         .unwrap()
         .into_inner();
     assert_eq!(off.enabled, Some(false));
+    let disabled = now_secs();
     // A fire already in flight may still land; after that, none.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    fires_passed(&node, "watch", &canary, disabled).await;
     let before = runs_of(&node, "acme", &b.id).await.len();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    fires_passed(&node, "watch", &canary, disabled + 2.0).await;
     assert_eq!(
         runs_of(&node, "acme", &b.id).await.len(),
         before,

@@ -1,8 +1,6 @@
 //! Firing, execution and run events, through the API.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tokio_stream::StreamExt;
 

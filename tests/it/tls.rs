@@ -3,15 +3,13 @@
 //! TLS with `sslmode=verify-full`. Every certificate is made here with
 //! rcgen; everything listens on and connects to 127.0.0.1 only.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,

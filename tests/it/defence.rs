@@ -3,11 +3,9 @@
 //! output is capped; params of any size reach the command; the embedded
 //! PostgreSQL is restarted when it dies.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 

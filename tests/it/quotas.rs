@@ -9,11 +9,9 @@
 //! These nodes run with auth off (every caller a platform admin naming its
 //! tenant with x-tenant-id), so SetTenantQuota needs no key.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 

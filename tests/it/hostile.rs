@@ -8,8 +8,6 @@
 //! back unchanged (µs), and another tenant's binding keeps firing throughout.
 //! Fields added later are covered without new test code.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -19,7 +17,7 @@ use sked::proto::v1 as pb;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use common::*;
+use crate::common::*;
 
 struct Method {
     path: String,

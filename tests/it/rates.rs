@@ -3,11 +3,9 @@
 //! `RESOURCE_EXHAUSTED` with a `RetryInfo` and changes nothing, while other
 //! tenants' calls on the same node pass; reads are never counted.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;

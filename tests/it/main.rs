@@ -1,0 +1,27 @@
+//! sked's integration tests, one test binary: each module is one area
+//! (formerly its own `tests/<area>.rs` binary), sharing the harness in
+//! `common` (PostgreSQL, test nodes, clients). One binary links the crate
+//! once instead of once per area. Run with `cargo test`; one area with
+//! `cargo test --test it <area>::`.
+
+mod common;
+
+mod api;
+mod auth;
+mod bench;
+mod claim_guards;
+mod compression;
+mod control;
+mod crash;
+mod defence;
+mod event_handler;
+mod hostile;
+mod misfire;
+mod nodes;
+mod probe;
+mod quotas;
+mod rates;
+mod runs;
+mod schedules;
+mod serve;
+mod tls;
