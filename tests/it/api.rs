@@ -386,7 +386,7 @@ async fn a_tenant_cannot_see_another_tenants_bindings_runs_or_events() {
             assert_eq!(m.missed_events, 0, "a's watcher missed events");
             let Some(e) = m.event else { continue };
             let done = e.run_id == a_run.id
-                && matches!(&e.kind, Some(pb::run_event::Kind::StateChanged(s)) if s.to == pb::RunState::Succeeded as i32);
+                && matches!(&e.kind, Some(pb::run_event::Kind::StateChanged(s)) if s.to_state == pb::RunState::Succeeded as i32);
             seen_a.push(e);
             if done {
                 return;

@@ -1367,23 +1367,47 @@ fn rpc(
 /// Calls `path` with the encoded request `req`; the status code (of a
 /// stream: of its opening or first message; `OK` while it stays open).
 async fn raw_code(node: &TestNode, path: &str, req: tonic::Request<Vec<u8>>) -> Code {
+    match raw_call(node, path, req).await {
+        Ok(()) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// Calls `path` with raw bytes; a stream's first error counts as the call's.
+async fn raw_call(
+    node: &TestNode,
+    path: &str,
+    req: tonic::Request<Vec<u8>>,
+) -> Result<(), tonic::Status> {
     let streaming = path.ends_with("/TailRun") || path.ends_with("/WatchEvents");
     let mut grpc = tonic::client::Grpc::new(node.channel.clone());
     grpc.ready().await.expect("ready");
     let path = path.parse().expect("path");
     if streaming {
-        match grpc.server_streaming(req, path, RawCodec).await {
-            Err(s) => s.code(),
-            Ok(r) => {
-                let mut s = r.into_inner();
-                match tokio::time::timeout(Duration::from_secs(1), s.message()).await {
-                    Ok(Err(e)) => e.code(),
-                    _ => Code::Ok,
-                }
-            }
+        let mut s = grpc
+            .server_streaming(req, path, RawCodec)
+            .await?
+            .into_inner();
+        match tokio::time::timeout(Duration::from_secs(1), s.message()).await {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
         }
     } else {
-        code(grpc.unary(req, path, RawCodec).await)
+        grpc.unary(req, path, RawCodec).await.map(|_| ())
+    }
+}
+
+/// NOT_FOUND with a `ResourceInfo` detail naming a resource type, or what
+/// the call got instead.
+fn not_found_with_info(got: Result<(), tonic::Status>) -> Result<(), String> {
+    use tonic_types::StatusExt;
+    match got {
+        Err(s) if s.code() == Code::NotFound => match s.get_details_resource_info() {
+            Some(info) if !info.resource_type.is_empty() => Ok(()),
+            _ => Err(format!("NOT_FOUND without ResourceInfo: {}", s.message())),
+        },
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+        Ok(()) => Err("OK".to_string()),
     }
 }
 
@@ -1482,7 +1506,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::GetBindingRequest {
-                id: nothing.clone(),
+                binding_id: nothing.clone(),
             },
         ),
         rpc(
@@ -1514,7 +1538,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::DeleteBindingRequest {
-                id: nothing.clone(),
+                binding_id: nothing.clone(),
             },
         ),
         rpc(
@@ -1523,7 +1547,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::PauseBindingRequest {
-                id: nothing.clone(),
+                binding_id: nothing.clone(),
                 ..Default::default()
             },
         ),
@@ -1533,7 +1557,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::ResumeBindingRequest {
-                id: nothing.clone(),
+                binding_id: nothing.clone(),
             },
         ),
         rpc(
@@ -1571,7 +1595,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::GetRunRequest {
-                id: nothing.clone(),
+                run_id: nothing.clone(),
             },
         ),
         rpc(
@@ -1665,7 +1689,7 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             true,
             pb::RevokeApiKeyRequest {
-                id: nothing.clone(),
+                key_id: nothing.clone(),
             },
         ),
         rpc(
@@ -1711,10 +1735,17 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
 
     let mut wrong = Vec::new();
     let mut checked = 0;
-    let mut expect = |what: String, got: Code, want: Code| {
+    let mut expect = |what: String, got: Result<(), String>| {
         checked += 1;
-        if got != want {
-            wrong.push(format!("{what}: {got:?}, want {want:?}"));
+        if let Err(e) = got {
+            wrong.push(format!("{what}: {e}"));
+        }
+    };
+    let code_is = |got: Code, want: Code| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}, want {want:?}"))
         }
     };
     for row in &table {
@@ -1722,31 +1753,31 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         for (role, key) in platform.iter().filter(|(r, _)| weaker(r)) {
             let got = raw_code(&node, row.path, request("acme", Some(key), row.req.clone())).await;
             let what = format!("{} as a platform {role:?}", row.path);
-            expect(what, got, Code::PermissionDenied);
+            expect(what, code_is(got, Code::PermissionDenied));
         }
         for (role, key) in tenant.iter().filter(|(r, _)| weaker(r)) {
             let got = raw_code(&node, row.path, with_key(key, row.req.clone())).await;
             let what = format!("{} as a tenant {role:?}", row.path);
-            expect(what, got, Code::PermissionDenied);
+            expect(what, code_is(got, Code::PermissionDenied));
         }
         if row.platform {
             let got = raw_code(&node, row.path, with_key(&tenant_admin, row.req.clone())).await;
             let what = format!("{} as a tenant admin", row.path);
-            expect(what, got, Code::PermissionDenied);
+            expect(what, code_is(got, Code::PermissionDenied));
         }
         if row.target {
-            let got = raw_code(
+            let got = raw_call(
                 &node,
                 row.path,
                 request("acme", Some(&root), row.req.clone()),
             )
             .await;
             let what = format!("{} of nothing as the platform", row.path);
-            expect(what, got, Code::NotFound);
+            expect(what, not_found_with_info(got));
             if !row.platform {
-                let got = raw_code(&node, row.path, with_key(&tenant_admin, row.req.clone())).await;
+                let got = raw_call(&node, row.path, with_key(&tenant_admin, row.req.clone())).await;
                 let what = format!("{} of nothing as a tenant admin", row.path);
-                expect(what, got, Code::NotFound);
+                expect(what, not_found_with_info(got));
             }
         }
     }
