@@ -169,4 +169,61 @@ mod house {
             }
         }
     }
+
+    /// Layers only call downwards (`# Layout`): each module may name only
+    /// the crate modules listed for it, so no cycle can form.
+    #[test]
+    fn layers_call_only_downwards() {
+        const MODULES: [&str; 13] = [
+            "app",
+            "config",
+            "db",
+            "domain",
+            "embedded_pg",
+            "events",
+            "executor",
+            "grpc",
+            "proto",
+            "scheduler",
+            "telemetry",
+            "transport",
+            "usecase",
+        ];
+        let allowed: [(&str, &[&str]); 7] = [
+            ("domain", &[]),
+            ("db", &["domain"]),
+            ("events", &["db", "domain"]),
+            ("usecase", &["db", "domain", "events"]),
+            ("scheduler", &["db", "domain", "events"]),
+            ("executor", &["db", "domain", "events"]),
+            ("grpc", &["domain", "events", "proto", "usecase"]),
+        ];
+        for (layer, may) in allowed {
+            for (path, text) in sources(&format!("src/{layer}")) {
+                for (n, line) in text.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or_default();
+                    for m in MODULES {
+                        if m == layer || may.contains(&m) {
+                            continue;
+                        }
+                        let named = code.contains(&format!("crate::{m}::"))
+                            || code.contains(&format!("crate::{m};"))
+                            || code.contains(&format!("crate::{m}}}"))
+                            || code.contains(&format!("crate::{m},"))
+                            || code.split_once("crate::{").is_some_and(|(_, group)| {
+                                group
+                                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                                    .any(|w| w == m)
+                            });
+                        assert!(
+                            !named,
+                            "{}:{}: {layer} uses crate::{m} (allowed: {may:?}): {line}",
+                            path.display(),
+                            n + 1
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
