@@ -160,10 +160,7 @@ impl AdminService for Admin {
             .ok_or_else(|| invalid(FieldViolation::new("quota", "is required")))?;
         validate_tenant_id("quota.tenant_id", &q.tenant_id).map_err(invalid)?;
         let quota = quota_from(&q).map_err(invalid)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let quota = tenancy::set_quota(&self.0.core, actor, &q.tenant_id, quota).await?;
         Ok(Response::new(quota_to(&q.tenant_id, &quota)))
     }
@@ -200,10 +197,7 @@ impl AdminService for Admin {
                 Some(t.to_string())
             }
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let new = tenancy::NewApiKey {
             name: r.name,
             role,
@@ -222,10 +216,7 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ApiKey>, Status> {
         let Grant { caller, method, .. } = grant(&req)?;
         let id = parse_uuid("key_id", &req.get_ref().key_id)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let key = tenancy::revoke_api_key(&self.0.core, actor, id).await?;
         Ok(Response::new(key_to(&key)))
     }

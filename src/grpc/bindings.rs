@@ -39,10 +39,7 @@ impl BindingService for Bindings {
             effective_until,
             enabled: b.enabled.unwrap_or(true),
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let binding = uc::create(&self.0.core, actor, &tenant_id, new).await?;
         Ok(Response::new(binding_to(&binding)))
     }
@@ -135,10 +132,7 @@ impl BindingService for Bindings {
             etag: b.etag,
             changes,
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let b = uc::update(&self.0.core, actor, &tenant_id, update).await?;
         Ok(Response::new(binding_to(&b)))
     }
@@ -156,10 +150,7 @@ impl BindingService for Bindings {
             .map(|t| time_from("expire_time", t))
             .transpose()
             .map_err(invalid)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let b = uc::pause(&self.0.core, actor, &tenant_id, id, &r.note, expire).await?;
         Ok(Response::new(binding_to(&b)))
     }
@@ -170,10 +161,7 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::Binding>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let b = uc::resume(&self.0.core, actor, &tenant_id, id).await?;
         Ok(Response::new(binding_to(&b)))
     }
@@ -184,10 +172,7 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::DeleteBindingResponse>, Status> {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         uc::delete(&self.0.core, actor, &tenant_id, id).await?;
         Ok(Response::new(pb::DeleteBindingResponse {}))
     }

@@ -133,10 +133,7 @@ impl DefinitionService for Definitions {
             update_time: Default::default(),
             version: 0,
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let def = uc::create(&self.0.core, actor, def).await?;
         Ok(Response::new(definition_to(&def)))
     }
@@ -236,10 +233,7 @@ impl DefinitionService for Definitions {
             etag: d.etag,
             changes,
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let def = uc::update(&self.0.core, actor, update).await?;
         Ok(Response::new(definition_to(&def)))
     }
@@ -251,10 +245,7 @@ impl DefinitionService for Definitions {
         let Grant { caller, method, .. } = grant(&req)?;
         let r = req.into_inner();
         validate_definition_name("name", &r.name).map_err(invalid)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         uc::delete(&self.0.core, actor, &r.name, r.force).await?;
         Ok(Response::new(pb::DeleteDefinitionResponse {}))
     }

@@ -45,10 +45,7 @@ impl RunService for Runs {
                 .map_err(invalid)?,
             params: r.params.as_ref().map(struct_to_json),
         };
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let run = runs::trigger(&self.0.core, actor, &tenant_id, trigger).await?;
         Ok(Response::new(run_to(&run)))
     }
@@ -60,10 +57,7 @@ impl RunService for Runs {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
         let run_id = parse_uuid("run_id", &r.run_id)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let run = runs::cancel(&self.0.core, actor, &tenant_id, run_id, &r.reason).await?;
         Ok(Response::new(run_to(&run)))
     }
@@ -75,10 +69,7 @@ impl RunService for Runs {
         let (Grant { caller, method, .. }, tenant_id) = tenant_grant(&req)?;
         self.0.rates.runs(&tenant_id, 1)?;
         let run_id = parse_uuid("run_id", &req.get_ref().run_id)?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         let run = runs::retry(&self.0.core, actor, &tenant_id, run_id).await?;
         Ok(Response::new(run_to(&run)))
     }
@@ -118,10 +109,7 @@ impl RunService for Runs {
             }));
         }
         self.0.rates.runs(&tenant_id, times.len())?;
-        let actor = Actor {
-            caller: &caller,
-            action: method,
-        };
+        let actor = Actor::new(&caller, method);
         // A real backfill is audited even when the range holds no fire time.
         let ids = runs::backfill(core, actor, &binding, (start, end), &times).await?;
         Ok(Response::new(pb::BackfillRunsResponse {

@@ -54,7 +54,12 @@ pub struct Actor<'a> {
     pub action: &'a str,
 }
 
-impl Actor<'_> {
+impl<'a> Actor<'a> {
+    /// `caller` acting as `action`.
+    pub fn new(caller: &'a Caller, action: &'a str) -> Actor<'a> {
+        Actor { caller, action }
+    }
+
     /// The audit event of a committed change to `target` in `tenant`.
     pub fn audit(
         &self,
