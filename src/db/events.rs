@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{Error, decode, encode, notify_payloads};
-use crate::domain::{EventBody, RunEvent};
+use crate::domain::{EventBody, Progress, RunEvent};
 
 /// Announces new events `(run_id, from_seq, to_seq)` written by `node_id`, on
 /// [`super::notify::EVENTS`] (delivered when the transaction commits).
@@ -37,7 +37,9 @@ pub async fn notify_events(
 }
 
 /// Appends `bodies` to the run's log at `now`, allocating the next seqs, and
-/// announces them. Returns the persisted events in seq order.
+/// announces them. When `bodies` hold progress events, the last of them
+/// becomes the run's `progress` in the same statement (a batch of log lines
+/// costs nothing more). Returns the persisted events in seq order.
 ///
 /// # Errors
 /// [`Error::NotFound`] when the run does not exist; [`Error::Sqlx`] otherwise.
@@ -54,9 +56,14 @@ pub async fn event_append(
     let kinds: Vec<&str> = bodies.iter().map(EventBody::kind).collect();
     let payloads: Vec<serde_json::Value> = bodies.iter().map(encode).collect();
     let n = bodies.len() as i64;
+    let latest = bodies.iter().rev().find_map(|b| match b {
+        EventBody::Progress(p) => Some(encode(p)),
+        _ => None,
+    });
     let r = sqlx::query!(
         r#"WITH s AS (
-             UPDATE runs SET last_seq = last_seq + $2 WHERE id = $1
+             UPDATE runs SET last_seq = last_seq + $2, progress = COALESCE($6::jsonb, progress)
+             WHERE id = $1
              RETURNING last_seq - $2 AS base, tenant_id, binding_id, definition),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
@@ -69,6 +76,7 @@ pub async fn event_append(
         now,
         &kinds as &[&str],
         &payloads,
+        latest,
     )
     .fetch_one(&mut *conn)
     .await?;
@@ -86,6 +94,33 @@ pub async fn event_append(
             body: b.clone(),
         })
         .collect())
+}
+
+/// Records progress reported by a run (e.g. a worker's ReportProgress): one
+/// `progress` event at the next seq, announced like any event, and the run's
+/// `progress` set to `progress`, in one statement. The caller validates
+/// `progress` first ([`Progress::validate`]) and fences the report (the
+/// reporter still holds the run); this writes whatever run `run_id` is.
+/// Publish the returned event on the bus after the transaction commits.
+///
+/// # Errors
+/// [`Error::NotFound`] when the run does not exist; [`Error::Sqlx`] otherwise.
+pub async fn progress_append(
+    conn: &mut PgConnection,
+    node_id: &str,
+    run_id: Uuid,
+    progress: &Progress,
+    now: DateTime<Utc>,
+) -> Result<RunEvent, Error> {
+    let mut events = event_append(
+        conn,
+        node_id,
+        run_id,
+        &[EventBody::Progress(progress.clone())],
+        now,
+    )
+    .await?;
+    events.pop().ok_or(Error::NotFound)
 }
 
 struct Row {

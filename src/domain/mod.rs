@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod misfire;
 pub mod policy;
+pub mod progress;
 pub mod run;
 pub mod schedule;
 pub mod tenancy;
@@ -18,6 +19,7 @@ use uuid::Uuid;
 pub use clock::Clock;
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
+pub use progress::{MAX_PROGRESS_MESSAGE, Progress, parse_progress_line};
 pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 pub use tenancy::{Role, TenantScope};
@@ -150,7 +152,21 @@ pub struct CommandHandler {
     /// [`Definition::max_output_bytes`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<u64>,
+    /// Exit codes after which a failed run is not retried (at most
+    /// [`MAX_NON_RETRYABLE_EXIT_CODES`], each 1..=255), as given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_retryable_exit_codes: Vec<i32>,
 }
+
+impl CommandHandler {
+    /// Whether a process that exited with `code` must not be retried.
+    pub fn is_non_retryable(&self, code: i32) -> bool {
+        self.non_retryable_exit_codes.contains(&code)
+    }
+}
+
+/// Most exit codes a command may list as non-retryable.
+pub const MAX_NON_RETRYABLE_EXIT_CODES: usize = 32;
 
 /// Most bytes of a command's program, args and env together (each with its
 /// terminator): 256 KiB, well inside Linux's argument space (2 MiB with the
@@ -229,6 +245,27 @@ impl Handler {
                         format!(
                             "program, args and env take {total} bytes; at most {MAX_COMMAND_BYTES} (256 KiB) in all, so the process can start"
                         ),
+                    ));
+                }
+                let codes = &c.non_retryable_exit_codes;
+                let field = format!("{prefix}.command.non_retryable_exit_codes");
+                if codes.len() > MAX_NON_RETRYABLE_EXIT_CODES {
+                    return Err(FieldViolation::new(
+                        field,
+                        format!(
+                            "has {} codes; at most {MAX_NON_RETRYABLE_EXIT_CODES}",
+                            codes.len()
+                        ),
+                    ));
+                }
+                if let Some((i, code)) = codes
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| !(1..=255).contains(*c))
+                {
+                    return Err(FieldViolation::new(
+                        format!("{field}[{i}]"),
+                        format!("{code} is not an exit code a process can fail with (1 to 255)"),
                     ));
                 }
                 Ok(())
@@ -581,6 +618,8 @@ pub struct Run {
     pub idempotency_key: Option<String>,
     /// Set while a cancel of this RUNNING run is pending.
     pub cancel_reason: Option<String>,
+    /// The latest progress the run reported, if any.
+    pub progress: Option<Progress>,
 }
 
 /// Which output a log line came from.
@@ -621,6 +660,9 @@ pub enum EventBody {
         /// The run's params snapshot (a JSON object).
         params: serde_json::Value,
     },
+    /// The run reported progress (a command's `::progress` line, a
+    /// worker's report); the latest is also the run's `progress`.
+    Progress(Progress),
 }
 
 impl EventBody {
@@ -630,6 +672,7 @@ impl EventBody {
             EventBody::StateChanged { .. } => "state_changed",
             EventBody::Log { .. } => "log",
             EventBody::Fired { .. } => "fired",
+            EventBody::Progress(_) => "progress",
         }
     }
     /// True for a transition into a terminal state: the run's last event.
@@ -745,10 +788,43 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: String::new(),
             max_output_bytes: None,
+            non_retryable_exit_codes: vec![],
         });
         assert_eq!(
             h.validate("definition").unwrap_err().field,
             "definition.command.program"
         );
+    }
+
+    #[test]
+    fn non_retryable_exit_codes_are_bounded() {
+        let h = |codes: Vec<i32>| {
+            Handler::Command(CommandHandler {
+                program: "sh".into(),
+                args: vec![],
+                env: BTreeMap::new(),
+                working_dir: String::new(),
+                max_output_bytes: None,
+                non_retryable_exit_codes: codes,
+            })
+        };
+        assert!(h(vec![1, 2, 255]).validate("definition").is_ok());
+        assert!(h((1..=32).collect()).validate("definition").is_ok());
+        assert_eq!(
+            h((1..=33).collect()).validate("definition").unwrap_err().field,
+            "definition.command.non_retryable_exit_codes"
+        );
+        for bad in [0, 256, -1, i32::MAX, i32::MIN] {
+            assert_eq!(
+                h(vec![2, bad]).validate("definition").unwrap_err().field,
+                "definition.command.non_retryable_exit_codes[1]",
+                "{bad}"
+            );
+        }
+        let Handler::Command(c) = h(vec![2, 7]) else {
+            unreachable!()
+        };
+        assert!(c.is_non_retryable(2) && c.is_non_retryable(7));
+        assert!(!c.is_non_retryable(1));
     }
 }

@@ -308,6 +308,7 @@ mod tests {
                 env: Default::default(),
                 working_dir: String::new(),
                 max_output_bytes: None,
+                non_retryable_exit_codes: vec![],
             }),
             params: serde_json::json!({"a": 1}),
             policy: RunPolicy::default(),

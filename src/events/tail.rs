@@ -192,7 +192,7 @@ pub struct WatchFilter {
     pub binding_id: Option<Uuid>,
     /// Only this definition.
     pub definition: Option<String>,
-    /// Only these event kinds (`state_changed`, `log`, `fired`); empty = all.
+    /// Only these event kinds (`state_changed`, `log`, `fired`, `progress`); empty = all.
     pub kinds: Vec<&'static str>,
 }
 

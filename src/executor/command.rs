@@ -7,6 +7,12 @@
 //! definition's output cap per run (past it lines are counted, not stored,
 //! and one marker line says how many); exit code 0 → `SUCCEEDED`, a last
 //! stdout line holding a JSON object → `result` (taken even past the cap).
+//! A stdout line `::progress <percent> [<step>/<total>] [message]` is a
+//! progress event in the same batch instead of a log line (it counts
+//! toward the cap like one); the batch's write also sets the run's
+//! `progress` to its last ([`crate::db::events::event_append`]). An exit
+//! code the definition lists as non-retryable ends the run `FAILED` with
+//! `retryable = false`: no retry.
 //!
 //! Backpressure: lines go through a bounded channel, so when the database is
 //! slower than the process, the pipe fills and the process waits; memory
@@ -25,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Executor, Stop, StopReason};
 use crate::db::runs::Outcome;
+use crate::domain::progress::PROGRESS_PREFIX;
 use crate::domain::{
     CommandHandler, DEFAULT_MAX_OUTPUT_BYTES, EventBody, LogStream, MAX_LOG_LINE, Run, RunReason,
-    RunState, cap_log_line,
+    RunState, cap_log_line, parse_progress_line,
 };
 
 /// Largest params JSON passed in the `SKED_PARAMS` environment variable, in
@@ -245,13 +252,34 @@ pub(crate) async fn execute(
                 (None, Some(sig)) => (format!("killed by signal {sig}"), None),
                 (None, None) => ("exited abnormally".to_string(), None),
             };
+            // The definition says this failure can never succeed: no retry,
+            // and the run's log and reason say why.
+            let retryable = !exit_code.is_some_and(|code| c.is_non_retryable(code));
+            let reason = if retryable {
+                message.clone()
+            } else {
+                let reason = format!("{message} is non-retryable");
+                let _ = ex
+                    .append(
+                        run,
+                        &[EventBody::Log {
+                            stream: LogStream::System,
+                            message: format!(
+                                "{reason} (command.non_retryable_exit_codes): the run is not retried"
+                            ),
+                        }],
+                    )
+                    .await;
+                reason
+            };
             (
                 RunState::Failed,
                 Outcome {
-                    error_message: Some(message.clone()),
+                    error_message: Some(message),
                     error_summary: summary,
                     exit_code,
-                    reason: message,
+                    reason,
+                    retryable,
                     ..Outcome::default()
                 },
             )
@@ -474,13 +502,25 @@ async fn collect_logs(
             }) => {
                 over.lines += lines;
                 over.bytes += bytes;
-                if let (LogStream::Stdout, Some(last)) = (stream, last) {
+                if let (LogStream::Stdout, Some(last)) = (stream, last)
+                    && parse_progress_line(&last).is_none()
+                {
                     logs.last_stdout = Some(last);
                 }
                 continue;
             }
         };
+        // A `::progress` line is a progress event, not a log line (and not
+        // a candidate for the result). The prefix test keeps the parse off
+        // every other line.
+        let progress = match stream {
+            LogStream::Stdout if message.starts_with(PROGRESS_PREFIX) => {
+                parse_progress_line(&message)
+            }
+            _ => None,
+        };
         match stream {
+            _ if progress.is_some() => {}
             LogStream::Stdout if !message.trim().is_empty() => {
                 logs.last_stdout = Some(message.clone())
             }
@@ -506,7 +546,10 @@ async fn collect_logs(
             // RunEvent.time never flatters the write and delivery latency.
             read_at = ex.clock.now();
         }
-        batch.push(EventBody::Log { stream, message });
+        batch.push(match progress {
+            Some(p) => EventBody::Progress(p),
+            None => EventBody::Log { stream, message },
+        });
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
         if batch.len() >= BATCH_LINES {
             flush(ex, run, &mut batch, read_at).await;

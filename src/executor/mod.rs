@@ -685,6 +685,7 @@ mod tests {
                 env: Default::default(),
                 working_dir: String::new(),
                 max_output_bytes: None,
+                non_retryable_exit_codes: vec![],
             }),
             params: serde_json::json!({"a": 1}),
             result: None,
@@ -706,6 +707,7 @@ mod tests {
             },
             idempotency_key: None,
             cancel_reason: None,
+            progress: None,
         }
     }
 

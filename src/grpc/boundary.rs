@@ -88,6 +88,7 @@ pub const OUTPUT_ONLY: &[&str] = &[
     "sked.v1.Run.max_attempts",
     "sked.v1.Run.not_before",
     "sked.v1.Run.timeout",
+    "sked.v1.Run.progress",
     "sked.v1.TaskDefinition.create_time",
     "sked.v1.TaskDefinition.update_time",
 ];
@@ -115,6 +116,9 @@ pub fn items_limit(field: &FieldDescriptor) -> usize {
         "sked.v1.TaskDefinition.labels" => 64,
         "sked.v1.CommandHandler.args" => 256,
         "sked.v1.CommandHandler.env" => 128,
+        "sked.v1.CommandHandler.non_retryable_exit_codes" => {
+            crate::domain::MAX_NON_RETRYABLE_EXIT_CODES
+        }
         "sked.v1.WeeklySchedule.days_of_week" => 7,
         _ if field.is_map() => DEFAULT_MAX_ENTRIES,
         _ => DEFAULT_MAX_ITEMS,

@@ -526,6 +526,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
             args: c.args.clone(),
             env: c.env.clone().into_iter().collect(),
             working_dir: c.working_dir.clone(),
+            non_retryable_exit_codes: c.non_retryable_exit_codes.clone(),
         }),
         domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
     };
@@ -637,6 +638,7 @@ pub fn handler_from(
                 env: c.env.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 working_dir: c.working_dir.clone(),
                 max_output_bytes: None,
+                non_retryable_exit_codes: c.non_retryable_exit_codes.clone(),
             })
         }
         Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
@@ -745,7 +747,35 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
         idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
         not_before: Some(time_to(r.not_before)),
         timeout: r.policy.timeout_secs.map(secs_to),
+        progress: r.progress.as_ref().map(progress_to),
     }
+}
+
+/// Progress → API.
+pub fn progress_to(p: &domain::Progress) -> pb::Progress {
+    pb::Progress {
+        percent: p.percent,
+        current_step: p.current_step,
+        total_steps: p.total_steps,
+        message: p.message.clone(),
+    }
+}
+
+/// API progress → domain (validated), for a report such as a worker's
+/// ReportProgress; `prefix` is the field path of the message.
+///
+/// # Errors
+/// A violation naming `<prefix>.percent`, `<prefix>.current_step` or
+/// `<prefix>.message` (see [`domain::Progress::validate`]).
+pub fn progress_from(prefix: &str, p: &pb::Progress) -> Result<domain::Progress, FieldViolation> {
+    let progress = domain::Progress {
+        percent: p.percent,
+        current_step: p.current_step,
+        total_steps: p.total_steps,
+        message: p.message.clone(),
+    };
+    progress.validate(prefix)?;
+    Ok(progress)
 }
 
 /// Run event → API.
@@ -775,6 +805,7 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
         domain::EventBody::Fired { params } => pb::run_event::Kind::Fired(pb::Fired {
             params: json_to_struct(params),
         }),
+        domain::EventBody::Progress(p) => pb::run_event::Kind::Progress(progress_to(p)),
     };
     pb::RunEvent {
         run_id: e.run_id.to_string(),

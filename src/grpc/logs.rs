@@ -128,6 +128,7 @@ impl LogService for Logs {
                 Ok(pb::EventKind::StateChanged) => "state_changed",
                 Ok(pb::EventKind::Log) => "log",
                 Ok(pb::EventKind::Fired) => "fired",
+                Ok(pb::EventKind::Progress) => "progress",
                 _ => {
                     return Err(invalid(FieldViolation::new(
                         "kinds",

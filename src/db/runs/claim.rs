@@ -327,7 +327,7 @@ pub async fn run_claim(
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
-                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
            FROM c"#,
         now,
         node_id,

@@ -287,6 +287,7 @@ struct RunRow {
     priority: i32,
     idempotency_key: Option<String>,
     cancel_reason: Option<String>,
+    progress: Option<serde_json::Value>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -326,6 +327,9 @@ impl TryFrom<RunRow> for Run {
             )?,
             idempotency_key: r.idempotency_key,
             cancel_reason: r.cancel_reason,
+            // Informational only: an unreadable progress must not make
+            // the run unreadable (and so fail it as corrupt); it reads as none.
+            progress: r.progress.and_then(|p| serde_json::from_value(p).ok()),
         })
     }
 }

@@ -158,7 +158,7 @@ pub async fn run_get(db: impl PgExecutor<'_>, tenant_id: &str, id: Uuid) -> Resu
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
-                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
          FROM runs WHERE tenant_id = $1 AND id = $2",
         tenant_id,
         id
@@ -186,7 +186,7 @@ pub async fn run_list(
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
-                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
          FROM runs
          WHERE tenant_id = $1 AND id < $2 AND ($3::uuid IS NULL OR binding_id = $3)
            AND ($4::text IS NULL OR state = $4)
