@@ -19,6 +19,7 @@ mod hostile;
 mod misfire;
 mod nodes;
 mod probe;
+mod progress;
 mod quotas;
 mod rates;
 mod runs;
