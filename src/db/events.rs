@@ -96,31 +96,61 @@ pub async fn event_append(
         .collect())
 }
 
-/// Records progress reported by a run (e.g. a worker's ReportProgress): one
-/// `progress` event at the next seq, announced like any event, and the run's
-/// `progress` set to `progress`, in one statement. The caller validates
-/// `progress` first ([`Progress::validate`]) and fences the report (the
-/// reporter still holds the run); this writes whatever run `run_id` is.
-/// Publish the returned event on the bus after the transaction commits.
+/// Records progress reported by a run (e.g. a worker's ReportProgress) while
+/// it is `RUNNING` at `attempt`: one `progress` event at the next seq and the
+/// run's `progress` set to `progress`, in one statement, announced on commit
+/// like any event. The caller validates `progress` first
+/// ([`Progress::validate`]) and checks anything else that fences the report
+/// (e.g. a lease token) in the same transaction. Publish the returned event
+/// on the bus after the commit.
+///
+/// Returns `None`, and changes nothing, when the run is not `RUNNING` at
+/// `attempt` (it ended, was retried, or does not exist): a late report never
+/// touches a run it no longer holds.
 ///
 /// # Errors
-/// [`Error::NotFound`] when the run does not exist; [`Error::Sqlx`] otherwise.
+/// [`Error::Sqlx`] on database failure.
 pub async fn progress_append(
     conn: &mut PgConnection,
     node_id: &str,
     run_id: Uuid,
+    attempt: i32,
     progress: &Progress,
     now: DateTime<Utc>,
-) -> Result<RunEvent, Error> {
-    let mut events = event_append(
-        conn,
-        node_id,
+) -> Result<Option<RunEvent>, Error> {
+    let body = EventBody::Progress(progress.clone());
+    let payload = encode(&body);
+    let Some(r) = sqlx::query!(
+        r#"WITH s AS (
+             UPDATE runs SET last_seq = last_seq + 1, progress = $3
+             WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+             RETURNING last_seq, tenant_id, binding_id, definition),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT $1, s.last_seq, $4, s.tenant_id, s.binding_id, s.definition, 'progress', $5 FROM s
+             RETURNING seq)
+           SELECT last_seq AS "seq!", tenant_id, binding_id, definition FROM s"#,
         run_id,
-        &[EventBody::Progress(progress.clone())],
+        attempt,
+        encode(progress),
         now,
+        payload,
     )
-    .await?;
-    events.pop().ok_or(Error::NotFound)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    notify_events(&mut *conn, node_id, [(run_id, r.seq, r.seq)]).await?;
+    Ok(Some(RunEvent {
+        run_id,
+        seq: r.seq,
+        time: now,
+        tenant_id: r.tenant_id,
+        binding_id: r.binding_id,
+        definition: r.definition,
+        body,
+    }))
 }
 
 struct Row {

@@ -811,7 +811,10 @@ mod tests {
         assert!(h(vec![1, 2, 255]).validate("definition").is_ok());
         assert!(h((1..=32).collect()).validate("definition").is_ok());
         assert_eq!(
-            h((1..=33).collect()).validate("definition").unwrap_err().field,
+            h((1..=33).collect())
+                .validate("definition")
+                .unwrap_err()
+                .field,
             "definition.command.non_retryable_exit_codes"
         );
         for bad in [0, 256, -1, i32::MAX, i32::MIN] {

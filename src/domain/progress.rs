@@ -261,7 +261,10 @@ mod tests {
         assert!(p(40.0, 2, 5, "x").validate("progress").is_ok());
         assert!(p(40.0, 7, 0, "").validate("progress").is_ok());
         assert_eq!(
-            p(f64::NAN, 0, 0, "").validate("progress").unwrap_err().field,
+            p(f64::NAN, 0, 0, "")
+                .validate("progress")
+                .unwrap_err()
+                .field,
             "progress.percent"
         );
         assert_eq!(

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::{
-    Binding, FieldViolation, NewRun, Run, RunReason, RunSpec, RunState, merge_params,
-    validate_merged_params,
+    Binding, FieldViolation, NewRun, Progress, Run, RunEvent, RunReason, RunSpec, RunState,
+    merge_params, validate_merged_params,
 };
 
 /// Most runs one backfill creates.
@@ -470,4 +470,45 @@ pub async fn list_events(
     db::events::event_list(&core.pool, tenant_id, run_id, after_seq, limit)
         .await
         .map_err(Error::on(&Target::all("run_event")))
+}
+
+/// Records `progress` reported for run `run_id` while it runs `attempt`
+/// (a worker's ReportProgress): a `progress` event, visible in TailRun and
+/// WatchEvents, and the run's `progress`; committed, then published.
+/// Callers that fence the report further (a lease token) call
+/// [`db::events::progress_append`] inside their own transaction instead.
+///
+/// # Errors
+/// `Invalid` naming `progress.percent`, `progress.current_step` or
+/// `progress.message` when `progress` breaks its bounds
+/// ([`Progress::validate`]); `Precondition` when the run is not `RUNNING`
+/// at `attempt` (it ended, was retried elsewhere, or does not exist);
+/// database errors.
+pub async fn report_progress(
+    core: &Core,
+    run_id: Uuid,
+    attempt: i32,
+    progress: &Progress,
+) -> Result<RunEvent> {
+    progress.validate("progress")?;
+    let target = Target::new("run", run_id);
+    let mut tx = super::begin(core, &target).await?;
+    let event = db::events::progress_append(
+        &mut tx,
+        &core.node_id,
+        run_id,
+        attempt,
+        progress,
+        core.clock.now(),
+    )
+    .await
+    .map_err(Error::on(&target))?;
+    let Some(event) = event else {
+        return Err(Error::Precondition(format!(
+            "{target} is not running attempt {attempt}; its progress is not recorded"
+        )));
+    };
+    super::commit(tx, &target).await?;
+    core.bus.publish([event.clone()]);
+    Ok(event)
 }

@@ -200,7 +200,10 @@ async fn a_non_retryable_exit_code_fails_once_and_others_retry() {
     assert_eq!(state(&ended), pb::RunState::Failed);
     assert_eq!(ended.exit_code, Some(2));
     assert_eq!(ended.reason, "exit code 2 is non-retryable");
-    assert_eq!(ended.error.as_ref().map(|e| e.message.as_str()), Some("exit code 2"));
+    assert_eq!(
+        ended.error.as_ref().map(|e| e.message.as_str()),
+        Some("exit code 2")
+    );
     let events = tail_all(&node, "acme", &run.id, 0).await;
     assert!(
         log_lines(&events)
@@ -238,10 +241,7 @@ async fn non_retryable_exit_codes_are_bounded() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     for (codes, field) in [
-        (
-            vec![2, 0],
-            "definition.command.non_retryable_exit_codes[1]",
-        ),
+        (vec![2, 0], "definition.command.non_retryable_exit_codes[1]"),
         (vec![256], "definition.command.non_retryable_exit_codes[0]"),
         (vec![-1], "definition.command.non_retryable_exit_codes[0]"),
         (
@@ -258,5 +258,92 @@ async fn non_retryable_exit_codes_are_bounded() {
     create_definition(&node, def)
         .await
         .expect("32 codes of 1..=255 are accepted");
+    node.stop().await;
+}
+
+/// The entry point a worker's ReportProgress uses
+/// (`db::events::progress_append`), written from outside the node (as
+/// another node would): the event reaches TailRun through the NOTIFY
+/// bridge, GetRun shows it, and a report for another attempt or after the
+/// run ended changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_progress_is_fenced_by_attempt_and_running_state() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let pool = db.pool().await;
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("go");
+    let script = format!(
+        "echo started; while [ ! -e '{}' ]; do sleep 0.05; done; echo finished",
+        go.display()
+    );
+    let b = define_and_bind(&node, "acme", sh_def("reported", &script, manual())).await;
+    let run = trigger(&node, "acme", &b.id).await;
+    let run_id: uuid::Uuid = run.id.parse().unwrap();
+    let mut tail = open_tail(&node, "acme", &run.id, 0, true).await;
+    // Wait until it runs (its first line is out).
+    let mut seen = Vec::new();
+    while !log_lines(&seen).contains(&"started".to_string()) {
+        let e = tokio::time::timeout(WAIT, tail.message())
+            .await
+            .expect("the run starts")
+            .unwrap()
+            .expect("stream open");
+        seen.push(e);
+    }
+
+    let report = sked::domain::Progress {
+        percent: 60.0,
+        current_step: 3,
+        total_steps: 5,
+        message: "from a worker".into(),
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let now = chrono::Utc::now();
+    let wrong_attempt =
+        sked::db::events::progress_append(&mut conn, "other", run_id, 2, &report, now)
+            .await
+            .unwrap();
+    assert_eq!(wrong_attempt, None, "attempt 2 does not hold the run");
+    let ev = sked::db::events::progress_append(&mut conn, "other", run_id, 1, &report, now)
+        .await
+        .unwrap()
+        .expect("recorded while RUNNING at attempt 1");
+    assert_eq!(ev.seq, seen.last().unwrap().seq + 1, "the next dense seq");
+
+    let live = tokio::time::timeout(WAIT, tail.message())
+        .await
+        .expect("the reported progress is tailed")
+        .unwrap()
+        .expect("stream open");
+    assert_eq!(live.seq, ev.seq);
+    assert_eq!(
+        live.kind,
+        Some(pb::run_event::Kind::Progress(pb::Progress {
+            percent: 60.0,
+            current_step: 3,
+            total_steps: 5,
+            message: "from a worker".into(),
+        }))
+    );
+    let mid = get_run(&node, "acme", &run.id).await;
+    assert_eq!(mid.progress.map(|p| p.percent), Some(60.0));
+
+    std::fs::write(&go, b"").unwrap();
+    let ended = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&ended), pb::RunState::Succeeded);
+    let late = sked::db::events::progress_append(&mut conn, "other", run_id, 1, &report, now)
+        .await
+        .unwrap();
+    assert_eq!(late, None, "an ended run takes no report");
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    assert_dense(&events);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.kind, Some(pb::run_event::Kind::Progress(_))))
+            .count(),
+        1
+    );
     node.stop().await;
 }
