@@ -336,6 +336,27 @@ async fn reported_progress_is_fenced_by_attempt_and_running_state() {
         .await
         .unwrap();
     assert_eq!(late, None, "an ended run takes no report");
+
+    // The use case checks the report's bounds and refuses an ended run.
+    let core = sked::usecase::Core {
+        pool: pool.clone(),
+        clock: sked::domain::Clock::system(),
+        node_id: "other".into(),
+        bus: sked::events::EventBus::new(),
+        executor_wake: Default::default(),
+    };
+    let over = sked::domain::Progress {
+        percent: 101.0,
+        ..report.clone()
+    };
+    match sked::usecase::runs::report_progress(&core, run_id, 1, &over).await {
+        Err(sked::usecase::Error::Invalid(v)) => assert_eq!(v.field, "progress.percent"),
+        other => panic!("percent 101 is invalid: {other:?}"),
+    }
+    match sked::usecase::runs::report_progress(&core, run_id, 1, &report).await {
+        Err(sked::usecase::Error::Precondition(m)) => assert!(m.contains("not running"), "{m}"),
+        other => panic!("an ended run refuses the report: {other:?}"),
+    }
     let events = tail_all(&node, "acme", &run.id, 0).await;
     assert_dense(&events);
     assert_eq!(
