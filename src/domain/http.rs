@@ -352,8 +352,8 @@ impl HttpAllow {
     }
 
     /// Whether a connection to `ip` may be made: a public address, or one
-    /// inside an allowed range (checked in both its written and its
-    /// canonical IPv4 form).
+    /// inside an allowed range (checked in its written form, its canonical
+    /// IPv4 form and its IPv4-mapped IPv6 form).
     ///
     /// # Errors
     /// The [`forbidden_range`] category of a refused address.
@@ -362,10 +362,14 @@ impl HttpAllow {
             return Ok(());
         };
         let canonical = ip.to_canonical();
+        let mapped = match canonical {
+            IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+            v6 => v6,
+        };
         if self
             .0
             .iter()
-            .any(|n| n.contains(&ip) || n.contains(&canonical))
+            .any(|n| n.contains(&ip) || n.contains(&canonical) || n.contains(&mapped))
         {
             Ok(())
         } else {
@@ -453,7 +457,7 @@ mod tests {
             ("ftp://example.com/", "scheme"),
             ("example.com/x", "relative"),
             ("http://user:pw@example.com/", "userinfo"),
-            ("http:///x", "no host"),
+            ("http://:80/x", "no host"),
         ] {
             let e = handler(url).validate("d.http").unwrap_err();
             assert_eq!(e.field, "d.http.url", "{url}");

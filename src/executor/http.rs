@@ -51,6 +51,10 @@ pub struct HttpSettings {
     /// Names resolved from this table only (lower-case host → addresses);
     /// `None` = the system resolver. Tests set it so no DNS query is made.
     pub hosts: Option<BTreeMap<String, Vec<IpAddr>>>,
+    /// Secrets resolved from this table only (name → value); `None` = the
+    /// node's environment. Tests set it instead of changing the process
+    /// environment under other threads.
+    pub secrets: Option<BTreeMap<String, String>>,
 }
 
 /// A request refused by the SSRF guard: no connection was made.
@@ -158,6 +162,7 @@ fn literal_blocked(url: &reqwest::Url, allow: &HttpAllow) -> Option<Blocked> {
 pub struct HttpClient {
     client: reqwest::Client,
     allow: Arc<HttpAllow>,
+    secrets: Option<Arc<BTreeMap<String, String>>>,
 }
 
 impl HttpClient {
@@ -184,7 +189,11 @@ impl HttpClient {
             .user_agent(concat!("sked/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Self { client, allow })
+        Ok(Self {
+            client,
+            allow,
+            secrets: settings.secrets.clone().map(Arc::new),
+        })
     }
 }
 
@@ -246,7 +255,10 @@ pub(crate) async fn execute(
     let mut secrets = Vec::new();
     let mut headers = HeaderMap::new();
     for (name, value) in &h.headers {
-        let resolved = match resolve_secrets(value, |n| std::env::var(n).ok()) {
+        let resolved = match resolve_secrets(value, |n| match &ex.http.secrets {
+            Some(table) => table.get(n).cloned(),
+            None => std::env::var(n).ok(),
+        }) {
             Ok((v, s)) => {
                 secrets.extend(s);
                 v
@@ -512,6 +524,7 @@ mod tests {
                     .map(|(h, a)| (h.to_string(), a.iter().map(|s| s.parse().unwrap()).collect()))
                     .collect(),
             ),
+            secrets: None,
         }
     }
 
