@@ -307,6 +307,45 @@ async fn a_slow_server_times_out_at_the_smaller_timeout() {
 }
 
 #[tokio::test]
+async fn cancel_aborts_the_request() {
+    let db = TestDb::new().await;
+    let node = start_node(&db, true).await;
+    let slow = Server::start(vec![Reply {
+        status: 200,
+        body: "{}",
+        delay: Duration::from_secs(30),
+    }])
+    .await;
+    let h = handler("POST", format!("http://127.0.0.1:{}/slow", slow.addr.port()));
+    let b = define_and_bind(&node, "acme", http_def("hook.cancel", h, 1)).await;
+    let run = trigger(&node, "acme", &b.id).await;
+    // Cancel once the request is in flight (the server has seen it).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while slow.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the request reaches the server");
+    let asked = std::time::Instant::now();
+    node.runs()
+        .cancel_run(as_tenant(
+            "acme",
+            pb::CancelRunRequest {
+                run_id: run.id.clone(),
+                reason: "operator".into(),
+            },
+        ))
+        .await
+        .expect("cancel");
+    let run = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&run), pb::RunState::Cancelled, "{run:?}");
+    assert_eq!(run.reason, "operator");
+    assert!(asked.elapsed() < Duration::from_secs(5), "aborted, not waited out");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn loopback_targets_are_refused_without_the_allow_list() {
     let db = TestDb::new().await;
     let node = start_node(&db, false).await;
