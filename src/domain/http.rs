@@ -136,7 +136,10 @@ impl HttpHandler {
             if value.len() > MAX_HEADER_VALUE_BYTES {
                 return Err(FieldViolation::new(
                     f,
-                    format!("value is {} bytes; at most {MAX_HEADER_VALUE_BYTES}", value.len()),
+                    format!(
+                        "value is {} bytes; at most {MAX_HEADER_VALUE_BYTES}",
+                        value.len()
+                    ),
                 ));
             }
             if value.chars().any(|c| c.is_control() && c != '\t') {
@@ -310,22 +313,24 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         let [c, d] = s[7].to_be_bytes();
         return forbidden_v4(Ipv4Addr::new(a, b, c, d));
     }
-    Some(if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-        // The EC2 metadata service over IPv6.
-        "metadata"
-    } else if ip.is_unspecified() {
-        "unspecified"
-    } else if ip.is_loopback() {
-        "loopback"
-    } else if (s[0] & 0xfe00) == 0xfc00 {
-        "private (unique local)"
-    } else if (s[0] & 0xffc0) == 0xfe80 {
-        "link-local"
-    } else if ip.is_multicast() {
-        "multicast"
-    } else {
-        return None;
-    })
+    Some(
+        if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+            // The EC2 metadata service over IPv6.
+            "metadata"
+        } else if ip.is_unspecified() {
+            "unspecified"
+        } else if ip.is_loopback() {
+            "loopback"
+        } else if (s[0] & 0xfe00) == 0xfc00 {
+            "private (unique local)"
+        } else if (s[0] & 0xffc0) == 0xfe80 {
+            "link-local"
+        } else if ip.is_multicast() {
+            "multicast"
+        } else {
+            return None;
+        },
+    )
 }
 
 /// The operator's `--http-allow` list: ranges the SSRF guard lets through
@@ -427,7 +432,12 @@ mod tests {
         ] {
             assert_eq!(none.check(ip(a)), Err(why), "{a}");
         }
-        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+        for a in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+        ] {
             assert_eq!(none.check(ip(a)), Ok(()), "{a} is public");
         }
     }
@@ -438,7 +448,13 @@ mod tests {
         for a in ["127.0.0.1", "::ffff:127.0.0.1", "10.1.200.3", "fd00::1"] {
             assert_eq!(allow.check(ip(a)), Ok(()), "{a} is allowed");
         }
-        for a in ["10.2.0.1", "::1", "169.254.169.254", "fd00::2", "192.168.0.1"] {
+        for a in [
+            "10.2.0.1",
+            "::1",
+            "169.254.169.254",
+            "fd00::2",
+            "192.168.0.1",
+        ] {
             assert!(allow.check(ip(a)).is_err(), "{a} stays refused");
         }
         // A mapped range in the list covers the plain IPv4 address too.
@@ -451,7 +467,11 @@ mod tests {
 
     #[test]
     fn urls_are_checked() {
-        assert!(handler("https://example.com/hook?a=1").validate("d.http").is_ok());
+        assert!(
+            handler("https://example.com/hook?a=1")
+                .validate("d.http")
+                .is_ok()
+        );
         for (url, _) in [
             ("", "required"),
             ("ftp://example.com/", "scheme"),
@@ -463,7 +483,10 @@ mod tests {
             assert_eq!(e.field, "d.http.url", "{url}");
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_BYTES));
-        assert_eq!(handler(&long).validate("d.http").unwrap_err().field, "d.http.url");
+        assert_eq!(
+            handler(&long).validate("d.http").unwrap_err().field,
+            "d.http.url"
+        );
     }
 
     #[test]
@@ -514,7 +537,10 @@ mod tests {
         let lookup = |n: &str| (n == "SKED_SECRET_TOKEN").then(|| "s3cr3t".to_string());
         let (v, secrets) = resolve_secrets("Bearer ${env:SKED_SECRET_TOKEN}", lookup).unwrap();
         assert_eq!(v, "Bearer s3cr3t");
-        assert_eq!(redact("sent Bearer s3cr3t", &secrets), "sent Bearer [redacted]");
+        assert_eq!(
+            redact("sent Bearer s3cr3t", &secrets),
+            "sent Bearer [redacted]"
+        );
         let e = resolve_secrets("${env:SKED_SECRET_OTHER}", lookup).unwrap_err();
         assert!(e.contains("SKED_SECRET_OTHER"), "{e}");
         assert_eq!(

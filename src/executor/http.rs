@@ -59,7 +59,9 @@ pub struct HttpSettings {
 
 /// A request refused by the SSRF guard: no connection was made.
 #[derive(Debug, thiserror::Error)]
-#[error("{host} resolves only to addresses this node may not call ({detail}); --http-allow can allow them")]
+#[error(
+    "{host} resolves only to addresses this node may not call ({detail}); --http-allow can allow them"
+)]
 pub struct Blocked {
     /// The host as written.
     pub host: String,
@@ -106,8 +108,9 @@ impl GuardedResolver {
         if all.is_empty() {
             return Err(format!("{host}: no addresses").into());
         }
-        let (ok, refused): (Vec<_>, Vec<_>) =
-            all.into_iter().partition(|ip| self.allow.check(*ip).is_ok());
+        let (ok, refused): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|ip| self.allow.check(*ip).is_ok());
         if ok.is_empty() {
             return Err(Box::new(blocked(&host, &refused, &self.allow)));
         }
@@ -272,7 +275,9 @@ pub(crate) async fn execute(
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(&resolved),
         ) else {
-            let message = format!("header {name}: its value (with secrets resolved) is not a valid header value");
+            let message = format!(
+                "header {name}: its value (with secrets resolved) is not a valid header value"
+            );
             return failed(ex, run, message, false, &secrets).await;
         };
         v.set_sensitive(true);
@@ -285,15 +290,15 @@ pub(crate) async fn execute(
         HttpMethod::Patch => reqwest::Method::PATCH,
         HttpMethod::Delete => reqwest::Method::DELETE,
     };
-    if h.method == HttpMethod::Get {
-        if let Some(obj) = run.params.as_object().filter(|o| !o.is_empty()) {
-            let mut q = url.query_pairs_mut();
-            for (k, v) in obj {
-                match v {
-                    serde_json::Value::String(s) => q.append_pair(k, s),
-                    other => q.append_pair(k, &other.to_string()),
-                };
-            }
+    if h.method == HttpMethod::Get
+        && let Some(obj) = run.params.as_object().filter(|o| !o.is_empty())
+    {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in obj {
+            match v {
+                serde_json::Value::String(s) => q.append_pair(k, s),
+                other => q.append_pair(k, &other.to_string()),
+            };
         }
     }
     let shown = loggable_url(&url);
@@ -350,7 +355,10 @@ pub(crate) async fn execute(
             _ => RunReason::LeaseLost.to_string(),
         };
         let _ = ex
-            .append(run, &[system(format!("http: stopped ({reason}); request aborted"))])
+            .append(
+                run,
+                &[system(format!("http: stopped ({reason}); request aborted"))],
+            )
             .await;
         return (
             RunState::Cancelled,
@@ -405,12 +413,9 @@ pub(crate) async fn execute(
                 );
             }
             let code = status.as_u16();
-            let message = format!(
-                "HTTP {code} {}",
-                status.canonical_reason().unwrap_or("")
-            )
-            .trim_end()
-            .to_string();
+            let message = format!("HTTP {code} {}", status.canonical_reason().unwrap_or(""))
+                .trim_end()
+                .to_string();
             // 5xx and 429 may pass on a later attempt; any other status
             // (4xx, a 3xx left over) will not.
             let retryable = status.is_server_error() || code == 429;
@@ -521,7 +526,12 @@ mod tests {
             hosts: Some(
                 hosts
                     .iter()
-                    .map(|(h, a)| (h.to_string(), a.iter().map(|s| s.parse().unwrap()).collect()))
+                    .map(|(h, a)| {
+                        (
+                            h.to_string(),
+                            a.iter().map(|s| s.parse().unwrap()).collect(),
+                        )
+                    })
                     .collect(),
             ),
             secrets: None,
@@ -544,7 +554,11 @@ mod tests {
         assert!(b.detail.contains("10.0.0.5 (private)"), "{b}");
         assert!(b.detail.contains("169.254.169.254 (metadata)"), "{b}");
         assert!(
-            r.lookup("Mapped.Example.").await.unwrap_err().downcast_ref::<Blocked>().is_some()
+            r.lookup("Mapped.Example.")
+                .await
+                .unwrap_err()
+                .downcast_ref::<Blocked>()
+                .is_some()
         );
         assert_eq!(
             r.lookup("mixed.example").await.unwrap(),
@@ -553,7 +567,10 @@ mod tests {
         let e = r.lookup("unknown.example").await.unwrap_err();
         assert!(e.downcast_ref::<Blocked>().is_none(), "not a guard refusal");
 
-        let allowed = GuardedResolver::new(&settings("10.0.0.0/8", &[("internal.example", &["10.0.0.5"])]));
+        let allowed = GuardedResolver::new(&settings(
+            "10.0.0.0/8",
+            &[("internal.example", &["10.0.0.5"])],
+        ));
         assert_eq!(allowed.lookup("internal.example").await.unwrap().len(), 1);
     }
 

@@ -495,7 +495,10 @@ pub fn http_timeout_from(
     let max = i64::from(domain::http::MAX_HTTP_TIMEOUT_SECS);
     let min = i64::from(domain::http::MIN_HTTP_TIMEOUT_SECS);
     if d.nanos != 0 || d.seconds < min || d.seconds > max {
-        return Err(FieldViolation::new(field, "must be 1 s to 1 h, whole seconds"));
+        return Err(FieldViolation::new(
+            field,
+            "must be 1 s to 1 h, whole seconds",
+        ));
     }
     Ok(Some(d.seconds as u32))
 }

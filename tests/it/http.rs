@@ -102,7 +102,11 @@ impl Server {
                     });
                     let r = {
                         let mut sc = script.lock().unwrap();
-                        if sc.len() > 1 { sc.remove(0) } else { sc[0].clone() }
+                        if sc.len() > 1 {
+                            sc.remove(0)
+                        } else {
+                            sc[0].clone()
+                        }
                     };
                     tokio::time::sleep(r.delay).await;
                     let head = format!(
@@ -185,7 +189,11 @@ fn result_json(r: &pb::Run) -> serde_json::Value {
     sked::grpc::convert::struct_to_json(r.result.as_ref().expect("a result"))
 }
 
-async fn run_once(node: &TestNode, tenant: &str, def: pb::TaskDefinition) -> (pb::Binding, pb::Run) {
+async fn run_once(
+    node: &TestNode,
+    tenant: &str,
+    def: pb::TaskDefinition,
+) -> (pb::Binding, pb::Run) {
     let b = define_and_bind(node, tenant, def).await;
     let run = trigger(node, tenant, &b.id).await;
     let run = wait_terminal(node, tenant, &run.id).await;
@@ -197,9 +205,15 @@ async fn a_2xx_succeeds_with_its_json_body_as_result_and_secrets_stay_out_of_log
     let db = TestDb::new().await;
     let node = start_node(&db, true).await;
     let server = Server::start(vec![reply(200, r#"{"ok":true,"n":1}"#)]).await;
-    let mut h = handler("POST", format!("http://127.0.0.1:{}/hook?token=abc", server.addr.port()));
+    let mut h = handler(
+        "POST",
+        format!("http://127.0.0.1:{}/hook?token=abc", server.addr.port()),
+    );
     h.headers = [
-        ("Authorization".to_string(), "Bearer ${env:SKED_SECRET_HTTP_TEST}".to_string()),
+        (
+            "Authorization".to_string(),
+            "Bearer ${env:SKED_SECRET_HTTP_TEST}".to_string(),
+        ),
         ("X-Plain".to_string(), "plain".to_string()),
     ]
     .into();
@@ -211,32 +225,65 @@ async fn a_2xx_succeeds_with_its_json_body_as_result_and_secrets_stay_out_of_log
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].method, "POST");
     assert_eq!(seen[0].target, "/hook?token=abc");
-    let header = |k: &str| seen[0].headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    assert_eq!(header("authorization"), Some(format!("Bearer {SECRET}")), "secret resolved on the node");
+    let header = |k: &str| {
+        seen[0]
+            .headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("authorization"),
+        Some(format!("Bearer {SECRET}")),
+        "secret resolved on the node"
+    );
     assert_eq!(header("content-type").as_deref(), Some("application/json"));
     let body: serde_json::Value = serde_json::from_str(&seen[0].body).unwrap();
-    assert_eq!(body, serde_json::json!({"q": "x y", "n": 2}), "params are the body");
+    assert_eq!(
+        body,
+        serde_json::json!({"q": "x y", "n": 2}),
+        "params are the body"
+    );
 
     // The log has the summary, never the secret or the query.
     let events = tail_all(&node, "acme", &run.id, 0).await;
     let lines = log_lines(&events);
     let port = server.addr.port();
-    assert!(lines.iter().any(|l| l == &format!("http: POST http://127.0.0.1:{port}/hook?…")), "{lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with("http: 200 ")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == &format!("http: POST http://127.0.0.1:{port}/hook?…")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("http: 200 ")),
+        "{lines:?}"
+    );
     for l in &lines {
-        assert!(!l.contains(SECRET) && !l.contains("token=abc"), "leak in {l:?}");
+        assert!(
+            !l.contains(SECRET) && !l.contains("token=abc"),
+            "leak in {l:?}"
+        );
     }
     // Stored as written: the reference, not the value.
     let def = node
         .definitions()
-        .get_definition(as_tenant("", pb::GetDefinitionRequest { name: "hook.post".into() }))
+        .get_definition(as_tenant(
+            "",
+            pb::GetDefinitionRequest {
+                name: "hook.post".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     let Some(pb::task_definition::Handler::Http(stored)) = def.handler else {
         panic!("http handler")
     };
-    assert_eq!(stored.headers["Authorization"], "Bearer ${env:SKED_SECRET_HTTP_TEST}");
+    assert_eq!(
+        stored.headers["Authorization"],
+        "Bearer ${env:SKED_SECRET_HTTP_TEST}"
+    );
     assert_eq!(stored.method, "POST");
 
     // GET: params in the query; a non-JSON-object body kept as {"body"}.
@@ -260,9 +307,14 @@ async fn a_503_is_retried_and_a_404_is_not() {
     let h = handler("PUT", format!("http://127.0.0.1:{}/x", flaky.addr.port()));
     let b = define_and_bind(&node, "acme", http_def("hook.flaky", h, 3)).await;
     trigger(&node, "acme", &b.id).await;
-    let runs = runs_until(&node, "acme", &b.id, Duration::from_secs(20), "a retry that succeeds", |rs| {
-        rs.iter().any(|r| state(r) == pb::RunState::Succeeded)
-    })
+    let runs = runs_until(
+        &node,
+        "acme",
+        &b.id,
+        Duration::from_secs(20),
+        "a retry that succeeds",
+        |rs| rs.iter().any(|r| state(r) == pb::RunState::Succeeded),
+    )
     .await;
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert_eq!(state(&runs[0]), pb::RunState::Failed);
@@ -272,14 +324,21 @@ async fn a_503_is_retried_and_a_404_is_not() {
     assert_eq!(flaky.seen().len(), 2);
 
     let missing = Server::start(vec![reply(404, "no such thing")]).await;
-    let h = handler("POST", format!("http://127.0.0.1:{}/gone", missing.addr.port()));
+    let h = handler(
+        "POST",
+        format!("http://127.0.0.1:{}/gone", missing.addr.port()),
+    );
     let (b, run) = run_once(&node, "acme", http_def("hook.gone", h, 3)).await;
     assert_eq!(state(&run), pb::RunState::Failed);
     assert_eq!(run.reason, "HTTP 404 Not Found");
     assert_eq!(run.error.as_ref().unwrap().summary, "no such thing");
     // Past the 1 s backoff a retry would have been created by now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(runs_of(&node, "acme", &b.id).await.len(), 1, "a 404 is not retried");
+    assert_eq!(
+        runs_of(&node, "acme", &b.id).await.len(),
+        1,
+        "a 404 is not retried"
+    );
     assert_eq!(missing.seen().len(), 1);
     node.stop().await;
 }
@@ -294,7 +353,10 @@ async fn a_slow_server_times_out_at_the_smaller_timeout() {
         delay: Duration::from_secs(30),
     }])
     .await;
-    let mut h = handler("POST", format!("http://127.0.0.1:{}/slow", slow.addr.port()));
+    let mut h = handler(
+        "POST",
+        format!("http://127.0.0.1:{}/slow", slow.addr.port()),
+    );
     h.timeout = Some(dur(1000));
     let mut def = http_def("hook.slow", h, 1);
     def.timeout = Some(dur(60_000));
@@ -302,7 +364,10 @@ async fn a_slow_server_times_out_at_the_smaller_timeout() {
     let (_, run) = run_once(&node, "acme", def).await;
     assert_eq!(state(&run), pb::RunState::TimedOut, "{run:?}");
     assert_eq!(run.reason, "timeout");
-    assert!(started.elapsed() < Duration::from_secs(15), "the 1 s http timeout won");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the 1 s http timeout won"
+    );
     node.stop().await;
 }
 
@@ -316,7 +381,10 @@ async fn cancel_aborts_the_request() {
         delay: Duration::from_secs(30),
     }])
     .await;
-    let h = handler("POST", format!("http://127.0.0.1:{}/slow", slow.addr.port()));
+    let h = handler(
+        "POST",
+        format!("http://127.0.0.1:{}/slow", slow.addr.port()),
+    );
     let b = define_and_bind(&node, "acme", http_def("hook.cancel", h, 1)).await;
     let run = trigger(&node, "acme", &b.id).await;
     // Cancel once the request is in flight (the server has seen it).
@@ -341,7 +409,10 @@ async fn cancel_aborts_the_request() {
     let run = wait_terminal(&node, "acme", &run.id).await;
     assert_eq!(state(&run), pb::RunState::Cancelled, "{run:?}");
     assert_eq!(run.reason, "operator");
-    assert!(asked.elapsed() < Duration::from_secs(5), "aborted, not waited out");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "aborted, not waited out"
+    );
     node.stop().await;
 }
 
@@ -359,12 +430,24 @@ async fn loopback_targets_are_refused_without_the_allow_list() {
     .into_iter()
     .enumerate()
     {
-        let (b, run) = run_once(&node, "acme", http_def(&format!("ssrf.{i}"), handler("GET", url.clone()), 3)).await;
+        let (b, run) = run_once(
+            &node,
+            "acme",
+            http_def(&format!("ssrf.{i}"), handler("GET", url.clone()), 3),
+        )
+        .await;
         assert_eq!(state(&run), pb::RunState::Failed, "{url}: {run:?}");
         assert_eq!(run.reason, "ssrf_blocked", "{url}");
-        assert!(run.error.as_ref().unwrap().message.contains("loopback"), "{url}: {run:?}");
+        assert!(
+            run.error.as_ref().unwrap().message.contains("loopback"),
+            "{url}: {run:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(runs_of(&node, "acme", &b.id).await.len(), 1, "{url}: not retried");
+        assert_eq!(
+            runs_of(&node, "acme", &b.id).await.len(),
+            1,
+            "{url}: not retried"
+        );
     }
     assert_eq!(server.connections(), 0, "no connection reached the server");
     assert!(server.seen().is_empty());
@@ -378,7 +461,11 @@ async fn bad_http_handlers_are_invalid_argument_naming_the_field() {
     let base = || handler("POST", "https://example.com/hook".into());
     let mut cases: Vec<(pb::HttpHandler, &str)> = Vec::new();
     let mut h = base();
-    h.headers = [("Authorization".to_string(), "${env:DATABASE_URL}".to_string())].into();
+    h.headers = [(
+        "Authorization".to_string(),
+        "${env:DATABASE_URL}".to_string(),
+    )]
+    .into();
     cases.push((h, "definition.http.headers[\"Authorization\"]"));
     let mut h = base();
     h.url = "ftp://example.com/".into();
