@@ -24,6 +24,7 @@ struct Reply {
     status: u16,
     body: &'static str,
     delay: Duration,
+    location: Option<String>,
 }
 
 fn reply(status: u16, body: &'static str) -> Reply {
@@ -31,6 +32,7 @@ fn reply(status: u16, body: &'static str) -> Reply {
         status,
         body,
         delay: Duration::ZERO,
+        location: None,
     }
 }
 
@@ -53,7 +55,11 @@ struct Server {
 
 impl Server {
     async fn start(script: Vec<Reply>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on("127.0.0.1:0", script).await
+    }
+
+    async fn start_on(bind: &str, script: Vec<Reply>) -> Server {
+        let listener = TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(Mutex::new(0usize));
@@ -109,8 +115,12 @@ impl Server {
                         }
                     };
                     tokio::time::sleep(r.delay).await;
+                    let location = r
+                        .location
+                        .map(|l| format!("location: {l}\r\n"))
+                        .unwrap_or_default();
                     let head = format!(
-                        "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{location}connection: close\r\n\r\n",
                         r.status,
                         r.body.len()
                     );
@@ -351,6 +361,7 @@ async fn a_slow_server_times_out_at_the_smaller_timeout() {
         status: 200,
         body: "{}",
         delay: Duration::from_secs(30),
+        location: None,
     }])
     .await;
     let mut h = handler(
@@ -379,6 +390,7 @@ async fn cancel_aborts_the_request() {
         status: 200,
         body: "{}",
         delay: Duration::from_secs(30),
+        location: None,
     }])
     .await;
     let h = handler(
@@ -486,5 +498,42 @@ async fn bad_http_handlers_are_invalid_argument_naming_the_field() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
         assert_eq!(violation_fields(&err), vec![field.to_string()], "{err:?}");
     }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_refused_address_is_blocked_on_its_hop() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db, "http1");
+    // Only 127.0.0.1 is allowed; 127.0.0.2 (still loopback, so nothing
+    // leaves the machine) is refused.
+    s.http = http_settings(false);
+    s.http.allow = HttpAllow::parse("127.0.0.1/32").unwrap();
+    s.http.hosts = Some(BTreeMap::from([(
+        "inner.test".to_string(),
+        vec!["127.0.0.2".parse().unwrap()],
+    )]));
+    let node = TestNode::start_with(s).await;
+    let inner = Server::start_on("127.0.0.2:0", vec![reply(200, "{}")]).await;
+    let port = inner.addr.port();
+    for (i, target) in [
+        format!("http://127.0.0.2:{port}/"),
+        format!("http://inner.test:{port}/"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let outer = Server::start(vec![Reply {
+            location: Some(target.clone()),
+            ..reply(302, "")
+        }])
+        .await;
+        let h = handler("GET", format!("http://127.0.0.1:{}/", outer.addr.port()));
+        let (_, run) = run_once(&node, "acme", http_def(&format!("redirect.{i}"), h, 1)).await;
+        assert_eq!(state(&run), pb::RunState::Failed, "{target}: {run:?}");
+        assert_eq!(run.reason, "ssrf_blocked", "{target}: {run:?}");
+        assert_eq!(outer.seen().len(), 1, "the first hop was allowed");
+    }
+    assert_eq!(inner.connections(), 0, "no hop reached the refused address");
     node.stop().await;
 }
