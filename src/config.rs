@@ -247,6 +247,22 @@ mod tests {
     }
 
     #[test]
+    fn http_allow_is_a_flag_defaulting_to_nothing() {
+        let parse = |extra: &[&str]| {
+            let argv = ["sked", "serve"].iter().chain(extra);
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("serve")
+            };
+            args.http_allow
+        };
+        assert_eq!(parse(&[]), "");
+        assert_eq!(
+            parse(&["--http-allow", "127.0.0.0/8,10.1.0.0/16"]),
+            "127.0.0.0/8,10.1.0.0/16"
+        );
+    }
+
+    #[test]
     fn tls_flags_parse_and_key_requires_cert() {
         let cli = Cli::try_parse_from([
             "sked",
