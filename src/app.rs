@@ -22,6 +22,7 @@ use crate::domain::Clock;
 use crate::domain::tenancy::Caller;
 use crate::embedded_pg::{self, EmbeddedPg};
 use crate::events::{EventBus, bridge};
+use crate::executor::http::{HttpClient, HttpSettings};
 use crate::executor::{Executor, RunningRuns};
 use crate::grpc::{self, Ctx};
 use crate::proto::{self, v1 as pb};
@@ -53,6 +54,12 @@ pub enum Error {
     /// Building reflection failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP client of `http` runs could not be built.
+    #[error("http client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// `--http-allow` is not a list of CIDR ranges.
+    #[error("--http-allow: {0}")]
+    HttpAllow(String),
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] transport::TlsError),
@@ -103,6 +110,9 @@ pub struct Settings {
     /// is allowed on the listener's address is decided before [`serve`]
     /// ([`crate::config::listen_security`]).
     pub tls: Option<TlsSettings>,
+    /// `http` runs: the SSRF guard's allow list (`--http-allow`) and, for
+    /// tests, a host table instead of DNS.
+    pub http: HttpSettings,
 }
 
 impl Settings {
@@ -123,6 +133,7 @@ impl Settings {
             auth: true,
             clock: Clock::system(),
             tls: None,
+            http: HttpSettings::default(),
         }
     }
 }
@@ -196,6 +207,7 @@ async fn serve_with_pool(
 ) -> Result<(), Error> {
     let bus = EventBus::new();
     let running = RunningRuns::default();
+    let http = HttpClient::new(&settings.http)?;
     let wakers = bridge::Wakers::new(Arc::new(running.clone()));
     let engine_stop = CancellationToken::new();
     let streams_stop = CancellationToken::new();
@@ -250,6 +262,7 @@ async fn serve_with_pool(
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,
             kill_grace: settings.kill_grace,
+            http,
             poll: settings.claim_poll,
             shutdown_grace: settings.shutdown_grace,
         }
@@ -451,6 +464,11 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.tenant_changes_per_sec = args.tenant_changes_per_sec;
     settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;
     settings.tls = tls;
+    settings.http.allow =
+        crate::domain::HttpAllow::parse(&args.http_allow).map_err(Error::HttpAllow)?;
+    if !settings.http.allow.0.is_empty() {
+        tracing::info!(allow = %args.http_allow, "http runs may call these internal ranges (--http-allow)");
+    }
     // Auth is on whenever DATABASE_URL is set (docs/operations.md, "Security"); only the embedded
     // database on a loopback listener may run without it.
     settings.auth =

@@ -128,6 +128,12 @@ pub struct ServeArgs {
     /// refuses to listen on a non-loopback address. Logged as a warning.
     #[arg(long, env = "SKED_INSECURE_LISTEN")]
     pub insecure_listen: bool,
+    /// Comma-separated CIDR ranges (or addresses) that `http` runs may call
+    /// although the SSRF guard refuses them by default (loopback, private,
+    /// link-local, metadata, ...), e.g. `10.20.0.0/16,127.0.0.1`. Checked
+    /// against every resolved address. Empty: only public addresses.
+    #[arg(long, env = "SKED_HTTP_ALLOW", default_value = "")]
+    pub http_allow: String,
 }
 
 /// How the gRPC listener is protected; see [`listen_security`].
@@ -238,6 +244,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn http_allow_is_a_flag_defaulting_to_nothing() {
+        let parse = |extra: &[&str]| {
+            let argv = ["sked", "serve"].iter().chain(extra);
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("serve")
+            };
+            args.http_allow
+        };
+        assert_eq!(parse(&[]), "");
+        assert_eq!(
+            parse(&["--http-allow", "127.0.0.0/8,10.1.0.0/16"]),
+            "127.0.0.0/8,10.1.0.0/16"
+        );
     }
 
     #[test]

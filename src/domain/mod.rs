@@ -3,6 +3,7 @@
 //! every rule can be unit-tested in isolation.
 
 pub mod clock;
+pub mod http;
 pub mod misfire;
 pub mod policy;
 pub mod progress;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use clock::Clock;
+pub use http::{HttpAllow, HttpHandler, HttpMethod};
 pub use misfire::{FirePlan, MisfireMode, MisfirePolicy, plan_fires};
 pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
 pub use progress::{MAX_PROGRESS_MESSAGE, Progress, parse_progress_line};
@@ -130,6 +132,8 @@ pub enum Handler {
     /// per run: in the firing transaction ([`crate::scheduler`]) or in the
     /// claim statement ([`crate::executor`]).
     Event,
+    /// Call an HTTP(S) endpoint with the run's params ([`http`]).
+    Http(HttpHandler),
 }
 
 /// A child process: `program` with `args`, no shell.
@@ -208,6 +212,7 @@ impl Handler {
     pub fn validate(&self, prefix: &str) -> Result<(), FieldViolation> {
         match self {
             Handler::Event => Ok(()),
+            Handler::Http(h) => h.validate(&format!("{prefix}.http")),
             Handler::Command(c) => {
                 if c.program.trim().is_empty() {
                     return Err(FieldViolation::new(

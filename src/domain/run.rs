@@ -44,11 +44,14 @@ pub enum RunReason {
     /// A run this node stopped because another node's reaper took it; the
     /// reaper's state stands, so this text is never stored.
     LeaseLost,
+    /// An `http` run whose target resolved only to addresses the node's
+    /// SSRF guard refuses (`FAILED`, no connection made, not retried).
+    SsrfBlocked,
 }
 
 impl RunReason {
     /// Every reason, for tests and exhaustive lookups.
-    pub const ALL: [RunReason; 10] = [
+    pub const ALL: [RunReason; 11] = [
         RunReason::Overlap,
         RunReason::Misfire,
         RunReason::Quota,
@@ -59,6 +62,7 @@ impl RunReason {
         RunReason::Timeout,
         RunReason::Cancelled,
         RunReason::LeaseLost,
+        RunReason::SsrfBlocked,
     ];
 
     /// The stored text.
@@ -74,6 +78,7 @@ impl RunReason {
             RunReason::Timeout => "timeout",
             RunReason::Cancelled => "cancelled",
             RunReason::LeaseLost => "lease lost",
+            RunReason::SsrfBlocked => "ssrf_blocked",
         }
     }
 

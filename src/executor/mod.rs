@@ -59,6 +59,7 @@
 //!   then logged; the run stays `RUNNING` until its lease is reaped.
 
 pub mod command;
+pub mod http;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -188,6 +189,8 @@ pub struct Executor {
     pub shutdown_grace: Duration,
     /// After SIGTERM, how long a process group has before SIGKILL (default 10 s).
     pub kill_grace: Duration,
+    /// The client of `http` runs (SSRF guard, no proxy; [`http`]).
+    pub http: http::HttpClient,
 }
 
 impl Executor {
@@ -460,6 +463,7 @@ impl Executor {
     async fn execute(&self, run: Run, stop: Stop) {
         let (state, outcome) = match &run.handler {
             Handler::Command(c) => command::execute(self, &run, c, &stop).await,
+            Handler::Http(h) => http::execute(self, &run, h, &stop).await,
             // Never claimed for a task (ClaimKind::Event); kept total.
             Handler::Event => (RunState::Succeeded, Outcome::default()),
         };

@@ -104,6 +104,9 @@ pub fn string_limit(full_name: &str) -> usize {
         "sked.v1.CommandHandler.program" | "sked.v1.CommandHandler.working_dir" => 4096,
         "sked.v1.CommandHandler.args" | "sked.v1.CommandHandler.env.value" => 16 * 1024,
         "sked.v1.CommandHandler.env.key" => 256,
+        "sked.v1.HttpHandler.url" => crate::domain::http::MAX_URL_BYTES,
+        "sked.v1.HttpHandler.headers.key" => crate::domain::http::MAX_HEADER_NAME_BYTES,
+        "sked.v1.HttpHandler.headers.value" => crate::domain::http::MAX_HEADER_VALUE_BYTES,
         "sked.v1.CronSchedule.expression" => crate::domain::schedule::MAX_CRON_LEN,
         "sked.v1.Schedule.timezone" => 64,
         _ => DEFAULT_MAX_STRING,
@@ -119,6 +122,7 @@ pub fn items_limit(field: &FieldDescriptor) -> usize {
         "sked.v1.CommandHandler.non_retryable_exit_codes" => {
             crate::domain::MAX_NON_RETRYABLE_EXIT_CODES
         }
+        "sked.v1.HttpHandler.headers" => crate::domain::http::MAX_HEADERS,
         "sked.v1.WeeklySchedule.days_of_week" => 7,
         _ if field.is_map() => DEFAULT_MAX_ENTRIES,
         _ => DEFAULT_MAX_ITEMS,

@@ -483,6 +483,26 @@ pub fn timeout_from(
     Ok(Some(d.seconds as u32))
 }
 
+/// An `http` handler's timeout → whole seconds (unset → the definition's).
+///
+/// # Errors
+/// A violation on `field` unless whole seconds, 1 s to 1 h.
+pub fn http_timeout_from(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Option<u32>, FieldViolation> {
+    let Some(d) = d else { return Ok(None) };
+    let max = i64::from(domain::http::MAX_HTTP_TIMEOUT_SECS);
+    let min = i64::from(domain::http::MIN_HTTP_TIMEOUT_SECS);
+    if d.nanos != 0 || d.seconds < min || d.seconds > max {
+        return Err(FieldViolation::new(
+            field,
+            "must be 1 s to 1 h, whole seconds",
+        ));
+    }
+    Ok(Some(d.seconds as u32))
+}
+
 /// Seconds → API Duration.
 pub fn secs_to(secs: u32) -> prost_types::Duration {
     prost_types::Duration {
@@ -529,6 +549,12 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
             non_retryable_exit_codes: c.non_retryable_exit_codes.clone(),
         }),
         domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
+        domain::Handler::Http(h) => pb::task_definition::Handler::Http(pb::HttpHandler {
+            method: h.method.as_str().to_string(),
+            url: h.url.clone(),
+            headers: h.headers.clone().into_iter().collect(),
+            timeout: h.timeout_secs.map(secs_to),
+        }),
     };
     pb::TaskDefinition {
         name: d.name.clone(),
@@ -628,7 +654,7 @@ pub fn handler_from(
         None => {
             return Err(FieldViolation::new(
                 format!("{prefix}.handler"),
-                "one of command or event is required",
+                "one of command, event or http is required",
             ));
         }
         Some(pb::task_definition::Handler::Command(c)) => {
@@ -642,6 +668,15 @@ pub fn handler_from(
             })
         }
         Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
+        Some(pb::task_definition::Handler::Http(h)) => {
+            let field = format!("{prefix}.http");
+            domain::Handler::Http(domain::HttpHandler {
+                method: domain::HttpMethod::parse(&format!("{field}.method"), &h.method)?,
+                url: h.url.clone(),
+                headers: h.headers.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                timeout_secs: http_timeout_from(&format!("{field}.timeout"), h.timeout.as_ref())?,
+            })
+        }
     };
     h.validate(prefix)?;
     Ok(h)

@@ -28,7 +28,7 @@ fn change_from(path: &str, d: &pb::TaskDefinition) -> Result<Option<DefinitionCh
         "display_name" => DefinitionChange::DisplayName(d.display_name.clone()),
         "description" => DefinitionChange::Description(d.description.clone()),
         "labels" => DefinitionChange::Labels(d.labels.clone().into_iter().collect()),
-        "command" => DefinitionChange::Handler(
+        "command" | "http" => DefinitionChange::Handler(
             handler_from("definition", d.handler.as_ref()).map_err(invalid)?,
         ),
         "schedule" => DefinitionChange::Schedule(
@@ -210,6 +210,7 @@ impl DefinitionService for Definitions {
                 "description",
                 "labels",
                 "command",
+                "http",
                 "schedule",
                 "params",
                 "misfire_policy",

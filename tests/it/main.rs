@@ -16,6 +16,7 @@ mod crash;
 mod defence;
 mod event_handler;
 mod hostile;
+mod http;
 mod misfire;
 mod nodes;
 mod probe;
