@@ -44,11 +44,19 @@ pub enum RunReason {
     /// A run this node stopped because another node's reaper took it; the
     /// reaper's state stands, so this text is never stored.
     LeaseLost,
+    /// A worker run whose lease expired (its worker stopped heartbeating or
+    /// its stream dropped and did not come back), ended `FAILED` by a
+    /// reaper (retried per policy).
+    WorkerLost,
+    /// A worker run that waited `QUEUED` longer than its schedule-to-start
+    /// timeout because no worker took it; ended `FAILED` (retried per
+    /// policy).
+    NoWorker,
 }
 
 impl RunReason {
     /// Every reason, for tests and exhaustive lookups.
-    pub const ALL: [RunReason; 10] = [
+    pub const ALL: [RunReason; 12] = [
         RunReason::Overlap,
         RunReason::Misfire,
         RunReason::Quota,
@@ -59,6 +67,8 @@ impl RunReason {
         RunReason::Timeout,
         RunReason::Cancelled,
         RunReason::LeaseLost,
+        RunReason::WorkerLost,
+        RunReason::NoWorker,
     ];
 
     /// The stored text.
@@ -74,6 +84,8 @@ impl RunReason {
             RunReason::Timeout => "timeout",
             RunReason::Cancelled => "cancelled",
             RunReason::LeaseLost => "lease lost",
+            RunReason::WorkerLost => "worker_lost",
+            RunReason::NoWorker => "no_worker",
         }
     }
 

@@ -528,6 +528,10 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
             working_dir: c.working_dir.clone(),
         }),
         domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
+        domain::Handler::Worker(w) => pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: w.queue.clone(),
+            schedule_to_start_timeout: w.schedule_to_start_secs.map(secs_to),
+        }),
     };
     pb::TaskDefinition {
         name: d.name.clone(),
@@ -627,7 +631,7 @@ pub fn handler_from(
         None => {
             return Err(FieldViolation::new(
                 format!("{prefix}.handler"),
-                "one of command or event is required",
+                "one of command, event or worker is required",
             ));
         }
         Some(pb::task_definition::Handler::Command(c)) => {
@@ -640,6 +644,25 @@ pub fn handler_from(
             })
         }
         Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
+        Some(pb::task_definition::Handler::Worker(w)) => {
+            let field = format!("{prefix}.worker.schedule_to_start_timeout");
+            let secs = match &w.schedule_to_start_timeout {
+                None => None,
+                Some(d) if d.nanos == 0 && d.seconds >= 0 && d.seconds <= i64::from(u32::MAX) => {
+                    Some(d.seconds as u32)
+                }
+                Some(_) => {
+                    return Err(FieldViolation::new(
+                        field,
+                        "must be 1 s to 24 h, whole seconds",
+                    ));
+                }
+            };
+            domain::Handler::Worker(domain::WorkerHandler {
+                queue: w.queue.clone(),
+                schedule_to_start_secs: secs,
+            })
+        }
     };
     h.validate(prefix)?;
     Ok(h)
