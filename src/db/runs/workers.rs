@@ -43,6 +43,12 @@ pub struct Renewed {
     pub run_id: Uuid,
     /// Its tenant.
     pub tenant_id: String,
+    /// Its attempt.
+    pub attempt: i32,
+    /// When it started.
+    pub start_time: Option<DateTime<Utc>>,
+    /// Its timeout in seconds, if any.
+    pub timeout_secs: Option<i32>,
     /// A pending cancel request's reason.
     pub cancel_reason: Option<String>,
 }
@@ -65,7 +71,7 @@ pub async fn run_worker_heartbeat(
     Ok(sqlx::query!(
         r#"UPDATE runs SET lease_expires_at = $2
            WHERE lease_token = ANY($1) AND state = 'RUNNING' AND ($3::text IS NULL OR tenant_id = $3)
-           RETURNING lease_token AS "lease_token!", id, tenant_id, cancel_reason"#,
+           RETURNING lease_token AS "lease_token!", id, tenant_id, attempt, start_time, timeout_secs, cancel_reason"#,
         tokens,
         until,
         tenant,
@@ -77,6 +83,9 @@ pub async fn run_worker_heartbeat(
         token: r.lease_token,
         run_id: r.id,
         tenant_id: r.tenant_id,
+        attempt: r.attempt,
+        start_time: r.start_time,
+        timeout_secs: r.timeout_secs,
         cancel_reason: r.cancel_reason,
     })
     .collect())
@@ -154,4 +163,16 @@ pub async fn run_fail_no_worker(
         notify_runs(&mut *conn).await?;
     }
     Ok(out)
+}
+
+/// The binding of run `id`, if the run exists.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_binding_of(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Uuid>, Error> {
+    Ok(
+        sqlx::query_scalar!("SELECT binding_id FROM runs WHERE id = $1", id)
+            .fetch_optional(db)
+            .await?,
+    )
 }
