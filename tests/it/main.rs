@@ -25,3 +25,4 @@ mod runs;
 mod schedules;
 mod serve;
 mod tls;
+mod workers;
