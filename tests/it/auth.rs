@@ -1418,7 +1418,7 @@ fn not_found_with_info(got: Result<(), tonic::Status>) -> Result<(), String> {
 /// exactly the methods of the proto, so a new RPC needs a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
-    use pb::Role::{Admin, Operator, Viewer};
+    use pb::Role::{Admin, Operator, Viewer, Worker};
     let db = TestDb::new().await;
     let (node, root) = secured(&db).await;
     // Never issued, but a valid id of every kind.
@@ -1706,6 +1706,52 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             pb::ListAuditEventsRequest::default(),
         ),
+        // Workers: worker keys and admins only (no viewer or operator).
+        rpc(
+            "/sked.v1.WorkerService/Work",
+            Worker,
+            false,
+            false,
+            pb::WorkerRequest {
+                hello: Some(pb::Hello {
+                    queue: "q".into(),
+                    worker_name: "w".into(),
+                    slots: 1,
+                    lease_tokens: vec![],
+                }),
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/CompleteRun",
+            Worker,
+            false,
+            false,
+            pb::CompleteRunRequest {
+                lease_token: nothing.clone(),
+                result: None,
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/FailRun",
+            Worker,
+            false,
+            false,
+            pb::FailRunRequest {
+                lease_token: nothing.clone(),
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/Heartbeat",
+            Worker,
+            false,
+            false,
+            pb::HeartbeatRequest {
+                lease_tokens: vec![nothing.clone()],
+            },
+        ),
     ];
 
     // Exactly the methods of the proto.
@@ -1732,6 +1778,11 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         tenant.push((role, make_key(&node, &root, role, "acme").await.1));
     }
     let tenant_admin = tenant[2].1.clone();
+    // Worker keys may call WorkerService only.
+    let workers = [
+        make_key(&node, &root, Worker, "").await.1,
+        make_key(&node, &root, Worker, "acme").await.1,
+    ];
 
     let mut wrong = Vec::new();
     let mut checked = 0;
@@ -1749,7 +1800,24 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         }
     };
     for row in &table {
-        let weaker = |role: &pb::Role| (*role as i32) < (row.role as i32);
+        // A worker method needs a worker key or an admin; the others
+        // order viewer < operator < admin.
+        let weaker = |role: &pb::Role| match row.role {
+            Worker => !matches!(role, Worker | Admin),
+            need => (*role as i32) < (need as i32),
+        };
+        if row.role != Worker {
+            for (i, key) in workers.iter().enumerate() {
+                let req = if i == 0 {
+                    request("acme", Some(key), row.req.clone())
+                } else {
+                    with_key(key, row.req.clone())
+                };
+                let got = raw_code(&node, row.path, req).await;
+                let what = format!("{} as a worker key #{i}", row.path);
+                expect(what, code_is(got, Code::PermissionDenied));
+            }
+        }
         for (role, key) in platform.iter().filter(|(r, _)| weaker(r)) {
             let got = raw_code(&node, row.path, request("acme", Some(key), row.req.clone())).await;
             let what = format!("{} as a platform {role:?}", row.path);
