@@ -91,9 +91,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(Kind::Cancel(c)) => {
                 let run = lock(&runs).remove(&c.lease_token);
                 println!("cancel {} {}", run.unwrap_or_default(), c.reason);
-                let ack = pb::CancelAck { lease_token: c.lease_token };
-                tx.send(pb::WorkerRequest { cancel_acks: vec![ack], ..Default::default() })
-                    .await?;
+                let ack = pb::CancelAck {
+                    lease_token: c.lease_token,
+                };
+                tx.send(pb::WorkerRequest {
+                    cancel_acks: vec![ack],
+                    ..Default::default()
+                })
+                .await?;
             }
             Some(Kind::Ack(a)) => println!("ack {} {}", a.code, a.message),
             None => {}

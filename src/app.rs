@@ -352,12 +352,12 @@ async fn serve_with_pool(
         .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
         )))
-        .add_service(codec!(
-            pb::worker_service_server::WorkerServiceServer::new(grpc::workers::Workers {
+        .add_service(codec!(pb::worker_service_server::WorkerServiceServer::new(
+            grpc::workers::Workers {
                 ctx: ctx.clone(),
                 hub,
-            })
-        ))
+            }
+        )))
         .serve_with_incoming_shutdown(incoming, drain)
         .await;
     // If the server failed on its own, stop everything else too.

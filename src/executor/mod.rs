@@ -403,8 +403,7 @@ impl Executor {
     async fn reap(&self) -> Result<(), db::Error> {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
-        let mut reaped =
-            db::runs::run_reap(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?;
+        let mut reaped = db::runs::run_reap(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?;
         // Worker runs nobody took within their schedule-to-start timeout
         // end FAILED/no_worker here too, retried alike.
         reaped.extend(

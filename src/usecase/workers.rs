@@ -318,7 +318,8 @@ impl Hub {
     /// starts its kill grace; returns whether a stream here holds it.
     fn send_cancel(&self, run_id: Uuid, reason: &str) -> bool {
         let by = self.0.core.clock.now()
-            + chrono::Duration::from_std(self.0.kill_grace).unwrap_or(chrono::Duration::seconds(10));
+            + chrono::Duration::from_std(self.0.kill_grace)
+                .unwrap_or(chrono::Duration::seconds(10));
         let mut st = self.state();
         let Some(&(sid, token)) = st.by_run.get(&run_id) else {
             return false;
@@ -816,17 +817,10 @@ async fn finish(
             .map_err(Error::on(&target))?,
         None => false,
     };
-    let Some((ended, ev)) = db::runs::run_finish(
-        &mut tx,
-        &core.node_id,
-        id,
-        attempt,
-        state,
-        &outcome,
-        now,
-    )
-    .await
-    .map_err(Error::on(&target))?
+    let Some((ended, ev)) =
+        db::runs::run_finish(&mut tx, &core.node_id, id, attempt, state, &outcome, now)
+            .await
+            .map_err(Error::on(&target))?
     else {
         return Ok(false);
     };

@@ -46,7 +46,12 @@ fn worker_def(name: &str, queue: &str, max_attempts: i32) -> pb::TaskDefinition 
     }
 }
 
-async fn trigger_with(node: &TestNode, tenant: &str, binding: &str, params: serde_json::Value) -> pb::Run {
+async fn trigger_with(
+    node: &TestNode,
+    tenant: &str,
+    binding: &str,
+    params: serde_json::Value,
+) -> pb::Run {
     node.runs()
         .trigger_run(as_tenant(
             tenant,
@@ -136,7 +141,10 @@ async fn a_worker_runs_a_binding_and_its_result_is_stored() {
     let run = trigger_with(&node, "acme", &b.id, serde_json::json!({"n": 7})).await;
     let line = w.next("assigned", Duration::from_secs(20)).await;
     assert!(line.contains(&run.id), "{line}");
-    assert!(line.contains(r#""n":7"#), "the worker saw the params: {line}");
+    assert!(
+        line.contains(r#""n":7"#),
+        "the worker saw the params: {line}"
+    );
     let done = wait_terminal(&node, "acme", &run.id).await;
     assert_eq!(state(&done), pb::RunState::Succeeded, "{done:?}");
     let result = sked::grpc::convert::struct_to_json(done.result.as_ref().expect("result"));
@@ -369,7 +377,11 @@ async fn a_tenant_worker_never_receives_another_tenants_runs() {
     let mut s = Stream::open(&node, "tenant-a", "shared", "w-a", 10).await;
     let mut mine = Vec::new();
     for _ in 0..3 {
-        mine.push(trigger_with(&node, "tenant-b", &bb.id, serde_json::json!({})).await.id);
+        mine.push(
+            trigger_with(&node, "tenant-b", &bb.id, serde_json::json!({}))
+                .await
+                .id,
+        );
         trigger_with(&node, "tenant-a", &ba.id, serde_json::json!({})).await;
     }
     let mut got = 0;
@@ -381,7 +393,11 @@ async fn a_tenant_worker_never_receives_another_tenants_runs() {
     assert_eq!(got, 3, "tenant A's runs all came");
     for id in &mine {
         let r = get_run(&node, "tenant-b", id).await;
-        assert_eq!(state(&r), pb::RunState::Queued, "B's run waits for B's worker");
+        assert_eq!(
+            state(&r),
+            pb::RunState::Queued,
+            "B's run waits for B's worker"
+        );
     }
     node.stop().await;
 }

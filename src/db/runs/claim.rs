@@ -131,7 +131,11 @@ pub async fn run_claim(
             queue,
             tenant,
             worker_name,
-        } => (Some(queue.as_str()), tenant.as_deref(), Some(worker_name.as_str())),
+        } => (
+            Some(queue.as_str()),
+            tenant.as_deref(),
+            Some(worker_name.as_str()),
+        ),
         _ => (None, None, None),
     };
     let rows = sqlx::query_as!(

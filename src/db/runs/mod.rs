@@ -27,12 +27,12 @@ pub use lifecycle::{
     Outcome, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat, run_promote_due,
     run_reap, run_request_cancel,
 };
-pub use workers::{
-    Renewed, run_binding_of, run_by_lease, run_fail_no_worker, run_worker_heartbeat,
-};
 pub use read::{
     ActiveRun, ActiveState, run_active_state, run_find_by_idempotency_key, run_get, run_list,
     run_list_active, run_next_due_time, run_progress,
+};
+pub use workers::{
+    Renewed, run_binding_of, run_by_lease, run_fail_no_worker, run_worker_heartbeat,
 };
 
 /// Inserts `runs` with their events, announces them to executors and
