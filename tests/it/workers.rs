@@ -401,3 +401,94 @@ async fn a_tenant_worker_never_receives_another_tenants_runs() {
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_reconnecting_worker_keeps_its_valid_leases() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w7").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.reconnect", "re", 1)).await;
+    let mut first = Stream::open(&node, "acme", "re", "w-r", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = first
+        .assigned(Duration::from_secs(10))
+        .await
+        .expect("assigned");
+    assert_eq!(a.run_id, run.id);
+    // The stream drops; the worker comes back within the lease.
+    drop(first);
+    tokio::time::sleep(LEASE / 2).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::WorkerRequest {
+        hello: Some(pb::Hello {
+            queue: "re".into(),
+            worker_name: "w-r".into(),
+            slots: 1,
+            lease_tokens: vec![a.lease_token.clone(), uuid::Uuid::new_v4().to_string()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("hello");
+    let mut rx = WorkerServiceClient::new(node.channel.clone())
+        .work(as_tenant("acme", ReceiverStream::new(rx)))
+        .await
+        .expect("work")
+        .into_inner();
+    // The unknown token is answered FAILED_PRECONDITION at once.
+    match rx.message().await.expect("message") {
+        Some(pb::WorkerResponse {
+            kind: Some(pb::worker_response::Kind::Ack(ack)),
+        }) => assert_eq!(ack.code, tonic::Code::FailedPrecondition as i32),
+        other => panic!("expected an ack: {other:?}"),
+    }
+    // Kept: the stream renews it, so it outlives 2 × lease.
+    tokio::time::sleep(LEASE * 2 + LEASE / 2).await;
+    assert_eq!(
+        state(&get_run(&node, "acme", &run.id).await),
+        pb::RunState::Running
+    );
+    tx.send(pb::WorkerRequest {
+        completes: vec![pb::Complete {
+            lease_token: a.lease_token.clone(),
+            result: None,
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("complete");
+    match rx.message().await.expect("message") {
+        Some(pb::WorkerResponse {
+            kind: Some(pb::worker_response::Kind::Ack(ack)),
+        }) => assert_eq!(ack.code, 0, "{ack:?}"),
+        other => panic!("expected an ack: {other:?}"),
+    }
+    assert_eq!(
+        state(&get_run(&node, "acme", &run.id).await),
+        pb::RunState::Succeeded
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_no_worker_takes_ends_failed_no_worker() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w8").await;
+    let mut def = worker_def("w.nobody", "nobody", 1);
+    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
+        w.schedule_to_start_timeout = Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+    }
+    let b = define_and_bind(&node, "acme", def).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_terminal(&node, "acme", &run.id),
+    )
+    .await
+    .expect("ended in time");
+    assert_eq!(state(&ended), pb::RunState::Failed, "{ended:?}");
+    assert_eq!(ended.reason, "no_worker");
+    node.stop().await;
+}
