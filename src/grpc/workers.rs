@@ -257,6 +257,25 @@ impl WorkerService for Workers {
         Ok(Response::new(pb::FailRunResponse {}))
     }
 
+    async fn append_logs(
+        &self,
+        req: Request<Streaming<pb::AppendLogsRequest>>,
+    ) -> Result<Response<pb::AppendLogsResponse>, Status> {
+        let tenant = worker_tenant(&req)?;
+        let mut inbound = req.into_inner();
+        let mut appended = 0u64;
+        while let Some(m) = inbound.message().await? {
+            let t = token("lease_token", &m.lease_token).map_err(invalid)?;
+            if m.lines.is_empty() {
+                return Err(invalid(FieldViolation::new("lines", "is required")));
+            }
+            let lines = m.lines.into_iter().map(|l| (l.stderr, l.message)).collect();
+            appended +=
+                workers::append_logs(self.hub.core(), tenant.as_deref(), t, lines).await? as u64;
+        }
+        Ok(Response::new(pb::AppendLogsResponse { appended }))
+    }
+
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,

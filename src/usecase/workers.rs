@@ -38,7 +38,9 @@ use uuid::Uuid;
 
 use super::{Core, Error, Result};
 use crate::db::{self, runs::ClaimKind, runs::Outcome};
-use crate::domain::{FieldViolation, Handler, NewRun, Run, RunReason, RunState};
+use crate::domain::{
+    EventBody, FieldViolation, Handler, LogStream, NewRun, Run, RunReason, RunState,
+};
 use crate::events::bridge::LocalRuns;
 
 /// Longest the dispatch loop sleeps without a wake-up.
@@ -709,6 +711,56 @@ impl Hub {
     pub fn core(&self) -> &Core {
         &self.0.core
     }
+}
+
+/// Appends `lines` (`(stderr, text)`, in order) to the log of the run of
+/// lease `token` (of `tenant`'s runs only, when given) as `log` events,
+/// published; returns how many.
+///
+/// # Errors
+/// `Precondition` when the lease is no longer valid (nothing stored).
+pub async fn append_logs(
+    core: &Core,
+    tenant: Option<&str>,
+    token: Uuid,
+    lines: Vec<(bool, String)>,
+) -> Result<usize> {
+    let target = super::Target::new("run", "lease");
+    let run = db::runs::run_by_lease(&core.pool, token)
+        .await
+        .map_err(Error::on(&target))?
+        .ok_or_else(lost)?;
+    if tenant.is_some_and(|t| t != run.tenant_id) {
+        return Err(lost());
+    }
+    let bodies: Vec<EventBody> = lines
+        .into_iter()
+        .map(|(stderr, message)| EventBody::Log {
+            stream: if stderr {
+                LogStream::Stderr
+            } else {
+                LogStream::Stdout
+            },
+            message,
+        })
+        .collect();
+    let n = bodies.len();
+    let mut tx = super::begin(core, &target).await?;
+    let events =
+        db::events::event_append(&mut tx, &core.node_id, run.id, &bodies, core.clock.now())
+            .await
+            .map_err(Error::on(&target))?;
+    // The append locked the run's row: the lease is checked again under
+    // the lock, so no line lands after the run ended.
+    let still = db::runs::run_by_lease(&mut *tx, token)
+        .await
+        .map_err(Error::on(&target))?;
+    if still.is_none_or(|r| r.id != run.id) {
+        return Err(lost());
+    }
+    super::commit(tx, &target).await?;
+    core.bus.publish(events);
+    Ok(n)
 }
 
 fn lost() -> Error {

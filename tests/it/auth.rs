@@ -1744,6 +1744,19 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             },
         ),
         rpc(
+            "/sked.v1.WorkerService/AppendLogs",
+            Worker,
+            false,
+            false,
+            pb::AppendLogsRequest {
+                lease_token: nothing.clone(),
+                lines: vec![pb::WorkerLogLine {
+                    message: "x".into(),
+                    stderr: false,
+                }],
+            },
+        ),
+        rpc(
             "/sked.v1.WorkerService/Heartbeat",
             Worker,
             false,

@@ -492,3 +492,42 @@ async fn a_run_no_worker_takes_ends_failed_no_worker() {
     assert_eq!(ended.reason, "no_worker");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_workers_log_lines_appear_in_tail_run_in_order_and_need_a_valid_lease() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w9").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.logs", "logs", 1)).await;
+    let mut s = Stream::open(&node, "acme", "logs", "w-l", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+    let msgs: Vec<pb::AppendLogsRequest> = (0..3)
+        .map(|i| pb::AppendLogsRequest {
+            lease_token: a.lease_token.clone(),
+            lines: vec![pb::WorkerLogLine {
+                message: format!("line {i}"),
+                stderr: i == 2,
+            }],
+        })
+        .collect();
+    let got = WorkerServiceClient::new(node.channel.clone())
+        .append_logs(as_tenant("acme", tokio_stream::iter(msgs.clone())))
+        .await
+        .expect("append")
+        .into_inner();
+    assert_eq!(got.appended, 3);
+    s.complete(&a.lease_token).await;
+    let done = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded);
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    assert_eq!(log_lines(&events), ["line 0", "line 1", "line 2"]);
+    // After the run ended the lease is void: nothing more is stored.
+    let err = WorkerServiceClient::new(node.channel.clone())
+        .append_logs(as_tenant("acme", tokio_stream::iter(msgs)))
+        .await
+        .expect_err("a lost lease is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let after = tail_all(&node, "acme", &run.id, 0).await;
+    assert_eq!(after.len(), events.len());
+    node.stop().await;
+}
