@@ -1870,3 +1870,90 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
     );
     node.stop().await;
 }
+
+/// A tenant key with role worker takes only its own tenant's runs of a
+/// queue (and, per the table above, may call nothing but WorkerService).
+#[tokio::test]
+async fn a_tenant_worker_key_receives_only_its_tenants_runs() {
+    use sked::proto::v1::worker_service_client::WorkerServiceClient;
+    use tokio_stream::wrappers::ReceiverStream;
+    let db = TestDb::new().await;
+    let (node, root) = secured(&db).await;
+    let def = pb::TaskDefinition {
+        name: "w.keyed".into(),
+        handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: "keyed".into(),
+            schedule_to_start_timeout: None,
+        })),
+        schedule: Some(manual()),
+        overlap_policy: pb::OverlapPolicy::Allow as i32,
+        ..Default::default()
+    };
+    let ba = define_and_bind_via(&node.channel, "tenant-a", Some(&root), def).await;
+    let bb = node
+        .bindings()
+        .create_binding(request(
+            "tenant-b",
+            Some(&root),
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "w.keyed".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect("bind b")
+        .into_inner();
+    let (_, worker_a) = make_key(&node, &root, pb::Role::Worker, "tenant-a").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WorkerRequest {
+        hello: Some(pb::Hello {
+            queue: "keyed".into(),
+            worker_name: "a-1".into(),
+            slots: 10,
+            lease_tokens: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("hello");
+    let mut stream = WorkerServiceClient::new(node.channel.clone())
+        .work(with_key(&worker_a, ReceiverStream::new(rx)))
+        .await
+        .expect("a worker key may work")
+        .into_inner();
+    let mut a_runs = Vec::new();
+    for _ in 0..3 {
+        a_runs.push(
+            trigger_via(&node.channel, "tenant-a", Some(&root), &ba.id)
+                .await
+                .id,
+        );
+        trigger_via(&node.channel, "tenant-b", Some(&root), &bb.id).await;
+    }
+    let mut got = Vec::new();
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(3), stream.message()).await
+    {
+        if let Some(pb::worker_response::Kind::Assigned(a)) = m.kind {
+            assert_eq!(a.tenant_id, "tenant-a", "{a:?}");
+            got.push(a.run_id);
+        }
+    }
+    got.sort();
+    a_runs.sort();
+    assert_eq!(got, a_runs, "exactly tenant A's runs");
+    // A tenant worker key cannot name another tenant.
+    let err = WorkerServiceClient::new(node.channel.clone())
+        .heartbeat(request(
+            "tenant-b",
+            Some(&worker_a),
+            pb::HeartbeatRequest {
+                lease_tokens: vec![uuid::Uuid::new_v4().to_string()],
+            },
+        ))
+        .await
+        .expect_err("another tenant");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    node.stop().await;
+}
