@@ -165,6 +165,7 @@ pub const RULES: &[Rule] = &[
     rule("/sked.v1.WorkerService/FailRun", Worker, Key),
     rule("/sked.v1.WorkerService/Heartbeat", Worker, Key),
     rule("/sked.v1.WorkerService/AppendLogs", Worker, Key),
+    rule("/sked.v1.WorkerService/ReportProgress", Worker, Key),
 ];
 
 /// Services answered without a key (load balancers, `grpcurl list`).

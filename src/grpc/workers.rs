@@ -276,6 +276,28 @@ impl WorkerService for Workers {
         Ok(Response::new(pb::AppendLogsResponse { appended }))
     }
 
+    async fn report_progress(
+        &self,
+        req: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let tenant = worker_tenant(&req)?;
+        let m = req.into_inner();
+        let t = token("lease_token", &m.lease_token).map_err(invalid)?;
+        workers::report_progress(
+            self.hub.core(),
+            tenant.as_deref(),
+            t,
+            workers::ProgressReport {
+                percent: m.percent,
+                current_step: m.current_step,
+                total_steps: m.total_steps,
+                message: m.message,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::ReportProgressResponse {}))
+    }
+
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,

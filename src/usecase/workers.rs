@@ -763,6 +763,74 @@ pub async fn append_logs(
     Ok(n)
 }
 
+/// A worker's progress report of one run (the fields of a `progress` run
+/// event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressReport {
+    /// 0 to 100.
+    pub percent: f64,
+    /// 1-based current step; 0 = not given.
+    pub current_step: u32,
+    /// Steps in all; 0 = not given.
+    pub total_steps: u32,
+    /// For people, at most 1 KiB.
+    pub message: String,
+}
+
+impl ProgressReport {
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// A violation naming the field.
+    pub fn validate(&self) -> std::result::Result<(), FieldViolation> {
+        if !(0.0..=100.0).contains(&self.percent) {
+            return Err(FieldViolation::new("percent", "must be 0 to 100"));
+        }
+        if self.total_steps > 0 && self.current_step > self.total_steps {
+            return Err(FieldViolation::new(
+                "current_step",
+                format!(
+                    "{} is past total_steps {}",
+                    self.current_step, self.total_steps
+                ),
+            ));
+        }
+        if self.message.len() > MAX_ERROR_BYTES {
+            return Err(FieldViolation::new("message", "is longer than 1 KiB"));
+        }
+        Ok(())
+    }
+}
+
+/// Records the progress of the run of lease `token` (of `tenant`'s runs
+/// only, when given).
+///
+/// # Errors
+/// `Invalid` for a bad report; `Precondition` when the lease is no longer
+/// valid.
+pub async fn report_progress(
+    core: &Core,
+    tenant: Option<&str>,
+    token: Uuid,
+    progress: ProgressReport,
+) -> Result<()> {
+    progress.validate()?;
+    let target = super::Target::new("run", "lease");
+    let run = db::runs::run_by_lease(&core.pool, token)
+        .await
+        .map_err(Error::on(&target))?
+        .ok_or_else(lost)?;
+    if tenant.is_some_and(|t| t != run.tenant_id) {
+        return Err(lost());
+    }
+    // TODO(issue 14, merge with the "progress" branch): append the
+    // `progress` run event (EventBody::Progress) and set Run.progress here,
+    // fenced like `append_logs` (append, then re-check the lease under the
+    // row lock). Until then a valid report is checked and acknowledged only.
+    tracing::debug!(run = %run.id, percent = progress.percent, "worker progress (not stored yet)");
+    Ok(())
+}
+
 fn lost() -> Error {
     Error::Precondition(
         "the lease is no longer valid (the run ended, or was reaped and retried): drop the run"
@@ -919,6 +987,26 @@ mod tests {
         assert_eq!(bad(|h| h.worker_name = String::new()), "hello.worker_name");
         assert_eq!(bad(|h| h.slots = 0), "hello.slots");
         assert_eq!(bad(|h| h.slots = 1001), "hello.slots");
+    }
+
+    #[test]
+    fn progress_reports_are_checked() {
+        let ok = ProgressReport {
+            percent: 50.0,
+            current_step: 2,
+            total_steps: 4,
+            message: "half".into(),
+        };
+        assert!(ok.validate().is_ok());
+        let bad = |f: fn(&mut ProgressReport)| {
+            let mut p = ok.clone();
+            f(&mut p);
+            p.validate().expect_err("refused").field
+        };
+        assert_eq!(bad(|p| p.percent = 100.5), "percent");
+        assert_eq!(bad(|p| p.percent = f64::NAN), "percent");
+        assert_eq!(bad(|p| p.current_step = 5), "current_step");
+        assert_eq!(bad(|p| p.message = "x".repeat(1025)), "message");
     }
 
     #[test]

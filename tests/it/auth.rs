@@ -1757,6 +1757,17 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             },
         ),
         rpc(
+            "/sked.v1.WorkerService/ReportProgress",
+            Worker,
+            false,
+            false,
+            pb::ReportProgressRequest {
+                lease_token: nothing.clone(),
+                percent: 50.0,
+                ..Default::default()
+            },
+        ),
+        rpc(
             "/sked.v1.WorkerService/Heartbeat",
             Worker,
             false,

@@ -72,11 +72,21 @@ fn example_path() -> std::path::PathBuf {
     BUILT
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = std::process::Command::new(cargo)
-                .args(["build", "--example", "worker"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build --example worker");
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.args(["build", "--example", "worker"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            // The variables cargo sets for a test run (OUT_DIR, CARGO_PKG_…)
+            // would change build scripts' inputs and rebuild dependencies
+            // on every run: build as a plain `cargo build` does.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                if k == "OUT_DIR"
+                    || (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+                {
+                    cmd.env_remove(k);
+                }
+            }
+            let ok = cmd.status().expect("run cargo build --example worker");
             assert!(ok.success(), "cargo build --example worker failed");
             let exe = std::env::current_exe().expect("test exe");
             // target/debug/deps/it-… → target/debug/examples/worker
@@ -529,5 +539,40 @@ async fn a_workers_log_lines_appear_in_tail_run_in_order_and_need_a_valid_lease(
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let after = tail_all(&node, "acme", &run.id, 0).await;
     assert_eq!(after.len(), events.len());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn progress_reports_are_checked_and_fenced() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w10").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.progress", "progress", 1)).await;
+    let mut s = Stream::open(&node, "acme", "progress", "w-p", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+    let report = |percent: f64| pb::ReportProgressRequest {
+        lease_token: a.lease_token.clone(),
+        percent,
+        current_step: 1,
+        total_steps: 2,
+        message: "halfway".into(),
+    };
+    let mut client = WorkerServiceClient::new(node.channel.clone());
+    client
+        .report_progress(as_tenant("acme", report(50.0)))
+        .await
+        .expect("a valid report");
+    let err = client
+        .report_progress(as_tenant("acme", report(150.0)))
+        .await
+        .expect_err("percent out of range");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    s.complete(&a.lease_token).await;
+    wait_terminal(&node, "acme", &run.id).await;
+    let err = client
+        .report_progress(as_tenant("acme", report(60.0)))
+        .await
+        .expect_err("the lease ended with the run");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     node.stop().await;
 }
