@@ -208,7 +208,24 @@ async fn serve_with_pool(
     let bus = EventBus::new();
     let running = RunningRuns::default();
     let http = HttpClient::new(&settings.http)?;
-    let wakers = bridge::Wakers::new(Arc::new(running.clone()));
+    // Remote workers' runs are held by the hub; a cancel request reaches
+    // whichever of the two has the run.
+    let hub = crate::usecase::workers::Hub::new(
+        crate::usecase::Core {
+            pool: engine_pool.clone(),
+            clock: settings.clock.clone(),
+            node_id: settings.node_id.clone(),
+            bus: bus.clone(),
+            executor_wake: Arc::default(),
+        },
+        settings.lease,
+        settings.kill_grace,
+    );
+    let mut wakers = bridge::Wakers::new(Arc::new(LocalHeld {
+        executor: running.clone(),
+        workers: hub.clone(),
+    }));
+    wakers.workers = hub.wake();
     let engine_stop = CancellationToken::new();
     let streams_stop = CancellationToken::new();
     let bridge_stop = CancellationToken::new();
@@ -251,6 +268,7 @@ async fn serve_with_pool(
         }
         .run(engine_stop.clone()),
     );
+    let hub_task = tokio::spawn(hub.clone().run(engine_stop.clone()));
     let executor_task = tokio::spawn(
         Executor {
             pool: engine_pool.clone(),
@@ -291,6 +309,7 @@ async fn serve_with_pool(
             engine_stop.cancel();
             let _ = scheduler_task.await;
             let _ = executor_task.await;
+            let _ = hub_task.await;
             let _ = health_task.await;
             streams_stop.cancel();
         }
@@ -345,6 +364,12 @@ async fn serve_with_pool(
         )))
         .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
+        )))
+        .add_service(codec!(pb::worker_service_server::WorkerServiceServer::new(
+            grpc::workers::Workers {
+                ctx: ctx.clone(),
+                hub,
+            }
         )))
         .serve_with_incoming_shutdown(incoming, drain)
         .await;
@@ -564,4 +589,18 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("signal received");
+}
+
+/// The runs held on this node for the bridge's cancel requests: the
+/// executor's own and those of the workers connected here.
+#[derive(Debug)]
+struct LocalHeld {
+    executor: RunningRuns,
+    workers: crate::usecase::workers::Hub,
+}
+
+impl bridge::LocalRuns for LocalHeld {
+    fn cancel(&self, id: uuid::Uuid, reason: &str) -> bool {
+        self.executor.cancel(id, reason) || self.workers.cancel(id, reason)
+    }
 }

@@ -134,6 +134,50 @@ pub enum Handler {
     Event,
     /// Call an HTTP(S) endpoint with the run's params ([`http`]).
     Http(HttpHandler),
+    /// Hand the run to a worker process connected to WorkerService for the
+    /// queue (`crate::usecase::workers`).
+    Worker(WorkerHandler),
+}
+
+/// A run executed by a worker of `queue` (`docs/semantics.md`, "Workers").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHandler {
+    /// Queue name: 1-128 characters of `[A-Za-z0-9._-]`.
+    pub queue: String,
+    /// Seconds a run may wait `QUEUED` for a worker before it ends `FAILED`
+    /// with reason `no_worker` ([`MIN_SCHEDULE_TO_START_SECS`] ..=
+    /// [`MAX_SCHEDULE_TO_START_SECS`]); `None` =
+    /// [`DEFAULT_SCHEDULE_TO_START_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_to_start_secs: Option<u32>,
+}
+
+/// Default schedule-to-start timeout of a worker run: 10 minutes.
+pub const DEFAULT_SCHEDULE_TO_START_SECS: u32 = 600;
+/// Shortest schedule-to-start timeout: 1 s.
+pub const MIN_SCHEDULE_TO_START_SECS: u32 = 1;
+/// Longest schedule-to-start timeout: 24 h.
+pub const MAX_SCHEDULE_TO_START_SECS: u32 = 86_400;
+
+/// Checks a worker queue name: 1-128 characters of `[A-Za-z0-9._-]`.
+///
+/// # Errors
+/// A violation on `field`.
+pub fn validate_queue(field: &str, queue: &str) -> Result<(), FieldViolation> {
+    if queue.is_empty() {
+        return Err(FieldViolation::new(field, "is required"));
+    }
+    if queue.len() > 128
+        || !queue
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    {
+        return Err(FieldViolation::new(
+            field,
+            format!("{} must match [A-Za-z0-9._-]{{1,128}}", quote(queue)),
+        ));
+    }
+    Ok(())
 }
 
 /// A child process: `program` with `args`, no shell.
@@ -213,6 +257,18 @@ impl Handler {
         match self {
             Handler::Event => Ok(()),
             Handler::Http(h) => h.validate(&format!("{prefix}.http")),
+            Handler::Worker(w) => {
+                validate_queue(&format!("{prefix}.worker.queue"), &w.queue)?;
+                if let Some(t) = w.schedule_to_start_secs
+                    && !(MIN_SCHEDULE_TO_START_SECS..=MAX_SCHEDULE_TO_START_SECS).contains(&t)
+                {
+                    return Err(FieldViolation::new(
+                        format!("{prefix}.worker.schedule_to_start_timeout"),
+                        format!("{t} s is outside 1 s ..= 24 h"),
+                    ));
+                }
+                Ok(())
+            }
             Handler::Command(c) => {
                 if c.program.trim().is_empty() {
                     return Err(FieldViolation::new(

@@ -47,11 +47,19 @@ pub enum RunReason {
     /// An `http` run whose target resolved only to addresses the node's
     /// SSRF guard refuses (`FAILED`, no connection made, not retried).
     SsrfBlocked,
+    /// A worker run whose lease expired (its worker stopped heartbeating or
+    /// its stream dropped and did not come back), ended `FAILED` by a
+    /// reaper (retried per policy).
+    WorkerLost,
+    /// A worker run that waited `QUEUED` longer than its schedule-to-start
+    /// timeout because no worker took it; ended `FAILED` (retried per
+    /// policy).
+    NoWorker,
 }
 
 impl RunReason {
     /// Every reason, for tests and exhaustive lookups.
-    pub const ALL: [RunReason; 11] = [
+    pub const ALL: [RunReason; 13] = [
         RunReason::Overlap,
         RunReason::Misfire,
         RunReason::Quota,
@@ -63,6 +71,8 @@ impl RunReason {
         RunReason::Cancelled,
         RunReason::LeaseLost,
         RunReason::SsrfBlocked,
+        RunReason::WorkerLost,
+        RunReason::NoWorker,
     ];
 
     /// The stored text.
@@ -79,6 +89,8 @@ impl RunReason {
             RunReason::Cancelled => "cancelled",
             RunReason::LeaseLost => "lease lost",
             RunReason::SsrfBlocked => "ssrf_blocked",
+            RunReason::WorkerLost => "worker_lost",
+            RunReason::NoWorker => "no_worker",
         }
     }
 

@@ -19,9 +19,14 @@ use uuid::Uuid;
 
 use super::FieldViolation;
 
-/// What a key may do. Each role includes the ones below it.
+/// What a key may do. Each of viewer, operator and admin includes the
+/// ones below it; [`Role::Worker`] stands apart (ordered lowest, so it
+/// passes no viewer check): it may call only WorkerService, which admin keys
+/// may call too (see [`Role::allows`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
+    /// Only WorkerService: take runs of worker handlers and report on them.
+    Worker,
     /// Read: get, list, tail, watch.
     Viewer,
     /// Viewer + bindings and runs: create/update/delete/pause bindings,
@@ -32,9 +37,20 @@ pub enum Role {
 }
 
 impl Role {
-    /// Lower-case name: `viewer`, `operator`, `admin`.
+    /// Whether a key of this role may call a method needing `need`: for
+    /// [`Role::Worker`] methods only worker and admin keys, otherwise this
+    /// role or a higher one (a worker key passes no other method).
+    pub fn allows(self, need: Role) -> bool {
+        match need {
+            Role::Worker => matches!(self, Role::Worker | Role::Admin),
+            _ => self != Role::Worker && self >= need,
+        }
+    }
+
+    /// Lower-case name: `worker`, `viewer`, `operator`, `admin`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Worker => "worker",
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Admin => "admin",
@@ -44,6 +60,7 @@ impl Role {
     /// Parses [`Role::as_str`]'s names.
     pub fn parse(s: &str) -> Option<Role> {
         match s {
+            "worker" => Some(Role::Worker),
             "viewer" => Some(Role::Viewer),
             "operator" => Some(Role::Operator),
             "admin" => Some(Role::Admin),

@@ -18,8 +18,9 @@ use uuid::Uuid;
 use super::EventBus;
 use crate::db;
 
-/// The runs executing on this node, as far as the bridge needs them: a
-/// cancel request names a run, and only the node executing it acts. The
+/// The runs executing on this node (or held by a worker connected to it),
+/// as far as the bridge needs them: a cancel request names a run, and only
+/// the node executing it acts. The
 /// executor's registry implements it, so the engine depends on the events
 /// module and never the other way round.
 pub trait LocalRuns: std::fmt::Debug + Send + Sync {
@@ -35,6 +36,8 @@ pub struct Wakers {
     pub scheduler: Arc<Notify>,
     /// The executor (runs queued).
     pub executor: Arc<Notify>,
+    /// The worker dispatch (runs queued, for worker queues).
+    pub workers: Arc<Notify>,
     /// Runs executing on this node (cancel requests).
     pub running: Arc<dyn LocalRuns>,
 }
@@ -46,6 +49,7 @@ impl Wakers {
         Wakers {
             scheduler: Arc::default(),
             executor: Arc::default(),
+            workers: Arc::default(),
             running,
         }
     }
@@ -53,6 +57,7 @@ impl Wakers {
     fn all(&self) {
         self.scheduler.notify_one();
         self.executor.notify_one();
+        self.workers.notify_one();
     }
 }
 
@@ -120,7 +125,10 @@ async fn listen(
         let mut pending = Some(first);
         while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
             match n.channel() {
-                db::notify::RUNS => wakers.executor.notify_one(),
+                db::notify::RUNS => {
+                    wakers.executor.notify_one();
+                    wakers.workers.notify_one();
+                }
                 db::notify::BINDINGS => wakers.scheduler.notify_one(),
                 db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {

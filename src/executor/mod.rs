@@ -75,7 +75,7 @@ use crate::db::{
     self,
     runs::{ClaimKind, Outcome},
 };
-use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunEvent, RunReason, RunState};
+use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunReason, RunState};
 use crate::events::EventBus;
 use crate::events::bridge::LocalRuns;
 
@@ -334,7 +334,7 @@ impl Executor {
             .claim_kind(limit, ClaimKind::ToExecute, excluded)
             .await?;
         let mut runs = Vec::with_capacity(claimed.len());
-        for (run, events) in claimed {
+        for db::runs::Claimed { run, events, .. } in claimed {
             self.bus.publish(events);
             let stop = self.running.insert(run.id);
             runs.push((run, stop));
@@ -351,8 +351,7 @@ impl Executor {
         let n = done.len();
         if n > 0 {
             tracing::debug!(runs = n, "event runs completed");
-            self.bus
-                .publish(done.into_iter().flat_map(|(_, events)| events));
+            self.bus.publish(done.into_iter().flat_map(|c| c.events));
         }
         Ok(n)
     }
@@ -362,7 +361,7 @@ impl Executor {
         limit: usize,
         kind: ClaimKind,
         excluded: &[String],
-    ) -> Result<Vec<(Run, Vec<RunEvent>)>, db::Error> {
+    ) -> Result<Vec<db::runs::Claimed>, db::Error> {
         let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(30));
         let mut tries = 0;
         loop {
@@ -373,7 +372,7 @@ impl Executor {
                 &self.clock,
                 lease,
                 limit as i64,
-                kind,
+                kind.clone(),
                 excluded,
             )
             .await
@@ -401,12 +400,18 @@ impl Executor {
         Ok(())
     }
 
-    /// Ends runs whose lease expired (their node is gone) and schedules
-    /// their retries, in one transaction.
+    /// Ends runs whose lease expired (their node or worker is gone) and
+    /// worker runs nobody took in time (`no_worker`), and schedules their
+    /// retries, in one transaction.
     async fn reap(&self) -> Result<(), db::Error> {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
-        let reaped = db::runs::run_reap(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?;
+        let mut reaped = db::runs::run_reap(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?;
+        // Worker runs nobody took within their schedule-to-start timeout
+        // end FAILED/no_worker here too, retried alike.
+        reaped.extend(
+            db::runs::run_fail_no_worker(&mut tx, &self.node_id, now, MAINTENANCE_BATCH).await?,
+        );
         if reaped.is_empty() {
             return Ok(());
         }
@@ -419,7 +424,7 @@ impl Executor {
         tx.commit().await?;
         for (run, _) in &reaped {
             tracing::warn!(run = %run.id, node = ?run.node_id, state = run.state.as_str(),
-                "run's lease expired; its node is gone");
+                reason = ?run.reason, "run ended by the reaper (lease expired, or no worker took it)");
         }
         self.bus.publish(events);
         Ok(())
@@ -466,6 +471,16 @@ impl Executor {
             Handler::Http(h) => http::execute(self, &run, h, &stop).await,
             // Never claimed for a task (ClaimKind::Event); kept total.
             Handler::Event => (RunState::Succeeded, Outcome::default()),
+            // Never claimed for a task either: workers claim them
+            // (ClaimKind::Worker, `usecase::workers`). Kept total.
+            Handler::Worker(_) => (
+                RunState::Failed,
+                Outcome {
+                    error_message: Some("a worker run reached the command executor".into()),
+                    retryable: false,
+                    ..Outcome::default()
+                },
+            ),
         };
         if stop.reason() == Some(&StopReason::LeaseLost) {
             tracing::warn!("run was taken from this node (lease lost); its final state stands");

@@ -77,6 +77,7 @@ fn role_to(r: Role) -> pb::Role {
         Role::Viewer => pb::Role::Viewer,
         Role::Operator => pb::Role::Operator,
         Role::Admin => pb::Role::Admin,
+        Role::Worker => pb::Role::Worker,
     }
 }
 
@@ -85,9 +86,10 @@ fn role_from(v: i32) -> Result<Role, FieldViolation> {
         Ok(pb::Role::Viewer) => Ok(Role::Viewer),
         Ok(pb::Role::Operator) => Ok(Role::Operator),
         Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Worker) => Ok(Role::Worker),
         _ => Err(FieldViolation::new(
             "role",
-            "is required: ROLE_VIEWER, ROLE_OPERATOR or ROLE_ADMIN",
+            "is required: ROLE_VIEWER, ROLE_OPERATOR, ROLE_ADMIN or ROLE_WORKER",
         )),
     }
 }

@@ -168,7 +168,7 @@ impl Auth {
 /// # Errors
 /// `PERMISSION_DENIED` naming the role needed.
 pub fn require_role(caller: &Caller, need: Role, method: &str) -> Result<(), Status> {
-    if caller.role >= need {
+    if caller.role.allows(need) {
         Ok(())
     } else {
         Err(Status::permission_denied(format!(

@@ -103,7 +103,7 @@ const fn rule(path: &'static str, role: Role, scope: Scope) -> Rule {
     Rule { path, role, scope }
 }
 
-use Role::{Admin, Operator, Viewer};
+use Role::{Admin, Operator, Viewer, Worker};
 use Scope::{Key, Platform, Tenant};
 
 /// Every `sked.v1` method: role and scope (module docs). README's role table
@@ -157,6 +157,15 @@ pub const RULES: &[Rule] = &[
     rule("/sked.v1.AdminService/RevokeApiKey", Admin, Key),
     rule("/sked.v1.AdminService/ListApiKeys", Admin, Key),
     rule("/sked.v1.AdminService/ListAuditEvents", Admin, Key),
+    // Workers: worker keys (and admin keys) only. A tenant key's worker
+    // gets its own tenant's runs; a platform key's every tenant's, or the
+    // one named by `x-tenant-id` (resolved in the use case).
+    rule("/sked.v1.WorkerService/Work", Worker, Key),
+    rule("/sked.v1.WorkerService/CompleteRun", Worker, Key),
+    rule("/sked.v1.WorkerService/FailRun", Worker, Key),
+    rule("/sked.v1.WorkerService/Heartbeat", Worker, Key),
+    rule("/sked.v1.WorkerService/AppendLogs", Worker, Key),
+    rule("/sked.v1.WorkerService/ReportProgress", Worker, Key),
 ];
 
 /// Services answered without a key (load balancers, `grpcurl list`).

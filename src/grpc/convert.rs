@@ -555,6 +555,10 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
             headers: h.headers.clone().into_iter().collect(),
             timeout: h.timeout_secs.map(secs_to),
         }),
+        domain::Handler::Worker(w) => pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: w.queue.clone(),
+            schedule_to_start_timeout: w.schedule_to_start_secs.map(secs_to),
+        }),
     };
     pb::TaskDefinition {
         name: d.name.clone(),
@@ -654,7 +658,7 @@ pub fn handler_from(
         None => {
             return Err(FieldViolation::new(
                 format!("{prefix}.handler"),
-                "one of command, event or http is required",
+                "one of command, event, http or worker is required",
             ));
         }
         Some(pb::task_definition::Handler::Command(c)) => {
@@ -675,6 +679,25 @@ pub fn handler_from(
                 url: h.url.clone(),
                 headers: h.headers.clone().into_iter().collect::<BTreeMap<_, _>>(),
                 timeout_secs: http_timeout_from(&format!("{field}.timeout"), h.timeout.as_ref())?,
+            })
+        }
+        Some(pb::task_definition::Handler::Worker(w)) => {
+            let field = format!("{prefix}.worker.schedule_to_start_timeout");
+            let secs = match &w.schedule_to_start_timeout {
+                None => None,
+                Some(d) if d.nanos == 0 && d.seconds >= 0 && d.seconds <= i64::from(u32::MAX) => {
+                    Some(d.seconds as u32)
+                }
+                Some(_) => {
+                    return Err(FieldViolation::new(
+                        field,
+                        "must be 1 s to 24 h, whole seconds",
+                    ));
+                }
+            };
+            domain::Handler::Worker(domain::WorkerHandler {
+                queue: w.queue.clone(),
+                schedule_to_start_secs: secs,
             })
         }
     };

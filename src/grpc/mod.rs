@@ -31,6 +31,7 @@ pub mod definitions;
 pub mod limit;
 pub mod logs;
 pub mod runs;
+pub mod workers;
 
 use std::sync::Arc;
 

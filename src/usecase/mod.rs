@@ -15,6 +15,7 @@ pub mod bindings;
 pub mod definitions;
 pub mod runs;
 pub mod tenancy;
+pub mod workers;
 
 use std::fmt;
 use std::sync::Arc;

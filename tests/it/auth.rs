@@ -1418,7 +1418,7 @@ fn not_found_with_info(got: Result<(), tonic::Status>) -> Result<(), String> {
 /// exactly the methods of the proto, so a new RPC needs a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
-    use pb::Role::{Admin, Operator, Viewer};
+    use pb::Role::{Admin, Operator, Viewer, Worker};
     let db = TestDb::new().await;
     let (node, root) = secured(&db).await;
     // Never issued, but a valid id of every kind.
@@ -1706,6 +1706,76 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             pb::ListAuditEventsRequest::default(),
         ),
+        // Workers: worker keys and admins only (no viewer or operator).
+        rpc(
+            "/sked.v1.WorkerService/Work",
+            Worker,
+            false,
+            false,
+            pb::WorkerRequest {
+                hello: Some(pb::Hello {
+                    queue: "q".into(),
+                    worker_name: "w".into(),
+                    slots: 1,
+                    lease_tokens: vec![],
+                }),
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/CompleteRun",
+            Worker,
+            false,
+            false,
+            pb::CompleteRunRequest {
+                lease_token: nothing.clone(),
+                result: None,
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/FailRun",
+            Worker,
+            false,
+            false,
+            pb::FailRunRequest {
+                lease_token: nothing.clone(),
+                error: "x".into(),
+                retryable: true,
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/AppendLogs",
+            Worker,
+            false,
+            false,
+            pb::AppendLogsRequest {
+                lease_token: nothing.clone(),
+                lines: vec![pb::WorkerLogLine {
+                    message: "x".into(),
+                    stderr: false,
+                }],
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/ReportProgress",
+            Worker,
+            false,
+            false,
+            pb::ReportProgressRequest {
+                lease_token: nothing.clone(),
+                percent: 50.0,
+                ..Default::default()
+            },
+        ),
+        rpc(
+            "/sked.v1.WorkerService/Heartbeat",
+            Worker,
+            false,
+            false,
+            pb::HeartbeatRequest {
+                lease_tokens: vec![nothing.clone()],
+            },
+        ),
     ];
 
     // Exactly the methods of the proto.
@@ -1732,6 +1802,11 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         tenant.push((role, make_key(&node, &root, role, "acme").await.1));
     }
     let tenant_admin = tenant[2].1.clone();
+    // Worker keys may call WorkerService only.
+    let workers = [
+        make_key(&node, &root, Worker, "").await.1,
+        make_key(&node, &root, Worker, "acme").await.1,
+    ];
 
     let mut wrong = Vec::new();
     let mut checked = 0;
@@ -1749,7 +1824,24 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         }
     };
     for row in &table {
-        let weaker = |role: &pb::Role| (*role as i32) < (row.role as i32);
+        // A worker method needs a worker key or an admin; the others
+        // order viewer < operator < admin.
+        let weaker = |role: &pb::Role| match row.role {
+            Worker => !matches!(role, Worker | Admin),
+            need => (*role as i32) < (need as i32),
+        };
+        if row.role != Worker {
+            for (i, key) in workers.iter().enumerate() {
+                let req = if i == 0 {
+                    request("acme", Some(key), row.req.clone())
+                } else {
+                    with_key(key, row.req.clone())
+                };
+                let got = raw_code(&node, row.path, req).await;
+                let what = format!("{} as a worker key #{i}", row.path);
+                expect(what, code_is(got, Code::PermissionDenied));
+            }
+        }
         for (role, key) in platform.iter().filter(|(r, _)| weaker(r)) {
             let got = raw_code(&node, row.path, request("acme", Some(key), row.req.clone())).await;
             let what = format!("{} as a platform {role:?}", row.path);
@@ -1787,5 +1879,92 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
         wrong.len(),
         wrong.join("\n")
     );
+    node.stop().await;
+}
+
+/// A tenant key with role worker takes only its own tenant's runs of a
+/// queue (and, per the table above, may call nothing but WorkerService).
+#[tokio::test]
+async fn a_tenant_worker_key_receives_only_its_tenants_runs() {
+    use sked::proto::v1::worker_service_client::WorkerServiceClient;
+    use tokio_stream::wrappers::ReceiverStream;
+    let db = TestDb::new().await;
+    let (node, root) = secured(&db).await;
+    let def = pb::TaskDefinition {
+        name: "w.keyed".into(),
+        handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: "keyed".into(),
+            schedule_to_start_timeout: None,
+        })),
+        schedule: Some(manual()),
+        overlap_policy: pb::OverlapPolicy::Allow as i32,
+        ..Default::default()
+    };
+    let ba = define_and_bind_via(&node.channel, "tenant-a", Some(&root), def).await;
+    let bb = node
+        .bindings()
+        .create_binding(request(
+            "tenant-b",
+            Some(&root),
+            pb::CreateBindingRequest {
+                binding: Some(pb::Binding {
+                    definition: "w.keyed".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect("bind b")
+        .into_inner();
+    let (_, worker_a) = make_key(&node, &root, pb::Role::Worker, "tenant-a").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WorkerRequest {
+        hello: Some(pb::Hello {
+            queue: "keyed".into(),
+            worker_name: "a-1".into(),
+            slots: 10,
+            lease_tokens: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("hello");
+    let mut stream = WorkerServiceClient::new(node.channel.clone())
+        .work(with_key(&worker_a, ReceiverStream::new(rx)))
+        .await
+        .expect("a worker key may work")
+        .into_inner();
+    let mut a_runs = Vec::new();
+    for _ in 0..3 {
+        a_runs.push(
+            trigger_via(&node.channel, "tenant-a", Some(&root), &ba.id)
+                .await
+                .id,
+        );
+        trigger_via(&node.channel, "tenant-b", Some(&root), &bb.id).await;
+    }
+    let mut got = Vec::new();
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(3), stream.message()).await
+    {
+        if let Some(pb::worker_response::Kind::Assigned(a)) = m.kind {
+            assert_eq!(a.tenant_id, "tenant-a", "{a:?}");
+            got.push(a.run_id);
+        }
+    }
+    got.sort();
+    a_runs.sort();
+    assert_eq!(got, a_runs, "exactly tenant A's runs");
+    // A tenant worker key cannot name another tenant.
+    let err = WorkerServiceClient::new(node.channel.clone())
+        .heartbeat(request(
+            "tenant-b",
+            Some(&worker_a),
+            pb::HeartbeatRequest {
+                lease_tokens: vec![uuid::Uuid::new_v4().to_string()],
+            },
+        ))
+        .await
+        .expect_err("another tenant");
+    assert_eq!(err.code(), Code::PermissionDenied);
     node.stop().await;
 }

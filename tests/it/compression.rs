@@ -200,6 +200,22 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
     assert_eq!(r.into_inner().tenant_id, "acme");
     called.insert("sked.v1.AdminService");
 
+    // WorkerService: a heartbeat of a lease nobody holds (none is valid).
+    let mut workers = compressed!(
+        pb::worker_service_client::WorkerServiceClient<Channel>,
+        ch,
+        Gzip
+    );
+    let r = workers
+        .heartbeat(pb::HeartbeatRequest {
+            lease_tokens: vec![uuid::Uuid::new_v4().to_string()],
+        })
+        .await
+        .expect("Heartbeat over gzip");
+    assert_eq!(encoding(&r), gzip);
+    assert!(r.into_inner().valid.is_empty());
+    called.insert("sked.v1.WorkerService");
+
     // Health.
     let mut health = compressed!(
         tonic_health::pb::health_client::HealthClient<Channel>,

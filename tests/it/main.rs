@@ -27,3 +27,4 @@ mod runs;
 mod schedules;
 mod serve;
 mod tls;
+mod workers;

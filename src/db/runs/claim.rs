@@ -64,6 +64,8 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 ///
 /// `kind` splits the queue: [`ClaimKind::ToExecute`] claims runs that need a
 /// task on this node (commands), up to its free slots;
+/// [`ClaimKind::Worker`] the runs of one worker queue, for a worker stream's
+/// free slots (fair share, priority, quotas and overlap rules alike);
 /// [`ClaimKind::Event`] claims runs of `event` handlers, which complete in
 /// the claim statement itself: the row goes `QUEUED` → `SUCCEEDED` in one
 /// write (started and ended at `now`), with its `→ RUNNING`, `fired` and
@@ -87,7 +89,7 @@ pub async fn run_claim(
     limit: i64,
     kind: ClaimKind,
     excluded: &[String],
-) -> Result<Vec<(Run, Vec<RunEvent>)>, Error> {
+) -> Result<Vec<Claimed>, Error> {
     let body = EventBody::StateChanged {
         from: Some(RunState::Queued),
         to: RunState::Running,
@@ -122,6 +124,20 @@ pub async fn run_claim(
     // another node's clock may be ahead. So the statement floors each start
     // time at those runs' end times (`late`, `starts`).
     let now = clock.now();
+    // Worker claims take only their queue's runs (and only one tenant's
+    // when asked); the others take no worker run (a NULL queue).
+    let (queue, only_tenant, worker_name) = match &kind {
+        ClaimKind::Worker {
+            queue,
+            tenant,
+            worker_name,
+        } => (
+            Some(queue.as_str()),
+            tenant.as_deref(),
+            Some(worker_name.as_str()),
+        ),
+        _ => (None, None, None),
+    };
     let rows = sqlx::query_as!(
         RunRow,
         r#"WITH RECURSIVE
@@ -154,7 +170,8 @@ pub async fn run_claim(
            -- Those the caller did not exclude ($8: tenants at their share
            -- of the node's slots); an excluded tenant's backlog is not read.
            open_tenants AS (
-             SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL AND tenant_id <> ALL($8::text[])),
+             SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL AND tenant_id <> ALL($8::text[])
+                                           AND ($10::text IS NULL OR tenant_id = $10)),
            -- ALLOW runs: each tenant's first $4 due ones of the kind.
            allowed AS (
              SELECT a.* FROM open_tenants t CROSS JOIN LATERAL (
@@ -162,6 +179,7 @@ pub async fn run_claim(
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
+                 AND (q.handler->>'queue') IS NOT DISTINCT FROM $9::text
                  AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
                  AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
                  AND q.definition NOT IN (SELECT name FROM off_defs)
@@ -197,6 +215,7 @@ pub async fn run_claim(
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
+                 AND (q.handler->>'queue') IS NOT DISTINCT FROM $9::text
                  AND (q.overlap_policy = 'ALLOW')::int = 0 AND q.not_before <= $1
                  AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
                  AND q.definition NOT IN (SELECT name FROM off_defs)
@@ -209,7 +228,8 @@ pub async fn run_claim(
                                                       AND x.overlap_policy <> 'ALLOW')
                AND h.id = (SELECT y.id FROM runs y
                            WHERE y.binding_id = h.binding_id AND y.state = 'QUEUED'
-                             AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                             AND (y.handler->>'kind' = 'event')::int = $6::boolean::int
+                             AND (y.handler->>'queue') IS NOT DISTINCT FROM $9::text AND y.not_before <= $1
                              AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
                              AND y.definition NOT IN (SELECT name FROM off_defs)
                            ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1)),
@@ -241,7 +261,8 @@ pub async fn run_claim(
                SELECT y.id, y.tenant_id, y.binding_id, y.overlap_policy, y.priority, y.not_before, y.throttled
                FROM runs y
                WHERE y.binding_id = b.binding_id AND y.state = 'QUEUED'
-                 AND (y.handler->>'kind' = 'event')::int = $6::boolean::int AND y.not_before <= $1
+                 AND (y.handler->>'kind' = 'event')::int = $6::boolean::int
+                             AND (y.handler->>'queue') IS NOT DISTINCT FROM $9::text AND y.not_before <= $1
                  AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
                  AND y.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1) f
@@ -307,6 +328,8 @@ pub async fn run_claim(
              UPDATE runs SET state = CASE WHEN $6 THEN 'SUCCEEDED' ELSE 'RUNNING' END,
                              start_time = s.t, end_time = CASE WHEN $6 THEN s.t END,
                              node_id = $2,
+                             lease_token = CASE WHEN $9::text IS NULL THEN NULL ELSE gen_random_uuid() END,
+                             worker_name = $11,
                              lease_expires_at = CASE WHEN $6 THEN NULL ELSE s.t + ($3::timestamptz - $1) END,
                              last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
              FROM starts s WHERE runs.id = s.id
@@ -337,6 +360,9 @@ pub async fn run_claim(
         kind == ClaimKind::Event,
         encode(&done),
         excluded,
+        queue,
+        only_tenant,
+        worker_name,
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -352,7 +378,7 @@ pub async fn run_claim(
             Err(e) => {
                 tracing::error!(run = %id, tenant = %tenant, error = %e,
                     "claimed run's stored data cannot be read; it ends FAILED (reason \"corrupt\")");
-                if kind == ClaimKind::ToExecute {
+                if kind != ClaimKind::Event {
                     run_fail_unreadable(&mut tx, id, now, &e.to_string()).await?;
                 }
                 continue;
@@ -360,7 +386,9 @@ pub async fn run_claim(
         };
         let now = run.start_time.unwrap_or(now);
         let events = match kind {
-            ClaimKind::ToExecute => vec![state_event(&run, seq, now, body.clone())],
+            ClaimKind::ToExecute | ClaimKind::Worker { .. } => {
+                vec![state_event(&run, seq, now, body.clone())]
+            }
             ClaimKind::Event => vec![
                 state_event(&run, seq - 2, now, body.clone()),
                 state_event(
@@ -377,8 +405,40 @@ pub async fn run_claim(
         out.push((run, events));
     }
     announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
+    // A worker's runs carry the lease token minted above.
+    let mut tokens = std::collections::HashMap::new();
+    if queue.is_some() && !out.is_empty() {
+        let ids: Vec<Uuid> = out.iter().map(|(r, _)| r.id).collect();
+        for r in sqlx::query!(
+            r#"SELECT id, lease_token AS "lease_token!" FROM runs WHERE id = ANY($1) AND lease_token IS NOT NULL"#,
+            &ids
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            tokens.insert(r.id, r.lease_token);
+        }
+    }
     tx.commit().await?;
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|(run, events)| Claimed {
+            lease_token: tokens.get(&run.id).copied(),
+            run,
+            events,
+        })
+        .collect())
+}
+
+/// One run a claim took ([`run_claim`]).
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The run, now `RUNNING` (or `SUCCEEDED` for an `event` handler).
+    pub run: Run,
+    /// Its events, announced on commit.
+    pub events: Vec<RunEvent>,
+    /// The lease's fencing token, for [`ClaimKind::Worker`] claims only.
+    pub lease_token: Option<Uuid>,
 }
 
 /// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
@@ -427,11 +487,22 @@ pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
 }
 
 /// Which runs a claim takes (see [`run_claim`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimKind {
     /// Runs this node still has to execute in a task of its own (commands):
-    /// one slot each.
+    /// one slot each. Never a worker run.
     ToExecute,
+    /// Runs of `worker` handlers of `queue` (of `tenant` only, when set),
+    /// for a worker stream on this node named `worker_name`: each gets a
+    /// fresh lease token ([`Claimed::lease_token`]) and `worker_name`.
+    Worker {
+        /// The handler's queue.
+        queue: String,
+        /// Only this tenant's runs (a tenant key's worker).
+        tenant: Option<String>,
+        /// The worker's name, stored on the run.
+        worker_name: String,
+    },
     /// Runs of `event` handlers, completed by the claim statement.
     Event,
 }

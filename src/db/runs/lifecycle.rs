@@ -144,7 +144,7 @@ pub async fn run_finish(
 
 /// Ends up to `limit` `RUNNING` runs whose lease expired before `now` (their
 /// node stopped heartbeating): `FAILED` with reason
-/// [`RunReason::NodeLost`], or
+/// [`RunReason::NodeLost`] ([`RunReason::WorkerLost`] for a worker run), or
 /// `CANCELLED` with the pending cancel reason when a cancel was requested.
 /// `FOR UPDATE SKIP LOCKED`, so reapers on several nodes never collide.
 /// Returns the ended runs with their events (announced).
@@ -164,9 +164,13 @@ pub async fn run_reap(
              ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED),
            f AS (
              UPDATE runs r SET state = CASE WHEN r.cancel_reason IS NULL THEN 'FAILED' ELSE 'CANCELLED' END,
-                    end_time = GREATEST($1, r.start_time), reason = coalesce(r.cancel_reason, $3::text),
-                    error_message = CASE WHEN r.cancel_reason IS NULL
-                                         THEN 'node ' || coalesce(r.node_id, '?') || ' stopped renewing the run''s lease' END,
+                    end_time = GREATEST($1, r.start_time),
+                    reason = coalesce(r.cancel_reason,
+                                      CASE WHEN r.handler->>'kind' = 'worker' THEN $4::text ELSE $3::text END),
+                    error_message = CASE WHEN r.cancel_reason IS NOT NULL THEN NULL
+                                         WHEN r.handler->>'kind' = 'worker'
+                                         THEN 'worker ' || coalesce(r.worker_name, '?') || ' stopped renewing the run''s lease'
+                                         ELSE 'node ' || coalesce(r.node_id, '?') || ' stopped renewing the run''s lease' END,
                     lease_expires_at = NULL, last_seq = r.last_seq + 1
              FROM x WHERE r.id = x.id
              RETURNING r.*),
@@ -183,6 +187,7 @@ pub async fn run_reap(
         now,
         limit,
         RunReason::NodeLost.as_str(),
+        RunReason::WorkerLost.as_str(),
     )
     .fetch_all(&mut *conn)
     .await?;

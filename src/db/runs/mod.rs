@@ -8,6 +8,7 @@
 //! | `claim.rs`     | [`run_claim`] (the fair-share claim statement), [`run_claim_lock`], [`ClaimKind`], [`run_analyze_after_burst`] |
 //! | `lifecycle.rs` | after the claim: finish, reap, promote, cancel, heartbeat           |
 //! | `read.rs`      | reads: one run, lists, the scheduler's active state, due times      |
+//! | `workers.rs`   | worker runs: by lease token, worker heartbeats, `no_worker`         |
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -19,8 +20,9 @@ use crate::domain::{EventBody, NewRun, Run, RunEvent, RunState, RunTrigger};
 mod claim;
 mod lifecycle;
 mod read;
+mod workers;
 
-pub use claim::{ClaimKind, run_analyze_after_burst, run_claim, run_claim_lock};
+pub use claim::{ClaimKind, Claimed, run_analyze_after_burst, run_claim, run_claim_lock};
 pub use lifecycle::{
     Outcome, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat, run_promote_due,
     run_reap, run_request_cancel,
@@ -28,6 +30,9 @@ pub use lifecycle::{
 pub use read::{
     ActiveRun, ActiveState, run_active_state, run_find_by_idempotency_key, run_get, run_list,
     run_list_active, run_next_due_time, run_progress,
+};
+pub use workers::{
+    Renewed, run_binding_of, run_by_lease, run_fail_no_worker, run_worker_heartbeat,
 };
 
 /// Inserts `runs` with their events, announces them to executors and

@@ -1,0 +1,603 @@
+//! Remote workers (`worker { queue }` handler, `sked.v1.WorkerService`):
+//! runs executed by real worker processes (`examples/worker.rs`, built by
+//! cargo here and run as children), lease loss and fencing, cancel to the
+//! worker, slots, fairness and tenant isolation (in-process clients of the
+//! generated API where the test must control each message).
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sked::proto::v1 as pb;
+use sked::proto::v1::worker_service_client::WorkerServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::common::*;
+
+/// Lease of the nodes here: runs of a lost worker end within 2 × this.
+const LEASE: Duration = Duration::from_secs(2);
+
+async fn node(db: &TestDb, id: &str) -> TestNode {
+    let mut s = settings(db, id);
+    s.lease = LEASE;
+    s.kill_grace = Duration::from_secs(2);
+    TestNode::start_with(s).await
+}
+
+fn worker_def(name: &str, queue: &str, max_attempts: i32) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        name: name.into(),
+        handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: queue.into(),
+            schedule_to_start_timeout: None,
+        })),
+        schedule: Some(manual()),
+        overlap_policy: pb::OverlapPolicy::Allow as i32,
+        retry_policy: Some(pb::RetryPolicy {
+            max_attempts,
+            initial_backoff: Some(dur(100)),
+            backoff_coefficient: 1.0,
+            max_backoff: Some(dur(100)),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn trigger_with(
+    node: &TestNode,
+    tenant: &str,
+    binding: &str,
+    params: serde_json::Value,
+) -> pb::Run {
+    node.runs()
+        .trigger_run(as_tenant(
+            tenant,
+            pb::TriggerRunRequest {
+                binding_id: binding.into(),
+                params: sked::grpc::convert::json_to_struct(&params),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("trigger")
+        .into_inner()
+}
+
+/// The example worker, built once per test process.
+fn example_path() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.args(["build", "--example", "worker"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            // The variables cargo sets for a test run (OUT_DIR, CARGO_PKG_…)
+            // would change build scripts' inputs and rebuild dependencies
+            // on every run: build as a plain `cargo build` does.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                if k == "OUT_DIR"
+                    || (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+                {
+                    cmd.env_remove(k);
+                }
+            }
+            let ok = cmd.status().expect("run cargo build --example worker");
+            assert!(ok.success(), "cargo build --example worker failed");
+            let exe = std::env::current_exe().expect("test exe");
+            // target/debug/deps/it-… → target/debug/examples/worker
+            exe.parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .join("examples")
+                .join("worker")
+        })
+        .clone()
+}
+
+/// A worker process and the lines it printed.
+struct Worker {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Worker {
+    fn spawn(node: &TestNode, tenant: &str, queue: &str, name: &str, slots: u32) -> Worker {
+        let mut child = Command::new(example_path())
+            .env("SKED_ADDR", format!("http://{}", node.addr))
+            .env("SKED_TENANT", tenant)
+            .env("SKED_QUEUE", queue)
+            .env("SKED_WORKER_NAME", name)
+            .env("SKED_SLOTS", slots.to_string())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(out).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+        Worker { child, lines }
+    }
+
+    /// The next line starting with `prefix`, within `within`.
+    async fn next(&mut self, prefix: &str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.lines.recv()).await {
+                Ok(Some(l)) if l.starts_with(prefix) => return l,
+                Ok(Some(_)) => continue,
+                _ => panic!("no {prefix:?} line from the worker within {within:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_runs_a_binding_and_its_result_is_stored() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w1").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.basic", "basic", 1)).await;
+    let mut w = Worker::spawn(&node, "acme", "basic", "w-basic", 1);
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({"n": 7})).await;
+    let line = w.next("assigned", Duration::from_secs(20)).await;
+    assert!(line.contains(&run.id), "{line}");
+    assert!(
+        line.contains(r#""n":7"#),
+        "the worker saw the params: {line}"
+    );
+    let done = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:?}");
+    let result = sked::grpc::convert::struct_to_json(done.result.as_ref().expect("result"));
+    assert_eq!(result, serde_json::json!({"ok": true, "worker": "w-basic"}));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_loses_its_run_which_is_retried_on_another_and_its_late_complete_is_refused()
+ {
+    let db = TestDb::new().await;
+    let node = node(&db, "w2").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.kill", "kill", 2)).await;
+    let mut a = Worker::spawn(&node, "acme", "kill", "w-a", 1);
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({"sleep_ms": 60000})).await;
+    let line = a.next("assigned", Duration::from_secs(20)).await;
+    let old_token = line.split(' ').nth(2).expect("token").to_string();
+    // kill -9 mid-run.
+    a.child.start_kill().expect("kill");
+    let _ = a.child.wait().await;
+    let killed = Instant::now();
+    let ended = wait_terminal(&node, "acme", &run.id).await;
+    let took = killed.elapsed();
+    assert_eq!(state(&ended), pb::RunState::Failed, "{ended:?}");
+    assert_eq!(ended.reason, "worker_lost");
+    // The reaper passes every lease / 4, so allow one pass on top.
+    assert!(
+        took <= 2 * LEASE + LEASE / 2,
+        "ended {took:?} after the kill; lease {LEASE:?}"
+    );
+    // The retry runs on another worker.
+    let mut b_worker = Worker::spawn(&node, "acme", "kill", "w-b", 1);
+    let line = b_worker.next("assigned", Duration::from_secs(20)).await;
+    let retry_id = line.split(' ').nth(1).expect("run id").to_string();
+    assert_ne!(retry_id, run.id);
+    let retry = get_run(&node, "acme", &retry_id).await;
+    assert_eq!(retry.attempt, 2);
+    // The killed worker's late CompleteRun (simulated) changes nothing.
+    let err = WorkerServiceClient::new(node.channel.clone())
+        .complete_run(as_tenant(
+            "acme",
+            pb::CompleteRunRequest {
+                lease_token: old_token,
+                result: None,
+            },
+        ))
+        .await
+        .expect_err("a lost lease is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let again = get_run(&node, "acme", &run.id).await;
+    assert_eq!(state(&again), pb::RunState::Failed);
+    assert_eq!(again.reason, "worker_lost");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_run_reaches_the_worker_within_a_second() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w3").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.cancel", "cancel", 3)).await;
+    let mut w = Worker::spawn(&node, "acme", "cancel", "w-c", 1);
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({"sleep_ms": 60000})).await;
+    w.next("assigned", Duration::from_secs(20)).await;
+    let asked = Instant::now();
+    node.runs()
+        .cancel_run(as_tenant(
+            "acme",
+            pb::CancelRunRequest {
+                run_id: run.id.clone(),
+                reason: "enough".into(),
+            },
+        ))
+        .await
+        .expect("cancel");
+    let line = w.next("cancel", Duration::from_secs(1)).await;
+    assert!(asked.elapsed() <= Duration::from_secs(1));
+    assert_eq!(line, format!("cancel {} enough", run.id));
+    let ended = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&ended), pb::RunState::Cancelled, "{ended:?}");
+    assert_eq!(ended.reason, "enough");
+    // Not retried although attempts are left.
+    let runs = runs_of(&node, "acme", &b.id).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    node.stop().await;
+}
+
+/// An in-process worker stream: the test sends and reads each message.
+struct Stream {
+    tx: mpsc::Sender<pb::WorkerRequest>,
+    rx: tonic::Streaming<pb::WorkerResponse>,
+}
+
+impl Stream {
+    async fn open(node: &TestNode, tenant: &str, queue: &str, name: &str, slots: u32) -> Stream {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(pb::WorkerRequest {
+            hello: Some(pb::Hello {
+                queue: queue.into(),
+                worker_name: name.into(),
+                slots,
+                lease_tokens: vec![],
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("hello");
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if !tenant.is_empty() {
+            req.metadata_mut()
+                .insert("x-tenant-id", tenant.parse().expect("header"));
+        }
+        let rx = WorkerServiceClient::new(node.channel.clone())
+            .work(req)
+            .await
+            .expect("work")
+            .into_inner();
+        Stream { tx, rx }
+    }
+
+    /// The next Assigned within `within`, or `None`.
+    async fn assigned(&mut self, within: Duration) -> Option<pb::Assigned> {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.message()).await {
+                Ok(Ok(Some(pb::WorkerResponse {
+                    kind: Some(pb::worker_response::Kind::Assigned(a)),
+                }))) => return Some(a),
+                Ok(Ok(Some(_))) => continue,
+                Ok(other) => panic!("stream ended: {other:?}"),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    async fn complete(&self, token: &str) {
+        self.tx
+            .send(pb::WorkerRequest {
+                completes: vec![pb::Complete {
+                    lease_token: token.into(),
+                    result: None,
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect("send complete");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_with_two_slots_never_holds_three_runs() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w4").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.slots", "slots", 1)).await;
+    let mut s = Stream::open(&node, "acme", "slots", "w-s", 2).await;
+    for _ in 0..5 {
+        trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    }
+    let first = s.assigned(Duration::from_secs(10)).await.expect("first");
+    let second = s.assigned(Duration::from_secs(10)).await.expect("second");
+    assert!(
+        s.assigned(Duration::from_millis(1500)).await.is_none(),
+        "a third run was pushed while two were unfinished"
+    );
+    s.complete(&first.lease_token).await;
+    let third = s
+        .assigned(Duration::from_secs(5))
+        .await
+        .expect("a slot freed: the next run comes");
+    assert!(
+        s.assigned(Duration::from_millis(1000)).await.is_none(),
+        "still two at most"
+    );
+    s.complete(&second.lease_token).await;
+    s.complete(&third.lease_token).await;
+    assert!(s.assigned(Duration::from_secs(5)).await.is_some());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn two_workers_share_a_queue_fairly() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w5").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.fair", "fair", 1)).await;
+    let total = 240;
+    let mut counts = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<&'static str>();
+    for name in ["one", "two"] {
+        let mut s = Stream::open(&node, "acme", "fair", name, 4).await;
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            while let Some(a) = s.assigned(Duration::from_secs(60)).await {
+                // Equal workers: the same small amount of work each.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                s.complete(&a.lease_token).await;
+                if done_tx.send(name).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    for _ in 0..total {
+        trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    }
+    for _ in 0..total {
+        let name = tokio::time::timeout(Duration::from_secs(60), done_rx.recv())
+            .await
+            .expect("runs keep completing")
+            .expect("workers alive");
+        *counts.entry(name).or_insert(0usize) += 1;
+    }
+    for name in ["one", "two"] {
+        let n = counts.get(name).copied().unwrap_or(0);
+        let share = n as f64 / total as f64;
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "worker {name} got {n} of {total}: {counts:?}"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_worker_never_receives_another_tenants_runs() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w6").await;
+    let def = worker_def("w.tenants", "shared", 1);
+    let ba = define_and_bind(&node, "tenant-a", def).await;
+    let bb = bind_existing(&node, "tenant-b", "w.tenants").await;
+    let mut s = Stream::open(&node, "tenant-a", "shared", "w-a", 10).await;
+    let mut mine = Vec::new();
+    for _ in 0..3 {
+        mine.push(
+            trigger_with(&node, "tenant-b", &bb.id, serde_json::json!({}))
+                .await
+                .id,
+        );
+        trigger_with(&node, "tenant-a", &ba.id, serde_json::json!({})).await;
+    }
+    let mut got = 0;
+    while let Some(a) = s.assigned(Duration::from_secs(3)).await {
+        assert_eq!(a.tenant_id, "tenant-a", "{a:?}");
+        assert!(!mine.contains(&a.run_id));
+        got += 1;
+    }
+    assert_eq!(got, 3, "tenant A's runs all came");
+    for id in &mine {
+        let r = get_run(&node, "tenant-b", id).await;
+        assert_eq!(
+            state(&r),
+            pb::RunState::Queued,
+            "B's run waits for B's worker"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_worker_keeps_its_valid_leases() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w7").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.reconnect", "re", 1)).await;
+    let mut first = Stream::open(&node, "acme", "re", "w-r", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = first
+        .assigned(Duration::from_secs(10))
+        .await
+        .expect("assigned");
+    assert_eq!(a.run_id, run.id);
+    // The stream drops; the worker comes back within the lease.
+    drop(first);
+    tokio::time::sleep(LEASE / 2).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::WorkerRequest {
+        hello: Some(pb::Hello {
+            queue: "re".into(),
+            worker_name: "w-r".into(),
+            slots: 1,
+            lease_tokens: vec![a.lease_token.clone(), uuid::Uuid::new_v4().to_string()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("hello");
+    let mut rx = WorkerServiceClient::new(node.channel.clone())
+        .work(as_tenant("acme", ReceiverStream::new(rx)))
+        .await
+        .expect("work")
+        .into_inner();
+    // The unknown token is answered FAILED_PRECONDITION at once.
+    match rx.message().await.expect("message") {
+        Some(pb::WorkerResponse {
+            kind: Some(pb::worker_response::Kind::Ack(ack)),
+        }) => assert_eq!(ack.code, tonic::Code::FailedPrecondition as i32),
+        other => panic!("expected an ack: {other:?}"),
+    }
+    // Kept: the stream renews it, so it outlives 2 × lease.
+    tokio::time::sleep(LEASE * 2 + LEASE / 2).await;
+    assert_eq!(
+        state(&get_run(&node, "acme", &run.id).await),
+        pb::RunState::Running
+    );
+    tx.send(pb::WorkerRequest {
+        completes: vec![pb::Complete {
+            lease_token: a.lease_token.clone(),
+            result: None,
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("complete");
+    match rx.message().await.expect("message") {
+        Some(pb::WorkerResponse {
+            kind: Some(pb::worker_response::Kind::Ack(ack)),
+        }) => assert_eq!(ack.code, 0, "{ack:?}"),
+        other => panic!("expected an ack: {other:?}"),
+    }
+    assert_eq!(
+        state(&get_run(&node, "acme", &run.id).await),
+        pb::RunState::Succeeded
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_no_worker_takes_ends_failed_no_worker() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w8").await;
+    let mut def = worker_def("w.nobody", "nobody", 1);
+    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
+        w.schedule_to_start_timeout = Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+    }
+    let b = define_and_bind(&node, "acme", def).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_terminal(&node, "acme", &run.id),
+    )
+    .await
+    .expect("ended in time");
+    assert_eq!(state(&ended), pb::RunState::Failed, "{ended:?}");
+    assert_eq!(ended.reason, "no_worker");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_workers_log_lines_appear_in_tail_run_in_order_and_need_a_valid_lease() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w9").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.logs", "logs", 1)).await;
+    let mut s = Stream::open(&node, "acme", "logs", "w-l", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+    let msgs: Vec<pb::AppendLogsRequest> = (0..3)
+        .map(|i| pb::AppendLogsRequest {
+            lease_token: a.lease_token.clone(),
+            lines: vec![pb::WorkerLogLine {
+                message: format!("line {i}"),
+                stderr: i == 2,
+            }],
+        })
+        .collect();
+    let got = WorkerServiceClient::new(node.channel.clone())
+        .append_logs(as_tenant("acme", tokio_stream::iter(msgs.clone())))
+        .await
+        .expect("append")
+        .into_inner();
+    assert_eq!(got.appended, 3);
+    s.complete(&a.lease_token).await;
+    let done = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded);
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    assert_eq!(log_lines(&events), ["line 0", "line 1", "line 2"]);
+    // After the run ended the lease is void: nothing more is stored.
+    let err = WorkerServiceClient::new(node.channel.clone())
+        .append_logs(as_tenant("acme", tokio_stream::iter(msgs)))
+        .await
+        .expect_err("a lost lease is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let after = tail_all(&node, "acme", &run.id, 0).await;
+    assert_eq!(after.len(), events.len());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn progress_reports_are_stored_checked_and_fenced() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w10").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.progress", "progress", 1)).await;
+    let mut s = Stream::open(&node, "acme", "progress", "w-p", 1).await;
+    let run = trigger_with(&node, "acme", &b.id, serde_json::json!({})).await;
+    let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+    let report = |percent: f64| pb::ReportProgressRequest {
+        lease_token: a.lease_token.clone(),
+        percent,
+        current_step: 1,
+        total_steps: 2,
+        message: "halfway".into(),
+    };
+    let mut client = WorkerServiceClient::new(node.channel.clone());
+    client
+        .report_progress(as_tenant("acme", report(50.0)))
+        .await
+        .expect("a valid report");
+    let err = client
+        .report_progress(as_tenant("acme", report(150.0)))
+        .await
+        .expect_err("percent out of range");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Stored like a command's `::progress`: Run.progress holds the latest,
+    // and the event is in the run's stream.
+    let got = node
+        .runs()
+        .get_run(as_tenant(
+            "acme",
+            pb::GetRunRequest {
+                run_id: run.id.clone(),
+            },
+        ))
+        .await
+        .expect("get run")
+        .into_inner();
+    let p = got.progress.expect("Run.progress after a report");
+    assert_eq!((p.percent, p.current_step, p.total_steps), (50.0, 1, 2));
+    assert_eq!(p.message, "halfway");
+    s.complete(&a.lease_token).await;
+    wait_terminal(&node, "acme", &run.id).await;
+    let events = tail_all(&node, "acme", &run.id, 0).await;
+    let reported: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::run_event::Kind::Progress(p)) => Some(p.percent),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported, [50.0], "one progress event, the valid one");
+    let err = client
+        .report_progress(as_tenant("acme", report(60.0)))
+        .await
+        .expect_err("the lease ended with the run");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    node.stop().await;
+}
