@@ -21,6 +21,7 @@ mod misfire;
 mod nodes;
 mod probe;
 mod progress;
+mod python;
 mod quotas;
 mod rates;
 mod runs;
