@@ -258,6 +258,10 @@ async fn worker(ch: Channel, w: usize, slots: u32, seen: Arc<Seen>) -> anyhow::R
     result
 }
 
+/// A triggered run: its id, its `run_time`, and whether the TriggerRun
+/// call answered after that instant (the run was not created ahead).
+type Triggered = (String, DateTime<Utc>, bool);
+
 /// Results of the dispatch latency phase.
 struct Latency {
     triggered: u64,
@@ -500,8 +504,7 @@ async fn latency_phase(env: &mut Env, a: &WorkersArgs) -> anyhow::Result<Latency
         a.secs,
         a.lead_ms
     );
-    // (run id, run_time, whether the call answered after run_time)
-    let created: Arc<Mutex<Vec<(String, DateTime<Utc>, bool)>>> = Arc::default();
+    let created: Arc<Mutex<Vec<Triggered>>> = Arc::default();
     let failed = Arc::new(AtomicU64::new(0));
     let errors: Arc<Mutex<Option<String>>> = Arc::default();
     let sem = Arc::new(tokio::sync::Semaphore::new(a.calls_in_flight.max(1)));
