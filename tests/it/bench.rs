@@ -196,3 +196,60 @@ async fn bench_idle_smoke() {
     // A yearly cron is never due within the bench.
     assert_eq!(v["figures"]["runs"], 0, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_workers_smoke() {
+    let v = bench(&[
+        "workers",
+        "--workers",
+        "2",
+        "--slots",
+        "10",
+        "--bindings",
+        "4",
+        "--rate",
+        "50",
+        "--secs",
+        "2",
+        "--backlog",
+        "300",
+        "--ceiling-secs",
+        "1",
+    ])
+    .await;
+    has_figures(
+        &v,
+        &[
+            "completed_runs_per_s",
+            "backlog_created",
+            "backlog_completed",
+            "backlog_succeeded_db",
+            "runs_triggered",
+            "runs_received",
+            "dispatch_p50_ms",
+            "dispatch_p99_ms",
+            "dispatch_max_ms",
+            "ceiling_rows_per_s",
+            "ratio_percent",
+            "rejected_acks",
+        ],
+    );
+    // Every backlog run is created, taken by a worker and completed once.
+    assert_eq!(v["figures"]["backlog_created"], 300, "{v}");
+    assert_eq!(v["figures"]["backlog_completed"], 300, "{v}");
+    assert_eq!(v["figures"]["backlog_succeeded_db"], 300, "{v}");
+    assert_eq!(v["figures"]["rejected_acks"], 0, "{v}");
+    // Every triggered run reaches a worker, so its latency is measured.
+    assert!(
+        v["figures"]["runs_triggered"]
+            .as_i64()
+            .is_some_and(|n| n > 0),
+        "{v}"
+    );
+    assert_eq!(
+        v["figures"]["runs_received"], v["figures"]["runs_triggered"],
+        "{v}"
+    );
+    assert!(v["figures"]["dispatch_p99_ms"].is_number(), "{v}");
+    assert_eq!(v["params"]["workers"], 2, "{v}");
+}

@@ -46,6 +46,10 @@
 //! * [`stream`] — a command printing N lines followed live by S TailRun
 //!   subscribers: order, completeness, end-to-end latency, lines/s.
 //! * [`idle`] — N idle bindings: node start-up time, CPU and RSS per binding.
+//! * [`workers`] — `worker { queue }` runs executed by W no-op workers over
+//!   `WorkerService.Work`: a backlog drained (completed runs/s), dispatch
+//!   latency (Assigned received − run due) p50/p99/max at a steady offered
+//!   rate, and the ratio to the batched row-insert ceiling.
 
 mod api;
 mod burst;
@@ -56,6 +60,7 @@ mod report;
 mod stats;
 mod stream;
 mod throughput;
+mod workers;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -86,6 +91,8 @@ enum Cmd {
     Stream(stream::StreamArgs),
     /// Idle cost: start-up time, CPU and memory with N idle bindings.
     Idle(idle::IdleArgs),
+    /// Worker runs: a backlog drained by W workers, and dispatch latency.
+    Workers(workers::WorkersArgs),
     /// Runs one sked node (used by the bench for its child processes).
     #[command(hide = true)]
     Node(NodeArgs),
@@ -183,6 +190,12 @@ fn main() -> ExitCode {
             stream::run,
         )),
         Cmd::Idle(a) => rt.block_on(env::run_scenario("idle", a.common.clone(), a, idle::run)),
+        Cmd::Workers(a) => rt.block_on(env::run_scenario(
+            "workers",
+            a.common.clone(),
+            a,
+            workers::run,
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

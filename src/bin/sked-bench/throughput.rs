@@ -450,7 +450,7 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
 
 /// Ends every binding's effective window now (so it fires no more),
 /// `concurrency` calls at a time.
-async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<()> {
+pub(crate) async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<()> {
     let channels = env.channels();
     let until = api::ts(Utc::now());
     api::bulk("UpdateBinding", bound.len(), env.common.concurrency, |i| {
@@ -504,7 +504,7 @@ async fn completed_between(env: &Env, a: DateTime<Utc>, b: DateTime<Utc>) -> any
 /// [`CEILING_BATCH`]-row batches into a scratch copy of the `run_events`
 /// shape for `secs` seconds (one statement per transaction, autocommit).
 /// The scratch table is dropped afterwards.
-async fn ceiling(env: &Env, secs: u64, conns: usize) -> anyhow::Result<f64> {
+pub(crate) async fn ceiling(env: &Env, secs: u64, conns: usize) -> anyhow::Result<f64> {
     sqlx::query(
         "CREATE TABLE bench_ceiling (
             run_id uuid NOT NULL, seq bigint NOT NULL, time timestamptz NOT NULL,
