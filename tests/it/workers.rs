@@ -339,7 +339,7 @@ async fn two_workers_share_a_queue_fairly() {
     let db = TestDb::new().await;
     let node = node(&db, "w5").await;
     let b = define_and_bind(&node, "acme", worker_def("w.fair", "fair", 1)).await;
-    let total = 240;
+    let total = 1000;
     let mut counts = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<&'static str>();
     for name in ["one", "two"] {
