@@ -624,9 +624,30 @@ impl Connection {
                 .await
                 .map(|(valid, _)| valid.into_iter().collect());
         }
+        // Completions of the batch: one transaction, one commit (a commit
+        // per run was the worker path's bottleneck).
+        let completes: Vec<(Uuid, Option<serde_json::Value>)> = items
+            .iter()
+            .filter_map(|r| match r {
+                Report::Complete(t, result) => Some((*t, result.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut completed: HashMap<Uuid, Result<()>> = HashMap::new();
+        if completes.len() > 1 {
+            completed = complete_batch(&hub.0.core, self.tenant.as_deref(), completes).await;
+        }
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let token = item.token();
+            if let Some(r) = completed.remove(&token) {
+                if !matches!(r, Err(Error::Unavailable(_) | Error::Internal(_))) {
+                    hub.state().release(token);
+                    hub.0.wake.notify_one();
+                }
+                out.push((token, r));
+                continue;
+            }
             let r = match item {
                 Report::Heartbeat(t) => match &beat_answer {
                     Ok(valid) if valid.contains(&t) => Ok(()),
@@ -902,6 +923,98 @@ async fn report_end(core: &Core, tenant: Option<&str>, item: Report) -> Result<(
         Ok(())
     } else {
         Err(lost())
+    }
+}
+
+/// Completes the runs of several leases in one transaction: each item is
+/// fenced on its own (a lost lease answers `Precondition` for that item and
+/// changes nothing), the whole batch commits once, and its events are
+/// published after the commit. A database error fails every item of the
+/// batch (nothing was committed). A SUCCEEDED run gets no retry, so no
+/// binding lock is taken; rows are ended in run-id order, so two batches
+/// never wait on each other in opposite orders.
+async fn complete_batch(
+    core: &Core,
+    tenant: Option<&str>,
+    mut items: Vec<(Uuid, Option<serde_json::Value>)>,
+) -> HashMap<Uuid, Result<()>> {
+    let target = super::Target::new("run", "lease");
+    let tokens: Vec<Uuid> = items.iter().map(|(t, _)| *t).collect();
+    let all_fail = |e: &Error| -> HashMap<Uuid, Result<()>> {
+        tokens
+            .iter()
+            .map(|t| {
+                // Nothing committed: the leases still hold, so the items
+                // are answered as retryable failures, never as lost leases.
+                let why = db::Error::Refused(e.to_string());
+                let e = match e {
+                    Error::Unavailable(_) => Error::Unavailable(why),
+                    _ => Error::Internal(why),
+                };
+                (*t, Err(e))
+            })
+            .collect()
+    };
+    let run = async {
+        let now = core.clock.now();
+        let mut tx = super::begin(core, &target).await?;
+        let mut found = Vec::with_capacity(items.len());
+        let mut out = HashMap::new();
+        for (token, result) in items.drain(..) {
+            match db::runs::run_by_lease(&mut *tx, token)
+                .await
+                .map_err(Error::on(&target))?
+            {
+                Some(run)
+                    if tenant.is_none_or(|t| t == run.tenant_id)
+                        && matches!(run.handler, Handler::Worker(_)) =>
+                {
+                    found.push((run.id, run.attempt, token, result));
+                }
+                _ => {
+                    out.insert(token, Err(lost()));
+                }
+            }
+        }
+        found.sort_by_key(|(id, ..)| *id);
+        let mut events = Vec::with_capacity(found.len());
+        for (id, attempt, token, result) in found {
+            let outcome = Outcome {
+                result,
+                ..Outcome::default()
+            };
+            let ended = db::runs::run_finish(
+                &mut tx,
+                &core.node_id,
+                id,
+                attempt,
+                RunState::Succeeded,
+                &outcome,
+                now,
+            )
+            .await
+            .map_err(Error::on(&target))?;
+            match ended {
+                Some((_, ev)) => {
+                    events.push(ev);
+                    out.insert(token, Ok(()));
+                }
+                None => {
+                    out.insert(token, Err(lost()));
+                }
+            }
+        }
+        super::commit(tx, &target).await?;
+        tracing::debug!(runs = events.len(), "worker runs completed in one batch");
+        core.bus.publish(events);
+        Ok::<_, Error>(out)
+    };
+    match run.await {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(error = %e, "a batch of worker completions failed; nothing was committed");
+            all_fail(&e)
+        }
     }
 }
 

@@ -601,3 +601,61 @@ async fn progress_reports_are_stored_checked_and_fenced() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     node.stop().await;
 }
+
+/// Completions sent together end together (one transaction), each fenced on
+/// its own: a lost lease among them is refused alone, in order.
+#[tokio::test]
+async fn a_batch_of_completions_ends_its_runs_and_refuses_only_the_lost_lease() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w11").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.batch", "batch", 1)).await;
+    let mut s = Stream::open(&node, "acme", "batch", "w-b", 3).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            trigger_with(&node, "acme", &b.id, serde_json::json!({}))
+                .await
+                .id,
+        );
+    }
+    let mut tokens = Vec::new();
+    while tokens.len() < 3 {
+        let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+        tokens.push(a.lease_token);
+    }
+    let lost = uuid::Uuid::now_v7().to_string();
+    let mut batch: Vec<String> = tokens.clone();
+    batch.insert(1, lost.clone());
+    s.tx.send(pb::WorkerRequest {
+        completes: batch
+            .iter()
+            .map(|t| pb::Complete {
+                lease_token: t.clone(),
+                result: None,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("send batch");
+    let mut acks = Vec::new();
+    while acks.len() < batch.len() {
+        match tokio::time::timeout(Duration::from_secs(10), s.rx.message()).await {
+            Ok(Ok(Some(pb::WorkerResponse {
+                kind: Some(pb::worker_response::Kind::Ack(a)),
+            }))) => acks.push((a.lease_token, a.code)),
+            Ok(Ok(Some(_))) => continue,
+            other => panic!("no ack: {other:?}"),
+        }
+    }
+    let expected: Vec<(String, i32)> = batch
+        .iter()
+        .map(|t| (t.clone(), if *t == lost { 9 } else { 0 }))
+        .collect();
+    assert_eq!(acks, expected, "one ack per item, in order");
+    for id in &ids {
+        let r = wait_terminal(&node, "acme", id).await;
+        assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+    }
+    node.stop().await;
+}
