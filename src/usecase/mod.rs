@@ -172,6 +172,18 @@ impl Error {
                 target: target.clone(),
                 source: e,
             },
+            // Two transactions collided (a deadlock PostgreSQL broke, or a
+            // serialization failure): nothing was written; the call may be
+            // retried as it is (ABORTED).
+            db::Error::Sqlx(sqlx::Error::Database(d))
+                if matches!(d.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                Error::Conflict(format!(
+                    "{target}: the database aborted the transaction as it collided with another \
+                     ({}); nothing was written, retry the call",
+                    d.message()
+                ))
+            }
             e @ db::Error::Sqlx(
                 sqlx::Error::PoolTimedOut
                 | sqlx::Error::Io(_)

@@ -390,10 +390,13 @@ impl Hub {
         pause
     }
 
-    /// One dispatch pass: each stream with free slots, in rotating order,
-    /// claims up to its free slots.
+    /// One dispatch pass: one claim per (queue, tenant) for the free slots
+    /// of all its streams, the claimed runs dealt to the streams one slot
+    /// each in turn (the first stream rotating between passes), so equal
+    /// workers share a queue evenly and a claim is as large as the free
+    /// slots allow (a claim's cost is mostly fixed).
     async fn dispatch(&self) -> std::result::Result<(), db::Error> {
-        let order: Vec<(u64, ClaimKind, usize)> = {
+        let groups: Vec<(ClaimKind, Vec<u64>)> = {
             let mut st = self.state();
             st.turn = st.turn.wrapping_add(1);
             let mut ids: Vec<u64> = st.streams.keys().copied().collect();
@@ -402,29 +405,59 @@ impl Hub {
                 let k = st.turn % ids.len();
                 ids.rotate_left(k);
             }
-            ids.into_iter()
-                .filter_map(|id| {
-                    let s = st.streams.get(&id)?;
-                    let free = s.slots.saturating_sub(s.held.len());
-                    (free > 0).then(|| {
-                        (
-                            id,
-                            ClaimKind::Worker {
-                                queue: s.queue.clone(),
-                                tenant: s.tenant.clone(),
-                                worker_name: s.worker_name.clone(),
-                            },
-                            free,
-                        )
-                    })
+            let mut groups: Vec<((String, Option<String>), Vec<(u64, &str, usize)>)> = Vec::new();
+            for id in ids {
+                let Some(s) = st.streams.get(&id) else {
+                    continue;
+                };
+                let free = s.slots.saturating_sub(s.held.len());
+                if free == 0 {
+                    continue;
+                }
+                let key = (s.queue.clone(), s.tenant.clone());
+                let entry = (id, s.worker_name.as_str(), free);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, g)) => g.push(entry),
+                    None => groups.push((key, vec![entry])),
+                }
+            }
+            groups
+                .into_iter()
+                .map(|((queue, tenant), streams)| {
+                    // Slots dealt in turn: stream 1, 2, …, 1, 2, …
+                    let mut slots = Vec::new();
+                    let most = streams.iter().map(|(_, _, f)| *f).max().unwrap_or(0);
+                    for round in 0..most {
+                        for (id, name, free) in &streams {
+                            if *free > round {
+                                slots.push((*id, (*name).to_string()));
+                            }
+                        }
+                    }
+                    let (ids, worker_names): (Vec<u64>, Vec<String>) = slots.into_iter().unzip();
+                    (
+                        ClaimKind::Worker {
+                            queue,
+                            tenant,
+                            worker_names,
+                        },
+                        ids,
+                    )
                 })
                 .collect()
         };
-        for (id, kind, free) in order {
-            let claimed = self.claim(kind, free).await?;
+        for (kind, slots) in groups {
+            let names = match &kind {
+                ClaimKind::Worker { worker_names, .. } => worker_names.clone(),
+                _ => Vec::new(),
+            };
+            let claimed = self.claim(kind, slots.len()).await?;
             if claimed.is_empty() {
                 continue;
             }
+            // Which slot each claimed run fills: the first free one of the
+            // worker it was claimed for.
+            let mut taken = vec![false; slots.len()];
             let now = self.0.core.clock.now();
             let mut orphans = Vec::new();
             {
@@ -435,6 +468,9 @@ impl Hub {
                 for c in claimed {
                     self.0.core.bus.publish(c.events);
                     let Some(token) = c.lease_token else { continue };
+                    let slot = (0..slots.len()).find(|&i| {
+                        !taken[i] && c.worker_name.as_deref() == Some(names[i].as_str())
+                    });
                     let run = c.run;
                     let start = run.start_time.unwrap_or(now);
                     let held = Held {
@@ -449,8 +485,12 @@ impl Hub {
                         lease_token: token,
                         run,
                     };
-                    match streams.get_mut(&id) {
-                        Some(s) => {
+                    let to = slot.map(|i| {
+                        taken[i] = true;
+                        slots[i]
+                    });
+                    match to.and_then(|id| Some((id, streams.get_mut(&id)?))) {
+                        Some((id, s)) => {
                             by_run.insert(held.run_id, (id, token));
                             s.held.insert(token, held);
                             let _ = s.tx.send(ToWorker::Assigned(Box::new(a)));
@@ -634,7 +674,7 @@ impl Connection {
             })
             .collect();
         let mut completed: HashMap<Uuid, Result<()>> = HashMap::new();
-        if completes.len() > 1 {
+        if !completes.is_empty() {
             completed = complete_batch(&hub.0.core, self.tenant.as_deref(), completes).await;
         }
         let mut out = Vec::with_capacity(items.len());
@@ -926,86 +966,44 @@ async fn report_end(core: &Core, tenant: Option<&str>, item: Report) -> Result<(
     }
 }
 
-/// Completes the runs of several leases in one transaction: each item is
-/// fenced on its own (a lost lease answers `Precondition` for that item and
-/// changes nothing), the whole batch commits once, and its events are
-/// published after the commit. A database error fails every item of the
-/// batch (nothing was committed). A SUCCEEDED run gets no retry, so no
-/// binding lock is taken; rows are ended in run-id order, so two batches
-/// never wait on each other in opposite orders.
+/// Completes the runs of several leases in one transaction, one statement
+/// ([`db::runs::run_complete_by_leases`]): each item is fenced on its own (a
+/// lost lease answers `Precondition` for that item and changes nothing), the
+/// whole batch commits once, and its events are published after the commit.
+/// A database error fails every item of the batch (nothing was committed,
+/// the leases still hold).
 async fn complete_batch(
     core: &Core,
     tenant: Option<&str>,
-    mut items: Vec<(Uuid, Option<serde_json::Value>)>,
+    items: Vec<(Uuid, Option<serde_json::Value>)>,
 ) -> HashMap<Uuid, Result<()>> {
     let target = super::Target::new("run", "lease");
     let tokens: Vec<Uuid> = items.iter().map(|(t, _)| *t).collect();
-    let all_fail = |e: &Error| -> HashMap<Uuid, Result<()>> {
-        tokens
-            .iter()
-            .map(|t| {
-                // Nothing committed: the leases still hold, so the items
-                // are answered as retryable failures, never as lost leases.
-                let why = db::Error::Refused(e.to_string());
-                let e = match e {
-                    Error::Unavailable(_) => Error::Unavailable(why),
-                    _ => Error::Internal(why),
-                };
-                (*t, Err(e))
-            })
-            .collect()
-    };
+    let results: Vec<Option<String>> = items
+        .iter()
+        .map(|(_, r)| r.as_ref().map(serde_json::Value::to_string))
+        .collect();
     let run = async {
         let now = core.clock.now();
         let mut tx = super::begin(core, &target).await?;
-        let mut found = Vec::with_capacity(items.len());
-        let mut out = HashMap::new();
-        for (token, result) in items.drain(..) {
-            match db::runs::run_by_lease(&mut *tx, token)
-                .await
-                .map_err(Error::on(&target))?
-            {
-                Some(run)
-                    if tenant.is_none_or(|t| t == run.tenant_id)
-                        && matches!(run.handler, Handler::Worker(_)) =>
-                {
-                    found.push((run.id, run.attempt, token, result));
-                }
-                _ => {
-                    out.insert(token, Err(lost()));
-                }
-            }
-        }
-        found.sort_by_key(|(id, ..)| *id);
-        let mut events = Vec::with_capacity(found.len());
-        for (id, attempt, token, result) in found {
-            let outcome = Outcome {
-                result,
-                ..Outcome::default()
-            };
-            let ended = db::runs::run_finish(
-                &mut tx,
-                &core.node_id,
-                id,
-                attempt,
-                RunState::Succeeded,
-                &outcome,
-                now,
-            )
-            .await
-            .map_err(Error::on(&target))?;
-            match ended {
-                Some((_, ev)) => {
-                    events.push(ev);
-                    out.insert(token, Ok(()));
-                }
-                None => {
-                    out.insert(token, Err(lost()));
-                }
-            }
-        }
+        let done = db::runs::run_complete_by_leases(
+            &mut tx,
+            &core.node_id,
+            &tokens,
+            &results,
+            tenant,
+            now,
+        )
+        .await
+        .map_err(Error::on(&target))?;
         super::commit(tx, &target).await?;
-        tracing::debug!(runs = events.len(), "worker runs completed in one batch");
+        tracing::debug!(runs = done.len(), "worker runs completed in one batch");
+        let mut out: HashMap<Uuid, Result<()>> = tokens.iter().map(|t| (*t, Err(lost()))).collect();
+        let mut events = Vec::with_capacity(done.len());
+        for c in done {
+            out.insert(c.token, Ok(()));
+            events.push(c.event);
+        }
         core.bus.publish(events);
         Ok::<_, Error>(out)
     };
@@ -1013,7 +1011,16 @@ async fn complete_batch(
         Ok(out) => out,
         Err(e) => {
             tracing::warn!(error = %e, "a batch of worker completions failed; nothing was committed");
-            all_fail(&e)
+            // Answered as retryable failures, never as lost leases.
+            // A collision with another transaction is as transient as a
+            // lost connection: the worker sends the items again.
+            let retry = |e: &Error| match e {
+                Error::Unavailable(_) | Error::Conflict(_) => {
+                    Error::Unavailable(db::Error::Refused(e.to_string()))
+                }
+                _ => Error::Internal(db::Error::Refused(e.to_string())),
+            };
+            tokens.iter().map(|t| (*t, Err(retry(&e)))).collect()
         }
     }
 }

@@ -126,17 +126,21 @@ pub async fn run_claim(
     let now = clock.now();
     // Worker claims take only their queue's runs (and only one tenant's
     // when asked); the others take no worker run (a NULL queue).
-    let (queue, only_tenant, worker_name) = match &kind {
+    let (queue, only_tenant, worker_names) = match &kind {
         ClaimKind::Worker {
             queue,
             tenant,
-            worker_name,
+            worker_names,
         } => (
             Some(queue.as_str()),
             tenant.as_deref(),
-            Some(worker_name.as_str()),
+            worker_names.as_slice(),
         ),
-        _ => (None, None, None),
+        _ => (None, None, &[][..]),
+    };
+    let limit = match queue {
+        Some(_) => limit.min(worker_names.len() as i64),
+        None => limit,
     };
     let rows = sqlx::query_as!(
         RunRow,
@@ -314,7 +318,7 @@ pub async fn run_claim(
            -- tenant's range of runs_ended_tenant (equality, range and order
            -- all the index's, so no statistics make another plan cheaper).
            starts AS (
-             SELECT l.id, GREATEST($1, (SELECT x.end_time FROM runs x
+             SELECT l.id, row_number() OVER () AS k, GREATEST($1, (SELECT x.end_time FROM runs x
                                         WHERE x.tenant_id = l.tenant_id AND x.end_time > $1
                                           AND x.start_time IS NOT NULL AND x.end_time IS NOT NULL
                                           AND (x.binding_id = l.binding_id
@@ -329,7 +333,7 @@ pub async fn run_claim(
                              start_time = s.t, end_time = CASE WHEN $6 THEN s.t END,
                              node_id = $2,
                              lease_token = CASE WHEN $9::text IS NULL THEN NULL ELSE gen_random_uuid() END,
-                             worker_name = $11,
+                             worker_name = ($11::text[])[s.k],
                              lease_expires_at = CASE WHEN $6 THEN NULL ELSE s.t + ($3::timestamptz - $1) END,
                              last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
              FROM starts s WHERE runs.id = s.id
@@ -362,7 +366,7 @@ pub async fn run_claim(
         excluded,
         queue,
         only_tenant,
-        worker_name,
+        worker_names,
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -405,27 +409,33 @@ pub async fn run_claim(
         out.push((run, events));
     }
     announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
-    // A worker's runs carry the lease token minted above.
+    // A worker's runs carry the lease token minted above, and the name of
+    // the worker they were claimed for.
     let mut tokens = std::collections::HashMap::new();
     if queue.is_some() && !out.is_empty() {
         let ids: Vec<Uuid> = out.iter().map(|(r, _)| r.id).collect();
         for r in sqlx::query!(
-            r#"SELECT id, lease_token AS "lease_token!" FROM runs WHERE id = ANY($1) AND lease_token IS NOT NULL"#,
+            r#"SELECT id, lease_token AS "lease_token!", worker_name FROM runs
+               WHERE id = ANY($1) AND lease_token IS NOT NULL"#,
             &ids
         )
         .fetch_all(&mut *tx)
         .await?
         {
-            tokens.insert(r.id, r.lease_token);
+            tokens.insert(r.id, (r.lease_token, r.worker_name));
         }
     }
     tx.commit().await?;
     Ok(out
         .into_iter()
-        .map(|(run, events)| Claimed {
-            lease_token: tokens.get(&run.id).copied(),
-            run,
-            events,
+        .map(|(run, events)| {
+            let (lease_token, worker_name) = tokens.remove(&run.id).unzip();
+            Claimed {
+                lease_token,
+                worker_name: worker_name.flatten(),
+                run,
+                events,
+            }
         })
         .collect())
 }
@@ -439,6 +449,9 @@ pub struct Claimed {
     pub events: Vec<RunEvent>,
     /// The lease's fencing token, for [`ClaimKind::Worker`] claims only.
     pub lease_token: Option<Uuid>,
+    /// The worker it was claimed for (one of the claim's `worker_names`),
+    /// for [`ClaimKind::Worker`] claims only.
+    pub worker_name: Option<String>,
 }
 
 /// Ends `RUNNING` run `id`, whose stored data cannot be read, `FAILED` with
@@ -493,15 +506,19 @@ pub enum ClaimKind {
     /// one slot each. Never a worker run.
     ToExecute,
     /// Runs of `worker` handlers of `queue` (of `tenant` only, when set),
-    /// for a worker stream on this node named `worker_name`: each gets a
-    /// fresh lease token ([`Claimed::lease_token`]) and `worker_name`.
+    /// for the free slots of worker streams on this node: each gets a fresh
+    /// lease token ([`Claimed::lease_token`]) and the name of the worker it
+    /// is for ([`Claimed::worker_name`]).
     Worker {
         /// The handler's queue.
         queue: String,
         /// Only this tenant's runs (a tenant key's worker).
         tenant: Option<String>,
-        /// The worker's name, stored on the run.
-        worker_name: String,
+        /// Whom the runs are claimed for: one worker name per slot, in the
+        /// order slots are filled (the claim's k-th run is stored with the
+        /// k-th name, and [`Claimed::worker_name`] says which). The claim
+        /// takes at most `limit` runs, and `limit` is at most this many.
+        worker_names: Vec<String>,
     },
     /// Runs of `event` handlers, completed by the claim statement.
     Event,

@@ -32,7 +32,8 @@ pub use read::{
     run_list_active, run_next_due_time, run_progress,
 };
 pub use workers::{
-    Renewed, run_binding_of, run_by_lease, run_fail_no_worker, run_worker_heartbeat,
+    Completed, Renewed, run_binding_of, run_by_lease, run_complete_by_leases, run_fail_no_worker,
+    run_worker_heartbeat,
 };
 
 /// Inserts `runs` with their events, announces them to executors and

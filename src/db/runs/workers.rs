@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{RunRow, announce, notify_runs, state_event};
-use crate::db::Error;
+use crate::db::{Error, encode};
 use crate::domain::{EventBody, Run, RunEvent, RunReason, RunState};
 
 /// The `RUNNING` run whose lease token is `token`, if any (`None`: the lease
@@ -32,6 +32,104 @@ pub async fn run_by_lease(db: impl PgExecutor<'_>, token: Uuid) -> Result<Option
     .fetch_optional(db)
     .await?;
     row.map(Run::try_from).transpose()
+}
+
+/// One worker run ended by [`run_complete_by_leases`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    /// The lease token the worker named.
+    pub token: Uuid,
+    /// The run's `RUNNING → SUCCEEDED` event.
+    pub event: RunEvent,
+}
+
+/// Ends `SUCCEEDED`, with their results, the `RUNNING` worker runs whose
+/// lease tokens are `tokens` (of `tenant` only, when given; `results[i]` is
+/// the JSON text of `tokens[i]`'s result, `None` for none): one statement
+/// for the whole batch, rows locked in id order. Writes their
+/// `state_changed` events and announces them, and wakes the claims when one
+/// of them had an overlap policy other than `ALLOW` (a run of its binding
+/// may have waited). A token missing from the answer named no `RUNNING`
+/// worker run (of that tenant): its lease is no longer valid and nothing of
+/// it changed. The end time is `now`, or the start time if later.
+///
+/// A `SUCCEEDED` run gets no retry, so no binding lock is needed.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure (nothing changed, the caller rolls
+/// back).
+pub async fn run_complete_by_leases(
+    conn: &mut PgConnection,
+    node_id: &str,
+    tokens: &[Uuid],
+    results: &[Option<String>],
+    tenant: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Completed>, Error> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let body = EventBody::StateChanged {
+        from: Some(RunState::Running),
+        to: RunState::Succeeded,
+        reason: String::new(),
+    };
+    let rows = sqlx::query!(
+        r#"WITH l AS (
+             SELECT r.id, i.result FROM runs r
+             JOIN UNNEST($1::uuid[], $2::text[]) AS i(token, result) ON r.lease_token = i.token
+             WHERE r.state = 'RUNNING' AND (r.handler->>'kind') = 'worker'
+               AND ($3::text IS NULL OR r.tenant_id = $3)
+             ORDER BY r.id FOR UPDATE OF r),
+           f AS (
+             UPDATE runs r SET state = 'SUCCEEDED', end_time = GREATEST($4, r.start_time),
+                               result = l.result::jsonb, error_message = NULL, error_summary = NULL,
+                               exit_code = NULL, reason = NULL, lease_expires_at = NULL,
+                               last_seq = r.last_seq + 1
+             FROM l WHERE r.id = l.id
+             RETURNING r.id, r.lease_token, r.tenant_id, r.binding_id, r.definition, r.last_seq,
+                       r.end_time, r.overlap_policy),
+           e AS (
+             INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+             SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed', $5
+             FROM f RETURNING run_id)
+           SELECT id AS "id!", lease_token AS "lease_token!", tenant_id AS "tenant_id!",
+                  binding_id AS "binding_id!", definition AS "definition!", last_seq AS "last_seq!",
+                  end_time AS "end_time!", overlap_policy AS "overlap_policy!" FROM f"#,
+        tokens,
+        results as &[Option<String>],
+        tenant,
+        now,
+        encode(&body),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut wake = false;
+    let out: Vec<Completed> = rows
+        .into_iter()
+        .map(|r| {
+            wake |= r.overlap_policy != crate::domain::OverlapPolicy::Allow.as_str();
+            Completed {
+                token: r.lease_token,
+                event: RunEvent {
+                    run_id: r.id,
+                    seq: r.last_seq,
+                    time: r.end_time,
+                    tenant_id: r.tenant_id,
+                    binding_id: r.binding_id,
+                    definition: r.definition,
+                    body: body.clone(),
+                },
+            }
+        })
+        .collect();
+    if !out.is_empty() {
+        announce(&mut *conn, node_id, out.iter().map(|c| &c.event)).await?;
+    }
+    if wake {
+        notify_runs(&mut *conn).await?;
+    }
+    Ok(out)
 }
 
 /// One renewed worker lease ([`run_worker_heartbeat`]).
@@ -68,10 +166,17 @@ pub async fn run_worker_heartbeat(
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
+    // Rows are locked in id order, as every statement that writes several
+    // leased runs does ([`run_complete_by_leases`]): two of them never wait
+    // on each other in opposite orders (no deadlock).
     Ok(sqlx::query!(
-        r#"UPDATE runs SET lease_expires_at = $2
-           WHERE lease_token = ANY($1) AND state = 'RUNNING' AND ($3::text IS NULL OR tenant_id = $3)
-           RETURNING lease_token AS "lease_token!", id, tenant_id, attempt, start_time, timeout_secs, cancel_reason"#,
+        r#"WITH l AS (
+             SELECT id FROM runs
+             WHERE lease_token = ANY($1) AND state = 'RUNNING' AND ($3::text IS NULL OR tenant_id = $3)
+             ORDER BY id FOR UPDATE)
+           UPDATE runs r SET lease_expires_at = $2 FROM l WHERE r.id = l.id
+           RETURNING r.lease_token AS "lease_token!", r.id, r.tenant_id, r.attempt, r.start_time,
+                     r.timeout_secs, r.cancel_reason"#,
         tokens,
         until,
         tenant,
