@@ -405,7 +405,7 @@ impl Hub {
                 let k = st.turn % ids.len();
                 ids.rotate_left(k);
             }
-            let mut groups: Vec<((String, Option<String>), Vec<(u64, &str, usize)>)> = Vec::new();
+            let mut groups: Vec<(QueueKey, Vec<FreeSlots<'_>>)> = Vec::new();
             for id in ids {
                 let Some(s) = st.streams.get(&id) else {
                     continue;
@@ -638,6 +638,12 @@ impl Hub {
         }
     }
 }
+
+/// A worker queue and, for a tenant key's worker, its tenant.
+type QueueKey = (String, Option<String>);
+
+/// A stream's id, its worker's name and its free slots.
+type FreeSlots<'a> = (u64, &'a str, usize);
 
 impl LocalRuns for Hub {
     fn cancel(&self, id: Uuid, reason: &str) -> bool {
