@@ -276,6 +276,8 @@ async fn serve_with_pool(
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
             wake: Arc::clone(&wakers.executor),
+            timer: Arc::clone(&wakers.executor_timer),
+            workers_wake: Arc::clone(&wakers.workers),
             running,
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,

@@ -4,8 +4,20 @@
 
 /// New run events: payload `<node_id>|<run_id>:<from_seq>:<to_seq>[,...]`.
 pub const EVENTS: &str = "sked_events";
-/// "Runs are queued" (or a slot freed up), for the executors; empty payload.
+/// "Runs are waiting" (queued, or a slot freed up), for the executors and
+/// the worker dispatch. Payload: which runs, a comma-separated subset of
+/// [`RUNS_SCHEDULED`], [`RUNS_WORKER`] and [`RUNS_LOCAL`]; empty means any
+/// (every listener looks), so a node wakes only the loop that can act.
 pub const RUNS: &str = "sked_runs";
+/// [`RUNS`] payload item: `SCHEDULED` runs were written; executors
+/// recompute when to promote them (no claim).
+pub const RUNS_SCHEDULED: &str = "scheduled";
+/// [`RUNS`] payload item: `QUEUED` runs of `worker` handlers; the worker
+/// dispatch claims.
+pub const RUNS_WORKER: &str = "worker";
+/// [`RUNS`] payload item: `QUEUED` runs a node executes itself (every
+/// other handler); the executors claim.
+pub const RUNS_LOCAL: &str = "local";
 /// Cancel requests for running runs (payload: `<run id>|<reason>`), so the
 /// node executing the run stops it.
 pub const CANCEL: &str = "sked_cancel";

@@ -34,8 +34,11 @@ pub trait LocalRuns: std::fmt::Debug + Send + Sync {
 pub struct Wakers {
     /// The scheduler (bindings changed).
     pub scheduler: Arc<Notify>,
-    /// The executor (runs queued).
+    /// The executor (runs queued, or a slot freed up): it claims.
     pub executor: Arc<Notify>,
+    /// The executor's timer (`SCHEDULED` runs written): it recomputes when
+    /// to promote them, without claiming.
+    pub executor_timer: Arc<Notify>,
     /// The worker dispatch (runs queued, for worker queues).
     pub workers: Arc<Notify>,
     /// Runs executing on this node (cancel requests).
@@ -49,6 +52,7 @@ impl Wakers {
         Wakers {
             scheduler: Arc::default(),
             executor: Arc::default(),
+            executor_timer: Arc::default(),
             workers: Arc::default(),
             running,
         }
@@ -125,10 +129,24 @@ async fn listen(
         let mut pending = Some(first);
         while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
             match n.channel() {
-                db::notify::RUNS => {
-                    wakers.executor.notify_one();
-                    wakers.workers.notify_one();
-                }
+                // Only the loops that can act on the runs named.
+                db::notify::RUNS => match db::runs::Waiting::parse(n.payload()) {
+                    Some(w) => {
+                        if w.local {
+                            wakers.executor.notify_one();
+                        }
+                        if w.scheduled {
+                            wakers.executor_timer.notify_one();
+                        }
+                        if w.worker {
+                            wakers.workers.notify_one();
+                        }
+                    }
+                    None => {
+                        wakers.executor.notify_one();
+                        wakers.workers.notify_one();
+                    }
+                },
                 db::notify::BINDINGS => wakers.scheduler.notify_one(),
                 db::notify::CANCEL => match n.payload().split_once('|') {
                     Some((id, reason)) => {

@@ -173,8 +173,14 @@ pub struct Executor {
     pub node_id: String,
     /// Where run events are published.
     pub bus: EventBus,
-    /// Woken when runs are queued.
+    /// Woken when runs it may claim are queued (or a slot freed up).
     pub wake: Arc<Notify>,
+    /// Woken when `SCHEDULED` runs are written: recompute when to promote
+    /// them (no claim).
+    pub timer: Arc<Notify>,
+    /// The worker dispatch of this node, woken at once when a promotion
+    /// queues `worker` runs (other nodes hear the NOTIFY).
+    pub workers_wake: Arc<Notify>,
     /// Runs executing here (shared with the bridge for cancel requests).
     pub running: RunningRuns,
     /// Runs executing at once on this node; 0 = this node executes nothing
@@ -214,9 +220,26 @@ impl Executor {
         let mut running = Slots::default();
         let cap = tenant_slot_cap(this.max_concurrent_runs);
         let mut last_reap: Option<tokio::time::Instant> = None;
+        // Whether a claim may find something: a claim that comes back short
+        // clears it, and only what can queue runs for this loop sets it (a
+        // wake, a freed slot, a promotion of local runs, a jittered run
+        // coming due, the poll). A promotion of worker runs alone, or a
+        // SCHEDULED run written, costs no claim statement (they take the
+        // claim lock every other claim waits on).
+        let mut claim_due = true;
+        let mut last_claim = tokio::time::Instant::now();
         loop {
-            if let Err(e) = this.promote().await {
-                tracing::warn!(error = %e, "promoting scheduled runs failed");
+            match this.promote().await {
+                Ok(w) => {
+                    if w.worker {
+                        this.workers_wake.notify_one();
+                    }
+                    claim_due |= w.local;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "promoting scheduled runs failed");
+                    claim_due = true;
+                }
             }
             if last_reap.is_none_or(|t| t.elapsed() >= this.lease / 4) {
                 last_reap = Some(tokio::time::Instant::now());
@@ -226,10 +249,20 @@ impl Executor {
             }
             // Finished runs free their slots even while event runs keep the
             // loop from sleeping (where they are otherwise joined).
-            while running.try_join_next() {}
+            while running.try_join_next() {
+                claim_due = true;
+            }
+            if last_claim.elapsed() >= this.poll {
+                claim_due = true;
+            }
+            let claiming = claim_due;
+            if claiming {
+                last_claim = tokio::time::Instant::now();
+                claim_due = false;
+            }
             loop {
                 let free = this.max_concurrent_runs.saturating_sub(running.len());
-                if free == 0 {
+                if !claiming || free == 0 {
                     break;
                 }
                 let (limit, excluded) = claim_plan(free, cap, &running.held);
@@ -250,28 +283,48 @@ impl Executor {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "claiming runs failed");
+                        claim_due = true;
                         break;
                     }
                 }
             }
             // Event handler runs need no slot: they complete in their claim.
-            match this.complete_events().await {
-                Ok(0) => {}
-                // More may be waiting (a batch's worth, or a next run of an
-                // overlap-free binding): claim again before sleeping.
-                Ok(_) if !shutdown.is_cancelled() => continue,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "completing event runs failed"),
+            match claiming.then(|| this.complete_events()) {
+                None => {}
+                Some(f) => match f.await {
+                    Ok(0) => {}
+                    // More may be waiting (a batch's worth, or a next run of
+                    // an overlap-free binding): claim again before sleeping.
+                    Ok(_) if !shutdown.is_cancelled() => {
+                        claim_due = true;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "completing event runs failed");
+                        claim_due = true;
+                    }
+                },
             }
-            let pause = this.sleep_time().await;
+            let (pause, queued_due) = this.sleep_time().await;
             let joined = tokio::select! {
-                _ = this.wake.notified() => None,
+                _ = this.wake.notified() => {
+                    claim_due = true;
+                    None
+                }
+                _ = this.timer.notified() => None,
                 Some(r) = running.tasks.join_next_with_id(), if !running.is_empty() => Some(r),
-                _ = tokio::time::sleep(pause) => None,
+                _ = tokio::time::sleep(pause) => {
+                    // A jittered QUEUED run came due (or the poll ran out,
+                    // counted above).
+                    claim_due |= queued_due;
+                    None
+                }
                 _ = shutdown.cancelled() => break,
             };
             if let Some(r) = joined {
                 running.joined(r);
+                claim_due = true;
             }
         }
         if !running.is_empty() {
@@ -307,19 +360,29 @@ impl Executor {
     }
 
     /// How long the claim loop may sleep: until the next waiting run is due,
-    /// at most `poll`.
-    async fn sleep_time(&self) -> Duration {
+    /// at most `poll`; and whether that is a jittered `QUEUED` run coming
+    /// due (a claim then), rather than a promotion or the poll.
+    async fn sleep_time(&self) -> (Duration, bool) {
         let now = self.clock.now();
-        match db::runs::run_next_due_time(&self.pool, now).await {
-            Ok(Some(t)) => (t - now)
+        let until = |t: chrono::DateTime<chrono::Utc>| {
+            (t - now)
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(5))
-                .min(self.poll),
-            Ok(None) => self.poll,
+                .min(self.poll)
+        };
+        match db::runs::run_next_due_time(&self.pool, now).await {
+            Ok(next) => {
+                let scheduled = next.scheduled.map(until).unwrap_or(self.poll);
+                let queued = next.queued.map(until).unwrap_or(self.poll);
+                (
+                    scheduled.min(queued),
+                    next.queued.is_some() && queued <= scheduled,
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the next due run failed");
-                self.poll
+                (self.poll, true)
             }
         }
     }
@@ -387,17 +450,18 @@ impl Executor {
         }
     }
 
-    async fn promote(&self) -> Result<(), db::Error> {
+    /// Moves due `SCHEDULED` runs to `QUEUED`; says which kinds it queued.
+    async fn promote(&self) -> Result<db::runs::Waiting, db::Error> {
         let mut conn = self.pool.acquire().await?;
-        let events = db::runs::run_promote_due(
+        let promoted = db::runs::run_promote_due(
             &mut conn,
             &self.node_id,
             self.clock.now(),
             MAINTENANCE_BATCH,
         )
         .await?;
-        self.bus.publish(events);
-        Ok(())
+        self.bus.publish(promoted.events);
+        Ok(promoted.waiting)
     }
 
     /// Ends runs whose lease expired (their node or worker is gone) and

@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::{
-    Binding, FieldViolation, NewRun, Progress, Run, RunEvent, RunReason, RunSpec, RunState,
-    merge_params, validate_merged_params,
+    Binding, FieldViolation, Handler, NewRun, Progress, Run, RunEvent, RunReason, RunSpec,
+    RunState, merge_params, validate_merged_params,
 };
 
 /// Most runs one backfill creates.
@@ -112,7 +112,12 @@ async fn create(core: &Core, actor: Actor<'_>, mut tx: super::Tx, new: NewRun) -
     record(&mut tx, &event, &target).await?;
     commit(tx, &target).await?;
     core.bus.publish(events);
-    core.executor_wake.notify_one();
+    // A run this node's executor may claim: wake it at once. The NOTIFY
+    // wakes the others (and the worker dispatch, and the executor's timer
+    // for a SCHEDULED run) on commit.
+    if run.state == RunState::Queued && !matches!(run.handler, Handler::Worker(_)) {
+        core.executor_wake.notify_one();
+    }
     Ok(run)
 }
 

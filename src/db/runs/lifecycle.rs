@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{RunRow, announce, corrupt_state, notify_runs, run_claim_lock, state_event};
+use super::{
+    RunRow, Waiting, announce, corrupt_state, notify_runs, notify_runs_for, run_claim_lock,
+    state_event,
+};
 use crate::db::{Error, encode};
 use crate::domain::RunReason;
 use crate::domain::{EventBody, OverlapPolicy, Run, RunEvent, RunState};
@@ -233,7 +236,7 @@ pub async fn run_promote_due(
     node_id: &str,
     now: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<RunEvent>, Error> {
+) -> Result<Promoted, Error> {
     let body = EventBody::StateChanged {
         from: Some(RunState::Scheduled),
         to: RunState::Queued,
@@ -255,13 +258,15 @@ pub async fn run_promote_due(
                                reason = CASE WHEN x.gone THEN $5 ELSE r.reason END,
                                last_seq = r.last_seq + 1
              FROM x WHERE r.id = x.id
-             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.gone),
+             RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.gone,
+                       (r.handler->>'kind') = 'worker' AS worker),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
                     CASE WHEN f.gone THEN $4::jsonb ELSE $3::jsonb END FROM f
              RETURNING run_id)
-           SELECT id, tenant_id, binding_id, definition, last_seq, gone AS "gone!" FROM f"#,
+           SELECT id, tenant_id, binding_id, definition, last_seq, gone AS "gone!",
+                  coalesce(worker, false) AS "worker!" FROM f"#,
         now,
         limit,
         encode(&body),
@@ -270,7 +275,10 @@ pub async fn run_promote_due(
     )
     .fetch_all(&mut *conn)
     .await?;
-    let promoted = rows.iter().any(|r| !r.gone);
+    let mut waiting = Waiting::default();
+    for r in rows.iter().filter(|r| !r.gone) {
+        waiting.add(RunState::Queued, r.worker);
+    }
     let events: Vec<RunEvent> = rows
         .into_iter()
         .map(|r| RunEvent {
@@ -286,10 +294,20 @@ pub async fn run_promote_due(
     if !events.is_empty() {
         announce(&mut *conn, node_id, &events).await?;
     }
-    if promoted {
-        notify_runs(&mut *conn).await?;
+    if waiting.any() {
+        notify_runs_for(&mut *conn, waiting).await?;
     }
-    Ok(events)
+    Ok(Promoted { events, waiting })
+}
+
+/// What [`run_promote_due`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Promoted {
+    /// The events of the runs it moved (announced).
+    pub events: Vec<RunEvent>,
+    /// Which kinds of runs it queued (so the caller wakes the right loop
+    /// at once; other nodes hear the NOTIFY).
+    pub waiting: Waiting,
 }
 
 /// Cancels those of `ids` that are still waiting (`SCHEDULED` or `QUEUED`):

@@ -24,12 +24,12 @@ mod workers;
 
 pub use claim::{ClaimKind, Claimed, run_analyze_after_burst, run_claim, run_claim_lock};
 pub use lifecycle::{
-    Outcome, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat, run_promote_due,
-    run_reap, run_request_cancel,
+    Outcome, Promoted, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat,
+    run_promote_due, run_reap, run_request_cancel,
 };
 pub use read::{
-    ActiveRun, ActiveState, run_active_state, run_find_by_idempotency_key, run_get, run_list,
-    run_list_active, run_next_due_time, run_progress,
+    ActiveRun, ActiveState, NextDue, run_active_state, run_find_by_idempotency_key, run_get,
+    run_list, run_list_active, run_next_due_time, run_progress,
 };
 pub use workers::{
     Completed, Renewed, run_binding_of, run_by_lease, run_complete_by_leases, run_fail_no_worker,
@@ -168,12 +168,15 @@ pub async fn run_insert(
     .await?;
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
     let mut events = Vec::with_capacity(n_events);
-    let mut waiting = false;
+    let mut waiting = Waiting::default();
     for (r, evs) in runs.iter().zip(bodies) {
         if !inserted.contains(&r.id) {
             continue;
         }
-        waiting |= matches!(r.state, RunState::Queued | RunState::Scheduled);
+        waiting.add(
+            r.state,
+            matches!(r.handler, crate::domain::Handler::Worker(_)),
+        );
         events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
             run_id: r.id,
             seq: i as i64 + 1,
@@ -184,8 +187,8 @@ pub async fn run_insert(
             body,
         }));
     }
-    if waiting {
-        notify_runs(&mut *conn).await?;
+    if waiting.any() {
+        notify_runs_for(&mut *conn, waiting).await?;
     }
     announce(&mut *conn, node_id, &events).await?;
     Ok(events)
@@ -242,6 +245,79 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
     sqlx::query!("SELECT pg_notify($1::text, '')", super::notify::RUNS)
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// Which waiting runs a statement wrote, for the [`super::notify::RUNS`]
+/// payload: listeners wake only the loop that can act on them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waiting {
+    /// `SCHEDULED` runs (executors recompute when to promote).
+    pub scheduled: bool,
+    /// `QUEUED` runs of `worker` handlers (the worker dispatch claims).
+    pub worker: bool,
+    /// `QUEUED` runs of other handlers (executors claim).
+    pub local: bool,
+}
+
+impl Waiting {
+    /// Counts a run now in `state`, of a `worker` handler or not.
+    pub fn add(&mut self, state: RunState, worker: bool) {
+        match state {
+            RunState::Scheduled => self.scheduled = true,
+            RunState::Queued if worker => self.worker = true,
+            RunState::Queued => self.local = true,
+            _ => {}
+        }
+    }
+
+    /// Whether any waiting run was counted.
+    pub fn any(self) -> bool {
+        self.scheduled || self.worker || self.local
+    }
+
+    /// The NOTIFY payload naming them.
+    pub fn payload(self) -> String {
+        let items = [
+            (self.scheduled, super::notify::RUNS_SCHEDULED),
+            (self.worker, super::notify::RUNS_WORKER),
+            (self.local, super::notify::RUNS_LOCAL),
+        ];
+        items
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| *name)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parses a payload; `None` for an empty or unknown one (any runs).
+    pub fn parse(payload: &str) -> Option<Waiting> {
+        let mut w = Waiting::default();
+        for item in payload.split(',') {
+            match item {
+                super::notify::RUNS_SCHEDULED => w.scheduled = true,
+                super::notify::RUNS_WORKER => w.worker = true,
+                super::notify::RUNS_LOCAL => w.local = true,
+                _ => return None,
+            }
+        }
+        Some(w)
+    }
+}
+
+/// [`notify_runs`] naming which runs wait ([`Waiting::payload`]).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn notify_runs_for(conn: &mut PgConnection, waiting: Waiting) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT pg_notify($1::text, $2::text)",
+        super::notify::RUNS,
+        waiting.payload()
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -337,5 +413,39 @@ impl TryFrom<RunRow> for Run {
             // the run unreadable (and so fail it as corrupt); it reads as none.
             progress: r.progress.and_then(|p| serde_json::from_value(p).ok()),
         })
+    }
+}
+
+#[cfg(test)]
+mod waiting_tests {
+    use super::*;
+
+    #[test]
+    fn waiting_payloads_round_trip_and_unknown_ones_mean_any() {
+        for scheduled in [false, true] {
+            for worker in [false, true] {
+                for local in [false, true] {
+                    let w = Waiting {
+                        scheduled,
+                        worker,
+                        local,
+                    };
+                    let p = w.payload();
+                    if w.any() {
+                        assert_eq!(Waiting::parse(&p), Some(w), "{p}");
+                    } else {
+                        assert_eq!(Waiting::parse(&p), None);
+                    }
+                }
+            }
+        }
+        // Empty (older nodes, maintenance) or unknown: every loop looks.
+        assert_eq!(Waiting::parse(""), None);
+        assert_eq!(Waiting::parse("worker,later"), None);
+        let mut w = Waiting::default();
+        w.add(RunState::Queued, true);
+        w.add(RunState::Scheduled, false);
+        w.add(RunState::Running, false);
+        assert_eq!(w.payload(), "scheduled,worker");
     }
 }

@@ -108,22 +108,36 @@ pub async fn run_list_active(
     .collect()
 }
 
-/// The earliest instant a waiting run becomes claimable after `now`: the
-/// first `SCHEDULED` run's `not_before`, or a jittered `QUEUED` run's.
+/// When waiting runs next need a hand: the first `SCHEDULED` run's
+/// `not_before` (to promote it), and the first jittered `QUEUED` run's
+/// `not_before` after `now` (it becomes claimable then).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NextDue {
+    /// The earliest `SCHEDULED` run's `not_before`.
+    pub scheduled: Option<DateTime<Utc>>,
+    /// The earliest `QUEUED` run's `not_before` after `now`.
+    pub queued: Option<DateTime<Utc>>,
+}
+
+/// [`NextDue`] at `now`.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_next_due_time(
     db: impl PgExecutor<'_>,
     now: DateTime<Utc>,
-) -> Result<Option<DateTime<Utc>>, Error> {
-    Ok(sqlx::query_scalar!(
-        "SELECT least((SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED'),
-                      (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1))",
+) -> Result<NextDue, Error> {
+    let r = sqlx::query!(
+        "SELECT (SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED') AS scheduled,
+                (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1) AS queued",
         now
     )
     .fetch_one(db)
-    .await?)
+    .await?;
+    Ok(NextDue {
+        scheduled: r.scheduled,
+        queued: r.queued,
+    })
 }
 
 /// The run a TriggerRun with `key` for `binding_id` created at or after
