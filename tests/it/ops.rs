@@ -11,7 +11,9 @@
 //! - a node on a private PostgreSQL cluster: stopping PostgreSQL turns
 //!   health `NOT_SERVING`, starting it again `SERVING`; firing resumes by
 //!   itself and the fires missed meanwhile are recorded per the misfire
-//!   policy (every fire time present once: nothing silently lost).
+//!   policy (every fire time present once: nothing silently lost);
+//! - the lease statement on its own: one winner among racing nodes, renewal
+//!   in the same term, a new term after a lapse or a release, the fence.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -641,4 +643,90 @@ async fn stopping_postgresql_turns_health_not_serving_and_firing_resumes_with_mi
     assert_eq!(status.code(), Some(0), "{status}");
     pg.stop().await.expect("stop PostgreSQL");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The lease statement itself: of many nodes racing for it exactly one
+/// wins; the holder renews in the same term; nobody else takes an unexpired
+/// lease; once it lapsed the next taker starts a new term; a release lets
+/// it lapse at once; the fence holds only for the holder's current term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_lease_has_one_holder_per_term() {
+    use sked::db::cluster::{leader_acquire, leader_get, leader_holds, leader_release};
+    let db = TestDb::new().await;
+    sked::db::migrate(&db.pool().await).await.unwrap();
+    let pool = sked::db::connect(&db.url, 16).await.unwrap();
+    let lease = Duration::from_millis(800);
+    const NAME: &str = "maintenance";
+
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let pool = pool.clone();
+        racers.spawn(async move {
+            let id = format!("n{i}");
+            (
+                id.clone(),
+                leader_acquire(&pool, NAME, &id, lease).await.unwrap(),
+            )
+        });
+    }
+    let mut won = Vec::new();
+    while let Some(r) = racers.join_next().await {
+        let (id, got) = r.unwrap();
+        if let Some(l) = got {
+            assert_eq!(l.node_id, id);
+            won.push(l);
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one winner: {won:?}");
+    let first = won.pop().unwrap();
+    assert_eq!(first.term, 1);
+
+    // The holder renews in the same term; others are refused meanwhile.
+    let renewed = leader_acquire(&pool, NAME, &first.node_id, lease)
+        .await
+        .unwrap()
+        .expect("the holder renews");
+    assert_eq!(renewed.term, 1);
+    assert!(renewed.expire_time >= first.expire_time);
+    let other = if first.node_id == "n0" { "n1" } else { "n0" };
+    assert!(
+        leader_acquire(&pool, NAME, other, lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(leader_holds(&pool, NAME, &first.node_id, 1).await.unwrap());
+    assert!(!leader_holds(&pool, NAME, other, 1).await.unwrap());
+
+    // Lapsed: the next taker gets term 2, and the old holder's fence fails.
+    let (_, remaining) = leader_get(&pool, NAME).await.unwrap().expect("a lease row");
+    tokio::time::sleep(remaining + Duration::from_millis(50)).await;
+    assert!(leader_get(&pool, NAME).await.unwrap().unwrap().0.expired);
+    assert!(!leader_holds(&pool, NAME, &first.node_id, 1).await.unwrap());
+    let second = leader_acquire(&pool, NAME, other, lease)
+        .await
+        .unwrap()
+        .expect("a lapsed lease is free");
+    assert_eq!((second.node_id.as_str(), second.term), (other, 2));
+    assert!(
+        leader_acquire(&pool, NAME, &first.node_id, lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A release lets it lapse now; retaking it is a new term even for the
+    // same node.
+    leader_release(&pool, NAME, &first.node_id).await.unwrap();
+    assert!(
+        !leader_get(&pool, NAME).await.unwrap().unwrap().0.expired,
+        "not the holder's to release"
+    );
+    leader_release(&pool, NAME, other).await.unwrap();
+    assert!(leader_get(&pool, NAME).await.unwrap().unwrap().0.expired);
+    let third = leader_acquire(&pool, NAME, other, lease)
+        .await
+        .unwrap()
+        .expect("released");
+    assert_eq!(third.term, 3);
 }
