@@ -186,7 +186,7 @@ impl Scheduler {
         let (mut due, mut broken) =
             db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
         if due.is_empty() && broken.is_empty() {
-            metrics::scheduler_pass(started.elapsed(), &[], now);
+            metrics::scheduler_pass(started.elapsed(), [], now);
             return Ok(0);
         }
         let locked = due.len() + broken.len();
@@ -336,7 +336,21 @@ impl Scheduler {
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
-        metrics::scheduler_pass(started.elapsed(), &runs, now);
+        // A fire whose run existed already was not inserted (and has no
+        // events): count only the runs this pass created, i.e. those whose
+        // first event (seq 1) it wrote.
+        let created = events.iter().filter(|e| e.seq == 1).count();
+        if created == runs.len() {
+            metrics::scheduler_pass(started.elapsed(), &runs, now);
+        } else {
+            let ids: std::collections::HashSet<Uuid> = events
+                .iter()
+                .filter(|e| e.seq == 1)
+                .map(|e| e.run_id)
+                .collect();
+            let inserted = runs.iter().filter(|r| ids.contains(&r.id));
+            metrics::scheduler_pass(started.elapsed(), inserted, now);
+        }
         tracing::debug!(
             due = due.len(),
             broken = broken.len(),

@@ -205,12 +205,17 @@ fn fire_outcome(state: RunState, reason: &str) -> usize {
 
 const FIRE_OUTCOMES: [&str; 5] = ["run", "misfire", "overlap", "quota", "other"];
 
-/// Records a committed scheduler pass: its duration, its fires by outcome
-/// and the fire lag of the `event` fires it completed inline (started at
-/// `now`).
-pub fn scheduler_pass(elapsed: Duration, runs: &[NewRun], now: DateTime<Utc>) {
+/// Records a committed scheduler pass: its duration, its fires (the runs
+/// it inserted) by outcome and the fire lag of the `event` fires it
+/// completed inline (started at `now`).
+pub fn scheduler_pass<'a>(
+    elapsed: Duration,
+    runs: impl IntoIterator<Item = &'a NewRun>,
+    now: DateTime<Utc>,
+) {
     histogram!(SCHEDULER_PASS_DURATION).record(elapsed.as_secs_f64());
-    if runs.is_empty() {
+    let mut runs = runs.into_iter().peekable();
+    if runs.peek().is_none() {
         return;
     }
     if tenant_label() {
