@@ -9,9 +9,11 @@
 //!   counters equal the runs the test made, the fire-lag histogram has their
 //!   observations;
 //! - a node on a private PostgreSQL cluster: stopping PostgreSQL turns
-//!   health `NOT_SERVING`, starting it again `SERVING`; firing resumes by
-//!   itself and the fires missed meanwhile are recorded per the misfire
-//!   policy (every fire time present once: nothing silently lost);
+//!   health `NOT_SERVING` and the node stops acting as leader once it cannot
+//!   renew its lease; starting it again turns health `SERVING`, the node
+//!   leads again in a new term, firing resumes by itself and the fires
+//!   missed meanwhile are recorded per the misfire policy (every fire time
+//!   present once: nothing silently lost);
 //! - the lease statement on its own: one winner among racing nodes, renewal
 //!   in the same term, a new term after a lapse or a release, the fence.
 
@@ -546,15 +548,28 @@ async fn stopping_postgresql_turns_health_not_serving_and_firing_resumes_with_mi
     let token = sked::app::bootstrap_key(&url, "ops-test")
         .await
         .expect("bootstrap key");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
     let (mut child, ch) = spawn_sked(
         &[],
         &[
             ("DATABASE_URL", &url),
             ("SKED_NODE_ID", "pg-bound"),
             ("SKED_DB_MAX_CONNECTIONS", "4"),
+            ("SKED_LEADER_LEASE", "2"),
+            ("SKED_METRICS_LISTEN", &listen),
         ],
     )
     .await;
+    let gauge = |m: &prometheus_parse::Scrape, name: &str| {
+        m.samples
+            .iter()
+            .find(|s| s.metric == name)
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => Some(v),
+                _ => None,
+            })
+    };
     // Every second; missed fires older than the catch-up window (the 5 s
     // misfire tolerance here) are skipped, the latest inside it runs once.
     let mut def = event_def("heartbeat");
@@ -568,6 +583,10 @@ async fn stopping_postgresql_turns_health_not_serving_and_firing_resumes_with_mi
     })
     .await;
     wait_health(&ch, ServingStatus::Serving, WAIT).await;
+    let before = wait_status(&ch, &token, WAIT, "the node leads", |s| {
+        s.leader_node_id == "pg-bound"
+    })
+    .await;
 
     let stopping_at = now_secs();
     pg.stop().await.expect("stop PostgreSQL");
@@ -584,12 +603,25 @@ async fn stopping_postgresql_turns_health_not_serving_and_firing_resumes_with_mi
         child.try_wait().unwrap().is_none(),
         "the node keeps running without its database"
     );
+    // Its lease (2 s) could not be renewed: it no longer acts as leader.
+    let (body, m) = scrape(port).await;
+    assert_eq!(gauge(&m, "sked_leader"), Some(0.0), "{body}");
+    assert_eq!(gauge(&m, "sked_health_serving"), Some(0.0), "{body}");
     let up_at = now_secs();
     let pg = EmbeddedPg::start_with(&dir, opts)
         .await
         .expect("PostgreSQL starts again");
     wait_health(&ch, ServingStatus::Serving, Duration::from_secs(30)).await;
     let serving_at = now_secs();
+    // It leads again, in a new term (its lease lapsed meanwhile).
+    let after = wait_status(&ch, &token, WAIT, "the node leads again", |s| {
+        s.leader_node_id == "pg-bound"
+    })
+    .await;
+    assert!(
+        after.leader_term > before.leader_term,
+        "{before:#?} {after:#?}"
+    );
 
     // Firing resumes by itself: fires after the restart run.
     let runs = runs_until_via(&ch, &token, WAIT, "fires after the restart", |runs| {
