@@ -219,6 +219,23 @@ async fn three_nodes_one_leader_and_kill_9_of_the_leader_hands_over_within_a_lea
         assert_eq!(&other.node_id, id);
         assert_eq!(other.leader_node_id, s.leader_node_id, "as seen by {id}");
     }
+    // Stream subscribers: this node's now, every node's with its heartbeat.
+    let ch_b = nodes["ops-b"].1.clone();
+    let _watch = LogServiceClient::new(ch_b.clone())
+        .watch_events(request(
+            TENANT,
+            Some(&token),
+            pb::WatchEventsRequest::default(),
+        ))
+        .await
+        .expect("watch events");
+    wait_status(&ch_b, &token, WAIT, "ops-b counts its subscriber", |s| {
+        s.stream_subscribers >= 1
+            && s.nodes
+                .iter()
+                .any(|n| n.node_id == "ops-b" && n.stream_subscribers >= 1)
+    })
+    .await;
     // A platform admin only.
     let tenant_admin = AdminServiceClient::new(ch_a.clone())
         .create_api_key(with_key(
