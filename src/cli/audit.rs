@@ -39,10 +39,10 @@ enum Cmd {
         #[arg(long, value_name = "PREFIX")]
         target: Option<String>,
         /// Only events at or after this time (e.g. -1d).
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         since: Option<String>,
         /// Only events before this time.
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         until: Option<String>,
         #[command(flatten)]
         page: PageArgs,
@@ -73,8 +73,14 @@ pub async fn run(a: Args) -> Result<i32> {
                     key_id: key.unwrap_or_default(),
                     method: method.unwrap_or_default(),
                     target_prefix: target.unwrap_or_default(),
-                    start_time: since.as_deref().map(|t| input::time("--since", t)).transpose()?,
-                    end_time: until.as_deref().map(|t| input::time("--until", t)).transpose()?,
+                    start_time: since
+                        .as_deref()
+                        .map(|t| input::time("--since", t))
+                        .transpose()?,
+                    end_time: until
+                        .as_deref()
+                        .map(|t| input::time("--until", t))
+                        .transpose()?,
                     page_size: page.size(),
                     page_token: page.token(),
                 })

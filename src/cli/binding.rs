@@ -83,7 +83,7 @@ enum Cmd {
         #[arg(long = "for", value_name = "DURATION", conflicts_with = "until")]
         for_: Option<String>,
         /// Resume by itself at this time.
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         until: Option<String>,
     },
     /// Resume a paused binding from its next fire time after now.
@@ -110,10 +110,10 @@ struct Fields {
     #[arg(long = "param", value_name = "KEY=VALUE")]
     param: Vec<String>,
     /// Fire only at or after this time.
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     effective_from: Option<String>,
     /// Fire only at or before this time.
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     effective_until: Option<String>,
     /// Whether it fires.
     #[arg(long, value_name = "BOOL")]
@@ -248,7 +248,10 @@ pub async fn run(a: Args) -> Result<i32> {
                 .await?
                 .into_inner();
             print_message(format, &b, |b| {
-                format!("binding {} created ({} for {})\n", b.id, b.definition, b.tenant_id)
+                format!(
+                    "binding {} created ({} for {})\n",
+                    b.id, b.definition, b.tenant_id
+                )
             })?;
         }
         Cmd::Update {
@@ -401,17 +404,18 @@ fn details(b: &pb::Binding) -> String {
         .field("Definition", b.definition.as_str())
         .field("Status", status_cell(b));
     if b.paused {
-        v.field("Pause note", b.pause_note.as_str()).field(
-            "Paused until",
-            output::local_time(&b.pause_expire_time),
-        );
+        v.field("Pause note", b.pause_note.as_str())
+            .field("Paused until", output::local_time(&b.pause_expire_time));
     }
     v.field("Broken", b.broken_reason.as_str());
     let own = |set: bool| if set { " (binding)" } else { " (definition)" };
     let e = b.effective.clone().unwrap_or_default();
     let schedule = output::schedule_summary(&e.schedule);
     if !schedule.is_empty() {
-        v.field("Schedule", format!("{schedule}{}", own(b.schedule.is_some())));
+        v.field(
+            "Schedule",
+            format!("{schedule}{}", own(b.schedule.is_some())),
+        );
     }
     v.field("Params", output::struct_json(&e.params))
         .field("Next run", output::local_time(&b.next_run_time))

@@ -95,16 +95,15 @@ pub struct GlobalArgs {
     pub config: Option<PathBuf>,
     /// Output format: readable tables (default), or JSON / YAML of the API's
     /// messages (canonical proto3 JSON mapping) for scripts.
-    #[arg(
-        short = 'o',
-        long,
-        value_enum,
-        global = true,
-        help_heading = "Output"
-    )]
+    #[arg(short = 'o', long, value_enum, global = true, help_heading = "Output")]
     pub output: Option<Format>,
     /// Shorthand for `-o json`.
-    #[arg(long, global = true, conflicts_with = "output", help_heading = "Output")]
+    #[arg(
+        long,
+        global = true,
+        conflicts_with = "output",
+        help_heading = "Output"
+    )]
     pub json: bool,
 }
 
@@ -150,10 +149,7 @@ fn read_config(explicit: Option<&Path>) -> Result<ConfigFile> {
             return Ok(ConfigFile::default());
         }
         Err(e) => {
-            return Err(Error::Input(format!(
-                "config file {}: {e}",
-                path.display()
-            )));
+            return Err(Error::Input(format!("config file {}: {e}", path.display())));
         }
     };
     if text.trim().is_empty() {

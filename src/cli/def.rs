@@ -105,7 +105,12 @@ struct Fields {
     method: Option<String>,
     /// HTTP header of --http (repeatable); `${env:SKED_SECRET_X}` is resolved
     /// on the node.
-    #[arg(long = "header", value_name = "NAME=VALUE", requires = "http", help_heading = "Handler")]
+    #[arg(
+        long = "header",
+        value_name = "NAME=VALUE",
+        requires = "http",
+        help_heading = "Handler"
+    )]
     headers: Vec<String>,
     /// Handler: publish a `fired` event with the params and succeed.
     #[arg(long, help_heading = "Handler", conflicts_with = "worker")]
@@ -120,7 +125,11 @@ struct Fields {
     #[arg(long, value_name = "DIR", help_heading = "Handler")]
     workdir: Option<String>,
     /// Exit code of the command that is never retried (repeatable).
-    #[arg(long = "non-retryable-exit-code", value_name = "CODE", help_heading = "Handler")]
+    #[arg(
+        long = "non-retryable-exit-code",
+        value_name = "CODE",
+        help_heading = "Handler"
+    )]
     non_retryable: Vec<i32>,
     /// Handler: the program and its arguments, after `--` (no shell unless
     /// the program is one).
@@ -169,7 +178,12 @@ struct Fields {
     #[arg(long, value_name = "BOOL", help_heading = "Policy")]
     protected: Option<bool>,
     /// Only these tenants may bind it (repeatable).
-    #[arg(long = "allow-tenant", value_name = "TENANT", help_heading = "Policy", conflicts_with = "all_tenants")]
+    #[arg(
+        long = "allow-tenant",
+        value_name = "TENANT",
+        help_heading = "Policy",
+        conflicts_with = "all_tenants"
+    )]
     allow_tenants: Vec<String>,
     /// Every tenant may bind it (the default).
     #[arg(long, help_heading = "Policy")]
@@ -347,11 +361,8 @@ impl Fields {
         let Some(f) = &self.file else {
             return Ok(None);
         };
-        let (d, fields) = input::message_file::<pb::TaskDefinition>(
-            "--file",
-            f,
-            "sked.v1.TaskDefinition",
-        )?;
+        let (d, fields) =
+            input::message_file::<pb::TaskDefinition>("--file", f, "sked.v1.TaskDefinition")?;
         Ok(Some((d, fields)))
     }
 }
@@ -540,7 +551,11 @@ pub fn handler_summary(h: &Option<pb::task_definition::Handler>, max: usize) -> 
             words.join(" ")
         }
         Some(Handler::Http(h)) => {
-            let m = if h.method.is_empty() { "POST" } else { &h.method };
+            let m = if h.method.is_empty() {
+                "POST"
+            } else {
+                &h.method
+            };
             format!("{m} {}", h.url)
         }
         Some(Handler::Event(_)) => "event".into(),
@@ -638,7 +653,9 @@ fn details(d: &pb::TaskDefinition) -> String {
     v.field("Tenants", scope)
         .field(
             "Max output",
-            d.max_output_bytes.map(|b| format!("{b} bytes")).unwrap_or_default(),
+            d.max_output_bytes
+                .map(|b| format!("{b} bytes"))
+                .unwrap_or_default(),
         )
         .field("Created", output::local_time(&d.create_time))
         .field("Updated", output::local_time(&d.update_time))

@@ -25,9 +25,7 @@ use tonic::Code;
 
 use super::connect::Client;
 use super::output::{self, Color, Format, paint, state_name};
-use super::{
-    EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_TIMED_OUT, Error, Result,
-};
+use super::{EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_TIMED_OUT, Error, Result};
 use crate::proto::v1 as pb;
 
 /// How to follow.
@@ -211,7 +209,7 @@ impl Printer {
             Some(Kind::Progress(p)) => self.progress(e, p)?,
             Some(Kind::Fired(f)) => {
                 let params = output::struct_json(&f.params);
-                self.sked_line(e, &format!("fired {params}").trim_end().to_string(), None)?;
+                self.sked_line(e, format!("fired {params}").trim_end(), None)?;
             }
             None => {}
         }

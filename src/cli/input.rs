@@ -115,15 +115,20 @@ pub fn time_at(flag: &str, s: &str, now: DateTime<Utc>) -> Result<Timestamp> {
     } else if let Ok(t) = DateTime::parse_from_rfc3339(t) {
         t.with_timezone(&Utc)
     } else {
-        let naive = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M"]
-            .iter()
-            .find_map(|f| NaiveDateTime::parse_from_str(t, f).ok())
-            .or_else(|| {
-                NaiveDate::parse_from_str(t, "%Y-%m-%d")
-                    .ok()
-                    .and_then(|d| d.and_hms_opt(0, 0, 0))
-            })
-            .ok_or_else(bad)?;
+        let naive = [
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%d %H:%M",
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%dT%H:%M",
+        ]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(t, f).ok())
+        .or_else(|| {
+            NaiveDate::parse_from_str(t, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+        })
+        .ok_or_else(bad)?;
         // A local time in a DST gap is no instant; one in the overlap is
         // taken at its first occurrence, as schedules do.
         Local
@@ -193,8 +198,8 @@ pub fn message_file<M: prost::Message + Default>(
             )));
         }
     };
-    let msg = from_json_named(full_name, value)
-        .map_err(|e| Error::Input(format!("{origin}: {e}")))?;
+    let msg =
+        from_json_named(full_name, value).map_err(|e| Error::Input(format!("{origin}: {e}")))?;
     Ok((msg, fields))
 }
 
@@ -274,9 +279,7 @@ pub fn params(object: Option<&str>, pairs: &[String]) -> Result<Option<prost_typ
 pub fn key_value(flag: &str, s: &str) -> Result<(String, String)> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(Error::Input(format!(
-            "{flag}: {s:?} is not key=value"
-        ))),
+        _ => Err(Error::Input(format!("{flag}: {s:?} is not key=value"))),
     }
 }
 
@@ -316,10 +319,15 @@ pub struct ScheduleArgs {
     #[arg(long, value_name = "DURATION")]
     pub every: Option<String>,
     /// Instant --every counts from (default: the binding's creation).
-    #[arg(long, value_name = "TIME", requires = "every")]
+    #[arg(
+        long,
+        value_name = "TIME",
+        requires = "every",
+        allow_hyphen_values = true
+    )]
     pub anchor: Option<String>,
     /// Fire once, at TIME (RFC 3339, `2025-03-09 02:30` local, `+1h`).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     pub at: Option<String>,
     /// Fire every day at HH:MM[:SS] in --tz.
     #[arg(long, value_name = "HH:MM")]
@@ -542,7 +550,9 @@ mod tests {
         assert_eq!(t("+30m").unwrap(), now.timestamp() + 1800);
         assert_eq!(
             t("2025-03-09T02:30:00-05:00").unwrap(),
-            Utc.with_ymd_and_hms(2025, 3, 9, 7, 30, 0).unwrap().timestamp()
+            Utc.with_ymd_and_hms(2025, 3, 9, 7, 30, 0)
+                .unwrap()
+                .timestamp()
         );
         assert!(t("yesterday").is_err());
         assert!(t("2025-03-09 02:30").is_ok());
@@ -550,9 +560,12 @@ mod tests {
 
     #[test]
     fn params_merge_object_and_pairs() {
-        let p = params(Some(r#"{"a": 1, "b": "x"}"#), &["b=2".into(), "c=hello".into()])
-            .unwrap()
-            .unwrap();
+        let p = params(
+            Some(r#"{"a": 1, "b": "x"}"#),
+            &["b=2".into(), "c=hello".into()],
+        )
+        .unwrap()
+        .unwrap();
         let v = super::super::output::to_json_named("google.protobuf.Struct", &p);
         assert_eq!(v, serde_json::json!({"a": 1.0, "b": 2.0, "c": "hello"}));
         assert!(params(None, &[]).unwrap().is_none());

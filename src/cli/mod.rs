@@ -66,6 +66,8 @@ Exit codes: 0 the run SUCCEEDED; 3 FAILED; 4 TIMED_OUT; 5 CANCELLED; 6 SKIPPED;
 2 a bad command line.";
 
 /// Client subcommands (flattened into `sked`'s own).
+// Parsed once per process: the size of the flag structs does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Task definitions: list, get, create, update, delete.
@@ -94,8 +96,10 @@ pub enum Command {
 
 /// `sked completions`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "E.g. `sked completions bash > /etc/bash_completion.d/sked`, \
-`sked completions zsh > \"${fpath[1]}/_sked\"`.")]
+#[command(
+    after_help = "E.g. `sked completions bash > /etc/bash_completion.d/sked`, \
+`sked completions zsh > \"${fpath[1]}/_sked\"`."
+)]
 pub struct CompletionsArgs {
     /// The shell.
     pub shell: clap_complete::Shell,
@@ -194,7 +198,10 @@ pub fn status_line(s: &tonic::Status) -> String {
     }
     match s.code() {
         Code::Unavailable if !text.contains("database") => {
-            let at = connect::ADDR.get().map(String::as_str).unwrap_or("its address");
+            let at = connect::ADDR
+                .get()
+                .map(String::as_str)
+                .unwrap_or("its address");
             text = format!("could not reach sked at {at}: {text} (--addr / SKED_ADDR)");
         }
         Code::Unauthenticated => text = format!("{text} (--token-file, SKED_TOKEN)"),
@@ -232,5 +239,70 @@ pub async fn run(cmd: Command, bin: &mut clap::Command) -> i32 {
             eprintln!("sked: {e}");
             e.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client part of `sked`'s command tree.
+    fn tree() -> clap::Command {
+        <Command as Subcommand>::augment_subcommands(clap::Command::new("sked"))
+    }
+
+    /// `--help` is complete: every client subcommand says what it does and
+    /// every argument what it takes.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{here}: no about"));
+                }
+                for arg in sub.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id != "help" && id != "version" && arg.get_help().is_none() {
+                        missing.push(format!("{here}: {id} has no help"));
+                    }
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let tree = tree();
+        tree.clone().debug_assert();
+        walk(&tree, "sked", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn errors_are_one_line_with_code_field_and_reason() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let s = tonic::Status::with_error_details(
+            Code::InvalidArgument,
+            "definition.schedule.cron.expression: field 2 (hour): 25 is out of range 0-23",
+            ErrorDetails::with_bad_request_violation(
+                "definition.schedule.cron.expression",
+                "field 2 (hour): 25 is out of range 0-23",
+            ),
+        );
+        assert_eq!(
+            status_line(&s),
+            "INVALID_ARGUMENT: definition.schedule.cron.expression: field 2 (hour): 25 is out of range 0-23"
+        );
+        let e = Error::Status(tonic::Status::not_found("run x not found\nsecond line"));
+        assert_eq!(e.to_string(), "NOT_FOUND: run x not found second line");
+        assert_eq!(e.exit_code(), EXIT_UNREACHABLE);
+        let retry = tonic::Status::with_error_details(
+            Code::ResourceExhausted,
+            "too many changes",
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(1500))),
+        );
+        assert_eq!(
+            status_line(&retry),
+            "RESOURCE_EXHAUSTED: too many changes (retry in 1.5s)"
+        );
     }
 }

@@ -88,8 +88,9 @@ pub fn from_json<M: Message + Default + prost::Name>(value: serde_json::Value) -
 /// [`Error::Io`] when stdout is closed.
 pub fn print_value(format: Format, value: &serde_json::Value) -> Result<()> {
     let text = match format {
-        Format::Yaml => serde_saphyr::to_string(value)
-            .map_err(|e| Error::Input(format!("YAML output: {e}")))?,
+        Format::Yaml => {
+            serde_saphyr::to_string(value).map_err(|e| Error::Input(format!("YAML output: {e}")))?
+        }
         _ => serde_json::to_string_pretty(value).expect("JSON of a JSON value") + "\n",
     };
     let mut out = std::io::stdout().lock();
@@ -145,8 +146,7 @@ pub fn print_message<M: Message + prost::Name>(
 /// Whether colour is wanted on stdout (module docs).
 pub fn color_stdout() -> bool {
     static ON: LazyLock<bool> = LazyLock::new(|| {
-        std::io::stdout().is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
     });
     *ON
 }
@@ -154,8 +154,7 @@ pub fn color_stdout() -> bool {
 /// Whether colour is wanted on stderr.
 pub fn color_stderr() -> bool {
     static ON: LazyLock<bool> = LazyLock::new(|| {
-        std::io::stderr().is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
     });
     *ON
 }
@@ -351,7 +350,10 @@ impl Details {
 /// A timestamp as local time, `2025-03-09 03:00:05`; empty when unset.
 pub fn local_time(t: &Option<prost_types::Timestamp>) -> String {
     match t.as_ref().and_then(to_utc) {
-        Some(t) => t.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string(),
+        Some(t) => t
+            .with_timezone(&Local)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string(),
         None => String::new(),
     }
 }
@@ -529,12 +531,9 @@ pub fn schedule_summary(s: &Option<pb::Schedule>) -> String {
             };
             format!("monthly {day} {}", tod(&m.time_of_day))
         }
-        Some(Kind::Yearly(y)) => format!(
-            "yearly {:02}-{:02} {}",
-            y.month,
-            y.day,
-            tod(&y.time_of_day)
-        ),
+        Some(Kind::Yearly(y)) => {
+            format!("yearly {:02}-{:02} {}", y.month, y.day, tod(&y.time_of_day))
+        }
         None => "(none)".into(),
     };
     let wall_clock = !matches!(
@@ -558,9 +557,7 @@ pub fn schedule_summary(s: &Option<pb::Schedule>) -> String {
 /// A `google.protobuf.Struct` as compact JSON; empty when unset or empty.
 pub fn struct_json(s: &Option<prost_types::Struct>) -> String {
     match s {
-        Some(s) if !s.fields.is_empty() => {
-            to_json_named("google.protobuf.Struct", s).to_string()
-        }
+        Some(s) if !s.fields.is_empty() => to_json_named("google.protobuf.Struct", s).to_string(),
         _ => String::new(),
     }
 }
@@ -628,7 +625,10 @@ mod tests {
     fn tables_align_and_colour_only_when_asked() {
         let mut t = Table::new(&["ID", "STATE"]);
         t.row(vec!["a".into(), state_cell(pb::RunState::Failed as i32)]);
-        t.row(vec!["bbbb".into(), state_cell(pb::RunState::Succeeded as i32)]);
+        t.row(vec![
+            "bbbb".into(),
+            state_cell(pb::RunState::Succeeded as i32),
+        ]);
         assert_eq!(
             t.render_with(false),
             "ID    STATE\na     FAILED\nbbbb  SUCCEEDED\n"

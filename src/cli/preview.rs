@@ -10,7 +10,8 @@ use crate::proto::v1 as pb;
 
 /// `sked preview`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Times are shown in the schedule's zone (and UTC). A fire marked \
+#[command(
+    after_help = "Times are shown in the schedule's zone (and UTC). A fire marked \
 `DST gap` asked for a wall-clock time that did not exist that day (spring forward) and moved \
 to the first instant after the gap; `offset` marks the first fire after a change of the zone's \
 UTC offset.
@@ -18,7 +19,8 @@ UTC offset.
 Examples:
   sked preview '30 2 * * *' --tz America/New_York --count 5 --after 2025-03-07
   sked preview --every 90m
-  sked preview --daily 09:00 --tz Europe/Berlin --jitter 5m")]
+  sked preview --daily 09:00 --tz Europe/Berlin --jitter 5m"
+)]
 pub struct Args {
     #[command(flatten)]
     global: GlobalArgs,
@@ -30,7 +32,7 @@ pub struct Args {
     #[arg(long, short = 'n', default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
     count: i32,
     /// Fire times after this time (default now).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     after: Option<String>,
 }
 
@@ -66,7 +68,11 @@ pub async fn run(a: Args) -> Result<i32> {
         .preview_schedule(pb::PreviewScheduleRequest {
             schedule: Some(schedule),
             count: a.count,
-            after: a.after.as_deref().map(|t| input::time("--after", t)).transpose()?,
+            after: a
+                .after
+                .as_deref()
+                .map(|t| input::time("--after", t))
+                .transpose()?,
         })
         .await?
         .into_inner();
@@ -100,7 +106,10 @@ pub async fn run(a: Args) -> Result<i32> {
                 colored(note, color),
             ]);
         }
-        let head = format!("{summary}: next {} fire times in {zone}\n", r.fire_times.len());
+        let head = format!(
+            "{summary}: next {} fire times in {zone}\n",
+            r.fire_times.len()
+        );
         if r.fire_times.is_empty() {
             format!("{summary}: no further fire times\n")
         } else {

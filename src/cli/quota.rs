@@ -10,12 +10,14 @@ use crate::proto::v1 as pb;
 
 /// `sked quota`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "TENANT defaults to --tenant / SKED_TENANT (or a tenant key's own).
+#[command(
+    after_help = "TENANT defaults to --tenant / SKED_TENANT (or a tenant key's own).
 
 Examples:
   sked quota set acme --max-concurrent-runs 2 --max-runs-per-hour 100 --max-bindings 50
   sked quota set acme --max-runs-per-hour unlimited
-  sked quota usage acme")]
+  sked quota usage acme"
+)]
 pub struct Args {
     #[command(flatten)]
     global: GlobalArgs,
@@ -104,7 +106,9 @@ pub async fn run(a: Args) -> Result<i32> {
         } => {
             let tenant = tenant
                 .or_else(|| client.settings.tenant.clone())
-                .ok_or_else(|| Error::Input("name the tenant: `sked quota set TENANT ...`".into()))?;
+                .ok_or_else(|| {
+                    Error::Input("name the tenant: `sked quota set TENANT ...`".into())
+                })?;
             let mut q = client
                 .admin()
                 .get_tenant_quota(pb::GetTenantQuotaRequest {

@@ -61,7 +61,7 @@ enum Cmd {
         #[arg(long = "param", value_name = "KEY=VALUE")]
         param: Vec<String>,
         /// Run no earlier than this time (SCHEDULED until then).
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         at: Option<String>,
         /// The same key for the same binding within 24 h returns the first
         /// run instead of starting another.
@@ -99,10 +99,15 @@ enum Cmd {
         /// Binding id or definition name.
         binding: String,
         /// Start of the range (inclusive), e.g. -6h or 2025-03-09 00:00.
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         from: String,
         /// End of the range (exclusive, not in the future).
-        #[arg(long, value_name = "TIME", default_value = "now")]
+        #[arg(
+            long,
+            value_name = "TIME",
+            default_value = "now",
+            allow_hyphen_values = true
+        )]
         to: String,
         /// Only list the fire times; create nothing.
         #[arg(long)]
@@ -205,7 +210,10 @@ pub async fn run(a: Args) -> Result<i32> {
                 if output::is_terminal(r.state) {
                     format!("run {} {state}\n", r.id)
                 } else {
-                    format!("run {} cancelling ({state} until its node stops it)\n", r.id)
+                    format!(
+                        "run {} cancelling ({state} until its node stops it)\n",
+                        r.id
+                    )
                 }
             })?;
         }
@@ -262,11 +270,7 @@ pub async fn run(a: Args) -> Result<i32> {
                 } else {
                     format!("{} runs created\n", r.run_ids.len())
                 };
-                if n == 0 {
-                    head
-                } else {
-                    head + &t.render()
-                }
+                if n == 0 { head } else { head + &t.render() }
             })?;
         }
     }

@@ -28,12 +28,14 @@ enum Kind {
 
 /// `sked watch`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Events that happen while the stream is being re-established after a \
+#[command(
+    after_help = "Events that happen while the stream is being re-established after a \
 dropped connection are not shown (use `sked tail RUN` for a run's full log).
 
 Examples:
   sked watch --definition nightly --kind state
-  sked watch --json --count 10")]
+  sked watch --json --count 10"
+)]
 pub struct Args {
     #[command(flatten)]
     global: GlobalArgs,
