@@ -98,13 +98,15 @@ pub async fn run(a: Args) -> Result<i32> {
                         e.target.clone().into(),
                     ]);
                 }
-                output::next_page_hint(&r.next_page_token);
                 if t.is_empty() {
                     "No audit events.\n".into()
                 } else {
                     t.render()
                 }
             })?;
+            if format == output::Format::Table {
+                output::next_page_hint(&resp.next_page_token);
+            }
         }
     }
     Ok(EXIT_OK)

@@ -211,13 +211,15 @@ pub async fn run(a: Args) -> Result<i32> {
                         output::local_time(&b.next_run_time).into(),
                     ]);
                 }
-                output::next_page_hint(&r.next_page_token);
                 if t.is_empty() {
                     "No bindings.\n".into()
                 } else {
                     t.render()
                 }
             })?;
+            if format == output::Format::Table {
+                output::next_page_hint(&resp.next_page_token);
+            }
         }
         Cmd::Get { binding } => {
             let id = resolve(&client, &binding).await?;

@@ -42,20 +42,15 @@ pub struct GlobalArgs {
     /// `host:port` (plaintext). Default http://127.0.0.1:50051.
     #[arg(long, env = "SKED_ADDR", global = true, help_heading = "Connection")]
     pub addr: Option<String>,
-    /// API key, sent as `authorization: Bearer <token>`. Visible to `ps` on
-    /// the command line: prefer SKED_TOKEN or --token-file.
-    #[arg(
-        long,
-        env = "SKED_TOKEN",
-        hide_env_values = true,
-        global = true,
-        help_heading = "Connection"
-    )]
+    /// API key, sent as `authorization: Bearer <token>` [env: SKED_TOKEN].
+    /// Visible to `ps` on the command line: prefer SKED_TOKEN or
+    /// --token-file.
+    #[arg(long, global = true, help_heading = "Connection")]
     pub token: Option<String>,
-    /// File holding the API key (surrounding whitespace ignored).
+    /// File holding the API key, surrounding whitespace ignored [env:
+    /// SKED_TOKEN_FILE]. A flag wins over either variable.
     #[arg(
         long,
-        env = "SKED_TOKEN_FILE",
         global = true,
         conflicts_with = "token",
         help_heading = "Connection"
@@ -207,13 +202,30 @@ impl Settings {
         } else {
             format!("http://{addr}")
         };
+        // Flags, then the environment, then the config file; the token and
+        // a token file from the same place are a contradiction.
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let token = match (&g.token, &g.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => Some(read_token(f)?),
-            (None, None) => match (file.token, file.token_file) {
-                (Some(t), _) => Some(t),
-                (None, Some(f)) => Some(read_token(&f)?),
-                (None, None) => None,
+            (None, None) => match (env("SKED_TOKEN"), env("SKED_TOKEN_FILE")) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::Input(
+                        "SKED_TOKEN and SKED_TOKEN_FILE are both set: unset one".into(),
+                    ));
+                }
+                (Some(t), None) => Some(t),
+                (None, Some(f)) => Some(read_token(Path::new(&f))?),
+                (None, None) => match (file.token, file.token_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Input(
+                            "the config file sets both token and token_file".into(),
+                        ));
+                    }
+                    (Some(t), None) => Some(t),
+                    (None, Some(f)) => Some(read_token(&f)?),
+                    (None, None) => None,
+                },
             },
         }
         .filter(|t| !t.is_empty());

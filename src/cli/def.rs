@@ -396,13 +396,15 @@ pub async fn run(a: Args) -> Result<i32> {
                         output::local_time(&d.update_time).into(),
                     ]);
                 }
-                output::next_page_hint(&r.next_page_token);
                 if t.is_empty() {
                     "No definitions.\n".into()
                 } else {
                     t.render()
                 }
             })?;
+            if format == output::Format::Table {
+                output::next_page_hint(&resp.next_page_token);
+            }
         }
         Cmd::Get { name } => {
             let d = client

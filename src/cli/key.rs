@@ -106,13 +106,15 @@ pub async fn run(a: Args) -> Result<i32> {
                         colored(revoked, Some(Color::Yellow)),
                     ]);
                 }
-                output::next_page_hint(&r.next_page_token);
                 if t.is_empty() {
                     "No keys.\n".into()
                 } else {
                     t.render()
                 }
             })?;
+            if format == output::Format::Table {
+                output::next_page_hint(&resp.next_page_token);
+            }
         }
         Cmd::Create {
             name,

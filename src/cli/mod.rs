@@ -6,6 +6,9 @@
 //! params, schedules and message files) and [`follow`] (following a run to
 //! its end, shared by `tail` and `run trigger --wait`).
 //!
+//! Follow-up: `stats` and `status` subcommands once `GetRunStats` and
+//! `GetSchedulerStatus` are in the API (issue 15).
+//!
 //! Nothing here reaches into the server's layers: every command is one or a
 //! few API calls, so what the CLI can do any client can do (grpcurl, the
 //! generated clients of any language).

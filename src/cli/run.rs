@@ -143,13 +143,15 @@ pub async fn run(a: Args) -> Result<i32> {
                 .await?
                 .into_inner();
             print_message(format, &resp, |r| {
-                output::next_page_hint(&r.next_page_token);
                 if r.runs.is_empty() {
                     "No runs.\n".into()
                 } else {
                     runs_table(&r.runs).render()
                 }
             })?;
+            if format == output::Format::Table {
+                output::next_page_hint(&resp.next_page_token);
+            }
         }
         Cmd::Get { run } => {
             let r = client
