@@ -248,7 +248,9 @@ impl Printer {
 }
 
 /// Follows run `run_id` (and, with `opts.retries`, its retries) to its end;
-/// returns the exit code of its outcome.
+/// returns the exit code of its outcome. The caller has reached sked for
+/// the run already (a call that found it), so sked being unreachable from
+/// here on counts as a dropped connection and is retried.
 ///
 /// # Errors
 /// The status of a call sked refused (`NOT_FOUND` for an unknown run), or
@@ -336,14 +338,10 @@ async fn tail_one(
         };
         let mut stream = match client.logs().tail_run(req).await {
             Ok(s) => s.into_inner(),
-            Err(s) if resumable(&s) && broken_since.is_some() => {
-                last_error = Some(s);
-                continue;
-            }
-            Err(s) if resumable(&s) && s.code() == Code::Unavailable => {
-                // Not reachable at all at first: try for a while as well
-                // (a node starting up), then report.
-                broken_since = Some(Instant::now());
+            // The caller has reached sked already (the run exists): a
+            // failure now is a node restarting or a connection dropping.
+            Err(s) if resumable(&s) => {
+                broken_since.get_or_insert_with(Instant::now);
                 last_error = Some(s);
                 continue;
             }

@@ -54,7 +54,14 @@ const TAIL_HELP: &str = concat!(
 pub async fn run(a: Args) -> Result<i32> {
     let client = Client::new(&a.global)?;
     let run_id = match (a.run, a.latest) {
-        (Some(r), _) => r,
+        // Fails fast (exit 7) when sked cannot be reached or has no such run.
+        (Some(r), _) => {
+            client
+                .runs()
+                .get_run(pb::GetRunRequest { run_id: r.clone() })
+                .await?;
+            r
+        }
         (None, Some(b)) => {
             let binding_id = resolve(&client, &b).await?;
             let page = client

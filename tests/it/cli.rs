@@ -732,7 +732,7 @@ async fn tail_exits_with_the_outcome_and_prints_every_line_in_order() {
         .unwrap();
     Sked::new(port)
         .fails(
-            &["tail", &run.id, "--reconnect-for", "1s"],
+            &["tail", &run.id],
             EXIT_UNREACHABLE,
             &["UNAVAILABLE", "could not reach sked"],
         )
