@@ -1,13 +1,28 @@
 //! Wiring: pool, migrations, services, health, reflection, background tasks
 //! and the shutdown order. The only place that spawns long-lived tasks.
 //!
-//! Shutdown order (`docs/operations.md`, "Health and shutdown"): health reports NOT_SERVING → the scheduler and
-//! the executor stop claiming → running runs get `shutdown_grace` to finish →
-//! open streams end → the gRPC server stops → the bridge stops.
+//! Shutdown order (`docs/operations.md`, "Health and shutdown"): health
+//! reports NOT_SERVING → the scheduler and the executor stop claiming, the
+//! node lets its maintenance lease go → running runs get `shutdown_grace` to
+//! finish (the node's heartbeat says it drains) → the node deletes its
+//! heartbeat row → open streams end → the gRPC server stops → the bridge
+//! stops.
+//!
+//! **Engine tasks are supervised** ([`supervise`]): the scheduler, the
+//! executor, the worker hub, the event bridge, the node heartbeat and the
+//! leader election each run in a task of their own; when one ends while
+//! the node is not stopping, or panics, health answers `NOT_SERVING`, the
+//! task is started again after a short pause, and health is `SERVING` again
+//! once it runs. A task that dies more than [`Restarts::max`] times within
+//! [`Restarts::window`] stops the node with [`Error::EngineTask`], and `sked
+//! serve` exits non-zero: a node never answers while it no longer fires.
+//! Health is `SERVING` only while the database answers, every engine task
+//! runs and the node does not drain ([`Health`]).
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -16,9 +31,11 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Election, GaugeSampler, Heartbeat};
 use crate::config::{ListenSecurity, ServeArgs};
 use crate::db;
 use crate::domain::Clock;
+use crate::domain::cluster::NodeLoad;
 use crate::domain::tenancy::Caller;
 use crate::embedded_pg::{self, EmbeddedPg};
 use crate::events::{EventBus, bridge};
@@ -66,6 +83,23 @@ pub enum Error {
     /// A non-loopback listener without TLS and without `--insecure-listen`.
     #[error(transparent)]
     InsecureListen(#[from] crate::config::InsecureListen),
+    /// An engine task died more often than [`Restarts`] allows.
+    #[error(
+        "engine task {task} died {deaths} times within {window:?} (last: {why}); stopping the node"
+    )]
+    EngineTask {
+        /// Which task (`scheduler`, `executor`, ...).
+        task: &'static str,
+        /// How it died last (its panic message, or that it returned).
+        why: String,
+        /// Deaths counted.
+        deaths: usize,
+        /// Within this window.
+        window: Duration,
+    },
+    /// The metrics listener (`--metrics-listen`) could not start.
+    #[error("--metrics-listen: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
 }
 
 /// Everything a node needs once its database URL is known.
@@ -113,6 +147,20 @@ pub struct Settings {
     /// `http` runs: the SSRF guard's allow list (`--http-allow`) and, for
     /// tests, a host table instead of DNS.
     pub http: HttpSettings,
+    /// The maintenance leader's lease (`--leader-lease-secs`): renewed
+    /// every third of it; a dead leader is replaced within it.
+    pub leader_lease: Duration,
+    /// How often the node writes its heartbeat row.
+    pub node_heartbeat: Duration,
+    /// How often health checks that the database answers.
+    pub health_check: Duration,
+    /// Sample the database- and pool-backed gauges (a metrics recorder is
+    /// installed: `--metrics-listen`), every `metrics_sample`.
+    pub metrics: bool,
+    /// Interval of those samples.
+    pub metrics_sample: Duration,
+    /// How engine tasks that die are restarted ([`supervise`]).
+    pub restarts: Restarts,
 }
 
 impl Settings {
@@ -134,6 +182,35 @@ impl Settings {
             clock: Clock::system(),
             tls: None,
             http: HttpSettings::default(),
+            leader_lease: Duration::from_secs(15),
+            node_heartbeat: crate::cluster::Heartbeat::DEFAULT_EVERY,
+            health_check: Duration::from_secs(5),
+            metrics: false,
+            metrics_sample: Duration::from_secs(10),
+            restarts: Restarts::default(),
+        }
+    }
+}
+
+/// How a dead engine task is restarted ([`supervise`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restarts {
+    /// Deaths of one task tolerated within `window`; one more stops the
+    /// node ([`Error::EngineTask`]).
+    pub max: usize,
+    /// The window deaths are counted in.
+    pub window: Duration,
+    /// Pause before the first restart; doubled for each death in the
+    /// window, at most 10 s.
+    pub backoff: Duration,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Restarts {
+            max: 5,
+            window: Duration::from_secs(300),
+            backoff: Duration::from_millis(500),
         }
     }
 }
@@ -229,6 +306,14 @@ async fn serve_with_pool(
     let engine_stop = CancellationToken::new();
     let streams_stop = CancellationToken::new();
     let bridge_stop = CancellationToken::new();
+    // The election stops when draining begins (another node takes over
+    // maintenance at once); the heartbeat once running runs are done.
+    let election_stop = CancellationToken::new();
+    let heartbeat_stop = CancellationToken::new();
+    // A supervisor that gave up on a task: the node stops with its error.
+    let fatal = CancellationToken::new();
+    let fatal_error: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
+    let draining = Arc::new(AtomicBool::new(false));
     let ctx = Ctx {
         core: crate::usecase::Core {
             pool: pool.clone(),
@@ -246,15 +331,52 @@ async fn serve_with_pool(
         )),
     };
 
-    let bridge_task = tokio::spawn(bridge::run(
-        engine_pool.clone(),
-        settings.node_id.clone(),
-        bus.clone(),
-        wakers.clone(),
-        bridge_stop.clone(),
-    ));
-    let scheduler_task = tokio::spawn(
-        Scheduler {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Arc::new(Health::new(reporter));
+    health.update(|_| {}).await;
+    // Supervises `task` (module docs); a supervisor that gives up stops
+    // the node.
+    let supervised = |task: &'static str, stop: CancellationToken, start: TaskStart| {
+        let health = Arc::clone(&health);
+        let fatal = fatal.clone();
+        let fatal_error = Arc::clone(&fatal_error);
+        let restarts = settings.restarts;
+        tokio::spawn(async move {
+            if let Err(e) = supervise(task, &health, &stop, restarts, start).await {
+                tracing::error!(error = %e, "stopping the node: an engine task keeps dying");
+                fatal_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                fatal.cancel();
+            }
+        })
+    };
+
+    let bridge_task = {
+        let (pool, node_id, bus, wakers, stop) = (
+            engine_pool.clone(),
+            settings.node_id.clone(),
+            bus.clone(),
+            wakers.clone(),
+            bridge_stop.clone(),
+        );
+        supervised(
+            "event_bridge",
+            bridge_stop.clone(),
+            Box::new(move || {
+                Box::pin(bridge::run(
+                    pool.clone(),
+                    node_id.clone(),
+                    bus.clone(),
+                    wakers.clone(),
+                    stop.clone(),
+                ))
+            }),
+        )
+    };
+    let scheduler_task = {
+        let scheduler = Scheduler {
             pool: engine_pool.clone(),
             clock: settings.clock.clone(),
             node_id: settings.node_id.clone(),
@@ -265,12 +387,24 @@ async fn serve_with_pool(
             max_sleep: settings.scheduler_max_sleep,
             coalesce: Duration::from_millis(10),
             workers: 2,
-        }
-        .run(engine_stop.clone()),
-    );
-    let hub_task = tokio::spawn(hub.clone().run(engine_stop.clone()));
-    let executor_task = tokio::spawn(
-        Executor {
+        };
+        let stop = engine_stop.clone();
+        supervised(
+            "scheduler",
+            engine_stop.clone(),
+            Box::new(move || Box::pin(scheduler.clone().run(stop.clone()))),
+        )
+    };
+    let hub_task = {
+        let (hub, stop) = (hub.clone(), engine_stop.clone());
+        supervised(
+            "worker_hub",
+            engine_stop.clone(),
+            Box::new(move || Box::pin(hub.clone().run(stop.clone()))),
+        )
+    };
+    let executor_task = {
+        let executor = Executor {
             pool: engine_pool.clone(),
             clock: settings.clock.clone(),
             node_id: settings.node_id.clone(),
@@ -278,41 +412,128 @@ async fn serve_with_pool(
             wake: Arc::clone(&wakers.executor),
             timer: Arc::clone(&wakers.executor_timer),
             workers_wake: Arc::clone(&wakers.workers),
-            running,
+            running: running.clone(),
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,
             kill_grace: settings.kill_grace,
             http,
             poll: settings.claim_poll,
             shutdown_grace: settings.shutdown_grace,
-        }
-        .run(engine_stop.clone()),
+        };
+        let stop = engine_stop.clone();
+        supervised(
+            "executor",
+            engine_stop.clone(),
+            Box::new(move || {
+                // Runs of a dead executor died with its task: let their
+                // leases lapse (reaped node_lost, retried per policy)
+                // rather than renew them for nothing.
+                let abandoned = executor.running.abandon_all();
+                if abandoned > 0 {
+                    tracing::warn!(
+                        abandoned,
+                        "runs of the dead executor are left to the reaper"
+                    );
+                }
+                Box::pin(executor.clone().run(stop.clone()))
+            }),
+        )
+    };
+    let (election, leadership) = Election::new(
+        engine_pool.clone(),
+        settings.node_id.clone(),
+        settings.leader_lease,
     );
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
+    let election_task = {
+        let (election, stop) = (Arc::new(election), election_stop.clone());
+        supervised(
+            "leader_election",
+            election_stop.clone(),
+            Box::new(move || {
+                let (election, stop) = (Arc::clone(&election), stop.clone());
+                Box::pin(async move { election.run(stop).await })
+            }),
+        )
+    };
+    let heartbeat_task = {
+        let load = {
+            let (running, hub, bus, draining) = (
+                running.clone(),
+                hub.clone(),
+                bus.clone(),
+                Arc::clone(&draining),
+            );
+            Arc::new(move || NodeLoad {
+                running_runs: u32::try_from(running.len() + hub.held_runs()).unwrap_or(u32::MAX),
+                stream_subscribers: u32::try_from(bus.subscribers()).unwrap_or(u32::MAX),
+                draining: draining.load(Ordering::Relaxed),
+            })
+        };
+        let heartbeat = Arc::new(Heartbeat {
+            pool: engine_pool.clone(),
+            node_id: settings.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            start_time: settings.clock.now(),
+            every: settings.node_heartbeat,
+            load,
+            leadership: leadership.clone(),
+        });
+        let stop = heartbeat_stop.clone();
+        supervised(
+            "node_heartbeat",
+            heartbeat_stop.clone(),
+            Box::new(move || {
+                let (heartbeat, stop) = (Arc::clone(&heartbeat), stop.clone());
+                Box::pin(async move { heartbeat.run(stop).await })
+            }),
+        )
+    };
+    // Gauges that need the database or the pools; only with a recorder.
+    let sampler_task = settings.metrics.then(|| {
+        let sampler = GaugeSampler {
+            engine_pool: engine_pool.clone(),
+            api_pool: pool.clone(),
+            clock: settings.clock.clone(),
+            every: settings.metrics_sample,
+        };
+        let stop = engine_stop.clone();
+        tokio::spawn(async move { sampler.run(stop).await })
+    });
     let health_task = tokio::spawn(watch_database(
         engine_pool.clone(),
-        health.clone(),
+        Arc::clone(&health),
         engine_stop.clone(),
+        settings.health_check,
     ));
 
     let reflection_v1 = reflection_builder().build_v1()?;
     let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     let drain = {
-        let health = health.clone();
+        let health = Arc::clone(&health);
         let engine_stop = engine_stop.clone();
         let streams_stop = streams_stop.clone();
+        let fatal = fatal.clone();
         async move {
-            shutdown.await;
+            tokio::select! {
+                _ = shutdown => {}
+                _ = fatal.cancelled() => {}
+            }
             tracing::info!("shutting down: NOT_SERVING, draining runs");
-            set_health(&health, false).await;
+            draining.store(true, Ordering::Relaxed);
+            health.update(|s| s.draining = true).await;
             engine_stop.cancel();
+            election_stop.cancel();
             let _ = scheduler_task.await;
             let _ = executor_task.await;
             let _ = hub_task.await;
             let _ = health_task.await;
+            let _ = election_task.await;
+            if let Some(t) = sampler_task {
+                let _ = t.await;
+            }
+            heartbeat_stop.cancel();
+            let _ = heartbeat_task.await;
             streams_stop.cancel();
         }
     };
@@ -383,7 +604,11 @@ async fn serve_with_pool(
     pool.close().await;
     engine_pool.close().await;
     tracing::info!("node stopped");
-    Ok(result?)
+    let died = fatal_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match died {
+        Some(e) => Err(e),
+        None => Ok(result?),
+    }
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
@@ -414,26 +639,180 @@ async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
     }
 }
 
-/// Reports NOT_SERVING while the database does not answer.
+/// What health depends on: `SERVING` only while the database answers,
+/// every engine task runs and the node does not drain.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    /// The last database check failed.
+    pub database_down: bool,
+    /// Engine tasks that died and are not running again yet.
+    pub dead: std::collections::BTreeSet<&'static str>,
+    /// The node shuts down.
+    pub draining: bool,
+    /// What was reported last (`None`: nothing yet).
+    reported: Option<bool>,
+}
+
+impl HealthState {
+    /// Whether the node serves.
+    pub fn serving(&self) -> bool {
+        !self.database_down && self.dead.is_empty() && !self.draining
+    }
+}
+
+/// The node's health: one state, reported to tonic-health whenever the
+/// verdict changes (updates are serialised, so reports never go out of
+/// order).
+#[derive(Debug)]
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    state: tokio::sync::Mutex<HealthState>,
+}
+
+impl Health {
+    /// Health reported through `reporter`.
+    pub fn new(reporter: tonic_health::server::HealthReporter) -> Health {
+        Health {
+            reporter,
+            state: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Changes the state with `f` and reports the verdict if it changed.
+    pub async fn update(&self, f: impl FnOnce(&mut HealthState)) {
+        let mut s = self.state.lock().await;
+        f(&mut s);
+        let serving = s.serving();
+        if s.reported != Some(serving) {
+            if s.reported.is_some() {
+                tracing::warn!(
+                    serving,
+                    database_down = s.database_down,
+                    dead = ?s.dead,
+                    draining = s.draining,
+                    "health changed"
+                );
+            }
+            s.reported = Some(serving);
+            set_health(&self.reporter, serving).await;
+            ::metrics::gauge!(crate::telemetry::metrics::HEALTH_SERVING).set(if serving {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    /// Whether the node serves now.
+    pub async fn serving(&self) -> bool {
+        self.state.lock().await.serving()
+    }
+}
+
+/// Reports NOT_SERVING while the database does not answer (checked every
+/// `every`, each check given at most 3 s).
 async fn watch_database(
     pool: PgPool,
-    health: tonic_health::server::HealthReporter,
+    health: Arc<Health>,
     stop: CancellationToken,
+    every: Duration,
 ) {
-    let mut serving = true;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
         let ok = tokio::time::timeout(Duration::from_secs(3), db::ping(&pool))
             .await
             .is_ok_and(|r| r.is_ok());
-        if ok != serving && !stop.is_cancelled() {
-            tracing::warn!(database_ok = ok, "database health changed");
-            set_health(&health, ok).await;
-            serving = ok;
+        if stop.is_cancelled() {
+            return;
         }
+        health.update(|s| s.database_down = !ok).await;
+    }
+}
+
+/// Starts one incarnation of an engine task.
+pub type TaskStart = Box<dyn FnMut() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Runs the engine task `task` (a new incarnation from `start` each time)
+/// until `stop`: when it ends before `stop`, or panics, health turns
+/// `NOT_SERVING` ([`HealthState::dead`]), and after a pause (`restarts`)
+/// it is started again and health recovers. Returns once the task ended
+/// after `stop`.
+///
+/// # Errors
+/// [`Error::EngineTask`] when the task died more than `restarts.max` times
+/// within `restarts.window` (the caller stops the node).
+pub async fn supervise(
+    task: &'static str,
+    health: &Health,
+    stop: &CancellationToken,
+    restarts: Restarts,
+    mut start: TaskStart,
+) -> Result<(), Error> {
+    let mut deaths: std::collections::VecDeque<tokio::time::Instant> = Default::default();
+    loop {
+        let ended = tokio::spawn(start()).await;
+        if stop.is_cancelled() {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                tracing::error!(task, error = %e, "engine task panicked while stopping");
+            }
+            return Ok(());
+        }
+        let why = match ended {
+            Ok(()) => "it returned".to_string(),
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let text = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                format!("panicked: {text}")
+            }
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(task, %why, "engine task died; NOT_SERVING until it runs again");
+        ::metrics::counter!(crate::telemetry::metrics::ENGINE_RESTARTS, "task" => task)
+            .increment(1);
+        health
+            .update(|s| {
+                s.dead.insert(task);
+            })
+            .await;
+        let now = tokio::time::Instant::now();
+        deaths.push_back(now);
+        while deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > restarts.window)
+        {
+            deaths.pop_front();
+        }
+        if deaths.len() > restarts.max {
+            return Err(Error::EngineTask {
+                task,
+                why,
+                deaths: deaths.len(),
+                window: restarts.window,
+            });
+        }
+        let pause = restarts
+            .backoff
+            .saturating_mul(1 << (deaths.len() - 1).min(5))
+            .min(Duration::from_secs(10));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        tracing::warn!(task, "restarting engine task");
+        health
+            .update(|s| {
+                s.dead.remove(task);
+            })
+            .await;
     }
 }
 
@@ -491,6 +870,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.tenant_changes_per_sec = args.tenant_changes_per_sec;
     settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;
     settings.tls = tls;
+    settings.leader_lease = Duration::from_secs(args.leader_lease_secs);
     settings.http.allow =
         crate::domain::HttpAllow::parse(&args.http_allow).map_err(Error::HttpAllow)?;
     if !settings.http.allow.0.is_empty() {
@@ -501,6 +881,22 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.auth =
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
+    // Metrics: the recorder is process-global, so it is installed here (one
+    // node per process), not in `serve`, which tests run many times.
+    let exporter = match args.metrics_listen {
+        Some(addr) => {
+            crate::telemetry::metrics::set_tenant_label(args.metrics_tenant_label);
+            let exporter = crate::telemetry::install_metrics(addr)?;
+            settings.metrics = true;
+            tracing::info!(%addr, tenant_label = args.metrics_tenant_label, "serving Prometheus metrics on /metrics");
+            Some(tokio::spawn(async move {
+                if let Err(e) = exporter.await {
+                    tracing::error!(error = ?e, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     // The private database is restarted should it die under the node.
     let embedded = embedded.map(Arc::new);
     let supervise_stop = CancellationToken::new();
@@ -509,6 +905,9 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
         tokio::spawn(async move { pg.supervise(Duration::from_secs(1), stop).await })
     });
     let result = serve(settings, listener, shutdown_signal()).await;
+    if let Some(exporter) = exporter {
+        exporter.abort();
+    }
     supervise_stop.cancel();
     if let Some(s) = supervisor {
         let _ = s.await;
@@ -604,5 +1003,125 @@ struct LocalHeld {
 impl bridge::LocalRuns for LocalHeld {
     fn cancel(&self, id: uuid::Uuid, reason: &str) -> bool {
         self.executor.cancel(id, reason) || self.workers.cancel(id, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn quick(max: usize) -> Restarts {
+        Restarts {
+            max,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_millis(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicked_task_is_restarted_and_health_recovers() {
+        let (reporter, _service) = tonic_health::server::health_reporter();
+        let health = Arc::new(Health::new(reporter));
+        health.update(|_| {}).await;
+        assert!(health.serving().await, "SERVING at start");
+        let starts = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        // Dies the first time; the second incarnation runs until stopped.
+        let (release, released) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let start: TaskStart = {
+            let (starts, stop, release, released) = (
+                Arc::clone(&starts),
+                stop.clone(),
+                Arc::clone(&release),
+                Arc::clone(&released),
+            );
+            Box::new(move || {
+                let n = starts.fetch_add(1, Ordering::SeqCst);
+                let (stop, release, released) =
+                    (stop.clone(), Arc::clone(&release), Arc::clone(&released));
+                Box::pin(async move {
+                    if n == 0 {
+                        // The backoff keeps it dead long enough to be seen.
+                        panic!("boom");
+                    }
+                    released.store(true, Ordering::SeqCst);
+                    release.notify_one();
+                    stop.cancelled().await;
+                })
+            })
+        };
+        let sup = {
+            let (health, stop) = (Arc::clone(&health), stop.clone());
+            let restarts = Restarts {
+                backoff: Duration::from_millis(300),
+                ..quick(3)
+            };
+            tokio::spawn(async move { supervise("test", &health, &stop, restarts, start).await })
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while health.serving().await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("NOT_SERVING while the task is dead");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !released.load(Ordering::SeqCst) {
+                release.notified().await;
+            }
+        })
+        .await
+        .expect("restarted");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !health.serving().await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("SERVING again once it runs");
+        stop.cancel();
+        sup.await.unwrap().expect("a clean stop");
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_keeps_dying_stops_the_node() {
+        let (reporter, _service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter);
+        let stop = CancellationToken::new();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let start: TaskStart = {
+            let starts = Arc::clone(&starts);
+            Box::new(move || {
+                starts.fetch_add(1, Ordering::SeqCst);
+                // Returning before `stop` is dying too.
+                Box::pin(async {})
+            })
+        };
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            supervise("scheduler", &health, &stop, quick(2), start),
+        )
+        .await
+        .expect("gives up")
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::EngineTask {
+                    task: "scheduler",
+                    deaths: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(starts.load(Ordering::SeqCst), 3);
+        assert!(!health.serving().await);
     }
 }

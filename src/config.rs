@@ -28,7 +28,7 @@ pub enum LogFormat {
 }
 
 /// Subcommands.
-// Parsed once per process: the size of the flag structs does not matter.
+// Parsed once per process: the size of `serve`'s arguments costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -139,6 +139,22 @@ pub struct ServeArgs {
     /// against every resolved address. Empty: only public addresses.
     #[arg(long, env = "SKED_HTTP_ALLOW", default_value = "")]
     pub http_allow: String,
+    /// Serve Prometheus metrics (text format, `GET /metrics`) on this
+    /// address, e.g. `0.0.0.0:9464`. Unset: no metrics listener (the
+    /// default). The endpoint has no authentication: bind it where only
+    /// your scraper reaches it.
+    #[arg(long, env = "SKED_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Label the per-run metrics (fires, finished runs, fire lag, run
+    /// duration) with the tenant: one series per tenant, so only where
+    /// tenants are few.
+    #[arg(long, env = "SKED_METRICS_TENANT_LABEL")]
+    pub metrics_tenant_label: bool,
+    /// Seconds of the maintenance leader's lease, 1 to 3600: the leader
+    /// renews it every third of it; when the leader dies another node
+    /// takes over within this long.
+    #[arg(long, env = "SKED_LEADER_LEASE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub leader_lease_secs: u64,
 }
 
 /// How the gRPC listener is protected; see [`listen_security`].
@@ -265,6 +281,33 @@ mod tests {
             parse(&["--http-allow", "127.0.0.0/8,10.1.0.0/16"]),
             "127.0.0.0/8,10.1.0.0/16"
         );
+    }
+
+    #[test]
+    fn metrics_and_leader_flags_default_off_and_parse() {
+        let parse = |extra: &[&str]| {
+            let argv = ["sked", "serve"].iter().chain(extra);
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("serve")
+            };
+            args
+        };
+        let d = parse(&[]);
+        assert_eq!(d.metrics_listen, None);
+        assert!(!d.metrics_tenant_label);
+        assert_eq!(d.leader_lease_secs, 15);
+        let a = parse(&[
+            "--metrics-listen",
+            "127.0.0.1:9464",
+            "--metrics-tenant-label",
+            "--leader-lease-secs",
+            "2",
+        ]);
+        assert_eq!(a.metrics_listen, Some(addr("127.0.0.1:9464")));
+        assert!(a.metrics_tenant_label);
+        assert_eq!(a.leader_lease_secs, 2);
+        let argv = ["sked", "serve", "--leader-lease-secs", "0"];
+        assert!(Cli::try_parse_from(argv).is_err(), "a lease of 0 s");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! $expected`, so a late writer can never overwrite a terminal run.
 
 pub mod bindings;
+pub mod cluster;
 pub mod definitions;
 pub mod events;
 pub mod notify;

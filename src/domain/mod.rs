@@ -3,6 +3,7 @@
 //! every rule can be unit-tested in isolation.
 
 pub mod clock;
+pub mod cluster;
 pub mod http;
 pub mod misfire;
 pub mod policy;

@@ -167,7 +167,7 @@ async fn listen(
             }
         }
         if !ranges.is_empty() && bus.has_subscribers() {
-            bus.publish(db::events::event_fetch_ranges(pool, &ranges).await?);
+            bus.republish(db::events::event_fetch_ranges(pool, &ranges).await?);
         }
     }
 }

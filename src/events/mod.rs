@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use crate::domain::RunEvent;
+use crate::telemetry::metrics;
 
 /// Batches buffered per node before a slow subscriber lags (then it is
 /// re-fed from the database or told how many events it missed). With
@@ -72,12 +73,24 @@ impl EventBus {
             next: Arc::new(Mutex::new(0)),
         }
     }
-    /// Publishes already-persisted events, in order, in batches of at most
-    /// [`MAX_BATCH`].
+    /// Publishes already-persisted events this node wrote, in order, in
+    /// batches of at most [`MAX_BATCH`]. They are counted in the metrics
+    /// (published, and runs by final state: [`metrics::published`]).
     pub fn publish(&self, events: impl IntoIterator<Item = RunEvent>) {
+        self.publish_from(events, true);
+    }
+
+    /// [`EventBus::publish`] for events another node wrote (the bridge):
+    /// counted as published, not as this node's runs.
+    pub fn republish(&self, events: impl IntoIterator<Item = RunEvent>) {
+        self.publish_from(events, false);
+    }
+
+    fn publish_from(&self, events: impl IntoIterator<Item = RunEvent>, local: bool) {
         let mut events = events.into_iter().map(Arc::new).peekable();
         while events.peek().is_some() {
             let chunk: Vec<Arc<RunEvent>> = events.by_ref().take(MAX_BATCH).collect();
+            metrics::published(&chunk, local);
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let batch = Batch {
                 first: *next,

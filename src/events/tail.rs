@@ -237,8 +237,11 @@ pub async fn watch_events(
             _ = stop.cancelled() => return,
         };
         let missed = batch.first.saturating_sub(expected);
-        if missed > 0 && out.send(WatchItem::Missed(missed)).await.is_err() {
-            return;
+        if missed > 0 {
+            crate::telemetry::metrics::events_dropped(missed);
+            if out.send(WatchItem::Missed(missed)).await.is_err() {
+                return;
+            }
         }
         expected = batch.end();
         for e in batch.events.iter().filter(|e| filter.matches(e)) {

@@ -78,6 +78,7 @@ use crate::db::{
 use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunReason, RunState};
 use crate::events::EventBus;
 use crate::events::bridge::LocalRuns;
+use crate::telemetry::metrics;
 
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
@@ -138,6 +139,27 @@ impl RunningRuns {
     }
     fn ids(&self) -> Vec<Uuid> {
         self.lock().keys().copied().collect()
+    }
+    /// How many runs execute here now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    /// Whether none does.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+    /// Forgets every run: after the executor's task died, its runs' tasks
+    /// are gone with it, and their leases must lapse (the reaper ends them
+    /// `node_lost` and retries them per policy) instead of being renewed by
+    /// the restarted executor's heartbeat. Returns how many were forgotten.
+    pub fn abandon_all(&self) -> usize {
+        let mut map = self.lock();
+        for s in map.values() {
+            s.stop(StopReason::LeaseLost);
+        }
+        let n = map.len();
+        map.clear();
+        n
     }
     /// Stops run `id` if it executes here; returns whether it does.
     pub fn stop(&self, id: Uuid, why: StopReason) -> bool {
@@ -393,9 +415,11 @@ impl Executor {
         limit: usize,
         excluded: &[String],
     ) -> Result<Vec<(Run, Stop)>, db::Error> {
+        let started = std::time::Instant::now();
         let claimed = self
             .claim_kind(limit, ClaimKind::ToExecute, excluded)
             .await?;
+        metrics::claimed("execute", started.elapsed(), claimed.iter().map(|c| &c.run));
         let mut runs = Vec::with_capacity(claimed.len());
         for db::runs::Claimed { run, events, .. } in claimed {
             self.bus.publish(events);
@@ -410,7 +434,9 @@ impl Executor {
     /// many.
     async fn complete_events(&self) -> Result<usize, db::Error> {
         // They hold no slot, so no tenant's share limits them.
+        let started = std::time::Instant::now();
         let done = self.claim_kind(EVENT_BATCH, ClaimKind::Event, &[]).await?;
+        metrics::claimed("event", started.elapsed(), done.iter().map(|c| &c.run));
         let n = done.len();
         if n > 0 {
             tracing::debug!(runs = n, "event runs completed");
@@ -486,6 +512,7 @@ impl Executor {
         let mut events: Vec<_> = reaped.iter().map(|(_, e)| e.clone()).collect();
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &retries, now).await?);
         tx.commit().await?;
+        metrics::run_durations(reaped.iter().map(|(run, _)| run));
         for (run, _) in &reaped {
             tracing::warn!(run = %run.id, node = ?run.node_id, state = run.state.as_str(),
                 reason = ?run.reason, "run ended by the reaper (lease expired, or no worker took it)");
@@ -610,11 +637,12 @@ impl Executor {
                         .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
                 }
                 tx.commit().await?;
-                Ok::<_, db::Error>(Some(events))
+                Ok::<_, db::Error>(Some((events, ended)))
             }
             .await;
             match r {
-                Ok(Some(events)) => {
+                Ok(Some((events, ended))) => {
+                    metrics::run_durations([&ended]);
                     tracing::info!(state = state.as_str(), reason = %outcome.reason, retry = events.len() > 1, "run finished");
                     self.bus.publish(events);
                     return;

@@ -1,6 +1,7 @@
 //! `sked.v1.AdminService`: tenant quotas and their usage, API keys, the
-//! audit log. Parses requests, calls [`usecase::tenancy`](tenancy),
-//! converts the results.
+//! audit log, the scheduler's status. Parses requests, calls
+//! [`usecase::tenancy`](tenancy) or [`usecase::status`](status), converts
+//! the results.
 
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -9,11 +10,12 @@ use super::auth::{Caller, call_tenant};
 use super::authz::{Grant, grant};
 use super::convert::{json_to_struct, time_from, time_to};
 use super::{Ctx, invalid, page_size, parse_uuid};
+use crate::domain::cluster::SchedulerStatus;
 use crate::domain::tenancy::{ApiKey, AuditEvent, Quota, QuotaHealth, QuotaUsage};
 use crate::domain::{FieldViolation, Role, validate_tenant_id};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
-use crate::usecase::{Actor, Page, tenancy};
+use crate::usecase::{Actor, Page, status, tenancy};
 
 /// Implements `AdminService`.
 #[derive(Debug, Clone)]
@@ -139,8 +141,69 @@ fn usage_to(tenant: &str, u: &QuotaUsage) -> pb::QuotaUsage {
     }
 }
 
+/// Seconds (≥ 0) → Duration, at microsecond precision.
+fn secs_to_duration(secs: f64) -> prost_types::Duration {
+    let micros = (secs.max(0.0) * 1e6).round().min(i64::MAX as f64) as i64;
+    prost_types::Duration {
+        seconds: micros / 1_000_000,
+        nanos: ((micros % 1_000_000) * 1000) as i32,
+    }
+}
+
+fn status_to(s: &SchedulerStatus) -> pb::SchedulerStatus {
+    let leader = s.leader.as_ref();
+    let leading = leader.filter(|l| !l.expired).map(|l| l.node_id.as_str());
+    pb::SchedulerStatus {
+        node_id: s.node_id.clone(),
+        time: Some(time_to(s.time)),
+        nodes: s
+            .nodes
+            .iter()
+            .map(|n| pb::SchedulerNode {
+                node_id: n.node_id.clone(),
+                version: n.version.clone(),
+                start_time: Some(time_to(n.start_time)),
+                heartbeat_time: Some(time_to(n.heartbeat_time)),
+                running_runs: i64::from(n.load.running_runs),
+                draining: n.load.draining,
+                stale: n.stale,
+                leader: leading == Some(n.node_id.as_str()),
+                stream_subscribers: i64::from(n.load.stream_subscribers),
+            })
+            .collect(),
+        leader_node_id: leading.unwrap_or_default().to_string(),
+        leader_term: leader.map_or(0, |l| l.term),
+        leader_lease_expire_time: leader
+            .filter(|l| !l.expired)
+            .map(|l| time_to(l.expire_time)),
+        scheduled_runs: s.counts.scheduled,
+        queued_runs: s.counts.queued,
+        running_runs: s.counts.running,
+        oldest_queued_age: s
+            .counts
+            .oldest_queued_due
+            .map(|t| secs_to_duration((s.time - t).num_microseconds().unwrap_or(0) as f64 / 1e6)),
+        fire_lag: Some(pb::FireLag {
+            runs: s.fire_lag.runs,
+            p50: s.fire_lag.p50_secs.map(secs_to_duration),
+            p99: s.fire_lag.p99_secs.map(secs_to_duration),
+            max: s.fire_lag.max_secs.map(secs_to_duration),
+        }),
+        stream_subscribers: i64::from(s.stream_subscribers),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn get_scheduler_status(
+        &self,
+        req: Request<pb::GetSchedulerStatusRequest>,
+    ) -> Result<Response<pb::SchedulerStatus>, Status> {
+        grant(&req)?;
+        let s = status::scheduler_status(&self.0.core).await?;
+        Ok(Response::new(status_to(&s)))
+    }
+
     async fn get_tenant_quota(
         &self,
         req: Request<pb::GetTenantQuotaRequest>,

@@ -157,6 +157,8 @@ pub const RULES: &[Rule] = &[
     rule("/sked.v1.AdminService/RevokeApiKey", Admin, Key),
     rule("/sked.v1.AdminService/ListApiKeys", Admin, Key),
     rule("/sked.v1.AdminService/ListAuditEvents", Admin, Key),
+    // The scheduler's status spans every tenant: platform admins only.
+    rule("/sked.v1.AdminService/GetSchedulerStatus", Admin, Platform),
     // Workers: worker keys (and admin keys) only. A tenant key's worker
     // gets its own tenant's runs; a platform key's every tenant's, or the
     // one named by `x-tenant-id` (resolved in the use case).

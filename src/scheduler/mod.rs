@@ -23,6 +23,10 @@
 //! [`Scheduler::max_sleep`] (the poll fallback for lost notifications) — no
 //! fixed one-minute polling.
 //!
+//! Metrics: each committed pass records its duration, its fires by
+//! outcome and the fire lag of the `event` runs it completed
+//! ([`metrics::scheduler_pass`]); a failed pass records nothing.
+//!
 //! Failure handling: a failed pass rolls back (nothing fired, nothing
 //! advanced) and is retried after a short pause; a crash mid-pass leaves the
 //! bindings due, and another node (or this one on restart) fires them.
@@ -53,6 +57,7 @@ use crate::domain::{
     plan_fires,
 };
 use crate::events::EventBus;
+use crate::telemetry::metrics;
 
 /// The firing loop of one node.
 #[derive(Debug, Clone)]
@@ -175,11 +180,13 @@ impl Scheduler {
     /// # Errors
     /// [`db::Error`] when the transaction fails; nothing is fired then.
     pub async fn fire_due(&self) -> Result<usize, db::Error> {
+        let started = std::time::Instant::now();
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
         let (mut due, mut broken) =
             db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
         if due.is_empty() && broken.is_empty() {
+            metrics::scheduler_pass(started.elapsed(), [], now);
             return Ok(0);
         }
         let locked = due.len() + broken.len();
@@ -329,6 +336,21 @@ impl Scheduler {
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
+        // A fire whose run existed already was not inserted (and has no
+        // events): count only the runs this pass created, i.e. those whose
+        // first event (seq 1) it wrote.
+        let created = events.iter().filter(|e| e.seq == 1).count();
+        if created == runs.len() {
+            metrics::scheduler_pass(started.elapsed(), &runs, now);
+        } else {
+            let ids: std::collections::HashSet<Uuid> = events
+                .iter()
+                .filter(|e| e.seq == 1)
+                .map(|e| e.run_id)
+                .collect();
+            let inserted = runs.iter().filter(|r| ids.contains(&r.id));
+            metrics::scheduler_pass(started.elapsed(), inserted, now);
+        }
         tracing::debug!(
             due = due.len(),
             broken = broken.len(),

@@ -1,6 +1,6 @@
 //! Use cases: what sked does for a caller, whoever the caller is — the gRPC
 //! services, the `sked` CLI, later a console or a worker protocol. One
-//! module per resource ([`definitions`], [`bindings`], [`runs`],
+//! module per resource ([`definitions`], [`bindings`], [`runs`], [`status`],
 //! [`tenancy`]); each function owns its transaction, the checks beyond a
 //! request's shape (existence, health, etag, quotas, idempotency), the
 //! audit event and run creation, and publishes what it committed.
@@ -14,6 +14,7 @@ pub mod audit;
 pub mod bindings;
 pub mod definitions;
 pub mod runs;
+pub mod status;
 pub mod tenancy;
 pub mod workers;
 

@@ -42,6 +42,7 @@ use crate::domain::{
     EventBody, FieldViolation, Handler, LogStream, NewRun, Run, RunReason, RunState,
 };
 use crate::events::bridge::LocalRuns;
+use crate::telemetry::metrics;
 
 /// Longest the dispatch loop sleeps without a wake-up.
 pub const DISPATCH_POLL: Duration = Duration::from_secs(1);
@@ -220,6 +221,12 @@ impl Hub {
             wake: Arc::default(),
             state: Mutex::default(),
         }))
+    }
+
+    /// Runs held by the worker streams connected here (the node's share of
+    /// `running_runs` in its heartbeat).
+    pub fn held_runs(&self) -> usize {
+        self.state().by_run.len()
     }
 
     /// Wakes the dispatch loop (runs queued, slots freed).
@@ -451,7 +458,9 @@ impl Hub {
                 ClaimKind::Worker { worker_names, .. } => worker_names.clone(),
                 _ => Vec::new(),
             };
+            let started = std::time::Instant::now();
             let claimed = self.claim(kind, slots.len()).await?;
+            metrics::claimed("worker", started.elapsed(), claimed.iter().map(|c| &c.run));
             if claimed.is_empty() {
                 continue;
             }
@@ -1008,6 +1017,12 @@ async fn complete_batch(
         let mut events = Vec::with_capacity(done.len());
         for c in done {
             out.insert(c.token, Ok(()));
+            metrics::run_duration(
+                RunState::Succeeded,
+                &c.event.tenant_id,
+                c.start_time,
+                Some(c.event.time),
+            );
             events.push(c.event);
         }
         core.bus.publish(events);
@@ -1087,6 +1102,7 @@ async fn finish(
         );
     }
     super::commit(tx, &target).await?;
+    metrics::run_durations([&ended]);
     tracing::info!(run = %id, state = state.as_str(), reason = %outcome.reason,
         retry = events.len() > 1, "worker run finished");
     core.bus.publish(events);

@@ -1706,6 +1706,13 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             false,
             pb::ListAuditEventsRequest::default(),
         ),
+        rpc(
+            "/sked.v1.AdminService/GetSchedulerStatus",
+            Admin,
+            true,
+            false,
+            pb::GetSchedulerStatusRequest::default(),
+        ),
         // Workers: worker keys and admins only (no viewer or operator).
         rpc(
             "/sked.v1.WorkerService/Work",

@@ -20,6 +20,7 @@ mod hostile;
 mod http;
 mod misfire;
 mod nodes;
+mod ops;
 mod probe;
 mod progress;
 mod python;

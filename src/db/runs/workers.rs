@@ -41,6 +41,8 @@ pub struct Completed {
     pub token: Uuid,
     /// The run's `RUNNING → SUCCEEDED` event.
     pub event: RunEvent,
+    /// When the run started (its duration ends at the event's time).
+    pub start_time: Option<DateTime<Utc>>,
 }
 
 /// Ends `SUCCEEDED`, with their results, the `RUNNING` worker runs whose
@@ -88,14 +90,14 @@ pub async fn run_complete_by_leases(
                                last_seq = r.last_seq + 1
              FROM l WHERE r.id = l.id
              RETURNING r.id, r.lease_token, r.tenant_id, r.binding_id, r.definition, r.last_seq,
-                       r.end_time, r.overlap_policy),
+                       r.start_time, r.end_time, r.overlap_policy),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT f.id, f.last_seq, f.end_time, f.tenant_id, f.binding_id, f.definition, 'state_changed', $5
              FROM f RETURNING run_id)
            SELECT id AS "id!", lease_token AS "lease_token!", tenant_id AS "tenant_id!",
                   binding_id AS "binding_id!", definition AS "definition!", last_seq AS "last_seq!",
-                  end_time AS "end_time!", overlap_policy AS "overlap_policy!" FROM f"#,
+                  start_time, end_time AS "end_time!", overlap_policy AS "overlap_policy!" FROM f"#,
         tokens,
         results as &[Option<String>],
         tenant,
@@ -111,6 +113,7 @@ pub async fn run_complete_by_leases(
             wake |= r.overlap_policy != crate::domain::OverlapPolicy::Allow.as_str();
             Completed {
                 token: r.lease_token,
+                start_time: r.start_time,
                 event: RunEvent {
                     run_id: r.id,
                     seq: r.last_seq,
