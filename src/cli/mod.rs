@@ -1,13 +1,13 @@
 //! The `sked` client subcommands: a gRPC client of a sked node like any
-//! other (`def`, `binding`, `run`, `tail`, `watch`, `preview`, `quota`,
-//! `key`, `audit`, `completions`). One file per resource; shared pieces:
+//! other (`def`, `binding`, `run`, `tail`, `watch`, `preview`, `status`,
+//! `quota`, `key`, `audit`, `completions`). One file per resource; shared pieces:
 //! [`connect`] (address, API key, tenant, TLS, the config file),
 //! [`output`] (tables, `-o json|yaml`), [`input`] (durations, times,
 //! params, schedules and message files) and [`follow`] (following a run to
 //! its end, shared by `tail` and `run trigger --wait`).
 //!
-//! Follow-up: `stats` and `status` subcommands once `GetRunStats` and
-//! `GetSchedulerStatus` are in the API (issue 15).
+//! Follow-up: a `stats` subcommand once `GetRunStats` is in the API
+//! (issue 15).
 //!
 //! Nothing here reaches into the server's layers: every command is one or a
 //! few API calls, so what the CLI can do any client can do (grpcurl, the
@@ -37,6 +37,7 @@ pub mod output;
 pub mod preview;
 pub mod quota;
 pub mod run;
+pub mod status;
 pub mod tail;
 pub mod watch;
 
@@ -87,6 +88,8 @@ pub enum Command {
     Watch(watch::Args),
     /// Preview a schedule's next fire times (DST shifts marked).
     Preview(preview::Args),
+    /// The scheduler's health: nodes, leader, backlog, fire lag.
+    Status(status::Args),
     /// Tenant quotas and their use.
     Quota(quota::Args),
     /// API keys: list, create, revoke.
@@ -227,6 +230,7 @@ pub async fn run(cmd: Command, bin: &mut clap::Command) -> i32 {
         Command::Tail(a) => tail::run(a).await,
         Command::Watch(a) => watch::run(a).await,
         Command::Preview(a) => preview::run(a).await,
+        Command::Status(a) => status::run(a).await,
         Command::Quota(a) => quota::run(a).await,
         Command::Key(a) => key::run(a).await,
         Command::Audit(a) => audit::run(a).await,

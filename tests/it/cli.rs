@@ -1026,6 +1026,52 @@ async fn preview_marks_dst_shifts_and_completions_and_help_work() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_nodes_and_the_leader() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "cli-status").await;
+    // The node's heartbeat row and the leader's lease, as the API has them.
+    let api = tokio::time::timeout(WAIT, async {
+        loop {
+            let s = node
+                .admin()
+                .get_scheduler_status(pb::GetSchedulerStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if !s.nodes.is_empty() && !s.leader_node_id.is_empty() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the node shows up and leads");
+    let sked = Sked::for_node(&node);
+    let json = sked.json(&["status"]).await;
+    assert_eq!(json["nodeId"], "cli-status");
+    assert_eq!(json["leaderNodeId"], api.leader_node_id.as_str());
+    assert_eq!(json["leaderTerm"], to_json(&api)["leaderTerm"]);
+    let nodes: Vec<&str> = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["nodeId"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["cli-status"]);
+    let view = sked.ok(&["status"]).await;
+    assert!(
+        view.contains("Leader:") && view.contains("cli-status (term"),
+        "{view}"
+    );
+    assert!(
+        view.lines()
+            .any(|l| l.starts_with("cli-status") && l.contains("leader")),
+        "{view}"
+    );
+    node.stop().await;
+}
+
 // ---------------------------------------------------------------- auth: quota, key, audit, config
 
 /// A node with auth on and a platform admin token.
@@ -1142,6 +1188,9 @@ async fn quota_key_audit_and_config_file_with_auth_on() {
         &["PERMISSION_DENIED"],
     )
     .await;
+    acme.fails(&["status"], EXIT_ERROR, &["PERMISSION_DENIED"])
+        .await;
+    assert!(admin.ok(&["status"]).await.contains("Leader:"));
     let keys = admin.json(&["key", "list", "--for-tenant", "acme"]).await;
     let key = keys["keys"]
         .as_array()
