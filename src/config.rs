@@ -39,6 +39,9 @@ pub enum Command {
     /// Administration straight on the database.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Client subcommands: talk to a node over gRPC (`crate::cli`).
+    #[command(flatten)]
+    Client(crate::cli::Command),
 }
 
 /// `sked admin ...`.

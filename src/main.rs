@@ -1,13 +1,21 @@
 //! `sked`: parse the command line and hand over. No logic here.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use sked::config::{AdminCommand, Cli, Command};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Client(cmd) => {
+            // A client prints what it was asked for, not a node's logs.
+            let code = sked::cli::run(cmd, &mut Cli::command()).await;
+            std::process::exit(code);
+        }
+        other => other,
+    };
     sked::telemetry::init(cli.log_format);
-    match cli.command {
+    match command {
         Command::Serve(args) => sked::app::run_serve(args).await?,
         Command::Migrate(args) => {
             let pool = sked::db::connect(&args.database_url, 2).await?;
@@ -19,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
             // The only place the secret is shown: stdout, once.
             println!("{token}");
         }
+        Command::Client(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod api;
 mod auth;
 mod bench;
 mod claim_guards;
+mod cli;
 mod compression;
 mod control;
 mod crash;
