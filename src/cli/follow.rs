@@ -337,7 +337,11 @@ async fn tail_one(
             follow: opts.follow,
         };
         let mut stream = match client.logs().tail_run(req).await {
-            Ok(s) => s.into_inner(),
+            // Reached again: a later break gets its own reconnect window.
+            Ok(s) => {
+                broken_since = None;
+                s.into_inner()
+            }
             // The caller has reached sked already (the run exists): a
             // failure now is a node restarting or a connection dropping.
             Err(s) if resumable(&s) => {
@@ -350,9 +354,7 @@ async fn tail_one(
         let clean_end = loop {
             match stream.message().await {
                 Ok(Some(e)) => {
-                    if broken_since.take().is_some() {
-                        backoff = Duration::from_millis(100);
-                    }
+                    backoff = Duration::from_millis(100);
                     if e.seq <= after_seq {
                         continue;
                     }
