@@ -298,9 +298,7 @@ pub async fn binding_delete(
     id: Uuid,
 ) -> Result<(), Error> {
     let r = sqlx::query!(
-        r#"WITH del AS (DELETE FROM bindings WHERE tenant_id = $1 AND id = $2 RETURNING id),
-           -- its status goes with it (its run statistics stay, as its runs do)
-           st AS (DELETE FROM binding_status WHERE binding_id IN (SELECT id FROM del))
+        r#"WITH del AS (DELETE FROM bindings WHERE tenant_id = $1 AND id = $2 RETURNING id)
            SELECT count(*) AS "n!", pg_notify($3::text, '') AS "x" FROM del"#,
         tenant_id,
         id,

@@ -198,10 +198,7 @@ pub async fn definition_delete(
         )));
     }
     let bindings = sqlx::query_scalar!(
-        r#"WITH del AS (DELETE FROM bindings WHERE definition = $1 RETURNING id),
-           -- their status goes with them (their run statistics stay)
-           st AS (DELETE FROM binding_status WHERE binding_id IN (SELECT id FROM del))
-           SELECT id AS "id!" FROM del"#,
+        "DELETE FROM bindings WHERE definition = $1 RETURNING id",
         name
     )
     .fetch_all(&mut *db)

@@ -1274,3 +1274,102 @@ async fn run_stats_keep_tenants_apart() {
     assert_eq!(r.expect_err("no key").code(), Code::Unauthenticated);
     node.stop().await;
 }
+
+/// Runs of many hours ended by one statement (a backfill's event runs,
+/// claimed together), then more of older hours: the hourly series and the
+/// percentiles still equal what ListRuns shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stats_series_follow_the_fire_times_across_hours() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let b = define_and_bind(&node, "acme", event_def("tenmin", every(600))).await;
+    let now = now_secs();
+    for (from, to) in [
+        (now - 3.0 * 3600.0, now - 600.0),
+        (now - 7.0 * 3600.0, now - 5.0 * 3600.0),
+    ] {
+        let r = node
+            .runs()
+            .backfill_runs(as_tenant(
+                "acme",
+                pb::BackfillRunsRequest {
+                    binding_id: b.id.clone(),
+                    start_time: Some(ts(from)),
+                    end_time: Some(ts(to)),
+                    dry_run: false,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.run_ids.len() >= 10, "{r:?}");
+        runs_until(&node, "acme", &b.id, WAIT, "the backfill ends", |runs| {
+            runs.iter().all(is_terminal)
+        })
+        .await;
+    }
+    let runs = runs_of(&node, "acme", &b.id).await;
+    let start = (now / 3600.0).floor() * 3600.0 - 8.0 * 3600.0;
+    let s = node
+        .runs()
+        .get_run_stats(as_tenant(
+            "acme",
+            pb::GetRunStatsRequest {
+                start_time: Some(ts(start)),
+                end_time: Some(ts(now + 1.0)),
+                interval: pb::StatsInterval::Hour as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.total, runs.len() as i64);
+    assert_eq!(s.counts.unwrap().succeeded, runs.len() as i64);
+    assert_eq!(s.series.len(), 9);
+    for bucket in &s.series {
+        let from = secs(&bucket.start_time);
+        let want = runs
+            .iter()
+            .filter(|r| {
+                let t = secs(&r.scheduled_time);
+                t >= from && t < from + 3600.0
+            })
+            .count() as i64;
+        assert_eq!(bucket.counts.unwrap().succeeded, want, "hour at {from}");
+    }
+    let lags: Vec<i64> = runs
+        .iter()
+        .map(|r| micros(&r.start_time) - micros(&r.scheduled_time))
+        .collect();
+    assert_within_bucket(
+        "lag p50",
+        dur_micros(&s.fire_lag_p50),
+        nearest_rank(&lags, 50.0),
+    );
+    assert_within_bucket(
+        "lag p99",
+        dur_micros(&s.fire_lag_p99),
+        nearest_rank(&lags, 99.0),
+    );
+    // A day series of the same window adds up the same.
+    let d = node
+        .runs()
+        .get_run_stats(as_tenant(
+            "acme",
+            pb::GetRunStatsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(ts(start)),
+                end_time: Some(ts(now + 1.0)),
+                interval: pb::StatsInterval::Day as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let day_sum: i64 = d.series.iter().map(|b| b.counts.unwrap().succeeded).sum();
+    assert_eq!(day_sum, runs.len() as i64);
+    assert!((1..=2).contains(&d.series.len()));
+    node.stop().await;
+}

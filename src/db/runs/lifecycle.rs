@@ -196,6 +196,7 @@ pub async fn run_reap(
     .fetch_all(&mut *conn)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
     for r in rows {
         let seq = r.last_seq;
         let id = r.id;
@@ -206,6 +207,7 @@ pub async fn run_reap(
             Err(e) => {
                 tracing::error!(run = %id, error = %e,
                     "reaped run's stored data cannot be read; ended without retry");
+                unreadable.push((id, false));
                 continue;
             }
         };
@@ -217,6 +219,8 @@ pub async fn run_reap(
         let ev = state_event(&run, seq, run.end_time.unwrap_or(now), body);
         out.push((run, ev));
     }
+    // Those the caller never sees are recorded here (no retry follows).
+    super::run_end_record(&mut *conn, &unreadable).await?;
     if !out.is_empty() {
         announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
         notify_runs(&mut *conn).await?;

@@ -336,6 +336,7 @@ pub async fn run_fail_no_worker(
     .fetch_all(&mut *conn)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
     for r in rows {
         let seq = r.last_seq;
         let id = r.id;
@@ -344,6 +345,7 @@ pub async fn run_fail_no_worker(
             Err(e) => {
                 tracing::error!(run = %id, error = %e,
                     "run ended no_worker has unreadable stored data; not retried");
+                unreadable.push((id, false));
                 continue;
             }
         };
@@ -355,6 +357,8 @@ pub async fn run_fail_no_worker(
         let ev = state_event(&run, seq, now, body);
         out.push((run, ev));
     }
+    // Those the caller never sees are recorded here (no retry follows).
+    super::run_end_record(&mut *conn, &unreadable).await?;
     if !out.is_empty() {
         announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
         // A binding's next run may have waited behind this one.
