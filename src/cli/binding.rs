@@ -192,6 +192,7 @@ pub async fn run(a: Args) -> Result<i32> {
                     page_size: page.size(),
                     page_token: page.token(),
                     definition: definition.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

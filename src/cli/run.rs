@@ -139,6 +139,7 @@ pub async fn run(a: Args) -> Result<i32> {
                     page_token: page.token(),
                     binding_id,
                     state: state.map_or(0, |s| pb::RunState::from(s) as i32),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -6,7 +6,10 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::{DbTime, Error, decode, encode, policy_from_cols};
-use crate::domain::{Binding, Handler, MisfirePolicy, RunPolicy, Schedule, merge_params};
+use crate::domain::{
+    Binding, Handler, LastRun, MisfirePolicy, RunOutcomes, RunPolicy, RunState, Schedule,
+    merge_params,
+};
 
 struct Row {
     id: Uuid,
@@ -31,6 +34,47 @@ struct Row {
     retry_policy: serde_json::Value,
     timeout_secs: Option<i32>,
     priority: i32,
+    def_enabled: bool,
+    // binding_status (LEFT JOIN: none until a run ended)
+    last_run_id: Option<Uuid>,
+    last_run_state: Option<String>,
+    last_run_scheduled_time: Option<DbTime>,
+    last_run_end_time: Option<DbTime>,
+    last_success_time: Option<DbTime>,
+    last_failure_time: Option<DbTime>,
+    consecutive_failures: Option<i32>,
+}
+
+impl Row {
+    /// The run outcomes of the row. They are sked's own bookkeeping, not
+    /// the binding's data: a value that cannot be read is left out rather
+    /// than marking the binding broken.
+    fn outcomes(&self) -> RunOutcomes {
+        let time = |t: Option<DbTime>| t.and_then(|t| t.get("binding status time").ok());
+        let last_run = match (
+            self.last_run_id,
+            self.last_run_state.as_deref().and_then(RunState::parse),
+            time(self.last_run_scheduled_time),
+            time(self.last_run_end_time),
+        ) {
+            (Some(id), Some(state), Some(scheduled_time), Some(end_time)) => Some(LastRun {
+                id,
+                state,
+                scheduled_time,
+                end_time,
+            }),
+            _ => None,
+        };
+        RunOutcomes {
+            last_run,
+            last_success_time: time(self.last_success_time),
+            last_failure_time: time(self.last_failure_time),
+            consecutive_failures: self
+                .consecutive_failures
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+        }
+    }
 }
 
 /// Longest stored or shown `broken_reason`, in characters.
@@ -59,6 +103,7 @@ impl From<Row> for Binding {
     /// default) and [`Binding::broken_reason`] says what could not be read,
     /// so one bad row never breaks a Get or a List.
     fn from(r: Row) -> Self {
+        let outcomes = r.outcomes();
         let mut p = Problems::default();
         let effective_params = match &r.params {
             Some(q) => merge_params(&r.def_params, q),
@@ -106,6 +151,8 @@ impl From<Row> for Binding {
             pause_expire_time: p.time(r.pause_expire_time, "binding pause_expire_time"),
             effective_policy,
             broken_reason: None,
+            definition_enabled: r.def_enabled,
+            outcomes,
         };
         let mut reasons: Vec<String> = r.broken_reason.into_iter().collect();
         for q in p.0 {
@@ -175,8 +222,15 @@ pub async fn binding_get(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority
+                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                s.last_run_state AS "last_run_state?",
+                s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
+                s.last_run_end_time AS "last_run_end_time?: DbTime",
+                s.last_success_time AS "last_success_time?: DbTime",
+                s.last_failure_time AS "last_failure_time?: DbTime",
+                s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id = $2"#,
         tenant_id,
         id
@@ -187,7 +241,9 @@ pub async fn binding_get(
 }
 
 /// Lists up to `limit` of the tenant's bindings with id > `after`, in id
-/// (creation) order, optionally only those of `definition`.
+/// (creation) order, optionally only those of `definition`, and only those
+/// whose definition carries every label of `labels` (a JSON object of
+/// strings; `None` or `{}` for any).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -196,6 +252,7 @@ pub async fn binding_list(
     tenant_id: &str,
     after: Uuid,
     definition: Option<&str>,
+    labels: Option<&serde_json::Value>,
     limit: i64,
 ) -> Result<Vec<Binding>, Error> {
     Ok(sqlx::query_as!(
@@ -206,14 +263,23 @@ pub async fn binding_list(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority
+                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                s.last_run_state AS "last_run_state?",
+                s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
+                s.last_run_end_time AS "last_run_end_time?: DbTime",
+                s.last_success_time AS "last_success_time?: DbTime",
+                s.last_failure_time AS "last_failure_time?: DbTime",
+                s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
+           AND ($5::jsonb IS NULL OR d.labels @> $5)
          ORDER BY b.id LIMIT $4"#,
         tenant_id,
         after,
         definition,
-        limit
+        limit,
+        labels,
     )
     .fetch_all(db)
     .await?
@@ -520,8 +586,15 @@ pub async fn binding_get_for_update(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority
+                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                s.last_run_state AS "last_run_state?",
+                s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
+                s.last_run_end_time AS "last_run_end_time?: DbTime",
+                s.last_success_time AS "last_success_time?: DbTime",
+                s.last_failure_time AS "last_failure_time?: DbTime",
+                s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id = $2
          FOR UPDATE OF b"#,
         tenant_id,

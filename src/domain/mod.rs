@@ -10,6 +10,7 @@ pub mod policy;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod stats;
 pub mod tenancy;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ pub use policy::{OverlapPolicy, RetryPolicy, RunPolicy};
 pub use progress::{MAX_PROGRESS_MESSAGE, Progress, parse_progress_line};
 pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
+pub use stats::{BindingStatus, LastRun, RunOutcomes};
 pub use tenancy::{Role, TenantScope};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
@@ -464,6 +466,11 @@ pub struct Binding {
     /// of scheduling then, and only Get, List and Delete work on it); `None`
     /// for a healthy binding. At most 500 characters.
     pub broken_reason: Option<String>,
+    /// Whether its definition is enabled (a disabled one fires for no
+    /// tenant).
+    pub definition_enabled: bool,
+    /// What its runs came to (kept as they end).
+    pub outcomes: RunOutcomes,
 }
 
 impl Binding {
@@ -477,6 +484,21 @@ impl Binding {
         self.paused = false;
         self.pause_note.clear();
         self.pause_expire_time = None;
+    }
+
+    /// Its status at `now` ([`stats::binding_status`]; precedence in
+    /// [`BindingStatus`]).
+    pub fn status(&self, now: DateTime<Utc>) -> BindingStatus {
+        stats::binding_status(stats::StatusInputs {
+            broken: self.broken_reason.is_some(),
+            enabled: self.enabled,
+            definition_enabled: self.definition_enabled,
+            paused: self.paused && !self.pause_expired(now),
+            past_window: self.effective_until.is_some_and(|u| u <= now),
+            has_next_run_time: self.next_run_time.is_some(),
+            manual: self.effective_schedule.kind == ScheduleKind::Manual,
+            consecutive_failures: self.outcomes.consecutive_failures,
+        })
     }
 }
 

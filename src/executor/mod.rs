@@ -511,6 +511,12 @@ impl Executor {
             .collect();
         let mut events: Vec<_> = reaped.iter().map(|(_, e)| e.clone()).collect();
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &retries, now).await?);
+        // Their ends, final unless retried, in the same transaction.
+        let ended: Vec<(uuid::Uuid, bool)> = reaped
+            .iter()
+            .map(|(run, _)| (run.id, retries.iter().any(|r| r.retry_of == Some(run.id))))
+            .collect();
+        db::runs::run_end_record(&mut tx, &ended).await?;
         tx.commit().await?;
         metrics::run_durations(reaped.iter().map(|(run, _)| run));
         for (run, _) in &reaped {
@@ -630,12 +636,14 @@ impl Executor {
                     return Ok(None);
                 };
                 let mut events = vec![ev];
-                if let Some(retry) =
-                    NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound)
-                {
+                let retry = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound);
+                let retried = retry.is_some();
+                if let Some(retry) = retry {
                     events
                         .extend(db::runs::run_insert(&mut tx, &self.node_id, &[retry], now).await?);
                 }
+                // The end, final unless retried, in the same transaction.
+                db::runs::run_end_record(&mut tx, &[(ended.id, retried)]).await?;
                 tx.commit().await?;
                 Ok::<_, db::Error>(Some((events, ended)))
             }

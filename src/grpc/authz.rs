@@ -144,6 +144,10 @@ pub const RULES: &[Rule] = &[
     rule("/sked.v1.RunService/GetRun", Viewer, Tenant),
     rule("/sked.v1.RunService/ListRuns", Viewer, Tenant),
     rule("/sked.v1.RunService/BackfillRuns", Operator, Tenant),
+    // Statistics: of a binding or the tenant, the call's tenant (a tenant
+    // key's own, or x-tenant-id for a platform key); of a definition across
+    // tenants, platform keys only (checked in the handler).
+    rule("/sked.v1.RunService/GetRunStats", Viewer, Key),
     rule("/sked.v1.LogService/TailRun", Viewer, Tenant),
     rule("/sked.v1.LogService/WatchEvents", Viewer, Tenant),
     rule("/sked.v1.LogService/ListRunEvents", Viewer, Tenant),

@@ -4,13 +4,13 @@
 use tonic::{Request, Response, Status};
 
 use super::authz::{Grant, tenant_grant};
-use super::convert::{binding_to, schedule_from, struct_to_json, time_from};
+use super::convert::{binding_status_from, binding_to, schedule_from, struct_to_json, time_from};
 use super::{Ctx, invalid, page_size, parse_uuid, update_paths};
 use crate::domain::{FieldViolation, validate_definition_name, validate_effective_window};
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
+use crate::usecase::Actor;
 use crate::usecase::bindings::{self as uc, BindingChange};
-use crate::usecase::{Actor, Page};
 
 /// Implements `BindingService`.
 #[derive(Debug, Clone)]
@@ -41,7 +41,7 @@ impl BindingService for Bindings {
         };
         let actor = Actor::new(&caller, method);
         let binding = uc::create(&self.0.core, actor, &tenant_id, new).await?;
-        Ok(Response::new(binding_to(&binding)))
+        Ok(Response::new(binding_to(&binding, self.0.core.clock.now())))
     }
 
     async fn get_binding(
@@ -51,7 +51,7 @@ impl BindingService for Bindings {
         let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let b = uc::view(&self.0.core, &tenant_id, id).await?;
-        Ok(Response::new(binding_to(&b)))
+        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
     }
 
     async fn list_bindings(
@@ -60,19 +60,24 @@ impl BindingService for Bindings {
     ) -> Result<Response<pb::ListBindingsResponse>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
-        let page = Page {
-            size: page_size(r.page_size, 50)?,
-            after: if r.page_token.is_empty() {
-                None
-            } else {
-                Some(parse_uuid("page_token", &r.page_token)?)
-            },
+        let size = page_size(r.page_size, 50)?;
+        let filter = uc::BindingFilter {
+            definition: (!r.definition.is_empty()).then_some(r.definition),
+            labels: r.labels.into_iter().collect(),
+            statuses: r
+                .statuses
+                .iter()
+                .enumerate()
+                .map(|(i, n)| binding_status_from(&format!("statuses[{i}]"), *n))
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?,
         };
-        let definition = (!r.definition.is_empty()).then_some(r.definition.as_str());
-        let (list, next) = uc::list(&self.0.core, &tenant_id, definition, page).await?;
+        let (list, next_page_token) =
+            uc::list(&self.0.core, &tenant_id, &filter, size, &r.page_token).await?;
+        let now = self.0.core.clock.now();
         Ok(Response::new(pb::ListBindingsResponse {
-            bindings: list.iter().map(binding_to).collect(),
-            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
+            bindings: list.iter().map(|b| binding_to(b, now)).collect(),
+            next_page_token,
         }))
     }
 
@@ -134,7 +139,7 @@ impl BindingService for Bindings {
         };
         let actor = Actor::new(&caller, method);
         let b = uc::update(&self.0.core, actor, &tenant_id, update).await?;
-        Ok(Response::new(binding_to(&b)))
+        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
     }
 
     async fn pause_binding(
@@ -152,7 +157,7 @@ impl BindingService for Bindings {
             .map_err(invalid)?;
         let actor = Actor::new(&caller, method);
         let b = uc::pause(&self.0.core, actor, &tenant_id, id, &r.note, expire).await?;
-        Ok(Response::new(binding_to(&b)))
+        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
     }
 
     async fn resume_binding(
@@ -163,7 +168,7 @@ impl BindingService for Bindings {
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let actor = Actor::new(&caller, method);
         let b = uc::resume(&self.0.core, actor, &tenant_id, id).await?;
-        Ok(Response::new(binding_to(&b)))
+        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
     }
 
     async fn delete_binding(

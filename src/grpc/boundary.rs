@@ -74,6 +74,11 @@ pub const OUTPUT_ONLY: &[&str] = &[
     "sked.v1.Binding.next_run_time",
     "sked.v1.Binding.create_time",
     "sked.v1.Binding.update_time",
+    "sked.v1.Binding.status",
+    "sked.v1.Binding.last_run",
+    "sked.v1.Binding.last_success_time",
+    "sked.v1.Binding.last_failure_time",
+    "sked.v1.Binding.consecutive_failures",
     "sked.v1.Run.trigger",
     "sked.v1.Run.state",
     "sked.v1.Run.attempt",
@@ -109,6 +114,9 @@ pub fn string_limit(full_name: &str) -> usize {
         "sked.v1.HttpHandler.headers.value" => crate::domain::http::MAX_HEADER_VALUE_BYTES,
         "sked.v1.CronSchedule.expression" => crate::domain::schedule::MAX_CRON_LEN,
         "sked.v1.Schedule.timezone" => 64,
+        "sked.v1.ListBindingsRequest.labels.key" => 128,
+        "sked.v1.ListBindingsRequest.labels.value" => 256,
+        "sked.v1.ListRunsRequest.node" => 512,
         _ => DEFAULT_MAX_STRING,
     }
 }
@@ -124,6 +132,9 @@ pub fn items_limit(field: &FieldDescriptor) -> usize {
         }
         "sked.v1.HttpHandler.headers" => crate::domain::http::MAX_HEADERS,
         "sked.v1.WeeklySchedule.days_of_week" => 7,
+        "sked.v1.ListRunsRequest.states" => crate::usecase::runs::MAX_FILTER_STATES,
+        "sked.v1.ListBindingsRequest.statuses" => 6,
+        "sked.v1.ListBindingsRequest.labels" => crate::usecase::bindings::MAX_LABEL_SELECTOR,
         _ if field.is_map() => DEFAULT_MAX_ENTRIES,
         _ => DEFAULT_MAX_ITEMS,
     }

@@ -706,7 +706,8 @@ pub fn handler_from(
 }
 
 /// Binding → API.
-pub fn binding_to(b: &domain::Binding) -> pb::Binding {
+pub fn binding_to(b: &domain::Binding, now: DateTime<Utc>) -> pb::Binding {
+    let o = &b.outcomes;
     pb::Binding {
         id: b.id.to_string(),
         tenant_id: b.tenant_id.clone(),
@@ -732,6 +733,117 @@ pub fn binding_to(b: &domain::Binding) -> pb::Binding {
         update_time: Some(time_to(b.update_time)),
         etag: b.version.to_string(),
         broken_reason: b.broken_reason.clone().unwrap_or_default(),
+        status: binding_status_to(b.status(now)) as i32,
+        last_run: o.last_run.map(|r| pb::LastRun {
+            run_id: r.id.to_string(),
+            state: state_to(r.state) as i32,
+            scheduled_time: Some(time_to(r.scheduled_time)),
+            end_time: Some(time_to(r.end_time)),
+        }),
+        last_success_time: o.last_success_time.map(time_to),
+        last_failure_time: o.last_failure_time.map(time_to),
+        consecutive_failures: i32::try_from(o.consecutive_failures).unwrap_or(i32::MAX),
+    }
+}
+
+/// Binding status → API enum.
+pub fn binding_status_to(s: domain::BindingStatus) -> pb::BindingStatus {
+    match s {
+        domain::BindingStatus::Active => pb::BindingStatus::Active,
+        domain::BindingStatus::Paused => pb::BindingStatus::Paused,
+        domain::BindingStatus::Disabled => pb::BindingStatus::Disabled,
+        domain::BindingStatus::Failing => pb::BindingStatus::Failing,
+        domain::BindingStatus::Completed => pb::BindingStatus::Completed,
+        domain::BindingStatus::Broken => pb::BindingStatus::Broken,
+    }
+}
+
+/// API enum → binding status (a filter value).
+///
+/// # Errors
+/// A violation on `field` for UNSPECIFIED or an unknown number.
+pub fn binding_status_from(field: &str, n: i32) -> Result<domain::BindingStatus, FieldViolation> {
+    domain::BindingStatus::ALL
+        .into_iter()
+        .find(|s| binding_status_to(*s) as i32 == n)
+        .ok_or_else(|| {
+            FieldViolation::new(
+                field,
+                format!("{n} is not a BindingStatus (UNSPECIFIED is not a filter value)"),
+            )
+        })
+}
+
+/// API enum → run trigger; `None` for UNSPECIFIED.
+///
+/// # Errors
+/// A violation on `field` for an unknown number.
+pub fn trigger_from(field: &str, n: i32) -> Result<Option<domain::RunTrigger>, FieldViolation> {
+    match pb::RunTrigger::try_from(n) {
+        Ok(pb::RunTrigger::Unspecified) => Ok(None),
+        Ok(pb::RunTrigger::Schedule) => Ok(Some(domain::RunTrigger::Schedule)),
+        Ok(pb::RunTrigger::Manual) => Ok(Some(domain::RunTrigger::Manual)),
+        Ok(pb::RunTrigger::Retry) => Ok(Some(domain::RunTrigger::Retry)),
+        Ok(pb::RunTrigger::Backfill) => Ok(Some(domain::RunTrigger::Backfill)),
+        Err(_) => Err(FieldViolation::new(
+            field,
+            format!("{n} is not a RunTrigger"),
+        )),
+    }
+}
+
+/// Microseconds → API duration.
+pub fn micros_to(us: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// Per-state counts → API.
+pub fn state_counts_to(c: &domain::stats::StateCounts) -> pb::RunStateCounts {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    pb::RunStateCounts {
+        succeeded: n(c.succeeded),
+        failed: n(c.failed),
+        timed_out: n(c.timed_out),
+        cancelled: n(c.cancelled),
+        skipped: n(c.skipped),
+    }
+}
+
+/// Stats series interval → API enum.
+pub fn stats_interval_to(i: domain::stats::StatsInterval) -> pb::StatsInterval {
+    match i {
+        domain::stats::StatsInterval::Hour => pb::StatsInterval::Hour,
+        domain::stats::StatsInterval::Day => pb::StatsInterval::Day,
+    }
+}
+
+/// Run statistics → API.
+pub fn run_stats_to(s: &domain::stats::RunStats) -> pb::RunStats {
+    pb::RunStats {
+        start_time: Some(time_to(s.start)),
+        end_time: Some(time_to(s.end)),
+        counts: Some(state_counts_to(&s.counts)),
+        total: i64::try_from(s.counts.total()).unwrap_or(i64::MAX),
+        success_rate: s.success_rate,
+        duration_p50: s.duration_p50_us.map(micros_to),
+        duration_p95: s.duration_p95_us.map(micros_to),
+        duration_max: s.duration_max_us.map(micros_to),
+        duration_mean: s.duration_mean_us.map(micros_to),
+        fire_lag_p50: s.lag_p50_us.map(micros_to),
+        fire_lag_p99: s.lag_p99_us.map(micros_to),
+        started: i64::try_from(s.started).unwrap_or(i64::MAX),
+        interval: stats_interval_to(s.interval) as i32,
+        series: s
+            .series
+            .iter()
+            .map(|(t, c)| pb::RunStatsBucket {
+                start_time: Some(time_to(*t)),
+                counts: Some(state_counts_to(c)),
+            })
+            .collect(),
     }
 }
 

@@ -4,13 +4,18 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::authz::{Grant, tenant_grant};
-use super::convert::{run_to, state_from, struct_to_json, time_from, time_to};
+use super::TENANT_HEADER;
+use super::auth::{call_tenant, require_platform};
+use super::authz::{Grant, grant, tenant_grant};
+use super::convert::{
+    run_stats_to, run_to, state_from, struct_to_json, time_from, time_to, trigger_from,
+};
 use super::{Ctx, invalid, page_size, parse_uuid};
 use crate::domain::FieldViolation;
+use crate::domain::stats::StatsInterval;
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_service_server::RunService;
-use crate::usecase::{self, Actor, Page, runs};
+use crate::usecase::{self, Actor, runs};
 
 /// Implements `RunService`.
 #[derive(Debug, Clone)]
@@ -131,13 +136,21 @@ impl RunService for Runs {
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
         let r = req.into_inner();
-        let page = Page {
-            size: page_size(r.page_size, 50)?,
-            after: if r.page_token.is_empty() {
-                None
-            } else {
-                Some(parse_uuid("page_token", &r.page_token)?)
-            },
+        let size = page_size(r.page_size, 50)?;
+        let mut states = Vec::with_capacity(r.states.len() + 1);
+        for (i, n) in r.states.iter().enumerate() {
+            let field = format!("states[{i}]");
+            let s = state_from(&field, *n).map_err(invalid)?.ok_or_else(|| {
+                invalid(FieldViolation::new(
+                    field,
+                    "UNSPECIFIED is not a filter value",
+                ))
+            })?;
+            states.push(s);
+        }
+        states.extend(state_from("state", r.state).map_err(invalid)?);
+        let optional_time = |field: &str, t: Option<&prost_types::Timestamp>| {
+            t.map(|t| time_from(field, t)).transpose().map_err(invalid)
         };
         let filter = runs::RunFilter {
             binding_id: if r.binding_id.is_empty() {
@@ -145,12 +158,79 @@ impl RunService for Runs {
             } else {
                 Some(parse_uuid("binding_id", &r.binding_id)?)
             },
-            state: state_from("state", r.state).map_err(invalid)?,
+            states,
+            trigger: trigger_from("trigger", r.trigger).map_err(invalid)?,
+            definition: (!r.definition.is_empty()).then_some(r.definition),
+            node: (!r.node.is_empty()).then_some(r.node),
+            scheduled_from: optional_time("scheduled_start_time", r.scheduled_start_time.as_ref())?,
+            scheduled_until: optional_time("scheduled_end_time", r.scheduled_end_time.as_ref())?,
+            oldest_first: match pb::ListRunsOrder::try_from(r.order) {
+                Ok(pb::ListRunsOrder::Unspecified | pb::ListRunsOrder::NewestFirst) => false,
+                Ok(pb::ListRunsOrder::OldestFirst) => true,
+                Err(_) => {
+                    return Err(invalid(FieldViolation::new(
+                        "order",
+                        format!("{} is not a ListRunsOrder", r.order),
+                    )));
+                }
+            },
         };
-        let (list, next) = runs::list(&self.0.core, &tenant_id, &filter, page).await?;
+        let (list, next_page_token) =
+            runs::list(&self.0.core, &tenant_id, &filter, size, &r.page_token).await?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: list.iter().map(run_to).collect(),
-            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token,
         }))
+    }
+
+    async fn get_run_stats(
+        &self,
+        req: Request<pb::GetRunStatsRequest>,
+    ) -> Result<Response<pb::RunStats>, Status> {
+        let Grant { caller, method, .. } = grant(&req)?;
+        let r = req.get_ref();
+        let subject = match (r.binding_id.is_empty(), r.definition.is_empty()) {
+            (false, false) => {
+                return Err(invalid(FieldViolation::new(
+                    "definition",
+                    "give at most one of binding_id and definition",
+                )));
+            }
+            (false, true) => runs::StatsSubject::Binding {
+                tenant: call_tenant(&caller, req.metadata())?,
+                id: parse_uuid("binding_id", &r.binding_id)?,
+            },
+            (true, false) => {
+                // Across tenants: the platform's view of a definition.
+                require_platform(&caller, method)?;
+                let tenant = match req.metadata().get(TENANT_HEADER) {
+                    Some(_) => Some(call_tenant(&caller, req.metadata())?),
+                    None => None,
+                };
+                runs::StatsSubject::Definition {
+                    name: r.definition.clone(),
+                    tenant,
+                }
+            }
+            (true, true) => runs::StatsSubject::Tenant(call_tenant(&caller, req.metadata())?),
+        };
+        let q = runs::StatsQuery {
+            subject,
+            start: required_time("start_time", r.start_time.as_ref())?,
+            end: required_time("end_time", r.end_time.as_ref())?,
+            interval: match pb::StatsInterval::try_from(r.interval) {
+                Ok(pb::StatsInterval::Unspecified) => None,
+                Ok(pb::StatsInterval::Hour) => Some(StatsInterval::Hour),
+                Ok(pb::StatsInterval::Day) => Some(StatsInterval::Day),
+                Err(_) => {
+                    return Err(invalid(FieldViolation::new(
+                        "interval",
+                        format!("{} is not a StatsInterval", r.interval),
+                    )));
+                }
+            },
+        };
+        let stats = runs::stats(&self.0.core, &q).await?;
+        Ok(Response::new(run_stats_to(&stats)))
     }
 }

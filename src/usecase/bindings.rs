@@ -6,12 +6,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
+use super::{Actor, Core, Error, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::RunReason;
 use crate::domain::{
-    Binding, FieldViolation, Schedule, effective_schedule, merge_params, validate_effective_window,
-    validate_merged_params,
+    Binding, BindingStatus, FieldViolation, Schedule, effective_schedule, merge_params,
+    validate_effective_window, validate_merged_params,
 };
 
 /// Longest pause note, in characters.
@@ -47,30 +47,135 @@ pub async fn view(core: &Core, tenant_id: &str, binding_id: Uuid) -> Result<Bind
     Ok(shown(b, core.clock.now()))
 }
 
-/// One page of `tenant_id`'s bindings (of `definition` only, when given),
-/// in id order, as callers see them now ([`shown`]); the cursor is the last
-/// binding's id.
+/// Most bindings one ListBindings call with a status filter reads: a page
+/// may then come back short (even empty) with a next page token.
+pub const MAX_LIST_SCAN: usize = 5_000;
+
+/// Most entries of ListBindings' label selector.
+pub const MAX_LABEL_SELECTOR: usize = 64;
+
+/// Which bindings [`list`] returns: all of the given filters hold.
+#[derive(Debug, Clone, Default)]
+pub struct BindingFilter {
+    /// Only bindings of this definition.
+    pub definition: Option<String>,
+    /// Only bindings whose definition carries every one of these labels
+    /// (key and value equal); at most [`MAX_LABEL_SELECTOR`].
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Only bindings whose status is one of these (empty: any).
+    pub statuses: Vec<BindingStatus>,
+}
+
+impl BindingFilter {
+    /// Checks the filters beyond their shape.
+    ///
+    /// # Errors
+    /// `Invalid` naming `definition` or `labels` and the rule.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(d) = &self.definition {
+            crate::domain::validate_definition_name("definition", d)?;
+        }
+        if self.labels.len() > MAX_LABEL_SELECTOR {
+            return Err(FieldViolation::new(
+                "labels",
+                format!(
+                    "has {} entries; at most {MAX_LABEL_SELECTOR}",
+                    self.labels.len()
+                ),
+            )
+            .into());
+        }
+        if let Some(k) = self.labels.keys().find(|k| k.is_empty()) {
+            return Err(FieldViolation::new(
+                format!("labels[{}]", crate::domain::quote(k)),
+                "a label key must not be empty",
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The filters as one canonical string, for page tokens.
+    fn key(&self) -> String {
+        let mut statuses: Vec<&str> = self.statuses.iter().map(|s| s.as_str()).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        format!(
+            "bindings|{:?}|{:?}|{}",
+            self.definition,
+            self.labels,
+            statuses.join(",")
+        )
+    }
+}
+
+/// One page of `tenant_id`'s bindings matching `filter`, in id (creation)
+/// order, as callers see them now ([`shown`]), after `page_token`, with the
+/// next page's token (empty on the last). Definition and labels are
+/// filtered by the database; the status (which depends on the clock) here,
+/// over at most [`MAX_LIST_SCAN`] bindings per call.
 ///
 /// # Errors
-/// Database errors.
+/// `Invalid` for bad filters ([`BindingFilter::validate`]) or a page token
+/// that is malformed or was issued for other filters; database errors.
 pub async fn list(
     core: &Core,
     tenant_id: &str,
-    definition: Option<&str>,
-    page: Page<Uuid>,
-) -> Result<(Vec<Binding>, Option<Uuid>)> {
-    let rows = db::bindings::binding_list(
-        &core.pool,
-        tenant_id,
-        page.after.unwrap_or(Uuid::nil()),
-        definition,
-        page.size + 1,
-    )
-    .await
-    .map_err(Error::on(&Target::all("binding")))?;
-    let (rows, next) = super::page(rows, page.size, |b| b.id);
+    filter: &BindingFilter,
+    page_size: i64,
+    page_token: &str,
+) -> Result<(Vec<Binding>, String)> {
+    filter.validate()?;
+    let key = filter.key();
+    let mut cursor = super::page_cursor(page_token, &key)?;
+    let labels = (!filter.labels.is_empty()).then(|| serde_json::json!(filter.labels));
+    let want = page_size as usize + 1;
+    // Without a status filter every row read is returned: one read.
+    let chunk = if filter.statuses.is_empty() {
+        want
+    } else {
+        want.max(500)
+    };
     let now = core.clock.now();
-    Ok((rows.into_iter().map(|b| shown(b, now)).collect(), next))
+    let mut out: Vec<Binding> = Vec::with_capacity(want);
+    let mut scanned = 0;
+    let exhausted = loop {
+        let rows = db::bindings::binding_list(
+            &core.pool,
+            tenant_id,
+            cursor.unwrap_or(Uuid::nil()),
+            filter.definition.as_deref(),
+            labels.as_ref(),
+            chunk as i64,
+        )
+        .await
+        .map_err(Error::on(&Target::all("binding")))?;
+        let n = rows.len();
+        for b in rows {
+            scanned += 1;
+            cursor = Some(b.id);
+            let b = shown(b, now);
+            if filter.statuses.is_empty() || filter.statuses.contains(&b.status(now)) {
+                out.push(b);
+                if out.len() == want {
+                    break;
+                }
+            }
+        }
+        if out.len() == want || n < chunk {
+            break n < chunk && out.len() < want;
+        }
+        if scanned >= MAX_LIST_SCAN {
+            break false;
+        }
+    };
+    let (out, next) = super::page(out, page_size, |b| b.id);
+    // A short page that stopped at the scan bound goes on where it stopped.
+    let next = next.or(if exhausted { None } else { cursor });
+    Ok((
+        out,
+        next.map(|c| super::page_token(c, &key)).unwrap_or_default(),
+    ))
 }
 
 /// What CreateBinding asks for, checked for shape (definition name,
@@ -156,6 +261,8 @@ pub async fn create(
         pause_expire_time: None,
         effective_policy: def.policy,
         broken_reason: None,
+        definition_enabled: def.enabled,
+        outcomes: Default::default(),
     };
     let target = Target::all("binding");
     let mut tx = begin(core, &target).await?;

@@ -275,3 +275,50 @@ pub fn page<T, C>(mut rows: Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -> (Ve
     };
     (rows, next)
 }
+
+/// A page token: the cursor of the next page and a digest of the filters
+/// the list was asked with, `<cursor>.<16 hex digits>`, so that a token is
+/// only accepted with the filters it was issued for.
+pub fn page_token(cursor: impl fmt::Display, filters: &str) -> String {
+    format!("{cursor}.{}", filters_digest(filters))
+}
+
+/// The cursor of `token`, issued by [`page_token`] for `filters`; `None`
+/// for an empty token (the first page).
+///
+/// # Errors
+/// `Invalid` on `page_token` when it is malformed, or was issued for other
+/// filters or another order.
+pub fn page_cursor(token: &str, filters: &str) -> Result<Option<uuid::Uuid>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        Error::Invalid(FieldViolation::new(
+            "page_token",
+            format!(
+                "{} {why}; list again without a page token",
+                crate::domain::quote(token)
+            ),
+        ))
+    };
+    let (cursor, digest) = token
+        .split_once('.')
+        .ok_or_else(|| bad("is not a page token of this list"))?;
+    if digest != filters_digest(filters) {
+        return Err(bad(
+            "was issued for other filters or another order than this request's",
+        ));
+    }
+    cursor
+        .parse()
+        .map(Some)
+        .map_err(|_| bad("is not a page token of this list"))
+}
+
+/// First 8 bytes of the SHA-256 of `filters`, in hex.
+fn filters_digest(filters: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(filters.as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}

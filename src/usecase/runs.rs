@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Actor, Core, Error, Page, Result, Target, audit, begin, commit, record};
+use super::{Actor, Core, Error, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::{
     Binding, FieldViolation, Handler, NewRun, Progress, Run, RunEvent, RunReason, RunSpec,
-    RunState, merge_params, validate_merged_params,
+    RunState, RunTrigger, merge_params, stats, validate_merged_params,
 };
 
 /// Most runs one backfill creates.
@@ -424,37 +424,150 @@ pub async fn get(core: &Core, tenant_id: &str, run_id: Uuid) -> Result<Run> {
         .map_err(Error::on(&Target::new("run", run_id)))
 }
 
-/// Which runs [`list`] returns.
+/// Most runs one ListRuns call reads to fill a page when filters other
+/// than the binding narrow the list: a page may then come back short (even
+/// empty) with a next page token, and the next call goes on from there.
+pub const MAX_LIST_SCAN: i64 = 10_000;
+
+/// Most states in a ListRuns filter (there are eight).
+pub const MAX_FILTER_STATES: usize = 8;
+
+/// Longest node id in a ListRuns filter, characters.
+pub const MAX_NODE_ID: usize = 128;
+
+/// Which runs [`list`] returns: all of the given filters hold.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     /// Only runs of this binding.
     pub binding_id: Option<Uuid>,
-    /// Only runs in this state.
-    pub state: Option<RunState>,
+    /// Only runs in one of these states (empty: any); at most
+    /// [`MAX_FILTER_STATES`].
+    pub states: Vec<RunState>,
+    /// Only runs of this trigger.
+    pub trigger: Option<RunTrigger>,
+    /// Only runs of this definition (a definition name).
+    pub definition: Option<String>,
+    /// Only runs executed by this node (1-[`MAX_NODE_ID`] characters).
+    pub node: Option<String>,
+    /// Only runs scheduled at or after this instant.
+    pub scheduled_from: Option<DateTime<Utc>>,
+    /// Only runs scheduled before this instant (after `scheduled_from`).
+    pub scheduled_until: Option<DateTime<Utc>>,
+    /// Oldest first (ascending id) instead of newest first.
+    pub oldest_first: bool,
 }
 
-/// One page of `tenant_id`'s runs matching `filter`, newest first; the
-/// cursor is the last run's id.
+impl RunFilter {
+    /// Checks the filters beyond their shape.
+    ///
+    /// # Errors
+    /// `Invalid` naming the field (`states`, `definition`, `node`,
+    /// `scheduled_end_time`) and the limit.
+    pub fn validate(&self) -> Result<()> {
+        if self.states.len() > MAX_FILTER_STATES {
+            return Err(FieldViolation::new(
+                "states",
+                format!(
+                    "has {} items; at most {MAX_FILTER_STATES}",
+                    self.states.len()
+                ),
+            )
+            .into());
+        }
+        if let Some(d) = &self.definition {
+            crate::domain::validate_definition_name("definition", d)?;
+        }
+        if let Some(n) = &self.node
+            && (n.is_empty() || n.chars().count() > MAX_NODE_ID)
+        {
+            return Err(
+                FieldViolation::new("node", format!("must be 1-{MAX_NODE_ID} characters")).into(),
+            );
+        }
+        if let (Some(from), Some(until)) = (self.scheduled_from, self.scheduled_until)
+            && until <= from
+        {
+            return Err(FieldViolation::new(
+                "scheduled_end_time",
+                "must be after scheduled_start_time",
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The filters as one canonical string, for page tokens.
+    fn key(&self) -> String {
+        let mut states: Vec<&str> = self.states.iter().map(|s| s.as_str()).collect();
+        states.sort_unstable();
+        states.dedup();
+        let t = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros().to_string());
+        format!(
+            "runs|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+            self.binding_id,
+            states.join(","),
+            self.trigger.map(RunTrigger::as_str),
+            self.definition,
+            self.node,
+            t(self.scheduled_from),
+            t(self.scheduled_until),
+            self.oldest_first
+        )
+    }
+}
+
+/// One page of `tenant_id`'s runs matching `filter` in its order (newest
+/// first unless `oldest_first`), after `page_token`, with the token of the
+/// next page (empty on the last). With filters other than the binding, one
+/// call reads at most [`MAX_LIST_SCAN`] runs: a page may then be short, even
+/// empty, and still have a next page token.
 ///
 /// # Errors
-/// Database errors.
+/// `Invalid` for bad filters ([`RunFilter::validate`]) or a page token
+/// that is malformed or was issued for other filters ([`super::page_cursor`]);
+/// database errors.
 pub async fn list(
     core: &Core,
     tenant_id: &str,
     filter: &RunFilter,
-    page: Page<Uuid>,
-) -> Result<(Vec<Run>, Option<Uuid>)> {
-    let rows = db::runs::run_list(
-        &core.pool,
+    page_size: i64,
+    page_token: &str,
+) -> Result<(Vec<Run>, String)> {
+    filter.validate()?;
+    let key = filter.key();
+    let after = super::page_cursor(page_token, &key)?;
+    let q = db::runs::RunQuery {
+        binding_id: filter.binding_id,
+        states: &filter.states,
+        trigger: filter.trigger,
+        definition: filter.definition.as_deref(),
+        node: filter.node.as_deref(),
+        scheduled_from: filter.scheduled_from,
+        scheduled_until: filter.scheduled_until,
+        oldest_first: filter.oldest_first,
+    };
+    let target = Target::all("run");
+    let mut conn = core
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| Error::db(e.into(), &target))?;
+    let listed = db::runs::run_list(
+        &mut conn,
         tenant_id,
-        page.after.unwrap_or(Uuid::max()),
-        filter.binding_id,
-        filter.state,
-        page.size + 1,
+        &q,
+        after,
+        MAX_LIST_SCAN,
+        page_size + 1,
     )
     .await
-    .map_err(Error::on(&Target::all("run")))?;
-    Ok(super::page(rows, page.size, |r| r.id))
+    .map_err(Error::on(&target))?;
+    let (runs, next) = super::page(listed.runs, page_size, |r| r.id);
+    let next = next.or(listed.scanned_to);
+    Ok((
+        runs,
+        next.map(|c| super::page_token(c, &key)).unwrap_or_default(),
+    ))
 }
 
 /// Events of run `run_id` of `tenant_id` with `seq > after_seq`, oldest
@@ -516,4 +629,122 @@ pub async fn report_progress(
     super::commit(tx, &target).await?;
     core.bus.publish([event.clone()]);
     Ok(event)
+}
+
+/// Longest GetRunStats window, days.
+pub const MAX_STATS_DAYS: i64 = 400;
+/// Longest window of an hourly series, days (744 points).
+pub const MAX_HOURLY_DAYS: i64 = 31;
+/// Most hourly statistics rows (bindings × hours with ended runs) one
+/// GetRunStats call reads.
+pub const MAX_STATS_ROWS: usize = 250_000;
+
+/// Whose runs GetRunStats sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatsSubject {
+    /// Every binding of the tenant, deleted ones included.
+    Tenant(String),
+    /// One binding of the tenant.
+    Binding {
+        /// The tenant.
+        tenant: String,
+        /// The binding.
+        id: Uuid,
+    },
+    /// Every binding of a definition (platform callers), of every tenant or
+    /// of one.
+    Definition {
+        /// The definition's name.
+        name: String,
+        /// Only this tenant's bindings, when set.
+        tenant: Option<String>,
+    },
+}
+
+/// What GetRunStats asks for.
+#[derive(Debug, Clone)]
+pub struct StatsQuery {
+    /// Whose runs.
+    pub subject: StatsSubject,
+    /// Window start (inclusive), on `scheduled_time`; rounded down to a
+    /// whole hour (UTC).
+    pub start: DateTime<Utc>,
+    /// Window end (exclusive); rounded up to a whole hour.
+    pub end: DateTime<Utc>,
+    /// Series buckets; `None`: hours for a window of up to 2 days, else
+    /// days.
+    pub interval: Option<stats::StatsInterval>,
+}
+
+/// Statistics of the runs of `q.subject` scheduled in the window (widened
+/// to whole hours, UTC) that have ended: counts per state, success rate,
+/// duration and fire lag percentiles, and a series for a chart, summed from
+/// the hourly rows the run-end statements keep ([`db::runs::run_stats_hours`];
+/// percentiles within the bucket resolution of [`stats`]).
+///
+/// # Errors
+/// `Invalid` on `end_time` for an empty window or one longer than
+/// [`MAX_STATS_DAYS`] days, or holding more than [`MAX_STATS_ROWS`] hourly
+/// rows; on `interval` for an hourly series over more than
+/// [`MAX_HOURLY_DAYS`] days; on `definition` for a bad name. `NotFound`
+/// for a binding the tenant does not have. Database errors.
+pub async fn stats(core: &Core, q: &StatsQuery) -> Result<stats::RunStats> {
+    let (start, end) = (stats::floor_hour(q.start), stats::ceil_hour(q.end));
+    if q.end <= q.start {
+        return Err(FieldViolation::new("end_time", "must be after start_time").into());
+    }
+    if end - start > chrono::Duration::days(MAX_STATS_DAYS) {
+        return Err(FieldViolation::new(
+            "end_time",
+            format!("the window is longer than {MAX_STATS_DAYS} days; narrow it"),
+        )
+        .into());
+    }
+    let interval = q
+        .interval
+        .unwrap_or(if end - start <= chrono::Duration::days(2) {
+            stats::StatsInterval::Hour
+        } else {
+            stats::StatsInterval::Day
+        });
+    if interval == stats::StatsInterval::Hour
+        && end - start > chrono::Duration::days(MAX_HOURLY_DAYS)
+    {
+        return Err(FieldViolation::new(
+            "interval",
+            format!("an hourly series covers at most {MAX_HOURLY_DAYS} days; ask for DAY"),
+        )
+        .into());
+    }
+    let scope = match &q.subject {
+        StatsSubject::Tenant(t) => db::runs::StatsScope::Tenant(t),
+        StatsSubject::Binding { tenant, id } => {
+            // Another tenant's binding (or none) is NOT_FOUND, not zeros.
+            db::bindings::binding_get(&core.pool, tenant, *id)
+                .await
+                .map_err(Error::on(&Target::new("binding", id)))?;
+            db::runs::StatsScope::Binding { tenant, id: *id }
+        }
+        StatsSubject::Definition { name, tenant } => {
+            crate::domain::validate_definition_name("definition", name)?;
+            db::runs::StatsScope::Definition {
+                name,
+                tenant: tenant.as_deref(),
+            }
+        }
+    };
+    let rows = db::runs::run_stats_hours(&core.pool, scope, start, end, MAX_STATS_ROWS as i64 + 1)
+        .await
+        .map_err(Error::on(&Target::all("run")))?;
+    if rows.len() > MAX_STATS_ROWS {
+        return Err(FieldViolation::new(
+            "end_time",
+            format!(
+                "the window holds more than {MAX_STATS_ROWS} hourly statistics rows (bindings × hours); \
+                 narrow it, or ask for one binding or definition"
+            ),
+        )
+        .into());
+    }
+    Ok(stats::summarize(&rows, start, end, interval))
 }

@@ -1094,13 +1094,19 @@ async fn finish(
         return Ok(false);
     };
     let mut events = vec![ev];
-    if let Some(retry) = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound) {
+    let retry = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound);
+    let retried = retry.is_some();
+    if let Some(retry) = retry {
         events.extend(
             db::runs::run_insert(&mut tx, &core.node_id, &[retry], now)
                 .await
                 .map_err(Error::on(&target))?,
         );
     }
+    // The end, final unless retried, in the same transaction.
+    db::runs::run_end_record(&mut tx, &[(ended.id, retried)])
+        .await
+        .map_err(Error::on(&target))?;
     super::commit(tx, &target).await?;
     metrics::run_durations([&ended]);
     tracing::info!(run = %id, state = state.as_str(), reason = %outcome.reason,

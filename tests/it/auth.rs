@@ -1606,6 +1606,18 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             pb::ListRunsRequest::default(),
         ),
         rpc(
+            "/sked.v1.RunService/GetRunStats",
+            Viewer,
+            false,
+            true,
+            pb::GetRunStatsRequest {
+                binding_id: nothing.clone(),
+                start_time: Some(ts(now - 3600.0)),
+                end_time: Some(ts(now)),
+                ..Default::default()
+            },
+        ),
+        rpc(
             "/sked.v1.RunService/BackfillRuns",
             Operator,
             false,

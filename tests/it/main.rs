@@ -29,5 +29,6 @@ mod rates;
 mod runs;
 mod schedules;
 mod serve;
+mod status;
 mod tls;
 mod workers;

@@ -350,7 +350,100 @@ pub async fn run_claim(
                                                (0, 'state_changed', CASE WHEN $6 THEN $7 ELSE $5 END))
                                        AS x(back, kind, payload)
              WHERE $6 OR x.back = 0
-             RETURNING run_id)
+             RETURNING run_id),
+           -- Event runs end here, SUCCEEDED (other claims end none).
+           ended AS (
+             SELECT c.id, c.tenant_id, c.binding_id, c.definition, c.state, c.scheduled_time, c.start_time,
+                    c.end_time, false AS final_failure
+             FROM c WHERE c.end_time IS NOT NULL),
+           -- run-end bookkeeping {
+           -- The same text in every statement that ends runs (a test
+           -- compares them); `ended` holds the runs this statement ended,
+           -- with `final_failure` (FAILED or TIMED_OUT and not retried).
+           -- The binding's status (binding_status): its last ended run,
+           -- SKIPPED ones aside; its latest success and final failure; its
+           -- final failures since the last success (a success among these
+           -- runs restarts the count from the failures that ended after it).
+           ended_w AS (
+             SELECT e.*, max(e.end_time) FILTER (WHERE e.state = 'SUCCEEDED')
+                           OVER (PARTITION BY e.binding_id) AS ok_time
+             FROM ended e WHERE e.state <> 'SKIPPED'),
+           status_up AS (
+             INSERT INTO binding_status AS s (binding_id, last_run_id, last_run_state, last_run_scheduled_time,
+                                              last_run_end_time, last_success_time, last_failure_time,
+                                              consecutive_failures)
+             SELECT w.binding_id, (array_agg(w.id ORDER BY w.end_time DESC, w.id DESC))[1],
+                    (array_agg(w.state ORDER BY w.end_time DESC, w.id DESC))[1],
+                    (array_agg(w.scheduled_time ORDER BY w.end_time DESC, w.id DESC))[1],
+                    max(w.end_time), max(w.ok_time), max(w.end_time) FILTER (WHERE w.final_failure),
+                    count(*) FILTER (WHERE w.final_failure AND (w.ok_time IS NULL OR w.end_time > w.ok_time))
+             FROM ended_w w GROUP BY w.binding_id ORDER BY w.binding_id
+             ON CONFLICT (binding_id) DO UPDATE SET
+               last_run_id = CASE WHEN s.last_run_end_time > EXCLUDED.last_run_end_time
+                                  THEN s.last_run_id ELSE EXCLUDED.last_run_id END,
+               last_run_state = CASE WHEN s.last_run_end_time > EXCLUDED.last_run_end_time
+                                     THEN s.last_run_state ELSE EXCLUDED.last_run_state END,
+               last_run_scheduled_time = CASE WHEN s.last_run_end_time > EXCLUDED.last_run_end_time
+                                              THEN s.last_run_scheduled_time
+                                              ELSE EXCLUDED.last_run_scheduled_time END,
+               last_run_end_time = GREATEST(s.last_run_end_time, EXCLUDED.last_run_end_time),
+               last_success_time = GREATEST(s.last_success_time, EXCLUDED.last_success_time),
+               last_failure_time = GREATEST(s.last_failure_time, EXCLUDED.last_failure_time),
+               consecutive_failures = CASE WHEN EXCLUDED.last_success_time IS NULL
+                                           THEN s.consecutive_failures + EXCLUDED.consecutive_failures
+                                           ELSE EXCLUDED.consecutive_failures END),
+           -- The hourly statistics of their bindings (run_stats, histogram
+           -- buckets by sked_stats_bucket; migration 20261203000100). Lag
+           -- and duration only of runs that started; microseconds capped at
+           -- 100 years, infinite instants (planted data) left out.
+           ended_b AS (
+             SELECT e.binding_id, date_trunc('hour', e.scheduled_time, 'UTC') AS hour, e.tenant_id,
+                    e.definition, e.state, sked_stats_bucket(x.lag) AS lag_b, sked_stats_bucket(x.dur) AS dur_b,
+                    least(extract(epoch FROM x.lag) * 1000000, 3155760000000000)::bigint AS lag_us,
+                    least(extract(epoch FROM x.dur) * 1000000, 3155760000000000)::bigint AS dur_us
+             FROM ended e CROSS JOIN LATERAL (
+               SELECT CASE WHEN isfinite(e.start_time) AND isfinite(e.scheduled_time)
+                           THEN greatest(e.start_time - e.scheduled_time, interval '0') END AS lag,
+                      CASE WHEN isfinite(e.start_time) AND isfinite(e.end_time)
+                           THEN greatest(e.end_time - e.start_time, interval '0') END AS dur) x),
+           stats_up AS (
+             INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
+                                         cancelled, skipped, started, duration_sum_us, duration_max_us,
+                                         lag_max_us, lag_hist, duration_hist)
+             SELECT b.binding_id, b.hour, min(b.tenant_id), min(b.definition),
+                    count(*) FILTER (WHERE b.state = 'SUCCEEDED'), count(*) FILTER (WHERE b.state = 'FAILED'),
+                    count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
+                    count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
+                    coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
+                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
+                         WHEN min(b.lag_b) = max(b.lag_b)
+                         THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
+                         ELSE sked_hist_of(array_agg(b.lag_b)) END,
+                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
+                         WHEN min(b.dur_b) = max(b.dur_b)
+                         THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
+                         ELSE sked_hist_of(array_agg(b.dur_b)) END
+             FROM ended_b b WHERE b.hour IS NOT NULL GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
+             ON CONFLICT (binding_id, hour) DO UPDATE SET
+               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
+               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
+               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
+               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
+               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
+               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
+               -- usually one bucket more (the last element is the whole
+               -- increment): an inlined array edit, no subquery
+               lag_hist = CASE WHEN EXCLUDED.started = 0 THEN t.lag_hist
+                               WHEN EXCLUDED.lag_hist[cardinality(EXCLUDED.lag_hist)] = EXCLUDED.started
+                               THEN sked_hist_inc(t.lag_hist, cardinality(EXCLUDED.lag_hist), EXCLUDED.started)
+                               ELSE sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist) END,
+               duration_hist = CASE WHEN EXCLUDED.started = 0 THEN t.duration_hist
+                                    WHEN EXCLUDED.duration_hist[cardinality(EXCLUDED.duration_hist)]
+                                         = EXCLUDED.started
+                                    THEN sked_hist_inc(t.duration_hist, cardinality(EXCLUDED.duration_hist),
+                                                       EXCLUDED.started)
+                                    ELSE sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist) END)
+           -- } run-end bookkeeping
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
@@ -480,7 +573,7 @@ async fn run_fail_unreadable(
     )
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    super::run_end_record(&mut *conn, &[(id, false)]).await
 }
 
 /// Takes the lock that serialises claims ([`run_claim`]) for the rest of the

@@ -86,7 +86,9 @@ impl Default for Outcome {
 /// nothing) when it is not, so a late writer never overwrites a terminal run.
 /// The end time is `now`, or the start time if that is later (a start
 /// floored by [`run_claim`](super::run_claim) on a node whose clock lags). Returns the run as
-/// it now is, with its event.
+/// it now is, with its event. The caller writes its retry, if any, then
+/// records the end with [`run_end_record`](super::run_end_record) in the
+/// same transaction.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -150,7 +152,9 @@ pub async fn run_finish(
 /// [`RunReason::NodeLost`] ([`RunReason::WorkerLost`] for a worker run), or
 /// `CANCELLED` with the pending cancel reason when a cancel was requested.
 /// `FOR UPDATE SKIP LOCKED`, so reapers on several nodes never collide.
-/// Returns the ended runs with their events (announced).
+/// Returns the ended runs with their events (announced); the caller writes
+/// their retries, then records the ends with
+/// [`run_end_record`](super::run_end_record) in the same transaction.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -195,6 +199,7 @@ pub async fn run_reap(
     .fetch_all(&mut *conn)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
     for r in rows {
         let seq = r.last_seq;
         let id = r.id;
@@ -205,6 +210,7 @@ pub async fn run_reap(
             Err(e) => {
                 tracing::error!(run = %id, error = %e,
                     "reaped run's stored data cannot be read; ended without retry");
+                unreadable.push((id, false));
                 continue;
             }
         };
@@ -216,6 +222,8 @@ pub async fn run_reap(
         let ev = state_event(&run, seq, run.end_time.unwrap_or(now), body);
         out.push((run, ev));
     }
+    // Those the caller never sees are recorded here (no retry follows).
+    super::run_end_record(&mut *conn, &unreadable).await?;
     if !out.is_empty() {
         announce(&mut *conn, node_id, out.iter().map(|(_, e)| e)).await?;
         notify_runs(&mut *conn).await?;
@@ -242,11 +250,14 @@ pub async fn run_promote_due(
         to: RunState::Queued,
         reason: String::new(),
     };
-    let gone = EventBody::StateChanged {
+    let gone_body = EventBody::StateChanged {
         from: Some(RunState::Scheduled),
         to: RunState::Cancelled,
         reason: RunReason::BindingDeleted.to_string(),
     };
+    // One transaction (a savepoint when the caller has one): the runs
+    // ended here are recorded with their end.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let rows = sqlx::query!(
         r#"WITH x AS (
              SELECT r.id, NOT EXISTS (SELECT 1 FROM bindings b WHERE b.id = r.binding_id) AS gone
@@ -270,15 +281,21 @@ pub async fn run_promote_due(
         now,
         limit,
         encode(&body),
-        encode(&gone),
+        encode(&gone_body),
         RunReason::BindingDeleted.as_str(),
     )
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await?;
     let mut waiting = Waiting::default();
     for r in rows.iter().filter(|r| !r.gone) {
         waiting.add(RunState::Queued, r.worker);
     }
+    let gone: Vec<(Uuid, bool)> = rows
+        .iter()
+        .filter(|r| r.gone)
+        .map(|r| (r.id, false))
+        .collect();
+    super::run_end_record(&mut tx, &gone).await?;
     let events: Vec<RunEvent> = rows
         .into_iter()
         .map(|r| RunEvent {
@@ -288,15 +305,20 @@ pub async fn run_promote_due(
             tenant_id: r.tenant_id,
             binding_id: r.binding_id,
             definition: r.definition,
-            body: if r.gone { gone.clone() } else { body.clone() },
+            body: if r.gone {
+                gone_body.clone()
+            } else {
+                body.clone()
+            },
         })
         .collect();
     if !events.is_empty() {
-        announce(&mut *conn, node_id, &events).await?;
+        announce(&mut tx, node_id, &events).await?;
     }
     if waiting.any() {
-        notify_runs_for(&mut *conn, waiting).await?;
+        notify_runs_for(&mut tx, waiting).await?;
     }
+    tx.commit().await?;
     Ok(Promoted { events, waiting })
 }
 
@@ -311,8 +333,9 @@ pub struct Promoted {
 }
 
 /// Cancels those of `ids` that are still waiting (`SCHEDULED` or `QUEUED`):
-/// `CANCELLED` at once with `reason`, events written and announced. Runs in
-/// any other state are left alone. The caller has checked access.
+/// `CANCELLED` at once with `reason`, events written and announced, ends
+/// recorded ([`run_end_record`](super::run_end_record)). Runs in any other
+/// state are left alone. The caller has checked access.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -361,6 +384,8 @@ pub async fn run_cancel_waiting(
             })
         })
         .collect::<Result<_, Error>>()?;
+    let ended: Vec<(Uuid, bool)> = events.iter().map(|e| (e.run_id, false)).collect();
+    super::run_end_record(&mut *conn, &ended).await?;
     announce(&mut *conn, node_id, &events).await?;
     Ok(events)
 }

@@ -4,12 +4,12 @@
 //! [`run_list_active`], [`run_next_due_time`]).
 
 use chrono::{DateTime, Utc};
-use sqlx::PgExecutor;
+use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{RunRow, corrupt_state};
 use crate::db::Error;
-use crate::domain::{Run, RunState};
+use crate::domain::{Run, RunState, RunTrigger};
 
 /// An active run of a binding, for overlap decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,40 +182,239 @@ pub async fn run_get(db: impl PgExecutor<'_>, tenant_id: &str, id: Uuid) -> Resu
     .try_into()
 }
 
-/// Lists up to `limit` of the tenant's runs with id < `before` (newest
-/// first), optionally filtered by binding and state.
+/// Which runs [`run_list`] returns: all of the given filters hold.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery<'a> {
+    /// Only runs of this binding.
+    pub binding_id: Option<Uuid>,
+    /// Only runs in one of these states (empty: any).
+    pub states: &'a [RunState],
+    /// Only runs of this trigger.
+    pub trigger: Option<RunTrigger>,
+    /// Only runs of this definition.
+    pub definition: Option<&'a str>,
+    /// Only runs executed (claimed) by this node.
+    pub node: Option<&'a str>,
+    /// Only runs with `scheduled_time >=` this.
+    pub scheduled_from: Option<DateTime<Utc>>,
+    /// Only runs with `scheduled_time <` this.
+    pub scheduled_until: Option<DateTime<Utc>>,
+    /// Ascending id (oldest first) instead of descending.
+    pub oldest_first: bool,
+}
+
+impl RunQuery<'_> {
+    /// Whether anything but the binding narrows the list.
+    fn filters(&self) -> bool {
+        !self.states.is_empty()
+            || self.trigger.is_some()
+            || self.definition.is_some()
+            || self.node.is_some()
+            || self.scheduled_from.is_some()
+            || self.scheduled_until.is_some()
+    }
+}
+
+/// One call's answer of [`run_list`].
+#[derive(Debug, Clone, Default)]
+pub struct RunListed {
+    /// Matching runs, in the query's order, at most `limit`.
+    pub runs: Vec<Run>,
+    /// Set when the scan stopped at `scan` runs before finding `limit`
+    /// matching ones: the id of the last run scanned, where the next call
+    /// goes on.
+    pub scanned_to: Option<Uuid>,
+}
+
+/// Lists up to `limit` of the tenant's runs matching `f`, after the cursor
+/// `after` in the query's order (id descending: newest first, or ascending
+/// with `oldest_first`; `None` starts at the beginning). The tenant's runs
+/// (or the binding's) are read in id order and filtered, but at most `scan`
+/// of them per call: when fewer than `limit` matched by then,
+/// [`RunListed::scanned_to`] says where the scan stopped, so one call never
+/// reads more than `scan` rows however selective the filters.
 ///
 /// # Errors
-/// [`Error::Sqlx`] on database failure.
+/// [`Error::Sqlx`] on database failure; [`Error::Corrupt`] for bad JSON.
 pub async fn run_list(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     tenant_id: &str,
-    before: Uuid,
-    binding_id: Option<Uuid>,
-    state: Option<RunState>,
+    f: &RunQuery<'_>,
+    after: Option<Uuid>,
+    scan: i64,
     limit: i64,
-) -> Result<Vec<Run>, Error> {
-    sqlx::query_as!(
-        RunRow,
-        "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+) -> Result<RunListed, Error> {
+    let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
+    let scan = scan.max(1);
+    let after = after.unwrap_or(if f.oldest_first {
+        Uuid::nil()
+    } else {
+        Uuid::max()
+    });
+    // One statement per order and per index (binding or tenant), so each
+    // reads its index in order and stops early.
+    let rows = match (f.oldest_first, f.binding_id.is_some()) {
+        (false, true) => sqlx::query_as!(
+                RunRow,
+                r#"SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
                   retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
-         FROM runs
-         WHERE tenant_id = $1 AND id < $2 AND ($3::uuid IS NULL OR binding_id = $3)
-           AND ($4::text IS NULL OR state = $4)
-         ORDER BY id DESC LIMIT $5",
-        tenant_id,
-        before,
-        binding_id,
-        state.map(|s| s.as_str()),
-        limit
-    )
-    .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(Run::try_from)
-    .collect()
+         FROM (SELECT * FROM runs WHERE tenant_id = $1 AND binding_id = $2 AND id < $3
+               ORDER BY id DESC LIMIT $10) s
+         WHERE (cardinality($4::text[]) = 0 OR s.state = ANY($4))
+           AND ($5::text IS NULL OR s.trigger = $5) AND ($6::text IS NULL OR s.definition = $6)
+           AND ($7::text IS NULL OR s.node_id = $7)
+           AND ($8::timestamptz IS NULL OR s.scheduled_time >= $8)
+           AND ($9::timestamptz IS NULL OR s.scheduled_time < $9)
+         ORDER BY s.id DESC LIMIT $11"#,
+                tenant_id,
+                f.binding_id,
+                after,
+                &states as &[&str],
+                f.trigger.map(RunTrigger::as_str),
+                f.definition,
+                f.node,
+                f.scheduled_from,
+                f.scheduled_until,
+                scan,
+                limit,
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+        (false, false) => sqlx::query_as!(
+                RunRow,
+                r#"SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
+         FROM (SELECT * FROM runs WHERE tenant_id = $1 AND id < $3 AND $2::uuid IS NULL
+               ORDER BY id DESC LIMIT $10) s
+         WHERE (cardinality($4::text[]) = 0 OR s.state = ANY($4))
+           AND ($5::text IS NULL OR s.trigger = $5) AND ($6::text IS NULL OR s.definition = $6)
+           AND ($7::text IS NULL OR s.node_id = $7)
+           AND ($8::timestamptz IS NULL OR s.scheduled_time >= $8)
+           AND ($9::timestamptz IS NULL OR s.scheduled_time < $9)
+         ORDER BY s.id DESC LIMIT $11"#,
+                tenant_id,
+                f.binding_id,
+                after,
+                &states as &[&str],
+                f.trigger.map(RunTrigger::as_str),
+                f.definition,
+                f.node,
+                f.scheduled_from,
+                f.scheduled_until,
+                scan,
+                limit,
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+        (true, true) => sqlx::query_as!(
+                RunRow,
+                r#"SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
+         FROM (SELECT * FROM runs WHERE tenant_id = $1 AND binding_id = $2 AND id > $3
+               ORDER BY id ASC LIMIT $10) s
+         WHERE (cardinality($4::text[]) = 0 OR s.state = ANY($4))
+           AND ($5::text IS NULL OR s.trigger = $5) AND ($6::text IS NULL OR s.definition = $6)
+           AND ($7::text IS NULL OR s.node_id = $7)
+           AND ($8::timestamptz IS NULL OR s.scheduled_time >= $8)
+           AND ($9::timestamptz IS NULL OR s.scheduled_time < $9)
+         ORDER BY s.id ASC LIMIT $11"#,
+                tenant_id,
+                f.binding_id,
+                after,
+                &states as &[&str],
+                f.trigger.map(RunTrigger::as_str),
+                f.definition,
+                f.node,
+                f.scheduled_from,
+                f.scheduled_until,
+                scan,
+                limit,
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+        (true, false) => sqlx::query_as!(
+                RunRow,
+                r#"SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
+                  create_time, start_time, end_time, handler, params, result, error_message,
+                  error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
+         FROM (SELECT * FROM runs WHERE tenant_id = $1 AND id > $3 AND $2::uuid IS NULL
+               ORDER BY id ASC LIMIT $10) s
+         WHERE (cardinality($4::text[]) = 0 OR s.state = ANY($4))
+           AND ($5::text IS NULL OR s.trigger = $5) AND ($6::text IS NULL OR s.definition = $6)
+           AND ($7::text IS NULL OR s.node_id = $7)
+           AND ($8::timestamptz IS NULL OR s.scheduled_time >= $8)
+           AND ($9::timestamptz IS NULL OR s.scheduled_time < $9)
+         ORDER BY s.id ASC LIMIT $11"#,
+                tenant_id,
+                f.binding_id,
+                after,
+                &states as &[&str],
+                f.trigger.map(RunTrigger::as_str),
+                f.definition,
+                f.node,
+                f.scheduled_from,
+                f.scheduled_until,
+                scan,
+                limit,
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+    };
+    let runs: Vec<Run> = rows
+        .into_iter()
+        .map(Run::try_from)
+        .collect::<Result<_, _>>()?;
+    // Not every row scanned matched: did the scan stop at `scan` rows?
+    let scanned_to = if (runs.len() as i64) < limit && f.filters() {
+        match (f.oldest_first, f.binding_id.is_some()) {
+            (false, true) => sqlx::query_scalar!(
+                "SELECT id FROM runs WHERE tenant_id = $1 AND binding_id = $2 AND id < $3 ORDER BY id DESC OFFSET $4 LIMIT 1",
+                tenant_id,
+                f.binding_id,
+                after,
+                scan - 1,
+            )
+            .fetch_optional(&mut *conn)
+            .await?,
+            (false, false) => sqlx::query_scalar!(
+                "SELECT id FROM runs WHERE tenant_id = $1 AND id < $3 AND $2::uuid IS NULL ORDER BY id DESC OFFSET $4 LIMIT 1",
+                tenant_id,
+                f.binding_id,
+                after,
+                scan - 1,
+            )
+            .fetch_optional(&mut *conn)
+            .await?,
+            (true, true) => sqlx::query_scalar!(
+                "SELECT id FROM runs WHERE tenant_id = $1 AND binding_id = $2 AND id > $3 ORDER BY id ASC OFFSET $4 LIMIT 1",
+                tenant_id,
+                f.binding_id,
+                after,
+                scan - 1,
+            )
+            .fetch_optional(&mut *conn)
+            .await?,
+            (true, false) => sqlx::query_scalar!(
+                "SELECT id FROM runs WHERE tenant_id = $1 AND id > $3 AND $2::uuid IS NULL ORDER BY id ASC OFFSET $4 LIMIT 1",
+                tenant_id,
+                f.binding_id,
+                after,
+                scan - 1,
+            )
+            .fetch_optional(&mut *conn)
+            .await?,
+        }
+    } else {
+        None
+    };
+    Ok(RunListed { runs, scanned_to })
 }
 
 /// The run's current state and highest event seq (any tenant; for stream
