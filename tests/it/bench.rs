@@ -253,3 +253,33 @@ async fn bench_workers_smoke() {
     assert!(v["figures"]["dispatch_p99_ms"].is_number(), "{v}");
     assert_eq!(v["params"]["workers"], 2, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_stats_smoke() {
+    let v = bench(&[
+        "stats",
+        "--runs",
+        "3000",
+        "--bindings",
+        "5",
+        "--days",
+        "3",
+        "--calls",
+        "3",
+    ])
+    .await;
+    has_figures(
+        &v,
+        &[
+            "runs_total",
+            "counts_exact",
+            "stats_rows",
+            "tenant_p50_ms",
+            "tenant_p99_ms",
+            "binding_p50_ms",
+            "definition_p50_ms",
+        ],
+    );
+    assert_eq!(v["figures"]["runs_total"], 3000, "{v}");
+    assert_eq!(v["figures"]["counts_exact"], true, "{v}");
+}

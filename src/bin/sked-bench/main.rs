@@ -50,6 +50,9 @@
 //!   `WorkerService.Work`: a backlog drained (completed runs/s), dispatch
 //!   latency (Assigned received − run due) p50/p99/max at a steady offered
 //!   rate, and the ratio to the batched row-insert ceiling.
+//! * [`run_stats`] (`stats`) — GetRunStats over a month of one tenant's
+//!   runs (1 000 000 by default, written into the database and recorded by
+//!   sked's run-end bookkeeping): latency p50/p99 per scope, exact counts.
 
 mod api;
 mod burst;
@@ -57,6 +60,7 @@ mod env;
 mod fire;
 mod idle;
 mod report;
+mod run_stats;
 mod stats;
 mod stream;
 mod throughput;
@@ -93,6 +97,8 @@ enum Cmd {
     Idle(idle::IdleArgs),
     /// Worker runs: a backlog drained by W workers, and dispatch latency.
     Workers(workers::WorkersArgs),
+    /// GetRunStats over a month of one tenant's runs.
+    Stats(run_stats::StatsArgs),
     /// Runs one sked node (used by the bench for its child processes).
     #[command(hide = true)]
     Node(NodeArgs),
@@ -195,6 +201,12 @@ fn main() -> ExitCode {
             a.common.clone(),
             a,
             workers::run,
+        )),
+        Cmd::Stats(a) => rt.block_on(env::run_scenario(
+            "stats",
+            a.common.clone(),
+            a,
+            run_stats::run,
         )),
     };
     match result {
