@@ -112,6 +112,21 @@ async fn apply_creates_updates_exactly_and_is_idempotent() {
     assert_eq!(hello.timeout.as_ref().unwrap().seconds, 30);
     let nightly = def(&node, "nightly-report").await.unwrap();
     assert!(nightly.deletion_protection);
+    // protected in the file: DeleteDefinition refuses it; hello is not
+    let refused = node
+        .definitions()
+        .delete_definition(pb::DeleteDefinitionRequest {
+            name: "nightly-report".into(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(!hello.deletion_protection);
     assert_eq!(nightly.retry_policy.as_ref().unwrap().max_attempts, 3);
     let acme = bindings(&node, "acme").await;
     assert_eq!(acme.len(), 2);
