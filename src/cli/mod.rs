@@ -1,6 +1,6 @@
 //! The `sked` client subcommands: a gRPC client of a sked node like any
 //! other (`def`, `binding`, `run`, `tail`, `watch`, `preview`, `status`,
-//! `quota`, `key`, `audit`, `completions`). One file per resource; shared pieces:
+//! `quota`, `key`, `audit`, `apply`, `completions`). One file per resource; shared pieces:
 //! [`connect`] (address, API key, tenant, TLS, the config file),
 //! [`output`] (tables, `-o json|yaml`), [`input`] (durations, times,
 //! params, schedules and message files) and [`follow`] (following a run to
@@ -26,6 +26,7 @@
 //! | 6 | the run was SKIPPED |
 //! | 7 | could not reach sked, or what was named does not exist (`UNAVAILABLE`, `NOT_FOUND`) |
 
+pub mod apply;
 pub mod audit;
 pub mod binding;
 pub mod connect;
@@ -96,6 +97,9 @@ pub enum Command {
     Key(key::Args),
     /// The audit log of changes.
     Audit(audit::Args),
+    /// Definitions as code: create / update definitions and bindings from a
+    /// YAML file (--dry-run, --prune).
+    Apply(apply::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
 }
@@ -234,6 +238,7 @@ pub async fn run(cmd: Command, bin: &mut clap::Command) -> i32 {
         Command::Quota(a) => quota::run(a).await,
         Command::Key(a) => key::run(a).await,
         Command::Audit(a) => audit::run(a).await,
+        Command::Apply(a) => apply::run(a).await,
         Command::Completions(a) => {
             clap_complete::generate(a.shell, bin, "sked", &mut std::io::stdout());
             Ok(EXIT_OK)

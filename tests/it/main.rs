@@ -7,6 +7,7 @@
 mod common;
 
 mod api;
+mod apply;
 mod auth;
 mod bench;
 mod claim_guards;
