@@ -1094,7 +1094,9 @@ async fn finish(
         return Ok(false);
     };
     let mut events = vec![ev];
-    if let Some(retry) = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound) {
+    if let Some(retry) =
+        NewRun::retry_of(core.clock.new_id(), &ended, outcome.retryable, now).filter(|_| bound)
+    {
         events.extend(
             db::runs::run_insert(&mut tx, &core.node_id, &[retry], now)
                 .await
