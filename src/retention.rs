@@ -229,9 +229,15 @@ impl Retention {
         // before the day is detached (its scan of the runs left is short).
         let mut cursor = Uuid::nil();
         let mut runs_ok = true;
-        for d in days.iter().filter(|d| d.attached && day_expired(d.day, cutoff)) {
+        for d in days
+            .iter()
+            .filter(|d| d.attached && day_expired(d.day, cutoff))
+        {
             let Some(next) = d.day.succ_opt() else { break };
-            if !self.delete_runs(&mut cursor, day_floor_id(next), cutoff, stop).await {
+            if !self
+                .delete_runs(&mut cursor, day_floor_id(next), cutoff, stop)
+                .await
+            {
                 runs_ok = false;
                 break;
             }
@@ -250,7 +256,8 @@ impl Retention {
         self.archive_and_drop().await;
         self.delete_audit(now - s.audit, stop).await;
         if self.leading(stop) {
-            ::metrics::gauge!(metrics::RETENTION_LAST_PASS).set(self.clock.now().timestamp() as f64);
+            ::metrics::gauge!(metrics::RETENTION_LAST_PASS)
+                .set(self.clock.now().timestamp() as f64);
         }
     }
 
@@ -356,12 +363,16 @@ impl Retention {
         };
         let attached = days.iter().filter(|d| d.attached).count();
         let detached: Vec<_> = days.iter().filter(|d| !d.attached).collect();
-        ::metrics::gauge!(metrics::RUN_EVENT_PARTITIONS, "state" => "attached").set(attached as f64);
+        ::metrics::gauge!(metrics::RUN_EVENT_PARTITIONS, "state" => "attached")
+            .set(attached as f64);
         ::metrics::gauge!(metrics::RUN_EVENT_PARTITIONS, "state" => "detached")
             .set(detached.len() as f64);
         for d in detached {
             if let Some(dir) = &self.settings.archive_dir {
                 match self.archive_day(dir, d.day).await {
+                    Ok((_, 0)) => {
+                        tracing::info!(day = %d.day, "run_events day empty: no archive file")
+                    }
                     Ok((path, n)) => {
                         tracing::info!(day = %d.day, events = n, file = %path.display(), "run_events day archived");
                     }
@@ -392,29 +403,36 @@ impl Retention {
     }
 
     /// Writes the detached table of `day` to `run-events-YYYY-MM-DD.jsonl.gz`
-    /// in `dir`, page by page; returns the file and its events.
-    async fn archive_day(&self, dir: &Path, day: NaiveDate) -> Result<(PathBuf, u64), ArchiveError> {
+    /// in `dir`, page by page; returns the file and its events. An empty
+    /// day writes no file.
+    async fn archive_day(
+        &self,
+        dir: &Path,
+        day: NaiveDate,
+    ) -> Result<(PathBuf, u64), ArchiveError> {
         let name = format!("run-events-{}.jsonl.gz", day.format("%Y-%m-%d"));
+        let page_size = self.settings.page;
+        let read =
+            |after| db::retention::run_event_detached_page(&self.pool, day, after, page_size);
+        let mut page = read((Uuid::nil(), 0)).await?;
+        if page.is_empty() {
+            return Ok((dir.join(name), 0));
+        }
         let mut file = blocking(ArchiveFile::create(dir.to_path_buf(), name)).await?;
-        let mut after = (Uuid::nil(), 0);
         let result = async move {
             loop {
-                let page = db::retention::run_event_detached_page(
-                    &self.pool,
-                    day,
-                    after,
-                    self.settings.page,
-                )
-                .await?;
-                let Some(last) = page.last() else { break };
-                after = (last.run_id, last.seq);
-                let full = page.len() >= self.settings.page as usize;
+                let last = page.last().map(|e| (e.run_id, e.seq));
+                let full = page.len() >= page_size as usize;
                 file = blocking(move || {
                     file.write(&page)?;
                     Ok(file)
                 })
                 .await?;
-                if !full {
+                match last {
+                    Some(after) if full => page = read(after).await?,
+                    _ => break,
+                }
+                if page.is_empty() {
                     break;
                 }
             }
@@ -465,14 +483,12 @@ fn failed(step: &'static str, e: &dyn std::fmt::Display) {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ArchiveError> + Send + 'static,
 ) -> Result<T, ArchiveError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| {
-            Err(ArchiveError::Io {
-                path: PathBuf::new(),
-                source: std::io::Error::other(e.to_string()),
-            })
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ArchiveError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
         })
+    })
 }
 
 /// Writes `events` to the archive file `name` in `dir` (the default
@@ -577,7 +593,9 @@ impl ArchiveFile {
         file.sync_all().map_err(io)?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(io)?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         ::metrics::counter!(metrics::ARCHIVE_FILES).increment(1);
         ::metrics::counter!(metrics::ARCHIVE_EVENTS).increment(self.events);
         Ok((self.path, self.events))

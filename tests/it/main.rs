@@ -25,6 +25,7 @@ mod progress;
 mod python;
 mod quotas;
 mod rates;
+mod retention;
 mod runs;
 mod schedules;
 mod serve;
