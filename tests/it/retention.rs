@@ -423,3 +423,134 @@ async fn bad_retention_values_are_refused_with_a_clear_message() {
         );
     }
 }
+
+/// The migration that partitions `run_events` moves existing events into
+/// the day of their run and keeps them readable: runs made on a database
+/// at the previous schema (copied from a node whose clock ran five days
+/// behind) read the same through ListRunEvents after a node migrated it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_moves_existing_events_into_their_days() {
+    // Source: runs of today and of five days ago, made through the API.
+    let src = TestDb::new().await;
+    let clock = Clock::system();
+    clock.advance(TimeDelta::days(-5));
+    let mut s = settings(&src, "mig-src");
+    s.clock = clock.clone();
+    let node = TestNode::start_with(s).await;
+    let binding =
+        define_and_bind(&node, TENANT, sh_def("keeper.mig", "echo moved", manual())).await;
+    let mut runs = Vec::new();
+    for back in [true, false] {
+        if !back {
+            clock.advance(TimeDelta::days(5));
+        }
+        let r = trigger(&node, TENANT, &binding.id).await;
+        wait_terminal(&node, TENANT, &r.id).await;
+        runs.push(r);
+    }
+    let mut before = Vec::new();
+    for r in &runs {
+        before.push(list_events(&node, &r.id).await.unwrap());
+    }
+    node.stop().await;
+    let src_pool = src.pool().await;
+    let dump = |sql: &'static str| {
+        let pool = src_pool.clone();
+        async move {
+            sqlx::query_scalar::<_, serde_json::Value>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (run_rows, event_rows) = (
+        dump("SELECT jsonb_agg(t) FROM runs t").await,
+        dump("SELECT jsonb_agg(t) FROM run_events t").await,
+    );
+
+    // Target: the schema before partitioning, holding those rows (and one
+    // event whose run id is not a UUIDv7).
+    let dst = TestDb::new().await;
+    let pool = dst.pool().await;
+    sqlx::migrate::Migrator::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
+        .await
+        .unwrap()
+        .run_to(20261203000200, &pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO runs SELECT * FROM jsonb_populate_recordset(NULL::runs, $1)")
+        .bind(&run_rows)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO run_events SELECT * FROM jsonb_populate_recordset(NULL::run_events, $1)",
+    )
+    .bind(&event_rows)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let v4 = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO run_events VALUES ($1, 1, now(), 't', gen_random_uuid(), 'd', 'log', '{}')",
+    )
+    .bind(v4)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM run_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    let node = TestNode::start(&dst, "mig-dst").await;
+    for (r, ev) in runs.iter().zip(&before) {
+        assert_eq!(
+            &list_events(&node, &r.id).await.unwrap(),
+            ev,
+            "run {}",
+            r.id
+        );
+        let part: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT tableoid::regclass::text FROM run_events WHERE run_id = $1",
+        )
+        .bind(r.id.parse::<uuid::Uuid>().unwrap())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(part, vec![table(day_of(r))], "run {} in its day", r.id);
+    }
+    let part: String =
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM run_events WHERE run_id = $1")
+            .bind(v4)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(part, "run_events_default");
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM run_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, total, "every row moved");
+    let old: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname = 'run_events_unpartitioned'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(old, 0);
+    // New runs write into today's partition.
+    let b = define_and_bind(&node, TENANT, sh_def("keeper.new", "echo new", manual())).await;
+    let r = trigger(&node, TENANT, &b.id).await;
+    wait_terminal(&node, TENANT, &r.id).await;
+    assert!(!list_events(&node, &r.id).await.unwrap().is_empty());
+    let part: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT tableoid::regclass::text FROM run_events WHERE run_id = $1",
+    )
+    .bind(r.id.parse::<uuid::Uuid>().unwrap())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(part, vec![table(day_of(&r))]);
+    node.stop().await;
+}
