@@ -112,6 +112,7 @@ CREATE FUNCTION sked_run_events_detach(day date, cutoff timestamptz) RETURNS big
 LANGUAGE plpgsql AS $$
 DECLARE
     part  text := 'run_events_' || to_char(day, 'YYYYMMDD');
+    keep  uuid[];
     moved bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('sked.run_events_partitions'));
@@ -121,15 +122,20 @@ BEGIN
         RETURN NULL;
     END IF;
     EXECUTE format('ALTER TABLE run_events DETACH PARTITION %I', part);
+    -- Under the lock, so no event of the day can be written meanwhile; by
+    -- primary key (the day's deletable runs are gone already), and the
+    -- events by theirs: nothing here scans the day's events.
+    SELECT array_agg(id) INTO keep FROM runs
+    WHERE id >= sked_run_events_day_floor(day) AND id < sked_run_events_day_floor(day + 1)
+      AND NOT (state IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'CANCELLED', 'SKIPPED')
+               AND COALESCE(end_time, create_time) < cutoff);
+    IF keep IS NULL THEN
+        RETURN 0;
+    END IF;
     EXECUTE format(
-        'WITH keep AS (
-             SELECT id FROM runs
-             WHERE id >= $1 AND id < $2
-               AND NOT (state IN (''SUCCEEDED'', ''FAILED'', ''TIMED_OUT'', ''CANCELLED'', ''SKIPPED'')
-                        AND COALESCE(end_time, create_time) < $3)),
-         m AS (DELETE FROM %I e USING keep WHERE e.run_id = keep.id RETURNING e.*)
+        'WITH m AS (DELETE FROM %I WHERE run_id = ANY($1) RETURNING *)
          INSERT INTO run_events SELECT * FROM m', part)
-        USING sked_run_events_day_floor(day), sked_run_events_day_floor(day + 1), cutoff;
+        USING keep;
     GET DIAGNOSTICS moved = ROW_COUNT;
     RETURN moved;
 END

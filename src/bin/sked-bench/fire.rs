@@ -358,6 +358,47 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
             i64::from(d.in_window),
             Target::Equal(1.0),
         );
+        // Fires due from 1 s before the attach to 1 s after the drop, and
+        // the others: what the drop itself cost.
+        let (near_p99, near_max, away_p99): (Option<f64>, Option<f64>, Option<f64>) =
+            sqlx::query_as(
+                "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE near),
+                        max(lag) FILTER (WHERE near),
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE NOT near)
+                 FROM (SELECT extract(epoch FROM start_time - scheduled_time)::float8 * 1000 AS lag,
+                              scheduled_time BETWEEN $3 AND $4 AS near
+                       FROM runs
+                       WHERE trigger = 'SCHEDULE' AND state = 'SUCCEEDED'
+                         AND scheduled_time >= $1 AND scheduled_time < $2
+                         AND tenant_id NOT LIKE 'hostile-%') l",
+            )
+            .bind(w0)
+            .bind(w1)
+            .bind(d.attached_at - TimeDelta::seconds(1))
+            .bind(d.gone_at + TimeDelta::seconds(1))
+            .fetch_one(&env.pool)
+            .await?;
+        r.num(
+            "lag_p99_near_drop_ms",
+            "fire lag p99, ±1 s around attach → drop",
+            ms1o(near_p99),
+            "ms",
+            Target::Info,
+        );
+        r.num(
+            "lag_max_near_drop_ms",
+            "fire lag max, ±1 s around attach → drop",
+            ms1o(near_max),
+            "ms",
+            Target::Info,
+        );
+        r.num(
+            "lag_p99_away_from_drop_ms",
+            "fire lag p99, the rest of the window",
+            ms1o(away_p99),
+            "ms",
+            Target::Info,
+        );
     }
     r.extra("window_start", json!(w0.to_rfc3339()));
     r.extra("window_end", json!(w1.to_rfc3339()));
@@ -475,13 +516,15 @@ async fn fill_old_day(env: &Env, events: u64) -> anyhow::Result<OldDay> {
     let day = (Utc::now() - TimeDelta::days(40)).date_naive();
     let started = std::time::Instant::now();
     progress!("writing {events} events of runs created on {day} (retention drop)");
-    let day_ms = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_millis();
+    let day_ms = day
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp_millis();
     // Run r (one per millisecond of the day) has events 1..=1000.
-    sqlx::query(
-        "CREATE TABLE bench_retention_day (LIKE run_events INCLUDING DEFAULTS)",
-    )
-    .execute(&env.pool)
-    .await?;
+    sqlx::query("CREATE TABLE bench_retention_day (LIKE run_events INCLUDING DEFAULTS)")
+        .execute(&env.pool)
+        .await?;
     sqlx::query(
         "INSERT INTO bench_retention_day
          SELECT (lpad(to_hex($1::bigint + g / 1000), 12, '0') || '70008000' || lpad(to_hex(g / 1000), 12, '0'))::uuid,
@@ -535,6 +578,9 @@ struct Dropped {
     /// gone by the end of the window).
     after_secs: Option<f64>,
     in_window: bool,
+    /// When it was attached, and when it was seen gone (or the window's end).
+    attached_at: DateTime<Utc>,
+    gone_at: DateTime<Utc>,
 }
 
 /// Attaches the staging table as the old day's partition, then watches it
@@ -548,6 +594,7 @@ async fn attach_and_watch(env: &Env, day: &OldDay, w1: DateTime<Utc>) -> anyhow:
     .fetch_one(&env.pool)
     .await?;
     let attached = std::time::Instant::now();
+    let attached_at = Utc::now();
     let mut tx = env.pool.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE bench_retention_day RENAME TO {name}"
@@ -575,6 +622,8 @@ async fn attach_and_watch(env: &Env, day: &OldDay, w1: DateTime<Utc>) -> anyhow:
             return Ok(Dropped {
                 after_secs: Some(after),
                 in_window: Utc::now() < w1,
+                attached_at,
+                gone_at: Utc::now(),
             });
         }
         if Utc::now() >= w1 {
@@ -582,6 +631,8 @@ async fn attach_and_watch(env: &Env, day: &OldDay, w1: DateTime<Utc>) -> anyhow:
             return Ok(Dropped {
                 after_secs: None,
                 in_window: false,
+                attached_at,
+                gone_at: Utc::now(),
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
