@@ -83,6 +83,14 @@ pub enum Error {
     /// A non-loopback listener without TLS and without `--insecure-listen`.
     #[error(transparent)]
     InsecureListen(#[from] crate::config::InsecureListen),
+    /// `--archive-dir` cannot hold archive files.
+    #[error("--archive-dir {path}: {source}")]
+    ArchiveDir {
+        /// The directory.
+        path: String,
+        /// Why it cannot be used.
+        source: std::io::Error,
+    },
     /// An engine task died more often than [`Restarts`] allows.
     #[error(
         "engine task {task} died {deaths} times within {window:?} (last: {why}); stopping the node"
@@ -161,6 +169,9 @@ pub struct Settings {
     pub metrics_sample: Duration,
     /// How engine tasks that die are restarted ([`supervise`]).
     pub restarts: Restarts,
+    /// What the maintenance leader keeps (`--retention`,
+    /// `--audit-retention`, `--archive-dir`) and how it paces itself.
+    pub retention: crate::retention::Settings,
 }
 
 impl Settings {
@@ -188,6 +199,7 @@ impl Settings {
             metrics: false,
             metrics_sample: Duration::from_secs(10),
             restarts: Restarts::default(),
+            retention: crate::retention::Settings::default(),
         }
     }
 }
@@ -247,9 +259,28 @@ pub async fn serve(
     // health) and the API's, so no amount of API traffic — a burst of
     // backfills, slow streams — can keep the scheduler or a claim waiting
     // for a connection. They share the node's budget.
+    if let Some(dir) = &settings.retention.archive_dir {
+        crate::retention::check_archive_dir(dir).map_err(|source| Error::ArchiveDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
     let (engine_size, api_size) = split_connections(settings.db_max_connections);
     let engine_pool = db::connect(&settings.database_url, engine_size).await?;
     db::migrate(&engine_pool).await?;
+    // Today's and the next days' run_events partitions, by this node's
+    // clock (the leader keeps them ahead; the default partition catches
+    // anything meanwhile).
+    if let Err(e) = crate::retention::ensure_partitions(
+        &engine_pool,
+        settings.clock.now(),
+        settings.retention.ahead,
+        settings.retention.lock_timeout * 10,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "creating the run_events partitions ahead failed; the leader tries again");
+    }
     let pool = db::connect(&settings.database_url, api_size).await?;
     let addr = listener.local_addr()?;
     if settings.auth {
@@ -455,6 +486,24 @@ async fn serve_with_pool(
             }),
         )
     };
+    // Leader-only: it stops with the election, when draining begins.
+    let retention_task = {
+        let retention = crate::retention::Retention {
+            pool: engine_pool.clone(),
+            clock: settings.clock.clone(),
+            leadership: leadership.clone(),
+            settings: settings.retention.clone(),
+        };
+        let stop = election_stop.clone();
+        supervised(
+            "retention",
+            election_stop.clone(),
+            Box::new(move || {
+                let (retention, stop) = (retention.clone(), stop.clone());
+                Box::pin(async move { retention.run(stop).await })
+            }),
+        )
+    };
     let heartbeat_task = {
         let load = {
             let (running, hub, bus, draining) = (
@@ -529,6 +578,7 @@ async fn serve_with_pool(
             let _ = hub_task.await;
             let _ = health_task.await;
             let _ = election_task.await;
+            let _ = retention_task.await;
             if let Some(t) = sampler_task {
                 let _ = t.await;
             }
@@ -871,6 +921,15 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;
     settings.tls = tls;
     settings.leader_lease = Duration::from_secs(args.leader_lease_secs);
+    settings.retention.runs = args.retention;
+    settings.retention.audit = args.audit_retention;
+    settings.retention.archive_dir = args.archive_dir.clone();
+    tracing::info!(
+        retention = %crate::domain::retention::show_retention(args.retention),
+        audit_retention = %crate::domain::retention::show_retention(args.audit_retention),
+        archive_dir = ?args.archive_dir,
+        "retention"
+    );
     settings.http.allow =
         crate::domain::HttpAllow::parse(&args.http_allow).map_err(Error::HttpAllow)?;
     if !settings.http.allow.0.is_empty() {

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use chrono::TimeDelta;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// sked: a gRPC task-scheduling service on PostgreSQL.
@@ -155,6 +156,29 @@ pub struct ServeArgs {
     /// takes over within this long.
     #[arg(long, env = "SKED_LEADER_LEASE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub leader_lease_secs: u64,
+    /// How long run history is kept: the maintenance leader deletes runs
+    /// that ended (or were skipped) longer ago, and drops their events a
+    /// whole day at a time; a run not ended, or ended more recently, keeps
+    /// every event. A whole number of days, hours or weeks (`30d`, `36h`,
+    /// `52w`), from 1d to 36525d.
+    #[arg(long, env = "SKED_RETENTION", default_value = "30d", value_parser = retention_period)]
+    pub retention: TimeDelta,
+    /// How long audit events are kept (same form as --retention, 1d to
+    /// 36525d); older ones are deleted by the maintenance leader.
+    #[arg(long, env = "SKED_AUDIT_RETENTION", default_value = "365d", value_parser = retention_period)]
+    pub audit_retention: TimeDelta,
+    /// Before a day of run events is dropped, write it to this directory as
+    /// `run-events-YYYY-MM-DD.jsonl.gz` (gzip JSON Lines, one event per
+    /// line). Created if missing; every node checks at start-up that it can
+    /// write there (any node may lead). Unset: days are dropped unarchived.
+    #[arg(long, env = "SKED_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+}
+
+/// `--retention` and `--audit-retention`: see
+/// [`crate::domain::retention::parse_retention`].
+fn retention_period(s: &str) -> Result<TimeDelta, String> {
+    crate::domain::retention::parse_retention(s)
 }
 
 /// How the gRPC listener is protected; see [`listen_security`].
@@ -308,6 +332,42 @@ mod tests {
         assert_eq!(a.leader_lease_secs, 2);
         let argv = ["sked", "serve", "--leader-lease-secs", "0"];
         assert!(Cli::try_parse_from(argv).is_err(), "a lease of 0 s");
+    }
+
+    #[test]
+    fn retention_flags_default_and_refuse_bad_values() {
+        let parse = |extra: &[&str]| {
+            let argv = ["sked", "serve"].iter().chain(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Serve(args) => args,
+                _ => panic!("serve"),
+            })
+        };
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.retention, TimeDelta::days(30));
+        assert_eq!(d.audit_retention, TimeDelta::days(365));
+        assert_eq!(d.archive_dir, None);
+        let a = parse(&[
+            "--retention",
+            "36h",
+            "--audit-retention",
+            "2w",
+            "--archive-dir",
+            "/var/lib/sked/archive",
+        ])
+        .unwrap();
+        assert_eq!(a.retention, TimeDelta::hours(36));
+        assert_eq!(a.audit_retention, TimeDelta::days(14));
+        assert_eq!(a.archive_dir, Some(PathBuf::from("/var/lib/sked/archive")));
+        for (flag, bad, says) in [
+            ("--retention", "0d", "minimum of 1d"),
+            ("--retention", "30", "e.g. 30d"),
+            ("--audit-retention", "12h", "minimum of 1d"),
+            ("--audit-retention", "99999d", "maximum of 36525d"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(says), "{flag} {bad}: {e}");
+        }
     }
 
     #[test]

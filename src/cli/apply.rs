@@ -483,6 +483,7 @@ async fn bindings_of(
                     page_size: 1000,
                     page_token: token,
                     definition: definition.to_string(),
+                    ..Default::default()
                 },
             )?)
             .await?

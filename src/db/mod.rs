@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod definitions;
 pub mod events;
 pub mod notify;
+pub mod retention;
 pub mod runs;
 pub mod tenancy;
 

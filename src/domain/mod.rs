@@ -8,6 +8,7 @@ pub mod http;
 pub mod misfire;
 pub mod policy;
 pub mod progress;
+pub mod retention;
 pub mod run;
 pub mod schedule;
 pub mod stats;

@@ -167,10 +167,11 @@ pub struct NewRun {
 }
 
 impl NewRun {
-    /// A first attempt of `spec`, `QUEUED` at `time`, not manual.
-    fn first(spec: RunSpec, trigger: RunTrigger, time: DateTime<Utc>) -> NewRun {
+    /// A first attempt of `spec` with id `id`, `QUEUED` at `time`, not
+    /// manual.
+    fn first(id: Uuid, spec: RunSpec, trigger: RunTrigger, time: DateTime<Utc>) -> NewRun {
         NewRun {
-            id: Uuid::now_v7(),
+            id,
             tenant_id: spec.tenant_id,
             binding_id: spec.binding_id,
             definition: spec.definition,
@@ -189,11 +190,15 @@ impl NewRun {
         }
     }
 
-    /// The scheduler's run for fire time `fire_time`: `QUEUED`, claimable
-    /// from `fire_time + jitter` (the schedule's jitter for this binding and
-    /// fire time, so every node agrees).
-    pub fn fire(spec: RunSpec, fire_time: DateTime<Utc>, jitter: TimeDelta) -> NewRun {
-        let mut run = NewRun::first(spec, RunTrigger::Schedule, fire_time);
+    /// The scheduler's run `id` for fire time `fire_time`: `QUEUED`,
+    /// claimable from `fire_time + jitter` (the schedule's jitter for this
+    /// binding and fire time, so every node agrees).
+    ///
+    /// Every constructor takes the new run's `id`: a UUIDv7 from the node's
+    /// clock ([`super::Clock::new_id`]), made when the run is created (its
+    /// day is the `run_events` partition of the run's events).
+    pub fn fire(id: Uuid, spec: RunSpec, fire_time: DateTime<Utc>, jitter: TimeDelta) -> NewRun {
+        let mut run = NewRun::first(id, spec, RunTrigger::Schedule, fire_time);
         run.not_before = fire_time + jitter;
         run
     }
@@ -209,6 +214,7 @@ impl NewRun {
     /// TriggerRun's run: manual, `SCHEDULED` for `run_time` when that lies
     /// after `now`, else `QUEUED` at `now`.
     pub fn trigger(
+        id: Uuid,
         spec: RunSpec,
         now: DateTime<Utc>,
         run_time: Option<DateTime<Utc>>,
@@ -218,7 +224,7 @@ impl NewRun {
             Some(t) if t > now => (RunState::Scheduled, t),
             _ => (RunState::Queued, now),
         };
-        let mut run = NewRun::first(spec, RunTrigger::Manual, at);
+        let mut run = NewRun::first(id, spec, RunTrigger::Manual, at);
         run.state = state;
         run.idempotency_key = idempotency_key;
         run.manual = true;
@@ -227,8 +233,8 @@ impl NewRun {
 
     /// BackfillRuns' run for the past fire time `fire_time`: `QUEUED`, not
     /// manual (a paused binding holds it back like a scheduled fire).
-    pub fn backfill(spec: RunSpec, fire_time: DateTime<Utc>) -> NewRun {
-        NewRun::first(spec, RunTrigger::Backfill, fire_time)
+    pub fn backfill(id: Uuid, spec: RunSpec, fire_time: DateTime<Utc>) -> NewRun {
+        NewRun::first(id, spec, RunTrigger::Backfill, fire_time)
     }
 
     /// The automatic retry of `ended` (a run that just reached its terminal
@@ -237,11 +243,11 @@ impl NewRun {
     /// `CANCELLED` by a shutdown, with `attempt < max_attempts` and a
     /// `retryable` failure. The retry is a new run, `trigger = RETRY`,
     /// `attempt + 1`, `retry_of` = `ended`, `SCHEDULED` at `now` + backoff
-    /// (±10 % jitter drawn from the new run's id); its `scheduled_time`
+    /// (±10 % jitter drawn from the new run's id `id`); its `scheduled_time`
     /// (fire time) is that same instant, the end of its backoff. Runs
     /// cancelled by CancelRun, an overlap policy or a deleted binding (or
     /// with such a cancel pending when they ended) are not retried.
-    pub fn retry_of(ended: &Run, retryable: bool, now: DateTime<Utc>) -> Option<NewRun> {
+    pub fn retry_of(id: Uuid, ended: &Run, retryable: bool, now: DateTime<Utc>) -> Option<NewRun> {
         let retry_state = match ended.state {
             RunState::Failed | RunState::TimedOut => true,
             RunState::Cancelled => ended.reason.as_deref() == Some(RunReason::Shutdown.as_str()),
@@ -253,33 +259,31 @@ impl NewRun {
         if !retry_state || !retryable || ended.attempt >= max || ended.cancel_reason.is_some() {
             return None;
         }
-        let id = Uuid::now_v7();
         let delay = ended
             .policy
             .retry
             .backoff(ended.attempt as u32, jitter_from_id(&id));
         let backoff_end = now + TimeDelta::from_std(delay).unwrap_or(TimeDelta::zero());
-        let mut run = NewRun::next_attempt(ended, backoff_end);
-        run.id = id;
+        let mut run = NewRun::next_attempt(id, ended, backoff_end);
         run.state = RunState::Scheduled;
         run.manual = false;
         Some(run)
     }
 
-    /// RetryRun's run: the next attempt of the ended run `prev`, `QUEUED`
+    /// RetryRun's run `id`: the next attempt of the ended run `prev`, `QUEUED`
     /// at `now`, manual; its max attempts raised to fit when `prev` was the
     /// last one its policy allowed.
-    pub fn manual_retry(prev: &Run, now: DateTime<Utc>) -> NewRun {
-        let mut run = NewRun::next_attempt(prev, now);
+    pub fn manual_retry(id: Uuid, prev: &Run, now: DateTime<Utc>) -> NewRun {
+        let mut run = NewRun::next_attempt(id, prev, now);
         run.policy.retry.max_attempts = run.policy.retry.max_attempts.max(prev.attempt as u32 + 1);
         run.manual = true;
         run
     }
 
     /// Attempt `prev.attempt + 1` of `prev`, `QUEUED` at `at`.
-    fn next_attempt(prev: &Run, at: DateTime<Utc>) -> NewRun {
+    fn next_attempt(id: Uuid, prev: &Run, at: DateTime<Utc>) -> NewRun {
         NewRun {
-            id: Uuid::now_v7(),
+            id,
             tenant_id: prev.tenant_id.clone(),
             binding_id: prev.binding_id,
             definition: prev.definition.clone(),
@@ -337,7 +341,7 @@ mod tests {
         let now = Utc::now();
         let later = now + TimeDelta::seconds(60);
 
-        let f = NewRun::fire(spec(), now, TimeDelta::milliseconds(250));
+        let f = NewRun::fire(Uuid::now_v7(), spec(), now, TimeDelta::milliseconds(250));
         assert_eq!(
             (f.state, f.trigger, f.attempt),
             (RunState::Queued, RunTrigger::Schedule, 1)
@@ -348,7 +352,7 @@ mod tests {
         let s = f.skipped(RunReason::Overlap.as_str());
         assert_eq!((s.state, s.reason.as_str()), (RunState::Skipped, "overlap"));
 
-        let t = NewRun::trigger(spec(), now, Some(later), Some("k".into()));
+        let t = NewRun::trigger(Uuid::now_v7(), spec(), now, Some(later), Some("k".into()));
         assert_eq!(
             (t.state, t.trigger),
             (RunState::Scheduled, RunTrigger::Manual)
@@ -356,14 +360,14 @@ mod tests {
         assert_eq!((t.scheduled_time, t.not_before), (later, later));
         assert!(t.manual);
         assert_eq!(t.idempotency_key.as_deref(), Some("k"));
-        let t = NewRun::trigger(spec(), later, Some(now), None);
+        let t = NewRun::trigger(Uuid::now_v7(), spec(), later, Some(now), None);
         assert_eq!(
             (t.state, t.not_before),
             (RunState::Queued, later),
             "a past run_time runs now"
         );
 
-        let b = NewRun::backfill(spec(), now);
+        let b = NewRun::backfill(Uuid::now_v7(), spec(), now);
         assert_eq!(
             (b.state, b.trigger, b.not_before),
             (RunState::Queued, RunTrigger::Backfill, now)

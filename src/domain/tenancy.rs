@@ -111,14 +111,13 @@ pub struct NewSecret {
 #[error("hashing the key secret failed: {0}")]
 pub struct HashError(String);
 
-/// Generates a key: a UUIDv7 id and a 256-bit secret from the OS CSPRNG,
-/// hashed with Argon2id (CPU-heavy: tens of milliseconds; call off the async
-/// executor).
+/// Generates key `id` (a UUIDv7 from the node's clock) with a 256-bit
+/// secret from the OS CSPRNG, hashed with Argon2id (CPU-heavy: tens of
+/// milliseconds; call off the async executor).
 ///
 /// # Errors
 /// [`HashError`] if Argon2 refuses (it does not with default parameters).
-pub fn generate_key() -> Result<NewSecret, HashError> {
-    let id = Uuid::now_v7();
+pub fn generate_key(id: Uuid) -> Result<NewSecret, HashError> {
     let mut secret = [0u8; 32];
     OsRng.fill_bytes(&mut secret);
     let secret_hex = hex(&secret);
@@ -401,9 +400,12 @@ impl Caller {
         }
     }
 
-    /// Builds the audit event of a successful mutating call.
+    /// Builds the audit event `id` (a UUIDv7 from the node's clock) of a
+    /// successful mutating call.
+    #[allow(clippy::too_many_arguments)]
     pub fn audit(
         &self,
+        id: Uuid,
         now: chrono::DateTime<chrono::Utc>,
         tenant: Option<&str>,
         method: &str,
@@ -412,7 +414,7 @@ impl Caller {
         after: Option<serde_json::Value>,
     ) -> AuditEvent {
         AuditEvent {
-            id: Uuid::now_v7(),
+            id,
             time: now,
             key_id: self.key_id,
             actor: self.actor(),
@@ -440,7 +442,7 @@ mod tests {
 
     #[test]
     fn generated_key_verifies_and_others_do_not() {
-        let k = generate_key().unwrap();
+        let k = generate_key(Uuid::now_v7()).unwrap();
         let (id, secret) = parse_token(&k.token).unwrap();
         assert_eq!(id, k.id);
         assert!(k.secret_hash.starts_with("$argon2id$"));
@@ -546,6 +548,7 @@ mod tests {
             (None, Role::Admin, None)
         );
         let e = cli.audit(
+            Uuid::now_v7(),
             Utc::now(),
             None,
             "sked admin bootstrap-key",

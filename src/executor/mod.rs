@@ -507,7 +507,7 @@ impl Executor {
         }
         let retries: Vec<NewRun> = reaped
             .iter()
-            .filter_map(|(run, _)| NewRun::retry_of(run, true, now))
+            .filter_map(|(run, _)| NewRun::retry_of(self.clock.new_id(), run, true, now))
             .collect();
         let mut events: Vec<_> = reaped.iter().map(|(_, e)| e.clone()).collect();
         events.extend(db::runs::run_insert(&mut tx, &self.node_id, &retries, now).await?);
@@ -636,7 +636,8 @@ impl Executor {
                     return Ok(None);
                 };
                 let mut events = vec![ev];
-                let retry = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound);
+                let retry = NewRun::retry_of(self.clock.new_id(), &ended, outcome.retryable, now)
+                    .filter(|_| bound);
                 let retried = retry.is_some();
                 if let Some(retry) = retry {
                     events
@@ -861,7 +862,7 @@ mod tests {
     fn retries_follow_the_policy() {
         let now = chrono::Utc::now();
         let r = ended(RunState::Failed, "exit code 1", 2, 3);
-        let retry = NewRun::retry_of(&r, true, now).expect("attempts left");
+        let retry = NewRun::retry_of(Uuid::now_v7(), &r, true, now).expect("attempts left");
         assert_eq!(retry.attempt, 3);
         assert_eq!(retry.retry_of, Some(r.id));
         assert_eq!(retry.state, RunState::Scheduled);
@@ -872,6 +873,7 @@ mod tests {
 
         assert!(
             NewRun::retry_of(
+                Uuid::now_v7(),
                 &ended(RunState::TimedOut, RunReason::Timeout.as_str(), 1, 2),
                 true,
                 now
@@ -880,6 +882,7 @@ mod tests {
         );
         assert!(
             NewRun::retry_of(
+                Uuid::now_v7(),
                 &ended(RunState::Failed, RunReason::NodeLost.as_str(), 1, 2),
                 true,
                 now
@@ -888,6 +891,7 @@ mod tests {
         );
         assert!(
             NewRun::retry_of(
+                Uuid::now_v7(),
                 &ended(RunState::Cancelled, RunReason::Shutdown.as_str(), 1, 2),
                 true,
                 now
@@ -895,16 +899,46 @@ mod tests {
             .is_some()
         );
         assert!(
-            NewRun::retry_of(&ended(RunState::Cancelled, "operator", 1, 2), true, now).is_none(),
+            NewRun::retry_of(
+                Uuid::now_v7(),
+                &ended(RunState::Cancelled, "operator", 1, 2),
+                true,
+                now
+            )
+            .is_none(),
             "cancelled runs are not retried"
         );
-        assert!(NewRun::retry_of(&ended(RunState::Failed, "x", 2, 2), true, now).is_none());
-        assert!(NewRun::retry_of(&ended(RunState::Failed, "x", 1, 2), false, now).is_none());
-        assert!(NewRun::retry_of(&ended(RunState::Succeeded, "", 1, 2), true, now).is_none());
+        assert!(
+            NewRun::retry_of(
+                Uuid::now_v7(),
+                &ended(RunState::Failed, "x", 2, 2),
+                true,
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            NewRun::retry_of(
+                Uuid::now_v7(),
+                &ended(RunState::Failed, "x", 1, 2),
+                false,
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            NewRun::retry_of(
+                Uuid::now_v7(),
+                &ended(RunState::Succeeded, "", 1, 2),
+                true,
+                now
+            )
+            .is_none()
+        );
         let mut asked = ended(RunState::Failed, "exit code 1", 1, 3);
         asked.cancel_reason = Some(RunReason::BindingDeleted.to_string());
         assert!(
-            NewRun::retry_of(&asked, true, now).is_none(),
+            NewRun::retry_of(Uuid::now_v7(), &asked, true, now).is_none(),
             "a run whose cancel was asked for is not retried, whatever it ended with"
         );
     }

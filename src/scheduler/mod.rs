@@ -305,7 +305,12 @@ impl Scheduler {
                     policy: b.policy,
                 };
                 // Deterministic per (binding, fire time): every node agrees.
-                NewRun::fire(spec, time, b.schedule.jitter_for(b.id.as_bytes(), time))
+                NewRun::fire(
+                    self.clock.new_id(),
+                    spec,
+                    time,
+                    b.schedule.jitter_for(b.id.as_bytes(), time),
+                )
             };
             runs.extend(
                 plan.skipped

@@ -77,6 +77,35 @@ pub const HEALTH_SERVING: &str = "sked_health_serving";
 pub const ENGINE_RESTARTS: &str = "sked_engine_task_restarts_total";
 /// Gauge `{version}`: 1, naming the sked version the node runs.
 pub const BUILD_INFO: &str = "sked_build_info";
+/// Counter: day partitions of `run_events` retention dropped (after
+/// archiving them with `--archive-dir`), counted by the leader that did.
+pub const RETENTION_PARTITIONS_DROPPED: &str = "sked_retention_partitions_dropped_total";
+/// Counter, bytes: disk space of those partitions, indexes included.
+pub const RETENTION_DROPPED_BYTES: &str = "sked_retention_dropped_bytes_total";
+/// Counter: events of runs still within the retention moved out of a day
+/// that was dropped (into the default partition), so they were kept.
+pub const RETENTION_EVENTS_KEPT: &str = "sked_retention_events_kept_total";
+/// Counter: runs retention deleted (final, ended before the cutoff).
+pub const RETENTION_RUNS_DELETED: &str = "sked_retention_runs_deleted_total";
+/// Counter: audit events retention deleted (`--audit-retention`).
+pub const RETENTION_AUDIT_DELETED: &str = "sked_retention_audit_events_deleted_total";
+/// Counter `{step}`: retention steps that failed and are retried at the next
+/// pass (`partition_create`, `run_delete`, `partition_detach`,
+/// `partition_drop`, `audit_delete`; a lock timeout counts).
+pub const RETENTION_ERRORS: &str = "sked_retention_errors_total";
+/// Gauge, seconds since the epoch: when the last complete retention pass
+/// ended (the leader's clock); 0 until one did on this node.
+pub const RETENTION_LAST_PASS: &str = "sked_retention_last_pass_timestamp_seconds";
+/// Gauge `{state}`: day tables of `run_events`, `attached` (partitions) and
+/// `detached` (dropped from the table, archive pending), at the last pass.
+pub const RUN_EVENT_PARTITIONS: &str = "sked_run_event_partitions";
+/// Counter: events written to archive files (`--archive-dir`).
+pub const ARCHIVE_EVENTS: &str = "sked_archive_events_total";
+/// Counter: archive files written (complete, synced and renamed).
+pub const ARCHIVE_FILES: &str = "sked_archive_files_total";
+/// Counter: archive writes that failed; the day stays (detached) and is
+/// tried again at the next pass.
+pub const ARCHIVE_FAILURES: &str = "sked_archive_failures_total";
 
 /// Buckets of [`FIRE_LAG`], seconds.
 pub const FIRE_LAG_BUCKETS: &[f64] = &[
@@ -190,6 +219,57 @@ pub fn describe() {
         "Engine tasks restarted after they died, by task"
     );
     describe_gauge!(BUILD_INFO, Unit::Count, "1, labelled with the sked version");
+    describe_counter!(
+        RETENTION_PARTITIONS_DROPPED,
+        Unit::Count,
+        "Day partitions of run_events dropped by retention"
+    );
+    describe_counter!(
+        RETENTION_DROPPED_BYTES,
+        Unit::Bytes,
+        "Disk space of the run_events partitions retention dropped"
+    );
+    describe_counter!(
+        RETENTION_EVENTS_KEPT,
+        Unit::Count,
+        "Events of runs within the retention moved out of a dropped day"
+    );
+    describe_counter!(
+        RETENTION_RUNS_DELETED,
+        Unit::Count,
+        "Runs deleted by retention"
+    );
+    describe_counter!(
+        RETENTION_AUDIT_DELETED,
+        Unit::Count,
+        "Audit events deleted by retention"
+    );
+    describe_counter!(
+        RETENTION_ERRORS,
+        Unit::Count,
+        "Retention steps that failed (retried next pass), by step"
+    );
+    describe_gauge!(
+        RETENTION_LAST_PASS,
+        Unit::Seconds,
+        "Unix time the last complete retention pass ended"
+    );
+    describe_gauge!(
+        RUN_EVENT_PARTITIONS,
+        Unit::Count,
+        "Day tables of run_events by state (attached, detached)"
+    );
+    describe_counter!(
+        ARCHIVE_EVENTS,
+        Unit::Count,
+        "Run events written to archive files"
+    );
+    describe_counter!(ARCHIVE_FILES, Unit::Count, "Archive files written");
+    describe_counter!(
+        ARCHIVE_FAILURES,
+        Unit::Count,
+        "Archive writes that failed (the day is kept and retried)"
+    );
 }
 
 /// The `outcome` label of a fire created in `state` with `reason`.

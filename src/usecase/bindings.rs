@@ -239,7 +239,7 @@ pub async fn create(
         validate_merged_params("binding.params", &merge_params(&def.params, p))?;
     }
     let binding = Binding {
-        id: Uuid::now_v7(),
+        id: core.clock.new_id(),
         tenant_id: tenant_id.to_string(),
         definition: def.name.clone(),
         next_run_time: effective.next_after(now),
@@ -284,6 +284,7 @@ pub async fn create(
             e => Error::db(e, &target),
         })?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("binding/{}", binding.id),
@@ -404,6 +405,7 @@ pub async fn update(
         .map_err(Error::on(&target))?;
     hold_or_release(&mut tx, !cur.enabled, &target).await?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("binding/{id}"),
@@ -505,6 +507,7 @@ async fn set_pause(
         .map_err(Error::on(&target))?;
     hold_or_release(&mut tx, cur.paused, &target).await?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("binding/{id}"),
@@ -551,6 +554,7 @@ pub async fn delete(
     .await
     .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("binding/{id}"),

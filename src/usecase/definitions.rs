@@ -40,6 +40,7 @@ pub async fn create(core: &Core, actor: Actor<'_>, mut def: Definition) -> Resul
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         None,
         format!("definition/{}", def.name),
@@ -238,6 +239,7 @@ pub async fn update(core: &Core, actor: Actor<'_>, u: DefinitionUpdate) -> Resul
             .map_err(Error::on(&target))?;
     }
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         None,
         format!("definition/{}", cur.name),
@@ -292,7 +294,14 @@ pub async fn delete(core: &Core, actor: Actor<'_>, name: &str, force: bool) -> R
     {
         o.insert("deleted_bindings".into(), serde_json::json!(bindings));
     }
-    let event = actor.audit(now, None, format!("definition/{name}"), Some(before), None);
+    let event = actor.audit(
+        core.clock.new_id(),
+        now,
+        None,
+        format!("definition/{name}"),
+        Some(before),
+        None,
+    );
     record(&mut tx, &event, &target).await?;
     commit(tx, &target).await?;
     core.bus.publish(cancelled);

@@ -62,9 +62,12 @@ impl<'a> Actor<'a> {
         Actor { caller, action }
     }
 
-    /// The audit event of a committed change to `target` in `tenant`.
+    /// The audit event `id` (from the node's clock,
+    /// [`crate::domain::Clock::new_id`]) of a committed change to `target`
+    /// in `tenant`.
     pub fn audit(
         &self,
+        id: uuid::Uuid,
         now: chrono::DateTime<chrono::Utc>,
         tenant: Option<&str>,
         target: String,
@@ -72,7 +75,7 @@ impl<'a> Actor<'a> {
         after: Option<serde_json::Value>,
     ) -> AuditEvent {
         self.caller
-            .audit(now, tenant, self.action, target, before, after)
+            .audit(id, now, tenant, self.action, target, before, after)
     }
 }
 

@@ -103,6 +103,7 @@ async fn create(core: &Core, actor: Actor<'_>, mut tx: super::Tx, new: NewRun) -
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(&tenant_id),
         format!("run/{id}"),
@@ -169,6 +170,7 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
                 .map_err(Error::on(&run_target))?;
             let summary = audit::run(&run);
             let event = actor.audit(
+                core.clock.new_id(),
                 now,
                 Some(tenant_id),
                 format!("run/{id}"),
@@ -198,7 +200,13 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
         params,
         policy: def.policy,
     };
-    let new = NewRun::trigger(spec, now, t.run_time, key.map(str::to_string));
+    let new = NewRun::trigger(
+        core.clock.new_id(),
+        spec,
+        now,
+        t.run_time,
+        key.map(str::to_string),
+    );
     let state = new.state;
     let run = create(core, actor, tx, new).await?;
     tracing::info!(run = %run.id, binding = %t.binding_id, state = state.as_str(), "run triggered");
@@ -253,6 +261,7 @@ pub async fn cancel(
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("run/{run_id}"),
@@ -292,7 +301,7 @@ pub async fn retry(core: &Core, actor: Actor<'_>, tenant_id: &str, run_id: Uuid)
         )));
     }
     let now = core.clock.now();
-    let new = NewRun::manual_retry(&prev, now);
+    let new = NewRun::manual_retry(core.clock.new_id(), &prev, now);
     let tx = begin(core, &Target::all("run")).await?;
     let run = create(core, actor, tx, new).await?;
     tracing::info!(run = %run.id, retry_of = %run_id, "run retried by request");
@@ -374,7 +383,7 @@ pub async fn backfill(
                 params: binding.effective_params.clone(),
                 policy: def.policy,
             };
-            NewRun::backfill(spec, *t)
+            NewRun::backfill(core.clock.new_id(), spec, *t)
         })
         .collect();
     let now = core.clock.now();
@@ -391,6 +400,7 @@ pub async fn backfill(
         );
     }
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("binding/{}", binding.id),

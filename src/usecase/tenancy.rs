@@ -45,6 +45,7 @@ pub async fn set_quota(
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         Some(tenant_id),
         format!("quota/{tenant_id}"),
@@ -118,10 +119,13 @@ pub async fn create_api_key(
     validate_key_name(&new.name)?;
     let target = Target::all("api_key");
     // Argon2 hashing takes tens of milliseconds of CPU: off the executor.
-    let secret = tokio::task::spawn_blocking(generate_key)
-        .await
-        .map_err(|e| Error::Precondition(format!("key generation failed: {e}")))?
-        .map_err(|e| Error::Precondition(e.to_string()))?;
+    let secret = {
+        let id = core.clock.new_id();
+        tokio::task::spawn_blocking(move || generate_key(id))
+    }
+    .await
+    .map_err(|e| Error::Precondition(format!("key generation failed: {e}")))?
+    .map_err(|e| Error::Precondition(e.to_string()))?;
     let now = core.clock.now();
     let key = ApiKey {
         id: secret.id,
@@ -138,6 +142,7 @@ pub async fn create_api_key(
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         key.tenant_id.as_deref(),
         format!("api_key/{}", key.id),
@@ -169,6 +174,7 @@ pub async fn revoke_api_key(core: &Core, actor: Actor<'_>, key_id: Uuid) -> Resu
         ..before.clone()
     };
     let event = actor.audit(
+        core.clock.new_id(),
         now,
         before.tenant_id.as_deref(),
         format!("api_key/{key_id}"),

@@ -1094,7 +1094,8 @@ async fn finish(
         return Ok(false);
     };
     let mut events = vec![ev];
-    let retry = NewRun::retry_of(&ended, outcome.retryable, now).filter(|_| bound);
+    let retry =
+        NewRun::retry_of(core.clock.new_id(), &ended, outcome.retryable, now).filter(|_| bound);
     let retried = retry.is_some();
     if let Some(retry) = retry {
         events.extend(

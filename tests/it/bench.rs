@@ -94,6 +94,39 @@ async fn bench_fire_smoke() {
     assert_eq!(v["params"]["bindings"], 20, "{v}");
 }
 
+/// `fire --retention-drop`: a day of old events written, attached and
+/// watched while the bindings fire (the figures' keys; the drop's timing is
+/// the scenario's verdict, not this test's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_fire_retention_drop_smoke() {
+    let v = bench(&[
+        "fire",
+        "--bindings",
+        "20",
+        "--warmup",
+        "1",
+        "--measure",
+        "4",
+        "--retention-drop",
+        "5000",
+    ])
+    .await;
+    has_figures(
+        &v,
+        &[
+            "lag_p99_ms",
+            "duplicates",
+            "retention_drop_events",
+            "retention_drop_mib",
+            "retention_dropped_after_s",
+            "retention_dropped_in_window",
+        ],
+    );
+    assert_eq!(v["figures"]["retention_drop_events"], 5000, "{v}");
+    assert_eq!(v["figures"]["duplicates"], 0, "{v}");
+    assert_eq!(v["params"]["retention_every_secs"], 1, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_burst_smoke() {
     let v = bench(&["burst", "--bindings", "50", "--cron", "*/5 * * * * *"]).await;

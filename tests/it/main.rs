@@ -27,6 +27,7 @@ mod progress;
 mod python;
 mod quotas;
 mod rates;
+mod retention;
 mod runs;
 mod schedules;
 mod serve;

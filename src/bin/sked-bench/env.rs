@@ -132,6 +132,7 @@ impl Env {
                 &self.db.url,
                 self.common.max_concurrent_runs,
                 self.common.rate_limits,
+                self.common.retention_every_secs,
             )
             .await?;
             progress!(
@@ -324,10 +325,13 @@ impl Node {
     /// `rate_limits`: the node keeps sked's default per-tenant rates of
     /// changes and API-created runs; otherwise they are off (the scenarios
     /// measure the engine, and their setup makes thousands of changes).
+    /// `retention_every_secs`: the leader's retention pass interval (sked's
+    /// default when `None`).
     pub async fn spawn(
         database_url: &str,
         max_concurrent_runs: Option<usize>,
         rate_limits: bool,
+        retention_every_secs: Option<u64>,
     ) -> anyhow::Result<Node> {
         // A free port: bind :0, read it, let go (the child binds it again).
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -343,6 +347,9 @@ impl Node {
         }
         if rate_limits {
             cmd.arg("--rate-limits");
+        }
+        if let Some(s) = retention_every_secs {
+            cmd.arg("--retention-every-secs").arg(s.to_string());
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");

@@ -25,6 +25,19 @@
 //! fire times, again and again (one call in flight per tenant) until the
 //! window ends. The figures above are then the other tenants'; the target
 //! for their lag p99 is 100 ms.
+//!
+//! `--retention-drop E` measures firing while retention drops a day (issue
+//! 15: `fire` at 10 000 bindings keeps lag p99 ≤ 50 ms while retention
+//! drops a day of 10 000 000 events). Before the warm-up the bench writes E
+//! log events of runs created 40 days ago (1 000 events per run, ids of
+//! that UTC day) into a table of `run_events`' shape with its primary key
+//! and a check of the day's id range (fast SQL: `generate_series`, outside
+//! any measurement). A quarter into the window it attaches that table as
+//! the day's partition (the check makes `ATTACH` skip its scan), and the
+//! nodes' leader — retention passes every second in this scenario, default
+//! retention 30 days — detaches and drops it while the bindings fire. The
+//! bench watches the table until it is gone and reports when, and whether
+//! that was inside the window (target: yes).
 
 use std::time::Duration;
 
@@ -62,6 +75,10 @@ pub struct FireArgs {
     /// Fire times per BackfillRuns call of a hostile tenant (≤ 10 000).
     #[arg(long, default_value_t = 10_000)]
     pub hostile_runs: i64,
+    /// Events of a day 40 days old for retention to drop during the window
+    /// (0 = none; the issue's figure is 10 000 000).
+    #[arg(long, default_value_t = 0)]
+    pub retention_drop: u64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -130,6 +147,12 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
         Vec::new()
     };
 
+    let old_day = if a.retention_drop > 0 {
+        Some(fill_old_day(env, a.retention_drop).await?)
+    } else {
+        None
+    };
+
     progress!("warm-up {} s", a.warmup);
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let w0 = api::now_us();
@@ -137,6 +160,13 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     let cpu0 = env.cpu_snapshot().await;
     progress!("measuring {} s", a.measure);
     let flood = flood(env, hostile, a.hostile_runs, w1);
+    let dropped = match &old_day {
+        Some(day) => {
+            sleep_until(w0 + TimeDelta::milliseconds(a.measure as i64 * 250)).await;
+            Some(attach_and_watch(env, day, w1).await?)
+        }
+        None => None,
+    };
     sleep_until(w1).await;
     let flooded = flood.await;
     let cpu1 = env.cpu_snapshot().await;
@@ -192,6 +222,7 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     params.insert("aligned".into(), json!(a.aligned));
     params.insert("hostile_tenants".into(), json!(a.hostile_tenants));
     params.insert("hostile_runs".into(), json!(a.hostile_runs));
+    params.insert("retention_drop".into(), json!(a.retention_drop));
     let mut r = Report::new(params);
     r.count(
         "expected_fires",
@@ -293,6 +324,82 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
             Target::Info,
         );
     }
+    if let (Some(day), Some(d)) = (&old_day, &dropped) {
+        r.count(
+            "retention_drop_events",
+            &format!("events of {} for retention to drop", day.day),
+            a.retention_drop as i64,
+            Target::Info,
+        );
+        r.num(
+            "retention_drop_mib",
+            "their table and index",
+            Some(round(day.bytes as f64 / (1 << 20) as f64, 1)),
+            "MiB",
+            Target::Info,
+        );
+        r.num(
+            "retention_fill_s",
+            "writing them (before the warm-up)",
+            Some(round(day.fill_secs, 1)),
+            "s",
+            Target::Info,
+        );
+        r.num(
+            "retention_dropped_after_s",
+            "attached → dropped by the leader",
+            d.after_secs.map(|v| round(v, 2)),
+            "s",
+            Target::Info,
+        );
+        r.count(
+            "retention_dropped_in_window",
+            "the day dropped inside the window (1 = yes)",
+            i64::from(d.in_window),
+            Target::Equal(1.0),
+        );
+        // Fires due from 1 s before the attach to 1 s after the drop, and
+        // the others: what the drop itself cost.
+        let (near_p99, near_max, away_p99): (Option<f64>, Option<f64>, Option<f64>) =
+            sqlx::query_as(
+                "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE near),
+                        max(lag) FILTER (WHERE near),
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FILTER (WHERE NOT near)
+                 FROM (SELECT extract(epoch FROM start_time - scheduled_time)::float8 * 1000 AS lag,
+                              scheduled_time BETWEEN $3 AND $4 AS near
+                       FROM runs
+                       WHERE trigger = 'SCHEDULE' AND state = 'SUCCEEDED'
+                         AND scheduled_time >= $1 AND scheduled_time < $2
+                         AND tenant_id NOT LIKE 'hostile-%') l",
+            )
+            .bind(w0)
+            .bind(w1)
+            .bind(d.attached_at - TimeDelta::seconds(1))
+            .bind(d.gone_at + TimeDelta::seconds(1))
+            .fetch_one(&env.pool)
+            .await?;
+        r.num(
+            "lag_p99_near_drop_ms",
+            "fire lag p99, ±1 s around attach → drop",
+            ms1o(near_p99),
+            "ms",
+            Target::Info,
+        );
+        r.num(
+            "lag_max_near_drop_ms",
+            "fire lag max, ±1 s around attach → drop",
+            ms1o(near_max),
+            "ms",
+            Target::Info,
+        );
+        r.num(
+            "lag_p99_away_from_drop_ms",
+            "fire lag p99, the rest of the window",
+            ms1o(away_p99),
+            "ms",
+            Target::Info,
+        );
+    }
     r.extra("window_start", json!(w0.to_rfc3339()));
     r.extra("window_end", json!(w1.to_rfc3339()));
     Ok(r)
@@ -389,6 +496,146 @@ fn flood(
             }
         }
         all
+    }
+}
+
+/// The old day written for `--retention-drop`, not attached yet.
+struct OldDay {
+    day: chrono::NaiveDate,
+    /// Size of the table with its primary key, bytes.
+    bytes: i64,
+    fill_secs: f64,
+}
+
+/// Writes `events` log events of runs created 40 days ago into a staging
+/// table shaped like `run_events`, with its primary key and a check of the
+/// day's id range (module docs). Staged under another name than
+/// `run_events_<day>`, which retention would take for a detached day and
+/// drop at once.
+async fn fill_old_day(env: &Env, events: u64) -> anyhow::Result<OldDay> {
+    let day = (Utc::now() - TimeDelta::days(40)).date_naive();
+    let started = std::time::Instant::now();
+    progress!("writing {events} events of runs created on {day} (retention drop)");
+    let day_ms = day
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp_millis();
+    // Run r (one per millisecond of the day) has events 1..=1000.
+    sqlx::query("CREATE TABLE bench_retention_day (LIKE run_events INCLUDING DEFAULTS)")
+        .execute(&env.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO bench_retention_day
+         SELECT (lpad(to_hex($1::bigint + g / 1000), 12, '0') || '70008000' || lpad(to_hex(g / 1000), 12, '0'))::uuid,
+                g % 1000 + 1,
+                to_timestamp(($1::bigint + g / 1000) / 1000.0),
+                'bench-old', '00000000-0000-7000-8000-000000000000', 'bench.old', 'log',
+                jsonb_build_object('kind', 'log', 'stream', 'stdout', 'message', 'old line ' || g)
+         FROM generate_series(0::bigint, $2::bigint - 1) AS g",
+    )
+    .bind(day_ms)
+    .bind(events as i64)
+    .execute(&env.pool)
+    .await?;
+    sqlx::query("ALTER TABLE bench_retention_day ADD PRIMARY KEY (run_id, seq)")
+        .execute(&env.pool)
+        .await?;
+    // A CHECK cannot take parameters: spell the bounds out.
+    let (lo, hi): (uuid::Uuid, uuid::Uuid) = sqlx::query_as(
+        "SELECT sked_run_events_day_floor($1::date), sked_run_events_day_floor($1::date + 1)",
+    )
+    .bind(day)
+    .fetch_one(&env.pool)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE bench_retention_day ADD CONSTRAINT bench_retention_day_range
+         CHECK (run_id >= '{lo}'::uuid AND run_id < '{hi}'::uuid)"
+    )))
+    .execute(&env.pool)
+    .await?;
+    sqlx::query("ANALYZE bench_retention_day")
+        .execute(&env.pool)
+        .await?;
+    let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('bench_retention_day')")
+        .fetch_one(&env.pool)
+        .await?;
+    let fill_secs = started.elapsed().as_secs_f64();
+    progress!(
+        "written in {fill_secs:.1} s ({:.0} MiB)",
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(OldDay {
+        day,
+        bytes,
+        fill_secs,
+    })
+}
+
+/// When retention dropped the old day.
+struct Dropped {
+    /// Seconds from attaching it until its table was gone (`None`: not
+    /// gone by the end of the window).
+    after_secs: Option<f64>,
+    in_window: bool,
+    /// When it was attached, and when it was seen gone (or the window's end).
+    attached_at: DateTime<Utc>,
+    gone_at: DateTime<Utc>,
+}
+
+/// Attaches the staging table as the old day's partition, then watches it
+/// until retention dropped it or the window ended.
+async fn attach_and_watch(env: &Env, day: &OldDay, w1: DateTime<Utc>) -> anyhow::Result<Dropped> {
+    let name = format!("run_events_{}", day.day.format("%Y%m%d"));
+    let (lo, hi): (uuid::Uuid, uuid::Uuid) = sqlx::query_as(
+        "SELECT sked_run_events_day_floor($1::date), sked_run_events_day_floor($1::date + 1)",
+    )
+    .bind(day.day)
+    .fetch_one(&env.pool)
+    .await?;
+    let attached = std::time::Instant::now();
+    let attached_at = Utc::now();
+    let mut tx = env.pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE bench_retention_day RENAME TO {name}"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE run_events ATTACH PARTITION {name} FOR VALUES FROM ('{lo}') TO ('{hi}')"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    progress!(
+        "attached {name} ({:.0} ms); waiting for retention to drop it",
+        attached.elapsed().as_secs_f64() * 1e3
+    );
+    loop {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&name)
+            .fetch_one(&env.pool)
+            .await?;
+        if !exists {
+            let after = attached.elapsed().as_secs_f64();
+            progress!("retention dropped {name} {after:.2} s after it was attached");
+            return Ok(Dropped {
+                after_secs: Some(after),
+                in_window: Utc::now() < w1,
+                attached_at,
+                gone_at: Utc::now(),
+            });
+        }
+        if Utc::now() >= w1 {
+            progress!("{name} still there at the end of the window");
+            return Ok(Dropped {
+                after_secs: None,
+                in_window: false,
+                attached_at,
+                gone_at: Utc::now(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

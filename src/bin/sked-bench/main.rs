@@ -37,7 +37,9 @@
 //!
 //! * [`fire`] — N bindings of an `event` handler every 1 s, phases spread over
 //!   the second (or `--aligned`): fraction of due fires that ran, duplicates,
-//!   fire lag (run start − scheduled time) p50/p99/max, CPU.
+//!   fire lag (run start − scheduled time) p50/p99/max, CPU; with
+//!   `--retention-drop E`, while the leader's retention drops a day of E
+//!   events 40 days old.
 //! * [`burst`] — N bindings on one per-minute cron: time from the fire instant
 //!   until the last of the N runs started, lag p50/p99.
 //! * [`throughput`] — offered load via BackfillRuns doubling per step until
@@ -128,6 +130,11 @@ pub struct Common {
     /// the engine.
     #[arg(long)]
     pub rate_limits: bool,
+    /// Seconds between the maintenance leader's retention passes on the
+    /// nodes (sked's default, 60 s, when unset; `fire --retention-drop`
+    /// sets 1).
+    #[arg(long)]
+    pub retention_every_secs: Option<u64>,
 }
 
 impl Common {
@@ -143,6 +150,10 @@ impl Common {
         );
         m.insert("concurrency".into(), self.concurrency.into());
         m.insert("rate_limits".into(), self.rate_limits.into());
+        m.insert(
+            "retention_every_secs".into(),
+            self.retention_every_secs.into(),
+        );
         m
     }
 }
@@ -165,6 +176,9 @@ struct NodeArgs {
     /// Keep sked's default per-tenant rate limits (else off).
     #[arg(long)]
     rate_limits: bool,
+    /// Seconds between retention passes (sked's default when unset).
+    #[arg(long)]
+    retention_every_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -181,7 +195,13 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Cmd::Node(a) => rt.block_on(run_node(a)),
-        Cmd::Fire(a) => rt.block_on(env::run_scenario("fire", a.common.clone(), a, fire::run)),
+        Cmd::Fire(mut a) => {
+            // The drop must come within the window: passes every second.
+            if a.retention_drop > 0 && a.common.retention_every_secs.is_none() {
+                a.common.retention_every_secs = Some(1);
+            }
+            rt.block_on(env::run_scenario("fire", a.common.clone(), a, fire::run))
+        }
         Cmd::Burst(a) => rt.block_on(env::run_scenario("burst", a.common.clone(), a, burst::run)),
         Cmd::Throughput(a) => rt.block_on(env::run_scenario(
             "throughput",
@@ -233,6 +253,9 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     }
     if let Some(id) = a.node_id {
         settings.node_id = id;
+    }
+    if let Some(s) = a.retention_every_secs {
+        settings.retention.every = std::time::Duration::from_secs(s.max(1));
     }
     let listener = tokio::net::TcpListener::bind(a.listen).await?;
     sked::app::serve(settings, listener, sked::app::shutdown_signal()).await?;
