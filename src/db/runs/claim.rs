@@ -423,7 +423,11 @@ pub async fn run_claim(
                          WHEN min(b.dur_b) = max(b.dur_b)
                          THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
                          ELSE sked_hist_of(array_agg(b.dur_b)) END
-             FROM ended_b b WHERE b.hour IS NOT NULL GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
+             -- Sorted first (OFFSET 0 keeps the subquery): the planner then
+             -- aggregates group after group, not in a hash table whose
+             -- per-group array_agg states spill to disk at ~1000 groups.
+             FROM (SELECT * FROM ended_b WHERE hour IS NOT NULL ORDER BY binding_id, hour OFFSET 0) b
+             GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
              ON CONFLICT (binding_id, hour) DO UPDATE SET
                succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
                timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
