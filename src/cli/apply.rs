@@ -59,6 +59,10 @@ const BINDING_FIELDS: &[&str] = &[
     "effectiveFrom",
     "effectiveUntil",
     "enabled",
+    "timeout",
+    "retryPolicy",
+    "priority",
+    "maxActiveRuns",
 ];
 /// Handler fields: one mask path (`command`) replaces whichever kind.
 const HANDLERS: &[&str] = &["command", "event", "http", "worker"];
