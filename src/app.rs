@@ -1052,6 +1052,12 @@ pub async fn supervise(
 /// `--insecure-listen`, [`Error::Tls`] for unusable TLS files, else
 /// [`Error`] from start-up or serving.
 pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
+    // A bad definitions file stops the node before anything starts.
+    let definitions = args
+        .definitions
+        .as_deref()
+        .map(DefinitionsFile::read)
+        .transpose()?;
     // Refuse an unprotected public listener before starting anything.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsSettings::from_files(
@@ -1100,11 +1106,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.retention.runs = args.retention;
     settings.retention.audit = args.audit_retention;
     settings.retention.archive_dir = args.archive_dir.clone();
-    settings.definitions = args
-        .definitions
-        .as_deref()
-        .map(DefinitionsFile::read)
-        .transpose()?;
+    settings.definitions = definitions;
     tracing::info!(
         retention = %crate::domain::retention::show_retention(args.retention),
         audit_retention = %crate::domain::retention::show_retention(args.audit_retention),
