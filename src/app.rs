@@ -326,7 +326,10 @@ pub async fn apply_definitions(ctx: &Ctx, defs: &DefinitionsFile) -> Result<(), 
     let mut report = crate::cli::apply::Report::default();
     let result = crate::cli::apply::apply(&local, &defs.file, false, false, &mut report).await;
     // Released with the connection should the unlock fail.
-    if db::advisory_unlock(&mut lock, DEFINITIONS_LOCK).await.is_err() {
+    if db::advisory_unlock(&mut lock, DEFINITIONS_LOCK)
+        .await
+        .is_err()
+    {
         lock.close_on_drop();
     }
     for l in &report.lines {

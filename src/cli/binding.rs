@@ -479,47 +479,50 @@ fn details(b: &pb::Binding) -> String {
             }
         ),
     )
-        .field("Next run", output::local_time(&b.next_run_time))
-        .field("Effective from", output::local_time(&b.effective_from))
-        .field("Effective until", output::local_time(&b.effective_until))
-        .field(
-            "Retry",
-            format!(
-                "{}{}",
-                retry_summary(&e.retry_policy),
-                own(b.retry_policy.is_some())
-            ),
-        )
-        .field(
-            "Timeout",
-            format!(
-                "{}{}",
-                match output::duration_opt(&e.timeout) {
-                    t if t.is_empty() => "no limit".to_string(),
-                    t => t,
-                },
-                own(b.timeout.is_some())
-            ),
-        )
-        .field("Overlap", format!("{} (definition)", overlap_name(e.overlap_policy)))
-        .field(
-            "Priority",
-            format!("{}{}", e.priority, own(b.priority.is_some())),
-        )
-        .field(
-            "Max active runs",
-            format!(
-                "{}{}",
-                match e.max_active_runs {
-                    0 => "no cap".to_string(),
-                    n => n.to_string(),
-                },
-                own(b.max_active_runs.is_some())
-            ),
-        )
-        .field("Enabled", yes_no(b.enabled.unwrap_or(true)))
-        .field("Created", output::local_time(&b.create_time))
-        .field("Updated", output::local_time(&b.update_time))
-        .field("Etag", b.etag.as_str());
+    .field("Next run", output::local_time(&b.next_run_time))
+    .field("Effective from", output::local_time(&b.effective_from))
+    .field("Effective until", output::local_time(&b.effective_until))
+    .field(
+        "Retry",
+        format!(
+            "{}{}",
+            retry_summary(&e.retry_policy),
+            own(b.retry_policy.is_some())
+        ),
+    )
+    .field(
+        "Timeout",
+        format!(
+            "{}{}",
+            match output::duration_opt(&e.timeout) {
+                t if t.is_empty() => "no limit".to_string(),
+                t => t,
+            },
+            own(b.timeout.is_some())
+        ),
+    )
+    .field(
+        "Overlap",
+        format!("{} (definition)", overlap_name(e.overlap_policy)),
+    )
+    .field(
+        "Priority",
+        format!("{}{}", e.priority, own(b.priority.is_some())),
+    )
+    .field(
+        "Max active runs",
+        format!(
+            "{}{}",
+            match e.max_active_runs {
+                0 => "no cap".to_string(),
+                n => n.to_string(),
+            },
+            own(b.max_active_runs.is_some())
+        ),
+    )
+    .field("Enabled", yes_no(b.enabled.unwrap_or(true)))
+    .field("Created", output::local_time(&b.create_time))
+    .field("Updated", output::local_time(&b.update_time))
+    .field("Etag", b.etag.as_str());
     v.render()
 }

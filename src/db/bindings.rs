@@ -142,8 +142,8 @@ impl From<Row> for Binding {
             RunPolicy::default,
         );
         let effective_policy = overrides.apply(def_policy);
-        let effective_max_active_runs = overrides
-            .max_active_runs(r.def_max_active_runs.and_then(|t| u32::try_from(t).ok()));
+        let effective_max_active_runs =
+            overrides.max_active_runs(r.def_max_active_runs.and_then(|t| u32::try_from(t).ok()));
         let epoch = DateTime::<Utc>::UNIX_EPOCH;
         let b = Binding {
             id: r.id,

@@ -104,9 +104,12 @@ pub(crate) fn policy_from_cols(
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn advisory_lock(conn: &mut sqlx::PgConnection, key: i64) -> Result<(), Error> {
-    sqlx::query_scalar!(r#"SELECT 1 AS "x!" FROM (SELECT pg_advisory_lock($1)) l"#, key)
-        .fetch_one(conn)
-        .await?;
+    sqlx::query_scalar!(
+        r#"SELECT 1 AS "x!" FROM (SELECT pg_advisory_lock($1)) l"#,
+        key
+    )
+    .fetch_one(conn)
+    .await?;
     Ok(())
 }
 

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{Actor, Core, Error, Result, Target, audit, begin, commit, record};
 use crate::db;
-use crate::domain::policy::{PolicyOverrides, RetryPolicy};
 use crate::domain::RunReason;
+use crate::domain::policy::{PolicyOverrides, RetryPolicy};
 use crate::domain::{
     Binding, BindingStatus, FieldViolation, Schedule, effective_schedule, merge_params,
     validate_effective_window, validate_merged_params,

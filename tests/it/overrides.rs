@@ -123,7 +123,10 @@ async fn binding_overrides_run_with_their_own_values_and_unset_ones_follow_the_d
     for r in &runs {
         assert_eq!(state(r), pb::RunState::TimedOut, "{r:?}");
         let took = secs(&r.end_time) - secs(&r.start_time);
-        assert!(took < 4.0, "ended by the 1 s timeout, not the 5 s sleep: {took}");
+        assert!(
+            took < 4.0,
+            "ended by the 1 s timeout, not the 5 s sleep: {took}"
+        );
         assert_eq!(stored_priority(&db, &r.id).await, 7);
     }
 
@@ -416,16 +419,20 @@ async fn max_active_runs_caps_the_active_runs_of_a_binding_across_nodes() {
     for (runs, cap) in [(&a, 3), (&g, 1)] {
         let m = max_concurrent(runs);
         assert!(m <= cap, "{m} runs active at once, cap {cap}: {runs:#?}");
-        assert_eq!(m, cap, "the cap is reached (runs sleep 3 s, fires every 1 s)");
+        assert_eq!(
+            m, cap,
+            "the cap is reached (runs sleep 3 s, fires every 1 s)"
+        );
         // overlap; misfire only where a loaded machine left the
         // scheduler more than the catch-up window behind
         for r in runs.iter().filter(|r| state(r) == pb::RunState::Skipped) {
             assert!(matches!(r.reason.as_str(), "overlap" | "misfire"), "{r:?}");
         }
         assert!(
-            runs.iter()
-                .all(|r| matches!(state(r), pb::RunState::Skipped | pb::RunState::Succeeded)
-                    || !is_terminal(r)),
+            runs.iter().all(|r| matches!(
+                state(r),
+                pb::RunState::Skipped | pb::RunState::Succeeded
+            ) || !is_terminal(r)),
             "{runs:#?}"
         );
     }
@@ -493,7 +500,11 @@ async fn serve_definitions_applies_the_file_once_and_protects_what_it_marks() {
         .unwrap()
         .into_inner()
         .bindings;
-    assert_eq!(list.len(), 1, "one binding, however many nodes applied the file");
+    assert_eq!(
+        list.len(),
+        1,
+        "one binding, however many nodes applied the file"
+    );
     let b = &list[0];
     assert_eq!(b.timeout.unwrap().seconds, 5);
     assert_eq!(b.priority, Some(4));
@@ -509,7 +520,11 @@ async fn serve_definitions_applies_the_file_once_and_protects_what_it_marks() {
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
     n2.stop().await;
 
     // a restart with the same file changes nothing
