@@ -77,6 +77,10 @@ pub enum Error {
     /// `--http-allow` is not a list of CIDR ranges.
     #[error("--http-allow: {0}")]
     HttpAllow(String),
+    /// The `--definitions` file cannot be read or parsed (file, line and
+    /// field named), or sked refused one of its objects.
+    #[error("--definitions: {0}")]
+    Definitions(String),
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] transport::TlsError),
@@ -172,6 +176,176 @@ pub struct Settings {
     /// What the maintenance leader keeps (`--retention`,
     /// `--audit-retention`, `--archive-dir`) and how it paces itself.
     pub retention: crate::retention::Settings,
+    /// Definitions (and bindings) applied at start-up, before the node
+    /// serves (`--definitions FILE`; see [`apply_definitions`]).
+    pub definitions: Option<DefinitionsFile>,
+}
+
+/// A parsed `--definitions` file.
+#[derive(Debug, Clone)]
+pub struct DefinitionsFile {
+    /// Its path, for messages.
+    pub origin: String,
+    /// Its content.
+    pub file: crate::cli::apply::File,
+}
+
+impl DefinitionsFile {
+    /// Reads and parses `path` (the format of `sked apply -f`).
+    ///
+    /// # Errors
+    /// [`Error::Definitions`] naming the file, and for a bad content the
+    /// line and field.
+    pub fn read(path: &Path) -> Result<DefinitionsFile, Error> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Definitions(format!("{origin}: {e}")))?;
+        let file = crate::cli::apply::parse(&origin, &text)
+            .map_err(|e| Error::Definitions(e.to_string()))?;
+        Ok(DefinitionsFile { origin, file })
+    }
+}
+
+/// Advisory lock key of `--definitions`: nodes starting at once apply
+/// their files one after another (the second finds nothing to change).
+const DEFINITIONS_LOCK: i64 = 0x736b_6564_6465_6673; // "skeddefs"
+
+/// The node's own DefinitionService and BindingService called in-process
+/// by [`apply_definitions`], as the CLI ([`crate::domain::tenancy::Caller::cli`],
+/// a platform admin): the same validation, use cases and audit as a call
+/// over the network.
+struct Local {
+    defs: grpc::definitions::Definitions,
+    bindings: grpc::bindings::Bindings,
+}
+
+/// The method recorded in audit events of `--definitions`.
+const DEFINITIONS_METHOD: &str = "sked serve --definitions";
+
+fn local_req<T>(tenant: Option<&str>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(grpc::authz::Grant {
+        caller: Caller::cli(),
+        tenant: tenant.map(str::to_string),
+        method: DEFINITIONS_METHOD,
+    });
+    r
+}
+
+impl crate::cli::apply::Api for Local {
+    async fn list_definitions(
+        &self,
+        r: pb::ListDefinitionsRequest,
+    ) -> crate::cli::Result<pb::ListDefinitionsResponse> {
+        use pb::definition_service_server::DefinitionService;
+        Ok(self
+            .defs
+            .list_definitions(local_req(None, r))
+            .await?
+            .into_inner())
+    }
+    async fn create_definition(&self, r: pb::CreateDefinitionRequest) -> crate::cli::Result<()> {
+        use pb::definition_service_server::DefinitionService;
+        self.defs.create_definition(local_req(None, r)).await?;
+        Ok(())
+    }
+    async fn update_definition(&self, r: pb::UpdateDefinitionRequest) -> crate::cli::Result<()> {
+        use pb::definition_service_server::DefinitionService;
+        self.defs.update_definition(local_req(None, r)).await?;
+        Ok(())
+    }
+    async fn delete_definition(&self, r: pb::DeleteDefinitionRequest) -> crate::cli::Result<()> {
+        use pb::definition_service_server::DefinitionService;
+        self.defs.delete_definition(local_req(None, r)).await?;
+        Ok(())
+    }
+    async fn list_bindings(
+        &self,
+        tenant: &str,
+        r: pb::ListBindingsRequest,
+    ) -> crate::cli::Result<pb::ListBindingsResponse> {
+        use pb::binding_service_server::BindingService;
+        Ok(self
+            .bindings
+            .list_bindings(local_req(Some(tenant), r))
+            .await?
+            .into_inner())
+    }
+    async fn create_binding(
+        &self,
+        tenant: &str,
+        r: pb::CreateBindingRequest,
+    ) -> crate::cli::Result<()> {
+        use pb::binding_service_server::BindingService;
+        self.bindings
+            .create_binding(local_req(Some(tenant), r))
+            .await?;
+        Ok(())
+    }
+    async fn update_binding(
+        &self,
+        tenant: &str,
+        r: pb::UpdateBindingRequest,
+    ) -> crate::cli::Result<()> {
+        use pb::binding_service_server::BindingService;
+        self.bindings
+            .update_binding(local_req(Some(tenant), r))
+            .await?;
+        Ok(())
+    }
+    async fn delete_binding(
+        &self,
+        tenant: &str,
+        r: pb::DeleteBindingRequest,
+    ) -> crate::cli::Result<()> {
+        use pb::binding_service_server::BindingService;
+        self.bindings
+            .delete_binding(local_req(Some(tenant), r))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Applies a `--definitions` file at start-up, as `sked apply -f` does
+/// (upsert by name, only changed fields, `deletion_protection` as the file
+/// says; no pruning) but through this node's own services in-process.
+/// Nodes starting at once take turns under a PostgreSQL advisory lock, so
+/// the file is applied once and the others find it unchanged: idempotent
+/// across restarts and nodes.
+///
+/// # Errors
+/// [`Error::Definitions`] naming the file and the object sked refused
+/// (with the status, field and reason); database errors.
+pub async fn apply_definitions(ctx: &Ctx, defs: &DefinitionsFile) -> Result<(), Error> {
+    let mut lock = ctx.core.pool.acquire().await.map_err(db::Error::from)?;
+    db::advisory_lock(&mut lock, DEFINITIONS_LOCK).await?;
+    let local = Local {
+        defs: grpc::definitions::Definitions(ctx.clone()),
+        bindings: grpc::bindings::Bindings(ctx.clone()),
+    };
+    let mut report = crate::cli::apply::Report::default();
+    let result = crate::cli::apply::apply(&local, &defs.file, false, false, &mut report).await;
+    // Released with the connection should the unlock fail.
+    if db::advisory_unlock(&mut lock, DEFINITIONS_LOCK)
+        .await
+        .is_err()
+    {
+        lock.close_on_drop();
+    }
+    for l in &report.lines {
+        tracing::info!(file = %defs.origin, "{l}");
+    }
+    result.map_err(|e| {
+        let at = report.lines.len();
+        Error::Definitions(format!(
+            "{}: applying it failed after {at} object(s): {}",
+            defs.origin,
+            crate::cli::connect::one_line(&e.to_string())
+        ))
+    })?;
+    tracing::info!(file = %defs.origin, created = report.created, updated = report.updated,
+        unchanged = report.unchanged, "definitions file applied");
+    Ok(())
 }
 
 impl Settings {
@@ -200,6 +374,7 @@ impl Settings {
             metrics_sample: Duration::from_secs(10),
             restarts: Restarts::default(),
             retention: crate::retention::Settings::default(),
+            definitions: None,
         }
     }
 }
@@ -361,6 +536,10 @@ async fn serve_with_pool(
             settings.tenant_api_runs_per_sec,
         )),
     };
+
+    if let Some(defs) = &settings.definitions {
+        apply_definitions(&ctx, defs).await?;
+    }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Arc::new(Health::new(reporter));
@@ -876,6 +1055,12 @@ pub async fn supervise(
 /// `--insecure-listen`, [`Error::Tls`] for unusable TLS files, else
 /// [`Error`] from start-up or serving.
 pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
+    // A bad definitions file stops the node before anything starts.
+    let definitions = args
+        .definitions
+        .as_deref()
+        .map(DefinitionsFile::read)
+        .transpose()?;
     // Refuse an unprotected public listener before starting anything.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsSettings::from_files(
@@ -924,6 +1109,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.retention.runs = args.retention;
     settings.retention.audit = args.audit_retention;
     settings.retention.archive_dir = args.archive_dir.clone();
+    settings.definitions = definitions;
     tracing::info!(
         retention = %crate::domain::retention::show_retention(args.retention),
         audit_retention = %crate::domain::retention::show_retention(args.audit_retention),

@@ -173,6 +173,13 @@ pub struct ServeArgs {
     /// write there (any node may lead). Unset: days are dropped unarchived.
     #[arg(long, env = "SKED_ARCHIVE_DIR")]
     pub archive_dir: Option<PathBuf>,
+    /// Apply this YAML file of definitions and bindings at start-up, before
+    /// serving (the format of `sked apply -f`: upsert by name, only changed
+    /// fields; definitions marked `deletion_protection: true` cannot be
+    /// deleted). A bad file stops the node with the file, line and field.
+    /// Safe with several nodes starting at once.
+    #[arg(long, env = "SKED_DEFINITIONS", value_name = "FILE")]
+    pub definitions: Option<PathBuf>,
 }
 
 /// `--retention` and `--audit-retention`: see

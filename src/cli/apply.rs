@@ -37,7 +37,7 @@ use prost_reflect::DynamicMessage;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::connect::{Client, GlobalArgs, Svc};
+use super::connect::{Client, GlobalArgs};
 use super::output::{POOL, to_json_named};
 use super::{EXIT_OK, Error, Result};
 use crate::proto::v1 as pb;
@@ -59,6 +59,10 @@ const BINDING_FIELDS: &[&str] = &[
     "effectiveFrom",
     "effectiveUntil",
     "enabled",
+    "timeout",
+    "retryPolicy",
+    "priority",
+    "maxActiveRuns",
 ];
 /// Handler fields: one mask path (`command`) replaces whichever kind.
 const HANDLERS: &[&str] = &["command", "event", "http", "worker"];
@@ -370,12 +374,17 @@ fn changed(
 
 /// What apply did (or, with `--dry-run`, would do).
 #[derive(Debug, Default)]
-struct Report {
-    lines: Vec<String>,
-    created: usize,
-    updated: usize,
-    unchanged: usize,
-    deleted: usize,
+pub struct Report {
+    /// One line per object: `definition NAME: created|updated (fields)|unchanged|deleted`.
+    pub lines: Vec<String>,
+    /// Objects created.
+    pub created: usize,
+    /// Objects updated.
+    pub updated: usize,
+    /// Objects left as they were.
+    pub unchanged: usize,
+    /// Objects deleted (`--prune`).
+    pub deleted: usize,
 }
 
 impl Report {
@@ -440,6 +449,86 @@ pub async fn run(a: Args) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// The calls apply makes: a gRPC client (`sked apply`), or the node's own
+/// service handlers in-process (`sked serve --definitions`), so both go
+/// through the same validation and use cases.
+#[allow(async_fn_in_trait)]
+pub trait Api {
+    /// ListDefinitions.
+    async fn list_definitions(
+        &self,
+        r: pb::ListDefinitionsRequest,
+    ) -> Result<pb::ListDefinitionsResponse>;
+    /// CreateDefinition.
+    async fn create_definition(&self, r: pb::CreateDefinitionRequest) -> Result<()>;
+    /// UpdateDefinition.
+    async fn update_definition(&self, r: pb::UpdateDefinitionRequest) -> Result<()>;
+    /// DeleteDefinition.
+    async fn delete_definition(&self, r: pb::DeleteDefinitionRequest) -> Result<()>;
+    /// ListBindings of `tenant`.
+    async fn list_bindings(
+        &self,
+        tenant: &str,
+        r: pb::ListBindingsRequest,
+    ) -> Result<pb::ListBindingsResponse>;
+    /// CreateBinding for `tenant`.
+    async fn create_binding(&self, tenant: &str, r: pb::CreateBindingRequest) -> Result<()>;
+    /// UpdateBinding of `tenant`.
+    async fn update_binding(&self, tenant: &str, r: pb::UpdateBindingRequest) -> Result<()>;
+    /// DeleteBinding of `tenant`.
+    async fn delete_binding(&self, tenant: &str, r: pb::DeleteBindingRequest) -> Result<()>;
+}
+
+impl Api for Client {
+    async fn list_definitions(
+        &self,
+        r: pb::ListDefinitionsRequest,
+    ) -> Result<pb::ListDefinitionsResponse> {
+        Ok(self.defs().list_definitions(r).await?.into_inner())
+    }
+    async fn create_definition(&self, r: pb::CreateDefinitionRequest) -> Result<()> {
+        self.defs().create_definition(r).await?;
+        Ok(())
+    }
+    async fn update_definition(&self, r: pb::UpdateDefinitionRequest) -> Result<()> {
+        self.defs().update_definition(r).await?;
+        Ok(())
+    }
+    async fn delete_definition(&self, r: pb::DeleteDefinitionRequest) -> Result<()> {
+        self.defs().delete_definition(r).await?;
+        Ok(())
+    }
+    async fn list_bindings(
+        &self,
+        tenant: &str,
+        r: pb::ListBindingsRequest,
+    ) -> Result<pb::ListBindingsResponse> {
+        Ok(self
+            .bindings()
+            .list_bindings(tenant_req(tenant, r)?)
+            .await?
+            .into_inner())
+    }
+    async fn create_binding(&self, tenant: &str, r: pb::CreateBindingRequest) -> Result<()> {
+        self.bindings()
+            .create_binding(tenant_req(tenant, r)?)
+            .await?;
+        Ok(())
+    }
+    async fn update_binding(&self, tenant: &str, r: pb::UpdateBindingRequest) -> Result<()> {
+        self.bindings()
+            .update_binding(tenant_req(tenant, r)?)
+            .await?;
+        Ok(())
+    }
+    async fn delete_binding(&self, tenant: &str, r: pb::DeleteBindingRequest) -> Result<()> {
+        self.bindings()
+            .delete_binding(tenant_req(tenant, r)?)
+            .await?;
+        Ok(())
+    }
+}
+
 fn tenant_req<T>(tenant: &str, msg: T) -> Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     let v = tonic::metadata::MetadataValue::try_from(tenant)
@@ -448,18 +537,16 @@ fn tenant_req<T>(tenant: &str, msg: T) -> Result<tonic::Request<T>> {
     Ok(r)
 }
 
-async fn all_definitions(client: &Client) -> Result<Vec<pb::TaskDefinition>> {
+async fn all_definitions(client: &impl Api) -> Result<Vec<pb::TaskDefinition>> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
         let page = client
-            .defs()
             .list_definitions(pb::ListDefinitionsRequest {
                 page_size: 1000,
                 page_token: token,
             })
-            .await?
-            .into_inner();
+            .await?;
         out.extend(page.definitions);
         if page.next_page_token.is_empty() {
             return Ok(out);
@@ -468,16 +555,12 @@ async fn all_definitions(client: &Client) -> Result<Vec<pb::TaskDefinition>> {
     }
 }
 
-async fn bindings_of(
-    b: &mut pb::binding_service_client::BindingServiceClient<Svc>,
-    tenant: &str,
-    definition: &str,
-) -> Result<Vec<pb::Binding>> {
+async fn bindings_of(b: &impl Api, tenant: &str, definition: &str) -> Result<Vec<pb::Binding>> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
         let page = b
-            .list_bindings(tenant_req(
+            .list_bindings(
                 tenant,
                 pb::ListBindingsRequest {
                     page_size: 1000,
@@ -485,9 +568,8 @@ async fn bindings_of(
                     definition: definition.to_string(),
                     ..Default::default()
                 },
-            )?)
-            .await?
-            .into_inner();
+            )
+            .await?;
         out.extend(page.bindings);
         if page.next_page_token.is_empty() {
             return Ok(out);
@@ -496,8 +578,13 @@ async fn bindings_of(
     }
 }
 
-async fn apply(
-    client: &Client,
+/// Applies `file` through `client` (module docs); what was done (or, with
+/// `dry_run`, would be) is noted in `report`.
+///
+/// # Errors
+/// The first call sked refuses; what was done before it stays done.
+pub async fn apply(
+    client: &impl Api,
     file: &File,
     dry_run: bool,
     prune: bool,
@@ -508,7 +595,7 @@ async fn apply(
         .into_iter()
         .map(|d| (d.name.clone(), d))
         .collect();
-    let mut defs = client.defs();
+    let defs = client;
     for d in &file.definitions {
         let what = format!("definition {}", d.name);
         match existing.get(&d.name) {
@@ -543,7 +630,7 @@ async fn apply(
             }
         }
     }
-    let mut bindings = client.bindings();
+    let bindings = client;
     let listed: BTreeSet<(&str, &str)> = file
         .bindings
         .iter()
@@ -553,7 +640,7 @@ async fn apply(
         let what = format!("binding {}/{}", b.tenant, b.definition);
         // A definition only the dry run would create has no bindings yet.
         let have = if existing.contains_key(&b.definition) {
-            bindings_of(&mut bindings, &b.tenant, &b.definition).await?
+            bindings_of(bindings, &b.tenant, &b.definition).await?
         } else {
             Vec::new()
         };
@@ -564,10 +651,7 @@ async fn apply(
                     let mut m = msg;
                     m.tenant_id = b.tenant.clone();
                     bindings
-                        .create_binding(tenant_req(
-                            &b.tenant,
-                            pb::CreateBindingRequest { binding: Some(m) },
-                        )?)
+                        .create_binding(&b.tenant, pb::CreateBindingRequest { binding: Some(m) })
                         .await?;
                 }
                 report.note(&what, "created", &[]);
@@ -585,7 +669,7 @@ async fn apply(
                     m.tenant_id = b.tenant.clone();
                     m.etag = cur.etag.clone();
                     bindings
-                        .update_binding(tenant_req(
+                        .update_binding(
                             &b.tenant,
                             pb::UpdateBindingRequest {
                                 binding: Some(m),
@@ -593,7 +677,7 @@ async fn apply(
                                     paths: fields.clone(),
                                 }),
                             },
-                        )?)
+                        )
                         .await?;
                 }
                 report.note(&what, "updated", &fields);
@@ -622,18 +706,18 @@ async fn apply(
             continue;
         }
         for tenant in &file.tenants {
-            for cur in bindings_of(&mut bindings, tenant, &d.name).await? {
+            for cur in bindings_of(bindings, tenant, &d.name).await? {
                 if listed.contains(&(tenant.as_str(), d.name.as_str())) {
                     continue;
                 }
                 if !dry_run {
                     bindings
-                        .delete_binding(tenant_req(
+                        .delete_binding(
                             tenant,
                             pb::DeleteBindingRequest {
                                 binding_id: cur.id.clone(),
                             },
-                        )?)
+                        )
                         .await?;
                 }
                 report.note(&format!("binding {tenant}/{}", d.name), "deleted", &[]);

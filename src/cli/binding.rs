@@ -61,6 +61,10 @@ enum Cmd {
         /// Go back to the definition's schedule.
         #[arg(long)]
         inherit_schedule: bool,
+        /// Clear a policy override and inherit the definition's value again
+        /// (repeatable): timeout, retry_policy, priority or max_active_runs.
+        #[arg(long, value_name = "FIELD", value_parser = ["timeout", "retry_policy", "priority", "max_active_runs"])]
+        inherit: Vec<String>,
         /// Apply only if the binding's etag is still this one.
         #[arg(long)]
         etag: Option<String>,
@@ -118,6 +122,20 @@ struct Fields {
     /// Whether it fires.
     #[arg(long, value_name = "BOOL")]
     enabled: Option<bool>,
+    /// Override the definition's timeout per attempt (1s to 1d).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Override the definition's attempts in all (1-100; 1 = no retry;
+    /// the other retry settings take their defaults).
+    #[arg(long, value_name = "N")]
+    max_attempts: Option<i32>,
+    /// Override the definition's priority (higher is claimed first).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    priority: Option<i32>,
+    /// Override the definition's cap on active runs under overlap ALLOW
+    /// (1-1000; 0 = no cap).
+    #[arg(long, value_name = "N")]
+    max_active_runs: Option<u32>,
 }
 
 impl Fields {
@@ -146,6 +164,25 @@ impl Fields {
         if let Some(e) = self.enabled {
             b.enabled = Some(e);
             paths.push("enabled");
+        }
+        if let Some(t) = &self.timeout {
+            b.timeout = Some(input::duration("--timeout", t)?);
+            paths.push("timeout");
+        }
+        if let Some(n) = self.max_attempts {
+            b.retry_policy = Some(pb::RetryPolicy {
+                max_attempts: n,
+                ..Default::default()
+            });
+            paths.push("retry_policy");
+        }
+        if let Some(n) = self.priority {
+            b.priority = Some(n);
+            paths.push("priority");
+        }
+        if let Some(n) = self.max_active_runs {
+            b.max_active_runs = Some(n);
+            paths.push("max_active_runs");
         }
         Ok(paths)
     }
@@ -261,6 +298,7 @@ pub async fn run(a: Args) -> Result<i32> {
             binding,
             fields,
             inherit_schedule,
+            inherit,
             etag,
         } => {
             if inherit_schedule && fields.schedule.any() {
@@ -304,6 +342,15 @@ pub async fn run(a: Args) -> Result<i32> {
             if inherit_schedule {
                 b.schedule = None;
                 paths.push("schedule".into());
+            }
+            for f in inherit {
+                match f.as_str() {
+                    "timeout" => b.timeout = None,
+                    "retry_policy" => b.retry_policy = None,
+                    "priority" => b.priority = None,
+                    _ => b.max_active_runs = None,
+                }
+                paths.push(f);
             }
             paths.sort();
             paths.dedup();
@@ -420,17 +467,62 @@ fn details(b: &pb::Binding) -> String {
             format!("{schedule}{}", own(b.schedule.is_some())),
         );
     }
-    v.field("Params", output::struct_json(&e.params))
-        .field("Next run", output::local_time(&b.next_run_time))
-        .field("Effective from", output::local_time(&b.effective_from))
-        .field("Effective until", output::local_time(&b.effective_until))
-        .field("Retry", retry_summary(&e.retry_policy))
-        .field("Timeout", output::duration_opt(&e.timeout))
-        .field("Overlap", overlap_name(e.overlap_policy))
-        .field("Priority", e.priority.to_string())
-        .field("Enabled", yes_no(b.enabled.unwrap_or(true)))
-        .field("Created", output::local_time(&b.create_time))
-        .field("Updated", output::local_time(&b.update_time))
-        .field("Etag", b.etag.as_str());
+    v.field(
+        "Params",
+        format!(
+            "{}{}",
+            output::struct_json(&e.params),
+            if b.params.is_some() {
+                " (definition merged with binding)"
+            } else {
+                " (definition)"
+            }
+        ),
+    )
+    .field("Next run", output::local_time(&b.next_run_time))
+    .field("Effective from", output::local_time(&b.effective_from))
+    .field("Effective until", output::local_time(&b.effective_until))
+    .field(
+        "Retry",
+        format!(
+            "{}{}",
+            retry_summary(&e.retry_policy),
+            own(b.retry_policy.is_some())
+        ),
+    )
+    .field(
+        "Timeout",
+        format!(
+            "{}{}",
+            match output::duration_opt(&e.timeout) {
+                t if t.is_empty() => "no limit".to_string(),
+                t => t,
+            },
+            own(b.timeout.is_some())
+        ),
+    )
+    .field(
+        "Overlap",
+        format!("{} (definition)", overlap_name(e.overlap_policy)),
+    )
+    .field(
+        "Priority",
+        format!("{}{}", e.priority, own(b.priority.is_some())),
+    )
+    .field(
+        "Max active runs",
+        format!(
+            "{}{}",
+            match e.max_active_runs {
+                0 => "no cap".to_string(),
+                n => n.to_string(),
+            },
+            own(b.max_active_runs.is_some())
+        ),
+    )
+    .field("Enabled", yes_no(b.enabled.unwrap_or(true)))
+    .field("Created", output::local_time(&b.create_time))
+    .field("Updated", output::local_time(&b.update_time))
+    .field("Etag", b.etag.as_str());
     v.render()
 }

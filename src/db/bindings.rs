@@ -6,6 +6,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::{DbTime, Error, decode, encode, policy_from_cols};
+use crate::domain::policy::PolicyOverrides;
 use crate::domain::{
     Binding, Handler, LastRun, MisfirePolicy, RunOutcomes, RunPolicy, RunState, Schedule,
     merge_params,
@@ -35,6 +36,12 @@ struct Row {
     timeout_secs: Option<i32>,
     priority: i32,
     def_enabled: bool,
+    def_max_active_runs: Option<i32>,
+    // the binding's policy overrides (NULL = inherit)
+    b_timeout_secs: Option<i32>,
+    b_retry_policy: Option<serde_json::Value>,
+    b_priority: Option<i32>,
+    b_max_active_runs: Option<i32>,
     // binding_status (LEFT JOIN: none until a run ended)
     last_run_id: Option<Uuid>,
     last_run_state: Option<String>,
@@ -117,7 +124,15 @@ impl From<Row> for Binding {
             decode("binding effective schedule", r.effective_schedule),
             manual,
         );
-        let effective_policy = p.take(
+        let overrides = PolicyOverrides {
+            retry: r
+                .b_retry_policy
+                .and_then(|v| p.take(decode("binding retry policy", v).map(Some), || None)),
+            timeout_secs: r.b_timeout_secs.and_then(|t| u32::try_from(t).ok()),
+            priority: r.b_priority,
+            max_active_runs: r.b_max_active_runs.and_then(|t| u32::try_from(t).ok()),
+        };
+        let def_policy = p.take(
             policy_from_cols(
                 &r.overlap_policy,
                 r.retry_policy,
@@ -126,6 +141,9 @@ impl From<Row> for Binding {
             ),
             RunPolicy::default,
         );
+        let effective_policy = overrides.apply(def_policy);
+        let effective_max_active_runs =
+            overrides.max_active_runs(r.def_max_active_runs.and_then(|t| u32::try_from(t).ok()));
         let epoch = DateTime::<Utc>::UNIX_EPOCH;
         let b = Binding {
             id: r.id,
@@ -149,7 +167,9 @@ impl From<Row> for Binding {
             paused: r.paused,
             pause_note: r.pause_note,
             pause_expire_time: p.time(r.pause_expire_time, "binding pause_expire_time"),
+            overrides,
             effective_policy,
+            effective_max_active_runs,
             broken_reason: None,
             definition_enabled: r.def_enabled,
             outcomes,
@@ -179,8 +199,9 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         r#"WITH ins AS (
              INSERT INTO bindings (id, tenant_id, definition, schedule, params, effective_schedule,
                                    next_run_time, create_time, update_time, version, effective_from,
-                                   effective_until, enabled)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id)
+                                   effective_until, enabled, timeout_secs, retry_policy, priority,
+                                   max_active_runs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16, $17, $18) RETURNING id)
            SELECT pg_notify($14::text, '') AS "n" FROM ins"#,
         b.id,
         b.tenant_id,
@@ -196,6 +217,10 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
         b.effective_until,
         b.enabled,
         super::notify::BINDINGS,
+        b.overrides.timeout_secs.map(|t| t as i32),
+        b.overrides.retry.as_ref().map(encode),
+        b.overrides.priority,
+        b.overrides.max_active_runs.map(|t| t as i32),
     )
     .execute(db)
     .await;
@@ -222,7 +247,9 @@ pub async fn binding_get(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                d.priority, d.enabled AS def_enabled, d.max_active_runs AS def_max_active_runs,
+                b.timeout_secs AS b_timeout_secs, b.retry_policy AS b_retry_policy, b.priority AS b_priority,
+                b.max_active_runs AS b_max_active_runs, s.last_run_id AS "last_run_id?",
                 s.last_run_state AS "last_run_state?",
                 s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
                 s.last_run_end_time AS "last_run_end_time?: DbTime",
@@ -263,7 +290,9 @@ pub async fn binding_list(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                d.priority, d.enabled AS def_enabled, d.max_active_runs AS def_max_active_runs,
+                b.timeout_secs AS b_timeout_secs, b.retry_policy AS b_retry_policy, b.priority AS b_priority,
+                b.max_active_runs AS b_max_active_runs, s.last_run_id AS "last_run_id?",
                 s.last_run_state AS "last_run_state?",
                 s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
                 s.last_run_end_time AS "last_run_end_time?: DbTime",
@@ -366,8 +395,11 @@ pub struct DueBinding {
     pub handler: Handler,
     /// The definition's misfire policy.
     pub misfire_policy: MisfirePolicy,
-    /// The definition's run policy, snapshotted into runs.
+    /// The run policy in force (the definition's with the binding's
+    /// overrides), snapshotted into runs.
     pub policy: RunPolicy,
+    /// Cap on active runs under `ALLOW` (`None` = no cap).
+    pub max_active_runs: Option<u32>,
     /// Binding and definition both enabled.
     pub enabled: bool,
     /// Paused (possibly with an expiry that has passed).
@@ -416,7 +448,12 @@ pub async fn binding_lock_due(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule,
                   b.next_run_time AS "next_run_time!: DbTime",
                   b.params, d.params AS def_params, d.handler, d.misfire_policy, d.overlap_policy,
-                  d.retry_policy, d.timeout_secs, d.priority, b.enabled AND d.enabled AS "enabled!",
+                  -- the binding's overrides, resolved against the definition as it is now
+                  coalesce(b.retry_policy, d.retry_policy) AS "retry_policy!",
+                  coalesce(b.timeout_secs, d.timeout_secs) AS timeout_secs,
+                  coalesce(b.priority, d.priority) AS "priority!",
+                  nullif(coalesce(b.max_active_runs, d.max_active_runs), 0) AS max_active_runs,
+                  b.enabled AND d.enabled AS "enabled!",
                   b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", d.max_output_bytes
            FROM bindings b JOIN definitions d ON d.name = b.definition
            WHERE b.next_run_time <= $1
@@ -454,6 +491,7 @@ pub async fn binding_lock_due(
                     r.timeout_secs,
                     r.priority,
                 )?,
+                max_active_runs: r.max_active_runs.and_then(|n| u32::try_from(n).ok()),
                 enabled: r.enabled,
                 paused: r.paused,
                 pause_expire_time: r
@@ -586,7 +624,9 @@ pub async fn binding_get_for_update(
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority, d.enabled AS def_enabled, s.last_run_id AS "last_run_id?",
+                d.priority, d.enabled AS def_enabled, d.max_active_runs AS def_max_active_runs,
+                b.timeout_secs AS b_timeout_secs, b.retry_policy AS b_retry_policy, b.priority AS b_priority,
+                b.max_active_runs AS b_max_active_runs, s.last_run_id AS "last_run_id?",
                 s.last_run_state AS "last_run_state?",
                 s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
                 s.last_run_end_time AS "last_run_end_time?: DbTime",
@@ -621,7 +661,8 @@ pub async fn binding_update(
         r#"WITH u AS (
              UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5, next_run_time = $6,
                                  update_time = $7, version = $8, effective_from = $10, effective_until = $11,
-                                 enabled = $12, paused = $13, pause_note = $14, pause_expire_time = $15
+                                 enabled = $12, paused = $13, pause_note = $14, pause_expire_time = $15,
+                                 timeout_secs = $17, retry_policy = $18, priority = $19, max_active_runs = $20
              WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
            SELECT count(*) AS "n!", pg_notify($16::text, '') AS "x" FROM u"#,
         b.tenant_id,
@@ -640,6 +681,10 @@ pub async fn binding_update(
         b.pause_note,
         b.pause_expire_time,
         super::notify::BINDINGS,
+        b.overrides.timeout_secs.map(|t| t as i32),
+        b.overrides.retry.as_ref().map(encode),
+        b.overrides.priority,
+        b.overrides.max_active_runs.map(|t| t as i32),
     )
     .fetch_one(db)
     .await?;

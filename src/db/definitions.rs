@@ -24,6 +24,7 @@ struct Row {
     protected: bool,
     tenant_scope: Option<Vec<String>>,
     max_output_bytes: Option<i64>,
+    max_active_runs: Option<i32>,
     create_time: DbTime,
     update_time: DbTime,
     version: i64,
@@ -54,6 +55,10 @@ impl TryFrom<Row> for Definition {
                 Some(l) => TenantScope::AllowList(l),
             },
             max_output_bytes: r.max_output_bytes.and_then(|m| u64::try_from(m).ok()),
+            max_active_runs: r
+                .max_active_runs
+                .and_then(|m| u32::try_from(m).ok())
+                .filter(|&m| m > 0),
             create_time: r.create_time.get("definition create_time")?,
             update_time: r.update_time.get("definition update_time")?,
             version: r.version,
@@ -70,8 +75,8 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         "INSERT INTO definitions (name, display_name, description, labels, handler, schedule, params,
                                   create_time, update_time, version, misfire_policy, overlap_policy,
                                   retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                                  max_output_bytes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                                  max_output_bytes, max_active_runs)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
         d.name,
         d.display_name,
         d.description,
@@ -91,6 +96,7 @@ pub async fn definition_insert(db: impl PgExecutor<'_>, d: &Definition) -> Resul
         d.protected,
         d.tenant_scope.as_list(),
         d.max_output_bytes.and_then(|m| i64::try_from(m).ok()),
+        d.max_active_runs.map(|m| m as i32),
     )
     .execute(db)
     .await?;
@@ -111,7 +117,7 @@ pub async fn definition_get(
         Row,
         r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                max_output_bytes, create_time AS "create_time: DbTime",
+                max_output_bytes, max_active_runs, create_time AS "create_time: DbTime",
                 update_time AS "update_time: DbTime", version
          FROM definitions
          WHERE name = $1 AND ($2::text IS NULL OR tenant_scope IS NULL OR $2 = ANY (tenant_scope))"#,
@@ -138,7 +144,7 @@ pub async fn definition_list(
         Row,
         r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                max_output_bytes, create_time AS "create_time: DbTime",
+                max_output_bytes, max_active_runs, create_time AS "create_time: DbTime",
                 update_time AS "update_time: DbTime", version
          FROM definitions
          WHERE name > $1 AND ($3::text IS NULL OR tenant_scope IS NULL OR $3 = ANY (tenant_scope))
@@ -233,7 +239,7 @@ pub async fn definition_get_for_update(
         Row,
         r#"SELECT name, display_name, description, labels, handler, schedule, params, misfire_policy,
                 overlap_policy, retry_policy, timeout_secs, priority, enabled, protected, tenant_scope,
-                max_output_bytes, create_time AS "create_time: DbTime",
+                max_output_bytes, max_active_runs, create_time AS "create_time: DbTime",
                 update_time AS "update_time: DbTime", version
          FROM definitions WHERE name = $1 FOR UPDATE"#,
         name
@@ -257,7 +263,7 @@ pub async fn definition_update(
         "UPDATE definitions SET display_name = $2, description = $3, labels = $4, handler = $5, schedule = $6,
                 params = $7, misfire_policy = $8, update_time = $9, version = $10, overlap_policy = $12,
                 retry_policy = $13, timeout_secs = $14, priority = $15, enabled = $16, protected = $17,
-                tenant_scope = $18, max_output_bytes = $19
+                tenant_scope = $18, max_output_bytes = $19, max_active_runs = $20
          WHERE name = $1 AND version = $11",
         d.name,
         d.display_name,
@@ -278,6 +284,7 @@ pub async fn definition_update(
         d.protected,
         d.tenant_scope.as_list(),
         d.max_output_bytes.and_then(|m| i64::try_from(m).ok()),
+        d.max_active_runs.map(|m| m as i32),
     )
     .execute(db)
     .await?;

@@ -98,6 +98,32 @@ pub(crate) fn policy_from_cols(
     })
 }
 
+/// Takes the session-level advisory lock `key` on `conn`, waiting for it.
+/// Held until [`advisory_unlock`] or the connection closes.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn advisory_lock(conn: &mut sqlx::PgConnection, key: i64) -> Result<(), Error> {
+    sqlx::query_scalar!(
+        r#"SELECT 1 AS "x!" FROM (SELECT pg_advisory_lock($1)) l"#,
+        key
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+/// Releases the advisory lock `key` taken with [`advisory_lock`].
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn advisory_unlock(conn: &mut sqlx::PgConnection, key: i64) -> Result<(), Error> {
+    sqlx::query_scalar!(r#"SELECT pg_advisory_unlock($1) AS "x!""#, key)
+        .fetch_one(conn)
+        .await?;
+    Ok(())
+}
+
 /// A `timestamptz` column read without trusting its range.
 ///
 /// PostgreSQL stores instants from 4713 BC to 294276 AD (and `±infinity`),

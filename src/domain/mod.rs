@@ -399,6 +399,11 @@ pub struct Definition {
     /// Which tenants may bind it (checked on bind; tenant keys see only
     /// definitions in scope).
     pub tenant_scope: TenantScope,
+    /// Most active runs (`QUEUED`, `RUNNING`, `SCHEDULED` retries) of one
+    /// binding under overlap policy `ALLOW`, 1 to
+    /// [`policy::MAX_ACTIVE_RUNS`]; `None` = no cap. Fires beyond it are
+    /// `SKIPPED` with reason `overlap`.
+    pub max_active_runs: Option<u32>,
     /// Bytes of log output stored per run at most ([`MIN_OUTPUT_BYTES`]
     /// ..= [`MAX_OUTPUT_BYTES`]); `None` = [`DEFAULT_MAX_OUTPUT_BYTES`].
     pub max_output_bytes: Option<u64>,
@@ -453,8 +458,13 @@ pub struct Binding {
     pub pause_note: String,
     /// When a pause ends by itself; `None` = until ResumeBinding.
     pub pause_expire_time: Option<DateTime<Utc>>,
-    /// The definition's run policy (bindings do not override it yet).
+    /// The binding's own policy values (`None` fields inherit).
+    pub overrides: policy::PolicyOverrides,
+    /// The run policy in force: the definition's with `overrides` applied.
     pub effective_policy: RunPolicy,
+    /// The active-run cap in force (`None` = no cap): the override's, else
+    /// the definition's.
+    pub effective_max_active_runs: Option<u32>,
     /// Next fire time; `None` = will not fire again.
     pub next_run_time: Option<DateTime<Utc>>,
     /// Creation instant.

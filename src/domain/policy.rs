@@ -81,13 +81,31 @@ pub fn plan_overlap<T>(
     running: usize,
     waiting: usize,
 ) -> OverlapPlan<T> {
+    plan_overlap_capped(policy, fires, running, waiting, None)
+}
+
+/// [`plan_overlap`] with a cap on the binding's active runs under `ALLOW`
+/// (`max_active_runs`, APScheduler's `max_instances`): with `running +
+/// waiting` active already, only `cap - active` fires run, the rest are
+/// skipped (reason `overlap`). `None` = no cap; ignored under the other
+/// policies (they allow one active run at most anyway).
+pub fn plan_overlap_capped<T>(
+    policy: OverlapPolicy,
+    fires: Vec<T>,
+    running: usize,
+    waiting: usize,
+    cap: Option<u32>,
+) -> OverlapPlan<T> {
     let mut plan = OverlapPlan {
         run: Vec::new(),
         skipped: Vec::new(),
         cancel_active: false,
     };
     let room = match policy {
-        OverlapPolicy::Allow => usize::MAX,
+        OverlapPolicy::Allow => match cap {
+            Some(c) => (c as usize).saturating_sub(running + waiting),
+            None => usize::MAX,
+        },
         OverlapPolicy::Skip => usize::from(running + waiting == 0),
         OverlapPolicy::BufferOne => usize::from(waiting == 0),
         OverlapPolicy::CancelPrevious => {
@@ -221,6 +239,58 @@ pub struct RunPolicy {
     pub priority: i32,
 }
 
+/// Most active runs `max_active_runs` may allow.
+pub const MAX_ACTIVE_RUNS: u32 = 1000;
+
+/// Checks a `max_active_runs`: 1 to [`MAX_ACTIVE_RUNS`], or 0 (no cap)
+/// where `zero_ok`.
+///
+/// # Errors
+/// A [`FieldViolation`] on `field` otherwise.
+pub fn validate_max_active_runs(field: &str, n: u32, zero_ok: bool) -> Result<(), FieldViolation> {
+    if n > MAX_ACTIVE_RUNS || (n == 0 && !zero_ok) {
+        let lo = if zero_ok { "0 (no cap)" } else { "1" };
+        return Err(FieldViolation::new(
+            field,
+            format!("{n} is out of range: must be {lo} to {MAX_ACTIVE_RUNS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A binding's own values for its definition's run policy; `None` inherits
+/// the definition's, as it is when a run is created (the database resolves
+/// them in the statements that read a binding with its definition).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyOverrides {
+    /// Retry policy of the binding's runs.
+    pub retry: Option<RetryPolicy>,
+    /// Timeout per attempt, whole seconds (1 s to 1 day).
+    pub timeout_secs: Option<u32>,
+    /// Claim order among waiting runs.
+    pub priority: Option<i32>,
+    /// Cap on active runs under `ALLOW`; `Some(0)` = no cap even when the
+    /// definition has one.
+    pub max_active_runs: Option<u32>,
+}
+
+impl PolicyOverrides {
+    /// `def` with these overrides applied.
+    pub fn apply(&self, def: RunPolicy) -> RunPolicy {
+        RunPolicy {
+            overlap: def.overlap,
+            retry: self.retry.unwrap_or(def.retry),
+            timeout_secs: self.timeout_secs.or(def.timeout_secs),
+            priority: self.priority.unwrap_or(def.priority),
+        }
+    }
+
+    /// The active-run cap in force given the definition's (`None` = no cap).
+    pub fn max_active_runs(&self, def: Option<u32>) -> Option<u32> {
+        self.max_active_runs.or(def).filter(|&n| n > 0)
+    }
+}
+
 /// Checks a timeout: whole seconds, 1 s to 1 day.
 ///
 /// # Errors
@@ -313,6 +383,30 @@ mod tests {
             (vec![2], vec![1], true)
         );
         assert_eq!(p(CancelPrevious, vec![1], 0, 0), (vec![1], vec![], false));
+    }
+
+    #[test]
+    fn allow_with_a_cap_runs_up_to_it() {
+        use OverlapPolicy::*;
+        let p = |fires: Vec<u8>, r, w, cap| {
+            let x = plan_overlap_capped(Allow, fires, r, w, cap);
+            (x.run, x.skipped)
+        };
+        assert_eq!(p(vec![1, 2], 2, 0, Some(3)), (vec![1], vec![2]));
+        assert_eq!(p(vec![1], 2, 1, Some(3)), (vec![], vec![1]));
+        assert_eq!(p(vec![1, 2, 3], 0, 0, Some(3)), (vec![1, 2, 3], vec![]));
+        assert_eq!(p(vec![1, 2], 9, 9, None), (vec![1, 2], vec![]));
+        assert!(validate_max_active_runs("m", 0, false).is_err());
+        assert!(validate_max_active_runs("m", 0, true).is_ok());
+        assert!(validate_max_active_runs("m", 1001, true).is_err());
+        let o = PolicyOverrides {
+            max_active_runs: Some(0),
+            priority: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(o.max_active_runs(Some(3)), None);
+        assert_eq!(PolicyOverrides::default().max_active_runs(Some(3)), Some(3));
+        assert_eq!(o.apply(RunPolicy::default()).priority, 7);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use tonic::{Request, Response, Status};
 
 use super::authz::{Grant, tenant_grant};
-use super::convert::{binding_status_from, binding_to, schedule_from, struct_to_json, time_from};
+use super::convert::{
+    binding_status_from, binding_to, overrides_from, retry_policy_from, schedule_from,
+    struct_to_json, time_from, timeout_from,
+};
 use super::{Ctx, invalid, page_size, parse_uuid, update_paths};
 use crate::domain::{FieldViolation, validate_definition_name, validate_effective_window};
 use crate::proto::v1 as pb;
@@ -31,7 +34,9 @@ impl BindingService for Bindings {
         let schedule = schedule_from("binding.schedule", b.schedule.as_ref()).map_err(invalid)?;
         let params = b.params.as_ref().map(struct_to_json);
         let (effective_from, effective_until) = window_from(&b)?;
+        let overrides = overrides_from(&b).map_err(invalid)?;
         let new = uc::NewBinding {
+            overrides,
             definition: b.definition,
             schedule,
             params,
@@ -107,6 +112,16 @@ impl BindingService for Bindings {
         if b.enabled.is_some() {
             implied.push("enabled");
         }
+        for (set, path) in [
+            (b.timeout.is_some(), "timeout"),
+            (b.retry_policy.is_some(), "retry_policy"),
+            (b.priority.is_some(), "priority"),
+            (b.max_active_runs.is_some(), "max_active_runs"),
+        ] {
+            if set {
+                implied.push(path);
+            }
+        }
         let paths = update_paths(
             r.update_mask.as_ref(),
             &[
@@ -115,6 +130,10 @@ impl BindingService for Bindings {
                 "effective_from",
                 "effective_until",
                 "enabled",
+                "timeout",
+                "retry_policy",
+                "priority",
+                "max_active_runs",
             ],
             implied,
         )?;
@@ -129,6 +148,26 @@ impl BindingService for Bindings {
                 "effective_from" => BindingChange::EffectiveFrom(new_from),
                 "effective_until" => BindingChange::EffectiveUntil(new_until),
                 "enabled" => BindingChange::Enabled(b.enabled.unwrap_or(true)),
+                // Unset in `binding`: the override is cleared (inherit).
+                "timeout" => BindingChange::Timeout(
+                    timeout_from("binding.timeout", b.timeout.as_ref()).map_err(invalid)?,
+                ),
+                "retry_policy" => BindingChange::RetryPolicy(
+                    b.retry_policy
+                        .as_ref()
+                        .map(|p| retry_policy_from("binding.retry_policy", Some(p)))
+                        .transpose()
+                        .map_err(invalid)?,
+                ),
+                "priority" => BindingChange::Priority(b.priority),
+                "max_active_runs" => BindingChange::MaxActiveRuns(
+                    overrides_from(&pb::Binding {
+                        max_active_runs: b.max_active_runs,
+                        ..Default::default()
+                    })
+                    .map_err(invalid)?
+                    .max_active_runs,
+                ),
                 _ => continue,
             });
         }

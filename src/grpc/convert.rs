@@ -580,6 +580,7 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         update_time: Some(time_to(d.update_time)),
         etag: d.version.to_string(),
         max_output_bytes: d.max_output_bytes,
+        max_active_runs: d.max_active_runs,
     }
 }
 
@@ -705,6 +706,28 @@ pub fn handler_from(
     Ok(h)
 }
 
+/// The policy overrides of an API binding, checked against the same bounds
+/// as a definition's fields (`binding.timeout`, `binding.retry_policy.*`,
+/// `binding.max_active_runs`).
+///
+/// # Errors
+/// A violation naming the first field out of range.
+pub fn overrides_from(b: &pb::Binding) -> Result<domain::policy::PolicyOverrides, FieldViolation> {
+    if let Some(n) = b.max_active_runs {
+        domain::policy::validate_max_active_runs("binding.max_active_runs", n, true)?;
+    }
+    Ok(domain::policy::PolicyOverrides {
+        retry: b
+            .retry_policy
+            .as_ref()
+            .map(|p| retry_policy_from("binding.retry_policy", Some(p)))
+            .transpose()?,
+        timeout_secs: timeout_from("binding.timeout", b.timeout.as_ref())?,
+        priority: b.priority,
+        max_active_runs: b.max_active_runs,
+    })
+}
+
 /// Binding → API.
 pub fn binding_to(b: &domain::Binding, now: DateTime<Utc>) -> pb::Binding {
     let o = &b.outcomes;
@@ -727,7 +750,24 @@ pub fn binding_to(b: &domain::Binding, now: DateTime<Utc>) -> pb::Binding {
             timeout: b.effective_policy.timeout_secs.map(secs_to),
             overlap_policy: overlap_to(b.effective_policy.overlap) as i32,
             priority: b.effective_policy.priority,
+            max_active_runs: b.effective_max_active_runs.unwrap_or(0),
+            overridden: [
+                ("schedule", b.schedule.is_some()),
+                ("params", b.params.is_some()),
+                ("retry_policy", b.overrides.retry.is_some()),
+                ("timeout", b.overrides.timeout_secs.is_some()),
+                ("priority", b.overrides.priority.is_some()),
+                ("max_active_runs", b.overrides.max_active_runs.is_some()),
+            ]
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(f, _)| f.to_string())
+            .collect(),
         }),
+        timeout: b.overrides.timeout_secs.map(secs_to),
+        retry_policy: b.overrides.retry.as_ref().map(retry_policy_to),
+        priority: b.overrides.priority,
+        max_active_runs: b.overrides.max_active_runs,
         next_run_time: b.next_run_time.map(time_to),
         create_time: Some(time_to(b.create_time)),
         update_time: Some(time_to(b.update_time)),

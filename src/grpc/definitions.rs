@@ -66,12 +66,22 @@ fn change_from(path: &str, d: &pb::TaskDefinition) -> Result<Option<DefinitionCh
             }
             DefinitionChange::MaxOutputBytes(d.max_output_bytes)
         }
+        "max_active_runs" => DefinitionChange::MaxActiveRuns(max_active_runs_from(d)?),
         "tenant_scope" => DefinitionChange::TenantScope(
             tenant_scope_from("definition.tenant_scope", d.tenant_scope.as_ref())
                 .map_err(invalid)?,
         ),
         _ => return Ok(None),
     }))
+}
+
+/// A definition's `max_active_runs`: unset or 0 = no cap, else 1 to
+/// [`MAX_ACTIVE_RUNS`](crate::domain::policy::MAX_ACTIVE_RUNS).
+fn max_active_runs_from(d: &pb::TaskDefinition) -> Result<Option<u32>, Status> {
+    let n = d.max_active_runs.unwrap_or(0);
+    crate::domain::policy::validate_max_active_runs("definition.max_active_runs", n, true)
+        .map_err(invalid)?;
+    Ok((n > 0).then_some(n))
 }
 
 #[tonic::async_trait]
@@ -114,7 +124,9 @@ impl DefinitionService for Definitions {
         }
         let params = params_from(d.params.as_ref());
         validate_merged_params("definition.params", &params).map_err(invalid)?;
+        let max_active_runs = max_active_runs_from(&d)?;
         let def = Definition {
+            max_active_runs,
             max_output_bytes: d.max_output_bytes,
             protected: d.deletion_protection,
             tenant_scope,
@@ -198,6 +210,7 @@ impl DefinitionService for Definitions {
             (d.deletion_protection, "deletion_protection"),
             (d.tenant_scope.is_some(), "tenant_scope"),
             (d.max_output_bytes.is_some(), "max_output_bytes"),
+            (d.max_active_runs.is_some(), "max_active_runs"),
         ] {
             if set {
                 implied.push(path);
@@ -222,6 +235,7 @@ impl DefinitionService for Definitions {
                 "deletion_protection",
                 "tenant_scope",
                 "max_output_bytes",
+                "max_active_runs",
             ],
             implied,
         )?;

@@ -9,7 +9,10 @@
 //! plus period", so no drift). A binding that fell behind (node down, or
 //! overloaded) is handled by its misfire policy ([`crate::domain::plan_fires`]);
 //! a fire that meets an active run of the binding by its overlap policy
-//! ([`crate::domain::policy::plan_overlap`]); `CANCEL_PREVIOUS` cancels the
+//! ([`crate::domain::policy::plan_overlap_capped`]; under `ALLOW` with a
+//! `max_active_runs` cap, the binding's active runs are counted in the
+//! pass's transaction, which holds the binding's row lock, so two nodes
+//! can never both fill the last slot); `CANCEL_PREVIOUS` cancels the
 //! active runs in the same transaction (a running one through a cancel
 //! request to its node). Fires beyond a tenant's hourly budget
 //! (`max_runs_per_hour`) become `SKIPPED` runs with reason `quota`. Fires of
@@ -50,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db;
-use crate::domain::policy::plan_overlap;
+use crate::domain::policy::plan_overlap_capped;
 use crate::domain::tenancy::apply_hourly_budget;
 use crate::domain::{
     Clock, FirePlan, Handler, NewRun, OverlapPolicy, RunReason, RunSpec, RunState, Schedule,
@@ -256,6 +259,24 @@ impl Scheduler {
                 .map(|a| (a.binding_id, (a.running, a.waiting)))
                 .collect()
         };
+        // Capped ALLOW bindings (max_active_runs): their active runs,
+        // counted up to the cap, under the row lock this pass holds.
+        let capped: Vec<(Uuid, i64)> = due
+            .iter()
+            .zip(&plans)
+            .filter(|(b, p)| b.policy.overlap == OverlapPolicy::Allow && !p.run.is_empty())
+            .filter_map(|(b, _)| b.max_active_runs.map(|c| (b.id, i64::from(c))))
+            .collect();
+        let active_counts: std::collections::HashMap<Uuid, usize> = if capped.is_empty() {
+            Default::default()
+        } else {
+            let (ids, caps): (Vec<Uuid>, Vec<i64>) = capped.into_iter().unzip();
+            db::runs::run_active_counts(&mut *tx, &ids, &caps)
+                .await?
+                .into_iter()
+                .map(|(id, n)| (id, usize::try_from(n).unwrap_or(0)))
+                .collect()
+        };
         let cancelling: Vec<Uuid> = due
             .iter()
             .filter(|b| b.policy.overlap == OverlapPolicy::CancelPrevious)
@@ -279,11 +300,16 @@ impl Scheduler {
                     "binding missed fire times; applying its misfire policy");
             }
             let (running, waiting) = active_state.get(&b.id).copied().unwrap_or_default();
-            let overlap = plan_overlap(
+            let (running, waiting) = match active_counts.get(&b.id) {
+                Some(&n) => (n, 0),
+                None => (usize::from(running), usize::from(waiting)),
+            };
+            let overlap = plan_overlap_capped(
                 b.policy.overlap,
                 plan.run,
-                usize::from(running),
-                usize::from(waiting),
+                running,
+                waiting,
+                b.max_active_runs,
             );
             let mine: Vec<_> = active.iter().filter(|a| a.binding_id == b.id).collect();
             if overlap.cancel_active {

@@ -25,6 +25,7 @@ pub fn definition(d: &Definition) -> Value {
         "enabled": d.enabled,
         "deletion_protection": d.protected,
         "max_output_bytes": d.max_output_bytes,
+        "max_active_runs": d.max_active_runs,
         "tenant_scope": match &d.tenant_scope {
             TenantScope::AllTenants => json!("ALL_TENANTS"),
             TenantScope::AllowList(l) => json!(l),
@@ -48,6 +49,10 @@ pub fn binding(b: &Binding) -> Value {
         "pause_note": b.pause_note,
         "pause_expire_time": b.pause_expire_time,
         "next_run_time": b.next_run_time,
+        "timeout_secs": b.overrides.timeout_secs,
+        "retry_policy": b.overrides.retry,
+        "priority": b.overrides.priority,
+        "max_active_runs": b.overrides.max_active_runs,
         "broken_reason": b.broken_reason,
         "etag": b.version.to_string(),
     })

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{Actor, Core, Error, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::RunReason;
+use crate::domain::policy::{PolicyOverrides, RetryPolicy};
 use crate::domain::{
     Binding, BindingStatus, FieldViolation, Schedule, effective_schedule, merge_params,
     validate_effective_window, validate_merged_params,
@@ -195,6 +196,9 @@ pub struct NewBinding {
     pub effective_until: Option<DateTime<Utc>>,
     /// A disabled binding does not fire.
     pub enabled: bool,
+    /// Its own timeout, retry policy, priority and active-run cap (`None`
+    /// fields inherit the definition's), checked for range.
+    pub overrides: PolicyOverrides,
 }
 
 /// Binds a definition for `tenant_id` (CreateBinding): the definition must
@@ -259,7 +263,9 @@ pub async fn create(
         paused: false,
         pause_note: String::new(),
         pause_expire_time: None,
-        effective_policy: def.policy,
+        effective_policy: new.overrides.apply(def.policy),
+        effective_max_active_runs: new.overrides.max_active_runs(def.max_active_runs),
+        overrides: new.overrides,
         broken_reason: None,
         definition_enabled: def.enabled,
         outcomes: Default::default(),
@@ -312,6 +318,14 @@ pub enum BindingChange {
     /// `enabled`: re-enabling fires from the next fire time after now, with
     /// no catch-up of what passed while disabled.
     Enabled(bool),
+    /// `timeout` override, seconds; `None` inherits the definition's.
+    Timeout(Option<u32>),
+    /// `retry_policy` override; `None` inherits the definition's.
+    RetryPolicy(Option<RetryPolicy>),
+    /// `priority` override; `None` inherits the definition's.
+    Priority(Option<i32>),
+    /// `max_active_runs` override (0 = no cap); `None` inherits.
+    MaxActiveRuns(Option<u32>),
 }
 
 /// What UpdateBinding asks for.
@@ -375,6 +389,10 @@ pub async fn update(
                 re_enabled = on && !cur.enabled;
                 cur.enabled = on;
             }
+            BindingChange::Timeout(v) => cur.overrides.timeout_secs = v,
+            BindingChange::RetryPolicy(v) => cur.overrides.retry = v,
+            BindingChange::Priority(v) => cur.overrides.priority = v,
+            BindingChange::MaxActiveRuns(v) => cur.overrides.max_active_runs = v,
         }
     }
     let def = db::definitions::definition_get(&mut *tx, &cur.definition, None)
@@ -398,6 +416,8 @@ pub async fn update(
         .as_ref()
         .map_or_else(|| def.params.clone(), |p| merge_params(&def.params, p));
     validate_merged_params("binding.params", &cur.effective_params)?;
+    cur.effective_policy = cur.overrides.apply(def.policy);
+    cur.effective_max_active_runs = cur.overrides.max_active_runs(def.max_active_runs);
     cur.version += 1;
     cur.update_time = now;
     db::bindings::binding_update(&mut *tx, &cur, old_version)

@@ -120,6 +120,9 @@ pub enum DefinitionChange {
     DeletionProtection(bool),
     /// `max_output_bytes`; `None` for the default.
     MaxOutputBytes(Option<u64>),
+    /// `max_active_runs`; `None` for no cap. Bindings that do not override
+    /// it follow at their next fire.
+    MaxActiveRuns(Option<u32>),
     /// `tenant_scope`: may not strand a tenant that binds it.
     TenantScope(TenantScope),
 }
@@ -179,6 +182,7 @@ pub async fn update(core: &Core, actor: Actor<'_>, u: DefinitionUpdate) -> Resul
             DefinitionChange::Enabled(v) => cur.enabled = v,
             DefinitionChange::DeletionProtection(v) => cur.protected = v,
             DefinitionChange::MaxOutputBytes(v) => cur.max_output_bytes = v,
+            DefinitionChange::MaxActiveRuns(v) => cur.max_active_runs = v,
             DefinitionChange::TenantScope(scope) => {
                 if let TenantScope::AllowList(allow) = &scope {
                     let stranded =

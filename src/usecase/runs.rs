@@ -198,7 +198,8 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
         definition: b.definition.clone(),
         handler: def.run_handler(),
         params,
-        policy: def.policy,
+        // The binding's overrides over the definition as it is now.
+        policy: b.overrides.apply(def.policy),
     };
     let new = NewRun::trigger(
         core.clock.new_id(),
@@ -381,7 +382,7 @@ pub async fn backfill(
                 definition: binding.definition.clone(),
                 handler: def.run_handler(),
                 params: binding.effective_params.clone(),
-                policy: def.policy,
+                policy: binding.overrides.apply(def.policy),
             };
             NewRun::backfill(core.clock.new_id(), spec, *t)
         })

@@ -461,6 +461,61 @@ async fn binding_create_list_get_update_pause_resume_delete() {
         .await;
     assert!(api(id.clone()).await.schedule.is_none());
 
+    // policy overrides: `get` says where each value comes from; --inherit
+    // clears them
+    sked.ok(&[
+        "binding",
+        "update",
+        "report",
+        "--timeout",
+        "10s",
+        "--priority",
+        "5",
+        "--max-attempts",
+        "3",
+        "--max-active-runs",
+        "2",
+    ])
+    .await;
+    let o = api(id.clone()).await;
+    assert_eq!(o.timeout.unwrap().seconds, 10);
+    assert_eq!(o.priority, Some(5));
+    assert_eq!(o.retry_policy.unwrap().max_attempts, 3);
+    assert_eq!(o.max_active_runs, Some(2));
+    let view = sked.ok(&["binding", "get", "report"]).await;
+    for want in [
+        "10s (binding)",
+        "5 (binding)",
+        "2 (binding)",
+        "(definition)",
+    ] {
+        assert!(view.contains(want), "{want}: {view}");
+    }
+    sked.ok(&[
+        "binding",
+        "update",
+        "report",
+        "--inherit",
+        "timeout",
+        "--inherit",
+        "priority",
+        "--inherit",
+        "retry_policy",
+        "--inherit",
+        "max_active_runs",
+    ])
+    .await;
+    let o = api(id.clone()).await;
+    assert!(o.timeout.is_none() && o.priority.is_none());
+    assert!(o.retry_policy.is_none() && o.max_active_runs.is_none());
+    let overridden = o.effective.unwrap().overridden;
+    assert!(
+        !overridden.iter().any(
+            |f| ["timeout", "priority", "retry_policy", "max_active_runs"].contains(&f.as_str())
+        ),
+        "{overridden:?}"
+    );
+
     // pause for an hour with a note, then resume
     let out = sked
         .ok(&[

@@ -22,6 +22,7 @@ mod http;
 mod misfire;
 mod nodes;
 mod ops;
+mod overrides;
 mod probe;
 mod progress;
 mod python;

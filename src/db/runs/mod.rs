@@ -31,7 +31,7 @@ pub use lifecycle::{
 };
 pub use outcomes::{StatsScope, run_end_record, run_stats_hours};
 pub use read::{
-    ActiveRun, ActiveState, NextDue, RunListed, RunQuery, run_active_state,
+    ActiveRun, ActiveState, NextDue, RunListed, RunQuery, run_active_counts, run_active_state,
     run_find_by_idempotency_key, run_get, run_list, run_list_active, run_next_due_time,
     run_progress,
 };

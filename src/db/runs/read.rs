@@ -76,6 +76,38 @@ pub async fn run_active_state(
     .collect())
 }
 
+/// How many active runs (`QUEUED`, `RUNNING`, `SCHEDULED` retries) each of
+/// `bindings` has, counting up to its `caps` entry at most (so the cost is
+/// bounded by the cap, not by a backlog): for `max_active_runs` under
+/// overlap policy `ALLOW`. One row per binding, in no order. The caller
+/// holds the bindings' row locks (a scheduler pass), so no other pass
+/// creates runs for them until it commits.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_active_counts(
+    db: impl PgExecutor<'_>,
+    bindings: &[Uuid],
+    caps: &[i64],
+) -> Result<Vec<(Uuid, i64)>, Error> {
+    Ok(sqlx::query!(
+        r#"SELECT u.b AS "binding_id!",
+                  (SELECT count(*) FROM (SELECT 1 FROM runs
+                                         WHERE binding_id = u.b
+                                           AND (state IN ('QUEUED', 'RUNNING')
+                                                OR (state = 'SCHEDULED' AND trigger = 'RETRY'))
+                                         LIMIT u.cap) x) AS "active!"
+           FROM unnest($1::uuid[], $2::bigint[]) AS u(b, cap)"#,
+        bindings,
+        caps,
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.binding_id, r.active))
+    .collect())
+}
+
 /// The active runs of `bindings`: `QUEUED`, `RUNNING`, and `SCHEDULED`
 /// retries (a retry waiting out its backoff is still the same execution; a
 /// delayed manual trigger is not counted).
