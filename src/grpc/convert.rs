@@ -976,6 +976,8 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
             params: json_to_struct(params),
         }),
         domain::EventBody::Progress(p) => pb::run_event::Kind::Progress(progress_to(p)),
+        domain::EventBody::NotificationDelivered(n) => notification_event_to(n, true),
+        domain::EventBody::NotificationFailed(n) => notification_event_to(n, false),
     };
     pb::RunEvent {
         run_id: e.run_id.to_string(),
@@ -1058,4 +1060,16 @@ mod tests {
             "definition.tenant_scope.tenant_list.tenant_ids[1]"
         );
     }
+}
+
+fn notification_event_to(n: &domain::NotificationOutcome, delivered: bool) -> pb::run_event::Kind {
+    pb::run_event::Kind::Notification(pb::NotificationDelivery {
+        notification_id: n.notification_id.to_string(),
+        rule: n.rule.clone(),
+        event: n.event.clone(),
+        delivered,
+        attempts: n.attempts,
+        status_code: n.status_code,
+        error: n.error.clone(),
+    })
 }
