@@ -60,7 +60,7 @@ CREATE TABLE notifications (
     -- PENDING | DELIVERED | FAILED
     state                text        NOT NULL DEFAULT 'PENDING',
     attempts             int         NOT NULL DEFAULT 0,
-    next_attempt_time    timestamptz NOT NULL DEFAULT '-infinity',
+    next_attempt_time    timestamptz NOT NULL DEFAULT now(),
     lease_expires_at     timestamptz,
     node_id              text,
     last_attempt_time    timestamptz,
