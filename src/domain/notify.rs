@@ -128,17 +128,18 @@ pub fn validate_rules(prefix: &str, rules: &[Rule]) -> Result<(), FieldViolation
         }
         super::http::validate_url(&f("url"), &r.url)?;
         match r.trigger {
-            Trigger::ConsecutiveFailures => {
-                if !(2..=MAX_CONSECUTIVE_FAILURES).contains(&r.consecutive_failures) {
-                    return Err(FieldViolation::new(
-                        f("consecutive_failures"),
-                        format!(
-                            "is {}; must be 2 to {MAX_CONSECUTIVE_FAILURES} for CONSECUTIVE_FAILURES",
-                            r.consecutive_failures
-                        ),
-                    ));
-                }
+            Trigger::ConsecutiveFailures
+                if !(2..=MAX_CONSECUTIVE_FAILURES).contains(&r.consecutive_failures) =>
+            {
+                return Err(FieldViolation::new(
+                    f("consecutive_failures"),
+                    format!(
+                        "is {}; must be 2 to {MAX_CONSECUTIVE_FAILURES} for CONSECUTIVE_FAILURES",
+                        r.consecutive_failures
+                    ),
+                ));
             }
+            Trigger::ConsecutiveFailures => {}
             _ if r.consecutive_failures != 0 => {
                 return Err(FieldViolation::new(
                     f("consecutive_failures"),

@@ -990,6 +990,18 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
     }
 }
 
+fn notification_event_to(n: &domain::NotificationOutcome, delivered: bool) -> pb::run_event::Kind {
+    pb::run_event::Kind::Notification(pb::NotificationDelivery {
+        notification_id: n.notification_id.to_string(),
+        rule: n.rule.clone(),
+        event: n.event.clone(),
+        delivered,
+        attempts: n.attempts,
+        status_code: n.status_code,
+        error: n.error.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1060,16 +1072,4 @@ mod tests {
             "definition.tenant_scope.tenant_list.tenant_ids[1]"
         );
     }
-}
-
-fn notification_event_to(n: &domain::NotificationOutcome, delivered: bool) -> pb::run_event::Kind {
-    pb::run_event::Kind::Notification(pb::NotificationDelivery {
-        notification_id: n.notification_id.to_string(),
-        rule: n.rule.clone(),
-        event: n.event.clone(),
-        delivered,
-        attempts: n.attempts,
-        status_code: n.status_code,
-        error: n.error.clone(),
-    })
 }
