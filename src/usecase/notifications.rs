@@ -64,7 +64,6 @@ pub async fn set_rules(
         )
         .into());
     }
-    let key = key.ok_or_else(no_key)?;
     let (target, tenant, audit_target) = match owner {
         Owner::Definition(d) => (
             Target::new("definition", crate::domain::quote(d)),
@@ -96,12 +95,15 @@ pub async fn set_rules(
             let (secret, create_time, clear) = match kept {
                 Some(o) => (o.secret.clone(), o.create_time, None),
                 None => {
+                    // Only a new secret needs the key: removing rules
+                    // works on any node.
+                    let key = key.ok_or_else(no_key)?;
                     let s = new_secret();
                     (key.seal(&s), now, Some(s))
                 }
             };
             secrets.push(clear);
-            NewRule {
+            Ok(NewRule {
                 name: r.name.clone(),
                 url: r.url.clone(),
                 trigger: r.trigger.as_str(),
@@ -109,9 +111,9 @@ pub async fn set_rules(
                 every_attempt: r.every_attempt,
                 secret,
                 create_time,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     db::notifications::rules_replace(&mut tx, owner, &definition, &new, overrides)
         .await
         .map_err(Error::on(&target))?;
