@@ -71,6 +71,8 @@ CREATE TABLE notifications (
 CREATE INDEX notifications_due ON notifications (next_attempt_time) WHERE state = 'PENDING';
 CREATE INDEX notifications_binding ON notifications (tenant_id, binding_id, create_time DESC);
 CREATE INDEX notifications_run ON notifications (run_id);
+-- Retention deletes settled notifications with the runs (`--retention`).
+CREATE INDEX notifications_settled ON notifications (create_time) WHERE state <> 'PENDING';
 
 -- The rules in force for binding b: its own when it overrides, else its
 -- definition's.

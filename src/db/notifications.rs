@@ -439,3 +439,26 @@ pub async fn notification_next_due(
     .fetch_one(db)
     .await?)
 }
+
+/// Deletes up to `limit` settled (`DELIVERED` or `FAILED`) notifications
+/// written before `before`, oldest first; returns how many. Pending ones
+/// stay until they settle.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn notification_delete_old(
+    db: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query!(
+        "DELETE FROM notifications WHERE id IN (
+           SELECT id FROM notifications WHERE state <> 'PENDING' AND create_time < $1
+           ORDER BY create_time LIMIT $2)",
+        before,
+        limit,
+    )
+    .execute(db)
+    .await?
+    .rows_affected())
+}

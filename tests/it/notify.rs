@@ -782,5 +782,21 @@ async fn a_node_without_a_notify_key_refuses_rules() {
     .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("SKED_NOTIFY_KEY"), "{e:?}");
+    // Removing rules needs no key.
+    set_definition_rules(&node, "nokey", vec![]).await.unwrap();
+
+    // Runs of bindings without rules write nothing to the outbox, failing
+    // or not.
+    let failing = define_and_bind(&node, "acme", sh_def("norules", "exit 1", manual())).await;
+    let ok = bind_existing(&node, "acme", "nokey").await;
+    for b in [&failing, &ok, &failing] {
+        let r = trigger(&node, "acme", &b.id).await;
+        wait_terminal(&node, "acme", &r.id).await;
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+        .fetch_one(&db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
     node.stop().await;
 }
