@@ -800,3 +800,70 @@ async fn a_node_without_a_notify_key_refuses_rules() {
     assert_eq!(rows, 0);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_claim_whose_lease_lapsed_is_delivered_by_another_node_and_the_late_outcome_is_refused() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start(vec![200], Duration::ZERO).await;
+    // Rules are set on a node with the key; the failure happens while only
+    // a node without it runs, so the notification waits in the outbox.
+    let keyed = TestNode::start_with(node_settings(&db, "keyed")).await;
+    let b = define_and_bind(&keyed, "acme", sh_def("lapsed", "exit 1", manual())).await;
+    let set = set_definition_rules(
+        &keyed,
+        "lapsed",
+        vec![rule("hook", &rx.url(), pb::NotificationTrigger::Failure, 0)],
+    )
+    .await
+    .unwrap();
+    let secret = set.rules[0].signing_secret.clone();
+    keyed.stop().await;
+    let mut plain = node_settings(&db, "plain");
+    plain.notify_key = None;
+    let plain = TestNode::start_with(plain).await;
+    let run = trigger(&plain, "acme", &b.id).await;
+    wait_terminal(&plain, "acme", &run.id).await;
+    let l = list_of_binding(&plain, "acme", &b.id).await;
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].state, pb::NotificationState::Pending as i32);
+    plain.stop().await;
+
+    // A node claims it and dies mid-post: its lease lapses in 1 s.
+    let pool = db.pool().await;
+    sqlx::query(
+        "UPDATE notifications SET attempts = 1, node_id = 'dead', lease_expires_at = now() + interval '1 second'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let node = TestNode::start_with(node_settings(&db, "alive")).await;
+    let l = wait_list(&node, "acme", &b.id, |l| delivered(l) == 1).await;
+    assert_eq!(l[0].delivery_attempts, 2, "the dead node's attempt counts");
+    let hooks = rx.seen();
+    assert_eq!(hooks.len(), 1);
+    assert!(signature_ok(&secret, &hooks[0].signature, &hooks[0].body));
+
+    // The dead node's late outcome changes nothing.
+    let mut conn = pool.acquire().await.unwrap();
+    let id: uuid::Uuid = l[0].id.parse().unwrap();
+    let now = chrono::Utc::now();
+    let late = sked::db::notifications::notification_record(
+        &mut conn,
+        id,
+        "dead",
+        1,
+        "FAILED",
+        now,
+        now,
+        Some(500),
+        Some("late"),
+    )
+    .await
+    .unwrap();
+    assert!(!late, "a lost claim records nothing");
+    let l = list_of_binding(&node, "acme", &b.id).await;
+    assert_eq!(l[0].state, pb::NotificationState::Delivered as i32);
+    let ev = notification_events(&events_of(&node, "acme", &run.id).await);
+    assert_eq!(ev.len(), 1);
+    node.stop().await;
+}
