@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos: [std::path::PathBuf; 7] = [
+    let protos: [std::path::PathBuf; 8] = [
         "proto/sked/v1/common.proto".into(),
         "proto/sked/v1/definition_service.proto".into(),
         "proto/sked/v1/binding_service.proto".into(),
@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sked/v1/log_service.proto".into(),
         "proto/sked/v1/admin_service.proto".into(),
         "proto/sked/v1/worker_service.proto".into(),
+        "proto/sked/v1/notification_service.proto".into(),
     ];
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();

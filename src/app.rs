@@ -109,6 +109,9 @@ pub enum Error {
         /// Within this window.
         window: Duration,
     },
+    /// `SKED_NOTIFY_KEY` is not a key.
+    #[error("{0}")]
+    NotifyKey(String),
     /// The metrics listener (`--metrics-listen`) could not start.
     #[error("--metrics-listen: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
@@ -179,6 +182,12 @@ pub struct Settings {
     /// Definitions (and bindings) applied at start-up, before the node
     /// serves (`--definitions FILE`; see [`apply_definitions`]).
     pub definitions: Option<DefinitionsFile>,
+    /// Seals the failure notification rules' signing secrets
+    /// (`SKED_NOTIFY_KEY`); `None`: rules cannot be set and this node
+    /// delivers no notifications (`docs/operations.md`).
+    pub notify_key: Option<crate::domain::notify::NotifyKey>,
+    /// How often an idle node looks for due notifications.
+    pub notify_poll: Duration,
 }
 
 /// A parsed `--definitions` file.
@@ -375,6 +384,8 @@ impl Settings {
             restarts: Restarts::default(),
             retention: crate::retention::Settings::default(),
             definitions: None,
+            notify_key: None,
+            notify_poll: Duration::from_millis(500),
         }
     }
 }
@@ -491,6 +502,7 @@ async fn serve_with_pool(
     let bus = EventBus::new();
     let running = RunningRuns::default();
     let http = HttpClient::new(&settings.http)?;
+    let notify_http = http.clone();
     // Remote workers' runs are held by the hub; a cancel request reaches
     // whichever of the two has the run.
     let hub = crate::usecase::workers::Hub::new(
@@ -535,6 +547,7 @@ async fn serve_with_pool(
             settings.tenant_changes_per_sec,
             settings.tenant_api_runs_per_sec,
         )),
+        notify_key: settings.notify_key.clone(),
     };
 
     if let Some(defs) = &settings.definitions {
@@ -649,6 +662,28 @@ async fn serve_with_pool(
             }),
         )
     };
+    // Failure notifications: only a node that can open the rules' secrets
+    // delivers them.
+    let notifier_task = settings.notify_key.clone().map(|key| {
+        let notifier = crate::executor::notify::Notifier {
+            pool: engine_pool.clone(),
+            clock: settings.clock.clone(),
+            node_id: settings.node_id.clone(),
+            bus: bus.clone(),
+            http: notify_http,
+            key,
+            poll: settings.notify_poll,
+            lease: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+            batch: 32,
+        };
+        let stop = engine_stop.clone();
+        supervised(
+            "notifier",
+            engine_stop.clone(),
+            Box::new(move || Box::pin(notifier.clone().run(stop.clone()))),
+        )
+    });
     let (election, leadership) = Election::new(
         engine_pool.clone(),
         settings.node_id.clone(),
@@ -758,6 +793,9 @@ async fn serve_with_pool(
             let _ = health_task.await;
             let _ = election_task.await;
             let _ = retention_task.await;
+            if let Some(t) = notifier_task {
+                let _ = t.await;
+            }
             if let Some(t) = sampler_task {
                 let _ = t.await;
             }
@@ -817,6 +855,11 @@ async fn serve_with_pool(
         .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
         )))
+        .add_service(codec!(
+            pb::notification_service_server::NotificationServiceServer::new(
+                grpc::notifications::Notifications(ctx.clone()),
+            )
+        ))
         .add_service(codec!(pb::worker_service_server::WorkerServiceServer::new(
             grpc::workers::Workers {
                 ctx: ctx.clone(),
@@ -1110,6 +1153,19 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.retention.audit = args.audit_retention;
     settings.retention.archive_dir = args.archive_dir.clone();
     settings.definitions = definitions;
+    // The notify key comes from the environment only (never a flag, which
+    // `ps` would show).
+    settings.notify_key = match std::env::var("SKED_NOTIFY_KEY") {
+        Ok(k) if !k.is_empty() => {
+            Some(crate::domain::notify::NotifyKey::parse(&k).map_err(Error::NotifyKey)?)
+        }
+        _ => {
+            tracing::info!(
+                "no SKED_NOTIFY_KEY: failure notification rules cannot be set, and this node delivers none"
+            );
+            None
+        }
+    };
     tracing::info!(
         retention = %crate::domain::retention::show_retention(args.retention),
         audit_retention = %crate::domain::retention::show_retention(args.audit_retention),

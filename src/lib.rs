@@ -35,7 +35,8 @@
 //! - [`scheduler`] — due bindings → queued runs, exactly once; misfire,
 //!   overlap and pause decisions.
 //! - [`executor`] — claim queued runs and run their handlers; leases,
-//!   heartbeat, reaper, retries, timeout, cancel, graceful drain.
+//!   heartbeat, reaper, retries, timeout, cancel, graceful drain; delivery
+//!   of failure notifications (`executor::notify`).
 //! - [`events`] — publish run events, the LISTEN/NOTIFY bridge, streams.
 //! - [`cluster`] — the nodes sharing a database: heartbeat rows, the
 //!   maintenance leader's lease and the [`cluster::Leadership`] handle.

@@ -255,6 +255,7 @@ impl Retention {
         }
         self.archive_and_drop().await;
         self.delete_audit(now - s.audit, stop).await;
+        self.delete_notifications(now - s.runs, stop).await;
         if self.leading(stop) {
             ::metrics::gauge!(metrics::RETENTION_LAST_PASS)
                 .set(self.clock.now().timestamp() as f64);
@@ -463,6 +464,35 @@ impl Retention {
                     }
                 }
                 Err(e) => return failed("audit_delete", &e),
+            }
+            let pause = started.elapsed().max(Duration::from_millis(5));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+impl Retention {
+    /// Deletes settled failure notifications written before `cutoff` (the
+    /// runs' retention), batch by batch.
+    async fn delete_notifications(&self, cutoff: DateTime<Utc>, stop: &CancellationToken) {
+        loop {
+            if !self.leading(stop) {
+                return;
+            }
+            let started = Instant::now();
+            match db::notifications::notification_delete_old(
+                &self.pool,
+                cutoff,
+                self.settings.batch,
+            )
+            .await
+            {
+                Ok(n) if (n as i64) < self.settings.batch => return,
+                Ok(_) => {}
+                Err(e) => return failed("notification_delete", &e),
             }
             let pause = started.elapsed().max(Duration::from_millis(5));
             tokio::select! {

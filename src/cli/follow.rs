@@ -211,6 +211,20 @@ impl Printer {
                 let params = output::struct_json(&f.params);
                 self.sked_line(e, format!("fired {params}").trim_end(), None)?;
             }
+            Some(Kind::Notification(n)) => {
+                let text = if n.delivered {
+                    format!(
+                        "notification {} ({}) delivered after {} attempt(s)",
+                        n.rule, n.event, n.attempts
+                    )
+                } else {
+                    format!(
+                        "notification {} ({}) failed after {} attempt(s): {}",
+                        n.rule, n.event, n.attempts, n.error
+                    )
+                };
+                self.sked_line(e, &text, None)?;
+            }
             None => {}
         }
         Ok(())

@@ -178,6 +178,14 @@ fn line(e: &pb::RunEvent) -> String {
         Some(K::Fired(f)) => format!("fired {}", output::struct_json(&f.params))
             .trim_end()
             .to_string(),
+        Some(K::Notification(n)) if n.delivered => format!(
+            "notification {} ({}) delivered after {} attempt(s)",
+            n.rule, n.event, n.attempts
+        ),
+        Some(K::Notification(n)) => format!(
+            "notification {} ({}) failed after {} attempt(s): {}",
+            n.rule, n.event, n.attempts, n.error
+        ),
         None => String::new(),
     };
     format!(

@@ -11,6 +11,7 @@ pub mod bindings;
 pub mod cluster;
 pub mod definitions;
 pub mod events;
+pub mod notifications;
 pub mod notify;
 pub mod retention;
 pub mod runs;

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod cluster;
 pub mod http;
 pub mod misfire;
+pub mod notify;
 pub mod policy;
 pub mod progress;
 pub mod retention;
@@ -758,6 +759,31 @@ pub enum EventBody {
     /// The run reported progress (a command's `::progress` line, a
     /// worker's report); the latest is also the run's `progress`.
     Progress(Progress),
+    /// A failure notification about the run was delivered (a 2xx answer).
+    NotificationDelivered(NotificationOutcome),
+    /// A failure notification about the run could not be delivered: its
+    /// last attempt failed (or its rule was deleted).
+    NotificationFailed(NotificationOutcome),
+}
+
+/// What became of one notification ([`EventBody::NotificationDelivered`],
+/// [`EventBody::NotificationFailed`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotificationOutcome {
+    /// The notification's id.
+    pub notification_id: Uuid,
+    /// The rule that fired.
+    pub rule: String,
+    /// `failure`, `consecutive_failures` or `recovery`.
+    pub event: String,
+    /// Delivery attempts made.
+    pub attempts: i32,
+    /// HTTP status of the last attempt, 0 when none came.
+    #[serde(default)]
+    pub status_code: i32,
+    /// Why the last attempt failed; empty when delivered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 impl EventBody {
@@ -768,6 +794,8 @@ impl EventBody {
             EventBody::Log { .. } => "log",
             EventBody::Fired { .. } => "fired",
             EventBody::Progress(_) => "progress",
+            EventBody::NotificationDelivered(_) => "notification_delivered",
+            EventBody::NotificationFailed(_) => "notification_failed",
         }
     }
     /// True for a transition into a terminal state: the run's last event.

@@ -200,6 +200,54 @@ impl HttpClient {
     }
 }
 
+impl HttpClient {
+    /// POSTs `body` (JSON) to `url` with `headers` through the SSRF guard,
+    /// within `timeout`; the failure notifications' webhook
+    /// ([`super::notify`]). Returns the answer's status; the body is read
+    /// (up to [`MAX_BODY_BYTES`]) and dropped.
+    ///
+    /// # Errors
+    /// A sentence (URL shown without its query) when the URL is bad, the
+    /// guard refuses it, the connection fails or the timeout passes.
+    pub async fn post_webhook(
+        &self,
+        url: &str,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<reqwest::StatusCode, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+        let shown = loggable_url(&url);
+        if let Some(b) = literal_blocked(&url, &self.allow) {
+            return Err(b.to_string());
+        }
+        let exchange = async {
+            let resp = self
+                .client
+                .post(url)
+                .headers(headers)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await?;
+            let status = resp.status();
+            read_capped(resp).await?;
+            Ok::<_, reqwest::Error>(status)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(e)) => Err(match find_blocked(&e) {
+                Some(b) => b.to_string(),
+                None => format!("POST {shown}: {}", error_chain(&e)),
+            }),
+            Err(_) => Err(format!(
+                "POST {shown}: no answer within {}s",
+                timeout.as_secs()
+            )),
+        }
+    }
+}
+
 /// `url` for a log line: scheme, host, port and path; a query is shown as
 /// `?…` (it may carry secrets), user info and fragment are dropped.
 pub fn loggable_url(url: &reqwest::Url) -> String {

@@ -60,6 +60,7 @@
 
 pub mod command;
 pub mod http;
+pub mod notify;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

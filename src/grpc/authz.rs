@@ -148,6 +148,28 @@ pub const RULES: &[Rule] = &[
     // key's own, or x-tenant-id for a platform key); of a definition across
     // tenants, platform keys only (checked in the handler).
     rule("/sked.v1.RunService/GetRunStats", Viewer, Key),
+    // Notification rules: a definition's are the platform's, a binding's
+    // override its tenant's; deliveries are read per tenant.
+    rule(
+        "/sked.v1.NotificationService/SetDefinitionNotificationRules",
+        Admin,
+        Platform,
+    ),
+    rule(
+        "/sked.v1.NotificationService/SetBindingNotificationRules",
+        Operator,
+        Tenant,
+    ),
+    rule(
+        "/sked.v1.NotificationService/GetBindingNotificationRules",
+        Viewer,
+        Tenant,
+    ),
+    rule(
+        "/sked.v1.NotificationService/ListNotifications",
+        Viewer,
+        Tenant,
+    ),
     rule("/sked.v1.LogService/TailRun", Viewer, Tenant),
     rule("/sked.v1.LogService/WatchEvents", Viewer, Tenant),
     rule("/sked.v1.LogService/ListRunEvents", Viewer, Tenant),

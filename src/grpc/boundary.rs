@@ -117,6 +117,7 @@ pub fn string_limit(full_name: &str) -> usize {
         "sked.v1.ListBindingsRequest.labels.key" => 128,
         "sked.v1.ListBindingsRequest.labels.value" => 256,
         "sked.v1.ListRunsRequest.node" => 512,
+        "sked.v1.NotificationRule.url" => crate::domain::http::MAX_URL_BYTES,
         _ => DEFAULT_MAX_STRING,
     }
 }
@@ -134,6 +135,8 @@ pub fn items_limit(field: &FieldDescriptor) -> usize {
         "sked.v1.WeeklySchedule.days_of_week" => 7,
         "sked.v1.ListRunsRequest.states" => crate::usecase::runs::MAX_FILTER_STATES,
         "sked.v1.ListBindingsRequest.statuses" => 6,
+        "sked.v1.SetDefinitionNotificationRulesRequest.rules"
+        | "sked.v1.SetBindingNotificationRulesRequest.rules" => crate::domain::notify::MAX_RULES,
         "sked.v1.ListBindingsRequest.labels" => crate::usecase::bindings::MAX_LABEL_SELECTOR,
         _ if field.is_map() => DEFAULT_MAX_ENTRIES,
         _ => DEFAULT_MAX_ITEMS,

@@ -1016,6 +1016,8 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
             params: json_to_struct(params),
         }),
         domain::EventBody::Progress(p) => pb::run_event::Kind::Progress(progress_to(p)),
+        domain::EventBody::NotificationDelivered(n) => notification_event_to(n, true),
+        domain::EventBody::NotificationFailed(n) => notification_event_to(n, false),
     };
     pb::RunEvent {
         run_id: e.run_id.to_string(),
@@ -1026,6 +1028,18 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
         definition: e.definition.clone(),
         kind: Some(kind),
     }
+}
+
+fn notification_event_to(n: &domain::NotificationOutcome, delivered: bool) -> pb::run_event::Kind {
+    pb::run_event::Kind::Notification(pb::NotificationDelivery {
+        notification_id: n.notification_id.to_string(),
+        rule: n.rule.clone(),
+        event: n.event.clone(),
+        delivered,
+        attempts: n.attempts,
+        status_code: n.status_code,
+        error: n.error.clone(),
+    })
 }
 
 #[cfg(test)]

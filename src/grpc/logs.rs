@@ -124,6 +124,11 @@ impl LogService for Logs {
         };
         let mut kinds = Vec::new();
         for k in r.kinds {
+            if k == pb::EventKind::Notification as i32 {
+                kinds.push("notification_delivered");
+                kinds.push("notification_failed");
+                continue;
+            }
             kinds.push(match pb::EventKind::try_from(k) {
                 Ok(pb::EventKind::StateChanged) => "state_changed",
                 Ok(pb::EventKind::Log) => "log",

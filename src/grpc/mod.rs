@@ -30,6 +30,7 @@ pub mod convert;
 pub mod definitions;
 pub mod limit;
 pub mod logs;
+pub mod notifications;
 pub mod runs;
 pub mod workers;
 
@@ -59,6 +60,9 @@ pub struct Ctx {
     /// Per-tenant rates of changes (spent by the gate, [`authz`]) and of
     /// runs created through the API (spent by the handlers).
     pub rates: Arc<limit::RateLimits>,
+    /// Seals the signing secrets of notification rules
+    /// (`SKED_NOTIFY_KEY`); `None`: rules cannot be set.
+    pub notify_key: Option<crate::domain::notify::NotifyKey>,
 }
 
 /// Longest field path kept in an error, in bytes.

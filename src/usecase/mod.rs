@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod bindings;
 pub mod definitions;
+pub mod notifications;
 pub mod runs;
 pub mod status;
 pub mod tenancy;

@@ -1630,6 +1630,46 @@ async fn every_rpc_refuses_a_weaker_role_and_an_unknown_target_is_not_found() {
             },
         ),
         rpc(
+            "/sked.v1.NotificationService/SetDefinitionNotificationRules",
+            Admin,
+            true,
+            true,
+            pb::SetDefinitionNotificationRulesRequest {
+                definition: missing_def.clone(),
+                rules: vec![],
+            },
+        ),
+        rpc(
+            "/sked.v1.NotificationService/SetBindingNotificationRules",
+            Operator,
+            false,
+            true,
+            pb::SetBindingNotificationRulesRequest {
+                binding_id: nothing.clone(),
+                rules: vec![],
+                inherit: true,
+            },
+        ),
+        rpc(
+            "/sked.v1.NotificationService/GetBindingNotificationRules",
+            Viewer,
+            false,
+            true,
+            pb::GetBindingNotificationRulesRequest {
+                binding_id: nothing.clone(),
+            },
+        ),
+        rpc(
+            "/sked.v1.NotificationService/ListNotifications",
+            Viewer,
+            false,
+            false,
+            pb::ListNotificationsRequest {
+                binding_id: nothing.clone(),
+                ..Default::default()
+            },
+        ),
+        rpc(
             "/sked.v1.LogService/TailRun",
             Viewer,
             false,

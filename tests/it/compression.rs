@@ -216,6 +216,26 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
     assert!(r.into_inner().valid.is_empty());
     called.insert("sked.v1.WorkerService");
 
+    // NotificationService.
+    let mut notify = compressed!(
+        pb::notification_service_client::NotificationServiceClient<Channel>,
+        ch,
+        Gzip
+    );
+    let r = notify
+        .list_notifications(as_tenant(
+            "acme",
+            pb::ListNotificationsRequest {
+                binding_id: binding.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("ListNotifications over gzip");
+    assert_eq!(encoding(&r), gzip);
+    assert!(r.into_inner().notifications.is_empty());
+    called.insert("sked.v1.NotificationService");
+
     // Health.
     let mut health = compressed!(
         tonic_health::pb::health_client::HealthClient<Channel>,

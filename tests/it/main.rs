@@ -21,6 +21,7 @@ mod hostile;
 mod http;
 mod misfire;
 mod nodes;
+mod notify;
 mod ops;
 mod overrides;
 mod probe;
