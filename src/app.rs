@@ -172,6 +172,10 @@ pub struct Settings {
     /// What the maintenance leader keeps (`--retention`,
     /// `--audit-retention`, `--archive-dir`) and how it paces itself.
     pub retention: crate::retention::Settings,
+    /// How often the maintenance leader folds run statistics
+    /// ([`crate::cluster::StatsFold`]); `None`: never (GetRunStats stays
+    /// exact, only slower as the unfolded rows grow).
+    pub stats_fold: Option<Duration>,
 }
 
 impl Settings {
@@ -200,6 +204,7 @@ impl Settings {
             metrics_sample: Duration::from_secs(10),
             restarts: Restarts::default(),
             retention: crate::retention::Settings::default(),
+            stats_fold: Some(crate::cluster::StatsFold::DEFAULT_EVERY),
         }
     }
 }
@@ -504,6 +509,24 @@ async fn serve_with_pool(
             }),
         )
     };
+    // Leader-only, like retention.
+    let stats_fold_task = settings.stats_fold.map(|every| {
+        let fold = crate::cluster::StatsFold {
+            pool: engine_pool.clone(),
+            clock: settings.clock.clone(),
+            leadership: leadership.clone(),
+            every,
+        };
+        let stop = election_stop.clone();
+        supervised(
+            "stats_fold",
+            election_stop.clone(),
+            Box::new(move || {
+                let (fold, stop) = (fold.clone(), stop.clone());
+                Box::pin(async move { fold.run(stop).await })
+            }),
+        )
+    });
     let heartbeat_task = {
         let load = {
             let (running, hub, bus, draining) = (
@@ -579,6 +602,9 @@ async fn serve_with_pool(
             let _ = health_task.await;
             let _ = election_task.await;
             let _ = retention_task.await;
+            if let Some(t) = stats_fold_task {
+                let _ = t.await;
+            }
             if let Some(t) = sampler_task {
                 let _ = t.await;
             }
