@@ -66,10 +66,30 @@ CREATE TABLE run_stats_rollup (
     PRIMARY KEY (tenant_id, definition, hour)
 );
 
--- Element-wise sum of histograms (sked_hist_merge, migration
--- 20261203000100), as an aggregate: the fold sums many rows' histograms.
+-- Histogram h added element-wise to acc (extended with zeros when
+-- shorter), in place: plpgsql edits an array variable without copying it,
+-- about 10 times faster per call than sked_hist_merge (migration
+-- 20261203000100, a SQL function over unnest), which a fold of a month of a
+-- busy tenant calls hundreds of thousands of times.
+CREATE FUNCTION sked_hist_acc(acc int[], h int[]) RETURNS int[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+  m int := cardinality(acc);
+  n int := cardinality(h);
+BEGIN
+  IF m = 0 THEN RETURN h; END IF;
+  IF n > m THEN acc := acc || array_fill(0, ARRAY[n - m]); END IF;
+  FOR i IN 1..n LOOP
+    acc[i] := acc[i] + h[i];
+  END LOOP;
+  RETURN acc;
+END
+$$;
+
+-- Element-wise sum of histograms, as an aggregate: the fold sums many
+-- rows' histograms.
 CREATE AGGREGATE sked_hist_sum(int[]) (
-    SFUNC = sked_hist_merge,
+    SFUNC = sked_hist_acc,
     STYPE = int[],
     INITCOND = '{}'
 );

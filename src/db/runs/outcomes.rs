@@ -362,8 +362,8 @@ pub async fn run_stats_fold(
                duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
                duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
                lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
-               lag_hist = sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist),
-               duration_hist = sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist)),
+               lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
+               duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist)),
            -- per tenant, per definition (all tenants), per tenant and
            -- definition; '' stands for "all" (migration 20261204000300)
            grouped AS (
@@ -386,8 +386,8 @@ pub async fn run_stats_fold(
                duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
                duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
                lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
-               lag_hist = sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist),
-               duration_hist = sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist))
+               lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
+               duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist))
            SELECT count(*) AS "n!" FROM moved"#,
         before,
         limit,
