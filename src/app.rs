@@ -188,6 +188,10 @@ pub struct Settings {
     pub notify_key: Option<crate::domain::notify::NotifyKey>,
     /// How often an idle node looks for due notifications.
     pub notify_poll: Duration,
+    /// How often the maintenance leader folds run statistics
+    /// ([`crate::cluster::StatsFold`]); `None`: never (GetRunStats stays
+    /// exact, only slower as the unfolded rows grow).
+    pub stats_fold: Option<Duration>,
 }
 
 /// A parsed `--definitions` file.
@@ -386,6 +390,7 @@ impl Settings {
             definitions: None,
             notify_key: None,
             notify_poll: Duration::from_millis(500),
+            stats_fold: Some(crate::cluster::StatsFold::DEFAULT_EVERY),
         }
     }
 }
@@ -718,6 +723,24 @@ async fn serve_with_pool(
             }),
         )
     };
+    // Leader-only, like retention.
+    let stats_fold_task = settings.stats_fold.map(|every| {
+        let fold = crate::cluster::StatsFold {
+            pool: engine_pool.clone(),
+            clock: settings.clock.clone(),
+            leadership: leadership.clone(),
+            every,
+        };
+        let stop = election_stop.clone();
+        supervised(
+            "stats_fold",
+            election_stop.clone(),
+            Box::new(move || {
+                let (fold, stop) = (fold.clone(), stop.clone());
+                Box::pin(async move { fold.run(stop).await })
+            }),
+        )
+    });
     let heartbeat_task = {
         let load = {
             let (running, hub, bus, draining) = (
@@ -794,6 +817,9 @@ async fn serve_with_pool(
             let _ = election_task.await;
             let _ = retention_task.await;
             if let Some(t) = notifier_task {
+                let _ = t.await;
+            }
+            if let Some(t) = stats_fold_task {
                 let _ = t.await;
             }
             if let Some(t) = sampler_task {

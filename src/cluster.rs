@@ -48,7 +48,8 @@
 //! | task | where |
 //! |---|---|
 //! | pruning rows of nodes gone for [`NODE_PRUNE_AFTER`] | [`Heartbeat::run`] |
-//! | retention and partition upkeep (planned: issue 15, same handle) | — |
+//! | retention and partition upkeep | `crate::retention::Retention` |
+//! | folding run statistics ([`db::runs::run_stats_fold`]) | [`StatsFold::run`] |
 //!
 //! Everything else runs on every node, because doing it twice is harmless
 //! and doing it everywhere survives any node: firing (bindings are locked
@@ -379,9 +380,75 @@ impl GaugeSampler {
                 Ok(Err(e)) => tracing::warn!(error = %e, "sampling run counts for metrics failed"),
                 Err(_) => tracing::warn!("sampling run counts for metrics timed out"),
             }
+            let failing = db::bindings::binding_failing_counts(
+                &self.engine_pool,
+                now,
+                crate::domain::stats::FAILING_AFTER,
+            );
+            match tokio::time::timeout(self.every, failing).await {
+                Ok(Ok(by_tenant)) => metrics::failing_bindings(&by_tenant),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "sampling failing bindings for metrics failed")
+                }
+                Err(_) => tracing::warn!("sampling failing bindings for metrics timed out"),
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
                 _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Folds the run statistics' inbox (`run_stats`, rows the run-end
+/// statements write) into the folded tables GetRunStats reads cheaply
+/// ([`db::runs::run_stats_fold`]: rows of past hours, in batches of
+/// [`StatsFold::BATCH`]) every [`StatsFold::every`] while this node leads.
+/// Not needed for exact statistics (reads add the inbox), only for fast
+/// ones: a failed or skipped fold is tried again next time.
+#[derive(Debug, Clone)]
+pub struct StatsFold {
+    /// The engine's pool.
+    pub pool: PgPool,
+    /// Source of now: rows of hours before the current one are folded.
+    pub clock: crate::domain::Clock,
+    /// This node's leadership (only the leader folds).
+    pub leadership: Leadership,
+    /// Interval between folds.
+    pub every: Duration,
+}
+
+impl StatsFold {
+    /// Rows folded per statement.
+    pub const BATCH: i64 = 5_000;
+    /// The default interval.
+    pub const DEFAULT_EVERY: Duration = Duration::from_secs(10);
+
+    /// Folds while leading until `stop`; errors are logged.
+    pub async fn run(&self, stop: CancellationToken) {
+        loop {
+            if self.leadership.is_leader() {
+                self.fold(&stop).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One fold: batches until the inbox holds no past hour (or leadership
+    /// or `stop` ends it).
+    pub async fn fold(&self, stop: &CancellationToken) {
+        let before = crate::domain::stats::floor_hour(self.clock.now());
+        while self.leadership.is_leader() && !stop.is_cancelled() {
+            match db::runs::run_stats_fold(&self.pool, before, Self::BATCH).await {
+                Ok(n) if n < Self::BATCH => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding run statistics failed; trying again later");
+                    return;
+                }
             }
         }
     }

@@ -1,13 +1,10 @@
 //! The `sked` client subcommands: a gRPC client of a sked node like any
-//! other (`def`, `binding`, `run`, `tail`, `watch`, `preview`, `status`,
-//! `quota`, `key`, `audit`, `apply`, `completions`). One file per resource; shared pieces:
+//! other (`def`, `binding`, `run`, `tail`, `watch`, `preview`, `stats`,
+//! `status`, `quota`, `key`, `audit`, `apply`, `completions`). One file per resource; shared pieces:
 //! [`connect`] (address, API key, tenant, TLS, the config file),
 //! [`output`] (tables, `-o json|yaml`), [`input`] (durations, times,
 //! params, schedules and message files) and [`follow`] (following a run to
 //! its end, shared by `tail` and `run trigger --wait`).
-//!
-//! Follow-up: a `stats` subcommand once `GetRunStats` is in the API
-//! (issue 15).
 //!
 //! Nothing here reaches into the server's layers: every command is one or a
 //! few API calls, so what the CLI can do any client can do (grpcurl, the
@@ -38,6 +35,7 @@ pub mod output;
 pub mod preview;
 pub mod quota;
 pub mod run;
+pub mod stats;
 pub mod status;
 pub mod tail;
 pub mod watch;
@@ -89,6 +87,9 @@ pub enum Command {
     Watch(watch::Args),
     /// Preview a schedule's next fire times (DST shifts marked).
     Preview(preview::Args),
+    /// Run statistics of the tenant, a binding or a definition over a
+    /// window: counts, success rate, duration and fire lag, a series.
+    Stats(stats::Args),
     /// The scheduler's health: nodes, leader, backlog, fire lag.
     Status(status::Args),
     /// Tenant quotas and their use.
@@ -234,6 +235,7 @@ pub async fn run(cmd: Command, bin: &mut clap::Command) -> i32 {
         Command::Tail(a) => tail::run(a).await,
         Command::Watch(a) => watch::run(a).await,
         Command::Preview(a) => preview::run(a).await,
+        Command::Stats(a) => stats::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Quota(a) => quota::run(a).await,
         Command::Key(a) => key::run(a).await,

@@ -788,3 +788,37 @@ pub async fn binding_set_effective_schedules(
     .await?;
     Ok(())
 }
+
+/// Bindings whose status is `FAILING` (`crate::domain::stats::BindingStatus`:
+/// at least `failing_after` final failures in a row, and neither broken,
+/// disabled, paused nor completed at `now`), counted per tenant; tenants
+/// with none are left out. Reads the `binding_status` rows with a streak of
+/// failures (a scan of that narrow table) and their bindings by key; for
+/// the sampled `sked_failing_bindings` gauge, never per request.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_failing_counts(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+    failing_after: u32,
+) -> Result<Vec<(String, i64)>, Error> {
+    // The precedence of domain::stats::binding_status, in SQL.
+    let rows = sqlx::query!(
+        r#"SELECT b.tenant_id, count(*) AS "n!"
+           FROM binding_status s
+           JOIN bindings b ON b.id = s.binding_id
+           JOIN definitions d ON d.name = b.definition
+           WHERE s.consecutive_failures >= $2
+             AND b.broken_reason IS NULL AND b.enabled AND d.enabled
+             AND NOT (b.paused AND (b.pause_expire_time IS NULL OR b.pause_expire_time > $1))
+             AND (b.effective_until IS NULL OR b.effective_until > $1)
+             AND (b.next_run_time IS NOT NULL OR b.effective_schedule->>'kind' = 'manual')
+           GROUP BY b.tenant_id"#,
+        now,
+        i32::try_from(failing_after).unwrap_or(i32::MAX),
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.tenant_id, r.n)).collect())
+}

@@ -107,6 +107,12 @@ pub const ARCHIVE_FILES: &str = "sked_archive_files_total";
 /// tried again at the next pass.
 pub const ARCHIVE_FAILURES: &str = "sked_archive_failures_total";
 
+/// Gauge `{[tenant]}`: bindings whose status is `FAILING` (their last 3
+/// final outcomes failed, and they are neither broken, disabled, paused nor
+/// completed), cluster-wide, sampled every 10 s (the same on every node:
+/// aggregate with `max`).
+pub const FAILING_BINDINGS: &str = "sked_failing_bindings";
+
 /// Buckets of [`FIRE_LAG`], seconds.
 pub const FIRE_LAG_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -136,6 +142,11 @@ fn tenant_label() -> bool {
 
 /// Registers the description and unit of every metric (shown as `# HELP`).
 pub fn describe() {
+    describe_gauge!(
+        FAILING_BINDINGS,
+        Unit::Count,
+        "Bindings whose status is FAILING (last 3 final outcomes failed), cluster-wide, sampled"
+    );
     describe_counter!(
         FIRES,
         Unit::Count,
@@ -437,4 +448,32 @@ pub fn published(events: &[std::sync::Arc<RunEvent>], local: bool) {
 /// Records events a WatchEvents subscriber missed.
 pub fn events_dropped(n: u64) {
     counter!(EVENTS_DROPPED).increment(n);
+}
+
+/// Tenants the last [`failing_bindings`] sample labelled, so that one whose
+/// bindings recovered reads 0 rather than its old count.
+static FAILING_TENANTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Sets [`FAILING_BINDINGS`] from a sample of `(tenant, failing bindings)`
+/// (tenants with none left out): the total, or one series per tenant with
+/// the tenant label (tenants seen before and absent now read 0).
+pub fn failing_bindings(by_tenant: &[(String, i64)]) {
+    if !tenant_label() {
+        let total: i64 = by_tenant.iter().map(|(_, n)| n).sum();
+        ::metrics::gauge!(FAILING_BINDINGS).set(total as f64);
+        return;
+    }
+    let mut seen = FAILING_TENANTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for t in seen.iter() {
+        if !by_tenant.iter().any(|(x, _)| x == t) {
+            ::metrics::gauge!(FAILING_BINDINGS, "tenant" => t.clone()).set(0.0);
+        }
+    }
+    seen.clear();
+    for (t, n) in by_tenant {
+        ::metrics::gauge!(FAILING_BINDINGS, "tenant" => t.clone()).set(*n as f64);
+        seen.push(t.clone());
+    }
 }

@@ -646,8 +646,9 @@ pub async fn report_progress(
 pub const MAX_STATS_DAYS: i64 = 400;
 /// Longest window of an hourly series, days (744 points).
 pub const MAX_HOURLY_DAYS: i64 = 31;
-/// Most hourly statistics rows (bindings × hours with ended runs) one
-/// GetRunStats call reads.
+/// Most hourly statistics rows one GetRunStats call reads: one per hour of
+/// the window once folded, plus the rows not folded yet (about one per
+/// binding with runs ending this hour; `db::runs::run_stats_hours`).
 pub const MAX_STATS_ROWS: usize = 250_000;
 
 /// Whose runs GetRunStats sums.
@@ -690,8 +691,9 @@ pub struct StatsQuery {
 /// Statistics of the runs of `q.subject` scheduled in the window (widened
 /// to whole hours, UTC) that have ended: counts per state, success rate,
 /// duration and fire lag percentiles, and a series for a chart, summed from
-/// the hourly rows the run-end statements keep ([`db::runs::run_stats_hours`];
-/// percentiles within the bucket resolution of [`stats`]).
+/// the hourly rows the run-end statements keep and the leader folds per
+/// tenant and definition ([`db::runs::run_stats_hours`]; percentiles within
+/// the bucket resolution of [`stats`]).
 ///
 /// # Errors
 /// `Invalid` on `end_time` for an empty window or one longer than
@@ -751,8 +753,8 @@ pub async fn stats(core: &Core, q: &StatsQuery) -> Result<stats::RunStats> {
         return Err(FieldViolation::new(
             "end_time",
             format!(
-                "the window holds more than {MAX_STATS_ROWS} hourly statistics rows (bindings × hours); \
-                 narrow it, or ask for one binding or definition"
+                "the window holds more than {MAX_STATS_ROWS} hourly statistics rows; narrow it, \
+                 or ask for one binding or definition"
             ),
         )
         .into());

@@ -1127,6 +1127,117 @@ async fn status_shows_the_nodes_and_the_leader() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_counts_percentiles_and_the_series() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "cli-stats").await;
+    let ok = api_def(&node, sh_def("fine", "sleep 0.05", manual())).await;
+    let bad = api_def(&node, sh_def("broken", "exit 1", manual())).await;
+    for (b, n) in [(&ok, 3), (&bad, 1)] {
+        for _ in 0..n {
+            let r = trigger(&node, "acme", &b.id).await;
+            wait_terminal(&node, "acme", &r.id).await;
+        }
+    }
+    let sked = Sked::for_node(&node).env("SKED_TENANT", "acme");
+
+    // -o json is the API's answer for the same window
+    let (from, to) = (now_secs() - 3600.0, now_secs() + 3600.0);
+    let rfc = |t: f64| {
+        chrono::DateTime::from_timestamp(t as i64, 0)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let (from_s, to_s) = (rfc(from), rfc(to));
+    let api = node
+        .runs()
+        .get_run_stats(as_tenant(
+            "acme",
+            pb::GetRunStatsRequest {
+                start_time: Some(ts(from.trunc())),
+                end_time: Some(ts(to.trunc())),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(api.total, 4);
+    let json = sked
+        .json(&["stats", "--from", &from_s, "--to", &to_s])
+        .await;
+    assert_eq!(json, to_json(&api));
+    assert_eq!(json["counts"]["succeeded"], "3");
+    assert_eq!(json["counts"]["failed"], "1");
+    assert_eq!(json["interval"], "STATS_INTERVAL_HOUR");
+    assert_eq!(json["series"].as_array().unwrap().len(), 3, "3 whole hours");
+
+    // one binding, a day series by default for 7 days; YAML parses too
+    let one = sked
+        .json(&["stats", "--binding", &ok.id, "--since", "7d"])
+        .await;
+    assert_eq!(one["counts"]["succeeded"], "3");
+    assert_eq!(one["total"], "3");
+    assert_eq!(one["interval"], "STATS_INTERVAL_DAY");
+    assert!(
+        one["durationP50"]
+            .as_str()
+            .is_some_and(|d| d.ends_with('s'))
+    );
+    let yaml = sked
+        .ok(&["stats", "--binding", &bad.id, "--since", "2h", "-o", "yaml"])
+        .await;
+    let yaml: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+    assert_eq!(yaml["counts"]["failed"], "1");
+
+    // the table: counts, success rate, percentiles, one row per hour
+    let view = sked
+        .ok(&["stats", "--since", "3h", "--interval", "hour"])
+        .await;
+    assert!(
+        view.contains("4 ended: 3 succeeded, 1 failed") && view.contains("75.0 %"),
+        "{view}"
+    );
+    assert!(view.contains("Duration:") && view.contains("p95"), "{view}");
+    assert!(view.contains("Fire lag:") && view.contains("p99"), "{view}");
+    let rows = view
+        .lines()
+        .skip_while(|l| !l.starts_with("HOUR"))
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert!((3..=4).contains(&rows), "an hour a row: {view}");
+    let per_day = sked.ok(&["stats", "--since", "7d"]).await;
+    assert!(per_day.contains("DAY (UTC)"), "{per_day}");
+
+    // errors: a window too long (sked says so, naming the field), flags
+    // that contradict each other (nothing sent), a binding not there
+    sked.fails(
+        &["stats", "--since", "500d"],
+        EXIT_ERROR,
+        &["INVALID_ARGUMENT", "end_time", "400 days"],
+    )
+    .await;
+    let o = sked
+        .run(&["stats", "--binding", &ok.id, "--definition", "fine"])
+        .await;
+    assert_eq!(code(&o), EXIT_USAGE, "{}", describe(&o));
+    assert!(
+        stderr(&o).contains("cannot be used with"),
+        "{}",
+        describe(&o)
+    );
+    sked.fails(&["stats", "--since", "soon"], EXIT_USAGE, &["--since"])
+        .await;
+    sked.fails(
+        &["stats", "--binding", &uuid::Uuid::new_v4().to_string()],
+        EXIT_UNREACHABLE,
+        &["NOT_FOUND"],
+    )
+    .await;
+    node.stop().await;
+}
+
 // ---------------------------------------------------------------- auth: quota, key, audit, config
 
 /// A node with auth on and a platform admin token.

@@ -414,12 +414,13 @@ async fn metrics_count_the_runs_the_test_made() {
     })
     .await;
     delete_binding(&ch, &token, &ticker.id).await;
-    // Manual command runs: three succeed, two fail (no retry).
+    // Manual command runs: three succeed, three fail (no retry): `bad`
+    // is FAILING after its third.
     let ok = define_and_bind_via(&ch, TENANT, Some(&token), sh_def("ok", "true", manual())).await;
     let bad =
         define_and_bind_via(&ch, TENANT, Some(&token), sh_def("bad", "exit 3", manual())).await;
     let mut made = Vec::new();
-    for b in [&ok, &ok, &ok, &bad, &bad] {
+    for b in [&ok, &ok, &ok, &bad, &bad, &bad] {
         made.push(trigger_via(&ch, TENANT, Some(&token), &b.id).await.id);
     }
     for id in &made {
@@ -434,7 +435,7 @@ async fn metrics_count_the_runs_the_test_made() {
         .filter(|r| r.trigger == pb::RunTrigger::Schedule as i32)
         .count() as f64;
     assert!(scheduled >= 3.0);
-    assert_eq!(count(pb::RunState::Failed), 2.0);
+    assert_eq!(count(pb::RunState::Failed), 3.0);
     assert_eq!(count(pb::RunState::Succeeded), scheduled + 3.0);
 
     // Counters move with the publication right after each commit: wait
@@ -488,7 +489,7 @@ async fn metrics_count_the_runs_the_test_made() {
     );
     assert_eq!(
         observations(&m, "sked_run_duration_seconds", Some(("state", "failed"))),
-        2.0
+        3.0
     );
     assert!(observations(&m, "sked_claim_duration_seconds", Some(("kind", "execute"))) >= 1.0);
     assert!(observations(&m, "sked_scheduler_pass_duration_seconds", None) >= 3.0);
@@ -518,6 +519,30 @@ async fn metrics_count_the_runs_the_test_made() {
         // Sampled every 10 s: the first sample runs at start.
         assert!(gauge(name).is_some(), "{name} is exported:\n{body}");
     }
+    // The failing bindings gauge, sampled (every 10 s): `bad` is FAILING,
+    // `ok` is not; no tenant label unless asked for.
+    let mut seen = None;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, m) = scrape(port).await;
+            let failing: Vec<(f64, usize)> = m
+                .samples
+                .iter()
+                .filter(|s| s.metric == "sked_failing_bindings")
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Gauge(v) => (v, s.labels.len()),
+                    ref v => panic!("sked_failing_bindings is not a gauge: {v:?}"),
+                })
+                .collect();
+            if failing == [(1.0, 0)] {
+                return;
+            }
+            seen = Some(failing);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("sked_failing_bindings never read 1; last {seen:?}"));
     // No run, binding or definition id ever labels a series.
     for s in &m.samples {
         for id in runs

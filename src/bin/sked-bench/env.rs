@@ -133,6 +133,7 @@ impl Env {
                 self.common.max_concurrent_runs,
                 self.common.rate_limits,
                 self.common.retention_every_secs,
+                self.common.stats_fold_secs,
             )
             .await?;
             progress!(
@@ -326,12 +327,14 @@ impl Node {
     /// changes and API-created runs; otherwise they are off (the scenarios
     /// measure the engine, and their setup makes thousands of changes).
     /// `retention_every_secs`: the leader's retention pass interval (sked's
-    /// default when `None`).
+    /// default when `None`). `stats_fold_secs`: the leader's run statistics
+    /// fold interval (sked's default when `None`, never when 0).
     pub async fn spawn(
         database_url: &str,
         max_concurrent_runs: Option<usize>,
         rate_limits: bool,
         retention_every_secs: Option<u64>,
+        stats_fold_secs: Option<u64>,
     ) -> anyhow::Result<Node> {
         // A free port: bind :0, read it, let go (the child binds it again).
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -350,6 +353,9 @@ impl Node {
         }
         if let Some(s) = retention_every_secs {
             cmd.arg("--retention-every-secs").arg(s.to_string());
+        }
+        if let Some(s) = stats_fold_secs {
+            cmd.arg("--stats-fold-secs").arg(s.to_string());
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");

@@ -135,6 +135,11 @@ pub struct Common {
     /// sets 1).
     #[arg(long)]
     pub retention_every_secs: Option<u64>,
+    /// Seconds between the maintenance leader's folds of run statistics
+    /// (`run_stats` into the tables GetRunStats reads; sked's default,
+    /// 10 s, when unset; 0: never, as before the fold existed).
+    #[arg(long)]
+    pub stats_fold_secs: Option<u64>,
 }
 
 impl Common {
@@ -154,6 +159,7 @@ impl Common {
             "retention_every_secs".into(),
             self.retention_every_secs.into(),
         );
+        m.insert("stats_fold_secs".into(), self.stats_fold_secs.into());
         m
     }
 }
@@ -179,6 +185,10 @@ struct NodeArgs {
     /// Seconds between retention passes (sked's default when unset).
     #[arg(long)]
     retention_every_secs: Option<u64>,
+    /// Seconds between folds of run statistics (sked's default when unset;
+    /// 0: never).
+    #[arg(long)]
+    stats_fold_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -256,6 +266,9 @@ async fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = a.retention_every_secs {
         settings.retention.every = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = a.stats_fold_secs {
+        settings.stats_fold = (s > 0).then(|| std::time::Duration::from_secs(s));
     }
     let listener = tokio::net::TcpListener::bind(a.listen).await?;
     sked::app::serve(settings, listener, sked::app::shutdown_signal()).await?;

@@ -27,6 +27,14 @@
 //! the wider row and its per-column hour tests cost more than the second
 //! narrow upsert.
 //!
+//! `run_stats` is the statistics' inbox: the maintenance leader folds rows
+//! of past hours into `run_stats_binding` and `run_stats_rollup`
+//! ([`run_stats_fold`], migration `20261204000300_run_stats_daily.sql`),
+//! which GetRunStats reads together with the inbox ([`run_stats_hours`]),
+//! so a tenant's month is a few hundred rows however many bindings it has.
+//! The fold leaves the run-end statements as they were; it only turns the
+//! first run end of a binding in an hour after a fold into an insert.
+//!
 //! A deleted binding's status row stays (a run may still end after the
 //! delete); the status is only read through `bindings`, and the statistics
 //! are history, as the runs are.
@@ -217,9 +225,15 @@ impl From<HourRow> for HourlyStats {
     }
 }
 
-/// The hourly statistics rows of `scope` with `start <= hour < end` (one
-/// per binding and hour), in no particular order, at most `limit`. Cost:
-/// one index range per call, O(bindings × hours) rows.
+/// The hourly statistics rows of `scope` with `start <= hour < end`, in no
+/// particular order, at most `limit`: the folded rows of the scope
+/// (`run_stats_rollup` for a tenant or a definition, one per hour;
+/// `run_stats_binding` for a binding) and its inbox rows not folded yet
+/// (`run_stats`, one per binding and hour; migration
+/// `20261204000300_run_stats_daily.sql`). One statement, so a fold
+/// committing meanwhile is seen wholly or not at all. An hour may appear in
+/// several rows; their sum is the hour's. Cost: two index ranges, O(hours +
+/// inbox rows of the scope).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -230,15 +244,26 @@ pub async fn run_stats_hours(
     end: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<HourlyStats>, Error> {
-    // One statement per scope, so each is planned on its own index.
+    // One statement per scope, so each is planned on its own indexes.
     let rows = match scope {
         StatsScope::Binding { tenant, id } => {
             sqlx::query_as!(
                 HourRow,
-                "SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
-                        duration_max_us, lag_max_us, lag_hist, duration_hist
-                 FROM run_stats WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4
-                 LIMIT $5",
+                r#"SELECT hour AS "hour!", succeeded AS "succeeded!", failed AS "failed!",
+                          timed_out AS "timed_out!", cancelled AS "cancelled!", skipped AS "skipped!",
+                          started AS "started!", duration_sum_us AS "duration_sum_us!",
+                          duration_max_us AS "duration_max_us!", lag_max_us AS "lag_max_us!",
+                          lag_hist AS "lag_hist!", duration_hist AS "duration_hist!"
+                   FROM (SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats_binding
+                         WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4
+                         UNION ALL
+                         SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats
+                         WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4) s
+                   LIMIT $5"#,
                 id,
                 tenant,
                 start,
@@ -251,9 +276,20 @@ pub async fn run_stats_hours(
         StatsScope::Tenant(tenant) => {
             sqlx::query_as!(
                 HourRow,
-                "SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
-                        duration_max_us, lag_max_us, lag_hist, duration_hist
-                 FROM run_stats WHERE tenant_id = $1 AND hour >= $2 AND hour < $3 LIMIT $4",
+                r#"SELECT hour AS "hour!", succeeded AS "succeeded!", failed AS "failed!",
+                          timed_out AS "timed_out!", cancelled AS "cancelled!", skipped AS "skipped!",
+                          started AS "started!", duration_sum_us AS "duration_sum_us!",
+                          duration_max_us AS "duration_max_us!", lag_max_us AS "lag_max_us!",
+                          lag_hist AS "lag_hist!", duration_hist AS "duration_hist!"
+                   FROM (SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats_rollup
+                         WHERE tenant_id = $1 AND definition = '' AND hour >= $2 AND hour < $3
+                         UNION ALL
+                         SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats WHERE tenant_id = $1 AND hour >= $2 AND hour < $3) s
+                   LIMIT $4"#,
                 tenant,
                 start,
                 end,
@@ -265,11 +301,22 @@ pub async fn run_stats_hours(
         StatsScope::Definition { name, tenant } => {
             sqlx::query_as!(
                 HourRow,
-                "SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
-                        duration_max_us, lag_max_us, lag_hist, duration_hist
-                 FROM run_stats
-                 WHERE definition = $1 AND hour >= $2 AND hour < $3 AND ($4::text IS NULL OR tenant_id = $4)
-                 LIMIT $5",
+                r#"SELECT hour AS "hour!", succeeded AS "succeeded!", failed AS "failed!",
+                          timed_out AS "timed_out!", cancelled AS "cancelled!", skipped AS "skipped!",
+                          started AS "started!", duration_sum_us AS "duration_sum_us!",
+                          duration_max_us AS "duration_max_us!", lag_max_us AS "lag_max_us!",
+                          lag_hist AS "lag_hist!", duration_hist AS "duration_hist!"
+                   FROM (SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats_rollup
+                         WHERE tenant_id = coalesce($4, '') AND definition = $1 AND hour >= $2 AND hour < $3
+                         UNION ALL
+                         SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
+                                duration_max_us, lag_max_us, lag_hist, duration_hist
+                         FROM run_stats
+                         WHERE definition = $1 AND hour >= $2 AND hour < $3
+                           AND ($4::text IS NULL OR tenant_id = $4)) s
+                   LIMIT $5"#,
                 name,
                 start,
                 end,
@@ -281,6 +328,77 @@ pub async fn run_stats_hours(
         }
     };
     Ok(rows.into_iter().map(HourlyStats::from).collect())
+}
+
+/// Folds up to `limit` inbox rows of hours before `before` (`run_stats`)
+/// into the folded tables (`run_stats_binding`, `run_stats_rollup`;
+/// migration `20261204000300_run_stats_daily.sql`), in one statement:
+/// deletes them and adds them to the folded rows of their binding, tenant,
+/// definition, and tenant and definition. Rows a run-end statement holds
+/// locked are skipped (`SKIP LOCKED`; the next fold takes them), so a fold
+/// never waits on the hot path and no row is added twice. Returns the rows
+/// folded; call again while it returns `limit`. Any node may call it (the
+/// maintenance leader does, [`crate::cluster::StatsFold`]).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_stats_fold(
+    db: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<i64, Error> {
+    let n = sqlx::query_scalar!(
+        r#"WITH picked AS (
+             SELECT binding_id, hour FROM run_stats WHERE hour < $1
+             ORDER BY binding_id, hour LIMIT $2 FOR UPDATE SKIP LOCKED),
+           moved AS (
+             DELETE FROM run_stats s USING picked p WHERE s.binding_id = p.binding_id AND s.hour = p.hour
+             RETURNING s.*),
+           to_binding AS (
+             INSERT INTO run_stats_binding AS t
+             SELECT binding_id, hour, tenant_id, definition, succeeded, failed, timed_out, cancelled, skipped,
+                    started, duration_sum_us, duration_max_us, lag_max_us, lag_hist, duration_hist
+             FROM moved ORDER BY binding_id, hour
+             ON CONFLICT (binding_id, hour) DO UPDATE SET
+               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
+               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
+               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
+               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
+               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
+               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
+               lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
+               duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist)),
+           -- per tenant, per definition (all tenants), per tenant and
+           -- definition; '' stands for "all" (migration 20261204000300)
+           grouped AS (
+             SELECT coalesce(tenant_id, '') AS tenant_id, coalesce(definition, '') AS definition, hour,
+                    sum(succeeded)::int AS succeeded, sum(failed)::int AS failed,
+                    sum(timed_out)::int AS timed_out, sum(cancelled)::int AS cancelled,
+                    sum(skipped)::int AS skipped, sum(started)::int AS started,
+                    sum(duration_sum_us) AS duration_sum_us, max(duration_max_us) AS duration_max_us,
+                    max(lag_max_us) AS lag_max_us, sked_hist_sum(lag_hist) AS lag_hist,
+                    sked_hist_sum(duration_hist) AS duration_hist
+             FROM moved
+             GROUP BY GROUPING SETS ((tenant_id, hour), (definition, hour), (tenant_id, definition, hour))),
+           to_rollup AS (
+             INSERT INTO run_stats_rollup AS t
+             SELECT * FROM grouped ORDER BY tenant_id, definition, hour
+             ON CONFLICT (tenant_id, definition, hour) DO UPDATE SET
+               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
+               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
+               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
+               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
+               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
+               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
+               lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
+               duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist))
+           SELECT count(*) AS "n!" FROM moved"#,
+        before,
+        limit,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(n)
 }
 
 #[cfg(test)]
