@@ -18,7 +18,7 @@
 //! * lag: `start_time − scheduled_time` of the fired runs, p50/p99/max;
 //! * CPU of the nodes and of PostgreSQL over the window, nodes' RSS.
 //!
-//! `--hostile-tenants K` adds a backfill flood during the window (issue 12:
+//! `--hostile-tenants K` adds a backfill flood during the window (limits:
 //! no tenant may slow another's schedule): K more tenants (`hostile-<k>`)
 //! each bind `bench.hostile` (`event`, every 1 s, overlap `SKIP`, so its
 //! runs go one at a time) and call BackfillRuns for `--hostile-runs` past
