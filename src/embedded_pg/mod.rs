@@ -299,10 +299,16 @@ impl EmbeddedPg {
         let result = match self.postmaster_pid() {
             Some(pid) if is_alive(pid) => {
                 let cmd = self.pg_ctl_command(&pg_ctl_stop_args(&self.data_dir, "fast"));
-                match run_async(&cmd, self.run_as, Some(&self.log_file)).await {
+                let r = match run_async(&cmd, self.run_as, Some(&self.log_file)).await {
                     Err(_) if self.postmaster_pid().is_none() => Ok(()),
                     other => other,
+                };
+                // As in stop_blocking: the process outlives its pid file by a moment.
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                while r.is_ok() && is_alive(pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
+                r
             }
             _ => Ok(()),
         };
@@ -337,7 +343,16 @@ impl EmbeddedPg {
         }
         let cmd = self.pg_ctl_command(&pg_ctl_stop_args(&self.data_dir, "fast"));
         match run_blocking(&cmd, self.run_as, Some(&self.log_file)) {
-            Ok(()) => self.after_stop(),
+            Ok(()) => {
+                // pg_ctl returns once postmaster.pid is gone, which the
+                // postmaster removes just before it exits: wait (briefly)
+                // for the process itself, so "stopped" means gone.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while is_alive(pid) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                self.after_stop();
+            }
             Err(_) if self.postmaster_pid().is_none() => self.after_stop(),
             Err(e) => {
                 self.stopped.store(false, Ordering::SeqCst);
