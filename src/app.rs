@@ -681,6 +681,7 @@ async fn serve_with_pool(
             lease: Duration::from_secs(60),
             timeout: Duration::from_secs(10),
             batch: 32,
+            per_tenant: crate::executor::notify::PER_TENANT_IN_FLIGHT,
         };
         let stop = engine_stop.clone();
         supervised(

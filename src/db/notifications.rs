@@ -273,7 +273,15 @@ pub struct Notification {
 }
 
 /// Claims up to `limit` due `PENDING` notifications for `node_id` until
-/// `now + lease` (those whose lease lapsed too), counting the attempt.
+/// `now + lease` (those whose lease lapsed too), counting the attempt,
+/// fairly between tenants: at most `per_tenant` per tenant, less what
+/// `in_flight` says this node already has in flight for it (pairs of
+/// tenant id and count; a tenant at `per_tenant` gets none). The rows are
+/// ranked per tenant, oldest `next_attempt_time` first, and taken round
+/// robin: every tenant's first row (after its in-flight ones) before any
+/// tenant's second, the older first within a round. Cost: one index probe
+/// per tenant with pending rows, plus at most `per_tenant` rows (and the
+/// leased ones before them) per tenant, whatever a tenant's backlog.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -283,14 +291,42 @@ pub async fn notification_claim(
     now: DateTime<Utc>,
     lease: std::time::Duration,
     limit: i64,
+    per_tenant: i64,
+    in_flight: &[(String, i64)],
 ) -> Result<Vec<Claimed>, Error> {
     let until = now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::seconds(30));
+    let busy_tenants: Vec<String> = in_flight.iter().map(|(t, _)| t.clone()).collect();
+    let busy_counts: Vec<i64> = in_flight.iter().map(|(_, n)| *n).collect();
     let rows = sqlx::query!(
-        r#"WITH c AS (
-             SELECT id FROM notifications
-             WHERE state = 'PENDING' AND next_attempt_time <= $1
-               AND (lease_expires_at IS NULL OR lease_expires_at < $1)
-             ORDER BY next_attempt_time LIMIT $4 FOR UPDATE SKIP LOCKED),
+        r#"WITH RECURSIVE tenants AS (
+               (SELECT tenant_id FROM notifications WHERE state = 'PENDING' ORDER BY tenant_id LIMIT 1)
+             UNION ALL
+               SELECT (SELECT n.tenant_id FROM notifications n
+                       WHERE n.state = 'PENDING' AND n.tenant_id > t.tenant_id
+                       ORDER BY n.tenant_id LIMIT 1)
+               FROM tenants t WHERE t.tenant_id IS NOT NULL),
+           busy AS (
+             SELECT b.tenant_id, b.n FROM unnest($5::text[], $6::bigint[]) AS b(tenant_id, n)),
+           pick AS (
+             SELECT d.id, coalesce(b.n, 0) + d.rank AS slot, d.next_attempt_time
+             FROM tenants t
+             LEFT JOIN busy b ON b.tenant_id = t.tenant_id
+             CROSS JOIN LATERAL (
+               SELECT n.id, n.next_attempt_time,
+                      row_number() OVER (ORDER BY n.next_attempt_time) AS rank
+               FROM notifications n
+               WHERE n.tenant_id = t.tenant_id AND n.state = 'PENDING' AND n.next_attempt_time <= $1
+                 AND (n.lease_expires_at IS NULL OR n.lease_expires_at < $1)
+               ORDER BY n.next_attempt_time
+               LIMIT greatest($7 - coalesce(b.n, 0), 0)) d
+             WHERE t.tenant_id IS NOT NULL
+             ORDER BY slot, d.next_attempt_time
+             LIMIT $4),
+           c AS (
+             SELECT n.id FROM notifications n JOIN pick p ON p.id = n.id
+             WHERE n.state = 'PENDING' AND n.next_attempt_time <= $1
+               AND (n.lease_expires_at IS NULL OR n.lease_expires_at < $1)
+             FOR UPDATE OF n SKIP LOCKED),
            u AS (
              UPDATE notifications n SET attempts = n.attempts + 1, lease_expires_at = $2, node_id = $3,
                                         last_attempt_time = $1
@@ -306,7 +342,10 @@ pub async fn notification_claim(
         now,
         until,
         node_id,
-        limit
+        limit,
+        &busy_tenants,
+        &busy_counts,
+        per_tenant
     )
     .fetch_all(db)
     .await?;

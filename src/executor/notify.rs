@@ -15,7 +15,20 @@
 //! run event). A node that dies mid-post leaves its lease to lapse: another
 //! node posts again, so delivery is at least once and receivers
 //! de-duplicate on the body's `id`.
+//!
+//! **Fairness between tenants.** A tenant's receiver that accepts and never
+//! answers costs each post the whole `timeout` (10 s), and a tenant may
+//! have many notifications due. So a node keeps up to `batch` (32) posts in
+//! flight, at most `per_tenant` ([`PER_TENANT_IN_FLIGHT`], 4) of one
+//! tenant's: the claim ranks due rows per tenant and takes them round robin
+//! (every tenant with due work gets a slot before any gets a second),
+//! skipping the tenants that already have their share in flight here; and
+//! a slot is refilled (claimed again) as soon as its post ends, not when
+//! the whole batch has. One tenant's hanging posts hold at most
+//! `per_tenant` slots, and the other tenants' notifications go out at
+//! once. Across nodes a tenant may have `per_tenant` in flight per node.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -32,6 +45,9 @@ use crate::domain::notify::{
 };
 use crate::domain::{Clock, EventBody, NotificationOutcome};
 use crate::events::EventBus;
+
+/// Most posts in flight per tenant on one node, by default.
+pub const PER_TENANT_IN_FLIGHT: i64 = 4;
 
 /// Longest error kept per attempt, in bytes.
 const MAX_ERROR: usize = 512;
@@ -59,8 +75,37 @@ pub struct Notifier {
     pub lease: Duration,
     /// Longest wait for one answer.
     pub timeout: Duration,
-    /// Most notifications claimed (and posted concurrently) at once.
+    /// Most posts in flight at once on this node (and most claimed by one
+    /// claim).
     pub batch: i64,
+    /// Most posts in flight at once for one tenant on this node
+    /// ([`PER_TENANT_IN_FLIGHT`] by default): a tenant whose receiver hangs
+    /// holds at most this many of the `batch` slots.
+    pub per_tenant: i64,
+}
+
+/// Frees the slot of a post that ended (or panicked: its claim's lease
+/// lapses and it is posted again).
+fn ended_post(
+    ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    tenant_of: &mut HashMap<tokio::task::Id, String>,
+    in_flight: &mut HashMap<String, i64>,
+) {
+    let id = match ended {
+        Ok((id, ())) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "notifications: a delivery task failed");
+            e.id()
+        }
+    };
+    if let Some(tenant) = tenant_of.remove(&id)
+        && let Some(n) = in_flight.get_mut(&tenant)
+    {
+        *n -= 1;
+        if *n <= 0 {
+            in_flight.remove(&tenant);
+        }
+    }
 }
 
 fn cut(mut s: String, max: usize) -> String {
@@ -102,40 +147,65 @@ pub fn body(n: &db::notifications::Notification) -> serde_json::Value {
 }
 
 impl Notifier {
-    /// Delivers until `stop`: claims a batch, posts it, looks again at once
-    /// when the batch was full, else after `poll`.
+    /// Delivers until `stop`, keeping up to `batch` posts in flight: claims
+    /// as many as there are free slots, at most `per_tenant` in flight per
+    /// tenant, and claims again as soon as a post ends (its slot and its
+    /// tenant's share free) and every `poll`, so a post that hangs for its
+    /// whole `timeout` holds one slot, not the loop. At `stop` it claims no
+    /// more and waits for the posts in flight (each ends within `timeout`),
+    /// so their outcomes are recorded.
     pub async fn run(self, stop: CancellationToken) {
+        let mut posts = JoinSet::new();
+        // Per post in flight, its tenant; per tenant, its posts in flight.
+        let mut tenant_of: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut in_flight: HashMap<String, i64> = HashMap::new();
         loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let now = self.clock.now();
-            let claimed = match db::notifications::notification_claim(
-                &self.pool,
-                &self.node_id,
-                now,
-                self.lease,
-                self.batch,
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "notifications: claim failed");
-                    Vec::new()
+            let free = self.batch - posts.len() as i64;
+            if free > 0 {
+                for c in self.claim(free, &in_flight).await {
+                    let tenant = c.n.tenant_id.clone();
+                    *in_flight.entry(tenant.clone()).or_default() += 1;
+                    let post = posts.spawn(self.clone().deliver(c));
+                    tenant_of.insert(post.id(), tenant);
                 }
-            };
-            let full = claimed.len() as i64 >= self.batch;
-            let mut posts = JoinSet::new();
-            for c in claimed {
-                posts.spawn(self.clone().deliver(c));
             }
-            while posts.join_next().await.is_some() {}
-            if !full {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.poll) => {}
-                    _ = stop.cancelled() => return,
+            tokio::select! {
+                Some(ended) = posts.join_next_with_id(), if !posts.is_empty() => {
+                    ended_post(ended, &mut tenant_of, &mut in_flight);
+                    // Those that ended meanwhile too: one claim for all.
+                    while let Some(ended) = posts.try_join_next_with_id() {
+                        ended_post(ended, &mut tenant_of, &mut in_flight);
+                    }
                 }
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        while let Some(ended) = posts.join_next_with_id().await {
+            ended_post(ended, &mut tenant_of, &mut in_flight);
+        }
+    }
+
+    /// Claims up to `limit` due notifications, fairly between tenants (see
+    /// [`db::notifications::notification_claim`]); none on a database
+    /// error (logged: the next poll tries again).
+    async fn claim(&self, limit: i64, in_flight: &HashMap<String, i64>) -> Vec<Claimed> {
+        let busy: Vec<(String, i64)> = in_flight.iter().map(|(t, n)| (t.clone(), *n)).collect();
+        match db::notifications::notification_claim(
+            &self.pool,
+            &self.node_id,
+            self.clock.now(),
+            self.lease,
+            limit,
+            self.per_tenant,
+            &busy,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "notifications: claim failed");
+                Vec::new()
             }
         }
     }
