@@ -1,150 +1,19 @@
-//! The `http` handler against a real HTTP/1.1 server on 127.0.0.1 (a
-//! minimal responder on a tokio listener, scripted per test): results,
+//! The `http` handler against a real HTTP/1.1 server on 127.0.0.1 (the
+//! shared scripted receiver, `common::Receiver`): results,
 //! retry classes, timeout, secrets in headers, and the SSRF guard. Names
 //! resolve from the node's injected host table, so no DNS query is made,
 //! and no packet leaves 127.0.0.0/8.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::common::*;
 use sked::domain::HttpAllow;
 use sked::executor::http::HttpSettings;
 use sked::proto::v1 as pb;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 
 const SECRET: &str = "s3cr3t-value-for-tests";
-
-/// A scripted reply: status, body, and a delay before it is sent.
-#[derive(Clone)]
-struct Reply {
-    status: u16,
-    body: &'static str,
-    delay: Duration,
-    location: Option<String>,
-}
-
-fn reply(status: u16, body: &'static str) -> Reply {
-    Reply {
-        status,
-        body,
-        delay: Duration::ZERO,
-        location: None,
-    }
-}
-
-/// A request as the server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-/// The test server: answers with `script` in order (its last reply
-/// repeats), records every request and counts every connection.
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    connections: Arc<Mutex<usize>>,
-}
-
-impl Server {
-    async fn start(script: Vec<Reply>) -> Server {
-        Self::start_on("127.0.0.1:0", script).await
-    }
-
-    async fn start_on(bind: &str, script: Vec<Reply>) -> Server {
-        let listener = TcpListener::bind(bind).await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(Mutex::new(0usize));
-        let script = Arc::new(Mutex::new(script));
-        let (s, c) = (Arc::clone(&seen), Arc::clone(&connections));
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                *c.lock().unwrap() += 1;
-                let (s, script) = (Arc::clone(&s), Arc::clone(&script));
-                tokio::spawn(async move {
-                    let (rd, mut wr) = sock.into_split();
-                    let mut rd = BufReader::new(rd);
-                    let mut line = String::new();
-                    if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut parts = line.split_whitespace();
-                    let method = parts.next().unwrap_or_default().to_string();
-                    let target = parts.next().unwrap_or_default().to_string();
-                    let mut headers = Vec::new();
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if rd.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let h = h.trim_end();
-                        if h.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-                            if k == "content-length" {
-                                len = v.parse().unwrap_or(0);
-                            }
-                            headers.push((k, v));
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    let _ = rd.read_exact(&mut body).await;
-                    s.lock().unwrap().push(Seen {
-                        method,
-                        target,
-                        headers,
-                        body: String::from_utf8_lossy(&body).into_owned(),
-                    });
-                    let r = {
-                        let mut sc = script.lock().unwrap();
-                        if sc.len() > 1 {
-                            sc.remove(0)
-                        } else {
-                            sc[0].clone()
-                        }
-                    };
-                    tokio::time::sleep(r.delay).await;
-                    let location = r
-                        .location
-                        .map(|l| format!("location: {l}\r\n"))
-                        .unwrap_or_default();
-                    let head = format!(
-                        "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{location}connection: close\r\n\r\n",
-                        r.status,
-                        r.body.len()
-                    );
-                    let _ = wr.write_all(head.as_bytes()).await;
-                    let _ = wr.write_all(r.body.as_bytes()).await;
-                    let _ = wr.shutdown().await;
-                });
-            }
-        });
-        Server {
-            addr,
-            seen,
-            connections,
-        }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn connections(&self) -> usize {
-        *self.connections.lock().unwrap()
-    }
-}
 
 /// Node settings: `localhost` resolves from a table (no DNS), the secret
 /// from a table (no process environment change), loopback allowed when
@@ -214,7 +83,7 @@ async fn run_once(
 async fn a_2xx_succeeds_with_its_json_body_as_result_and_secrets_stay_out_of_logs() {
     let db = TestDb::new().await;
     let node = start_node(&db, true).await;
-    let server = Server::start(vec![reply(200, r#"{"ok":true,"n":1}"#)]).await;
+    let server = Receiver::start(vec![reply(200, r#"{"ok":true,"n":1}"#)]).await;
     let mut h = handler(
         "POST",
         format!("http://127.0.0.1:{}/hook?token=abc", server.addr.port()),
@@ -297,7 +166,7 @@ async fn a_2xx_succeeds_with_its_json_body_as_result_and_secrets_stay_out_of_log
     assert_eq!(stored.method, "POST");
 
     // GET: params in the query; a non-JSON-object body kept as {"body"}.
-    let text = Server::start(vec![reply(200, "hello")]).await;
+    let text = Receiver::start(vec![reply(200, "hello")]).await;
     let h = handler("GET", format!("http://localhost:{}/get", text.addr.port()));
     let (_, run) = run_once(&node, "acme", http_def("hook.get", h, 1)).await;
     assert_eq!(state(&run), pb::RunState::Succeeded, "{run:?}");
@@ -313,7 +182,7 @@ async fn a_2xx_succeeds_with_its_json_body_as_result_and_secrets_stay_out_of_log
 async fn a_503_is_retried_and_a_404_is_not() {
     let db = TestDb::new().await;
     let node = start_node(&db, true).await;
-    let flaky = Server::start(vec![reply(503, "busy"), reply(200, r#"{"done":1}"#)]).await;
+    let flaky = Receiver::start(vec![reply(503, "busy"), reply(200, r#"{"done":1}"#)]).await;
     let h = handler("PUT", format!("http://127.0.0.1:{}/x", flaky.addr.port()));
     let b = define_and_bind(&node, "acme", http_def("hook.flaky", h, 3)).await;
     trigger(&node, "acme", &b.id).await;
@@ -333,7 +202,7 @@ async fn a_503_is_retried_and_a_404_is_not() {
     assert_eq!(result_json(&runs[1]), serde_json::json!({"done": 1}));
     assert_eq!(flaky.seen().len(), 2);
 
-    let missing = Server::start(vec![reply(404, "no such thing")]).await;
+    let missing = Receiver::start(vec![reply(404, "no such thing")]).await;
     let h = handler(
         "POST",
         format!("http://127.0.0.1:{}/gone", missing.addr.port()),
@@ -357,11 +226,9 @@ async fn a_503_is_retried_and_a_404_is_not() {
 async fn a_slow_server_times_out_at_the_smaller_timeout() {
     let db = TestDb::new().await;
     let node = start_node(&db, true).await;
-    let slow = Server::start(vec![Reply {
-        status: 200,
-        body: "{}",
+    let slow = Receiver::start(vec![Reply {
         delay: Duration::from_secs(30),
-        location: None,
+        ..reply(200, "{}")
     }])
     .await;
     let mut h = handler(
@@ -386,11 +253,9 @@ async fn a_slow_server_times_out_at_the_smaller_timeout() {
 async fn cancel_aborts_the_request() {
     let db = TestDb::new().await;
     let node = start_node(&db, true).await;
-    let slow = Server::start(vec![Reply {
-        status: 200,
-        body: "{}",
+    let slow = Receiver::start(vec![Reply {
         delay: Duration::from_secs(30),
-        location: None,
+        ..reply(200, "{}")
     }])
     .await;
     let h = handler(
@@ -432,7 +297,7 @@ async fn cancel_aborts_the_request() {
 async fn loopback_targets_are_refused_without_the_allow_list() {
     let db = TestDb::new().await;
     let node = start_node(&db, false).await;
-    let server = Server::start(vec![reply(200, "{}")]).await;
+    let server = Receiver::start(vec![reply(200, "{}")]).await;
     let port = server.addr.port();
     for (i, url) in [
         format!("http://127.0.0.1:{port}/"),
@@ -514,7 +379,7 @@ async fn a_redirect_to_a_refused_address_is_blocked_on_its_hop() {
         vec!["127.0.0.2".parse().unwrap()],
     )]));
     let node = TestNode::start_with(s).await;
-    let inner = Server::start_on("127.0.0.2:0", vec![reply(200, "{}")]).await;
+    let inner = Receiver::start_on("127.0.0.2:0", vec![reply(200, "{}")]).await;
     let port = inner.addr.port();
     for (i, target) in [
         format!("http://127.0.0.2:{port}/"),
@@ -523,7 +388,7 @@ async fn a_redirect_to_a_refused_address_is_blocked_on_its_hop() {
     .into_iter()
     .enumerate()
     {
-        let outer = Server::start(vec![Reply {
+        let outer = Receiver::start(vec![Reply {
             location: Some(target.clone()),
             ..reply(302, "")
         }])

@@ -1,12 +1,11 @@
-//! Failure notifications against a real HTTP receiver on 127.0.0.1 (a
-//! minimal HTTP/1.1 responder, scripted per test): signed webhooks, retries
+//! Failure notifications against a real HTTP receiver on 127.0.0.1 (the
+//! shared scripted receiver, `common::Receiver`): signed webhooks, retries
 //! with backoff, exactly one notification per failure with two nodes, the
-//! FAILURE / CONSECUTIVE_FAILURES / RECOVERY rules, binding overrides, bounds
-//! and tenancy. Signatures are checked here with `hmac` + `sha2` directly,
+//! FAILURE / CONSECUTIVE_FAILURES / RECOVERY rules, binding overrides, bounds,
+//! tenancy, and fairness between tenants (one tenant's hanging receiver
+//! does not hold back another's). Signatures are checked here with `hmac` + `sha2` directly,
 //! as a receiver would.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
@@ -16,114 +15,12 @@ use sked::domain::HttpAllow;
 use sked::domain::notify::NotifyKey;
 use sked::proto::v1 as pb;
 use sked::proto::v1::notification_service_client::NotificationServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
-
-/// A request the receiver got.
-#[derive(Debug, Clone)]
-struct Hook {
-    signature: String,
-    body: String,
-}
-
-impl Hook {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).expect("the body is JSON")
-    }
-}
-
-/// The receiver: answers with `script`'s statuses in order (the last one
-/// repeats) after `delay`, and records every request.
-struct Receiver {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Hook>>>,
-}
-
-impl Receiver {
-    async fn start(script: Vec<u16>, delay: Duration) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(script));
-        let s = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                let (s, script) = (Arc::clone(&s), Arc::clone(&script));
-                tokio::spawn(async move {
-                    let (rd, mut wr) = sock.into_split();
-                    let mut rd = BufReader::new(rd);
-                    let mut line = String::new();
-                    if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let (mut len, mut signature) = (0usize, String::new());
-                    loop {
-                        let mut h = String::new();
-                        if rd.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let h = h.trim_end();
-                        if h.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            match k.trim().to_ascii_lowercase().as_str() {
-                                "content-length" => len = v.trim().parse().unwrap_or(0),
-                                "sked-signature" => signature = v.trim().to_string(),
-                                _ => {}
-                            }
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    let _ = rd.read_exact(&mut body).await;
-                    let status = {
-                        let mut sc = script.lock().unwrap();
-                        if sc.len() > 1 { sc.remove(0) } else { sc[0] }
-                    };
-                    tokio::time::sleep(delay).await;
-                    s.lock().unwrap().push(Hook {
-                        signature,
-                        body: String::from_utf8_lossy(&body).into_owned(),
-                    });
-                    let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    );
-                    let _ = wr.write_all(head.as_bytes()).await;
-                    let _ = wr.shutdown().await;
-                });
-            }
-        });
-        Receiver { addr, seen }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.addr.port())
-    }
-
-    fn seen(&self) -> Vec<Hook> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits until at least `n` requests came; returns them.
-    async fn wait_for(&self, n: usize) -> Vec<Hook> {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let seen = self.seen();
-                if seen.len() >= n {
-                    return seen;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{n} webhooks within 30 s; got {}", self.seen().len()))
-    }
-}
 
 /// The Stripe-like scheme of the docs, written out as a receiver would:
 /// `t=<secs>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-fn signature_ok(secret: &str, header: &str, body: &str) -> bool {
+fn signature_ok(secret: &str, hook: &Seen) -> bool {
+    let (header, body) = (hook.header("sked-signature"), hook.body.as_str());
     let mut t = "";
     let mut v1 = "";
     for part in header.split(',') {
@@ -260,7 +157,7 @@ fn notification_events(events: &[pb::RunEvent]) -> Vec<pb::NotificationDelivery>
 async fn a_failing_binding_with_a_rule_delivers_one_signed_webhook() {
     let db = TestDb::new().await;
     let node = TestNode::start_with(node_settings(&db, "n1")).await;
-    let rx = Receiver::start(vec![200], Duration::ZERO).await;
+    let rx = Receiver::start(statuses(&[200])).await;
     let b = define_and_bind(
         &node,
         "acme",
@@ -292,11 +189,11 @@ async fn a_failing_binding_with_a_rule_delivers_one_signed_webhook() {
     let hooks = rx.wait_for(1).await;
     let h = &hooks[0];
     assert!(
-        signature_ok(&secret, &h.signature, &h.body),
+        signature_ok(&secret, h),
         "signature {:?} verifies with the secret returned at create",
-        h.signature
+        h.header("sked-signature")
     );
-    assert!(!signature_ok("whsec_wrong", &h.signature, &h.body));
+    assert!(!signature_ok("whsec_wrong", h));
     let body = h.json();
     assert_eq!(body["event"], "failure");
     assert_eq!(body["rule"], "oncall");
@@ -344,7 +241,7 @@ async fn a_failing_binding_with_a_rule_delivers_one_signed_webhook() {
 async fn a_receiver_failing_twice_gets_it_three_times_and_it_is_delivered_once() {
     let db = TestDb::new().await;
     let node = TestNode::start_with(node_settings(&db, "n1")).await;
-    let rx = Receiver::start(vec![500, 500, 200], Duration::ZERO).await;
+    let rx = Receiver::start(statuses(&[500, 500, 200])).await;
     let b = define_and_bind(&node, "acme", sh_def("flaky.rx", "exit 1", manual())).await;
     let set = set_definition_rules(
         &node,
@@ -369,11 +266,7 @@ async fn a_receiver_failing_twice_gets_it_three_times_and_it_is_delivered_once()
         ids.iter().all(|i| i == &ids[0]),
         "the same notification each time"
     );
-    assert!(
-        hooks
-            .iter()
-            .all(|h| signature_ok(&secret, &h.signature, &h.body))
-    );
+    assert!(hooks.iter().all(|h| signature_ok(&secret, h)));
     let ev = notification_events(&events_of(&node, "acme", &run.id).await);
     assert_eq!(ev.len(), 1, "delivered recorded once: {ev:?}");
     assert!(ev[0].delivered && ev[0].attempts == 3);
@@ -388,7 +281,11 @@ async fn with_two_nodes_each_failure_is_notified_exactly_once() {
     let a = TestNode::start_with(node_settings(&db, "a")).await;
     let b = TestNode::start_with(node_settings(&db, "b")).await;
     // A slow receiver: both nodes claim while deliveries are in flight.
-    let rx = Receiver::start(vec![200], Duration::from_millis(150)).await;
+    let rx = Receiver::start(vec![Reply {
+        delay: Duration::from_millis(150),
+        ..reply(200, "")
+    }])
+    .await;
     create_definition(&a, sh_def("fails.many", "exit 1", manual()))
         .await
         .unwrap();
@@ -439,7 +336,7 @@ async fn with_two_nodes_each_failure_is_notified_exactly_once() {
 async fn consecutive_and_recovery_rules_fire_when_they_should_and_not_otherwise() {
     let db = TestDb::new().await;
     let node = TestNode::start_with(node_settings(&db, "n1")).await;
-    let rx = Receiver::start(vec![200], Duration::ZERO).await;
+    let rx = Receiver::start(statuses(&[200])).await;
     let dir = tempfile::tempdir().unwrap();
     let flag = dir.path().join("ok");
     let script = format!("test -e '{}'", flag.display());
@@ -523,7 +420,7 @@ async fn consecutive_and_recovery_rules_fire_when_they_should_and_not_otherwise(
 async fn every_attempt_rules_fire_per_attempt_and_final_ones_once() {
     let db = TestDb::new().await;
     let node = TestNode::start_with(node_settings(&db, "n1")).await;
-    let rx = Receiver::start(vec![200], Duration::ZERO).await;
+    let rx = Receiver::start(statuses(&[200])).await;
     let mut def = sh_def("retried", "exit 1", manual());
     def.retry_policy = Some(pb::RetryPolicy {
         max_attempts: 3,
@@ -567,8 +464,8 @@ async fn every_attempt_rules_fire_per_attempt_and_final_ones_once() {
 async fn a_binding_override_replaces_the_definition_rules_for_its_tenant_only() {
     let db = TestDb::new().await;
     let node = TestNode::start_with(node_settings(&db, "n1")).await;
-    let def_rx = Receiver::start(vec![200], Duration::ZERO).await;
-    let own_rx = Receiver::start(vec![200], Duration::ZERO).await;
+    let def_rx = Receiver::start(statuses(&[200])).await;
+    let own_rx = Receiver::start(statuses(&[200])).await;
     let a = define_and_bind(&node, "acme", sh_def("shared", "exit 1", manual())).await;
     let other = bind_existing(&node, "other", "shared").await;
     set_definition_rules(
@@ -638,7 +535,7 @@ async fn a_binding_override_replaces_the_definition_rules_for_its_tenant_only() 
     assert_eq!(own_rx.seen().len(), 1);
     assert_eq!(def_rx.seen().len(), 1);
     assert_eq!(own[0].json()["tenant_id"], "acme");
-    assert!(signature_ok(&secret, &own[0].signature, &own[0].body));
+    assert!(signature_ok(&secret, &own[0]));
     assert_eq!(plat[0].json()["tenant_id"], "other");
 
     // Back to inheriting: acme's next failure goes to the platform's rule.
@@ -804,7 +701,7 @@ async fn a_node_without_a_notify_key_refuses_rules() {
 #[tokio::test]
 async fn a_claim_whose_lease_lapsed_is_delivered_by_another_node_and_the_late_outcome_is_refused() {
     let db = TestDb::new().await;
-    let rx = Receiver::start(vec![200], Duration::ZERO).await;
+    let rx = Receiver::start(statuses(&[200])).await;
     // Rules are set on a node with the key; the failure happens while only
     // a node without it runs, so the notification waits in the outbox.
     let keyed = TestNode::start_with(node_settings(&db, "keyed")).await;
@@ -841,7 +738,7 @@ async fn a_claim_whose_lease_lapsed_is_delivered_by_another_node_and_the_late_ou
     assert_eq!(l[0].delivery_attempts, 2, "the dead node's attempt counts");
     let hooks = rx.seen();
     assert_eq!(hooks.len(), 1);
-    assert!(signature_ok(&secret, &hooks[0].signature, &hooks[0].body));
+    assert!(signature_ok(&secret, &hooks[0]));
 
     // The dead node's late outcome changes nothing.
     let mut conn = pool.acquire().await.unwrap();
@@ -866,4 +763,112 @@ async fn a_claim_whose_lease_lapsed_is_delivered_by_another_node_and_the_late_ou
     let ev = notification_events(&events_of(&node, "acme", &run.id).await);
     assert_eq!(ev.len(), 1);
     node.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_whose_receiver_hangs_does_not_hold_back_another_tenants_notifications() {
+    // The node's share per tenant (sked::executor::notify::PER_TENANT_IN_FLIGHT).
+    const K: usize = 4;
+    let db = TestDb::new().await;
+    let node = TestNode::start_with(node_settings(&db, "n1")).await;
+    let pool = db.pool().await;
+    // Tenant a: five rules to a receiver that accepts and never answers
+    // (each post waits for the node's 10 s timeout), and 9 failures: 45
+    // notifications, more than a batch of 32.
+    let hangs = Receiver::start(vec![hang()]).await;
+    let a = define_and_bind(&node, "a", sh_def("a.fails", "exit 1", manual())).await;
+    set_definition_rules(
+        &node,
+        "a.fails",
+        (0..5)
+            .map(|i| {
+                rule(
+                    &format!("h{i}"),
+                    &hangs.url(),
+                    pb::NotificationTrigger::Failure,
+                    0,
+                )
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    // Tenant b: one failing binding whose receiver answers 200.
+    let answers = Receiver::start(statuses(&[200])).await;
+    let b = define_and_bind(&node, "b", sh_def("b.fails", "exit 1", manual())).await;
+    set_definition_rules(
+        &node,
+        "b.fails",
+        vec![rule(
+            "ok",
+            &answers.url(),
+            pb::NotificationTrigger::Failure,
+            0,
+        )],
+    )
+    .await
+    .unwrap();
+
+    for _ in 0..9 {
+        let r = trigger(&node, "a", &a.id).await;
+        wait_terminal(&node, "a", &r.id).await;
+    }
+    let a_pending = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM notifications WHERE tenant_id = 'a' AND state = 'PENDING'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(a_pending().await, 45);
+    // The node is busy with a's posts: K of them hang.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while hangs.open() < K {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a's receiver holds K posts");
+
+    let r = trigger(&node, "b", &b.id).await;
+    let run = wait_terminal(&node, "b", &r.id).await;
+    assert_eq!(state(&run), pb::RunState::Failed);
+    let ended = std::time::Instant::now();
+    let l = wait_list(&node, "b", &b.id, |l| delivered(l) == 1).await;
+    let took = ended.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "b's notification went out in {took:?}, not behind a's hanging posts"
+    );
+    assert_eq!(l[0].delivery_attempts, 1);
+    assert_eq!(answers.seen().len(), 1);
+    assert_eq!(answers.seen()[0].json()["tenant_id"], "b");
+    // Never more than K of a's posts in flight at once: claimed (leased)
+    // in the database, and held open at its receiver.
+    let leased: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM notifications WHERE tenant_id = 'a' AND lease_expires_at IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!((1..=K as i64).contains(&leased), "{leased} of a's leased");
+    assert!(
+        hangs.peak_open() <= K,
+        "a's receiver held {} posts at once, more than {K}",
+        hangs.peak_open()
+    );
+    assert_eq!(a_pending().await, 45, "a's backlog still waits");
+    // Stopping waits for the hanging posts (the node's 10 s timeout): each
+    // failed attempt is recorded under its claim, to be retried later.
+    node.stop().await;
+    let (leased, attempts): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE lease_expires_at IS NOT NULL), coalesce(sum(attempts), 0)
+         FROM notifications WHERE tenant_id = 'a'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leased, 0, "every claimed post recorded its outcome");
+    assert_eq!(attempts, hangs.seen().len() as i64, "one attempt per post");
 }

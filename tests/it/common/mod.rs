@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+mod receiver;
+pub use receiver::*;
+
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
