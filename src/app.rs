@@ -188,9 +188,10 @@ pub struct Settings {
     pub notify_key: Option<crate::domain::notify::NotifyKey>,
     /// How often an idle node looks for due notifications.
     pub notify_poll: Duration,
-    /// How often the maintenance leader folds run statistics
-    /// ([`crate::cluster::StatsFold`]); `None`: never (GetRunStats stays
-    /// exact, only slower as the unfolded rows grow).
+    /// How often the maintenance leader folds run statistics of past hours
+    /// ([`crate::cluster::StatsFold`], which also moves run ends into the
+    /// statistics every 5 s on every node); `None`: neither (GetRunStats
+    /// stays exact, only slower as the unfolded rows grow).
     pub stats_fold: Option<Duration>,
 }
 
@@ -724,7 +725,8 @@ async fn serve_with_pool(
             }),
         )
     };
-    // Leader-only, like retention.
+    // Moves run ends into the statistics on every node; folds past hours
+    // while leading, like retention.
     let stats_fold_task = settings.stats_fold.map(|every| {
         let fold = crate::cluster::StatsFold {
             pool: engine_pool.clone(),

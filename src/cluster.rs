@@ -49,11 +49,12 @@
 //! |---|---|
 //! | pruning rows of nodes gone for [`NODE_PRUNE_AFTER`] | [`Heartbeat::run`] |
 //! | retention and partition upkeep | `crate::retention::Retention` |
-//! | folding run statistics ([`db::runs::run_stats_fold`]) | [`StatsFold::run`] |
+//! | folding run statistics of past hours ([`db::runs::run_stats_fold`]) | [`StatsFold::run`] |
 //!
 //! Everything else runs on every node, because doing it twice is harmless
 //! and doing it everywhere survives any node: firing (bindings are locked
-//! `SKIP LOCKED`), claiming, promoting due `SCHEDULED` runs, and the reaper
+//! `SKIP LOCKED`), claiming, promoting due `SCHEDULED` runs, moving run
+//! ends into the statistics ([`StatsFold::fold_delta`]), and the reaper
 //! (each reaped run is one conditional update).
 
 use std::sync::Arc;
@@ -400,12 +401,15 @@ impl GaugeSampler {
     }
 }
 
-/// Folds the run statistics' inbox (`run_stats`, rows the run-end
-/// statements write) into the folded tables GetRunStats reads cheaply
-/// ([`db::runs::run_stats_fold`]: rows of past hours, in batches of
-/// [`StatsFold::BATCH`]) every [`StatsFold::every`] while this node leads.
-/// Not needed for exact statistics (reads add the inbox), only for fast
-/// ones: a failed or skipped fold is tried again next time.
+/// Keeps the run statistics cheap to write and to read, in two steps:
+/// on every node, moves the run ends the run-end statements append to
+/// `run_stats_delta` into `run_stats` ([`db::runs::run_stats_delta_fold`],
+/// every [`StatsFold::DELTA_EVERY`]); while this node leads, folds the rows
+/// of past hours of `run_stats` into the folded tables
+/// ([`db::runs::run_stats_fold`], in batches of [`StatsFold::BATCH`], every
+/// [`StatsFold::every`]). Neither is needed for exact statistics (reads add
+/// the unfolded rows), only for fast ones: a failed or skipped fold is
+/// tried again next time.
 #[derive(Debug, Clone)]
 pub struct StatsFold {
     /// The engine's pool.
@@ -421,18 +425,45 @@ pub struct StatsFold {
 impl StatsFold {
     /// Rows folded per statement.
     pub const BATCH: i64 = 5_000;
+    /// Delta rows (run ends) moved per statement.
+    pub const DELTA_BATCH: i64 = 50_000;
     /// The default interval.
     pub const DEFAULT_EVERY: Duration = Duration::from_secs(10);
+    /// Interval between moves of run ends from `run_stats_delta` into
+    /// `run_stats`, on every node: each binding's hourly row is then
+    /// updated at most once per interval however often it fires, and the
+    /// delta that reads scan holds a few seconds of run ends.
+    pub const DELTA_EVERY: Duration = Duration::from_secs(5);
 
-    /// Folds while leading until `stop`; errors are logged.
+    /// Moves run ends into `run_stats` every [`StatsFold::DELTA_EVERY`] on
+    /// every node, and folds past hours every `every` while leading, until
+    /// `stop`; errors are logged.
     pub async fn run(&self, stop: CancellationToken) {
+        let mut last_fold: Option<Instant> = None;
         loop {
-            if self.leadership.is_leader() {
+            self.fold_delta(&stop).await;
+            if self.leadership.is_leader() && last_fold.is_none_or(|t| t.elapsed() >= self.every) {
+                last_fold = Some(Instant::now());
                 self.fold(&stop).await;
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.every) => {}
+                _ = tokio::time::sleep(Self::DELTA_EVERY.min(self.every)) => {}
                 _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Moves the run ends of `run_stats_delta` into `run_stats`, in batches
+    /// until fewer than a batch are left (or `stop`).
+    pub async fn fold_delta(&self, stop: &CancellationToken) {
+        while !stop.is_cancelled() {
+            match db::runs::run_stats_delta_fold(&self.pool, Self::DELTA_BATCH).await {
+                Ok(n) if n < Self::DELTA_BATCH => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "moving run ends into the run statistics failed; trying again later");
+                    return;
+                }
             }
         }
     }

@@ -20,8 +20,10 @@
 //! transaction (written `SUCCEEDED` with their `fired` event): they do
 //! nothing but publish, so a claim would only cost two more row writes.
 //!
-//! Between passes the loop sleeps until the earliest `next_run_time` (but at
-//! least until [`Scheduler::coalesce`] after the last pass began), or
+//! [`Scheduler::workers`] firing loops run passes at once (`SKIP LOCKED`
+//! splits the bindings). Between passes a loop sleeps until the earliest
+//! `next_run_time` (but at least until [`Scheduler::coalesce`] after its
+//! last pass began), or
 //! until woken by a binding change (LISTEN/NOTIFY via the bridge), or at most
 //! [`Scheduler::max_sleep`] (the poll fallback for lost notifications) — no
 //! fixed one-minute polling.
@@ -86,22 +88,39 @@ pub struct Scheduler {
     /// pass, so a steady stream of fires costs one transaction per
     /// `coalesce`, not one per fire. Adds at most this much fire lag.
     pub coalesce: Duration,
-    /// Passes run at once while the loop is behind (a full batch was due).
+    /// Firing loops run at once (each runs its own passes; see
+    /// [`Scheduler::run`]).
     pub workers: usize,
 }
 
 impl Scheduler {
-    /// Runs passes until `shutdown`.
+    /// Runs passes until `shutdown`: [`Scheduler::workers`] firing loops at
+    /// once, each running a pass, then another at once when its pass was
+    /// full, else sleeping until the next fire time (at least
+    /// [`Scheduler::coalesce`] after its pass began), a wake-up, or
+    /// `max_sleep`. `SKIP LOCKED` gives each pass its own bindings, so while
+    /// one pass's statements run or commit, another fires the bindings that
+    /// fell due meanwhile: the database works on two passes at a time
+    /// instead of waiting for each pass's round trips in turn, in steady
+    /// firing as well as in a backlog.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..self.workers.max(1) {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            loops.spawn(async move { me.firing_loop(stop).await });
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    /// One firing loop (see [`Scheduler::run`]).
+    async fn firing_loop(self, shutdown: CancellationToken) {
         loop {
             let started = tokio::time::Instant::now();
             let pause = match self.fire_due().await {
-                Ok(n) if n as i64 >= self.batch => {
-                    // Behind (a burst of simultaneous fires, or a node that
-                    // was down): drain the backlog in parallel passes.
-                    self.drain_backlog(&shutdown).await;
-                    Duration::ZERO
-                }
+                // Behind (a burst of simultaneous fires, or a node that was
+                // down): straight on.
+                Ok(n) if n as i64 >= self.batch => Duration::ZERO,
                 Ok(_) => self
                     .sleep_time()
                     .await
@@ -123,31 +142,6 @@ impl Scheduler {
                 _ = shutdown.cancelled() => return,
             }
         }
-    }
-
-    /// Drains a backlog of due bindings: runs [`Scheduler::workers`] passes
-    /// at once, each repeating while it finds a full batch due. `SKIP LOCKED` gives each its own bindings, so
-    /// the database works on several batches at a time instead of waiting
-    /// for each pass's round trips in turn.
-    async fn drain_backlog(&self, shutdown: &CancellationToken) {
-        let mut passes = tokio::task::JoinSet::new();
-        for _ in 0..self.workers.max(1) {
-            let me = self.clone();
-            let stop = shutdown.clone();
-            passes.spawn(async move {
-                while !stop.is_cancelled() {
-                    match me.fire_due().await {
-                        Ok(n) if n as i64 >= me.batch => {}
-                        Ok(_) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "scheduler pass failed; retrying");
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-        while passes.join_next().await.is_some() {}
     }
 
     async fn sleep_time(&self) -> Duration {
@@ -355,18 +349,36 @@ impl Scheduler {
         }
         self.apply_hourly_budget(&mut tx, &mut runs, now).await?;
         self.complete_event_runs(&mut tx, &mut runs, now).await?;
-        let mut events = db::runs::run_cancel_waiting(
-            &mut tx,
-            &self.node_id,
-            &cancel_waiting,
-            RunReason::Overlap.as_str(),
-            now,
-        )
-        .await?;
-        db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str()).await?;
-        events.extend(db::runs::run_insert(&mut tx, &self.node_id, &runs, now).await?);
+        // Rare (CANCEL_PREVIOUS meeting an active run): no round trip
+        // otherwise.
+        let mut events = if cancel_waiting.is_empty() {
+            Vec::new()
+        } else {
+            db::runs::run_cancel_waiting(
+                &mut tx,
+                &self.node_id,
+                &cancel_waiting,
+                RunReason::Overlap.as_str(),
+                now,
+            )
+            .await?
+        };
+        if !cancel_running.is_empty() {
+            db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str())
+                .await?;
+        }
+        let (inserted, announce) = db::runs::run_insert_unannounced(&mut tx, &self.node_id, &runs, now).await?;
+        events.extend(inserted);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;
+        // After the commit, in a transaction of its own: a notifying
+        // transaction holds the database's notification lock through its
+        // commit flush, which would serialise parallel passes
+        // ([`db::runs::run_insert_unannounced`]). Losing it (a crash right
+        // here) only delays other nodes' wake-ups to their poll.
+        if let Err(e) = announce.send(&self.pool, &self.node_id).await {
+            tracing::warn!(error = %e, "scheduler could not announce the runs it fired; other nodes poll");
+        }
         // A fire whose run existed already was not inserted (and has no
         // events): count only the runs this pass created, i.e. those whose
         // first event (seq 1) it wrote.

@@ -137,6 +137,9 @@ pub async fn run(env: &mut Env, a: StatsArgs) -> anyhow::Result<Report> {
         done += n;
         progress!("stats: {done}/{} runs", a.runs);
     }
+    // Run ends first land in run_stats_delta; nodes move them into
+    // run_stats every 5 s (part of the fill's cost).
+    while sked::db::runs::run_stats_delta_fold(&env.pool, 50_000).await? == 50_000 {}
     let fill_secs = t_fill.elapsed().as_secs_f64();
     let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats")
         .fetch_one(&env.pool)
@@ -174,12 +177,14 @@ pub async fn run(env: &mut Env, a: StatsArgs) -> anyhow::Result<Report> {
     sked::db::runs::run_end_record(&mut tx, &late).await?;
     tx.commit().await?;
     let runs_total = a.runs + late.len() as i64;
-    sqlx::raw_sql("VACUUM ANALYZE run_stats, run_stats_binding, run_stats_rollup, binding_status")
+    sqlx::raw_sql(
+        "VACUUM ANALYZE run_stats, run_stats_delta, run_stats_binding, run_stats_rollup, binding_status",
+    )
         .execute(&env.pool)
         .await?;
     let (rows, rollup_rows, unfolded_rows): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM run_stats_binding), (SELECT count(*) FROM run_stats_rollup),
-                (SELECT count(*) FROM run_stats)",
+                (SELECT count(*) FROM run_stats) + (SELECT count(*) FROM run_stats_delta)",
     )
     .fetch_one(&env.pool)
     .await?;

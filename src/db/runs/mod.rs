@@ -12,7 +12,7 @@
 //! | `outcomes.rs`  | run-end bookkeeping: binding status and hourly statistics, their reads |
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{Error, decode, encode, events::notify_events, policy_from_cols};
@@ -29,7 +29,7 @@ pub use lifecycle::{
     Outcome, Promoted, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat,
     run_promote_due, run_reap, run_request_cancel,
 };
-pub use outcomes::{StatsScope, run_end_record, run_stats_fold, run_stats_hours};
+pub use outcomes::{StatsScope, run_end_record, run_stats_delta_fold, run_stats_fold, run_stats_hours};
 pub use read::{
     ActiveRun, ActiveState, NextDue, RunListed, RunQuery, run_active_counts, run_active_state,
     run_find_by_idempotency_key, run_get, run_list, run_list_active, run_next_due_time,
@@ -62,8 +62,34 @@ pub async fn run_insert(
     runs: &[NewRun],
     now: DateTime<Utc>,
 ) -> Result<Vec<RunEvent>, Error> {
+    let (events, announce) = run_insert_unannounced(conn, node_id, runs, now).await?;
+    announce.send(conn, node_id).await?;
+    Ok(events)
+}
+
+/// [`run_insert`] without its NOTIFYs: they are returned, for the caller
+/// to [`Announce::send`] after its transaction commits.
+///
+/// Why: a transaction that NOTIFYs holds PostgreSQL's notification lock
+/// (one per database) from its commit's start until the commit is flushed,
+/// so every notifying transaction of every node commits one after the
+/// other. The scheduler's firing transaction writes megabytes of WAL; had
+/// it notified, the next pass's commit would queue behind that flush, and
+/// parallel passes would run one at a time (measured: most of a pass's
+/// wall time was that wait at 10 000 fires/s). Sent after commit, the
+/// notification's own transaction is tiny. A node that dies in between
+/// loses only the wake-ups, which executors and tails recover by polling.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_insert_unannounced(
+    conn: &mut PgConnection,
+    node_id: &str,
+    runs: &[NewRun],
+    now: DateTime<Utc>,
+) -> Result<(Vec<RunEvent>, Announce), Error> {
     if runs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Announce::default()));
     }
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
     let n_events: usize = bodies.iter().map(Vec::len).sum();
@@ -181,10 +207,12 @@ pub async fn run_insert(
                consecutive_failures = CASE WHEN EXCLUDED.last_success_time IS NULL
                                            THEN s.consecutive_failures + EXCLUDED.consecutive_failures
                                            ELSE EXCLUDED.consecutive_failures END),
-           -- The hourly statistics of their bindings (run_stats, histogram
-           -- buckets by sked_stats_bucket; migration 20261203000100). Lag
-           -- and duration only of runs that started; microseconds capped at
-           -- 100 years, infinite instants (planted data) left out.
+           -- The hourly statistics of their bindings: one row per ended run
+           -- appended to run_stats_delta (no index, no aggregation, no row
+           -- update here: migration 20261205000300), added to run_stats by
+           -- run_stats_delta_fold. Lag and duration only of runs that started;
+           -- microseconds capped at 100 years, infinite instants (planted data)
+           -- left out.
            ended_b AS (
              SELECT e.binding_id, date_trunc('hour', e.scheduled_time, 'UTC') AS hour, e.tenant_id,
                     e.definition, e.state, sked_stats_bucket(x.lag) AS lag_b, sked_stats_bucket(x.dur) AS dur_b,
@@ -196,46 +224,9 @@ pub async fn run_insert(
                       CASE WHEN isfinite(e.start_time) AND isfinite(e.end_time)
                            THEN greatest(e.end_time - e.start_time, interval '0') END AS dur) x),
            stats_up AS (
-             INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
-                                         cancelled, skipped, started, duration_sum_us, duration_max_us,
-                                         lag_max_us, lag_hist, duration_hist)
-             SELECT b.binding_id, b.hour, min(b.tenant_id), min(b.definition),
-                    count(*) FILTER (WHERE b.state = 'SUCCEEDED'), count(*) FILTER (WHERE b.state = 'FAILED'),
-                    count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
-                    count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
-                    coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
-                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.lag_b) = max(b.lag_b)
-                         THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
-                         ELSE sked_hist_of(array_agg(b.lag_b)) END,
-                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.dur_b) = max(b.dur_b)
-                         THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
-                         ELSE sked_hist_of(array_agg(b.dur_b)) END
-             -- Sorted first (OFFSET 0 keeps the subquery): the planner then
-             -- aggregates group after group, not in a hash table whose
-             -- per-group array_agg states spill to disk at ~1000 groups.
-             FROM (SELECT * FROM ended_b WHERE hour IS NOT NULL ORDER BY binding_id, hour OFFSET 0) b
-             GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
-             ON CONFLICT (binding_id, hour) DO UPDATE SET
-               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
-               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
-               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
-               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
-               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
-               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
-               -- usually one bucket more (the last element is the whole
-               -- increment): an inlined array edit, no subquery
-               lag_hist = CASE WHEN EXCLUDED.started = 0 THEN t.lag_hist
-                               WHEN EXCLUDED.lag_hist[cardinality(EXCLUDED.lag_hist)] = EXCLUDED.started
-                               THEN sked_hist_inc(t.lag_hist, cardinality(EXCLUDED.lag_hist), EXCLUDED.started)
-                               ELSE sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist) END,
-               duration_hist = CASE WHEN EXCLUDED.started = 0 THEN t.duration_hist
-                                    WHEN EXCLUDED.duration_hist[cardinality(EXCLUDED.duration_hist)]
-                                         = EXCLUDED.started
-                                    THEN sked_hist_inc(t.duration_hist, cardinality(EXCLUDED.duration_hist),
-                                                       EXCLUDED.started)
-                                    ELSE sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist) END)
+             INSERT INTO run_stats_delta (binding_id, hour, tenant_id, definition, state, lag_b, dur_b, lag_us, dur_us)
+             SELECT b.binding_id, b.hour, b.tenant_id, b.definition, b.state, b.lag_b, b.dur_b, b.lag_us, b.dur_us
+             FROM ended_b b WHERE b.hour IS NOT NULL)
            -- } run-end bookkeeping
            SELECT id AS "id!" FROM r"#,
         &ids,
@@ -289,11 +280,68 @@ pub async fn run_insert(
             body,
         }));
     }
-    if waiting.any() {
-        notify_runs_for(&mut *conn, waiting).await?;
+    let announce = Announce {
+        waiting,
+        ranges: ranges(&events),
+    };
+    Ok((events, announce))
+}
+
+/// The NOTIFYs of written runs and events, sent by [`Announce::send`]:
+/// which runs wait (channel [`super::notify::RUNS`]) and the events' seq
+/// ranges per run (channel [`super::notify::EVENTS`]).
+#[derive(Debug, Default)]
+#[must_use = "the announcement must be sent"]
+pub struct Announce {
+    waiting: Waiting,
+    ranges: Vec<(Uuid, i64, i64)>,
+}
+
+impl Announce {
+    /// Adds `other`'s announcements to these.
+    pub fn merge(&mut self, other: Announce) {
+        self.waiting = Waiting {
+            scheduled: self.waiting.scheduled || other.waiting.scheduled,
+            worker: self.waiting.worker || other.waiting.worker,
+            local: self.waiting.local || other.waiting.local,
+        };
+        self.ranges.extend(other.ranges);
     }
-    announce(&mut *conn, node_id, &events).await?;
-    Ok(events)
+
+    /// Sends them in one statement: inside the caller's transaction when
+    /// `db` is one (delivered on commit), else in a transaction of its own.
+    /// Nothing when there is nothing to announce.
+    ///
+    /// # Errors
+    /// [`Error::Sqlx`] on database failure.
+    pub async fn send(self, db: impl PgExecutor<'_>, node_id: &str) -> Result<(), Error> {
+        let mut channels = Vec::new();
+        let mut payloads = Vec::new();
+        if self.waiting.any() {
+            channels.push(super::notify::RUNS);
+            payloads.push(self.waiting.payload());
+        }
+        for p in crate::db::notify_payloads(
+            &format!("{node_id}|"),
+            self.ranges
+                .iter()
+                .map(|(id, from, to)| format!("{id}:{from}:{to}")),
+        ) {
+            channels.push(super::notify::EVENTS);
+            payloads.push(p);
+        }
+        if channels.is_empty() {
+            return Ok(());
+        }
+        sqlx::query!(
+            "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
+            &channels as &[&str],
+            &payloads,
+        )
+        .execute(db)
+        .await?;
+        Ok(())
+    }
 }
 
 /// The events a new run is written with (see [`run_insert`]).
@@ -324,7 +372,16 @@ async fn announce<'a>(
     node_id: &str,
     events: impl IntoIterator<Item = &'a RunEvent>,
 ) -> Result<(), Error> {
-    // Consecutive events of one run make one range.
+    let ranges = ranges(events);
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    notify_events(conn, node_id, ranges).await
+}
+
+/// The seq ranges of `events` (in seq order per run): consecutive events
+/// of one run make one range.
+fn ranges<'a>(events: impl IntoIterator<Item = &'a RunEvent>) -> Vec<(Uuid, i64, i64)> {
     let mut ranges: Vec<(Uuid, i64, i64)> = Vec::new();
     for e in events {
         match ranges.last_mut() {
@@ -332,10 +389,7 @@ async fn announce<'a>(
             _ => ranges.push((e.run_id, e.seq, e.seq)),
         }
     }
-    if ranges.is_empty() {
-        return Ok(());
-    }
-    notify_events(conn, node_id, ranges).await
+    ranges
 }
 
 /// Tells every node's executor that runs are waiting (or a slot freed up):

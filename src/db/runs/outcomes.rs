@@ -3,7 +3,9 @@
 //! hourly run statistics (`run_stats`: one row per binding and hour of
 //! `scheduled_time`), migration `20261203000100_run_outcomes.sql`; kept by
 //! the statements that end runs and read by GetBinding, ListBindings and
-//! GetRunStats.
+//! GetRunStats. The statistics are fed through `run_stats_delta` (one
+//! appended row per ended run, migration `20261205000300`), which every
+//! node moves into `run_stats` every 5 s ([`run_stats_delta_fold`]).
 //!
 //! Every statement that ends runs carries the same CTEs (between the
 //! markers `-- run-end bookkeeping {` and `-- } run-end bookkeeping`; a test
@@ -20,20 +22,22 @@
 //! [`run_promote_due`](super::run_promote_due) and the claim's unreadable
 //! runs call it themselves.
 //!
-//! Cost, measured against the scheduler pass's insert of 100 `SUCCEEDED`
-//! event runs (the `fire` path): about 1.3 to 1.5 times the statement without the
-//! bookkeeping. Keeping the newest hour's statistics in the status row (one
-//! row update per run end instead of two) was tried and measured slower:
-//! the wider row and its per-column hour tests cost more than the second
-//! narrow upsert.
+//! Cost: the status upsert is one row update per binding per statement;
+//! the statistics cost one narrow unindexed insert per run here, and one
+//! row update per binding and hour per delta fold (not per run end). The
+//! statistics used to be upserted here too, which cost about a quarter of
+//! the scheduler's firing statement (the fire benchmark fell behind at
+//! 10 000 fires/s). Keeping the newest hour's statistics in
+//! the status row (one row update per run end instead of two) was tried
+//! and measured slower than two narrow upserts.
 //!
 //! `run_stats` is the statistics' inbox: the maintenance leader folds rows
 //! of past hours into `run_stats_binding` and `run_stats_rollup`
 //! ([`run_stats_fold`], migration `20261204000300_run_stats_daily.sql`),
 //! which GetRunStats reads together with the inbox ([`run_stats_hours`]),
 //! so a tenant's month is a few hundred rows however many bindings it has.
-//! The fold leaves the run-end statements as they were; it only turns the
-//! first run end of a binding in an hour after a fold into an insert.
+//! The fold leaves the delta fold as it was; it only turns the first delta
+//! fold of a binding in an hour after a fold into an insert.
 //!
 //! A deleted binding's status row stays (a run may still end after the
 //! delete); the status is only read through `bindings`, and the statistics
@@ -102,10 +106,12 @@ pub async fn run_end_record(conn: &mut PgConnection, ended: &[(Uuid, bool)]) -> 
                consecutive_failures = CASE WHEN EXCLUDED.last_success_time IS NULL
                                            THEN s.consecutive_failures + EXCLUDED.consecutive_failures
                                            ELSE EXCLUDED.consecutive_failures END),
-           -- The hourly statistics of their bindings (run_stats, histogram
-           -- buckets by sked_stats_bucket; migration 20261203000100). Lag
-           -- and duration only of runs that started; microseconds capped at
-           -- 100 years, infinite instants (planted data) left out.
+           -- The hourly statistics of their bindings: one row per ended run
+           -- appended to run_stats_delta (no index, no aggregation, no row
+           -- update here: migration 20261205000300), added to run_stats by
+           -- run_stats_delta_fold. Lag and duration only of runs that started;
+           -- microseconds capped at 100 years, infinite instants (planted data)
+           -- left out.
            ended_b AS (
              SELECT e.binding_id, date_trunc('hour', e.scheduled_time, 'UTC') AS hour, e.tenant_id,
                     e.definition, e.state, sked_stats_bucket(x.lag) AS lag_b, sked_stats_bucket(x.dur) AS dur_b,
@@ -117,46 +123,9 @@ pub async fn run_end_record(conn: &mut PgConnection, ended: &[(Uuid, bool)]) -> 
                       CASE WHEN isfinite(e.start_time) AND isfinite(e.end_time)
                            THEN greatest(e.end_time - e.start_time, interval '0') END AS dur) x),
            stats_up AS (
-             INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
-                                         cancelled, skipped, started, duration_sum_us, duration_max_us,
-                                         lag_max_us, lag_hist, duration_hist)
-             SELECT b.binding_id, b.hour, min(b.tenant_id), min(b.definition),
-                    count(*) FILTER (WHERE b.state = 'SUCCEEDED'), count(*) FILTER (WHERE b.state = 'FAILED'),
-                    count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
-                    count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
-                    coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
-                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.lag_b) = max(b.lag_b)
-                         THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
-                         ELSE sked_hist_of(array_agg(b.lag_b)) END,
-                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.dur_b) = max(b.dur_b)
-                         THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
-                         ELSE sked_hist_of(array_agg(b.dur_b)) END
-             -- Sorted first (OFFSET 0 keeps the subquery): the planner then
-             -- aggregates group after group, not in a hash table whose
-             -- per-group array_agg states spill to disk at ~1000 groups.
-             FROM (SELECT * FROM ended_b WHERE hour IS NOT NULL ORDER BY binding_id, hour OFFSET 0) b
-             GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
-             ON CONFLICT (binding_id, hour) DO UPDATE SET
-               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
-               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
-               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
-               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
-               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
-               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
-               -- usually one bucket more (the last element is the whole
-               -- increment): an inlined array edit, no subquery
-               lag_hist = CASE WHEN EXCLUDED.started = 0 THEN t.lag_hist
-                               WHEN EXCLUDED.lag_hist[cardinality(EXCLUDED.lag_hist)] = EXCLUDED.started
-                               THEN sked_hist_inc(t.lag_hist, cardinality(EXCLUDED.lag_hist), EXCLUDED.started)
-                               ELSE sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist) END,
-               duration_hist = CASE WHEN EXCLUDED.started = 0 THEN t.duration_hist
-                                    WHEN EXCLUDED.duration_hist[cardinality(EXCLUDED.duration_hist)]
-                                         = EXCLUDED.started
-                                    THEN sked_hist_inc(t.duration_hist, cardinality(EXCLUDED.duration_hist),
-                                                       EXCLUDED.started)
-                                    ELSE sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist) END)
+             INSERT INTO run_stats_delta (binding_id, hour, tenant_id, definition, state, lag_b, dur_b, lag_us, dur_us)
+             SELECT b.binding_id, b.hour, b.tenant_id, b.definition, b.state, b.lag_b, b.dur_b, b.lag_us, b.dur_us
+             FROM ended_b b WHERE b.hour IS NOT NULL)
            -- } run-end bookkeeping
            SELECT count(*) AS "n!" FROM ended"#,
         &ids,
@@ -262,7 +231,19 @@ pub async fn run_stats_hours(
                          SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
                                 duration_max_us, lag_max_us, lag_hist, duration_hist
                          FROM run_stats
-                         WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4) s
+                         WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4
+                         UNION ALL
+                         SELECT hour, count(*) FILTER (WHERE state = 'SUCCEEDED')::int,
+                                count(*) FILTER (WHERE state = 'FAILED')::int,
+                                count(*) FILTER (WHERE state = 'TIMED_OUT')::int,
+                                count(*) FILTER (WHERE state = 'CANCELLED')::int,
+                                count(*) FILTER (WHERE state = 'SKIPPED')::int, count(dur_b)::int,
+                                coalesce(sum(dur_us), 0)::float8, coalesce(max(dur_us), 0)::bigint,
+                                coalesce(max(lag_us), 0)::bigint, sked_hist_of(array_agg(lag_b)),
+                                sked_hist_of(array_agg(dur_b))
+                         FROM run_stats_delta
+                         WHERE binding_id = $1 AND tenant_id = $2 AND hour >= $3 AND hour < $4
+                         GROUP BY hour) s
                    LIMIT $5"#,
                 id,
                 tenant,
@@ -288,7 +269,19 @@ pub async fn run_stats_hours(
                          UNION ALL
                          SELECT hour, succeeded, failed, timed_out, cancelled, skipped, started, duration_sum_us,
                                 duration_max_us, lag_max_us, lag_hist, duration_hist
-                         FROM run_stats WHERE tenant_id = $1 AND hour >= $2 AND hour < $3) s
+                         FROM run_stats WHERE tenant_id = $1 AND hour >= $2 AND hour < $3
+                         UNION ALL
+                         SELECT hour, count(*) FILTER (WHERE state = 'SUCCEEDED')::int,
+                                count(*) FILTER (WHERE state = 'FAILED')::int,
+                                count(*) FILTER (WHERE state = 'TIMED_OUT')::int,
+                                count(*) FILTER (WHERE state = 'CANCELLED')::int,
+                                count(*) FILTER (WHERE state = 'SKIPPED')::int, count(dur_b)::int,
+                                coalesce(sum(dur_us), 0)::float8, coalesce(max(dur_us), 0)::bigint,
+                                coalesce(max(lag_us), 0)::bigint, sked_hist_of(array_agg(lag_b)),
+                                sked_hist_of(array_agg(dur_b))
+                         FROM run_stats_delta
+                         WHERE tenant_id = $1 AND hour >= $2 AND hour < $3
+                         GROUP BY hour) s
                    LIMIT $4"#,
                 tenant,
                 start,
@@ -315,7 +308,20 @@ pub async fn run_stats_hours(
                                 duration_max_us, lag_max_us, lag_hist, duration_hist
                          FROM run_stats
                          WHERE definition = $1 AND hour >= $2 AND hour < $3
-                           AND ($4::text IS NULL OR tenant_id = $4)) s
+                           AND ($4::text IS NULL OR tenant_id = $4)
+                         UNION ALL
+                         SELECT hour, count(*) FILTER (WHERE state = 'SUCCEEDED')::int,
+                                count(*) FILTER (WHERE state = 'FAILED')::int,
+                                count(*) FILTER (WHERE state = 'TIMED_OUT')::int,
+                                count(*) FILTER (WHERE state = 'CANCELLED')::int,
+                                count(*) FILTER (WHERE state = 'SKIPPED')::int, count(dur_b)::int,
+                                coalesce(sum(dur_us), 0)::float8, coalesce(max(dur_us), 0)::bigint,
+                                coalesce(max(lag_us), 0)::bigint, sked_hist_of(array_agg(lag_b)),
+                                sked_hist_of(array_agg(dur_b))
+                         FROM run_stats_delta
+                         WHERE definition = $1 AND hour >= $2 AND hour < $3
+                           AND ($4::text IS NULL OR tenant_id = $4)
+                         GROUP BY hour) s
                    LIMIT $5"#,
                 name,
                 start,
@@ -328,6 +334,64 @@ pub async fn run_stats_hours(
         }
     };
     Ok(rows.into_iter().map(HourlyStats::from).collect())
+}
+
+/// Moves up to `limit` rows of `run_stats_delta` (one per ended run,
+/// appended by the run-end statements; migration
+/// `20261205000300_run_stats_delta.sql`) into `run_stats`, in one
+/// statement: deletes them (`FOR UPDATE SKIP LOCKED`, so two nodes folding
+/// at once take different rows) and adds them, aggregated per binding and
+/// hour, to the binding's hourly row. A reader sees each run end either in
+/// the delta or in `run_stats`, never both. Returns the rows moved; call
+/// again while it returns `limit`. Every node calls it
+/// ([`crate::cluster::StatsFold`]).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_stats_delta_fold(db: impl PgExecutor<'_>, limit: i64) -> Result<i64, Error> {
+    let n = sqlx::query_scalar!(
+        r#"WITH moved AS (
+             DELETE FROM run_stats_delta
+             WHERE ctid = ANY (ARRAY(SELECT ctid FROM run_stats_delta LIMIT $1 FOR UPDATE SKIP LOCKED))
+             RETURNING *),
+           up AS (
+             INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
+                                         cancelled, skipped, started, duration_sum_us, duration_max_us,
+                                         lag_max_us, lag_hist, duration_hist)
+             SELECT b.binding_id, b.hour, min(b.tenant_id), min(b.definition),
+                    count(*) FILTER (WHERE b.state = 'SUCCEEDED'), count(*) FILTER (WHERE b.state = 'FAILED'),
+                    count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
+                    count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
+                    coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
+                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
+                         WHEN min(b.lag_b) = max(b.lag_b)
+                         THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
+                         ELSE sked_hist_of(array_agg(b.lag_b)) END,
+                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
+                         WHEN min(b.dur_b) = max(b.dur_b)
+                         THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
+                         ELSE sked_hist_of(array_agg(b.dur_b)) END
+             -- Sorted first (OFFSET 0 keeps the subquery): the planner then
+             -- aggregates group after group, not in a hash table whose
+             -- per-group array_agg states spill to disk; rows are then
+             -- locked in key order.
+             FROM (SELECT * FROM moved ORDER BY binding_id, hour OFFSET 0) b
+             GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
+             ON CONFLICT (binding_id, hour) DO UPDATE SET
+               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
+               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
+               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
+               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
+               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
+               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
+               lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
+               duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist))
+           SELECT count(*) AS "n!" FROM moved"#,
+        limit,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(n)
 }
 
 /// Folds up to `limit` inbox rows of hours before `before` (`run_stats`)

@@ -135,10 +135,12 @@ pub async fn run_complete_by_leases(
                consecutive_failures = CASE WHEN EXCLUDED.last_success_time IS NULL
                                            THEN s.consecutive_failures + EXCLUDED.consecutive_failures
                                            ELSE EXCLUDED.consecutive_failures END),
-           -- The hourly statistics of their bindings (run_stats, histogram
-           -- buckets by sked_stats_bucket; migration 20261203000100). Lag
-           -- and duration only of runs that started; microseconds capped at
-           -- 100 years, infinite instants (planted data) left out.
+           -- The hourly statistics of their bindings: one row per ended run
+           -- appended to run_stats_delta (no index, no aggregation, no row
+           -- update here: migration 20261205000300), added to run_stats by
+           -- run_stats_delta_fold. Lag and duration only of runs that started;
+           -- microseconds capped at 100 years, infinite instants (planted data)
+           -- left out.
            ended_b AS (
              SELECT e.binding_id, date_trunc('hour', e.scheduled_time, 'UTC') AS hour, e.tenant_id,
                     e.definition, e.state, sked_stats_bucket(x.lag) AS lag_b, sked_stats_bucket(x.dur) AS dur_b,
@@ -150,46 +152,9 @@ pub async fn run_complete_by_leases(
                       CASE WHEN isfinite(e.start_time) AND isfinite(e.end_time)
                            THEN greatest(e.end_time - e.start_time, interval '0') END AS dur) x),
            stats_up AS (
-             INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
-                                         cancelled, skipped, started, duration_sum_us, duration_max_us,
-                                         lag_max_us, lag_hist, duration_hist)
-             SELECT b.binding_id, b.hour, min(b.tenant_id), min(b.definition),
-                    count(*) FILTER (WHERE b.state = 'SUCCEEDED'), count(*) FILTER (WHERE b.state = 'FAILED'),
-                    count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
-                    count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
-                    coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
-                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.lag_b) = max(b.lag_b)
-                         THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
-                         ELSE sked_hist_of(array_agg(b.lag_b)) END,
-                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
-                         WHEN min(b.dur_b) = max(b.dur_b)
-                         THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
-                         ELSE sked_hist_of(array_agg(b.dur_b)) END
-             -- Sorted first (OFFSET 0 keeps the subquery): the planner then
-             -- aggregates group after group, not in a hash table whose
-             -- per-group array_agg states spill to disk at ~1000 groups.
-             FROM (SELECT * FROM ended_b WHERE hour IS NOT NULL ORDER BY binding_id, hour OFFSET 0) b
-             GROUP BY b.binding_id, b.hour ORDER BY b.binding_id, b.hour
-             ON CONFLICT (binding_id, hour) DO UPDATE SET
-               succeeded = t.succeeded + EXCLUDED.succeeded, failed = t.failed + EXCLUDED.failed,
-               timed_out = t.timed_out + EXCLUDED.timed_out, cancelled = t.cancelled + EXCLUDED.cancelled,
-               skipped = t.skipped + EXCLUDED.skipped, started = t.started + EXCLUDED.started,
-               duration_sum_us = t.duration_sum_us + EXCLUDED.duration_sum_us,
-               duration_max_us = GREATEST(t.duration_max_us, EXCLUDED.duration_max_us),
-               lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
-               -- usually one bucket more (the last element is the whole
-               -- increment): an inlined array edit, no subquery
-               lag_hist = CASE WHEN EXCLUDED.started = 0 THEN t.lag_hist
-                               WHEN EXCLUDED.lag_hist[cardinality(EXCLUDED.lag_hist)] = EXCLUDED.started
-                               THEN sked_hist_inc(t.lag_hist, cardinality(EXCLUDED.lag_hist), EXCLUDED.started)
-                               ELSE sked_hist_merge(t.lag_hist, EXCLUDED.lag_hist) END,
-               duration_hist = CASE WHEN EXCLUDED.started = 0 THEN t.duration_hist
-                                    WHEN EXCLUDED.duration_hist[cardinality(EXCLUDED.duration_hist)]
-                                         = EXCLUDED.started
-                                    THEN sked_hist_inc(t.duration_hist, cardinality(EXCLUDED.duration_hist),
-                                                       EXCLUDED.started)
-                                    ELSE sked_hist_merge(t.duration_hist, EXCLUDED.duration_hist) END)
+             INSERT INTO run_stats_delta (binding_id, hour, tenant_id, definition, state, lag_b, dur_b, lag_us, dur_us)
+             SELECT b.binding_id, b.hour, b.tenant_id, b.definition, b.state, b.lag_b, b.dur_b, b.lag_us, b.dur_us
+             FROM ended_b b WHERE b.hour IS NOT NULL)
            -- } run-end bookkeeping
            SELECT id AS "id!", lease_token AS "lease_token!", tenant_id AS "tenant_id!",
                   binding_id AS "binding_id!", definition AS "definition!", last_seq AS "last_seq!",
