@@ -14,6 +14,7 @@ pub mod run;
 pub mod schedule;
 pub mod stats;
 pub mod tenancy;
+pub mod workflow;
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,7 @@ pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 pub use stats::{BindingStatus, LastRun, RunOutcomes};
 pub use tenancy::{Role, TenantScope};
+pub use workflow::{OnFailure, WorkflowHandler, WorkflowStep};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
 /// `definition.name`), `reason` a sentence a user can act on.
@@ -142,6 +144,9 @@ pub enum Handler {
     /// Hand the run to a worker process connected to WorkerService for the
     /// queue (`crate::usecase::workers`).
     Worker(WorkerHandler),
+    /// A DAG of steps, each run as a child run ([`workflow`]); the run
+    /// itself executes nothing and ends when its steps have.
+    Workflow(WorkflowHandler),
 }
 
 /// A run executed by a worker of `queue` (`docs/semantics.md`, "Workers").
@@ -261,6 +266,7 @@ impl Handler {
     pub fn validate(&self, prefix: &str) -> Result<(), FieldViolation> {
         match self {
             Handler::Event => Ok(()),
+            Handler::Workflow(w) => w.validate(&format!("{prefix}.workflow")),
             Handler::Http(h) => h.validate(&format!("{prefix}.http")),
             Handler::Worker(w) => {
                 validate_queue(&format!("{prefix}.worker.queue"), &w.queue)?;
@@ -638,6 +644,9 @@ pub enum RunTrigger {
     Retry,
     /// BackfillRuns.
     Backfill,
+    /// A workflow step, created when its dependencies succeeded (its first
+    /// attempt; retries are `Retry`).
+    Step,
 }
 
 impl RunTrigger {
@@ -648,6 +657,7 @@ impl RunTrigger {
             RunTrigger::Manual => "MANUAL",
             RunTrigger::Retry => "RETRY",
             RunTrigger::Backfill => "BACKFILL",
+            RunTrigger::Step => "STEP",
         }
     }
     /// Parses the database spelling.
@@ -657,6 +667,7 @@ impl RunTrigger {
             "MANUAL" => Some(RunTrigger::Manual),
             "RETRY" => Some(RunTrigger::Retry),
             "BACKFILL" => Some(RunTrigger::Backfill),
+            "STEP" => Some(RunTrigger::Step),
             _ => None,
         }
     }

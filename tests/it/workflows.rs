@@ -1,0 +1,532 @@
+//! Workflows: a definition whose handler is a DAG of steps, each step a
+//! child run (issue "Workflows"), through the generated client.
+
+use std::time::Duration;
+
+use crate::common::*;
+use sked::grpc::convert::{json_to_struct, struct_to_json};
+use sked::proto::v1 as pb;
+
+/// A `sh -c script` step.
+fn sh_step(name: &str, deps: &[&str], script: &str) -> pb::WorkflowStep {
+    pb::WorkflowStep {
+        name: name.into(),
+        handler: Some(pb::workflow_step::Handler::Command(pb::CommandHandler {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })),
+        depends_on: deps.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn workflow_def(
+    name: &str,
+    steps: Vec<pb::WorkflowStep>,
+    on_failure: pb::WorkflowOnFailure,
+) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        name: name.into(),
+        handler: Some(pb::task_definition::Handler::Workflow(
+            pb::WorkflowHandler {
+                steps,
+                on_failure: on_failure as i32,
+                ..Default::default()
+            },
+        )),
+        schedule: Some(manual()),
+        ..Default::default()
+    }
+}
+
+/// The steps of workflow run `parent` (ListRuns by parent_run_id), oldest
+/// first.
+async fn steps_of(node: &TestNode, tenant: &str, parent: &str) -> Vec<pb::Run> {
+    node.runs()
+        .list_runs(as_tenant(
+            tenant,
+            pb::ListRunsRequest {
+                parent_run_id: parent.into(),
+                order: pb::ListRunsOrder::OldestFirst as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list steps")
+        .into_inner()
+        .runs
+}
+
+/// The latest attempt of step `name` among `steps`.
+fn step<'a>(steps: &'a [pb::Run], name: &str) -> &'a pb::Run {
+    steps
+        .iter()
+        .filter(|r| r.step == name)
+        .max_by_key(|r| r.attempt)
+        .unwrap_or_else(|| panic!("no step {name} in {steps:#?}"))
+}
+
+fn result(r: &pb::Run) -> serde_json::Value {
+    r.result.as_ref().map(struct_to_json).unwrap_or_default()
+}
+
+/// Waits for the workflow run to end (polling GetRun); returns it.
+async fn wait_workflow(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let r = get_run(node, tenant, id).await;
+            if is_terminal(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the workflow ends within the wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diamond_runs_b_and_c_together_and_d_gets_both_results() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut d = sh_step("d", &["b", "c"], r#"printf '%s\n' "$SKED_PARAMS""#);
+    d.params = json_to_struct(&serde_json::json!({"mine": true}));
+    let mut def = workflow_def(
+        "diamond",
+        vec![
+            sh_step("a", &[], r#"echo '{"a": 1}'"#),
+            sh_step("b", &["a"], r#"sleep 1; echo '{"b": "B"}'"#),
+            sh_step("c", &["a"], r#"sleep 1; echo '{"c": "C"}'"#),
+            d,
+        ],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.params = json_to_struct(&serde_json::json!({"region": "eu"}));
+    let stored = create_definition(&node, def.clone()).await.unwrap();
+    assert_eq!(
+        stored.handler,
+        def.handler.clone().map(|h| {
+            // The stored form spells the defaults out (retry policy).
+            match h {
+                pb::task_definition::Handler::Workflow(mut w) => {
+                    for s in &mut w.steps {
+                        s.retry_policy = Some(pb::RetryPolicy {
+                            max_attempts: 1,
+                            initial_backoff: Some(dur(1000)),
+                            backoff_coefficient: 2.0,
+                            max_backoff: Some(dur(100_000)),
+                        });
+                        if s.params.is_none() {
+                            s.params = json_to_struct(&serde_json::json!({}));
+                        }
+                    }
+                    pb::task_definition::Handler::Workflow(w)
+                }
+                h => h,
+            }
+        })
+    );
+    let binding = bind_existing(&node, "acme", "diamond").await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(steps.len(), 4, "{steps:#?}");
+    for s in &steps {
+        assert_eq!(state(s), pb::RunState::Succeeded, "{s:#?}");
+        assert_eq!(s.parent_run_id, wf.id);
+        assert_eq!(s.trigger, pb::RunTrigger::Step as i32);
+        assert_eq!(s.binding_id, binding.id);
+    }
+    let (a, b, c, dd) = (
+        step(&steps, "a"),
+        step(&steps, "b"),
+        step(&steps, "c"),
+        step(&steps, "d"),
+    );
+    // b and c overlap in time; both start after a ended; d after both.
+    assert!(
+        secs(&b.start_time) < secs(&c.end_time) && secs(&c.start_time) < secs(&b.end_time),
+        "b and c run in parallel: {b:#?} {c:#?}"
+    );
+    assert!(secs(&b.start_time) >= secs(&a.end_time) && secs(&c.start_time) >= secs(&a.end_time));
+    assert!(secs(&dd.start_time) >= secs(&b.end_time) && secs(&dd.start_time) >= secs(&c.end_time));
+    let got = result(dd);
+    assert_eq!(got["steps"]["b"], serde_json::json!({"b": "B"}), "{got}");
+    assert_eq!(got["steps"]["c"], serde_json::json!({"c": "C"}), "{got}");
+    assert_eq!(got["region"], "eu", "the workflow's params reach the step");
+    assert_eq!(got["mine"], true, "the step's own params too");
+    assert!(
+        got["steps"].get("a").is_none(),
+        "only the step's own dependencies: {got}"
+    );
+    assert_eq!(result(a), serde_json::json!({"a": 1}));
+    // GetRun of the workflow: every step's state, in definition order; the
+    // workflow's result holds the steps' results.
+    let names: Vec<(&str, i32)> = done
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.state))
+        .collect();
+    let ok = pb::RunState::Succeeded as i32;
+    assert_eq!(names, vec![("a", ok), ("b", ok), ("c", ok), ("d", ok)]);
+    assert_eq!(result(&done)["steps"]["b"], serde_json::json!({"b": "B"}));
+    // A step's GetRun names its workflow and step.
+    let got_b = get_run(&node, "acme", &b.id).await;
+    assert_eq!(
+        (got_b.parent_run_id.as_str(), got_b.step.as_str()),
+        (wf.id.as_str(), "b")
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cycles_self_and_unknown_dependencies_are_invalid_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let cases = [
+        (
+            vec![sh_step("a", &["b"], "true"), sh_step("b", &["a"], "true")],
+            "definition.workflow.steps",
+            "a → b → a",
+        ),
+        (
+            vec![sh_step("a", &[], "true"), sh_step("b", &["b"], "true")],
+            "definition.workflow.steps",
+            "b → b",
+        ),
+        (
+            vec![sh_step("a", &["nope"], "true")],
+            "definition.workflow.steps[0].depends_on",
+            "\"nope\"",
+        ),
+        (
+            vec![sh_step("a", &[], "true"), sh_step("a", &[], "true")],
+            "definition.workflow.steps[1].name",
+            "duplicate",
+        ),
+        (
+            vec![
+                sh_step("x", &["z"], "true"),
+                sh_step("y", &["x"], "true"),
+                sh_step("z", &["y"], "true"),
+            ],
+            "definition.workflow.steps",
+            "x → z → y → x",
+        ),
+    ];
+    for (steps, field, text) in cases {
+        let err = create_definition(
+            &node,
+            workflow_def("bad", steps, pb::WorkflowOnFailure::Stop),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(violation_fields(&err), vec![field.to_string()], "{err:?}");
+        assert!(err.message().contains(text), "{text} in {err:?}");
+    }
+    let err = node
+        .definitions()
+        .get_definition(as_tenant(
+            "",
+            pb::GetDefinitionRequest { name: "bad".into() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "nothing was written");
+    // Too many steps.
+    let many: Vec<_> = (0..101)
+        .map(|i| sh_step(&format!("s{i}"), &[], "true"))
+        .collect();
+    let err = create_definition(
+        &node,
+        workflow_def("bad", many, pb::WorkflowOnFailure::Stop),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 100"), "{err:?}");
+    node.stop().await;
+}
+
+/// a → b (slow), a → c (fails) → d; e after a alone; f always after d.
+fn failing_steps() -> Vec<pb::WorkflowStep> {
+    let mut f = sh_step("f", &["d"], r#"echo '{"cleanup": true}'"#);
+    f.always = true;
+    vec![
+        sh_step("a", &[], "true"),
+        sh_step("b", &["a"], "sleep 1"),
+        sh_step("c", &["a"], "exit 3"),
+        sh_step("d", &["b", "c"], "true"),
+        sh_step("e", &["b"], "true"),
+        f,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_skips_what_is_left_continue_runs_the_unrelated_branch_always_runs_after_a_failure() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let stop = define_and_bind(
+        &node,
+        "acme",
+        workflow_def("stopper", failing_steps(), pb::WorkflowOnFailure::Stop),
+    )
+    .await;
+    let cont = define_and_bind(
+        &node,
+        "acme",
+        workflow_def("goer", failing_steps(), pb::WorkflowOnFailure::Continue),
+    )
+    .await;
+
+    let wf = trigger(&node, "acme", &stop.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Failed, "{done:#?}");
+    assert_eq!(done.reason, "steps_failed");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(state(step(&steps, "c")), pb::RunState::Failed);
+    assert_eq!(
+        state(step(&steps, "b")),
+        pb::RunState::Succeeded,
+        "b, running, finishes"
+    );
+    let d = step(&steps, "d");
+    assert_eq!(
+        (state(d), d.reason.as_str()),
+        (pb::RunState::Skipped, "workflow_stopped")
+    );
+    assert!(d.start_time.is_none(), "d never starts");
+    let e = step(&steps, "e");
+    assert_eq!(
+        (state(e), e.reason.as_str()),
+        (pb::RunState::Skipped, "workflow_stopped"),
+        "under STOP nothing new starts, not even e"
+    );
+    let f = step(&steps, "f");
+    assert_eq!(
+        state(f),
+        pb::RunState::Succeeded,
+        "always runs after a failure: {f:#?}"
+    );
+    // f's only dependency (d) ended SKIPPED when c failed: f ran then.
+    assert!(secs(&f.start_time) >= secs(&step(&steps, "c").end_time));
+
+    let wf = trigger(&node, "acme", &cont.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(
+        state(&done),
+        pb::RunState::Failed,
+        "a failed step fails the workflow under CONTINUE too"
+    );
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let d = step(&steps, "d");
+    assert_eq!(
+        (state(d), d.reason.as_str()),
+        (pb::RunState::Skipped, "upstream_failed")
+    );
+    assert_eq!(
+        state(step(&steps, "e")),
+        pb::RunState::Succeeded,
+        "the unrelated branch runs"
+    );
+    assert_eq!(state(step(&steps, "f")), pb::RunState::Succeeded);
+    assert!(
+        done.error.as_ref().unwrap().message.contains("c (FAILED)"),
+        "{done:#?}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_retries_alone_and_retry_run_reruns_only_what_did_not_succeed() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let flag = tempfile::tempdir().unwrap();
+    let ok_file = flag.path().join("ok");
+    let ok = ok_file.display().to_string();
+    // b fails twice (its retries) unless the flag file exists; a and c
+    // count their executions in files.
+    let count = |name: &str| {
+        format!(
+            r#"echo x >> {dir}/{name}.count; echo '{{"{name}": 1}}'"#,
+            dir = flag.path().display()
+        )
+    };
+    let mut b = sh_step(
+        "b",
+        &["a"],
+        &format!("echo x >> {}/b.count; test -e {ok}", flag.path().display()),
+    );
+    b.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Some(dur(10)),
+        ..Default::default()
+    });
+    let steps = vec![
+        sh_step("a", &[], &count("a")),
+        b,
+        sh_step("c", &["a"], &count("c")),
+        sh_step("d", &["b", "c"], r#"printf '%s\n' "$SKED_PARAMS""#),
+    ];
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        workflow_def("retrying", steps, pb::WorkflowOnFailure::Continue),
+    )
+    .await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Failed);
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let b_runs: Vec<_> = steps.iter().filter(|r| r.step == "b").collect();
+    assert_eq!(
+        b_runs.len(),
+        2,
+        "b retried alone, per its policy: {steps:#?}"
+    );
+    assert!(b_runs.iter().all(|r| state(r) == pb::RunState::Failed));
+    assert_eq!(steps.iter().filter(|r| r.step == "a").count(), 1);
+    assert_eq!(state(step(&steps, "d")), pb::RunState::Skipped);
+    let counts = |name: &str| {
+        std::fs::read_to_string(flag.path().join(format!("{name}.count")))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!((counts("a"), counts("b"), counts("c")), (1, 2, 1));
+
+    // Retry the workflow: only b and d run again; a and c are reused.
+    std::fs::write(&ok_file, "").unwrap();
+    let again = node
+        .runs()
+        .retry_run(as_tenant(
+            "acme",
+            pb::RetryRunRequest {
+                run_id: wf.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.retry_of, wf.id);
+    let done = wait_workflow(&node, "acme", &again.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    assert_eq!(
+        (counts("a"), counts("b"), counts("c")),
+        (1, 3, 1),
+        "a and c did not run again"
+    );
+    let steps = steps_of(&node, "acme", &again.id).await;
+    assert_eq!(step(&steps, "a").reason, "reused");
+    assert_eq!(step(&steps, "c").reason, "reused");
+    let d = result(step(&steps, "d"));
+    assert_eq!(
+        d["steps"]["c"],
+        serde_json::json!({"c": 1}),
+        "a reused result flows downstream: {d}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_workflow_cancels_running_steps_and_starts_none_after() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let steps = vec![
+        sh_step("a", &[], "true"),
+        sh_step("b", &["a"], "sleep 30"),
+        sh_step("c", &["a"], "sleep 30"),
+        sh_step("d", &["b", "c"], "true"),
+    ];
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        workflow_def("cancelled", steps, pb::WorkflowOnFailure::Stop),
+    )
+    .await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    // Wait until b and c run.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let steps = steps_of(&node, "acme", &wf.id).await;
+            let running = steps
+                .iter()
+                .filter(|r| state(r) == pb::RunState::Running)
+                .count();
+            if running == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("b and c start");
+    node.runs()
+        .cancel_run(as_tenant(
+            "acme",
+            pb::CancelRunRequest {
+                run_id: wf.id.clone(),
+                reason: "enough".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Cancelled, "{done:#?}");
+    assert_eq!(done.reason, "enough");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(state(step(&steps, "b")), pb::RunState::Cancelled);
+    assert_eq!(state(step(&steps, "c")), pb::RunState::Cancelled);
+    assert!(
+        steps.iter().all(|r| r.step != "d"),
+        "d never starts: {steps:#?}"
+    );
+    // Nothing starts later either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(steps_of(&node, "acme", &wf.id).await.len(), 3);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_of_one_runs_a_workflow_one_step_at_a_time() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    node.admin()
+        .set_tenant_quota(pb::SetTenantQuotaRequest {
+            quota: Some(pb::TenantQuota {
+                tenant_id: "acme".into(),
+                max_concurrent_runs: Some(1),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let steps = vec![
+        sh_step("a", &[], "true"),
+        sh_step("b", &["a"], "sleep 0.3"),
+        sh_step("c", &["a"], "sleep 0.3"),
+        sh_step("d", &["b", "c"], "true"),
+    ];
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        workflow_def("quota", steps, pb::WorkflowOnFailure::Stop),
+    )
+    .await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(
+        state(&done),
+        pb::RunState::Succeeded,
+        "a quota of 1 does not deadlock: {done:#?}"
+    );
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let (b, c) = (step(&steps, "b"), step(&steps, "c"));
+    assert!(
+        secs(&b.end_time) <= secs(&c.start_time) || secs(&c.end_time) <= secs(&b.start_time),
+        "the quota counts steps: b and c one after the other"
+    );
+    node.stop().await;
+}
