@@ -530,3 +530,78 @@ async fn a_quota_of_one_runs_a_workflow_one_step_at_a_time() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_of_a_workflow_streams_every_steps_lines_with_its_name_and_ends_with_it() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let ev = pb::WorkflowStep {
+        name: "tick".into(),
+        handler: Some(pb::workflow_step::Handler::Event(pb::EventHandler {})),
+        ..Default::default()
+    };
+    let mut def = workflow_def(
+        "tailed",
+        vec![
+            sh_step("a", &[], "echo line-a1; sleep 0.2; echo line-a2"),
+            ev,
+            sh_step("c", &["a", "tick"], "echo line-c"),
+        ],
+        pb::WorkflowOnFailure::Stop,
+    );
+    if let Some(pb::task_definition::Handler::Workflow(w)) = &mut def.handler {
+        w.serial = true;
+    }
+    let binding = define_and_bind(&node, "acme", def).await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    // Live from the start (follow), and a replay after the end.
+    let live = tail_all(&node, "acme", &wf.id, 0).await;
+    let replay = drain(open_tail(&node, "acme", &wf.id, 0, false).await).await;
+    for events in [&live, &replay] {
+        let lines: Vec<(String, String)> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(pb::run_event::Kind::Log(l)) => Some((e.step.clone(), l.message.clone())),
+                _ => None,
+            })
+            .collect();
+        let want = |s: &str, m: &str| (s.to_string(), m.to_string());
+        assert_eq!(
+            lines,
+            vec![
+                want("a", "line-a1"),
+                want("a", "line-a2"),
+                want("c", "line-c")
+            ],
+            "{events:#?}"
+        );
+        assert!(events.iter().any(|e| e.step == "tick"
+            && matches!(&e.kind, Some(pb::run_event::Kind::Fired(_)))));
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last.run_id.as_str(), last.step.as_str()),
+            (wf.id.as_str(), "")
+        );
+        match &last.kind {
+            Some(pb::run_event::Kind::StateChanged(s)) => {
+                assert_eq!(s.to_state, pb::RunState::Succeeded as i32)
+            }
+            k => panic!("the workflow's end comes last: {k:?}"),
+        }
+        // Each run's events in seq order, none twice.
+        let mut seen = std::collections::HashMap::<String, i64>::new();
+        for e in events.iter() {
+            let last = seen.entry(e.run_id.clone()).or_insert(0);
+            assert_eq!(e.seq, *last + 1, "dense per run: {e:?}");
+            *last = e.seq;
+        }
+    }
+    // serial: a and tick one after the other.
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let (a, t) = (step(&steps, "a"), step(&steps, "tick"));
+    assert!(
+        secs(&a.end_time) <= secs(&t.start_time) || secs(&t.end_time) <= secs(&a.start_time),
+        "serial: {a:#?} {t:#?}"
+    );
+    node.stop().await;
+}

@@ -126,3 +126,25 @@ pub async fn run_active_steps(
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.state)).collect())
 }
+
+/// The tenant's step runs of workflow run `parent` as `(id, step name)`,
+/// in creation order (a workflow tail's list of logs to follow).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_step_ids(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    parent: Uuid,
+) -> Result<Vec<(Uuid, String)>, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT id, step AS "step!" FROM runs
+           WHERE parent_run_id = $2 AND tenant_id = $1
+           ORDER BY create_time, id"#,
+        tenant_id,
+        parent
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.step)).collect())
+}
