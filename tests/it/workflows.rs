@@ -605,3 +605,59 @@ async fn tail_of_a_workflow_streams_every_steps_lines_with_its_name_and_ends_wit
     );
     node.stop().await;
 }
+
+/// `sked apply -f examples/workflow.yaml` (the README's example) against
+/// the node.
+async fn apply_example(node: &TestNode) -> std::process::Output {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflow.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = assert_cmd::Command::new(env!("CARGO_BIN_EXE_sked"));
+    for k in [
+        "SKED_TOKEN",
+        "SKED_TOKEN_FILE",
+        "SKED_TENANT",
+        "SKED_CONFIG",
+    ] {
+        c.env_remove(k);
+    }
+    c.env("SKED_ADDR", format!("http://{}", node.addr))
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env("NO_COLOR", "1")
+        .args(["apply", "-f", path])
+        .timeout(Duration::from_secs(60));
+    tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_workflow_applies_runs_and_applies_again_unchanged() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let out = apply_example(&node).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = apply_example(&node).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unchanged"),
+        "a second apply changes nothing: {out:?}"
+    );
+    let b = node
+        .bindings()
+        .list_bindings(as_tenant("acme", pb::ListBindingsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .bindings
+        .remove(0);
+    let wf = trigger(&node, "acme", &b.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let eu = result(step(&steps, "transform-eu"));
+    assert_eq!(eu["region"], "eu");
+    assert_eq!(eu["day"], "yesterday");
+    assert_eq!(eu["steps"]["extract"]["rows"], 42);
+    assert_eq!(done.steps.len(), 5);
+    node.stop().await;
+}
