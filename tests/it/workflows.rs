@@ -661,3 +661,150 @@ async fn the_readme_workflow_applies_runs_and_applies_again_unchanged() {
     assert_eq!(done.steps.len(), 5);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_node_running_a_step_another_node_starts_the_next_step_exactly_once() {
+    use sked::proto::v1::log_service_client::LogServiceClient;
+    use sked::proto::v1::run_service_client::RunServiceClient;
+    let db = TestDb::new().await;
+    let token = sked::app::bootstrap_key(&db.url, "workflow-crash")
+        .await
+        .expect("bootstrap key");
+    let (mut victim, ch) = spawn_sked(
+        &[],
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("SKED_NODE_ID", "victim"),
+            ("SKED_LEASE", "2"),
+        ],
+    )
+    .await;
+    // a's first attempt hangs (on the victim); its retry succeeds at once.
+    let mut a = sh_step(
+        "a",
+        &[],
+        r#"echo pid $$; if [ "$SKED_ATTEMPT" = 1 ]; then sleep 30; fi; echo '{"a": "done"}'"#,
+    );
+    a.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Some(dur(100)),
+        ..Default::default()
+    });
+    let def = workflow_def(
+        "crashy",
+        vec![a, sh_step("b", &["a"], r#"printf '%s\n' "$SKED_PARAMS""#)],
+        pb::WorkflowOnFailure::Stop,
+    );
+    let binding = define_and_bind_via(&ch, "acme", Some(&token), def).await;
+    let wf = trigger_via(&ch, "acme", Some(&token), &binding.id).await;
+    let list_steps = |ch: tonic::transport::Channel| {
+        let token = token.clone();
+        let id = wf.id.clone();
+        async move {
+            RunServiceClient::new(ch)
+                .list_runs(request(
+                    "acme",
+                    Some(&token),
+                    pb::ListRunsRequest {
+                        parent_run_id: id,
+                        order: pb::ListRunsOrder::OldestFirst as i32,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("list steps")
+                .into_inner()
+                .runs
+        }
+    };
+    // a runs on the victim and has printed its pid.
+    let (a_run, pgid) = tokio::time::timeout(WAIT, async {
+        loop {
+            let steps = list_steps(ch.clone()).await;
+            if let Some(a) = steps
+                .iter()
+                .find(|r| r.step == "a" && state(r) == pb::RunState::Running)
+            {
+                let events = LogServiceClient::new(ch.clone())
+                    .list_run_events(request(
+                        "acme",
+                        Some(&token),
+                        pb::ListRunEventsRequest {
+                            run_id: a.id.clone(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .events;
+                if let Some(pid) = log_lines(&events)
+                    .iter()
+                    .find_map(|l| l.strip_prefix("pid ").map(str::to_string))
+                {
+                    return (a.clone(), pid.parse::<i32>().unwrap());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a runs on the victim");
+    assert_eq!(a_run.node_id, "victim");
+    struct KillGroup(i32);
+    impl Drop for KillGroup {
+        fn drop(&mut self) {
+            // SAFETY: killpg only takes ints; the group is the step's own.
+            unsafe { libc::killpg(self.0, libc::SIGKILL) };
+        }
+    }
+    let _leftovers = KillGroup(pgid);
+    let mut s = settings(&db, "survivor");
+    s.lease = Duration::from_secs(2);
+    let survivor = TestNode::start_with(s).await;
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(victim.id().unwrap() as i32, libc::SIGKILL) },
+        0
+    );
+    tokio::time::timeout(WAIT, victim.wait())
+        .await
+        .expect("victim dies")
+        .unwrap();
+
+    // The survivor reaps a (node_lost), retries it, and starts b once.
+    let done = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let r = RunServiceClient::new(survivor.channel.clone())
+                .get_run(request(
+                    "acme",
+                    Some(&token),
+                    pb::GetRunRequest {
+                        run_id: wf.id.clone(),
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            if is_terminal(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the workflow ends on the survivor");
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    let steps = list_steps(survivor.channel.clone()).await;
+    let a_runs: Vec<_> = steps.iter().filter(|r| r.step == "a").collect();
+    assert_eq!(a_runs.len(), 2, "{steps:#?}");
+    assert_eq!(
+        (state(a_runs[0]), a_runs[0].reason.as_str()),
+        (pb::RunState::Failed, "node_lost")
+    );
+    let b_runs: Vec<_> = steps.iter().filter(|r| r.step == "b").collect();
+    assert_eq!(b_runs.len(), 1, "b starts exactly once: {steps:#?}");
+    assert_eq!(b_runs[0].node_id, "survivor");
+    assert_eq!(result(b_runs[0])["steps"]["a"]["a"], "done");
+    survivor.stop().await;
+}
