@@ -77,8 +77,9 @@ EXECUTE FUNCTION sked_step_inherit();
 -- `always` steps start when their dependencies have ended, whatever they
 -- came to); and ends the workflow run when no step is active and none is
 -- left: SUCCEEDED when every step did, else FAILED, or CANCELLED when it
--- was asked to cancel (then no step starts). Each step's state is its
--- latest attempt's. Idempotent: it recomputes from the rows.
+-- was asked to cancel (then no step starts); a FAILED one with attempts
+-- left gets its retry. Each step's state is its latest attempt's.
+-- Idempotent: it recomputes from the rows.
 CREATE FUNCTION sked_workflow_advance(p_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -229,7 +230,31 @@ BEGIN
                             WHEN 'FAILED' THEN jsonb_build_object('reason', 'steps_failed')
                             ELSE '{}'::jsonb END);
   PERFORM pg_notify('sked_events', 'workflow|' || p_id || ':' || (p.last_seq + 1) || ':' || (p.last_seq + 1));
-  -- The binding's next run may start now (overlap).
+  -- A failed workflow run with attempts left is retried by its own policy,
+  -- as a run that fails (NewRun::retry_of): the next attempt, SCHEDULED
+  -- after min(initial × coefficient^(attempt−1), max) ± 10 %, while its
+  -- binding exists. It starts by taking over the steps that succeeded.
+  IF end_state = 'FAILED' AND p.attempt < p.max_attempts
+     AND EXISTS (SELECT 1 FROM bindings b WHERE b.id = p.binding_id) THEN
+    new_id := sked_uuid_v7();
+    now_ts := GREATEST(now_ts, p.start_time)
+              + make_interval(secs => least(coalesce((p.retry_policy ->> 'initial_backoff_ms')::float8, 1000)
+                                            * power(coalesce((p.retry_policy ->> 'backoff_coefficient')::float8, 2),
+                                                    p.attempt - 1),
+                                            coalesce((p.retry_policy ->> 'max_backoff_ms')::float8, 100000))
+                                      * (1 + (random() * 2 - 1) * 0.1) / 1000);
+    INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time, not_before,
+                      create_time, handler, params, last_seq, attempt, retry_of, max_attempts, retry_policy,
+                      timeout_secs, overlap_policy, priority, manual)
+    VALUES (new_id, p.tenant_id, p.binding_id, p.definition, 'RETRY', 'SCHEDULED', now_ts, now_ts,
+            clock_timestamp(), p.handler, p.params, 1, p.attempt + 1, p_id, p.max_attempts, p.retry_policy,
+            p.timeout_secs, p.overlap_policy, p.priority, false);
+    INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+    VALUES (new_id, 1, clock_timestamp(), p.tenant_id, p.binding_id, p.definition, 'state_changed',
+            '{"kind": "state_changed", "from": null, "to": "SCHEDULED"}'::jsonb);
+    PERFORM pg_notify('sked_events', 'workflow|' || new_id || ':1:1');
+  END IF;
+  -- The binding's next run may start now (overlap), or a retry waits.
   PERFORM pg_notify('sked_runs', '');
 END
 $$;

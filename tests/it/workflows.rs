@@ -808,3 +808,58 @@ async fn kill_9_of_the_node_running_a_step_another_node_starts_the_next_step_exa
     assert_eq!(result(b_runs[0])["steps"]["a"]["a"], "done");
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_workflow_retries_by_its_own_policy_reusing_what_succeeded() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let mut def = workflow_def(
+        "self-healing",
+        vec![
+            sh_step("a", &[], &format!("echo x >> {d}/a.count")),
+            // Fails the first time only.
+            sh_step(
+                "b",
+                &["a"],
+                &format!("if [ -e {d}/b.once ]; then exit 0; fi; touch {d}/b.once; exit 1"),
+            ),
+        ],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Some(dur(50)),
+        ..Default::default()
+    });
+    let binding = define_and_bind(&node, "acme", def).await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    assert_eq!(
+        state(&wait_workflow(&node, "acme", &wf.id).await),
+        pb::RunState::Failed
+    );
+    let retry = runs_until(
+        &node,
+        "acme",
+        &binding.id,
+        WAIT,
+        "the workflow's retry ends",
+        |runs| {
+            runs.iter()
+                .any(|r| r.retry_of == wf.id && r.parent_run_id.is_empty() && is_terminal(r))
+        },
+    )
+    .await
+    .into_iter()
+    .find(|r| r.retry_of == wf.id && r.parent_run_id.is_empty())
+    .unwrap();
+    assert_eq!(retry.trigger, pb::RunTrigger::Retry as i32);
+    assert_eq!(retry.attempt, 2);
+    assert_eq!(state(&retry), pb::RunState::Succeeded, "{retry:#?}");
+    let steps = steps_of(&node, "acme", &retry.id).await;
+    assert_eq!(step(&steps, "a").reason, "reused");
+    let a_count = std::fs::read_to_string(dir.path().join("a.count")).unwrap();
+    assert_eq!(a_count.lines().count(), 1, "a ran once");
+    node.stop().await;
+}
