@@ -863,3 +863,130 @@ async fn a_failed_workflow_retries_by_its_own_policy_reusing_what_succeeded() {
     assert_eq!(a_count.lines().count(), 1, "a ran once");
     node.stop().await;
 }
+
+/// Polls workflow run `parent`'s steps until `done` holds; returns them.
+async fn steps_until(
+    node: &TestNode,
+    parent: &str,
+    what: &str,
+    done: impl Fn(&[pb::Run]) -> bool,
+) -> Vec<pb::Run> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let steps = steps_of(node, "acme", parent).await;
+            if done(&steps) {
+                return steps;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("within the wait: {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut def = workflow_def(
+        "paused",
+        vec![sh_step("a", &[], "sleep 1"), sh_step("b", &["a"], "true")],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.schedule = Some(every(1));
+    let binding = define_and_bind(&node, "acme", def).await;
+    // The first scheduled workflow run, with a running.
+    let wf = runs_until(
+        &node,
+        "acme",
+        &binding.id,
+        WAIT,
+        "a workflow run runs",
+        |runs| {
+            runs.iter()
+                .any(|r| r.parent_run_id.is_empty() && state(r) == pb::RunState::Running)
+        },
+    )
+    .await
+    .into_iter()
+    .find(|r| r.parent_run_id.is_empty() && state(r) == pb::RunState::Running)
+    .unwrap();
+    assert_eq!(wf.trigger, pb::RunTrigger::Schedule as i32);
+    node.bindings()
+        .pause_binding(as_tenant(
+            "acme",
+            pb::PauseBindingRequest {
+                binding_id: binding.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pause");
+    let steps = steps_until(&node, &wf.id, "a ends and b is created", |s| {
+        s.iter().any(|r| r.step == "b")
+    })
+    .await;
+    assert_eq!(state(step(&steps, "a")), pb::RunState::Succeeded);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let b = step(&steps_of(&node, "acme", &wf.id).await, "b").clone();
+    assert_eq!(state(&b), pb::RunState::Queued, "held while paused: {b:#?}");
+    node.bindings()
+        .resume_binding(as_tenant(
+            "acme",
+            pb::ResumeBindingRequest {
+                binding_id: binding.id.clone(),
+            },
+        ))
+        .await
+        .expect("resume");
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_binding_cancels_its_running_workflow_and_its_steps() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        workflow_def(
+            "deleted",
+            vec![
+                sh_step("a", &[], "sleep 30"),
+                sh_step("w", &[], "sleep 30"),
+                sh_step("b", &["a"], "true"),
+            ],
+            pb::WorkflowOnFailure::Stop,
+        ),
+    )
+    .await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    steps_until(&node, &wf.id, "a and w run", |s| {
+        s.iter()
+            .filter(|r| state(r) == pb::RunState::Running)
+            .count()
+            == 2
+    })
+    .await;
+    node.bindings()
+        .delete_binding(as_tenant(
+            "acme",
+            pb::DeleteBindingRequest {
+                binding_id: binding.id.clone(),
+            },
+        ))
+        .await
+        .expect("delete binding");
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(
+        (state(&done), done.reason.as_str()),
+        (pb::RunState::Cancelled, "binding_deleted")
+    );
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(state(step(&steps, "a")), pb::RunState::Cancelled);
+    assert_eq!(state(step(&steps, "w")), pb::RunState::Cancelled);
+    assert!(steps.iter().all(|r| r.step != "b"), "{steps:#?}");
+    node.stop().await;
+}
