@@ -259,6 +259,39 @@ BEGIN
 END
 $$;
 
+-- sked_workflow_advance, guarded: a workflow run whose DAG cannot be
+-- advanced (unreadable stored steps: planted or corrupt data) ends FAILED
+-- with reason `corrupt` instead of failing the transaction that ended its
+-- step (which would then never commit). Transient errors (deadlock,
+-- serialization, lock or cancel) are raised: that transaction is retried.
+CREATE FUNCTION sked_workflow_advance_guarded(p_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  msg text;
+  r runs%ROWTYPE;
+BEGIN
+  BEGIN
+    PERFORM sked_workflow_advance(p_id);
+  EXCEPTION
+    WHEN deadlock_detected OR serialization_failure OR lock_not_available OR query_canceled THEN
+      RAISE;
+    WHEN OTHERS THEN
+      msg := SQLERRM;
+      UPDATE runs SET state = 'FAILED', reason = 'corrupt', end_time = GREATEST(clock_timestamp(), start_time),
+                      error_message = left('workflow cannot advance: ' || msg, 500), lease_expires_at = NULL,
+                      last_seq = last_seq + 1
+       WHERE id = p_id AND state = 'RUNNING'
+      RETURNING * INTO r;
+      IF FOUND THEN
+        INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
+        VALUES (r.id, r.last_seq, r.end_time, r.tenant_id, r.binding_id, r.definition, 'state_changed',
+                '{"kind": "state_changed", "from": "RUNNING", "to": "FAILED", "reason": "corrupt"}'::jsonb);
+        PERFORM pg_notify('sked_events', 'workflow|' || r.id || ':' || r.last_seq || ':' || r.last_seq);
+      END IF;
+  END;
+END
+$$;
+
 -- A claimed workflow run holds no lease: no node executes it, so no
 -- reaper may end it; its steps hold theirs.
 CREATE FUNCTION sked_workflow_unlease() RETURNS trigger
@@ -304,7 +337,7 @@ BEGIN
            '{"kind": "state_changed", "from": null, "to": "SUCCEEDED", "reason": "reused"}'::jsonb
     FROM ins;
   END IF;
-  PERFORM sked_workflow_advance(NEW.id);
+  PERFORM sked_workflow_advance_guarded(NEW.id);
   RETURN NULL;
 END
 $$;
@@ -318,7 +351,7 @@ EXECUTE FUNCTION sked_workflow_started();
 CREATE FUNCTION sked_step_ended() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  PERFORM sked_workflow_advance(NEW.parent_run_id);
+  PERFORM sked_workflow_advance_guarded(NEW.parent_run_id);
   RETURN NULL;
 END
 $$;

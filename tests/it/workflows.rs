@@ -990,3 +990,63 @@ async fn deleting_the_binding_cancels_its_running_workflow_and_its_steps() {
     assert!(steps.iter().all(|r| r.step != "b"), "{steps:#?}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_stored_steps_cannot_be_read_ends_failed_corrupt_and_its_step_still_ends()
+{
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let binding = define_and_bind(
+        &node,
+        "acme",
+        workflow_def(
+            "planted",
+            vec![sh_step("a", &[], "sleep 0.5"), sh_step("b", &["a"], "true")],
+            pb::WorkflowOnFailure::Stop,
+        ),
+    )
+    .await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let steps = steps_until(&node, &wf.id, "a runs", |s| {
+        s.iter()
+            .any(|r| r.step == "a" && state(r) == pb::RunState::Running)
+    })
+    .await;
+    let a = step(&steps, "a").clone();
+    let pool = db.pool().await;
+    let id: uuid::Uuid = wf.id.parse().unwrap();
+    sqlx::query(
+        "UPDATE runs SET handler = jsonb_set(handler, '{steps}', '\"oops\"') WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (state_, reason): (String, Option<String>) = tokio::time::timeout(WAIT, async {
+        loop {
+            let row: (String, Option<String>) =
+                sqlx::query_as("SELECT state, reason FROM runs WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if row.0 != "RUNNING" {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the workflow ends");
+    assert_eq!(
+        (state_.as_str(), reason.as_deref()),
+        ("FAILED", Some("corrupt"))
+    );
+    let a = get_run(&node, "acme", &a.id).await;
+    assert_eq!(
+        state(&a),
+        pb::RunState::Succeeded,
+        "the step's end committed"
+    );
+    node.stop().await;
+}
