@@ -890,7 +890,7 @@ async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
     let node = TestNode::start(&db, "n1").await;
     let mut def = workflow_def(
         "paused",
-        vec![sh_step("a", &[], "sleep 1"), sh_step("b", &["a"], "true")],
+        vec![sh_step("a", &[], "sleep 2"), sh_step("b", &["a"], "true")],
         pb::WorkflowOnFailure::Stop,
     );
     def.schedule = Some(every(1));
@@ -922,11 +922,17 @@ async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
         ))
         .await
         .expect("pause");
+    let paused_at = now_secs();
     let steps = steps_until(&node, &wf.id, "a ends and b is created", |s| {
         s.iter().any(|r| r.step == "b")
     })
     .await;
-    assert_eq!(state(step(&steps, "a")), pb::RunState::Succeeded);
+    let a = step(&steps, "a");
+    assert_eq!(state(a), pb::RunState::Succeeded);
+    assert!(
+        secs(&a.end_time) > paused_at,
+        "a ended after the pause: {a:#?}"
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let b = step(&steps_of(&node, "acme", &wf.id).await, "b").clone();
     assert_eq!(state(&b), pb::RunState::Queued, "held while paused: {b:#?}");
