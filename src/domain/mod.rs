@@ -258,6 +258,20 @@ pub fn validate_max_output_bytes(field: &str, bytes: u64) -> Result<(), FieldVio
 }
 
 impl Handler {
+    /// Sets the per-run output cap of a command (and of a workflow's
+    /// command steps), as a run snapshots it from its definition.
+    pub fn set_output_cap(&mut self, cap: Option<u64>) {
+        match self {
+            Handler::Command(c) => c.max_output_bytes = cap,
+            Handler::Workflow(w) => {
+                for s in &mut w.steps {
+                    s.handler.set_output_cap(cap);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Checks the handler; `prefix` is the API path of the handler's parent
     /// (e.g. `definition`).
     ///
@@ -423,13 +437,11 @@ pub struct Definition {
 }
 
 impl Definition {
-    /// The handler as a run snapshots it: a command carries the
-    /// definition's output cap.
+    /// The handler as a run snapshots it: a command (a workflow's command
+    /// steps too) carries the definition's output cap.
     pub fn run_handler(&self) -> Handler {
         let mut h = self.handler.clone();
-        if let Handler::Command(c) = &mut h {
-            c.max_output_bytes = self.max_output_bytes;
-        }
+        h.set_output_cap(self.max_output_bytes);
         h
     }
 }
