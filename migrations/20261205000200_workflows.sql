@@ -68,6 +68,40 @@ CREATE TRIGGER runs_step_inherit BEFORE INSERT ON runs
 FOR EACH ROW WHEN (NEW.retry_of IS NOT NULL AND NEW.parent_run_id IS NULL)
 EXECUTE FUNCTION sked_step_inherit();
 
+-- What step `st` (one element of a workflow handler's `steps`) runs, as
+-- {handler, params, retry, timeout_secs, missing}: its own handler (params
+-- {}, its retry policy or one attempt, its timeout); or, for a step naming
+-- a `definition`, that definition's handler (a command with the
+-- definition's output cap), params, and retry policy and timeout unless the
+-- step sets its own. A definition gone (or become a workflow) gives
+-- `missing` and an `event` handler placeholder.
+CREATE FUNCTION sked_step_spec(st jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  d definitions%ROWTYPE;
+  h jsonb;
+BEGIN
+  IF NOT (st ? 'definition') THEN
+    RETURN jsonb_build_object('handler', st -> 'handler', 'params', '{}'::jsonb,
+                              'retry', coalesce(st -> 'retry', '{"max_attempts": 1}'::jsonb),
+                              'timeout_secs', st -> 'timeout_secs', 'missing', false);
+  END IF;
+  SELECT * INTO d FROM definitions WHERE name = st ->> 'definition';
+  IF NOT FOUND OR (d.handler ->> 'kind') = 'workflow' THEN
+    RETURN jsonb_build_object('handler', '{"kind": "event"}'::jsonb, 'params', '{}'::jsonb,
+                              'retry', '{"max_attempts": 1}'::jsonb, 'timeout_secs', NULL, 'missing', true);
+  END IF;
+  h := d.handler;
+  IF (h ->> 'kind') = 'command' AND d.max_output_bytes IS NOT NULL THEN
+    h := jsonb_set(h, '{max_output_bytes}', to_jsonb(d.max_output_bytes));
+  END IF;
+  RETURN jsonb_build_object('handler', h, 'params', d.params,
+                            'retry', coalesce(st -> 'retry', d.retry_policy),
+                            'timeout_secs', coalesce(st -> 'timeout_secs', to_jsonb(d.timeout_secs)),
+                            'missing', false);
+END
+$$;
+
 -- Advances workflow run `p_id` (no-op unless it is a RUNNING workflow):
 -- creates the steps whose dependencies all SUCCEEDED (at most
 -- max_parallel_steps active at once, 1 when serial), with the workflow's
@@ -107,6 +141,8 @@ DECLARE
   end_state text;
   bad text;
   woke bool := false;
+  spec jsonb;
+  st_state text;
 BEGIN
   SELECT * INTO p FROM runs WHERE id = p_id FOR UPDATE;
   IF NOT FOUND OR p.state <> 'RUNNING' OR (p.handler ->> 'kind') IS DISTINCT FROM 'workflow' THEN
@@ -151,52 +187,53 @@ BEGIN
       ELSE
         go := all_ok;
       END IF;
-      IF skip_reason IS NOT NULL THEN
-        new_id := sked_uuid_v7();
-        INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time, not_before,
-                          create_time, end_time, handler, params, reason, last_seq, attempt, max_attempts,
-                          retry_policy, timeout_secs, overlap_policy, priority, manual, parent_run_id, step)
-        VALUES (new_id, p.tenant_id, p.binding_id, p.definition, 'STEP', 'SKIPPED', now_ts, now_ts,
-                now_ts, now_ts, st -> 'handler', sked_json_merge(p.params, coalesce(st -> 'params', '{}')),
-                skip_reason, 1, 1, 1, coalesce(st -> 'retry', '{"max_attempts": 1}'),
-                (st ->> 'timeout_secs')::int, 'ALLOW', p.priority, p.manual, p_id, nm)
-        ON CONFLICT (parent_run_id, step) WHERE parent_run_id IS NOT NULL AND retry_of IS NULL DO NOTHING;
-        IF FOUND THEN
-          INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-          VALUES (new_id, 1, now_ts, p.tenant_id, p.binding_id, p.definition, 'state_changed',
-                  jsonb_build_object('kind', 'state_changed', 'from', NULL, 'to', 'SKIPPED', 'reason', skip_reason));
-          PERFORM pg_notify('sked_events', 'workflow|' || new_id || ':1:1');
+      IF skip_reason IS NOT NULL OR (go AND active < cap) THEN
+        -- What the step runs: its handler, or the definition it names as
+        -- that definition is now.
+        spec := sked_step_spec(st);
+        IF skip_reason IS NULL AND (spec ->> 'missing')::bool THEN
+          skip_reason := 'definition_missing';
         END IF;
-        latest := latest || jsonb_build_object(nm, jsonb_build_object('state', 'SKIPPED', 'result', NULL));
-        changed := true;
-      ELSIF go AND active < cap THEN
         SELECT coalesce(jsonb_object_agg(d, latest -> d -> 'result'), '{}')
           INTO results
           FROM jsonb_array_elements_text(coalesce(st -> 'depends_on', '[]'::jsonb)) d;
-        prm := sked_json_merge(p.params, coalesce(st -> 'params', '{}'));
+        prm := sked_json_merge(sked_json_merge(spec -> 'params', p.params), coalesce(st -> 'params', '{}'));
         IF results <> '{}'::jsonb THEN
           prm := prm || jsonb_build_object('steps',
                    CASE WHEN jsonb_typeof(prm -> 'steps') = 'object' THEN prm -> 'steps' ELSE '{}'::jsonb END
                    || results);
         END IF;
+        -- A step that cannot start ends at once: SKIPPED, or FAILED when
+        -- the definition it names is gone (a failure like any other).
+        st_state := CASE WHEN skip_reason IS NULL THEN 'QUEUED'
+                         WHEN skip_reason = 'definition_missing' THEN 'FAILED'
+                         ELSE 'SKIPPED' END;
         new_id := sked_uuid_v7();
         INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time, not_before,
-                          create_time, handler, params, last_seq, attempt, max_attempts, retry_policy,
-                          timeout_secs, overlap_policy, priority, manual, parent_run_id, step)
-        VALUES (new_id, p.tenant_id, p.binding_id, p.definition, 'STEP', 'QUEUED', now_ts, now_ts,
-                now_ts, st -> 'handler', prm, 1, 1, coalesce((st -> 'retry' ->> 'max_attempts')::int, 1),
-                coalesce(st -> 'retry', '{"max_attempts": 1}'), (st ->> 'timeout_secs')::int, 'ALLOW',
-                p.priority, p.manual, p_id, nm)
+                          create_time, end_time, handler, params, reason, error_message, last_seq, attempt,
+                          max_attempts, retry_policy, timeout_secs, overlap_policy, priority, manual,
+                          parent_run_id, step)
+        VALUES (new_id, p.tenant_id, p.binding_id, p.definition, 'STEP', st_state, now_ts, now_ts,
+                now_ts, CASE WHEN st_state <> 'QUEUED' THEN now_ts END, spec -> 'handler', prm, skip_reason,
+                CASE WHEN st_state = 'FAILED' THEN 'no definition ' || (st ->> 'definition') END, 1, 1,
+                coalesce((spec -> 'retry' ->> 'max_attempts')::int, 1), spec -> 'retry',
+                (spec ->> 'timeout_secs')::int, 'ALLOW', p.priority, p.manual, p_id, nm)
         ON CONFLICT (parent_run_id, step) WHERE parent_run_id IS NOT NULL AND retry_of IS NULL DO NOTHING;
         IF FOUND THEN
           INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
           VALUES (new_id, 1, now_ts, p.tenant_id, p.binding_id, p.definition, 'state_changed',
-                  jsonb_build_object('kind', 'state_changed', 'from', NULL, 'to', 'QUEUED'));
+                  jsonb_build_object('kind', 'state_changed', 'from', NULL, 'to', st_state)
+                  || CASE WHEN skip_reason IS NULL THEN '{}'::jsonb
+                          ELSE jsonb_build_object('reason', skip_reason) END);
           PERFORM pg_notify('sked_events', 'workflow|' || new_id || ':1:1');
-          woke := true;
+          woke := woke OR st_state = 'QUEUED';
         END IF;
-        latest := latest || jsonb_build_object(nm, jsonb_build_object('state', 'QUEUED', 'result', NULL));
-        active := active + 1;
+        latest := latest || jsonb_build_object(nm, jsonb_build_object('state', st_state, 'result', NULL));
+        IF st_state = 'QUEUED' THEN
+          active := active + 1;
+        ELSE
+          changed := true;
+        END IF;
       END IF;
     END LOOP;
     EXIT WHEN NOT changed;

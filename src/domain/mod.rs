@@ -264,8 +264,8 @@ impl Handler {
         match self {
             Handler::Command(c) => c.max_output_bytes = cap,
             Handler::Workflow(w) => {
-                for s in &mut w.steps {
-                    s.handler.set_output_cap(cap);
+                for h in w.steps.iter_mut().filter_map(|s| s.handler.as_mut()) {
+                    h.set_output_cap(cap);
                 }
             }
             _ => {}

@@ -62,18 +62,28 @@ impl Eq for WorkflowHandler {}
 pub struct WorkflowStep {
     /// `[a-z0-9][a-z0-9_-]{0,63}`, unique in the workflow.
     pub name: String,
-    /// How it executes: command, http, worker or event (not a workflow).
-    pub handler: Box<Handler>,
+    /// How it executes: command, http, worker or event (not a workflow);
+    /// `None` for a step that runs another definition (`definition`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<Box<Handler>>,
+    /// Another definition the step runs (exactly one of `handler` and
+    /// `definition`): its handler, params (under the workflow's and the
+    /// step's), retry policy and timeout (unless the step sets its own),
+    /// read when the step is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
     /// Steps that must all `SUCCEED` before it starts (names).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
     /// Its params (a JSON object), merged over the workflow run's.
     #[serde(default = "empty_object")]
     pub params: serde_json::Value,
-    /// Its retry policy (default: one attempt).
-    #[serde(default)]
-    pub retry: RetryPolicy,
-    /// Its attempt's timeout, seconds; `None` = none.
+    /// Its retry policy; `None` = one attempt (a `definition` step: that
+    /// definition's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Its attempt's timeout, seconds; `None` = none (a `definition` step:
+    /// that definition's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u32>,
     /// Runs once its dependencies have ended, whatever they came to (and
@@ -154,13 +164,24 @@ impl WorkflowHandler {
                     ),
                 ));
             }
-            if matches!(*s.handler, Handler::Workflow(_)) {
-                return Err(FieldViolation::new(
-                    format!("{f}.handler"),
-                    "a step cannot be a workflow (depth at most 1): use command, http, worker or event",
-                ));
+            match (&s.handler, &s.definition) {
+                (Some(h), None) => {
+                    if matches!(**h, Handler::Workflow(_)) {
+                        return Err(FieldViolation::new(
+                            format!("{f}.handler"),
+                            "a step cannot be a workflow (depth at most 1): use command, http, worker, event or definition",
+                        ));
+                    }
+                    h.validate(&f)?;
+                }
+                (None, Some(d)) => super::validate_definition_name(&format!("{f}.definition"), d)?,
+                _ => {
+                    return Err(FieldViolation::new(
+                        format!("{f}.handler"),
+                        "exactly one of command, event, http, worker or definition is required",
+                    ));
+                }
             }
-            s.handler.validate(&f)?;
             if !s.params.is_object() {
                 return Err(FieldViolation::new(
                     format!("{f}.params"),
@@ -174,7 +195,9 @@ impl WorkflowHandler {
                     format!("is {len} bytes of JSON; at most {MAX_STEP_PARAMS_BYTES} (16 KiB)"),
                 ));
             }
-            s.retry.validate(&format!("{f}.retry_policy"))?;
+            if let Some(r) = &s.retry {
+                r.validate(&format!("{f}.retry_policy"))?;
+            }
             if let Some(t) = s.timeout_secs
                 && !(1..=MAX_STEP_TIMEOUT_SECS).contains(&t)
             {
@@ -278,10 +301,11 @@ mod tests {
     fn step(name: &str, deps: &[&str]) -> WorkflowStep {
         WorkflowStep {
             name: name.into(),
-            handler: Box::new(Handler::Event),
+            handler: Some(Box::new(Handler::Event)),
+            definition: None,
             depends_on: deps.iter().map(|s| s.to_string()).collect(),
             params: serde_json::json!({}),
-            retry: RetryPolicy::default(),
+            retry: None,
             timeout_secs: None,
             always: false,
         }

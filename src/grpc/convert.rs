@@ -722,26 +722,18 @@ pub fn workflow_to(w: &domain::WorkflowHandler) -> pb::WorkflowHandler {
             .steps
             .iter()
             .map(|s| {
-                let handler = match pb_handler_of(&s.handler) {
-                    pb::task_definition::Handler::Command(c) => {
-                        pb::workflow_step::Handler::Command(c)
-                    }
-                    pb::task_definition::Handler::Event(e) => pb::workflow_step::Handler::Event(e),
-                    pb::task_definition::Handler::Http(h) => pb::workflow_step::Handler::Http(h),
-                    pb::task_definition::Handler::Worker(w) => {
-                        pb::workflow_step::Handler::Worker(w)
-                    }
-                    // Refused at create: a step is never a workflow.
-                    pb::task_definition::Handler::Workflow(_) => {
-                        pb::workflow_step::Handler::Event(pb::EventHandler {})
-                    }
+                let handler = match (&s.definition, &s.handler) {
+                    (Some(d), _) => pb::workflow_step::Handler::Definition(d.clone()),
+                    (None, Some(h)) => step_handler_to(h),
+                    // Refused at create: a step has one or the other.
+                    (None, None) => pb::workflow_step::Handler::Event(pb::EventHandler {}),
                 };
                 pb::WorkflowStep {
                     name: s.name.clone(),
                     handler: Some(handler),
                     depends_on: s.depends_on.clone(),
                     params: json_to_struct(&s.params),
-                    retry_policy: Some(retry_policy_to(&s.retry)),
+                    retry_policy: s.retry.as_ref().map(retry_policy_to),
                     timeout: s.timeout_secs.map(secs_to),
                     always: s.always,
                 }
@@ -756,8 +748,23 @@ pub fn workflow_to(w: &domain::WorkflowHandler) -> pb::WorkflowHandler {
     }
 }
 
+/// A step's handler → API.
+fn step_handler_to(h: &domain::Handler) -> pb::workflow_step::Handler {
+    match pb_handler_of(h) {
+        pb::task_definition::Handler::Command(c) => pb::workflow_step::Handler::Command(c),
+        pb::task_definition::Handler::Event(e) => pb::workflow_step::Handler::Event(e),
+        pb::task_definition::Handler::Http(h) => pb::workflow_step::Handler::Http(h),
+        pb::task_definition::Handler::Worker(w) => pb::workflow_step::Handler::Worker(w),
+        // Refused at create: a step is never a workflow.
+        pb::task_definition::Handler::Workflow(_) => {
+            pb::workflow_step::Handler::Event(pb::EventHandler {})
+        }
+    }
+}
+
 /// API workflow → domain (validated); `prefix` is its field path
-/// (`definition.workflow`).
+/// (`definition.workflow`). A `definition` step is checked for shape only
+/// here (the use case checks that the definition exists).
 ///
 /// # Errors
 /// A violation naming the step and field, e.g.
@@ -780,23 +787,38 @@ pub fn workflow_from(
     let mut steps = Vec::with_capacity(w.steps.len());
     for (i, s) in w.steps.iter().enumerate() {
         let f = format!("{prefix}.steps[{i}]");
-        let h = s.handler.as_ref().map(|h| match h {
-            pb::workflow_step::Handler::Command(c) => {
-                pb::task_definition::Handler::Command(c.clone())
+        let (handler, definition) = match &s.handler {
+            Some(pb::workflow_step::Handler::Definition(d)) => (None, Some(d.clone())),
+            other => {
+                let h = other.as_ref().and_then(|h| match h {
+                    pb::workflow_step::Handler::Command(c) => {
+                        Some(pb::task_definition::Handler::Command(c.clone()))
+                    }
+                    pb::workflow_step::Handler::Event(e) => {
+                        Some(pb::task_definition::Handler::Event(*e))
+                    }
+                    pb::workflow_step::Handler::Http(h) => {
+                        Some(pb::task_definition::Handler::Http(h.clone()))
+                    }
+                    pb::workflow_step::Handler::Worker(w) => {
+                        Some(pb::task_definition::Handler::Worker(w.clone()))
+                    }
+                    pb::workflow_step::Handler::Definition(_) => None,
+                });
+                (Some(Box::new(handler_from(&f, h.as_ref())?)), None)
             }
-            pb::workflow_step::Handler::Event(e) => pb::task_definition::Handler::Event(*e),
-            pb::workflow_step::Handler::Http(h) => pb::task_definition::Handler::Http(h.clone()),
-            pb::workflow_step::Handler::Worker(w) => {
-                pb::task_definition::Handler::Worker(w.clone())
-            }
-        });
-        let handler = handler_from(&f, h.as_ref())?;
+        };
         steps.push(domain::WorkflowStep {
             name: s.name.clone(),
-            handler: Box::new(handler),
+            handler,
+            definition,
             depends_on: s.depends_on.clone(),
             params: params_from(s.params.as_ref()),
-            retry: retry_policy_from(&format!("{f}.retry_policy"), s.retry_policy.as_ref())?,
+            retry: s
+                .retry_policy
+                .as_ref()
+                .map(|p| retry_policy_from(&format!("{f}.retry_policy"), Some(p)))
+                .transpose()?,
             timeout_secs: timeout_from(&format!("{f}.timeout"), s.timeout.as_ref())?,
             always: s.always,
         });

@@ -104,29 +104,15 @@ async fn a_diamond_runs_b_and_c_together_and_d_gets_both_results() {
     );
     def.params = json_to_struct(&serde_json::json!({"region": "eu"}));
     let stored = create_definition(&node, def.clone()).await.unwrap();
-    assert_eq!(
-        stored.handler,
-        def.handler.clone().map(|h| {
-            // The stored form spells the defaults out (retry policy).
-            match h {
-                pb::task_definition::Handler::Workflow(mut w) => {
-                    for s in &mut w.steps {
-                        s.retry_policy = Some(pb::RetryPolicy {
-                            max_attempts: 1,
-                            initial_backoff: Some(dur(1000)),
-                            backoff_coefficient: 2.0,
-                            max_backoff: Some(dur(100_000)),
-                        });
-                        if s.params.is_none() {
-                            s.params = json_to_struct(&serde_json::json!({}));
-                        }
-                    }
-                    pb::task_definition::Handler::Workflow(w)
-                }
-                h => h,
-            }
-        })
-    );
+    // Stored as given (unset params read back as an empty object).
+    let mut want = def.handler.clone();
+    if let Some(pb::task_definition::Handler::Workflow(w)) = &mut want {
+        for s in &mut w.steps {
+            s.params
+                .get_or_insert_with(|| json_to_struct(&serde_json::json!({})).unwrap());
+        }
+    }
+    assert_eq!(stored.handler, want);
     let binding = bind_existing(&node, "acme", "diamond").await;
     let wf = trigger(&node, "acme", &binding.id).await;
     let done = wait_workflow(&node, "acme", &wf.id).await;
@@ -1053,6 +1039,101 @@ async fn a_workflow_whose_stored_steps_cannot_be_read_ends_failed_corrupt_and_it
         state(&a),
         pb::RunState::Succeeded,
         "the step's end committed"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_may_run_another_definition_as_it_is_when_the_step_starts() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut shared = sh_def("shared.echo", r#"printf '%s\n' "$SKED_PARAMS""#, manual());
+    shared.params = json_to_struct(&serde_json::json!({"from_def": 1, "who": "def"}));
+    shared.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 3,
+        ..Default::default()
+    });
+    create_definition(&node, shared).await.unwrap();
+    let mut by_ref = pb::WorkflowStep {
+        name: "b".into(),
+        handler: Some(pb::workflow_step::Handler::Definition("shared.echo".into())),
+        depends_on: vec!["a".into()],
+        ..Default::default()
+    };
+    by_ref.params = json_to_struct(&serde_json::json!({"who": "step"}));
+    let mut def = workflow_def(
+        "referring",
+        vec![sh_step("a", &[], r#"echo '{"a": 1}'"#), by_ref.clone()],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.params = json_to_struct(&serde_json::json!({"wf": true}));
+    let stored = create_definition(&node, def.clone()).await.unwrap();
+    match &stored.handler {
+        Some(pb::task_definition::Handler::Workflow(w)) => assert_eq!(
+            w.steps[1].handler,
+            Some(pb::workflow_step::Handler::Definition("shared.echo".into())),
+            "stored as a reference"
+        ),
+        h => panic!("{h:?}"),
+    }
+    let binding = bind_existing(&node, "acme", "referring").await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let b = step(&steps, "b");
+    let got = result(b);
+    assert_eq!(got["from_def"], 1, "the definition's params: {got}");
+    assert_eq!(got["who"], "step", "the step's over them: {got}");
+    assert_eq!(got["wf"], true, "the workflow's too: {got}");
+    assert_eq!(got["steps"]["a"]["a"], 1);
+    assert_eq!(b.max_attempts, 3, "the definition's retry policy");
+
+    // Unknown, a workflow, or itself: INVALID_ARGUMENT naming the step.
+    for (target, text) in [
+        ("nope", "no definition"),
+        ("referring", "is a workflow"),
+        ("selfish", "itself"),
+    ] {
+        let mut r = by_ref.clone();
+        r.handler = Some(pb::workflow_step::Handler::Definition(target.into()));
+        let err = create_definition(
+            &node,
+            workflow_def(
+                "selfish",
+                vec![sh_step("a", &[], "true"), r],
+                pb::WorkflowOnFailure::Stop,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            violation_fields(&err),
+            vec!["definition.workflow.steps[1].definition".to_string()]
+        );
+        assert!(err.message().contains(text), "{text}: {err:?}");
+    }
+
+    // A definition deleted since: the step ends FAILED, the workflow too.
+    node.definitions()
+        .delete_definition(as_tenant(
+            "",
+            pb::DeleteDefinitionRequest {
+                name: "shared.echo".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::Failed, "{done:#?}");
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    let b = step(&steps, "b");
+    assert_eq!(
+        (state(b), b.reason.as_str()),
+        (pb::RunState::Failed, "definition_missing")
     );
     node.stop().await;
 }
