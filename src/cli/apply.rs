@@ -65,7 +65,7 @@ const BINDING_FIELDS: &[&str] = &[
     "maxActiveRuns",
 ];
 /// Handler fields: one mask path (`command`) replaces whichever kind.
-const HANDLERS: &[&str] = &["command", "event", "http", "worker"];
+const HANDLERS: &[&str] = &["command", "event", "http", "worker", "workflow"];
 
 /// `sked apply`.
 #[derive(Debug, clap::Args)]

@@ -562,6 +562,7 @@ pub fn handler_summary(h: &Option<pb::task_definition::Handler>, max: usize) -> 
         }
         Some(Handler::Event(_)) => "event".into(),
         Some(Handler::Worker(w)) => format!("worker queue={}", w.queue),
+        Some(Handler::Workflow(w)) => format!("workflow steps={}", w.steps.len()),
         None => String::new(),
     };
     if text.chars().count() > max {

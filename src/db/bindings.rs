@@ -470,9 +470,7 @@ pub async fn binding_lock_due(
     for r in rows {
         let decoded = (|| -> Result<DueBinding, Error> {
             let mut handler: Handler = decode("definition handler", r.handler)?;
-            if let Handler::Command(c) = &mut handler {
-                c.max_output_bytes = r.max_output_bytes.and_then(|m| u64::try_from(m).ok());
-            }
+            handler.set_output_cap(r.max_output_bytes.and_then(|m| u64::try_from(m).ok()));
             Ok(DueBinding {
                 id: r.id,
                 tenant_id: r.tenant_id.clone(),

@@ -14,6 +14,7 @@ pub mod run;
 pub mod schedule;
 pub mod stats;
 pub mod tenancy;
+pub mod workflow;
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,7 @@ pub use run::{NewRun, RunReason, RunSpec};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind};
 pub use stats::{BindingStatus, LastRun, RunOutcomes};
 pub use tenancy::{Role, TenantScope};
+pub use workflow::{OnFailure, WorkflowHandler, WorkflowStep};
 
 /// A request value that breaks a rule: `field` is the API path (e.g.
 /// `definition.name`), `reason` a sentence a user can act on.
@@ -142,6 +144,9 @@ pub enum Handler {
     /// Hand the run to a worker process connected to WorkerService for the
     /// queue (`crate::usecase::workers`).
     Worker(WorkerHandler),
+    /// A DAG of steps, each run as a child run ([`workflow`]); the run
+    /// itself executes nothing and ends when its steps have.
+    Workflow(WorkflowHandler),
 }
 
 /// A run executed by a worker of `queue` (`docs/semantics.md`, "Workers").
@@ -253,6 +258,20 @@ pub fn validate_max_output_bytes(field: &str, bytes: u64) -> Result<(), FieldVio
 }
 
 impl Handler {
+    /// Sets the per-run output cap of a command (and of a workflow's
+    /// command steps), as a run snapshots it from its definition.
+    pub fn set_output_cap(&mut self, cap: Option<u64>) {
+        match self {
+            Handler::Command(c) => c.max_output_bytes = cap,
+            Handler::Workflow(w) => {
+                for h in w.steps.iter_mut().filter_map(|s| s.handler.as_mut()) {
+                    h.set_output_cap(cap);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Checks the handler; `prefix` is the API path of the handler's parent
     /// (e.g. `definition`).
     ///
@@ -261,6 +280,7 @@ impl Handler {
     pub fn validate(&self, prefix: &str) -> Result<(), FieldViolation> {
         match self {
             Handler::Event => Ok(()),
+            Handler::Workflow(w) => w.validate(&format!("{prefix}.workflow")),
             Handler::Http(h) => h.validate(&format!("{prefix}.http")),
             Handler::Worker(w) => {
                 validate_queue(&format!("{prefix}.worker.queue"), &w.queue)?;
@@ -417,13 +437,11 @@ pub struct Definition {
 }
 
 impl Definition {
-    /// The handler as a run snapshots it: a command carries the
-    /// definition's output cap.
+    /// The handler as a run snapshots it: a command (a workflow's command
+    /// steps too) carries the definition's output cap.
     pub fn run_handler(&self) -> Handler {
         let mut h = self.handler.clone();
-        if let Handler::Command(c) = &mut h {
-            c.max_output_bytes = self.max_output_bytes;
-        }
+        h.set_output_cap(self.max_output_bytes);
         h
     }
 }
@@ -638,6 +656,9 @@ pub enum RunTrigger {
     Retry,
     /// BackfillRuns.
     Backfill,
+    /// A workflow step, created when its dependencies succeeded (its first
+    /// attempt; retries are `Retry`).
+    Step,
 }
 
 impl RunTrigger {
@@ -648,6 +669,7 @@ impl RunTrigger {
             RunTrigger::Manual => "MANUAL",
             RunTrigger::Retry => "RETRY",
             RunTrigger::Backfill => "BACKFILL",
+            RunTrigger::Step => "STEP",
         }
     }
     /// Parses the database spelling.
@@ -657,6 +679,7 @@ impl RunTrigger {
             "MANUAL" => Some(RunTrigger::Manual),
             "RETRY" => Some(RunTrigger::Retry),
             "BACKFILL" => Some(RunTrigger::Backfill),
+            "STEP" => Some(RunTrigger::Step),
             _ => None,
         }
     }

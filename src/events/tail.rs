@@ -183,6 +183,152 @@ impl Tail {
     }
 }
 
+/// What a workflow tail subscriber is sent: events, each with the name of
+/// the step whose run it belongs to (empty for the workflow run's own), or
+/// the error that ended it.
+pub type WorkflowTailItem = Result<Vec<(Arc<str>, Arc<RunEvent>)>, db::Error>;
+
+/// Least time between two reads of a followed workflow's logs (a bus batch
+/// of any run wakes the tail; the reads cost one query per step).
+const WORKFLOW_POLL_MIN: Duration = Duration::from_millis(50);
+
+/// Streams the tenant's workflow run `run_id` into `out`: its steps' events
+/// (each with its step's name) and its own, with `seq > after_seq` for its
+/// own and every event of every step (the cursor of a workflow tail is the
+/// workflow run's own seq; a client that reconnects gets the steps' events
+/// again and drops the `(run_id, seq)` pairs it has). Each run's events
+/// come in seq order, runs interleaved by event time; the workflow run's
+/// terminal event comes last, after its steps' final events. Then (if
+/// `follow`) live ones until that terminal event was sent. Returns when
+/// done, on a database error (sent to `out` first), when `out` is closed,
+/// or when `stop` is cancelled.
+#[allow(clippy::too_many_arguments)]
+pub async fn tail_workflow(
+    pool: PgPool,
+    bus: EventBus,
+    tenant_id: String,
+    run_id: Uuid,
+    after_seq: i64,
+    follow: bool,
+    out: mpsc::Sender<WorkflowTailItem>,
+    stop: CancellationToken,
+) {
+    let mut rx = bus.subscribe();
+    let mut cursors: std::collections::HashMap<Uuid, i64> = std::collections::HashMap::new();
+    let mut own_last = after_seq;
+    let own_name: Arc<str> = Arc::from("");
+    loop {
+        let started = tokio::time::Instant::now();
+        // Steps first, then the workflow's own events: a terminal event of
+        // the workflow was committed with its steps' last ones, so one more
+        // pass over the steps after it finds them all.
+        let mut batch = match workflow_steps_events(&pool, &tenant_id, run_id, &mut cursors).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = out.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut own = Vec::new();
+        let mut terminal = None;
+        loop {
+            match db::events::event_list(&pool, &tenant_id, run_id, own_last, PAGE).await {
+                Ok(page) => {
+                    let full = page.len() as i64 == PAGE;
+                    for e in page {
+                        own_last = e.seq;
+                        if e.body.is_terminal() {
+                            terminal = Some(e);
+                            break;
+                        }
+                        own.push((Arc::clone(&own_name), Arc::new(e)));
+                    }
+                    if terminal.is_some() || !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        if terminal.is_some() {
+            match workflow_steps_events(&pool, &tenant_id, run_id, &mut cursors).await {
+                Ok(more) => batch.extend(more),
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        batch.extend(own);
+        // Stable: each run's events keep their seq order.
+        batch.sort_by_key(|(_, e)| e.time);
+        if let Some(t) = terminal {
+            batch.push((Arc::clone(&own_name), Arc::new(t)));
+        }
+        if !batch.is_empty() && out.send(Ok(batch)).await.is_err() {
+            return;
+        }
+        if !follow || own_last_is_terminal(&pool, run_id, own_last, &out).await {
+            return;
+        }
+        // Wait for news (any run's batch on the bus) or the poll.
+        tokio::select! {
+            r = rx.recv() => if let Err(broadcast::error::RecvError::Closed) = r { return },
+            _ = tokio::time::sleep(IDLE_POLL) => {}
+            _ = out.closed() => return,
+            _ = stop.cancelled() => return,
+        }
+        tokio::time::sleep_until(started + WORKFLOW_POLL_MIN).await;
+    }
+}
+
+/// Whether the workflow run is over for a tail at `last`: terminal, and
+/// its last event sent. On a database error (sent to `out`), true.
+async fn own_last_is_terminal(
+    pool: &PgPool,
+    run_id: Uuid,
+    last: i64,
+    out: &mpsc::Sender<WorkflowTailItem>,
+) -> bool {
+    match db::runs::run_progress(pool, run_id).await {
+        Ok((state, last_seq)) => state.is_terminal() && last >= last_seq,
+        Err(e) => {
+            let _ = out.send(Err(e)).await;
+            true
+        }
+    }
+}
+
+/// The events of workflow run `run_id`'s steps after each step run's
+/// cursor (moved past them), with the step names.
+async fn workflow_steps_events(
+    pool: &PgPool,
+    tenant_id: &str,
+    run_id: Uuid,
+    cursors: &mut std::collections::HashMap<Uuid, i64>,
+) -> Result<Vec<(Arc<str>, Arc<RunEvent>)>, db::Error> {
+    let mut out = Vec::new();
+    for (id, name) in db::runs::run_step_ids(pool, tenant_id, run_id).await? {
+        let name: Arc<str> = Arc::from(name.as_str());
+        loop {
+            let last = cursors.entry(id).or_insert(0);
+            let page = db::events::event_list(pool, tenant_id, id, *last, PAGE).await?;
+            let full = page.len() as i64 == PAGE;
+            if let Some(e) = page.last() {
+                *last = e.seq;
+            }
+            out.extend(page.into_iter().map(|e| (Arc::clone(&name), Arc::new(e))));
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Which live events a watcher wants (all given filters must match).
 #[derive(Debug, Clone, Default)]
 pub struct WatchFilter {

@@ -424,6 +424,12 @@ impl Executor {
         let mut runs = Vec::with_capacity(claimed.len());
         for db::runs::Claimed { run, events, .. } in claimed {
             self.bus.publish(events);
+            // A workflow run executes nothing here: its start created its
+            // first steps in the claim's transaction (migration
+            // 20261205000200), and its steps' ends advance and end it.
+            if matches!(run.handler, Handler::Workflow(_)) {
+                continue;
+            }
             let stop = self.running.insert(run.id);
             runs.push((run, stop));
         }
@@ -565,6 +571,11 @@ impl Executor {
     #[tracing::instrument(skip_all, fields(run = %run.id, binding = %run.binding_id, definition = %run.definition, attempt = run.attempt))]
     async fn execute(&self, run: Run, stop: Stop) {
         let (state, outcome) = match &run.handler {
+            // Never executed (see `claim`): the database advances it.
+            Handler::Workflow(_) => {
+                self.running.remove(run.id);
+                return;
+            }
             Handler::Command(c) => command::execute(self, &run, c, &stop).await,
             Handler::Http(h) => http::execute(self, &run, h, &stop).await,
             // Never claimed for a task (ClaimKind::Event); kept total.

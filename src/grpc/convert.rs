@@ -540,26 +540,7 @@ pub fn overlap_to(p: OverlapPolicy) -> pb::OverlapPolicy {
 
 /// Definition → API.
 pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
-    let handler = match &d.handler {
-        domain::Handler::Command(c) => pb::task_definition::Handler::Command(pb::CommandHandler {
-            program: c.program.clone(),
-            args: c.args.clone(),
-            env: c.env.clone().into_iter().collect(),
-            working_dir: c.working_dir.clone(),
-            non_retryable_exit_codes: c.non_retryable_exit_codes.clone(),
-        }),
-        domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
-        domain::Handler::Http(h) => pb::task_definition::Handler::Http(pb::HttpHandler {
-            method: h.method.as_str().to_string(),
-            url: h.url.clone(),
-            headers: h.headers.clone().into_iter().collect(),
-            timeout: h.timeout_secs.map(secs_to),
-        }),
-        domain::Handler::Worker(w) => pb::task_definition::Handler::Worker(pb::WorkerHandler {
-            queue: w.queue.clone(),
-            schedule_to_start_timeout: w.schedule_to_start_secs.map(secs_to),
-        }),
-    };
+    let handler = pb_handler_of(&d.handler);
     pb::TaskDefinition {
         name: d.name.clone(),
         display_name: d.display_name.clone(),
@@ -581,6 +562,31 @@ pub fn definition_to(d: &domain::Definition) -> pb::TaskDefinition {
         etag: d.version.to_string(),
         max_output_bytes: d.max_output_bytes,
         max_active_runs: d.max_active_runs,
+    }
+}
+
+/// A domain handler → API (the definition handler oneof).
+pub fn pb_handler_of(h: &domain::Handler) -> pb::task_definition::Handler {
+    match h {
+        domain::Handler::Command(c) => pb::task_definition::Handler::Command(pb::CommandHandler {
+            program: c.program.clone(),
+            args: c.args.clone(),
+            env: c.env.clone().into_iter().collect(),
+            working_dir: c.working_dir.clone(),
+            non_retryable_exit_codes: c.non_retryable_exit_codes.clone(),
+        }),
+        domain::Handler::Event => pb::task_definition::Handler::Event(pb::EventHandler {}),
+        domain::Handler::Http(h) => pb::task_definition::Handler::Http(pb::HttpHandler {
+            method: h.method.as_str().to_string(),
+            url: h.url.clone(),
+            headers: h.headers.clone().into_iter().collect(),
+            timeout: h.timeout_secs.map(secs_to),
+        }),
+        domain::Handler::Worker(w) => pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: w.queue.clone(),
+            schedule_to_start_timeout: w.schedule_to_start_secs.map(secs_to),
+        }),
+        domain::Handler::Workflow(w) => pb::task_definition::Handler::Workflow(workflow_to(w)),
     }
 }
 
@@ -673,6 +679,9 @@ pub fn handler_from(
             })
         }
         Some(pb::task_definition::Handler::Event(pb::EventHandler {})) => domain::Handler::Event,
+        Some(pb::task_definition::Handler::Workflow(w)) => {
+            domain::Handler::Workflow(workflow_from(&format!("{prefix}.workflow"), w)?)
+        }
         Some(pb::task_definition::Handler::Http(h)) => {
             let field = format!("{prefix}.http");
             domain::Handler::Http(domain::HttpHandler {
@@ -704,6 +713,136 @@ pub fn handler_from(
     };
     h.validate(prefix)?;
     Ok(h)
+}
+
+/// Domain workflow → API.
+pub fn workflow_to(w: &domain::WorkflowHandler) -> pb::WorkflowHandler {
+    pb::WorkflowHandler {
+        steps: w
+            .steps
+            .iter()
+            .map(|s| {
+                let handler = match (&s.definition, &s.handler) {
+                    (Some(d), _) => pb::workflow_step::Handler::Definition(d.clone()),
+                    (None, Some(h)) => step_handler_to(h),
+                    // Refused at create: a step has one or the other.
+                    (None, None) => pb::workflow_step::Handler::Event(pb::EventHandler {}),
+                };
+                pb::WorkflowStep {
+                    name: s.name.clone(),
+                    handler: Some(handler),
+                    depends_on: s.depends_on.clone(),
+                    params: json_to_struct(&s.params),
+                    retry_policy: s.retry.as_ref().map(retry_policy_to),
+                    timeout: s.timeout_secs.map(secs_to),
+                    always: s.always,
+                }
+            })
+            .collect(),
+        on_failure: match w.on_failure {
+            domain::OnFailure::Stop => pb::WorkflowOnFailure::Stop,
+            domain::OnFailure::Continue => pb::WorkflowOnFailure::Continue,
+        } as i32,
+        max_parallel_steps: w.max_parallel_steps.unwrap_or(0),
+        serial: w.serial,
+    }
+}
+
+/// A step's handler → API.
+fn step_handler_to(h: &domain::Handler) -> pb::workflow_step::Handler {
+    match pb_handler_of(h) {
+        pb::task_definition::Handler::Command(c) => pb::workflow_step::Handler::Command(c),
+        pb::task_definition::Handler::Event(e) => pb::workflow_step::Handler::Event(e),
+        pb::task_definition::Handler::Http(h) => pb::workflow_step::Handler::Http(h),
+        pb::task_definition::Handler::Worker(w) => pb::workflow_step::Handler::Worker(w),
+        // Refused at create: a step is never a workflow.
+        pb::task_definition::Handler::Workflow(_) => {
+            pb::workflow_step::Handler::Event(pb::EventHandler {})
+        }
+    }
+}
+
+/// API workflow → domain (validated); `prefix` is its field path
+/// (`definition.workflow`). A `definition` step is checked for shape only
+/// here (the use case checks that the definition exists).
+///
+/// # Errors
+/// A violation naming the step and field, e.g.
+/// `definition.workflow.steps[1].depends_on`, or a cycle on
+/// `definition.workflow.steps`.
+pub fn workflow_from(
+    prefix: &str,
+    w: &pb::WorkflowHandler,
+) -> Result<domain::WorkflowHandler, FieldViolation> {
+    if w.steps.len() > domain::workflow::MAX_STEPS {
+        return Err(FieldViolation::new(
+            format!("{prefix}.steps"),
+            format!(
+                "has {} steps; at most {}",
+                w.steps.len(),
+                domain::workflow::MAX_STEPS
+            ),
+        ));
+    }
+    let mut steps = Vec::with_capacity(w.steps.len());
+    for (i, s) in w.steps.iter().enumerate() {
+        let f = format!("{prefix}.steps[{i}]");
+        let (handler, definition) = match &s.handler {
+            Some(pb::workflow_step::Handler::Definition(d)) => (None, Some(d.clone())),
+            other => {
+                let h = other.as_ref().and_then(|h| match h {
+                    pb::workflow_step::Handler::Command(c) => {
+                        Some(pb::task_definition::Handler::Command(c.clone()))
+                    }
+                    pb::workflow_step::Handler::Event(e) => {
+                        Some(pb::task_definition::Handler::Event(*e))
+                    }
+                    pb::workflow_step::Handler::Http(h) => {
+                        Some(pb::task_definition::Handler::Http(h.clone()))
+                    }
+                    pb::workflow_step::Handler::Worker(w) => {
+                        Some(pb::task_definition::Handler::Worker(w.clone()))
+                    }
+                    pb::workflow_step::Handler::Definition(_) => None,
+                });
+                (Some(Box::new(handler_from(&f, h.as_ref())?)), None)
+            }
+        };
+        steps.push(domain::WorkflowStep {
+            name: s.name.clone(),
+            handler,
+            definition,
+            depends_on: s.depends_on.clone(),
+            params: params_from(s.params.as_ref()),
+            retry: s
+                .retry_policy
+                .as_ref()
+                .map(|p| retry_policy_from(&format!("{f}.retry_policy"), Some(p)))
+                .transpose()?,
+            timeout_secs: timeout_from(&format!("{f}.timeout"), s.timeout.as_ref())?,
+            always: s.always,
+        });
+    }
+    let on_failure = match pb::WorkflowOnFailure::try_from(w.on_failure) {
+        Ok(pb::WorkflowOnFailure::Unspecified | pb::WorkflowOnFailure::Stop) => {
+            domain::OnFailure::Stop
+        }
+        Ok(pb::WorkflowOnFailure::Continue) => domain::OnFailure::Continue,
+        Err(_) => {
+            return Err(FieldViolation::new(
+                format!("{prefix}.on_failure"),
+                format!("{} is not a WorkflowOnFailure", w.on_failure),
+            ));
+        }
+    };
+    let wf = domain::WorkflowHandler {
+        steps,
+        on_failure,
+        max_parallel_steps: (w.max_parallel_steps != 0).then_some(w.max_parallel_steps),
+        serial: w.serial,
+    };
+    wf.validate(prefix)?;
+    Ok(wf)
 }
 
 /// The policy overrides of an API binding, checked against the same bounds
@@ -825,6 +964,7 @@ pub fn trigger_from(field: &str, n: i32) -> Result<Option<domain::RunTrigger>, F
         Ok(pb::RunTrigger::Manual) => Ok(Some(domain::RunTrigger::Manual)),
         Ok(pb::RunTrigger::Retry) => Ok(Some(domain::RunTrigger::Retry)),
         Ok(pb::RunTrigger::Backfill) => Ok(Some(domain::RunTrigger::Backfill)),
+        Ok(pb::RunTrigger::Step) => Ok(Some(domain::RunTrigger::Step)),
         Err(_) => Err(FieldViolation::new(
             field,
             format!("{n} is not a RunTrigger"),
@@ -932,6 +1072,7 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
             domain::RunTrigger::Manual => pb::RunTrigger::Manual,
             domain::RunTrigger::Retry => pb::RunTrigger::Retry,
             domain::RunTrigger::Backfill => pb::RunTrigger::Backfill,
+            domain::RunTrigger::Step => pb::RunTrigger::Step,
         } as i32,
         state: state_to(r.state) as i32,
         attempt: r.attempt,
@@ -958,6 +1099,10 @@ pub fn run_to(r: &domain::Run) -> pb::Run {
         not_before: Some(time_to(r.not_before)),
         timeout: r.policy.timeout_secs.map(secs_to),
         progress: r.progress.as_ref().map(progress_to),
+        // Filled in by the service from the run's step columns.
+        parent_run_id: String::new(),
+        step: String::new(),
+        steps: Vec::new(),
     }
 }
 
@@ -1027,6 +1172,7 @@ pub fn event_to(e: &domain::RunEvent) -> pb::RunEvent {
         binding_id: e.binding_id.to_string(),
         definition: e.definition.clone(),
         kind: Some(kind),
+        step: String::new(),
     }
 }
 

@@ -63,6 +63,39 @@ impl Stream for TailStream {
     }
 }
 
+/// A workflow tail's batches in, one message per event out, each with its
+/// step's name.
+struct WorkflowTailStream {
+    _permit: Vec<tokio::sync::OwnedSemaphorePermit>,
+    rx: mpsc::Receiver<tail::WorkflowTailItem>,
+    buf: std::vec::IntoIter<(std::sync::Arc<str>, std::sync::Arc<crate::domain::RunEvent>)>,
+}
+
+impl Stream for WorkflowTailStream {
+    type Item = Result<pb::RunEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some((step, e)) = self.buf.next() {
+                let mut m = event_to(&e);
+                m.step = step.to_string();
+                return std::task::Poll::Ready(Some(Ok(m)));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(events)) => self.buf = events.into_iter(),
+                Some(Err(e)) => {
+                    let e = usecase::Error::db(e, &Target::all("run_event"));
+                    return std::task::Poll::Ready(Some(Err(e.into())));
+                }
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
+}
+
 /// Implements `LogService`.
 #[derive(Debug, Clone)]
 pub struct Logs(pub Ctx);
@@ -84,8 +117,27 @@ impl LogService for Logs {
             return Err(invalid(FieldViolation::new("after_seq", "must be ≥ 0")));
         }
         // Existence and ownership first: another tenant's run is NOT_FOUND.
-        runs::get(&self.0.core, &tenant_id, run_id).await?;
+        let run = runs::get(&self.0.core, &tenant_id, run_id).await?;
         let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
+        if matches!(run.handler, crate::domain::Handler::Workflow(_)) {
+            // A workflow run: its steps' events too, with their names.
+            let (tx, rx) = mpsc::channel(TAIL_BUFFER);
+            tokio::spawn(tail::tail_workflow(
+                self.0.core.pool.clone(),
+                self.0.core.bus.clone(),
+                tenant_id,
+                run_id,
+                r.after_seq,
+                r.follow,
+                tx,
+                self.0.streams_stop.clone(),
+            ));
+            return Ok(Response::new(Box::pin(WorkflowTailStream {
+                _permit: permit,
+                rx,
+                buf: Vec::new().into_iter(),
+            })));
+        }
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         tokio::spawn(tail::tail_run(
             self.0.core.pool.clone(),

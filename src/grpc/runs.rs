@@ -127,7 +127,10 @@ impl RunService for Runs {
         let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("run_id", &req.get_ref().run_id)?;
         let run = runs::get(&self.0.core, &tenant_id, id).await?;
-        Ok(Response::new(run_to(&run)))
+        let views =
+            runs::workflow_views(&self.0.core, &tenant_id, std::slice::from_ref(&run), true)
+                .await?;
+        Ok(Response::new(run_with_view(&run, views.first())))
     }
 
     async fn list_runs(
@@ -164,6 +167,11 @@ impl RunService for Runs {
             node: (!r.node.is_empty()).then_some(r.node),
             scheduled_from: optional_time("scheduled_start_time", r.scheduled_start_time.as_ref())?,
             scheduled_until: optional_time("scheduled_end_time", r.scheduled_end_time.as_ref())?,
+            parent_run_id: if r.parent_run_id.is_empty() {
+                None
+            } else {
+                Some(parse_uuid("parent_run_id", &r.parent_run_id)?)
+            },
             oldest_first: match pb::ListRunsOrder::try_from(r.order) {
                 Ok(pb::ListRunsOrder::Unspecified | pb::ListRunsOrder::NewestFirst) => false,
                 Ok(pb::ListRunsOrder::OldestFirst) => true,
@@ -177,8 +185,13 @@ impl RunService for Runs {
         };
         let (list, next_page_token) =
             runs::list(&self.0.core, &tenant_id, &filter, size, &r.page_token).await?;
+        let views = runs::workflow_views(&self.0.core, &tenant_id, &list, false).await?;
         Ok(Response::new(pb::ListRunsResponse {
-            runs: list.iter().map(run_to).collect(),
+            runs: list
+                .iter()
+                .zip(&views)
+                .map(|(r, v)| run_with_view(r, Some(v)))
+                .collect(),
             next_page_token,
         }))
     }
@@ -233,4 +246,31 @@ impl RunService for Runs {
         let stats = runs::stats(&self.0.core, &q).await?;
         Ok(Response::new(run_stats_to(&stats)))
     }
+}
+
+/// Run → API with its place in a workflow (its parent and step name, a
+/// workflow run's steps).
+fn run_with_view(r: &crate::domain::Run, v: Option<&runs::WorkflowView>) -> pb::Run {
+    let mut out = run_to(r);
+    if let Some(v) = v {
+        out.parent_run_id = v.parent_run_id.map(|u| u.to_string()).unwrap_or_default();
+        out.step = v.step.clone().unwrap_or_default();
+        out.steps = v
+            .steps
+            .iter()
+            .map(|(name, run)| pb::WorkflowStepState {
+                name: name.clone(),
+                state: run.as_ref().map_or(pb::RunState::Unspecified, |r| {
+                    crate::grpc::convert::state_to(r.state)
+                }) as i32,
+                run_id: run.as_ref().map(|r| r.id.to_string()).unwrap_or_default(),
+                attempt: run.as_ref().map_or(0, |r| r.attempt),
+                reason: run
+                    .as_ref()
+                    .and_then(|r| r.reason.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+    }
+    out
 }

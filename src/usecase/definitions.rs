@@ -36,6 +36,7 @@ pub async fn create(core: &Core, actor: Actor<'_>, mut def: Definition) -> Resul
     def.version = 1;
     let target = Target::new("definition", &def.name);
     let mut tx = begin(core, &target).await?;
+    check_step_definitions(&mut tx, &def, &target).await?;
     db::definitions::definition_insert(&mut *tx, &def)
         .await
         .map_err(Error::on(&target))?;
@@ -51,6 +52,50 @@ pub async fn create(core: &Core, actor: Actor<'_>, mut def: Definition) -> Resul
     commit(tx, &target).await?;
     tracing::info!(definition = %def.name, "definition created");
     Ok(def)
+}
+
+/// Checks the definitions a workflow's steps run (`definition` steps):
+/// each exists, is not a workflow and is not `def` itself.
+///
+/// # Errors
+/// `Invalid` on `definition.workflow.steps[i].definition`; database errors.
+async fn check_step_definitions(
+    tx: &mut sqlx::PgConnection,
+    def: &Definition,
+    target: &Target,
+) -> Result<()> {
+    let Handler::Workflow(w) = &def.handler else {
+        return Ok(());
+    };
+    for (i, s) in w.steps.iter().enumerate() {
+        let Some(name) = &s.definition else { continue };
+        let field = format!("definition.workflow.steps[{i}].definition");
+        if *name == def.name {
+            return Err(Error::Invalid(FieldViolation::new(
+                field,
+                "a workflow cannot run itself as a step",
+            )));
+        }
+        match db::definitions::definition_get(&mut *tx, name, None).await {
+            Ok(d) if matches!(d.handler, Handler::Workflow(_)) => {
+                return Err(Error::Invalid(FieldViolation::new(
+                    field,
+                    format!(
+                        "definition {name:?} is a workflow; a step cannot be one (depth at most 1)"
+                    ),
+                )));
+            }
+            Ok(_) => {}
+            Err(db::Error::NotFound) => {
+                return Err(Error::Invalid(FieldViolation::new(
+                    field,
+                    format!("no definition {name:?}"),
+                )));
+            }
+            Err(e) => return Err(Error::db(e, target)),
+        }
+    }
+    Ok(())
 }
 
 /// Definition `name` as `viewer` sees it: a tenant (`Some`, the caller's
@@ -213,6 +258,7 @@ pub async fn update(core: &Core, actor: Actor<'_>, u: DefinitionUpdate) -> Resul
             )?;
         }
     }
+    check_step_definitions(&mut tx, &cur, &target).await?;
     let now = core.clock.now();
     cur.version += 1;
     cur.update_time = now;

@@ -250,13 +250,27 @@ pub async fn cancel(
     }
     let mut tx = begin(core, &target).await?;
     let now = core.clock.now();
-    let events = db::runs::run_cancel_waiting(&mut tx, &core.node_id, &[run_id], reason, now)
+    let workflow = matches!(run.handler, crate::domain::Handler::Workflow(_));
+    // A workflow's steps first (the order a step's end takes the rows in:
+    // the step, then its workflow run), then the run; then once more for
+    // a step another node created in between. The run's cancel reason
+    // stops the DAG: its steps' ends end it CANCELLED.
+    let mut step_events = Vec::new();
+    if workflow {
+        step_events
+            .extend(cancel_steps(&mut tx, core, tenant_id, run_id, reason, now, &target).await?);
+    }
+    let mut events = db::runs::run_cancel_waiting(&mut tx, &core.node_id, &[run_id], reason, now)
         .await
         .map_err(Error::on(&target))?;
     if events.is_empty() {
         db::runs::run_request_cancel(&mut tx, &[run_id], reason)
             .await
             .map_err(Error::on(&target))?;
+    }
+    if workflow {
+        step_events
+            .extend(cancel_steps(&mut tx, core, tenant_id, run_id, reason, now, &target).await?);
     }
     let after = db::runs::run_get(&mut *tx, tenant_id, run_id)
         .await
@@ -272,6 +286,7 @@ pub async fn cancel(
     record(&mut tx, &event, &target).await?;
     commit(tx, &target).await?;
     let cancelled_at_once = !events.is_empty();
+    events.extend(step_events);
     core.bus.publish(events);
     let run = db::runs::run_get(&core.pool, tenant_id, run_id)
         .await
@@ -282,6 +297,35 @@ pub async fn cancel(
     }
     tracing::info!(run = %run_id, reason = %reason, state = run.state.as_str(), "run cancel requested");
     Ok(run)
+}
+
+/// Cancels the waiting and running steps of workflow run `parent`
+/// (CancelRun of the workflow): waiting ones end CANCELLED at once, running
+/// ones are asked to stop. Returns the events written.
+async fn cancel_steps(
+    tx: &mut sqlx::PgConnection,
+    core: &Core,
+    tenant_id: &str,
+    parent: Uuid,
+    reason: &str,
+    now: DateTime<Utc>,
+    target: &Target,
+) -> Result<Vec<crate::domain::RunEvent>> {
+    let active = db::runs::run_active_steps(&mut *tx, tenant_id, parent)
+        .await
+        .map_err(Error::on(target))?;
+    let (running, waiting): (Vec<_>, Vec<_>) = active
+        .into_iter()
+        .partition(|(_, state)| state == "RUNNING");
+    let waiting: Vec<Uuid> = waiting.into_iter().map(|(id, _)| id).collect();
+    let running: Vec<Uuid> = running.into_iter().map(|(id, _)| id).collect();
+    let events = db::runs::run_cancel_waiting(&mut *tx, &core.node_id, &waiting, reason, now)
+        .await
+        .map_err(Error::on(target))?;
+    db::runs::run_request_cancel(&mut *tx, &running, reason)
+        .await
+        .map_err(Error::on(target))?;
+    Ok(events)
 }
 
 /// Runs an ended run again as a new attempt (RetryRun): same binding,
@@ -466,6 +510,9 @@ pub struct RunFilter {
     pub scheduled_until: Option<DateTime<Utc>>,
     /// Oldest first (ascending id) instead of newest first.
     pub oldest_first: bool,
+    /// Only the steps of this workflow run: every attempt of each, oldest
+    /// first, in one page (the other filters apply to them).
+    pub parent_run_id: Option<Uuid>,
 }
 
 impl RunFilter {
@@ -545,6 +592,9 @@ pub async fn list(
     page_token: &str,
 ) -> Result<(Vec<Run>, String)> {
     filter.validate()?;
+    if let Some(parent) = filter.parent_run_id {
+        return list_steps(core, tenant_id, parent, filter).await;
+    }
     let key = filter.key();
     let after = super::page_cursor(page_token, &key)?;
     let q = db::runs::RunQuery {
@@ -579,6 +629,95 @@ pub async fn list(
         runs,
         next.map(|c| super::page_token(c, &key)).unwrap_or_default(),
     ))
+}
+
+/// [`list`] of a workflow run's steps: all of them (at most 100 steps with
+/// their attempts), oldest first, no next page.
+async fn list_steps(
+    core: &Core,
+    tenant_id: &str,
+    parent: Uuid,
+    f: &RunFilter,
+) -> Result<(Vec<Run>, String)> {
+    let target = Target::new("run", parent);
+    // The parent first: another tenant's run is NOT_FOUND.
+    db::runs::run_get(&core.pool, tenant_id, parent)
+        .await
+        .map_err(Error::on(&target))?;
+    let steps = db::runs::run_steps(&core.pool, tenant_id, parent)
+        .await
+        .map_err(Error::on(&target))?;
+    let mut runs: Vec<Run> = steps
+        .into_iter()
+        .map(|(r, _)| r)
+        .filter(|r| f.states.is_empty() || f.states.contains(&r.state))
+        .filter(|r| f.binding_id.is_none_or(|b| b == r.binding_id))
+        .filter(|r| f.trigger.is_none_or(|t| t == r.trigger))
+        .filter(|r| f.definition.as_deref().is_none_or(|d| d == r.definition))
+        .filter(|r| f.node.is_none() || f.node == r.node_id)
+        .filter(|r| f.scheduled_from.is_none_or(|t| r.scheduled_time >= t))
+        .filter(|r| f.scheduled_until.is_none_or(|t| r.scheduled_time < t))
+        .collect();
+    if !f.oldest_first {
+        runs.reverse();
+    }
+    Ok((runs, String::new()))
+}
+
+/// A run's place in a workflow, for the API: the workflow run and step
+/// name of a step; the steps of a workflow run (when asked).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkflowView {
+    /// For a step: its workflow run.
+    pub parent_run_id: Option<Uuid>,
+    /// For a step: its name.
+    pub step: Option<String>,
+    /// For a workflow run: every step in definition order with its latest
+    /// attempt (`None` when not created yet).
+    pub steps: Vec<(String, Option<Run>)>,
+}
+
+/// The [`WorkflowView`] of each of `runs` (by position); with `steps`, a
+/// workflow run's steps too (GetRun).
+///
+/// # Errors
+/// Database errors.
+pub async fn workflow_views(
+    core: &Core,
+    tenant_id: &str,
+    runs: &[Run],
+    steps: bool,
+) -> Result<Vec<WorkflowView>> {
+    let target = Target::all("run");
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+    let of = db::runs::run_steps_of(&core.pool, &ids)
+        .await
+        .map_err(Error::on(&target))?;
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        let mut v = WorkflowView::default();
+        if let Some(s) = of.iter().find(|s| s.run_id == r.id) {
+            v.parent_run_id = Some(s.parent_run_id);
+            v.step = Some(s.step.clone());
+        }
+        if steps && let crate::domain::Handler::Workflow(w) = &r.handler {
+            let all = db::runs::run_steps(&core.pool, tenant_id, r.id)
+                .await
+                .map_err(Error::on(&target))?;
+            for st in &w.steps {
+                // Latest attempt: highest attempt, then latest created.
+                let latest = all
+                    .iter()
+                    .filter(|(_, n)| *n == st.name)
+                    .map(|(run, _)| run)
+                    .max_by_key(|run| (run.attempt, run.create_time, run.id))
+                    .cloned();
+                v.steps.push((st.name.clone(), latest));
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// Events of run `run_id` of `tenant_id` with `seq > after_seq`, oldest

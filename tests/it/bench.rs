@@ -318,3 +318,21 @@ async fn bench_stats_smoke() {
     assert_eq!(v["figures"]["runs_total"], 3000 + 5, "{v}");
     assert_eq!(v["figures"]["counts_exact"], true, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_workflow_smoke() {
+    let v = bench(&["workflow", "--bindings", "3", "--duration", "4"]).await;
+    has_figures(
+        &v,
+        &[
+            "step_latencies",
+            "step_latency_p50_ms",
+            "step_latency_p99_ms",
+            "workflows_succeeded",
+            "workflows_failed",
+            "steps_per_sec",
+        ],
+    );
+    assert!(v["figures"]["step_latencies"].as_i64().unwrap() > 0, "{v}");
+    assert_eq!(v["figures"]["workflows_failed"], 0, "{v}");
+}

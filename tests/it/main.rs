@@ -36,3 +36,4 @@ mod serve;
 mod status;
 mod tls;
 mod workers;
+mod workflows;

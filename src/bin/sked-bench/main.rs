@@ -55,6 +55,9 @@
 //! * [`run_stats`] (`stats`) — GetRunStats over a month of one tenant's
 //!   runs (1 000 000 by default, written into the database and recorded by
 //!   sked's run-end bookkeeping): latency p50/p99 per scope, exact counts.
+//! * [`workflow`] — N bindings of a 10-step DAG of `event` steps fired every
+//!   second: step-to-step latency (a step's start − its dependencies' last
+//!   end) p50/p99/max, workflows succeeded/failed, steps/s.
 
 mod api;
 mod burst;
@@ -67,6 +70,7 @@ mod stats;
 mod stream;
 mod throughput;
 mod workers;
+mod workflow;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -101,6 +105,9 @@ enum Cmd {
     Workers(workers::WorkersArgs),
     /// GetRunStats over a month of one tenant's runs.
     Stats(run_stats::StatsArgs),
+    /// A 10-step DAG workflow fired every second by N bindings:
+    /// step-to-step latency.
+    Workflow(workflow::WorkflowArgs),
     /// Runs one sked node (used by the bench for its child processes).
     #[command(hide = true)]
     Node(NodeArgs),
@@ -237,6 +244,12 @@ fn main() -> ExitCode {
             a.common.clone(),
             a,
             run_stats::run,
+        )),
+        Cmd::Workflow(a) => rt.block_on(env::run_scenario(
+            "workflow",
+            a.common.clone(),
+            a,
+            workflow::run,
         )),
     };
     match result {

@@ -283,10 +283,13 @@ pub async fn run_claim(
            per_tenant AS (
              SELECT c.*, row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.not_before, c.id) AS tn
              FROM cand c),
+           -- A RUNNING workflow run executes nothing (its steps count), so
+           -- a quota of 1 cannot deadlock it (migration 20261205000200).
            room AS MATERIALIZED (
              SELECT tq.tenant_id,
                     tq.max_concurrent_runs - (SELECT count(*) FROM runs r
-                                              WHERE r.tenant_id = tq.tenant_id AND r.state = 'RUNNING') AS room
+                                              WHERE r.tenant_id = tq.tenant_id AND r.state = 'RUNNING'
+                                                AND (r.handler->>'kind') IS DISTINCT FROM 'workflow') AS room
              FROM tenant_quotas tq
              WHERE tq.max_concurrent_runs IS NOT NULL
                AND tq.tenant_id IN (SELECT DISTINCT tenant_id FROM cand)),

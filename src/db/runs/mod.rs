@@ -10,6 +10,7 @@
 //! | `read.rs`      | reads: one run, lists, the scheduler's active state, due times      |
 //! | `workers.rs`   | worker runs: by lease token, worker heartbeats, `no_worker`         |
 //! | `outcomes.rs`  | run-end bookkeeping: binding status and hourly statistics, their reads |
+//! | `steps.rs`     | workflow steps: a workflow run's step runs, which runs are steps   |
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
@@ -22,6 +23,7 @@ mod claim;
 mod lifecycle;
 mod outcomes;
 mod read;
+mod steps;
 mod workers;
 
 pub use claim::{ClaimKind, Claimed, run_analyze_after_burst, run_claim, run_claim_lock};
@@ -35,6 +37,7 @@ pub use read::{
     run_find_by_idempotency_key, run_get, run_list, run_list_active, run_next_due_time,
     run_progress,
 };
+pub use steps::{StepOf, run_active_steps, run_step_ids, run_steps, run_steps_of};
 pub use workers::{
     Completed, Renewed, run_binding_of, run_by_lease, run_complete_by_leases, run_fail_no_worker,
     run_worker_heartbeat,

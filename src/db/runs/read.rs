@@ -23,7 +23,9 @@ pub struct ActiveRun {
 }
 
 /// Whether a binding has active runs, for overlap decisions: a `RUNNING`
-/// one, and a waiting one (`QUEUED`, or a `SCHEDULED` retry).
+/// one, and a waiting one (`QUEUED`, or a `SCHEDULED` retry). Workflow
+/// steps are not waiting runs of their binding (their workflow run is the
+/// binding's active run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveState {
     /// Binding.
@@ -55,9 +57,11 @@ pub async fn run_active_state(
                        ELSE (SELECT 1 FROM runs WHERE binding_id = b AND state = 'RUNNING' LIMIT 1) IS NOT NULL
                   END AS "running!",
                   CASE WHEN a.state IS NULL THEN false
-                       ELSE (SELECT 1 FROM runs WHERE binding_id = b AND state = 'QUEUED' LIMIT 1) IS NOT NULL
+                       ELSE (SELECT 1 FROM runs WHERE binding_id = b AND state = 'QUEUED'
+                                                     AND parent_run_id IS NULL LIMIT 1) IS NOT NULL
                             OR (SELECT 1 FROM runs WHERE binding_id = b AND state = 'SCHEDULED'
-                                                     AND trigger = 'RETRY' LIMIT 1) IS NOT NULL
+                                                     AND trigger = 'RETRY' AND parent_run_id IS NULL LIMIT 1)
+                               IS NOT NULL
                   END AS "waiting!"
            FROM unnest($1::uuid[]) AS b
            LEFT JOIN LATERAL (SELECT state FROM runs
@@ -79,7 +83,8 @@ pub async fn run_active_state(
 /// How many active runs (`QUEUED`, `RUNNING`, `SCHEDULED` retries) each of
 /// `bindings` has, counting up to its `caps` entry at most (so the cost is
 /// bounded by the cap, not by a backlog): for `max_active_runs` under
-/// overlap policy `ALLOW`. One row per binding, in no order. The caller
+/// overlap policy `ALLOW`; workflow steps aside (their workflow run
+/// counts). One row per binding, in no order. The caller
 /// holds the bindings' row locks (a scheduler pass), so no other pass
 /// creates runs for them until it commits.
 ///
@@ -93,7 +98,7 @@ pub async fn run_active_counts(
     Ok(sqlx::query!(
         r#"SELECT u.b AS "binding_id!",
                   (SELECT count(*) FROM (SELECT 1 FROM runs
-                                         WHERE binding_id = u.b
+                                         WHERE binding_id = u.b AND parent_run_id IS NULL
                                            AND (state IN ('QUEUED', 'RUNNING')
                                                 OR (state = 'SCHEDULED' AND trigger = 'RETRY'))
                                          LIMIT u.cap) x) AS "active!"
