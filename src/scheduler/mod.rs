@@ -367,7 +367,8 @@ impl Scheduler {
             db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str())
                 .await?;
         }
-        let (inserted, announce) = db::runs::run_insert_unannounced(&mut tx, &self.node_id, &runs, now).await?;
+        let (inserted, announce) =
+            db::runs::run_insert_unannounced(&mut tx, &self.node_id, &runs, now).await?;
         events.extend(inserted);
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, now).await?;
         tx.commit().await?;

@@ -31,7 +31,9 @@ pub use lifecycle::{
     Outcome, Promoted, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat,
     run_promote_due, run_reap, run_request_cancel,
 };
-pub use outcomes::{StatsScope, run_end_record, run_stats_delta_fold, run_stats_fold, run_stats_hours};
+pub use outcomes::{
+    StatsScope, run_end_record, run_stats_delta_fold, run_stats_fold, run_stats_hours,
+};
 pub use read::{
     ActiveRun, ActiveState, NextDue, RunListed, RunQuery, run_active_counts, run_active_state,
     run_find_by_idempotency_key, run_get, run_list, run_list_active, run_next_due_time,
