@@ -20,12 +20,7 @@ pub async fn notify_events(
     node_id: &str,
     ranges: impl IntoIterator<Item = (Uuid, i64, i64)>,
 ) -> Result<(), Error> {
-    let payloads = notify_payloads(
-        &format!("{node_id}|"),
-        ranges
-            .into_iter()
-            .map(|(id, from, to)| format!("{id}:{from}:{to}")),
-    );
+    let payloads = event_payloads(node_id, ranges);
     sqlx::query!(
         "SELECT pg_notify($2::text, p) FROM UNNEST($1::text[]) AS p",
         &payloads,
@@ -34,6 +29,21 @@ pub async fn notify_events(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The [`super::notify::EVENTS`] payloads announcing `ranges` (`run_id,
+/// from_seq, to_seq`) written by `node_id`: `<node>|<run>:<from>:<to>,...`,
+/// split to fit PostgreSQL's payload limit.
+pub(crate) fn event_payloads(
+    node_id: &str,
+    ranges: impl IntoIterator<Item = (Uuid, i64, i64)>,
+) -> Vec<String> {
+    notify_payloads(
+        &format!("{node_id}|"),
+        ranges
+            .into_iter()
+            .map(|(id, from, to)| format!("{id}:{from}:{to}")),
+    )
 }
 
 /// Appends `bodies` to the run's log at `now`, allocating the next seqs, and

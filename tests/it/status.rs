@@ -23,6 +23,20 @@ fn flaky(name: &str) -> pb::TaskDefinition {
     )
 }
 
+/// Pauses `tenant`'s binding `id` until resumed.
+async fn pause(node: &TestNode, tenant: &str, id: &str) {
+    node.bindings()
+        .pause_binding(as_tenant(
+            tenant,
+            pb::PauseBindingRequest {
+                binding_id: id.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pause");
+}
+
 /// An `event` definition on `schedule`.
 fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
     pb::TaskDefinition {
@@ -908,16 +922,7 @@ async fn run_stats_equal_what_list_runs_shows() {
         runs.len() >= 3
     })
     .await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: ticks.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    pause(&node, "acme", &ticks.id).await;
     // Another tenant's runs count only for it.
     let other = bind_existing(&node, "other", "flaky").await;
     run_with(
@@ -1449,16 +1454,7 @@ async fn run_stats_stay_exact_while_run_ends_are_folded() {
         runs.len() >= 6
     })
     .await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: ticks.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    pause(&node, "acme", &ticks.id).await;
     let n = runs_of(&node, "acme", &ticks.id).await.len() as i64;
     let pool = db.pool().await;
     let delta: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats_delta")

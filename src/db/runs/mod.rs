@@ -303,16 +303,6 @@ pub struct Announce {
 }
 
 impl Announce {
-    /// Adds `other`'s announcements to these.
-    pub fn merge(&mut self, other: Announce) {
-        self.waiting = Waiting {
-            scheduled: self.waiting.scheduled || other.waiting.scheduled,
-            worker: self.waiting.worker || other.waiting.worker,
-            local: self.waiting.local || other.waiting.local,
-        };
-        self.ranges.extend(other.ranges);
-    }
-
     /// Sends them in one statement: inside the caller's transaction when
     /// `db` is one (delivered on commit), else in a transaction of its own.
     /// Nothing when there is nothing to announce.
@@ -326,12 +316,7 @@ impl Announce {
             channels.push(super::notify::RUNS);
             payloads.push(self.waiting.payload());
         }
-        for p in crate::db::notify_payloads(
-            &format!("{node_id}|"),
-            self.ranges
-                .iter()
-                .map(|(id, from, to)| format!("{id}:{from}:{to}")),
-        ) {
+        for p in super::events::event_payloads(node_id, self.ranges) {
             channels.push(super::notify::EVENTS);
             payloads.push(p);
         }
