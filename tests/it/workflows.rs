@@ -164,6 +164,33 @@ async fn a_diamond_runs_b_and_c_together_and_d_gets_both_results() {
         (got_b.parent_run_id.as_str(), got_b.step.as_str()),
         (wf.id.as_str(), "b")
     );
+    // parent_run_id at the boundary: not a UUID is INVALID_ARGUMENT naming
+    // the field; another tenant naming this workflow run gets NOT_FOUND,
+    // as for any run not its own.
+    let list = |tenant: &'static str, parent: &str| {
+        let node = &node;
+        let parent = parent.to_string();
+        async move {
+            node.runs()
+                .list_runs(as_tenant(
+                    tenant,
+                    pb::ListRunsRequest {
+                        parent_run_id: parent,
+                        ..Default::default()
+                    },
+                ))
+                .await
+        }
+    };
+    let bad = list("acme", "not-a-uuid")
+        .await
+        .expect_err("a malformed parent_run_id is refused");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("parent_run_id"), "{bad:?}");
+    let theirs = list("other", &wf.id)
+        .await
+        .expect_err("another tenant's workflow run is not found");
+    assert_eq!(theirs.code(), tonic::Code::NotFound, "{theirs:?}");
     node.stop().await;
 }
 
