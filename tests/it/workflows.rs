@@ -925,6 +925,14 @@ async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
     .find(|r| r.parent_run_id.is_empty() && state(r) == pb::RunState::Running)
     .unwrap();
     assert_eq!(wf.trigger, pb::RunTrigger::Schedule as i32);
+    // The workflow run runs as soon as its first step is created; the step
+    // itself is claimed a moment later. Pausing before that would hold `a`
+    // too, so the pause waits until `a` runs.
+    steps_until(&node, &wf.id, "a runs", |s| {
+        s.iter()
+            .any(|r| r.step == "a" && state(r) == pb::RunState::Running)
+    })
+    .await;
     node.bindings()
         .pause_binding(as_tenant(
             "acme",
