@@ -641,6 +641,7 @@ async fn serve_with_pool(
             wake: Arc::clone(&wakers.executor),
             timer: Arc::clone(&wakers.executor_timer),
             workers_wake: Arc::clone(&wakers.workers),
+            events_wake: wakers.events.clone(),
             running: running.clone(),
             max_concurrent_runs: settings.max_concurrent_runs,
             lease: settings.lease,

@@ -6,7 +6,8 @@
 pub const EVENTS: &str = "sked_events";
 /// "Runs are waiting" (queued, or a slot freed up), for the executors and
 /// the worker dispatch. Payload: which runs, a comma-separated subset of
-/// [`RUNS_SCHEDULED`], [`RUNS_WORKER`] and [`RUNS_LOCAL`]; empty means any
+/// [`RUNS_SCHEDULED`], [`RUNS_WORKER`], [`RUNS_LOCAL`] and [`RUNS_EVENT`];
+/// empty means any
 /// (every listener looks), so a node wakes only the loop that can act.
 pub const RUNS: &str = "sked_runs";
 /// [`RUNS`] payload item: `SCHEDULED` runs were written; executors
@@ -16,8 +17,11 @@ pub const RUNS_SCHEDULED: &str = "scheduled";
 /// dispatch claims.
 pub const RUNS_WORKER: &str = "worker";
 /// [`RUNS`] payload item: `QUEUED` runs a node executes itself (every
-/// other handler); the executors claim.
+/// other handler but `event`); the executors claim.
 pub const RUNS_LOCAL: &str = "local";
+/// [`RUNS`] payload item: `QUEUED` runs of `event` handlers; the
+/// executors' event claim loops complete them.
+pub const RUNS_EVENT: &str = "event";
 /// Cancel requests for running runs (payload: `<run id>|<reason>`), so the
 /// node executing the run stops it.
 pub const CANCEL: &str = "sked_cancel";

@@ -258,6 +258,18 @@ pub fn validate_max_output_bytes(field: &str, bytes: u64) -> Result<(), FieldVio
 }
 
 impl Handler {
+    /// Its stored tag (`handler->>'kind'`): `command`, `event`, `http`,
+    /// `worker` or `workflow`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Handler::Command(_) => "command",
+            Handler::Event => "event",
+            Handler::Http(_) => "http",
+            Handler::Worker(_) => "worker",
+            Handler::Workflow(_) => "workflow",
+        }
+    }
+
     /// Sets the per-run output cap of a command (and of a workflow's
     /// command steps), as a run snapshots it from its definition.
     pub fn set_output_cap(&mut self, cap: Option<u64>) {
@@ -940,6 +952,31 @@ mod tests {
             h.validate("definition").unwrap_err().field,
             "definition.command.program"
         );
+    }
+
+    #[test]
+    fn a_handlers_kind_is_its_stored_tag() {
+        let command = Handler::Command(CommandHandler {
+            program: "sh".into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: String::new(),
+            max_output_bytes: None,
+            non_retryable_exit_codes: vec![],
+        });
+        let worker = Handler::Worker(WorkerHandler {
+            queue: "q".into(),
+            schedule_to_start_secs: None,
+        });
+        let workflow: Handler = serde_json::from_value(serde_json::json!({
+            "kind": "workflow",
+            "steps": [{"name": "a", "handler": {"kind": "event"}}],
+        }))
+        .unwrap();
+        for h in [command, Handler::Event, worker, workflow] {
+            let stored = serde_json::to_value(&h).unwrap();
+            assert_eq!(stored["kind"], h.kind(), "{stored}");
+        }
     }
 
     #[test]

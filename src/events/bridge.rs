@@ -41,8 +41,34 @@ pub struct Wakers {
     pub executor_timer: Arc<Notify>,
     /// The worker dispatch (runs queued, for worker queues).
     pub workers: Arc<Notify>,
+    /// The executor's event claim loops (`event` runs queued).
+    pub events: WakeAll,
     /// Runs executing on this node (cancel requests).
     pub running: Arc<dyn LocalRuns>,
+}
+
+/// A wake-up for several loops at once: each [`WakeAll::waiter`] sees every
+/// [`WakeAll::wake`] made since it last woke, also one made while it was
+/// busy (so none is lost between a loop's look and its wait).
+#[derive(Debug, Clone)]
+pub struct WakeAll(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for WakeAll {
+    fn default() -> Self {
+        WakeAll(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl WakeAll {
+    /// Wakes every waiter (or has it wake at its next wait).
+    pub fn wake(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A new waiter: `changed().await` returns at the next wake.
+    pub fn waiter(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 impl Wakers {
@@ -54,6 +80,7 @@ impl Wakers {
             executor: Arc::default(),
             executor_timer: Arc::default(),
             workers: Arc::default(),
+            events: WakeAll::default(),
             running,
         }
     }
@@ -62,6 +89,7 @@ impl Wakers {
         self.scheduler.notify_one();
         self.executor.notify_one();
         self.workers.notify_one();
+        self.events.wake();
     }
 }
 
@@ -141,10 +169,14 @@ async fn listen(
                         if w.worker {
                             wakers.workers.notify_one();
                         }
+                        if w.event {
+                            wakers.events.wake();
+                        }
                     }
                     None => {
                         wakers.executor.notify_one();
                         wakers.workers.notify_one();
+                        wakers.events.wake();
                     }
                 },
                 db::notify::BINDINGS => wakers.scheduler.notify_one(),

@@ -78,7 +78,7 @@ use crate::db::{
 };
 use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunReason, RunState};
 use crate::events::EventBus;
-use crate::events::bridge::LocalRuns;
+use crate::events::bridge::{LocalRuns, WakeAll};
 use crate::telemetry::metrics;
 
 /// Runs promoted or reaped per statement.
@@ -204,6 +204,10 @@ pub struct Executor {
     /// The worker dispatch of this node, woken at once when a promotion
     /// queues `worker` runs (other nodes hear the NOTIFY).
     pub workers_wake: Arc<Notify>,
+    /// The event claim loops of this node (one per
+    /// [`db::runs::EVENT_SHARDS`]): woken when `event` runs are queued,
+    /// and whenever the slot claim loop claims.
+    pub events_wake: WakeAll,
     /// Runs executing here (shared with the bridge for cancel requests).
     pub running: RunningRuns,
     /// Runs executing at once on this node; 0 = this node executes nothing
@@ -229,13 +233,60 @@ impl Executor {
         // The heartbeat outlives claiming: it keeps renewing leases while
         // running runs drain, and stops once they are done.
         let heartbeat_stop = CancellationToken::new();
+        // One loop per event shard completes event runs (they hold no slot
+        // and take their shard's claim lock, not the slot claims' one), so
+        // a workflow's next event step is claimed while the slot claim
+        // runs, and the shards' claims use two cores.
+        let mut event_loops = JoinSet::new();
+        for shard in 0..db::runs::EVENT_SHARDS {
+            event_loops.spawn(Arc::clone(&this).event_loop(
+                shard,
+                this.events_wake.waiter(),
+                shutdown.clone(),
+            ));
+        }
         tokio::join!(
             async {
-                Arc::clone(&this).claim_and_drain(shutdown).await;
+                Arc::clone(&this).claim_and_drain(shutdown.clone()).await;
                 heartbeat_stop.cancel();
+            },
+            async {
+                while let Some(r) = event_loops.join_next().await {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "an event claim loop died");
+                    }
+                }
             },
             Arc::clone(&this).heartbeat(heartbeat_stop.clone()),
         );
+    }
+
+    /// Completes the event runs of `shard` ([`db::runs::EVENT_SHARDS`]):
+    /// claims again at once while claims find runs, else waits for `wake`
+    /// (whenever the slot claim loop claims) or the poll.
+    async fn event_loop(
+        self: Arc<Self>,
+        shard: u32,
+        mut wake: tokio::sync::watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match self.complete_events(shard).await {
+                // More may be waiting (a batch's worth, a next run of an
+                // overlap-free binding, a workflow's next step): again.
+                Ok(n) if n > 0 => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, shard, "completing event runs failed"),
+            }
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
     }
 
     async fn claim_and_drain(self: Arc<Self>, shutdown: CancellationToken) {
@@ -256,6 +307,9 @@ impl Executor {
                 Ok(w) => {
                     if w.worker {
                         this.workers_wake.notify_one();
+                    }
+                    if w.event {
+                        this.events_wake.wake();
                     }
                     claim_due |= w.local;
                 }
@@ -311,23 +365,10 @@ impl Executor {
                     }
                 }
             }
-            // Event handler runs need no slot: they complete in their claim.
-            match claiming.then(|| this.complete_events()) {
-                None => {}
-                Some(f) => match f.await {
-                    Ok(0) => {}
-                    // More may be waiting (a batch's worth, or a next run of
-                    // an overlap-free binding): claim again before sleeping.
-                    Ok(_) if !shutdown.is_cancelled() => {
-                        claim_due = true;
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "completing event runs failed");
-                        claim_due = true;
-                    }
-                },
+            // Event handler runs need no slot: they complete in their
+            // claim, in the event loops, woken whenever this one claims.
+            if claiming {
+                this.events_wake.wake();
             }
             let (pause, queued_due) = this.sleep_time().await;
             let joined = tokio::select! {
@@ -439,10 +480,12 @@ impl Executor {
     /// Claims and completes up to [`EVENT_BATCH`] due runs of `event`
     /// handlers in one transaction, publishes their events; returns how
     /// many.
-    async fn complete_events(&self) -> Result<usize, db::Error> {
+    async fn complete_events(&self, shard: u32) -> Result<usize, db::Error> {
         // They hold no slot, so no tenant's share limits them.
         let started = std::time::Instant::now();
-        let done = self.claim_kind(EVENT_BATCH, ClaimKind::Event, &[]).await?;
+        let done = self
+            .claim_kind(EVENT_BATCH, ClaimKind::Event { shard }, &[])
+            .await?;
         metrics::claimed("event", started.elapsed(), done.iter().map(|c| &c.run));
         let n = done.len();
         if n > 0 {
@@ -476,6 +519,14 @@ impl Executor {
                 // Another node started a run of the same overlap-free
                 // binding at this instant; the index refused ours. Again.
                 Err(db::Error::Duplicate(c)) if c == "runs_one_running" && tries < 5 => {
+                    tries += 1;
+                }
+                // Two claims' commits advanced workflows (or wrote rows) in
+                // opposite orders and PostgreSQL broke the tie: nothing of
+                // this claim was written. Again.
+                Err(db::Error::Sqlx(sqlx::Error::Database(d)))
+                    if matches!(d.code().as_deref(), Some("40P01" | "40001")) && tries < 5 =>
+                {
                     tries += 1;
                 }
                 r => return r,

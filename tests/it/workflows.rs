@@ -1172,3 +1172,71 @@ async fn a_step_may_run_another_definition_as_it_is_when_the_step_starts() {
     );
     node.stop().await;
 }
+
+/// An `event` step (completed in its claim, in batches).
+fn event_step(name: &str, deps: &[&str]) -> pb::WorkflowStep {
+    pb::WorkflowStep {
+        name: name.into(),
+        handler: Some(pb::workflow_step::Handler::Event(pb::EventHandler {})),
+        depends_on: deps.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Event steps of one workflow run end in the same claim transaction (a
+/// batch), each firing the advance at commit; the first advance sees them
+/// all and the others are skipped (migration 20261206000200). Many such
+/// workflows at once, in two tenants (two event claim shards may run at
+/// once): every join starts exactly once, after every step it waits for,
+/// and every workflow succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_steps_that_end_together_advance_their_workflow_once_and_lose_nothing() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let fan: Vec<String> = (1..=6).map(|i| format!("b{i}")).collect();
+    let fan_refs: Vec<&str> = fan.iter().map(String::as_str).collect();
+    let mut steps = vec![event_step("a", &[])];
+    steps.extend(fan.iter().map(|b| event_step(b, &["a"])));
+    steps.push(event_step("j", &fan_refs));
+    steps.push(event_step("z", &["j"]));
+    let mut def = workflow_def("fan", steps, pb::WorkflowOnFailure::Stop);
+    def.overlap_policy = pb::OverlapPolicy::Allow as i32;
+    let mut workflows = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let binding = if tenant == "acme" {
+            define_and_bind(&node, tenant, def.clone()).await
+        } else {
+            bind_existing(&node, tenant, "fan").await
+        };
+        for _ in 0..15 {
+            workflows.push((tenant, trigger(&node, tenant, &binding.id).await.id));
+        }
+    }
+    for (tenant, id) in &workflows {
+        let done = wait_workflow(&node, tenant, id).await;
+        assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
+        let steps = steps_of(&node, tenant, id).await;
+        assert_eq!(steps.len(), 9, "each step once: {steps:#?}");
+        for name in ["a", "j", "z"]
+            .iter()
+            .copied()
+            .chain(fan_refs.iter().copied())
+        {
+            let s = step(&steps, name);
+            assert_eq!(state(s), pb::RunState::Succeeded, "{s:#?}");
+            assert_eq!(s.attempt, 1);
+        }
+        let j = step(&steps, "j");
+        let last_b = fan_refs
+            .iter()
+            .map(|b| secs(&step(&steps, b).end_time))
+            .fold(f64::MIN, f64::max);
+        assert!(
+            secs(&j.start_time) >= last_b,
+            "j starts after every b: {steps:#?}"
+        );
+        let z = step(&steps, "z");
+        assert!(secs(&z.start_time) >= secs(&j.end_time), "{steps:#?}");
+    }
+    node.stop().await;
+}

@@ -103,6 +103,9 @@ pub async fn run_claim(
     // Claims are serialised across nodes (a transaction-scoped advisory
     // lock), so the tenants' running counts below are exact and a
     // concurrency quota is never exceeded by two nodes claiming at once.
+    // Event claims take their shard's lock instead (EVENT_SHARDS): their
+    // runs hold no slot, so they need not wait for the others, and shards
+    // share no tenant (nor, so, a workflow run their steps advance).
     // Bitmap scans are off for the claim: the per-tenant reads below must
     // walk an index in claim order and stop after `limit` rows, and the
     // planner, estimating every tenant at the average size, would
@@ -110,11 +113,18 @@ pub async fn run_claim(
     // off too: the statement runs in milliseconds, and JIT compiles anew on
     // every execution whose estimated cost passes jit_above_cost (about 1 s
     // of the former claim's 1.6 s at 130 000 queued runs).
+    let (lock, shard) = match kind {
+        ClaimKind::Event { shard } => {
+            let shard = shard % EVENT_SHARDS;
+            (EVENT_LOCK + i64::from(shard), Some(shard as i32))
+        }
+        _ => (CLAIM_LOCK, None),
+    };
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query!(
         "SELECT pg_advisory_xact_lock($1), set_config('enable_bitmapscan', 'off', true) AS bitmapscan,
                 set_config('jit', 'off', true) AS jit",
-        CLAIM_LOCK
+        lock
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -138,6 +148,7 @@ pub async fn run_claim(
         ),
         _ => (None, None, &[][..]),
     };
+    let is_event = matches!(kind, ClaimKind::Event { .. });
     let limit = match queue {
         Some(_) => limit.min(worker_names.len() as i64),
         None => limit,
@@ -173,9 +184,12 @@ pub async fn run_claim(
              FROM tenants t WHERE t.tenant_id IS NOT NULL),
            -- Those the caller did not exclude ($8: tenants at their share
            -- of the node's slots); an excluded tenant's backlog is not read.
+           -- An event claim takes only its shard's tenants ($12 of $13).
            open_tenants AS (
              SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL AND tenant_id <> ALL($8::text[])
-                                           AND ($10::text IS NULL OR tenant_id = $10)),
+                                           AND ($10::text IS NULL OR tenant_id = $10)
+                                           AND ($12::int4 IS NULL
+                                                OR mod(abs(hashtext(tenant_id)::int8), $13::int8) = $12)),
            -- ALLOW runs: each tenant's first $4 due ones of the kind.
            allowed AS (
              SELECT a.* FROM open_tenants t CROSS JOIN LATERAL (
@@ -341,10 +355,20 @@ pub async fn run_claim(
                              last_seq = last_seq + CASE WHEN $6 THEN 3 ELSE 1 END
              FROM starts s WHERE runs.id = s.id
              RETURNING runs.*),
+           -- When each tenant was served last, for the round robin. A hint,
+           -- so a row another claim holds (an event shard's and the slot
+           -- claim may serve one tenant at once, and each holds its rows
+           -- until its commit) is left to that claim: no claim waits here.
            served AS (
+             UPDATE tenant_claims SET last_claim_time = $1
+             WHERE tenant_id IN (SELECT t.tenant_id FROM tenant_claims t
+                                 WHERE t.tenant_id IN (SELECT tenant_id FROM c)
+                                 FOR UPDATE SKIP LOCKED)),
+           served_first AS (
              INSERT INTO tenant_claims (tenant_id, last_claim_time)
-             SELECT DISTINCT tenant_id, $1::timestamptz FROM c
-             ON CONFLICT (tenant_id) DO UPDATE SET last_claim_time = EXCLUDED.last_claim_time),
+             SELECT DISTINCT c.tenant_id, $1::timestamptz FROM c
+             WHERE NOT EXISTS (SELECT 1 FROM tenant_claims t WHERE t.tenant_id = c.tenant_id)
+             ON CONFLICT (tenant_id) DO NOTHING),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT c.id, c.last_seq - x.back, c.start_time, c.tenant_id, c.binding_id, c.definition, x.kind,
@@ -426,12 +450,14 @@ pub async fn run_claim(
         now + lease,
         limit,
         encode(&body),
-        kind == ClaimKind::Event,
+        is_event,
         encode(&done),
         excluded,
         queue,
         only_tenant,
         worker_names,
+        shard,
+        i64::from(EVENT_SHARDS),
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -447,7 +473,7 @@ pub async fn run_claim(
             Err(e) => {
                 tracing::error!(run = %id, tenant = %tenant, error = %e,
                     "claimed run's stored data cannot be read; it ends FAILED (reason \"corrupt\")");
-                if kind != ClaimKind::Event {
+                if !is_event {
                     run_fail_unreadable(&mut tx, id, now, &e.to_string()).await?;
                 }
                 continue;
@@ -458,7 +484,7 @@ pub async fn run_claim(
             ClaimKind::ToExecute | ClaimKind::Worker { .. } => {
                 vec![state_event(&run, seq, now, body.clone())]
             }
-            ClaimKind::Event => vec![
+            ClaimKind::Event { .. } => vec![
                 state_event(&run, seq - 2, now, body.clone()),
                 state_event(
                     &run,
@@ -558,9 +584,17 @@ async fn run_fail_unreadable(
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
-    sqlx::query!("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK)
-        .execute(&mut *conn)
-        .await?;
+    // Every claim's lock, in one order (a claim holds one of them at most,
+    // so no two transactions wait on each other here).
+    let keys: Vec<i64> = std::iter::once(CLAIM_LOCK)
+        .chain((0..EVENT_SHARDS).map(|s| EVENT_LOCK + i64::from(s)))
+        .collect();
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, i) ORDER BY i",
+        &keys
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -585,12 +619,31 @@ pub enum ClaimKind {
         /// takes at most `limit` runs, and `limit` is at most this many.
         worker_names: Vec<String>,
     },
-    /// Runs of `event` handlers, completed by the claim statement.
-    Event,
+    /// Runs of `event` handlers, completed by the claim statement: those
+    /// of the tenants of `shard` (0 ≤ shard < [`EVENT_SHARDS`]; taken
+    /// modulo it).
+    Event {
+        /// Which tenants: those whose `hashtext(tenant_id)` is `shard`
+        /// modulo [`EVENT_SHARDS`].
+        shard: u32,
+    },
 }
 
 /// Advisory lock key serialising claims across nodes ("skedclai").
 const CLAIM_LOCK: i64 = 0x736b_6564_636c_6169;
+
+/// Event claims run in this many shards at once, on every node: shard `i`
+/// completes the event runs of the tenants whose `hashtext(tenant_id)` is
+/// `i` modulo this, under a lock of its own (key [`EVENT_LOCK`] + `i`)
+/// instead of [`CLAIM_LOCK`]. Event runs hold no slot (they end in their
+/// claim), so they need not wait for the claims that count slots, and two
+/// shards share no tenant, hence no workflow run whose steps both end: the
+/// workflows they advance at commit are disjoint. Stops take every lock
+/// ([`run_claim_lock`]).
+pub const EVENT_SHARDS: u32 = 2;
+
+/// First advisory lock key of the event claim shards ("skedclai" + 1 + shard).
+const EVENT_LOCK: i64 = CLAIM_LOCK + 1;
 
 /// Least time between two [`run_analyze_after_burst`] of one process.
 const ANALYZE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

@@ -270,14 +270,14 @@ pub async fn run_promote_due(
                                last_seq = r.last_seq + 1
              FROM x WHERE r.id = x.id
              RETURNING r.id, r.tenant_id, r.binding_id, r.definition, r.last_seq, x.gone,
-                       (r.handler->>'kind') = 'worker' AS worker),
+                       r.handler->>'kind' AS kind),
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
              SELECT f.id, f.last_seq, $1, f.tenant_id, f.binding_id, f.definition, 'state_changed',
                     CASE WHEN f.gone THEN $4::jsonb ELSE $3::jsonb END FROM f
              RETURNING run_id)
            SELECT id, tenant_id, binding_id, definition, last_seq, gone AS "gone!",
-                  coalesce(worker, false) AS "worker!" FROM f"#,
+                  coalesce(kind, '') AS "kind!" FROM f"#,
         now,
         limit,
         encode(&body),
@@ -288,7 +288,7 @@ pub async fn run_promote_due(
     .await?;
     let mut waiting = Waiting::default();
     for r in rows.iter().filter(|r| !r.gone) {
-        waiting.add(RunState::Queued, r.worker);
+        waiting.add(RunState::Queued, &r.kind);
     }
     let gone: Vec<(Uuid, bool)> = rows
         .iter()

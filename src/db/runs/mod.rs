@@ -26,7 +26,9 @@ mod read;
 mod steps;
 mod workers;
 
-pub use claim::{ClaimKind, Claimed, run_analyze_after_burst, run_claim, run_claim_lock};
+pub use claim::{
+    ClaimKind, Claimed, EVENT_SHARDS, run_analyze_after_burst, run_claim, run_claim_lock,
+};
 pub use lifecycle::{
     Outcome, Promoted, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat,
     run_promote_due, run_reap, run_request_cancel,
@@ -271,10 +273,7 @@ pub async fn run_insert_unannounced(
         if !inserted.contains(&r.id) {
             continue;
         }
-        waiting.add(
-            r.state,
-            matches!(r.handler, crate::domain::Handler::Worker(_)),
-        );
+        waiting.add(r.state, r.handler.kind());
         events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
             run_id: r.id,
             seq: i as i64 + 1,
@@ -404,22 +403,27 @@ pub struct Waiting {
     pub worker: bool,
     /// `QUEUED` runs of other handlers (executors claim).
     pub local: bool,
+    /// `QUEUED` runs of `event` handlers (the executors' event claim
+    /// loops complete them).
+    pub event: bool,
 }
 
 impl Waiting {
-    /// Counts a run now in `state`, of a `worker` handler or not.
-    pub fn add(&mut self, state: RunState, worker: bool) {
-        match state {
-            RunState::Scheduled => self.scheduled = true,
-            RunState::Queued if worker => self.worker = true,
-            RunState::Queued => self.local = true,
+    /// Counts a run now in `state`, of a handler of `kind` (as stored,
+    /// `handler->>'kind'`: `worker`, `event`, or another).
+    pub fn add(&mut self, state: RunState, kind: &str) {
+        match (state, kind) {
+            (RunState::Scheduled, _) => self.scheduled = true,
+            (RunState::Queued, "worker") => self.worker = true,
+            (RunState::Queued, "event") => self.event = true,
+            (RunState::Queued, _) => self.local = true,
             _ => {}
         }
     }
 
     /// Whether any waiting run was counted.
     pub fn any(self) -> bool {
-        self.scheduled || self.worker || self.local
+        self.scheduled || self.worker || self.local || self.event
     }
 
     /// The NOTIFY payload naming them.
@@ -428,6 +432,7 @@ impl Waiting {
             (self.scheduled, super::notify::RUNS_SCHEDULED),
             (self.worker, super::notify::RUNS_WORKER),
             (self.local, super::notify::RUNS_LOCAL),
+            (self.event, super::notify::RUNS_EVENT),
         ];
         items
             .iter()
@@ -445,6 +450,7 @@ impl Waiting {
                 super::notify::RUNS_SCHEDULED => w.scheduled = true,
                 super::notify::RUNS_WORKER => w.worker = true,
                 super::notify::RUNS_LOCAL => w.local = true,
+                super::notify::RUNS_EVENT => w.event = true,
                 _ => return None,
             }
         }
@@ -568,30 +574,31 @@ mod waiting_tests {
 
     #[test]
     fn waiting_payloads_round_trip_and_unknown_ones_mean_any() {
-        for scheduled in [false, true] {
-            for worker in [false, true] {
-                for local in [false, true] {
-                    let w = Waiting {
-                        scheduled,
-                        worker,
-                        local,
-                    };
-                    let p = w.payload();
-                    if w.any() {
-                        assert_eq!(Waiting::parse(&p), Some(w), "{p}");
-                    } else {
-                        assert_eq!(Waiting::parse(&p), None);
-                    }
-                }
+        for bits in 0..16 {
+            let w = Waiting {
+                scheduled: bits & 1 != 0,
+                worker: bits & 2 != 0,
+                local: bits & 4 != 0,
+                event: bits & 8 != 0,
+            };
+            let p = w.payload();
+            if w.any() {
+                assert_eq!(Waiting::parse(&p), Some(w), "{p}");
+            } else {
+                assert_eq!(Waiting::parse(&p), None);
             }
         }
         // Empty (older nodes, maintenance) or unknown: every loop looks.
         assert_eq!(Waiting::parse(""), None);
         assert_eq!(Waiting::parse("worker,later"), None);
         let mut w = Waiting::default();
-        w.add(RunState::Queued, true);
-        w.add(RunState::Scheduled, false);
-        w.add(RunState::Running, false);
+        w.add(RunState::Queued, "worker");
+        w.add(RunState::Scheduled, "command");
+        w.add(RunState::Running, "command");
         assert_eq!(w.payload(), "scheduled,worker");
+        w.add(RunState::Queued, "event");
+        assert_eq!(w.payload(), "scheduled,worker,event");
+        w.add(RunState::Queued, "http");
+        assert_eq!(w.payload(), "scheduled,worker,local,event");
     }
 }
