@@ -193,6 +193,10 @@ pub struct Settings {
     /// statistics every 5 s on every node); `None`: neither (GetRunStats
     /// stays exact, only slower as the unfolded rows grow).
     pub stats_fold: Option<Duration>,
+    /// The web console's listener (`--console-listen`; `src/console`),
+    /// already bound; `None`: no console. Shared so `Settings` stays
+    /// `Clone` (the node serves on a duplicate of the socket).
+    pub console: Option<Arc<std::net::TcpListener>>,
 }
 
 /// A parsed `--definitions` file.
@@ -392,6 +396,7 @@ impl Settings {
             notify_key: None,
             notify_poll: Duration::from_millis(500),
             stats_fold: Some(crate::cluster::StatsFold::DEFAULT_EVERY),
+            console: None,
         }
     }
 }
@@ -559,6 +564,27 @@ async fn serve_with_pool(
     if let Some(defs) = &settings.definitions {
         apply_definitions(&ctx, defs).await?;
     }
+
+    // The web console, on its own listener, over the same context.
+    let console_stop = CancellationToken::new();
+    let console_task = match &settings.console {
+        Some(l) => {
+            let l = l.try_clone()?;
+            l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(l)?;
+            let console = crate::console::Console {
+                ctx: ctx.clone(),
+                secure: settings.tls.is_some(),
+            };
+            let stop = console_stop.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::console::serve(console, l, stop).await {
+                    tracing::error!(error = %e, "the console listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Arc::new(Health::new(reporter));
@@ -809,6 +835,7 @@ async fn serve_with_pool(
                 _ = fatal.cancelled() => {}
             }
             tracing::info!("shutting down: NOT_SERVING, draining runs");
+            console_stop.cancel();
             draining.store(true, Ordering::Relaxed);
             health.update(|s| s.draining = true).await;
             engine_stop.cancel();
@@ -900,6 +927,17 @@ async fn serve_with_pool(
     // If the server failed on its own, stop everything else too.
     engine_stop.cancel();
     streams_stop.cancel();
+    if let Some(t) = console_task {
+        // Its live tails ended with `streams_stop`; an idle browser
+        // connection does not hold the node up.
+        let abort = t.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
     bridge_stop.cancel();
     let _ = bridge_task.await;
     pool.close().await;
@@ -1211,6 +1249,33 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.auth =
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
+    // The console: asked for, or the development mode's on loopback.
+    let console_addr = match (args.console_listen, args.no_console) {
+        (_, true) => None,
+        (Some(a), false) => Some(a),
+        (None, false) if !settings.auth => crate::config::DEV_CONSOLE_LISTEN.parse().ok(),
+        (None, false) => None,
+    };
+    if let Some(addr) = console_addr {
+        if !settings.auth && !addr.ip().is_loopback() {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "--console-listen {addr}: authentication is off (development mode), so the console serves only loopback addresses"
+                ),
+            )));
+        }
+        crate::config::listen_security(addr, false, args.insecure_listen)?;
+        let l = std::net::TcpListener::bind(addr)?;
+        tracing::info!(url = %format!("http://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
+        if settings.tls.is_some() {
+            // The console does not terminate TLS itself (docs/console.md).
+            tracing::warn!(
+                "the console speaks plain HTTP although the gRPC listener has TLS; its cookies are marked Secure: reach it through a TLS proxy (or on loopback)"
+            );
+        }
+        settings.console = Some(Arc::new(l));
+    }
     // Metrics: the recorder is process-global, so it is installed here (one
     // node per process), not in `serve`, which tests run many times.
     let exporter = match args.metrics_listen {

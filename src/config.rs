@@ -65,6 +65,10 @@ pub struct BootstrapKeyArgs {
     pub name: String,
 }
 
+/// Where the development mode serves the web console: the port after the
+/// default gRPC port, loopback only.
+pub const DEV_CONSOLE_LISTEN: &str = "127.0.0.1:50052";
+
 /// `sked serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -146,6 +150,16 @@ pub struct ServeArgs {
     /// your scraper reaches it.
     #[arg(long, env = "SKED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web console (HTML pages over HTTP; docs/console.md) on
+    /// this address, e.g. `127.0.0.1:50052`. Unset: no console, except in
+    /// the development mode (embedded database, auth off), which serves it
+    /// on [`DEV_CONSOLE_LISTEN`]. It speaks plain HTTP: off loopback it
+    /// needs --insecure-listen (a TLS-terminating proxy in front).
+    #[arg(long, env = "SKED_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+    /// No web console, not even the development mode's.
+    #[arg(long, env = "SKED_NO_CONSOLE", conflicts_with = "console_listen")]
+    pub no_console: bool,
     /// Label the per-run metrics (fires, finished runs, fire lag, run
     /// duration) with the tenant: one series per tenant, so only where
     /// tenants are few.

@@ -56,6 +56,7 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod domain;
 pub mod embedded_pg;
