@@ -154,8 +154,8 @@ pub fn day_outcome(c: &StateCounts) -> &'static str {
 /// [`day_outcome`], each with a tooltip of its counts; `label` names it for
 /// screen readers.
 pub fn history_strip(series: &[(DateTime<Utc>, StateCounts)], label: &str) -> Markup {
-    const SIZE: usize = 10;
-    const GAP: usize = 2;
+    const SIZE: usize = 13;
+    const GAP: usize = 3;
     let width = series.len() * (SIZE + GAP);
     let fails = series
         .iter()
@@ -252,4 +252,57 @@ pub fn json(v: &serde_json::Value) -> Markup {
 /// Nothing: an empty fragment.
 pub fn nothing() -> Markup {
     PreEscaped(String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(succeeded: u64, failed: u64, skipped: u64) -> StateCounts {
+        StateCounts {
+            succeeded,
+            failed,
+            skipped,
+            ..StateCounts::default()
+        }
+    }
+
+    #[test]
+    fn a_day_with_a_failure_is_red_whatever_else_ran() {
+        assert_eq!(day_outcome(&counts(5, 1, 0)), "fail");
+        assert_eq!(day_outcome(&counts(5, 0, 1)), "ok");
+        assert_eq!(day_outcome(&counts(0, 0, 2)), "other");
+        assert_eq!(day_outcome(&StateCounts::default()), "none");
+    }
+
+    #[test]
+    fn the_strip_has_one_named_square_per_day_and_escapes_labels() {
+        let day = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let series = vec![(day, counts(1, 0, 0)), (day, counts(0, 2, 0))];
+        let svg = history_strip(&series, "History of <b>").into_string();
+        assert_eq!(svg.matches("<rect").count(), 2);
+        assert!(svg.contains("data-outcome=\"fail\""));
+        assert!(svg.contains("aria-label=\"History of &lt;b&gt;: 2 days, 1 with failures\""));
+    }
+
+    #[test]
+    fn the_chart_draws_two_lines_scaled_to_the_maximum() {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let p = |d, l| ChartPoint {
+            at,
+            duration_us: d,
+            lag_us: l,
+        };
+        assert!(duration_chart(&[p(1, 1)]).into_string().contains("Too few"));
+        let svg = duration_chart(&[p(2_000_000, 0), p(1_000_000, 500_000)]).into_string();
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("2.0 s"), "the axis names the maximum: {svg}");
+    }
+
+    #[test]
+    fn durations_read_short() {
+        assert_eq!(micros(850_000), "850 ms");
+        assert_eq!(micros(12_300_000), "12.3 s");
+        assert_eq!(micros(240_000_000), "4 min");
+    }
 }

@@ -390,6 +390,25 @@ async fn the_live_tail_follows_a_running_run_and_resumes_after_last_event_id() {
         assert_eq!(st, StatusCode::OK, "{page}");
         assert!(html.contains("authentication is OFF"), "banner on {page}");
     }
+    // The schedule calendar marks fires moved by a DST gap: 02:30 on
+    // 28 March does not exist in Berlin in 2027 (nor in 2032), it does in
+    // the other years.
+    let spring = define_and_bind(
+        &node,
+        "acme",
+        sh_def("spring", "true", cron("30 2 28 3 *", "Europe/Berlin")),
+    )
+    .await;
+    let (st, html) = s.get(&format!("/bindings/{}", spring.id)).await;
+    assert_eq!(st, StatusCode::OK);
+    let fires = html.matches("<li>2").count();
+    let shifted = html.matches(">DST-shifted<").count();
+    assert_eq!(fires, 10, "ten next fires: {html}");
+    assert!((1..10).contains(&shifted), "{shifted} of 10 shifted");
+    assert!(
+        html.contains("2027-03-28 01:00:00 UTC"),
+        "03:00 CEST: {html}"
+    );
     // Trigger through the console's form: the run page follows.
     let token = s.csrf(&format!("/bindings/{}", b.id)).await;
     let r = s
@@ -466,4 +485,436 @@ async fn the_live_tail_follows_a_running_run_and_resumes_after_last_event_id() {
     assert_eq!(st, StatusCode::OK);
     assert!(html.contains("line-8") && html.contains("data-state=\"SUCCEEDED\""));
     node.stop().await;
+}
+
+/// The browser scenario in a real headless Chromium driven over WebDriver
+/// (Debian's `chromium` and `chromium-driver`; the test starts
+/// `chromedriver` itself on a loopback port). Screenshots of each page go
+/// to `target/console-screenshots/`.
+mod browser {
+    use std::path::PathBuf;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use fantoccini::{Client, ClientBuilder, Locator};
+    use serde_json::json;
+
+    use super::*;
+
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+    /// `chromedriver`, ended when dropped.
+    struct Driver {
+        _child: tokio::process::Child,
+        url: String,
+        _profile: tempfile::TempDir,
+    }
+
+    /// Skip with a message locally; under CI=true a missing browser fails.
+    fn available() -> bool {
+        let ok =
+            std::path::Path::new(CHROMIUM).exists() && std::path::Path::new(CHROMEDRIVER).exists();
+        if !ok {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true but {CHROMIUM} or {CHROMEDRIVER} is missing: .ci/run installs chromium and chromium-driver"
+            );
+            eprintln!(
+                "SKIPPED: the console browser test needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
+            );
+        }
+        ok
+    }
+
+    async fn start_driver() -> Driver {
+        // A free loopback port for chromedriver.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = client();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = http.get(format!("{url}/status")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Driver {
+            _child: child,
+            url,
+            _profile: tempfile::tempdir().expect("profile dir"),
+        }
+    }
+
+    async fn browse(d: &Driver) -> Client {
+        let profile = d._profile.path().display().to_string();
+        let caps = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    "--disable-extensions", "--window-size=1280,1000",
+                    // Nothing leaves the machine: every non-loopback request
+                    // goes to a closed loopback port.
+                    "--proxy-server=http://127.0.0.1:9",
+                    format!("--user-data-dir={profile}"),
+                ],
+            },
+        });
+        let serde_json::Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&d.url)
+            .await
+            .expect("WebDriver session")
+    }
+
+    /// Polls `script` (a JS expression returning a boolean) until true.
+    async fn until(c: &Client, what: &str, script: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = c
+                .execute(&format!("return !!({script});"), vec![])
+                .await
+                .expect("execute");
+            if v == json!(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn shots() -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let dir = target.join("console-screenshots");
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        dir
+    }
+
+    async fn shot(c: &Client, name: &str) {
+        let png = c.screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(shots().join(format!("{name}.png")), png).expect("write screenshot");
+    }
+
+    /// Every form control has a label; every image a name (what can be
+    /// checked of accessibility without a human).
+    async fn accessible(c: &Client, page: &str) {
+        let unlabeled = c
+            .execute(
+                "return [...document.querySelectorAll('input:not([type=hidden]),select,textarea')]
+                   .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+                   .map(e => e.outerHTML);",
+                vec![],
+            )
+            .await
+            .expect("execute");
+        assert_eq!(unlabeled, json!([]), "{page}: controls without a label");
+        let unnamed = c
+            .execute(
+                "return [...document.querySelectorAll('svg[role=img]')].filter(e => !e.getAttribute('aria-label')).length;",
+                vec![],
+            )
+            .await
+            .expect("execute");
+        assert_eq!(unnamed, json!(0), "{page}: images without a name");
+    }
+
+    async fn run_of(node: &TestNode, token: &str, id: &str) -> pb::Run {
+        node.runs()
+            .get_run(request(
+                "acme",
+                Some(token),
+                pb::GetRunRequest { run_id: id.into() },
+            ))
+            .await
+            .expect("get run")
+            .into_inner()
+    }
+
+    async fn ended(node: &TestNode, token: &str, id: &str) -> pb::Run {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = run_of(node, token, id).await;
+            if is_terminal(&r) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "run {id} did not end");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sign_in_see_red_squares_follow_a_run_and_pause() {
+        if !available() {
+            return;
+        }
+        let db = TestDb::new().await;
+        let (node, root) = secured(&db).await;
+        let console = node.console.unwrap();
+        let base = format!("http://{console}");
+        let operator = make_key(&node, &root, pb::Role::Operator, "acme").await;
+        // A nightly backup that fails (slowly, printing as it goes), and a
+        // healthy report next to it.
+        let backup = define_and_bind_via(
+            &node.channel,
+            "acme",
+            Some(&root),
+            sh_def(
+                "backup",
+                "for i in 1 2 3 4 5 6 7 8 9 10; do echo copying part $i; sleep 0.3; done; echo disk full >&2; exit 3",
+                manual(),
+            ),
+        )
+        .await;
+        let report = define_and_bind_via(
+            &node.channel,
+            "acme",
+            Some(&root),
+            sh_def("report", "echo ok", every(3600)),
+        )
+        .await;
+        let failed = trigger_via(&node.channel, "acme", Some(&root), &backup.id).await;
+        let ok = trigger_via(&node.channel, "acme", Some(&root), &report.id).await;
+        let failed = ended(&node, &root, &failed.id).await;
+        assert_eq!(state(&failed), pb::RunState::Failed);
+        ended(&node, &root, &ok.id).await;
+
+        let driver = start_driver().await;
+        let c = browse(&driver).await;
+        // Sign in with the key.
+        c.goto(&format!("{base}/sign-in")).await.expect("goto");
+        accessible(&c, "sign-in").await;
+        c.find(Locator::Id("key"))
+            .await
+            .unwrap()
+            .send_keys(&operator)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form.stack button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        // The bindings page: the backup's day is red, the report's green.
+        let row = format!("tr[data-binding='{}']", backup.id);
+        until(
+            &c,
+            "the red square",
+            &format!("document.querySelector(\"{row} rect.fail\")"),
+        )
+        .await;
+        until(
+            &c,
+            "the green square",
+            &format!(
+                "document.querySelector(\"tr[data-binding='{}'] rect.ok\")",
+                report.id
+            ),
+        )
+        .await;
+        let red = c
+            .execute(
+                &format!(
+                    "return getComputedStyle(document.querySelector(\"{row} rect.fail\")).fill;"
+                ),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(red, json!("rgb(207, 34, 46)"), "failures are red");
+        accessible(&c, "bindings").await;
+        shot(&c, "bindings").await;
+
+        // Its last run: the failed one, read without following.
+        c.find(Locator::Css(&format!("{row} a[href^='/runs/']")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until(
+            &c,
+            "the failed run's page",
+            "document.querySelector('#run-state [data-state=FAILED]') && document.querySelector('#log').textContent.includes('copying part 10')",
+        )
+        .await;
+        shot(&c, "run-failed").await;
+
+        // The binding page; trigger a new run and watch its lines arrive
+        // live while it executes.
+        c.goto(&format!("{base}/bindings/{}", backup.id))
+            .await
+            .unwrap();
+        accessible(&c, "binding").await;
+        shot(&c, "binding").await;
+        c.find(Locator::Id("trigger"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until(
+            &c,
+            "the live tail",
+            "document.querySelector('#tail-status') && document.querySelector('#tail-status').textContent.includes('Following')",
+        )
+        .await;
+        let run_id = c
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .trim_start_matches("/runs/")
+            .to_string();
+        until(
+            &c,
+            "live lines",
+            "document.querySelectorAll('#log .line').length >= 2",
+        )
+        .await;
+        let mid = run_of(&node, &root, &run_id).await;
+        assert!(
+            !is_terminal(&mid),
+            "lines arrived while the run executes: {mid:?}"
+        );
+        let lines = c
+            .execute(
+                "return document.querySelectorAll('#log .line').length;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        shot(&c, "run-live").await;
+        until(
+            &c,
+            "the run's end",
+            "document.querySelector('#tail-status').textContent.includes('ended') && document.querySelector('#run-state [data-state=FAILED]')",
+        )
+        .await;
+        let all = c
+            .execute(
+                "return [...document.querySelectorAll('#log .line')].map(e => e.textContent.trim());",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let want: Vec<String> = (1..=10)
+            .map(|i| format!("copying part {i}"))
+            .chain(["disk full".to_string()])
+            .collect();
+        let got: Vec<String> = serde_json::from_value(all).unwrap();
+        assert!(
+            lines.as_u64().unwrap() < got.len() as u64,
+            "more lines came live"
+        );
+        assert_eq!(
+            got.iter()
+                .filter(|l| l.starts_with("copying") || *l == "disk full")
+                .cloned()
+                .collect::<Vec<_>>(),
+            want,
+            "every line once, in order"
+        );
+        shot(&c, "run").await;
+
+        // Pause the binding with a note; the status changes.
+        c.goto(&format!("{base}/bindings/{}", backup.id))
+            .await
+            .unwrap();
+        c.find(Locator::Id("note"))
+            .await
+            .unwrap()
+            .send_keys("disk full, waiting for ops")
+            .await
+            .unwrap();
+        c.find(Locator::Id("pause"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until(
+            &c,
+            "the paused status",
+            "document.querySelector('#binding-status [data-status=PAUSED]') && document.body.textContent.includes('waiting for ops')",
+        )
+        .await;
+        shot(&c, "binding-paused").await;
+        assert!(paused(&node, &root, "acme", &backup.id).await);
+
+        // The other pages: definitions (any key), status (platform admin
+        // only: refused for this tenant key).
+        c.goto(&format!("{base}/definitions")).await.unwrap();
+        until(
+            &c,
+            "the definitions",
+            "document.body.textContent.includes('backup')",
+        )
+        .await;
+        shot(&c, "definitions").await;
+        c.close().await.expect("close browser");
+        let admin = browse(&driver).await;
+        admin.goto(&format!("{base}/sign-in")).await.unwrap();
+        admin
+            .find(Locator::Id("key"))
+            .await
+            .unwrap()
+            .send_keys(&root)
+            .await
+            .unwrap();
+        admin
+            .find(Locator::Id("tenant"))
+            .await
+            .unwrap()
+            .send_keys("acme")
+            .await
+            .unwrap();
+        admin
+            .find(Locator::Css("form.stack button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until(
+            &admin,
+            "signed in",
+            "document.querySelector('#tenant-switch')",
+        )
+        .await;
+        admin.goto(&format!("{base}/status")).await.unwrap();
+        until(
+            &admin,
+            "the scheduler status",
+            &format!("document.body.textContent.includes('{}')", node.node_id),
+        )
+        .await;
+        shot(&admin, "status").await;
+        admin.close().await.expect("close browser");
+        node.stop().await;
+    }
 }
