@@ -640,6 +640,47 @@ mod browser {
             .await
             .expect("execute");
         assert_eq!(unnamed, json!(0), "{page}: images without a name");
+        // WCAG AA contrast of every visible text against its background.
+        let low = c
+            .execute(
+                r#"
+                const rgb = s => (s.match(/[\d.]+/g) || []).map(Number);
+                const lum = ([r, g, b]) => {
+                  const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+                  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+                };
+                const bg = e => {
+                  for (; e; e = e.parentElement) {
+                    const c = rgb(getComputedStyle(e).backgroundColor);
+                    if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3);
+                  }
+                  return [255, 255, 255];
+                };
+                const bad = [];
+                for (const e of document.querySelectorAll('body *')) {
+                  const own = [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+                  if (!own || !e.getClientRects().length || e.closest('svg')) continue;
+                  const st = getComputedStyle(e);
+                  const [a, b] = [lum(rgb(st.color)), lum(bg(e))];
+                  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+                  const large = parseFloat(st.fontSize) >= 24 || (parseFloat(st.fontSize) >= 18.66 && Number(st.fontWeight) >= 700);
+                  if (ratio < (large ? 3 : 4.5)) bad.push(e.tagName + ' ' + ratio.toFixed(2) + ' ' + e.textContent.trim().slice(0, 30));
+                }
+                return bad;"#,
+                vec![],
+            )
+            .await
+            .expect("execute");
+        assert_eq!(low, json!([]), "{page}: text below WCAG AA contrast");
+        // The keyboard reaches the content first: the skip link.
+        let first = c
+            .execute(
+                "document.activeElement && document.activeElement.blur(); return document.querySelector('a.skip') !== null;",
+                vec![],
+            )
+            .await
+            .expect("execute");
+        assert_eq!(first, json!(true), "{page}: a skip link");
     }
 
     async fn run_of(node: &TestNode, token: &str, id: &str) -> pb::Run {
