@@ -1250,21 +1250,9 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
     // The console: asked for, or the development mode's on loopback.
-    let console_addr = match (args.console_listen, args.no_console) {
-        (_, true) => None,
-        (Some(a), false) => Some(a),
-        (None, false) if !settings.auth => crate::config::DEV_CONSOLE_LISTEN.parse().ok(),
-        (None, false) => None,
-    };
-    if let Some(addr) = console_addr {
-        if !settings.auth && !addr.ip().is_loopback() {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "--console-listen {addr}: authentication is off (development mode), so the console serves only loopback addresses"
-                ),
-            )));
-        }
+    if let Some(addr) = crate::config::console_addr(&args, settings.auth)
+        .map_err(|m| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?
+    {
         crate::config::listen_security(addr, false, args.insecure_listen)?;
         let l = std::net::TcpListener::bind(addr)?;
         tracing::info!(url = %format!("http://{}/", l.local_addr()?), auth = settings.auth, "web console serving");

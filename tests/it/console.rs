@@ -293,6 +293,30 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     let (_, html) = other.get("/bindings").await;
     assert!(!html.contains(&b.id));
     assert!(paused(&node, &root, "acme", &b.id).await);
+    // Revoking the operator's key ends its session at once.
+    let token = o.csrf("/bindings").await;
+    let (key_id, _) = sked::domain::tenancy::parse_token(&operator).expect("a token");
+    node.admin()
+        .revoke_api_key(with_key(
+            &root,
+            pb::RevokeApiKeyRequest {
+                key_id: key_id.to_string(),
+            },
+        ))
+        .await
+        .expect("revoke");
+    let r = o
+        .req(reqwest::Method::GET, "/bindings")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "back to sign-in");
+    assert_eq!(
+        o.post(&format!("/bindings/{}/resume", b.id), &[("csrf", &token)])
+            .await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(paused(&node, &root, "acme", &b.id).await);
     // A platform admin sees the scheduler status.
     let admin = Browser::sign_in(console, &root, "acme").await;
     let (s, html) = admin.get("/status").await;
