@@ -577,8 +577,19 @@ async fn serve_with_pool(
                 secure: settings.tls.is_some(),
             };
             let stop = console_stop.clone();
+            // With TLS the console serves HTTPS with the same certificate.
+            let tls = settings
+                .tls
+                .as_ref()
+                .map(crate::console::tls_config)
+                .transpose()
+                .map_err(|m| Error::Tls(crate::transport::TlsError::Invalid(m)))?;
             Some(tokio::spawn(async move {
-                if let Err(e) = crate::console::serve(console, l, stop).await {
+                let served = match tls {
+                    Some(tls) => crate::console::serve_tls(console, l, tls, stop).await,
+                    None => crate::console::serve(console, l, stop).await,
+                };
+                if let Err(e) = served {
                     tracing::error!(error = %e, "the console listener stopped");
                 }
             }))
@@ -1253,15 +1264,14 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     if let Some(addr) = crate::config::console_addr(&args, settings.auth)
         .map_err(|m| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?
     {
-        crate::config::listen_security(addr, false, args.insecure_listen)?;
+        crate::config::listen_security(addr, settings.tls.is_some(), args.insecure_listen)?;
         let l = std::net::TcpListener::bind(addr)?;
-        tracing::info!(url = %format!("http://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
-        if settings.tls.is_some() {
-            // The console does not terminate TLS itself (docs/console.md).
-            tracing::warn!(
-                "the console speaks plain HTTP although the gRPC listener has TLS; its cookies are marked Secure: reach it through a TLS proxy (or on loopback)"
-            );
-        }
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(url = %format!("{scheme}://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
         settings.console = Some(Arc::new(l));
     }
     // Metrics: the recorder is process-global, so it is installed here (one

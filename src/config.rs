@@ -175,8 +175,9 @@ pub struct ServeArgs {
     /// Serve the web console (HTML pages over HTTP; docs/console.md) on
     /// this address, e.g. `127.0.0.1:50052`. Unset: no console, except in
     /// the development mode (embedded database, auth off), which serves it
-    /// on [`DEV_CONSOLE_LISTEN`]. It speaks plain HTTP: off loopback it
-    /// needs --insecure-listen (a TLS-terminating proxy in front).
+    /// on [`DEV_CONSOLE_LISTEN`]. With --tls-cert/--tls-key it serves
+    /// HTTPS with them; without, off loopback it needs --insecure-listen (a
+    /// TLS-terminating proxy in front).
     #[arg(long, env = "SKED_CONSOLE_LISTEN")]
     pub console_listen: Option<SocketAddr>,
     /// No web console, not even the development mode's.

@@ -14,7 +14,8 @@
 //!
 //! Sign-in takes an API key (checked like a gRPC call's, Argon2 and all)
 //! and stores a session in the database ([`session`]); the cookie is
-//! HttpOnly, SameSite=Strict, and Secure when the node has TLS. Every POST
+//! HttpOnly, SameSite=Strict, and Secure when the node has TLS (the console
+//! then serves HTTPS with the node's certificate, [`serve_tls`]). Every POST
 //! carries the session's CSRF token in a hidden field, compared in constant
 //! time. In development mode (auth off) sign-in asks only for a tenant and
 //! every page says that authentication is off.
@@ -60,6 +61,102 @@ pub async fn serve(
     axum::serve(listener, router(console))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
+}
+
+/// Most time a TLS handshake may take.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long open connections (a live tail) may take to close at shutdown.
+const TLS_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The console's rustls configuration from the node's TLS files: the same
+/// certificate, and with a client CA the same demand for a client
+/// certificate; HTTP/1.1 only.
+///
+/// # Errors
+/// A message when the PEM material does not parse or does not fit.
+pub fn tls_config(t: &crate::transport::TlsSettings) -> Result<rustls::ServerConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(&t.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&t.key_pem).map_err(|e| format!("key: {e}"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(std::sync::Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &t.client_ca_pem {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca) {
+                roots
+                    .add(c.map_err(|e| format!("client CA: {e}"))?)
+                    .map_err(|e| format!("client CA: {e}"))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// [`serve`] over TLS: each accepted connection does its handshake (at
+/// most [`TLS_HANDSHAKE`]) in its own task, then speaks HTTP/1.1.
+///
+/// # Errors
+/// None so far: a failed accept or handshake drops that connection only.
+pub async fn serve_tls(
+    console: Console,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let app = router(console);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "console: accept failed");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "console: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+                hyper_util::rt::TokioIo::new(tls),
+                hyper_util::service::TowerToHyperService::new(app),
+            );
+            let _ = watcher.watch(conn).await;
+        });
+    }
+    let _ = tokio::time::timeout(TLS_DRAIN, graceful.shutdown()).await;
+    Ok(())
 }
 
 /// Every route of the console.

@@ -325,6 +325,72 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     node.stop().await;
 }
 
+#[tokio::test]
+async fn with_tls_the_console_serves_https_with_secure_cookies() {
+    let db = TestDb::new().await;
+    let root = sked::app::bootstrap_key(&db.url, "root")
+        .await
+        .expect("bootstrap key");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert_pem = cert.cert.pem();
+    let mut s = settings(&db, "console-tls");
+    s.auth = true;
+    s.tls = Some(sked::transport::TlsSettings {
+        cert_pem: cert_pem.clone().into_bytes(),
+        key_pem: cert.signing_key.serialize_pem().into_bytes(),
+        client_ca_pem: None,
+    });
+    let console = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = console.local_addr().unwrap();
+    s.console = Some(std::sync::Arc::new(console));
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let node = tokio::spawn(sked::app::serve(s, grpc, stop.clone().cancelled_owned()));
+    let https = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(WAIT)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    // The node may still be starting: wait for the console to answer.
+    let deadline = std::time::Instant::now() + WAIT;
+    let page = loop {
+        match https.get(format!("https://{addr}/sign-in")).send().await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "console over TLS: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(page.status(), StatusCode::OK);
+    let r = https
+        .post(format!("https://{addr}/sign-in"))
+        .form(&[("key", root.as_str()), ("tenant", "acme")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    // Plain HTTP gets no page.
+    let plain = client().get(format!("http://{addr}/sign-in")).send().await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "no plaintext console next to TLS"
+    );
+    stop.cancel();
+    tokio::time::timeout(WAIT, node)
+        .await
+        .expect("node stops")
+        .expect("serve task")
+        .expect("serve ended cleanly");
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
 struct Sse {
