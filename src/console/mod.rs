@@ -179,6 +179,10 @@ pub fn router(console: Console) -> Router {
         .route("/runs/{id}/retry", post(pages::retry))
         .route("/status", get(pages::status))
         .route("/definitions", get(pages::definitions))
+        .layer(axum::middleware::map_response_with_state(
+            console.clone(),
+            failure_pages,
+        ))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(console)
 }
@@ -202,6 +206,26 @@ async fn security_headers(mut r: Response) -> Response {
         HeaderValue::from_static("same-origin"),
     );
     r
+}
+
+/// The message of a [`Failure`], for [`failure_pages`] to render.
+#[derive(Debug, Clone)]
+struct FailurePage(String);
+
+/// Renders refusals and errors as pages, with the development-mode banner
+/// when auth is off (a [`Failure`] does not know the node's mode).
+async fn failure_pages(
+    axum::extract::State(c): axum::extract::State<Console>,
+    mut r: Response,
+) -> Response {
+    match r.extensions_mut().remove::<FailurePage>() {
+        Some(FailurePage(message)) => {
+            let status = r.status();
+            let dev = !c.ctx.auth.required();
+            (status, views::failure(status, &message, dev)).into_response()
+        }
+        None => r,
+    }
 }
 
 async fn css() -> impl IntoResponse {
@@ -239,8 +263,9 @@ impl Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let page = views::failure(self.status, &self.message);
-        (self.status, page).into_response()
+        let mut r = self.status.into_response();
+        r.extensions_mut().insert(FailurePage(self.message));
+        r
     }
 }
 

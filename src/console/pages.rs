@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::views::{self, ChartPoint, csrf, layout};
 use super::{Console, Failure, Who, session};
 use crate::domain::stats::StatsInterval;
-use crate::domain::{EventBody, Handler, RunState, RunTrigger, validate_tenant_id};
+use crate::domain::{BindingStatus, EventBody, Handler, RunState, RunTrigger, validate_tenant_id};
 use crate::events::tail;
 use crate::usecase::bindings::{self as ucb, BindingFilter};
 use crate::usecase::runs::{self as ucr, RunFilter, StatsQuery, StatsSubject};
@@ -280,9 +280,21 @@ pub async fn switch_tenant(
 
 // ---- bindings -----------------------------------------------------------
 
+/// The bindings page's filter.
+#[derive(Debug, Deserialize, Default)]
+pub struct BindingsQuery {
+    #[serde(default)]
+    status: String,
+}
+
 /// GET /bindings: the tenant's bindings with status, last run, next fire
-/// and a 30-day history strip (ListBindings, GetRunStats per binding).
-pub async fn bindings(State(c): State<Console>, headers: HeaderMap) -> PageResult {
+/// and a 30-day history strip (ListBindings, GetRunStats per binding);
+/// `?status=FAILING` narrows to one status.
+pub async fn bindings(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Query(q): Query<BindingsQuery>,
+) -> PageResult {
     let who = c.require(&headers, true).await?;
     if who.tenant.is_none() {
         return Ok(page(
@@ -297,7 +309,14 @@ pub async fn bindings(State(c): State<Console>, headers: HeaderMap) -> PageResul
     c.authorize(&who, "/sked.v1.RunService/GetRunStats")
         .map_err(fail)?;
     let core = &c.ctx.core;
-    let (list, more) = ucb::list(core, &tenant, &BindingFilter::default(), BINDING_PAGE, "")
+    let filter = BindingFilter {
+        statuses: BindingStatus::ALL
+            .into_iter()
+            .filter(|s| s.as_str() == q.status)
+            .collect(),
+        ..BindingFilter::default()
+    };
+    let (list, more) = ucb::list(core, &tenant, &filter, BINDING_PAGE, "")
         .await
         .map_err(fail)?;
     let now = core.clock.now();
@@ -317,8 +336,18 @@ pub async fn bindings(State(c): State<Console>, headers: HeaderMap) -> PageResul
         rows.push((b, stats));
     }
     let body = html! {
+        form method="get" class="inline filters" {
+            label for="status" { "Status" }
+            select id="status" name="status" {
+                option value="" { "any" }
+                @for st in BindingStatus::ALL {
+                    option value=(st.as_str()) selected[q.status == st.as_str()] { (st.as_str()) }
+                }
+            }
+            button type="submit" { "Filter" }
+        }
         @if list.is_empty() {
-            p { "No bindings in tenant " strong { (tenant) } " yet." }
+            p { "No bindings in tenant " strong { (tenant) } " match." }
         } @else {
             table class="list" {
                 caption { "Bindings of tenant " (tenant) "; each square of the history is one day (UTC), oldest left: green all succeeded, red a failure, amber only cancelled or skipped, grey no runs." }
@@ -359,6 +388,9 @@ pub struct RunFilters {
     state: String,
     #[serde(default)]
     trigger: String,
+    /// The next page's token of the previous page.
+    #[serde(default)]
+    page: String,
 }
 
 /// GET /bindings/{id}: effective config, schedule calendar (DST-shifted
@@ -388,9 +420,17 @@ pub async fn binding(
         trigger,
         ..RunFilter::default()
     };
-    let (runs, _) = ucr::list(core, &tenant, &filter, RUN_PAGE, "")
+    let (runs, next_page) = ucr::list(core, &tenant, &filter, RUN_PAGE, &f.page)
         .await
         .map_err(fail)?;
+    let next_link = (!next_page.is_empty()).then(|| {
+        let q: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("state", &f.state)
+            .append_pair("trigger", &f.trigger)
+            .append_pair("page", &next_page)
+            .finish();
+        format!("/bindings/{id}?{q}#runs-h")
+    });
     let fires = usecase::definitions::preview(b.effective_schedule.clone(), now, NEXT_FIRES)
         .map(|p| p.fire_times())
         .unwrap_or_default();
@@ -517,6 +557,8 @@ pub async fn binding(
                 button type="submit" { "Filter" }
             }
             (run_table(&runs))
+            @if let Some(l) = &next_link { p { a href=(l) { "Older runs →" } } }
+            @if !f.page.is_empty() { p { a href={"/bindings/" (id) "#runs-h"} { "← Newest runs" } } }
         }
         section aria-labelledby="config-h" {
             h2 id="config-h" { "Effective configuration" }
@@ -690,6 +732,11 @@ pub async fn run(
         .await
         .map_err(fail)?;
     let last_seq = events.last().map_or(0, |e| e.seq);
+    let workflow = ucr::workflow_views(core, &tenant, std::slice::from_ref(&r), true)
+        .await
+        .map_err(fail)?
+        .pop()
+        .unwrap_or_default();
     let terminal = r.state.is_terminal();
     let can_cancel = !terminal && who.can("/sked.v1.RunService/CancelRun");
     let can_retry = terminal && who.can("/sked.v1.RunService/RetryRun");
@@ -715,6 +762,24 @@ pub async fn run(
             @if let Some(code) = r.exit_code { dt { "Exit code" } dd { (code) } }
             @if let Some(e) = &r.error_message { dt { "Error" } dd { (e) } }
             @if let Some(p) = &r.progress { dt { "Progress" } dd { (format!("{:.0} %", p.percent)) " " (p.message) } }
+        }
+        @if let (Some(parent), Some(step)) = (workflow.parent_run_id, &workflow.step) {
+            p { "Step " strong { (step) } " of workflow run " a href={"/runs/" (parent)} { code { (parent) } } }
+        }
+        @if !workflow.steps.is_empty() {
+            section aria-labelledby="steps-h" {
+                h2 id="steps-h" { "Steps" }
+                ol class="steps" {
+                    @for (name, latest) in &workflow.steps {
+                        li { strong { (name) } " "
+                            @match latest {
+                                Some(s) => { a href={"/runs/" (s.id)} { (views::state_badge(s.state)) } " attempt " (s.attempt) }
+                                None => span class="muted" { "not started" },
+                            }
+                        }
+                    }
+                }
+            }
         }
         @if can_cancel || can_retry {
             section class="actions" aria-labelledby="run-actions-h" {

@@ -101,11 +101,11 @@ pub fn csrf(w: &Who) -> Markup {
 }
 
 /// The page of a refused or failed request.
-pub fn failure(status: StatusCode, message: &str) -> Markup {
+pub fn failure(status: StatusCode, message: &str, dev: bool) -> Markup {
     let title = status.canonical_reason().unwrap_or("Error");
     layout(
         None,
-        false,
+        dev,
         title,
         html! {
             p class="error" role="alert" { (message) }

@@ -265,6 +265,13 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     );
     let (_, html) = o.get(&format!("/bindings/{}", b.id)).await;
     assert!(html.contains("data-status=\"PAUSED\"") && html.contains("disk full"));
+    let (_, html) = o.get("/bindings?status=PAUSED").await;
+    assert!(html.contains(&b.id), "the status filter keeps it");
+    let (_, html) = o.get("/bindings?status=ACTIVE").await;
+    assert!(!html.contains(&b.id), "the status filter drops it");
+    let (s, html) = o.get(&format!("/bindings/{}?page=bogus", b.id)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a bad page token: {html}");
+    assert!(html.contains("page_token"));
 
     // Tenant beta's session: acme's binding and run are 404, pages and
     // actions alike, and its bindings page shows none of acme's.
@@ -488,6 +495,12 @@ async fn the_live_tail_follows_a_running_run_and_resumes_after_last_event_id() {
         assert_eq!(st, StatusCode::OK, "{page}");
         assert!(html.contains("authentication is OFF"), "banner on {page}");
     }
+    let (st, html) = s.get("/bindings/not-an-id").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(
+        html.contains("authentication is OFF"),
+        "the banner on error pages too"
+    );
     // The schedule calendar marks fires moved by a DST gap: 02:30 on
     // 28 March does not exist in Berlin in 2027 (nor in 2032), it does in
     // the other years.
