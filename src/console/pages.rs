@@ -971,10 +971,34 @@ pub async fn status(State(c): State<Console>, headers: HeaderMap) -> PageResult 
     let who = c.require(&headers, true).await?;
     c.authorize(&who, "/sked.v1.AdminService/GetSchedulerStatus")
         .map_err(fail)?;
+    c.authorize(&who, "/sked.v1.RunService/GetRunStats")
+        .map_err(fail)?;
     let s = usecase::status::scheduler_status(&c.ctx.core)
         .await
         .map_err(fail)?;
     let secs = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3} s"));
+    // The last hour's fire lag of the chosen tenant's runs (GetRunStats:
+    // exact over the runs that ended, where the status sample covers the
+    // last minute of the whole cluster).
+    let now = c.ctx.core.clock.now();
+    let hour = match &who.tenant {
+        Some(t) => Some((
+            t.clone(),
+            ucr::stats(
+                &c.ctx.core,
+                &StatsQuery {
+                    subject: StatsSubject::Tenant(t.clone()),
+                    start: now - TimeDelta::hours(1),
+                    end: now,
+                    interval: Some(StatsInterval::Hour),
+                },
+            )
+            .await
+            .map_err(fail)?,
+        )),
+        None => None,
+    };
+    let us = |v: Option<i64>| v.map_or("—".to_string(), views::micros);
     let body = html! {
         p { "As seen by node " code { (s.node_id) } " at " (views::time(s.time)) "." }
         h2 { "Queue" }
@@ -988,6 +1012,11 @@ pub async fn status(State(c): State<Console>, headers: HeaderMap) -> PageResult 
         h2 { "Fire lag" }
         p { "Runs started in the last minute: " (s.fire_lag.runs) "; p50 " (secs(s.fire_lag.p50_secs))
             ", p99 " (secs(s.fire_lag.p99_secs)) ", max " (secs(s.fire_lag.max_secs)) "." }
+        @if let Some((t, h)) = &hour {
+            p id="lag-hour" { "Tenant " strong { (t) } ", runs scheduled in the last hour (whole hours, UTC) that ended: "
+                (h.counts.total()) "; fire lag p50 " (us(h.lag_p50_us)) ", p99 " (us(h.lag_p99_us))
+                "; duration p50 " (us(h.duration_p50_us)) ", p95 " (us(h.duration_p95_us)) "." }
+        }
         h2 { "Maintenance leader" }
         @match &s.leader {
             Some(l) => p { code { (l.node_id) } " (term " (l.term) ", lease until " (views::time(l.expire_time)) @if l.expired { ", EXPIRED" } ")" },

@@ -223,7 +223,10 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
         StatusCode::FORBIDDEN,
         "missing CSRF"
     );
-    let forged = format!("{}A", &token[..token.len() - 1]);
+    // The same token with its last character changed.
+    let last = if token.ends_with('A') { 'E' } else { 'A' };
+    let forged = format!("{}{last}", &token[..token.len() - 1]);
+    assert_ne!(forged, token);
     assert_eq!(
         o.post(&pause, &[("csrf", &forged), ("note", "x")]).await,
         StatusCode::FORBIDDEN,
@@ -330,6 +333,7 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     let (s, html) = admin.get("/status").await;
     assert_eq!(s, StatusCode::OK);
     assert!(html.contains(&node.node_id));
+    assert!(html.contains("id=\"lag-hour\""), "the tenant's last hour");
     node.stop().await;
 }
 
