@@ -1265,14 +1265,24 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
         .map_err(|m| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?
     {
         crate::config::listen_security(addr, settings.tls.is_some(), args.insecure_listen)?;
-        let l = std::net::TcpListener::bind(addr)?;
         let scheme = if settings.tls.is_some() {
             "https"
         } else {
             "http"
         };
-        tracing::info!(url = %format!("{scheme}://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
-        settings.console = Some(Arc::new(l));
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                tracing::info!(url = %format!("{scheme}://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
+                settings.console = Some(Arc::new(l));
+            }
+            // The development mode's console is a convenience: a second
+            // node on the machine (or its port taken) runs without it.
+            Err(e) if args.console_listen.is_none() => tracing::warn!(
+                %addr, error = %e,
+                "the development console could not listen; running without it (choose another address with --console-listen)"
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
     // Metrics: the recorder is process-global, so it is installed here (one
     // node per process), not in `serve`, which tests run many times.
