@@ -403,6 +403,44 @@ async fn with_tls_the_console_serves_https_with_secure_cookies() {
         .expect("serve ended cleanly");
 }
 
+/// The README's first command: `sked serve` without DATABASE_URL (the
+/// development mode) serves the console too; here on a free port (the
+/// default, 127.0.0.1:50052, may be taken on a test machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sked_serve_in_the_development_mode_serves_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let console: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let addr = console.to_string();
+    let (mut child, _channel) = spawn_sked(
+        &[
+            "--data-dir".as_ref(),
+            dir.path().as_os_str(),
+            "--console-listen".as_ref(),
+            addr.as_ref(),
+        ],
+        &[("SKED_SHUTDOWN_GRACE", "5")],
+    )
+    .await;
+    let (s, html) = Browser::new(console).get("/sign-in").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("authentication is OFF"));
+    let b = Browser::sign_in(console, "", "acme").await;
+    let (s, html) = b.get("/bindings").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("authentication is OFF") && html.contains("acme"));
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit with the console open");
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
 struct Sse {
