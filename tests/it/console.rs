@@ -777,6 +777,39 @@ mod browser {
         std::fs::write(shots().join(format!("{name}.png")), png).expect("write screenshot");
     }
 
+    /// Presses Tab `n` times from the top of the page; what had the focus
+    /// after each press (id, else class, else text).
+    async fn tab_order(c: &Client, n: usize) -> Vec<String> {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        use fantoccini::key::Key;
+        c.execute(
+            "document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0);",
+            vec![],
+        )
+        .await
+        .expect("execute");
+        let mut seen = Vec::with_capacity(n);
+        for _ in 0..n {
+            let tab = KeyActions::new("keyboard".to_string())
+                .then(KeyAction::Down {
+                    value: char::from(Key::Tab),
+                })
+                .then(KeyAction::Up {
+                    value: char::from(Key::Tab),
+                });
+            c.perform_actions(tab).await.expect("Tab");
+            let v = c
+                .execute(
+                    "const e = document.activeElement; return e.id || e.className || e.textContent.trim();",
+                    vec![],
+                )
+                .await
+                .expect("execute");
+            seen.push(v.as_str().unwrap_or_default().to_string());
+        }
+        seen
+    }
+
     /// Every form control has a label; every image a name (what can be
     /// checked of accessibility without a human).
     async fn accessible(c: &Client, page: &str) {
@@ -914,6 +947,13 @@ mod browser {
         // Sign in with the key.
         c.goto(&format!("{base}/sign-in")).await.expect("goto");
         accessible(&c, "sign-in").await;
+        // The keyboard: the skip link first, then the form.
+        let order = tab_order(&c, 4).await;
+        assert_eq!(order[0], "skip", "{order:?}");
+        assert!(
+            order.contains(&"key".to_string()) && order.contains(&"tenant".to_string()),
+            "{order:?}"
+        );
         c.find(Locator::Id("key"))
             .await
             .unwrap()
@@ -977,6 +1017,13 @@ mod browser {
             .await
             .unwrap();
         accessible(&c, "binding").await;
+        let order = tab_order(&c, 20).await;
+        for id in ["note", "expire_hours", "pause", "params", "trigger"] {
+            assert!(
+                order.contains(&id.to_string()),
+                "{id} by keyboard: {order:?}"
+            );
+        }
         shot(&c, "binding").await;
         std::fs::remove_file(&mark).unwrap();
         c.find(Locator::Id("trigger"))
