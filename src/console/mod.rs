@@ -13,7 +13,7 @@
 //! call would be, and count against the tenant's rate of changes.
 //!
 //! Sign-in takes an API key (checked like a gRPC call's, Argon2 and all)
-//! and stores a session in the database ([`session`]); the cookie is
+//! and stores a session in the database ([`usecase::sessions`]); the cookie is
 //! HttpOnly, SameSite=Strict, and Secure when the node has TLS (the console
 //! then serves HTTPS with the node's certificate, [`serve_tls`]). Every POST
 //! carries the session's CSRF token in a hidden field, compared in constant
@@ -21,7 +21,6 @@
 //! every page says that authentication is off.
 
 pub mod pages;
-pub mod session;
 pub mod views;
 
 use axum::Router;
@@ -35,7 +34,7 @@ use tonic::metadata::MetadataMap;
 use crate::domain::Role;
 use crate::domain::tenancy::{Caller, Origin};
 use crate::grpc::{Ctx, authz, limit};
-use crate::usecase;
+use crate::usecase::{self, sessions as session};
 
 /// The cookie holding the session token.
 pub const COOKIE: &str = "sked_session";
@@ -297,16 +296,6 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-impl From<sqlx::Error> for Failure {
-    fn from(e: sqlx::Error) -> Failure {
-        tracing::warn!(error = %e, "console: session store");
-        Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the session store (database) is unavailable; retry",
-        )
-    }
-}
-
 /// Who is signed in: the session, the caller its key makes, and the
 /// tenant pages act for.
 #[derive(Debug, Clone)]
@@ -355,7 +344,7 @@ impl Console {
             return Ok(None);
         };
         let core = &self.ctx.core;
-        let Some(s) = session::find(&core.pool, &token, core.clock.now()).await? else {
+        let Some(s) = session::find(core, &token).await? else {
             return Ok(None);
         };
         let dev = !self.ctx.auth.required();
@@ -368,7 +357,7 @@ impl Console {
                     origin: Origin::Api,
                 },
                 Ok(_) | Err(usecase::Error::NotFound(_)) => {
-                    session::delete(&core.pool, &s.token_hash).await?;
+                    session::end(core, &s.token_hash).await?;
                     return Ok(None);
                 }
                 Err(e) => return Err(e.into()),
@@ -376,7 +365,7 @@ impl Console {
             // A session without a key only while auth is off.
             None if dev => Caller::anonymous(),
             None => {
-                session::delete(&core.pool, &s.token_hash).await?;
+                session::end(core, &s.token_hash).await?;
                 return Ok(None);
             }
         };

@@ -21,12 +21,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use uuid::Uuid;
 
 use super::views::{self, ChartPoint, csrf, layout};
-use super::{Console, Failure, Who, session};
+use super::{Console, Failure, Who};
 use crate::domain::stats::StatsInterval;
 use crate::domain::{BindingStatus, EventBody, Handler, RunState, RunTrigger, validate_tenant_id};
 use crate::events::tail;
 use crate::usecase::bindings::{self as ucb, BindingFilter};
 use crate::usecase::runs::{self as ucr, RunFilter, StatsQuery, StatsSubject};
+use crate::usecase::sessions as session;
 use crate::usecase::{self, Actor, Page};
 
 /// Runs the binding page lists.
@@ -196,14 +197,9 @@ pub async fn sign_in(
             Some(w.to_string())
         }
     };
-    let token = session::create(
-        &core.pool,
-        caller.key_id,
-        tenant.as_deref(),
-        core.clock.now(),
-    )
-    .await
-    .map_err(fail)?;
+    let token = session::create(core, caller.key_id, tenant.as_deref())
+        .await
+        .map_err(fail)?;
     tracing::info!(key_id = ?caller.key_id, tenant = ?tenant, "console sign-in");
     Ok((
         StatusCode::SEE_OTHER,
@@ -229,7 +225,7 @@ pub async fn sign_out(
     Form(f): Form<Plain>,
 ) -> PageResult {
     let who = poster(&c, &headers, &f.csrf).await?;
-    session::delete(&c.ctx.core.pool, &who.session.token_hash)
+    session::end(&c.ctx.core, &who.session.token_hash)
         .await
         .map_err(fail)?;
     Ok((
@@ -272,7 +268,7 @@ pub async fn switch_tenant(
             format!("{}: {}", v.field, v.reason),
         ))
     })?;
-    session::set_tenant(&c.ctx.core.pool, &who.session, t)
+    session::set_tenant(&c.ctx.core, &who.session, t)
         .await
         .map_err(fail)?;
     Ok(see_other("/bindings".into()))
