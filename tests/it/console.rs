@@ -898,6 +898,53 @@ mod browser {
         }
     }
 
+    /// Backfills `binding`'s fires of the last `days` days (before today)
+    /// and waits until they all ended: history for the strip.
+    async fn history(node: &TestNode, token: &str, binding: &str, days: f64) {
+        let today = (now_secs() / 86_400.0).floor() * 86_400.0;
+        let created = node
+            .runs()
+            .backfill_runs(request(
+                "acme",
+                Some(token),
+                pb::BackfillRunsRequest {
+                    binding_id: binding.into(),
+                    start_time: Some(ts(today - days * 86_400.0)),
+                    end_time: Some(ts(today)),
+                    dry_run: false,
+                },
+            ))
+            .await
+            .expect("backfill")
+            .into_inner()
+            .scheduled_times
+            .len();
+        assert!(created > 0);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let runs = node
+                .runs()
+                .list_runs(request(
+                    "acme",
+                    Some(token),
+                    pb::ListRunsRequest {
+                        binding_id: binding.into(),
+                        page_size: 100,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("list runs")
+                .into_inner()
+                .runs;
+            if runs.len() >= created && runs.iter().all(is_terminal) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backfilled runs did not end");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     #[tokio::test]
     async fn sign_in_see_red_squares_follow_a_run_and_pause() {
         if !available() {
@@ -925,7 +972,7 @@ mod browser {
                     "i=0; while [ $i -lt 3 ] || [ ! -f '{}' ]; do i=$((i+1)); echo copying part $i; sleep 0.2; done; echo disk full >&2; exit 3",
                     mark.display()
                 ),
-                manual(),
+                cron("0 2 * * *", "UTC"),
             ),
         )
         .await;
@@ -933,9 +980,13 @@ mod browser {
             &node.channel,
             "acme",
             Some(&root),
-            sh_def("report", "echo ok", every(3600)),
+            sh_def("report", "echo ok", cron("0 6 * * *", "UTC")),
         )
         .await;
+        // History: the report has run well for three weeks, the backup
+        // has failed every night for the last four.
+        history(&node, &root, &report.id, 21.0).await;
+        history(&node, &root, &backup.id, 4.0).await;
         let failed = trigger_via(&node.channel, "acme", Some(&root), &backup.id).await;
         let ok = trigger_via(&node.channel, "acme", Some(&root), &report.id).await;
         let failed = ended(&node, &root, &failed.id).await;
