@@ -514,6 +514,7 @@ pub async fn binding(
         }
         section aria-labelledby="cal-h" {
             h2 id="cal-h" { "Next fires" }
+            @if b.paused { p class="muted" { "Paused: fire times in the pause are skipped, not caught up." } }
             @if fires.is_empty() {
                 p class="muted" { "No fire times ahead (manual schedule, or the schedule ended)." }
             } @else {
