@@ -565,18 +565,14 @@ async fn serve_with_pool(
         apply_definitions(&ctx, defs).await?;
     }
 
-    // The web console, on its own listener, over the same context.
+    // The web console, on its own listener, over the same context: set up
+    // here (bad TLS material fails now), served beside the gRPC server.
     let console_stop = CancellationToken::new();
-    let console_task = match &settings.console {
+    let console_setup = match &settings.console {
         Some(l) => {
             let l = l.try_clone()?;
             l.set_nonblocking(true)?;
             let l = TcpListener::from_std(l)?;
-            let console = crate::console::Console {
-                ctx: ctx.clone(),
-                secure: settings.tls.is_some(),
-            };
-            let stop = console_stop.clone();
             // With TLS the console serves HTTPS with the same certificate.
             let tls = settings
                 .tls
@@ -584,15 +580,11 @@ async fn serve_with_pool(
                 .map(crate::console::tls_config)
                 .transpose()
                 .map_err(|m| Error::Tls(crate::transport::TlsError::Invalid(m)))?;
-            Some(tokio::spawn(async move {
-                let served = match tls {
-                    Some(tls) => crate::console::serve_tls(console, l, tls, stop).await,
-                    None => crate::console::serve(console, l, stop).await,
-                };
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "the console listener stopped");
-                }
-            }))
+            let console = crate::console::Console {
+                ctx: ctx.clone(),
+                secure: settings.tls.is_some(),
+            };
+            Some((console, l, tls, console_stop.clone()))
         }
         None => None,
     };
@@ -880,6 +872,17 @@ async fn serve_with_pool(
         conn.inspect(|s| {
             if let Err(e) = s.set_nodelay(true) {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        })
+    });
+    let console_task = console_setup.map(|(console, l, tls, stop)| {
+        tokio::spawn(async move {
+            let served = match tls {
+                Some(tls) => crate::console::serve_tls(console, l, tls, stop).await,
+                None => crate::console::serve(console, l, stop).await,
+            };
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the console listener stopped");
             }
         })
     });
