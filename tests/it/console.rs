@@ -642,6 +642,47 @@ async fn the_live_tail_follows_a_running_run_and_resumes_after_last_event_id() {
     let (st, html) = s.get(&run_page).await;
     assert_eq!(st, StatusCode::OK);
     assert!(html.contains("finished-ok") && html.contains("data-state=\"SUCCEEDED\""));
+
+    // Cancel a running run from its page, with a reason; then retry it.
+    let sleeper = define_and_bind(&node, "acme", sh_def("sleeper", "sleep 60", manual())).await;
+    let long = trigger(&node, "acme", &sleeper.id).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while state(&get_run(&node, "acme", &long.id).await) != pb::RunState::Running {
+        assert!(std::time::Instant::now() < deadline, "the run starts");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let page = format!("/runs/{}", long.id);
+    let token = s.csrf(&page).await;
+    let (_, html) = s.get(&page).await;
+    assert!(html.contains("id=\"cancel\"") && !html.contains("id=\"retry\""));
+    assert_eq!(
+        s.post(
+            &format!("{page}/cancel"),
+            &[("csrf", token.as_str()), ("reason", "wrong day")]
+        )
+        .await,
+        StatusCode::SEE_OTHER
+    );
+    let ended = wait_terminal(&node, "acme", &long.id).await;
+    assert_eq!(state(&ended), pb::RunState::Cancelled);
+    assert!(ended.reason.contains("wrong day"), "{ended:?}");
+    let r = s
+        .req(reqwest::Method::POST, &format!("{page}/retry"))
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let again = r.headers()["location"].to_str().unwrap().to_string();
+    assert_ne!(again, page, "a new attempt");
+    let retried = get_run(&node, "acme", again.trim_start_matches("/runs/")).await;
+    assert_eq!(retried.attempt, 2);
+    assert_eq!(
+        s.post(&format!("{again}/cancel"), &[("csrf", token.as_str())])
+            .await,
+        StatusCode::SEE_OTHER
+    );
+    wait_terminal(&node, "acme", &retried.id).await;
     node.stop().await;
 }
 
