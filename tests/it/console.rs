@@ -241,8 +241,15 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     );
     assert!(!paused(&node, &root, "acme", &b.id).await);
     assert_eq!(
-        o.post(&pause, &[("csrf", &token), ("note", "disk full")])
-            .await,
+        o.post(
+            &pause,
+            &[
+                ("csrf", &token),
+                ("note", "disk full"),
+                ("expire_hours", "2")
+            ]
+        )
+        .await,
         StatusCode::SEE_OTHER
     );
     assert!(paused(&node, &root, "acme", &b.id).await);
@@ -268,6 +275,7 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     );
     let (_, html) = o.get(&format!("/bindings/{}", b.id)).await;
     assert!(html.contains("data-status=\"PAUSED\"") && html.contains("disk full"));
+    assert!(html.contains(" until "), "the expiry is shown");
     let (_, html) = o.get("/bindings?status=PAUSED").await;
     assert!(html.contains(&b.id), "the status filter keeps it");
     let (_, html) = o.get("/bindings?status=ACTIVE").await;
@@ -334,6 +342,29 @@ async fn actions_need_a_session_a_role_and_the_csrf_token_and_tenants_stay_apart
     assert_eq!(s, StatusCode::OK);
     assert!(html.contains(&node.node_id));
     assert!(html.contains("id=\"lag-hour\""), "the tenant's last hour");
+    // A platform key switches tenant as it would with x-tenant-id.
+    let token = admin.csrf("/bindings").await;
+    let (_, html) = admin.get("/bindings").await;
+    assert!(html.contains(&b.id));
+    assert_eq!(
+        admin
+            .post("/tenant", &[("csrf", token.as_str()), ("tenant", "beta")])
+            .await,
+        StatusCode::SEE_OTHER
+    );
+    let (_, html) = admin.get("/bindings").await;
+    assert!(!html.contains(&b.id) && html.contains("beta"));
+    // Signing out ends the session.
+    assert_eq!(
+        admin.post("/sign-out", &[("csrf", token.as_str())]).await,
+        StatusCode::SEE_OTHER
+    );
+    let r = admin
+        .req(reqwest::Method::GET, "/bindings")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/sign-in", "signed out");
     node.stop().await;
 }
 
