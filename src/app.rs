@@ -193,6 +193,10 @@ pub struct Settings {
     /// statistics every 5 s on every node); `None`: neither (GetRunStats
     /// stays exact, only slower as the unfolded rows grow).
     pub stats_fold: Option<Duration>,
+    /// The web console's listener (`--console-listen`; `src/console`),
+    /// already bound; `None`: no console. Shared so `Settings` stays
+    /// `Clone` (the node serves on a duplicate of the socket).
+    pub console: Option<Arc<std::net::TcpListener>>,
 }
 
 /// A parsed `--definitions` file.
@@ -392,6 +396,7 @@ impl Settings {
             notify_key: None,
             notify_poll: Duration::from_millis(500),
             stats_fold: Some(crate::cluster::StatsFold::DEFAULT_EVERY),
+            console: None,
         }
     }
 }
@@ -559,6 +564,30 @@ async fn serve_with_pool(
     if let Some(defs) = &settings.definitions {
         apply_definitions(&ctx, defs).await?;
     }
+
+    // The web console, on its own listener, over the same context: set up
+    // here (bad TLS material fails now), served beside the gRPC server.
+    let console_stop = CancellationToken::new();
+    let console_setup = match &settings.console {
+        Some(l) => {
+            let l = l.try_clone()?;
+            l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(l)?;
+            // With TLS the console serves HTTPS with the same certificate.
+            let tls = settings
+                .tls
+                .as_ref()
+                .map(crate::console::tls_config)
+                .transpose()
+                .map_err(|m| Error::Tls(crate::transport::TlsError::Invalid(m)))?;
+            let console = crate::console::Console {
+                ctx: ctx.clone(),
+                secure: settings.tls.is_some(),
+            };
+            Some((console, l, tls, console_stop.clone()))
+        }
+        None => None,
+    };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Arc::new(Health::new(reporter));
@@ -810,6 +839,7 @@ async fn serve_with_pool(
                 _ = fatal.cancelled() => {}
             }
             tracing::info!("shutting down: NOT_SERVING, draining runs");
+            console_stop.cancel();
             draining.store(true, Ordering::Relaxed);
             health.update(|s| s.draining = true).await;
             engine_stop.cancel();
@@ -843,6 +873,17 @@ async fn serve_with_pool(
         conn.inspect(|s| {
             if let Err(e) = s.set_nodelay(true) {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        })
+    });
+    let console_task = console_setup.map(|(console, l, tls, stop)| {
+        tokio::spawn(async move {
+            let served = match tls {
+                Some(tls) => crate::console::serve_tls(console, l, tls, stop).await,
+                None => crate::console::serve(console, l, stop).await,
+            };
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the console listener stopped");
             }
         })
     });
@@ -901,6 +942,17 @@ async fn serve_with_pool(
     // If the server failed on its own, stop everything else too.
     engine_stop.cancel();
     streams_stop.cancel();
+    if let Some(t) = console_task {
+        // Its live tails ended with `streams_stop`; an idle browser
+        // connection does not hold the node up.
+        let abort = t.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
     bridge_stop.cancel();
     let _ = bridge_task.await;
     pool.close().await;
@@ -1212,6 +1264,30 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.auth =
         args.database_url.is_some() || !args.listen.ip().is_loopback() || args.require_auth;
     let listener = TcpListener::bind(args.listen).await?;
+    // The console: asked for, or the development mode's on loopback.
+    if let Some(addr) = crate::config::console_addr(&args, settings.auth)
+        .map_err(|m| Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?
+    {
+        crate::config::listen_security(addr, settings.tls.is_some(), args.insecure_listen)?;
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                tracing::info!(url = %format!("{scheme}://{}/", l.local_addr()?), auth = settings.auth, "web console serving");
+                settings.console = Some(Arc::new(l));
+            }
+            // The development mode's console is a convenience: a second
+            // node on the machine (or its port taken) runs without it.
+            Err(e) if args.console_listen.is_none() => tracing::warn!(
+                %addr, error = %e,
+                "the development console could not listen; running without it (choose another address with --console-listen)"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
     // Metrics: the recorder is process-global, so it is installed here (one
     // node per process), not in `serve`, which tests run many times.
     let exporter = match args.metrics_listen {

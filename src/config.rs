@@ -65,6 +65,32 @@ pub struct BootstrapKeyArgs {
     pub name: String,
 }
 
+/// Where the development mode serves the web console: the port after the
+/// default gRPC port, loopback only.
+pub const DEV_CONSOLE_LISTEN: &str = "127.0.0.1:50052";
+
+/// Where `sked serve` serves the web console: `--console-listen`, else
+/// [`DEV_CONSOLE_LISTEN`] when `auth` is off (the development mode), else
+/// nowhere; `--no-console` wins.
+///
+/// # Errors
+/// A message naming `--console-listen` for a non-loopback address while
+/// auth is off (the console would let anyone act as a platform admin).
+pub fn console_addr(args: &ServeArgs, auth: bool) -> Result<Option<SocketAddr>, String> {
+    let addr = match (args.console_listen, args.no_console) {
+        (_, true) => return Ok(None),
+        (Some(a), false) => a,
+        (None, false) if !auth => DEV_CONSOLE_LISTEN.parse().map_err(|_| "bad default")?,
+        (None, false) => return Ok(None),
+    };
+    if !auth && !addr.ip().is_loopback() {
+        return Err(format!(
+            "--console-listen {addr}: authentication is off (development mode), so the console serves only loopback addresses"
+        ));
+    }
+    Ok(Some(addr))
+}
+
 /// `sked serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -146,6 +172,17 @@ pub struct ServeArgs {
     /// your scraper reaches it.
     #[arg(long, env = "SKED_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web console (HTML pages over HTTP; docs/console.md) on
+    /// this address, e.g. `127.0.0.1:50052`. Unset: no console, except in
+    /// the development mode (embedded database, auth off), which serves it
+    /// on [`DEV_CONSOLE_LISTEN`]. With --tls-cert/--tls-key it serves
+    /// HTTPS with them; without, off loopback it needs --insecure-listen (a
+    /// TLS-terminating proxy in front).
+    #[arg(long, env = "SKED_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+    /// No web console, not even the development mode's.
+    #[arg(long, env = "SKED_NO_CONSOLE", conflicts_with = "console_listen")]
+    pub no_console: bool,
     /// Label the per-run metrics (fires, finished runs, fire lag, run
     /// duration) with the tenant: one series per tenant, so only where
     /// tenants are few.
@@ -339,6 +376,39 @@ mod tests {
         assert_eq!(a.leader_lease_secs, 2);
         let argv = ["sked", "serve", "--leader-lease-secs", "0"];
         assert!(Cli::try_parse_from(argv).is_err(), "a lease of 0 s");
+    }
+
+    #[test]
+    fn the_console_is_off_by_default_and_on_in_the_development_mode() {
+        let parse = |extra: &[&str]| {
+            let argv = ["sked", "serve"].iter().chain(extra);
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("serve")
+            };
+            args
+        };
+        let d = parse(&[]);
+        assert_eq!(console_addr(&d, true), Ok(None));
+        assert_eq!(console_addr(&d, false), Ok(Some(addr(DEV_CONSOLE_LISTEN))));
+        let off = parse(&["--no-console"]);
+        assert_eq!(console_addr(&off, false), Ok(None));
+        let set = parse(&["--console-listen", "127.0.0.1:8080"]);
+        assert_eq!(console_addr(&set, true), Ok(Some(addr("127.0.0.1:8080"))));
+        let public = parse(&["--console-listen", "0.0.0.0:8080"]);
+        assert_eq!(console_addr(&public, true), Ok(Some(addr("0.0.0.0:8080"))));
+        let e = console_addr(&public, false).unwrap_err();
+        assert!(
+            e.contains("--console-listen") && e.contains("loopback"),
+            "{e}"
+        );
+        let argv = [
+            "sked",
+            "serve",
+            "--no-console",
+            "--console-listen",
+            "127.0.0.1:1",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err(), "conflicting flags");
     }
 
     #[test]

@@ -45,6 +45,9 @@
 //!   days archived and dropped, old audit events deleted.
 //! - [`embedded_pg`] — the private PostgreSQL of the one-command default.
 //! - [`transport`] — TLS, compression and message size of the gRPC listener.
+//! - [`console`] — the web console (`--console-listen`): server-rendered
+//!   pages and actions over the use cases, authorized by `grpc::authz`'s
+//!   table; sessions in the database (`usecase::sessions`).
 //! - [`cli`] — the `sked` client subcommands (`def`, `binding`, `run`,
 //!   `tail`, `watch`, `preview`, `quota`, `key`, `audit`): a gRPC client of
 //!   a node like any other, one file per resource; it names only [`proto`]
@@ -56,6 +59,7 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod domain;
 pub mod embedded_pg;
@@ -195,11 +199,12 @@ mod house {
     /// the crate modules listed for it, so no cycle can form.
     #[test]
     fn layers_call_only_downwards() {
-        const MODULES: [&str; 16] = [
+        const MODULES: [&str; 17] = [
             "app",
             "cli",
             "cluster",
             "config",
+            "console",
             "db",
             "domain",
             "embedded_pg",
@@ -215,7 +220,7 @@ mod house {
         ];
         // `telemetry` (metric names and recording helpers) sits beside
         // `domain`: the engine and the use cases record into it.
-        let allowed: [(&str, &[&str]); 11] = [
+        let allowed: [(&str, &[&str]); 12] = [
             ("domain", &[]),
             ("db", &["domain"]),
             ("telemetry", &["config", "domain"]),
@@ -226,6 +231,12 @@ mod house {
             ("scheduler", &["db", "domain", "events", "telemetry"]),
             ("executor", &["db", "domain", "events", "telemetry"]),
             ("grpc", &["domain", "events", "proto", "usecase"]),
+            // The API seen by a person: the gRPC layer's context and rules
+            // (authz table, auth, limits), the same use cases.
+            (
+                "console",
+                &["domain", "events", "grpc", "transport", "usecase"],
+            ),
             // A gRPC client like any other: the API's types, pure rules.
             ("cli", &["domain", "proto"]),
         ];

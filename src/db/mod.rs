@@ -9,6 +9,7 @@
 
 pub mod bindings;
 pub mod cluster;
+pub mod console;
 pub mod definitions;
 pub mod events;
 pub mod notifications;

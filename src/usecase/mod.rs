@@ -15,6 +15,7 @@ pub mod bindings;
 pub mod definitions;
 pub mod notifications;
 pub mod runs;
+pub mod sessions;
 pub mod status;
 pub mod tenancy;
 pub mod workers;

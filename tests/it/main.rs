@@ -13,6 +13,7 @@ mod bench;
 mod claim_guards;
 mod cli;
 mod compression;
+mod console;
 mod control;
 mod crash;
 mod defence;

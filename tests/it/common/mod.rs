@@ -195,6 +195,9 @@ pub fn settings(db: &TestDb, node_id: &str) -> Settings {
 /// A node serving on 127.0.0.1:0.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The web console's address, when started with one
+    /// ([`TestNode::start_with_console`]).
+    pub console: Option<SocketAddr>,
     pub node_id: String,
     pub channel: Channel,
     stop: CancellationToken,
@@ -204,6 +207,16 @@ pub struct TestNode {
 impl TestNode {
     pub async fn start(db: &TestDb, node_id: &str) -> TestNode {
         Self::start_with(settings(db, node_id)).await
+    }
+
+    /// A node with `settings` and a web console on 127.0.0.1:0 too.
+    pub async fn start_with_console(mut settings: Settings) -> TestNode {
+        let console = std::net::TcpListener::bind("127.0.0.1:0").expect("bind console");
+        let addr = console.local_addr().expect("console addr");
+        settings.console = Some(std::sync::Arc::new(console));
+        let mut node = Self::start_with(settings).await;
+        node.console = Some(addr);
+        node
     }
 
     pub async fn start_with(settings: Settings) -> TestNode {
@@ -223,6 +236,7 @@ impl TestNode {
             .expect("connect to node");
         TestNode {
             addr,
+            console: None,
             node_id,
             channel,
             stop,
