@@ -2,7 +2,8 @@
 -- wrote: the `sked_runs` payload names the kinds of the steps it queued
 -- (`local`, `event`, `worker`; db::notify::RUNS), instead of an empty
 -- payload that woke every loop of every node, so the slot claim no longer
--- runs after each batch of event steps. The new steps' events go out in one
+-- runs after each batch of event steps, nor after each workflow run that ends
+-- with no run of its binding waiting. The new steps' events go out in one
 -- `sked_events` notification per advance instead of one per step.
 -- Otherwise sked_workflow_advance is as in migration 20261205000200.
 
@@ -219,8 +220,11 @@ BEGIN
     PERFORM pg_notify('sked_runs', 'scheduled');
   END IF;
   -- The binding's next run (a workflow run, claimed by the executors) may
-  -- start now (overlap).
-  PERFORM pg_notify('sked_runs', 'local');
+  -- start now (overlap), when one waits.
+  IF EXISTS (SELECT 1 FROM runs q
+             WHERE q.binding_id = p.binding_id AND q.state = 'QUEUED' AND q.parent_run_id IS NULL) THEN
+    PERFORM pg_notify('sked_runs', 'local');
+  END IF;
 END
 $$;
 

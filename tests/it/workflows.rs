@@ -1240,3 +1240,39 @@ async fn event_steps_that_end_together_advance_their_workflow_once_and_lose_noth
     }
     node.stop().await;
 }
+
+/// A workflow run waiting under `BUFFER_ONE` starts once the one before it
+/// has ended, not before, and without waiting for a poll (there is none to
+/// fall back on here: the end of the first one's last step wakes the
+/// claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_workflow_run_starts_when_the_one_before_it_ends() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db, "n1");
+    s.claim_poll = Duration::from_secs(600);
+    let node = TestNode::start_with(s).await;
+    let mut def = workflow_def(
+        "buffered",
+        vec![sh_step("a", &[], "sleep 1")],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.overlap_policy = pb::OverlapPolicy::BufferOne as i32;
+    let binding = define_and_bind(&node, "acme", def).await;
+    let first = trigger(&node, "acme", &binding.id).await;
+    steps_until(&node, &first.id, "a runs", |s| {
+        s.iter()
+            .any(|r| r.step == "a" && state(r) == pb::RunState::Running)
+    })
+    .await;
+    let second = trigger(&node, "acme", &binding.id).await;
+    assert_eq!(state(&second), pb::RunState::Queued, "{second:#?}");
+    let first = wait_workflow(&node, "acme", &first.id).await;
+    let second = wait_workflow(&node, "acme", &second.id).await;
+    assert_eq!(state(&first), pb::RunState::Succeeded, "{first:#?}");
+    assert_eq!(state(&second), pb::RunState::Succeeded, "{second:#?}");
+    assert!(
+        secs(&second.start_time) >= secs(&first.end_time),
+        "one at a time: {first:#?} {second:#?}"
+    );
+    node.stop().await;
+}
