@@ -29,20 +29,27 @@
     log.appendChild(span);
     if (atEnd) log.scrollTop = log.scrollHeight;
   });
+  const badge = (to) => {
+    const b = document.createElement("span");
+    b.className = "badge";
+    b.dataset.state = to;
+    b.textContent = to;
+    return b;
+  };
   es.addEventListener("state", (e) => {
     if (!seen(e)) return;
     const d = JSON.parse(e.data);
     if (state) {
       state.innerHTML = "";
-      const b = document.createElement("span");
-      b.className = "badge";
-      b.dataset.state = d.to;
-      b.textContent = d.to;
-      state.appendChild(b);
+      state.appendChild(badge(d.to));
     }
     if (timeline) {
+      // As the server writes it: "2026-12-02 16:52:28 UTC FROM → [TO]".
       const li = document.createElement("li");
-      li.textContent = d.time + " " + (d.from ? d.from + " → " : "") + d.to + (d.reason ? " (" + d.reason + ")" : "");
+      const when = String(d.time).replace("T", " ").slice(0, 19) + " UTC ";
+      li.appendChild(document.createTextNode(when + (d.from ? d.from + " → " : "")));
+      li.appendChild(badge(d.to));
+      if (d.reason) li.appendChild(document.createTextNode(" (" + d.reason + ")"));
       timeline.appendChild(li);
     }
   });
