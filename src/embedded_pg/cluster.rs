@@ -163,11 +163,6 @@ impl EmbeddedPg {
             "unix_socket_permissions=0700".into(),
             "-c".into(),
             format!("max_connections={MAX_CONNECTIONS}"),
-            // Autovacuum looks every second (default: a minute), so the
-            // tables every fire rewrites (migration 20261206000300) are
-            // vacuumed as they fill with dead tuples.
-            "-c".into(),
-            "autovacuum_naptime=1".into(),
         ];
         if opts.fast_unsafe {
             for setting in [
