@@ -520,9 +520,43 @@ fn details(b: &pb::Binding) -> String {
             own(b.max_active_runs.is_some())
         ),
     )
+    .field(
+        "Notifications",
+        format!(
+            "{}{}",
+            rules_summary(&e.notification_rules),
+            own(e.overridden.iter().any(|f| f == "notification_rules"))
+        ),
+    )
     .field("Enabled", yes_no(b.enabled.unwrap_or(true)))
     .field("Created", output::local_time(&b.create_time))
     .field("Updated", output::local_time(&b.update_time))
     .field("Etag", b.etag.as_str());
     v.render()
+}
+
+/// The notification rules in force, one `name: trigger → url` per rule
+/// (`none` when there are none).
+fn rules_summary(rules: &[pb::NotificationRule]) -> String {
+    if rules.is_empty() {
+        return "none".into();
+    }
+    rules
+        .iter()
+        .map(|r| {
+            let trigger = match pb::NotificationTrigger::try_from(r.trigger) {
+                Ok(pb::NotificationTrigger::Failure) if r.every_attempt => {
+                    "every failed attempt".to_string()
+                }
+                Ok(pb::NotificationTrigger::Failure) => "failure".to_string(),
+                Ok(pb::NotificationTrigger::ConsecutiveFailures) => {
+                    format!("{} failures in a row", r.consecutive_failures)
+                }
+                Ok(pb::NotificationTrigger::Recovery) => "recovery".to_string(),
+                _ => "?".to_string(),
+            };
+            format!("{}: {trigger} → {}", r.name, r.url)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

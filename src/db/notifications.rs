@@ -118,6 +118,59 @@ pub async fn rules_of(db: impl PgExecutor<'_>, owner: Owner<'_>) -> Result<Vec<S
     .await?)
 }
 
+/// The rules in force for each of the tenant's bindings `ids`: per
+/// binding, whether it overrides its definition's rules, and the rules in
+/// force in order (the binding's own, else the definition's), without
+/// their sealed secrets (`secret` empty). Ids of other tenants' bindings,
+/// or of none, are absent from the result.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn effective_rules_of(
+    db: impl PgExecutor<'_>,
+    tenant: &str,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, bool, Option<StoredRule>)>, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT b.id AS "binding_id!", (o.binding_id IS NOT NULL) AS "overrides!",
+                  r.id AS "rule_id?", r.name AS "name?", r.url AS "url?",
+                  r.trigger AS "trigger?", r.consecutive_failures AS "consecutive_failures?",
+                  r.every_attempt AS "every_attempt?", r.create_time AS "create_time?"
+           FROM bindings b
+           LEFT JOIN notify_overrides o ON o.binding_id = b.id
+           LEFT JOIN notify_rules r
+                  ON (o.binding_id IS NOT NULL AND r.binding_id = b.id)
+                  OR (o.binding_id IS NULL AND r.binding_id IS NULL AND r.definition = b.definition)
+           WHERE b.tenant_id = $1 AND b.id = ANY($2)
+           ORDER BY b.id, r.position"#,
+        tenant,
+        ids
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let rule = match (r.rule_id, r.name, r.url, r.trigger, r.create_time) {
+                (Some(id), Some(name), Some(url), Some(trigger), Some(create_time)) => {
+                    Some(StoredRule {
+                        id,
+                        name,
+                        url,
+                        trigger,
+                        consecutive_failures: r.consecutive_failures.unwrap_or(0),
+                        every_attempt: r.every_attempt.unwrap_or(false),
+                        secret: Vec::new(),
+                        create_time,
+                    })
+                }
+                _ => None,
+            };
+            (r.binding_id, r.overrides, rule)
+        })
+        .collect())
+}
+
 /// Whether the tenant's binding overrides its definition's rules.
 ///
 /// # Errors

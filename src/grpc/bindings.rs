@@ -2,22 +2,57 @@
 //! [`usecase::bindings`], converts the results.
 
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::authz::{Grant, tenant_grant};
 use super::convert::{
     binding_status_from, binding_to, overrides_from, retry_policy_from, schedule_from,
     struct_to_json, time_from, timeout_from,
 };
+use super::notifications::rule_to;
 use super::{Ctx, invalid, page_size, parse_uuid, update_paths};
 use crate::domain::{FieldViolation, validate_definition_name, validate_effective_window};
 use crate::proto::v1 as pb;
 use crate::proto::v1::binding_service_server::BindingService;
 use crate::usecase::Actor;
 use crate::usecase::bindings::{self as uc, BindingChange};
+use crate::usecase::notifications as notify_uc;
 
 /// Implements `BindingService`.
 #[derive(Debug, Clone)]
 pub struct Bindings(pub Ctx);
+
+impl Bindings {
+    /// Fills in each binding's `effective.notification_rules` (and
+    /// "notification_rules" in `effective.overridden` when the binding has
+    /// its own): one query for all of them.
+    async fn with_rules(&self, tenant: &str, list: &mut [pb::Binding]) -> Result<(), Status> {
+        let ids: Vec<Uuid> = list.iter().filter_map(|b| b.id.parse().ok()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut rules = notify_uc::effective_rules_many(&self.0.core, tenant, &ids).await?;
+        for b in list {
+            let Some(e) = b.id.parse().ok().and_then(|id: Uuid| rules.remove(&id)) else {
+                continue;
+            };
+            let effective = b.effective.get_or_insert_with(Default::default);
+            effective.notification_rules = e.rules.iter().map(|r| rule_to(r, None)).collect();
+            if e.overrides {
+                effective.overridden.push("notification_rules".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// One binding as answered: with its notification rules in force.
+    async fn respond(&self, tenant: &str, b: pb::Binding) -> Result<Response<pb::Binding>, Status> {
+        let mut one = [b];
+        self.with_rules(tenant, &mut one).await?;
+        let [b] = one;
+        Ok(Response::new(b))
+    }
+}
 
 #[tonic::async_trait]
 impl BindingService for Bindings {
@@ -46,7 +81,8 @@ impl BindingService for Bindings {
         };
         let actor = Actor::new(&caller, method);
         let binding = uc::create(&self.0.core, actor, &tenant_id, new).await?;
-        Ok(Response::new(binding_to(&binding, self.0.core.clock.now())))
+        self.respond(&tenant_id, binding_to(&binding, self.0.core.clock.now()))
+            .await
     }
 
     async fn get_binding(
@@ -56,7 +92,8 @@ impl BindingService for Bindings {
         let (_, tenant_id) = tenant_grant(&req)?;
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let b = uc::view(&self.0.core, &tenant_id, id).await?;
-        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
+        self.respond(&tenant_id, binding_to(&b, self.0.core.clock.now()))
+            .await
     }
 
     async fn list_bindings(
@@ -80,8 +117,10 @@ impl BindingService for Bindings {
         let (list, next_page_token) =
             uc::list(&self.0.core, &tenant_id, &filter, size, &r.page_token).await?;
         let now = self.0.core.clock.now();
+        let mut bindings: Vec<pb::Binding> = list.iter().map(|b| binding_to(b, now)).collect();
+        self.with_rules(&tenant_id, &mut bindings).await?;
         Ok(Response::new(pb::ListBindingsResponse {
-            bindings: list.iter().map(|b| binding_to(b, now)).collect(),
+            bindings,
             next_page_token,
         }))
     }
@@ -178,7 +217,8 @@ impl BindingService for Bindings {
         };
         let actor = Actor::new(&caller, method);
         let b = uc::update(&self.0.core, actor, &tenant_id, update).await?;
-        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
+        self.respond(&tenant_id, binding_to(&b, self.0.core.clock.now()))
+            .await
     }
 
     async fn pause_binding(
@@ -196,7 +236,8 @@ impl BindingService for Bindings {
             .map_err(invalid)?;
         let actor = Actor::new(&caller, method);
         let b = uc::pause(&self.0.core, actor, &tenant_id, id, &r.note, expire).await?;
-        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
+        self.respond(&tenant_id, binding_to(&b, self.0.core.clock.now()))
+            .await
     }
 
     async fn resume_binding(
@@ -207,7 +248,8 @@ impl BindingService for Bindings {
         let id = parse_uuid("binding_id", &req.get_ref().binding_id)?;
         let actor = Actor::new(&caller, method);
         let b = uc::resume(&self.0.core, actor, &tenant_id, id).await?;
-        Ok(Response::new(binding_to(&b, self.0.core.clock.now())))
+        self.respond(&tenant_id, binding_to(&b, self.0.core.clock.now()))
+            .await
     }
 
     async fn delete_binding(

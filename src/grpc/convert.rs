@@ -890,6 +890,7 @@ pub fn binding_to(b: &domain::Binding, now: DateTime<Utc>) -> pb::Binding {
             overlap_policy: overlap_to(b.effective_policy.overlap) as i32,
             priority: b.effective_policy.priority,
             max_active_runs: b.effective_max_active_runs.unwrap_or(0),
+            notification_rules: Vec::new(),
             overridden: [
                 ("schedule", b.schedule.is_some()),
                 ("params", b.params.is_some()),

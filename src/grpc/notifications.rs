@@ -52,7 +52,7 @@ fn rules_from(rules: &[pb::NotificationRule]) -> Result<Vec<Rule>, Status> {
         .collect()
 }
 
-fn rule_to(r: &uc::StoredRule, secret: Option<String>) -> pb::NotificationRule {
+pub(crate) fn rule_to(r: &uc::StoredRule, secret: Option<String>) -> pb::NotificationRule {
     let trigger = match Trigger::parse(&r.trigger) {
         Some(Trigger::Failure) => pb::NotificationTrigger::Failure,
         Some(Trigger::ConsecutiveFailures) => pb::NotificationTrigger::ConsecutiveFailures,

@@ -174,6 +174,31 @@ pub async fn effective_rules(core: &Core, tenant: &str, id: Uuid) -> Result<Effe
     Ok(Effective { overrides, rules })
 }
 
+/// The rules in force for each of the tenant's bindings `ids` (secrets
+/// never included), by binding id; another tenant's bindings are absent.
+///
+/// # Errors
+/// Database errors.
+pub async fn effective_rules_many(
+    core: &Core,
+    tenant: &str,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Effective>> {
+    let target = Target::all("binding");
+    let rows = db::notifications::effective_rules_of(&core.pool, tenant, ids)
+        .await
+        .map_err(Error::on(&target))?;
+    let mut by_binding = std::collections::HashMap::<Uuid, Effective>::new();
+    for (id, overrides, rule) in rows {
+        let e = by_binding.entry(id).or_insert_with(|| Effective {
+            overrides,
+            rules: Vec::new(),
+        });
+        e.rules.extend(rule);
+    }
+    Ok(by_binding)
+}
+
 /// The tenant's notifications of a binding or a run, newest first, at most
 /// `limit`. Another tenant's binding or run lists nothing.
 ///

@@ -439,6 +439,10 @@ async fn binding_create_list_get_update_pause_resume_delete() {
     assert_eq!(sked.json(&["binding", "get", "report"]).await, to_json(&b));
     let view = sked.ok(&["binding", "get", "report"]).await;
     assert!(view.contains("cron 0 3 * * * (UTC) (definition)"), "{view}");
+    assert!(
+        view.contains("none (definition)"),
+        "no notification rules: {view}"
+    );
 
     let table = sked.ok(&["binding", "list"]).await;
     assert!(table.contains(&id) && table.contains("active"), "{table}");

@@ -872,3 +872,157 @@ async fn a_tenant_whose_receiver_hangs_does_not_hold_back_another_tenants_notifi
     assert_eq!(leased, 0, "every claimed post recorded its outcome");
     assert_eq!(attempts, hangs.seen().len() as i64, "one attempt per post");
 }
+
+/// GetBinding / ListBindings of `tenant`'s binding `id`: its effective
+/// notification rules (name, url, secret) and whether they are its own.
+async fn effective_rules(
+    node: &TestNode,
+    tenant: &str,
+    id: &str,
+) -> (Vec<(String, String, String)>, bool) {
+    let got = node
+        .bindings()
+        .get_binding(as_tenant(
+            tenant,
+            pb::GetBindingRequest {
+                binding_id: id.into(),
+            },
+        ))
+        .await
+        .expect("get binding")
+        .into_inner();
+    let listed = node
+        .bindings()
+        .list_bindings(as_tenant(tenant, pb::ListBindingsRequest::default()))
+        .await
+        .expect("list bindings")
+        .into_inner()
+        .bindings
+        .into_iter()
+        .find(|b| b.id == id)
+        .expect("listed");
+    assert_eq!(
+        got.effective, listed.effective,
+        "GetBinding and ListBindings agree"
+    );
+    let e = got.effective.unwrap();
+    let own = e.overridden.iter().any(|f| f == "notification_rules");
+    let rules = e
+        .notification_rules
+        .into_iter()
+        .map(|r| (r.name, r.url, r.signing_secret))
+        .collect();
+    (rules, own)
+}
+
+#[tokio::test]
+async fn a_bindings_effective_config_shows_the_notification_rules_in_force_never_their_secrets() {
+    let db = TestDb::new().await;
+    let node = TestNode::start_with(node_settings(&db, "n1")).await;
+    let a = define_and_bind(&node, "acme", sh_def("shared", "exit 1", manual())).await;
+    let other = bind_existing(&node, "other", "shared").await;
+    let none = |url: &str| url.is_empty();
+    // No rules anywhere: none in force, none overridden.
+    assert_eq!(effective_rules(&node, "acme", &a.id).await, (vec![], false));
+
+    let url = "http://127.0.0.1:9/platform";
+    set_definition_rules(
+        &node,
+        "shared",
+        vec![
+            rule("platform", url, pb::NotificationTrigger::Failure, 0),
+            rule(
+                "streak",
+                url,
+                pb::NotificationTrigger::ConsecutiveFailures,
+                3,
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    let (rules, own) = effective_rules(&node, "acme", &a.id).await;
+    assert!(!own);
+    assert_eq!(
+        rules.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["platform", "streak"],
+        "the definition's rules, in order"
+    );
+    assert!(
+        rules.iter().all(|r| r.1 == url && none(&r.2)),
+        "no secret: {rules:?}"
+    );
+
+    // acme's own rules replace the definition's for acme only.
+    let own_url = "http://127.0.0.1:9/mine";
+    notifications(&node)
+        .set_binding_notification_rules(as_tenant(
+            "acme",
+            pb::SetBindingNotificationRulesRequest {
+                binding_id: a.id.clone(),
+                rules: vec![rule("mine", own_url, pb::NotificationTrigger::Recovery, 0)],
+                inherit: false,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        effective_rules(&node, "acme", &a.id).await,
+        (vec![("mine".into(), own_url.into(), String::new())], true)
+    );
+    let (rules, own) = effective_rules(&node, "other", &other.id).await;
+    assert!(!own && rules.len() == 2, "other still inherits: {rules:?}");
+
+    // An empty override silences the binding, and says so.
+    notifications(&node)
+        .set_binding_notification_rules(as_tenant(
+            "acme",
+            pb::SetBindingNotificationRulesRequest {
+                binding_id: a.id.clone(),
+                rules: vec![],
+                inherit: false,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(effective_rules(&node, "acme", &a.id).await, (vec![], true));
+
+    // Inheriting again follows the definition, also after it changes.
+    notifications(&node)
+        .set_binding_notification_rules(as_tenant(
+            "acme",
+            pb::SetBindingNotificationRulesRequest {
+                binding_id: a.id.clone(),
+                inherit: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    set_definition_rules(
+        &node,
+        "shared",
+        vec![rule("only", url, pb::NotificationTrigger::Failure, 0)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        effective_rules(&node, "acme", &a.id).await,
+        (vec![("only".into(), url.into(), String::new())], false)
+    );
+    // The answers of the binding's own calls carry them too.
+    let paused = node
+        .bindings()
+        .pause_binding(as_tenant(
+            "acme",
+            pb::PauseBindingRequest {
+                binding_id: a.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.effective.unwrap().notification_rules.len(), 1);
+    node.stop().await;
+}
