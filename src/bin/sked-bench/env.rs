@@ -11,6 +11,7 @@ use sqlx::PgPool;
 use tonic::transport::Channel;
 
 use crate::Common;
+use crate::baseline::Baseline;
 use crate::report::{Machine, Report};
 
 /// How long a node may take from spawn to SERVING before the bench gives up.
@@ -35,16 +36,25 @@ pub fn since_start() -> Duration {
 
 /// Sets up the environment, runs `scenario`, tears the environment down
 /// (whether the scenario succeeded, failed or was interrupted with Ctrl-C)
-/// and prints the report: the table, then the JSON line last.
+/// and prints the report: the table, then the JSON line last. With a
+/// `baseline` (`--baseline`), it must be a run of this scenario (checked
+/// before anything starts) and each figure's ratio to it is printed between
+/// the table and the JSON line.
 ///
 /// # Errors
-/// Setup failures, scenario failures, or an interrupt.
+/// A baseline of another scenario, setup failures, scenario failures, or an
+/// interrupt.
 pub async fn run_scenario<A>(
     name: &'static str,
     common: Common,
     args: A,
     scenario: impl AsyncFnOnce(&mut Env, A) -> anyhow::Result<Report>,
+    baseline: Option<&Baseline>,
 ) -> anyhow::Result<()> {
+    // A baseline of another scenario is refused before anything starts.
+    if let Some(b) = baseline {
+        b.check_scenario(name)?;
+    }
     since_start();
     // The bench's own logs (embedded PostgreSQL, sqlx) only when asked.
     let _ = tracing_subscriber::fmt()
@@ -62,7 +72,7 @@ pub async fn run_scenario<A>(
     let machine = env.machine.clone();
     env.teardown().await;
     let report = result?;
-    report.print(name, &machine);
+    report.print(name, &machine, baseline);
     Ok(())
 }
 

@@ -10,6 +10,12 @@
 //! `{"scenario":..,"machine":{..},"params":{..},"figures":{..},"targets":{..}}`.
 //! Progress goes to stderr.
 //!
+//! `--baseline FILE` (any scenario) compares with a previous run: FILE is
+//! that run's JSON line or its whole saved output (the last line that is a
+//! JSON object counts), of the same scenario; each numeric figure present
+//! in both is printed with its ratio, new ÷ old, before the JSON line
+//! ([`baseline`]).
+//!
 //! # Common mechanics ([`env`])
 //!
 //! * **Database.** `--database-url` (or `DATABASE_URL`) names a PostgreSQL
@@ -60,6 +66,7 @@
 //!   end) p50/p99/max, workflows succeeded/failed, steps/s.
 
 mod api;
+mod baseline;
 mod burst;
 mod env;
 mod fire;
@@ -81,9 +88,19 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "sked-bench",
-    about = "Load scenarios for sked: prints a table and a final JSON line"
+    about = "Load scenarios for sked: prints a table and a final JSON line",
+    after_help = "Compare with an earlier run: `sked-bench stream > before.txt`, change something, \
+then `sked-bench stream --baseline before.txt` prints each figure as \
+`latency_p99_ms: 43.2 (baseline 87.7, ×0.49)` (new ÷ old) before the JSON line."
 )]
 struct Cli {
+    /// A previous run of the same scenario to compare with: its JSON line,
+    /// or its whole saved output (the last line that is a JSON object).
+    /// Each numeric figure present in both runs is printed with its ratio,
+    /// new ÷ old (nested figures by dotted path), before the JSON line; a
+    /// baseline of another scenario is an error.
+    #[arg(long, global = true, value_name = "FILE")]
+    baseline: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -200,6 +217,16 @@ struct NodeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Read before anything starts: a bad file fails fast, not after the run.
+    let baseline = match cli.baseline.as_deref().map(baseline::Baseline::load) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            eprintln!("sked-bench: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let baseline = baseline.as_ref();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,39 +244,62 @@ fn main() -> ExitCode {
             if a.retention_drop > 0 && a.common.retention_every_secs.is_none() {
                 a.common.retention_every_secs = Some(1);
             }
-            rt.block_on(env::run_scenario("fire", a.common.clone(), a, fire::run))
+            rt.block_on(env::run_scenario(
+                "fire",
+                a.common.clone(),
+                a,
+                fire::run,
+                baseline,
+            ))
         }
-        Cmd::Burst(a) => rt.block_on(env::run_scenario("burst", a.common.clone(), a, burst::run)),
+        Cmd::Burst(a) => rt.block_on(env::run_scenario(
+            "burst",
+            a.common.clone(),
+            a,
+            burst::run,
+            baseline,
+        )),
         Cmd::Throughput(a) => rt.block_on(env::run_scenario(
             "throughput",
             a.common.clone(),
             a,
             throughput::run,
+            baseline,
         )),
         Cmd::Stream(a) => rt.block_on(env::run_scenario(
             "stream",
             a.common.clone(),
             a,
             stream::run,
+            baseline,
         )),
-        Cmd::Idle(a) => rt.block_on(env::run_scenario("idle", a.common.clone(), a, idle::run)),
+        Cmd::Idle(a) => rt.block_on(env::run_scenario(
+            "idle",
+            a.common.clone(),
+            a,
+            idle::run,
+            baseline,
+        )),
         Cmd::Workers(a) => rt.block_on(env::run_scenario(
             "workers",
             a.common.clone(),
             a,
             workers::run,
+            baseline,
         )),
         Cmd::Stats(a) => rt.block_on(env::run_scenario(
             "stats",
             a.common.clone(),
             a,
             run_stats::run,
+            baseline,
         )),
         Cmd::Workflow(a) => rt.block_on(env::run_scenario(
             "workflow",
             a.common.clone(),
             a,
             workflow::run,
+            baseline,
         )),
     };
     match result {

@@ -4,6 +4,8 @@
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
+use crate::baseline::Baseline;
+
 /// The machine the bench ran on.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -167,8 +169,22 @@ impl Report {
         self.notes.push(line.into());
     }
 
-    /// Prints the table, the notes, and the JSON line (last line of stdout).
-    pub fn print(&self, scenario: &str, machine: &Machine) {
+    /// Every figure as the JSON line's `figures` (rows, then extras).
+    pub fn figures(&self) -> Map<String, Value> {
+        let mut figures = Map::new();
+        for r in &self.rows {
+            figures.insert(r.key.clone(), r.value.clone());
+        }
+        for (k, v) in &self.extra {
+            figures.insert(k.clone(), v.clone());
+        }
+        figures
+    }
+
+    /// Prints the table, the notes, with a `baseline` each figure's ratio
+    /// to it ([`Baseline::render`]), and the JSON line (last line of
+    /// stdout).
+    pub fn print(&self, scenario: &str, machine: &Machine, baseline: Option<&Baseline>) {
         let mut lines: Vec<[String; 5]> = vec![[
             "metric".into(),
             "value".into(),
@@ -176,7 +192,7 @@ impl Report {
             "target".into(),
             "verdict".into(),
         ]];
-        let mut figures = Map::new();
+        let figures = self.figures();
         let mut targets = Map::new();
         for r in &self.rows {
             let (shown, numeric) = match &r.value {
@@ -214,13 +230,9 @@ impl Report {
                 target.clone(),
                 verdict.into(),
             ]);
-            figures.insert(r.key.clone(), r.value.clone());
             if !matches!(r.target, Target::Info) {
                 targets.insert(r.key.clone(), json!({"target": target, "verdict": verdict}));
             }
-        }
-        for (k, v) in &self.extra {
-            figures.insert(k.clone(), v.clone());
         }
         let mut widths = [0usize; 5];
         for l in &lines {
@@ -254,6 +266,11 @@ impl Report {
         }
         for n in &self.notes {
             println!("note: {n}");
+        }
+        if let Some(b) = baseline {
+            for l in b.render(&figures, &self.params) {
+                println!("{l}");
+            }
         }
         // Written by hand so that "scenario" comes first (serde_json sorts
         // the keys of its maps).
