@@ -85,6 +85,28 @@ async fn set_definition_rules(
         .map(|r| r.into_inner())
 }
 
+/// SetBindingNotificationRules as `tenant`: `rules` as the binding's own,
+/// or (`inherit`) back to its definition's.
+async fn set_binding_rules(
+    node: &TestNode,
+    tenant: &str,
+    binding: &str,
+    rules: Vec<pb::NotificationRule>,
+    inherit: bool,
+) -> Result<pb::NotificationRules, tonic::Status> {
+    notifications(node)
+        .set_binding_notification_rules(as_tenant(
+            tenant,
+            pb::SetBindingNotificationRulesRequest {
+                binding_id: binding.into(),
+                rules,
+                inherit,
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
 async fn list_of_binding(node: &TestNode, tenant: &str, binding: &str) -> Vec<pb::Notification> {
     notifications(node)
         .list_notifications(as_tenant(
@@ -480,34 +502,24 @@ async fn a_binding_override_replaces_the_definition_rules_for_its_tenant_only() 
     )
     .await
     .unwrap();
-    let set = notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "acme",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                rules: vec![rule(
-                    "mine",
-                    &own_rx.url(),
-                    pb::NotificationTrigger::Failure,
-                    0,
-                )],
-                inherit: false,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let set = set_binding_rules(
+        &node,
+        "acme",
+        &a.id,
+        vec![rule(
+            "mine",
+            &own_rx.url(),
+            pb::NotificationTrigger::Failure,
+            0,
+        )],
+        false,
+    )
+    .await
+    .unwrap();
     let secret = set.rules[0].signing_secret.clone();
     assert!(set.overridden && secret.starts_with("whsec_"));
     // Another tenant cannot touch (or see) acme's binding.
-    let e = notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "other",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                ..Default::default()
-            },
-        ))
+    let e = set_binding_rules(&node, "other", &a.id, vec![], false)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
@@ -539,15 +551,7 @@ async fn a_binding_override_replaces_the_definition_rules_for_its_tenant_only() 
     assert_eq!(plat[0].json()["tenant_id"], "other");
 
     // Back to inheriting: acme's next failure goes to the platform's rule.
-    notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "acme",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                inherit: true,
-                ..Default::default()
-            },
-        ))
+    set_binding_rules(&node, "acme", &a.id, vec![], true)
         .await
         .unwrap();
     let ra = trigger(&node, "acme", &a.id).await;
@@ -880,17 +884,7 @@ async fn effective_rules(
     tenant: &str,
     id: &str,
 ) -> (Vec<(String, String, String)>, bool) {
-    let got = node
-        .bindings()
-        .get_binding(as_tenant(
-            tenant,
-            pb::GetBindingRequest {
-                binding_id: id.into(),
-            },
-        ))
-        .await
-        .expect("get binding")
-        .into_inner();
+    let got = get_binding(node, tenant, id).await;
     let listed = node
         .bindings()
         .list_bindings(as_tenant(tenant, pb::ListBindingsRequest::default()))
@@ -955,17 +949,15 @@ async fn a_bindings_effective_config_shows_the_notification_rules_in_force_never
 
     // acme's own rules replace the definition's for acme only.
     let own_url = "http://127.0.0.1:9/mine";
-    notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "acme",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                rules: vec![rule("mine", own_url, pb::NotificationTrigger::Recovery, 0)],
-                inherit: false,
-            },
-        ))
-        .await
-        .unwrap();
+    set_binding_rules(
+        &node,
+        "acme",
+        &a.id,
+        vec![rule("mine", own_url, pb::NotificationTrigger::Recovery, 0)],
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         effective_rules(&node, "acme", &a.id).await,
         (vec![("mine".into(), own_url.into(), String::new())], true)
@@ -974,29 +966,13 @@ async fn a_bindings_effective_config_shows_the_notification_rules_in_force_never
     assert!(!own && rules.len() == 2, "other still inherits: {rules:?}");
 
     // An empty override silences the binding, and says so.
-    notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "acme",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                rules: vec![],
-                inherit: false,
-            },
-        ))
+    set_binding_rules(&node, "acme", &a.id, vec![], false)
         .await
         .unwrap();
     assert_eq!(effective_rules(&node, "acme", &a.id).await, (vec![], true));
 
     // Inheriting again follows the definition, also after it changes.
-    notifications(&node)
-        .set_binding_notification_rules(as_tenant(
-            "acme",
-            pb::SetBindingNotificationRulesRequest {
-                binding_id: a.id.clone(),
-                inherit: true,
-                ..Default::default()
-            },
-        ))
+    set_binding_rules(&node, "acme", &a.id, vec![], true)
         .await
         .unwrap();
     set_definition_rules(

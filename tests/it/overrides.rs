@@ -32,19 +32,6 @@ async fn bind(node: &TestNode, tenant: &str, b: pb::Binding) -> Result<pb::Bindi
         .map(|r| r.into_inner())
 }
 
-async fn get_binding(node: &TestNode, tenant: &str, id: &str) -> pb::Binding {
-    node.bindings()
-        .get_binding(as_tenant(
-            tenant,
-            pb::GetBindingRequest {
-                binding_id: id.into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// The priority stored on a run (what the claim orders by), as psql shows it.
 async fn stored_priority(db: &TestDb, run_id: &str) -> i32 {
     let pool = db.pool().await;

@@ -47,19 +47,6 @@ fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
     }
 }
 
-async fn get_binding(node: &TestNode, tenant: &str, id: &str) -> pb::Binding {
-    node.bindings()
-        .get_binding(as_tenant(
-            tenant,
-            pb::GetBindingRequest {
-                binding_id: id.into(),
-            },
-        ))
-        .await
-        .expect("get binding")
-        .into_inner()
-}
-
 /// TriggerRun with params; waits for the run to end and returns it.
 async fn run_with(
     node: &TestNode,

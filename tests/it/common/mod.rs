@@ -410,6 +410,20 @@ pub async fn define_and_bind_via(
         .into_inner()
 }
 
+/// GetBinding of `tenant`'s binding `id` (panics on an error status).
+pub async fn get_binding(node: &TestNode, tenant: &str, id: &str) -> pb::Binding {
+    node.bindings()
+        .get_binding(as_tenant(
+            tenant,
+            pb::GetBindingRequest {
+                binding_id: id.into(),
+            },
+        ))
+        .await
+        .expect("get binding")
+        .into_inner()
+}
+
 /// Triggers a run of `binding_id` now.
 pub async fn trigger(node: &TestNode, tenant: &str, binding_id: &str) -> pb::Run {
     trigger_via(&node.channel, tenant, None, binding_id).await
