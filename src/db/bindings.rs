@@ -198,10 +198,11 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
     let r = sqlx::query!(
         r#"WITH ins AS (
              INSERT INTO bindings (id, tenant_id, definition, schedule, params, effective_schedule,
-                                   next_run_time, create_time, update_time, version, effective_from,
+                                   create_time, update_time, version, effective_from,
                                    effective_until, enabled, timeout_secs, retry_policy, priority,
                                    max_active_runs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16, $17, $18) RETURNING id)
+             VALUES ($1, $2, $3, $4, $5, $6, $8, $9, $10, $11, $12, $13, $15, $16, $17, $18) RETURNING id),
+           due AS (INSERT INTO binding_due (binding_id, next_run_time) SELECT id, $7 FROM ins)
            SELECT pg_notify($14::text, '') AS "n" FROM ins"#,
         b.id,
         b.tenant_id,
@@ -243,7 +244,7 @@ pub async fn binding_get(
         Row,
         r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
                 b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
-                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
@@ -257,6 +258,7 @@ pub async fn binding_get(
                 s.last_failure_time AS "last_failure_time?: DbTime",
                 s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_due nd ON nd.binding_id = b.id
          LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id = $2"#,
         tenant_id,
@@ -286,7 +288,7 @@ pub async fn binding_list(
         Row,
         r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
                 b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
-                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
@@ -300,6 +302,7 @@ pub async fn binding_list(
                 s.last_failure_time AS "last_failure_time?: DbTime",
                 s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_due nd ON nd.binding_id = b.id
          LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id > $2 AND ($3::text IS NULL OR b.definition = $3)
            AND ($5::jsonb IS NULL OR d.labels @> $5)
@@ -446,7 +449,7 @@ pub async fn binding_lock_due(
 ) -> Result<(Vec<DueBinding>, Vec<BrokenBinding>), Error> {
     let rows = sqlx::query!(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule,
-                  b.next_run_time AS "next_run_time!: DbTime",
+                  nd.next_run_time AS "next_run_time!: DbTime",
                   b.params, d.params AS def_params, d.handler, d.misfire_policy, d.overlap_policy,
                   -- the binding's overrides, resolved against the definition as it is now
                   coalesce(b.retry_policy, d.retry_policy) AS "retry_policy!",
@@ -455,11 +458,12 @@ pub async fn binding_lock_due(
                   nullif(coalesce(b.max_active_runs, d.max_active_runs), 0) AS max_active_runs,
                   b.enabled AND d.enabled AS "enabled!",
                   b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", d.max_output_bytes
-           FROM bindings b JOIN definitions d ON d.name = b.definition
-           WHERE b.next_run_time <= $1
-           ORDER BY b.next_run_time
+           FROM binding_due nd JOIN bindings b ON b.id = nd.binding_id
+           JOIN definitions d ON d.name = b.definition
+           WHERE nd.next_run_time <= $1
+           ORDER BY nd.next_run_time
            LIMIT $2
-           FOR UPDATE OF b SKIP LOCKED"#,
+           FOR UPDATE OF b, nd SKIP LOCKED"#,
         now,
         limit,
     )
@@ -525,9 +529,11 @@ pub async fn binding_mark_broken(
         .map(|b| super::clip(&b.reason, MAX_BROKEN_REASON))
         .collect();
     sqlx::query!(
-        "UPDATE bindings b SET next_run_time = NULL, broken_reason = u.reason
-         FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason)
-         WHERE b.id = u.id",
+        "WITH b AS (
+           UPDATE bindings b SET broken_reason = u.reason
+           FROM UNNEST($1::uuid[], $2::text[]) AS u(id, reason)
+           WHERE b.id = u.id RETURNING b.id)
+         UPDATE binding_due nd SET next_run_time = NULL FROM b WHERE nd.binding_id = b.id",
         &ids,
         &reasons,
     )
@@ -536,8 +542,12 @@ pub async fn binding_mark_broken(
     Ok(())
 }
 
-/// Sets each binding's next fire time (`None` = never again), and ends the
-/// pauses whose expiry is at or before `now` (auto-resume).
+/// Sets each binding's next fire time (`None` = never again), and ends
+/// the pauses of `ended_pauses` (their expiry at or before `now`;
+/// auto-resume). The caller holds the bindings' row locks
+/// ([`binding_lock_due`]), so it knows which pauses those are: only their
+/// `bindings` rows are rewritten, every other binding's narrow
+/// `binding_due` row alone.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -545,17 +555,19 @@ pub async fn binding_set_next_run_times(
     db: impl PgExecutor<'_>,
     ids: &[Uuid],
     next: &[Option<DateTime<Utc>>],
+    ended_pauses: &[Uuid],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     sqlx::query!(
-        "UPDATE bindings b SET next_run_time = u.next,
-                paused = b.paused AND NOT coalesce(b.pause_expire_time <= $3, false),
-                pause_note = CASE WHEN b.pause_expire_time <= $3 THEN '' ELSE b.pause_note END,
-                pause_expire_time = CASE WHEN b.pause_expire_time <= $3 THEN NULL ELSE b.pause_expire_time END
-         FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, next)
-         WHERE b.id = u.id",
+        "WITH next AS (
+           UPDATE binding_due nd SET next_run_time = u.next
+           FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, next)
+           WHERE nd.binding_id = u.id)
+         UPDATE bindings b SET paused = false, pause_note = '', pause_expire_time = NULL
+         WHERE b.id = ANY ($3) AND b.pause_expire_time <= $4",
         ids,
         next as &[Option<DateTime<Utc>>],
+        ended_pauses,
         now,
     )
     .execute(db)
@@ -582,9 +594,11 @@ pub async fn binding_next_due_time(
     let far: DateTime<Utc> = FAR_FUTURE.parse().unwrap_or(DateTime::<Utc>::MAX_UTC);
     let r = sqlx::query!(
         r#"WITH far AS (
-             UPDATE bindings SET next_run_time = NULL, broken_reason = $2
-             WHERE next_run_time >= $1 RETURNING id, tenant_id)
-           SELECT (SELECT min(next_run_time) FROM bindings WHERE next_run_time < $1) AS "t: DbTime",
+             UPDATE bindings b SET broken_reason = $2
+             FROM binding_due nd WHERE nd.binding_id = b.id AND nd.next_run_time >= $1
+             RETURNING b.id, b.tenant_id),
+           cleared AS (UPDATE binding_due nd SET next_run_time = NULL FROM far WHERE nd.binding_id = far.id)
+           SELECT (SELECT min(next_run_time) FROM binding_due WHERE next_run_time < $1) AS "t: DbTime",
                   (SELECT array_agg(id) FROM far) AS "ids: Vec<Uuid>",
                   (SELECT array_agg(tenant_id) FROM far) AS "tenants: Vec<String>""#,
         far,
@@ -618,7 +632,7 @@ pub async fn binding_get_for_update(
         Row,
         r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
                 b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
-                b.effective_schedule, b.next_run_time AS "next_run_time: DbTime",
+                b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
                 b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
                 b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
@@ -632,6 +646,7 @@ pub async fn binding_get_for_update(
                 s.last_failure_time AS "last_failure_time?: DbTime",
                 s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_due nd ON nd.binding_id = b.id
          LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id = $2
          FOR UPDATE OF b"#,
@@ -657,11 +672,12 @@ pub async fn binding_update(
 ) -> Result<(), Error> {
     let r = sqlx::query!(
         r#"WITH u AS (
-             UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5, next_run_time = $6,
+             UPDATE bindings SET schedule = $3, params = $4, effective_schedule = $5,
                                  update_time = $7, version = $8, effective_from = $10, effective_until = $11,
                                  enabled = $12, paused = $13, pause_note = $14, pause_expire_time = $15,
                                  timeout_secs = $17, retry_policy = $18, priority = $19, max_active_runs = $20
-             WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id)
+             WHERE tenant_id = $1 AND id = $2 AND version = $9 RETURNING id),
+           due AS (UPDATE binding_due nd SET next_run_time = $6 FROM u WHERE nd.binding_id = u.id)
            SELECT count(*) AS "n!", pg_notify($16::text, '') AS "x" FROM u"#,
         b.tenant_id,
         b.id,
@@ -771,10 +787,10 @@ pub async fn binding_set_effective_schedules(
     let schedules: Vec<serde_json::Value> = schedules.iter().map(encode).collect();
     sqlx::query!(
         r#"WITH u AS (
-             UPDATE bindings b SET effective_schedule = u.schedule, next_run_time = u.next, update_time = $4,
-                                   version = version + 1
+             UPDATE bindings b SET effective_schedule = u.schedule, update_time = $4, version = version + 1
              FROM UNNEST($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(id, schedule, next)
-             WHERE b.id = u.id RETURNING b.id)
+             WHERE b.id = u.id RETURNING b.id, u.next),
+           due AS (UPDATE binding_due nd SET next_run_time = u.next FROM u WHERE nd.binding_id = u.id)
            SELECT count(*) AS "n!", pg_notify($5::text, '') AS "x" FROM u"#,
         ids,
         &schedules,
@@ -811,7 +827,8 @@ pub async fn binding_failing_counts(
              AND b.broken_reason IS NULL AND b.enabled AND d.enabled
              AND NOT (b.paused AND (b.pause_expire_time IS NULL OR b.pause_expire_time > $1))
              AND (b.effective_until IS NULL OR b.effective_until > $1)
-             AND (b.next_run_time IS NOT NULL OR b.effective_schedule->>'kind' = 'manual')
+             AND (EXISTS (SELECT 1 FROM binding_due nd WHERE nd.binding_id = b.id AND nd.next_run_time IS NOT NULL)
+                  OR b.effective_schedule->>'kind' = 'manual')
            GROUP BY b.tenant_id"#,
         now,
         i32::try_from(failing_after).unwrap_or(i32::MAX),

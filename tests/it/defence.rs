@@ -77,38 +77,43 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
         // Beyond year 9999 (PostgreSQL stores it, the API cannot show it).
         (
             "far-next",
-            "UPDATE bindings SET next_run_time = '200000-01-01' WHERE id = $1",
+            "UPDATE binding_due SET next_run_time = '200000-01-01' WHERE binding_id = $1",
         ),
         // Beyond chrono's range altogether (sqlx's own decoding panics here).
         (
             "chrono-max",
-            "UPDATE bindings SET paused = true, pause_expire_time = '290000-01-01',
-                                 next_run_time = now() - interval '1 second' WHERE id = $1",
+            "WITH d AS (UPDATE binding_due SET next_run_time = now() - interval '1 second'
+                        WHERE binding_id = $1)
+             UPDATE bindings SET paused = true, pause_expire_time = '290000-01-01' WHERE id = $1",
         ),
         // Not a schedule document at all.
         (
             "garbage-schedule",
-            "UPDATE bindings SET effective_schedule = '{\"kind\": \"sometimes\", \"x\": [1]}',
-                                 next_run_time = now() - interval '1 second' WHERE id = $1",
+            "WITH d AS (UPDATE binding_due SET next_run_time = now() - interval '1 second'
+                        WHERE binding_id = $1)
+             UPDATE bindings SET effective_schedule = '{\"kind\": \"sometimes\", \"x\": [1]}'
+             WHERE id = $1",
         ),
         // A schedule that decodes but cannot be evaluated.
         (
             "bad-cron",
-            "UPDATE bindings SET effective_schedule =
-                   '{\"kind\": \"cron\", \"expression\": \"every tuesday-ish\", \"timezone\": \"Mars/Olympus\"}',
-                   next_run_time = now() - interval '1 second' WHERE id = $1",
+            "WITH d AS (UPDATE binding_due SET next_run_time = now() - interval '1 second'
+                        WHERE binding_id = $1)
+             UPDATE bindings SET effective_schedule =
+                   '{\"kind\": \"cron\", \"expression\": \"every tuesday-ish\", \"timezone\": \"Mars/Olympus\"}'
+             WHERE id = $1",
         ),
         // -infinity: due at once, cannot be computed with.
         (
             "minus-infinity",
-            "UPDATE bindings SET next_run_time = '-infinity' WHERE id = $1",
+            "UPDATE binding_due SET next_run_time = '-infinity' WHERE binding_id = $1",
         ),
         // Its definition's handler does not decode.
         (
             "bad-definition",
             "WITH d AS (UPDATE definitions SET handler = '{\"kind\": \"teleport\"}'
                           WHERE name = (SELECT definition FROM bindings WHERE id = $1))
-             UPDATE bindings SET next_run_time = now() - interval '1 second' WHERE id = $1",
+             UPDATE binding_due SET next_run_time = now() - interval '1 second' WHERE binding_id = $1",
         ),
     ];
     let mut broken = Vec::new();
@@ -170,7 +175,8 @@ async fn unreadable_binding_rows_are_marked_and_deletable_and_never_stop_other_t
     assert!(reason_of(4).contains("infinity"), "{}", reason_of(4));
     assert!(reason_of(5).contains("handler"), "{}", reason_of(5));
     let in_due_set: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM bindings WHERE broken_reason IS NOT NULL AND next_run_time IS NOT NULL",
+        "SELECT count(*) FROM bindings b JOIN binding_due d ON d.binding_id = b.id
+         WHERE b.broken_reason IS NOT NULL AND d.next_run_time IS NOT NULL",
     )
     .fetch_one(&pool)
     .await

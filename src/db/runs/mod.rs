@@ -186,17 +186,22 @@ pub async fn run_insert_unannounced(
            -- SKIPPED ones aside; its latest success and final failure; its
            -- final failures since the last success (a success among these
            -- runs restarts the count from the failures that ended after it).
+           -- One sort (window w) gives each binding's latest run (rn 1)
+           -- and its latest success; aggregates without ORDER BY then
+           -- (an ordered aggregate sorts every group on its own).
            ended_w AS (
-             SELECT e.*, max(e.end_time) FILTER (WHERE e.state = 'SUCCEEDED')
-                           OVER (PARTITION BY e.binding_id) AS ok_time
-             FROM ended e WHERE e.state <> 'SKIPPED'),
+             SELECT e.*, max(e.end_time) FILTER (WHERE e.state = 'SUCCEEDED') OVER w AS ok_time,
+                    row_number() OVER w AS rn
+             FROM ended e WHERE e.state <> 'SKIPPED'
+             WINDOW w AS (PARTITION BY e.binding_id ORDER BY e.end_time DESC, e.id DESC
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)),
            status_up AS (
              INSERT INTO binding_status AS s (binding_id, last_run_id, last_run_state, last_run_scheduled_time,
                                               last_run_end_time, last_success_time, last_failure_time,
                                               consecutive_failures)
-             SELECT w.binding_id, (array_agg(w.id ORDER BY w.end_time DESC, w.id DESC))[1],
-                    (array_agg(w.state ORDER BY w.end_time DESC, w.id DESC))[1],
-                    (array_agg(w.scheduled_time ORDER BY w.end_time DESC, w.id DESC))[1],
+             SELECT w.binding_id, (array_agg(w.id) FILTER (WHERE w.rn = 1))[1],
+                    (array_agg(w.state) FILTER (WHERE w.rn = 1))[1],
+                    (array_agg(w.scheduled_time) FILTER (WHERE w.rn = 1))[1],
                     max(w.end_time), max(w.ok_time), max(w.end_time) FILTER (WHERE w.final_failure),
                     count(*) FILTER (WHERE w.final_failure AND (w.ok_time IS NULL OR w.end_time > w.ok_time))
              FROM ended_w w GROUP BY w.binding_id ORDER BY w.binding_id
