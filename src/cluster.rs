@@ -429,52 +429,35 @@ impl StatsFold {
     pub const DELTA_BATCH: i64 = 50_000;
     /// The default interval.
     pub const DEFAULT_EVERY: Duration = Duration::from_secs(10);
-    /// Interval between moves of a binding's run ends from
-    /// `run_stats_delta` into `run_stats`, on every node: each binding's
-    /// hourly row is then updated at most once per interval however often
-    /// it fires, and the delta that reads scan holds a few seconds of run
-    /// ends.
+    /// Interval between moves of run ends from `run_stats_delta` into
+    /// `run_stats`, on every node: each binding's hourly row is then
+    /// updated at most once per interval however often it fires, and the
+    /// delta that reads scan holds a few seconds of run ends.
     pub const DELTA_EVERY: Duration = Duration::from_secs(5);
-    /// The bindings are moved in this many slices, one slice every
-    /// `DELTA_EVERY / DELTA_SLICES`: at 10 000 run ends a second, moving
-    /// all 50 000 at once took one core for ~0.45 s every 5 s, which
-    /// delayed the firing passes sharing the two cores (fire lag p99).
-    pub const DELTA_SLICES: i32 = 10;
 
     /// Moves run ends into `run_stats` every [`StatsFold::DELTA_EVERY`] on
     /// every node, and folds past hours every `every` while leading, until
     /// `stop`; errors are logged.
     pub async fn run(&self, stop: CancellationToken) {
         let mut last_fold: Option<Instant> = None;
-        let mut slice = 0;
-        let step = Self::DELTA_EVERY / Self::DELTA_SLICES.unsigned_abs();
         loop {
-            self.fold_delta(slice, &stop).await;
-            slice = (slice + 1) % Self::DELTA_SLICES;
+            self.fold_delta(&stop).await;
             if self.leadership.is_leader() && last_fold.is_none_or(|t| t.elapsed() >= self.every) {
                 last_fold = Some(Instant::now());
                 self.fold(&stop).await;
             }
             tokio::select! {
-                _ = tokio::time::sleep(step.min(self.every)) => {}
+                _ = tokio::time::sleep(Self::DELTA_EVERY.min(self.every)) => {}
                 _ = stop.cancelled() => return,
             }
         }
     }
 
-    /// Moves the run ends of slice `slice` of `run_stats_delta` (of
-    /// [`StatsFold::DELTA_SLICES`]) into `run_stats`, in batches until
-    /// fewer than a batch are left (or `stop`).
-    pub async fn fold_delta(&self, slice: i32, stop: &CancellationToken) {
+    /// Moves the run ends of `run_stats_delta` into `run_stats`, in batches
+    /// until fewer than a batch are left (or `stop`).
+    pub async fn fold_delta(&self, stop: &CancellationToken) {
         while !stop.is_cancelled() {
-            match db::runs::run_stats_delta_fold(
-                &self.pool,
-                Self::DELTA_BATCH,
-                Self::DELTA_SLICES,
-                slice,
-            )
-            .await
-            {
+            match db::runs::run_stats_delta_fold(&self.pool, Self::DELTA_BATCH).await {
                 Ok(n) if n < Self::DELTA_BATCH => return,
                 Ok(_) => {}
                 Err(e) => {

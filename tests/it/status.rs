@@ -1033,7 +1033,7 @@ async fn run_stats_equal_what_list_runs_shows() {
             // holds are skipped here and land in run_stats when it commits,
             // hence the retries).
             let drain = async || {
-                while sked::db::runs::run_stats_delta_fold(&pool, 2, 1, 0)
+                while sked::db::runs::run_stats_delta_fold(&pool, 2)
                     .await
                     .expect("delta fold")
                     == 2
@@ -1455,7 +1455,7 @@ async fn run_stats_stay_exact_while_run_ends_are_folded() {
         tokio::spawn(async move {
             let mut moved = 0;
             for _ in 0..200 {
-                moved += sked::db::runs::run_stats_delta_fold(&pool, 1, 1, 0)
+                moved += sked::db::runs::run_stats_delta_fold(&pool, 1)
                     .await
                     .expect("delta fold");
                 sked::db::runs::run_stats_fold(

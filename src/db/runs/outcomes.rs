@@ -351,26 +351,13 @@ pub async fn run_stats_hours(
 /// again while it returns `limit`. Every node calls it
 /// ([`crate::cluster::StatsFold`]).
 ///
-/// Only the rows of the bindings in slice `slice` of `slices` (by the last
-/// byte of the binding id; `slices` 1–256, `slice` < `slices`): a caller
-/// folding one slice at a time spreads the work over its interval instead
-/// of taking a core for one long statement, while each binding's run ends
-/// are still added together.
-///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn run_stats_delta_fold(
-    db: impl PgExecutor<'_>,
-    limit: i64,
-    slices: i32,
-    slice: i32,
-) -> Result<i64, Error> {
+pub async fn run_stats_delta_fold(db: impl PgExecutor<'_>, limit: i64) -> Result<i64, Error> {
     let n = sqlx::query_scalar!(
         r#"WITH moved AS (
              DELETE FROM run_stats_delta
-             WHERE ctid = ANY (ARRAY(SELECT ctid FROM run_stats_delta
-                                     WHERE get_byte(uuid_send(binding_id), 15) % $2 = $3
-                                     LIMIT $1 FOR UPDATE SKIP LOCKED))
+             WHERE ctid = ANY (ARRAY(SELECT ctid FROM run_stats_delta LIMIT $1 FOR UPDATE SKIP LOCKED))
              RETURNING *),
            up AS (
              INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
@@ -406,8 +393,6 @@ pub async fn run_stats_delta_fold(
                duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist))
            SELECT count(*) AS "n!" FROM moved"#,
         limit,
-        slices.clamp(1, 256),
-        slice,
     )
     .fetch_one(db)
     .await?;
