@@ -274,9 +274,23 @@ impl Executor {
             if shutdown.is_cancelled() {
                 break;
             }
+            let started = tokio::time::Instant::now();
             match self.complete_events(shard).await {
-                // More may be waiting (a batch's worth, a next run of an
-                // overlap-free binding, a workflow's next step): again.
+                // A full batch: a backlog (a backfill) is draining. Pause
+                // as long as the claim took, so that the loops together
+                // use at most one core's worth and the scheduler's firing
+                // passes keep the other: two loops claiming 1 000 runs
+                // back to back on two cores delayed firing past the
+                // misfire grace (probe::backfills_of_one_tenant_do_not_
+                // starve_another_tenants_schedule).
+                Ok(n) if n >= EVENT_BATCH && db::runs::EVENT_SHARDS > 1 => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(started.elapsed()) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                // More may be waiting (a next run of an overlap-free
+                // binding, a workflow's next step): again at once.
                 Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, shard, "completing event runs failed"),

@@ -646,13 +646,14 @@ const CLAIM_LOCK: i64 = 0x736b_6564_636c_6169;
 /// workflows they advance at commit are disjoint. Stops take every lock
 /// ([`run_claim_lock`]).
 ///
-/// One for now: with two, two claims of 1 000 event runs each ran at once
-/// on a two-core machine during a backfill drain and delayed the
-/// scheduler's firing passes past the 5 s misfire grace
-/// (`probe::backfills_of_one_tenant_do_not_starve_another_tenants_schedule`
-/// failed 3 of 3 runs alone; with one, passed 3 of 3). The loop still runs
-/// apart from the slot claim, under its own lock.
-pub const EVENT_SHARDS: u32 = 1;
+/// Two: a workflow's next event step waits for one claim round of its
+/// shard only. Two claims of 1 000 event runs back to back on a two-core
+/// machine once delayed the scheduler's firing passes past the 5 s
+/// misfire grace during a backfill drain
+/// (`probe::backfills_of_one_tenant_do_not_starve_another_tenants_schedule`),
+/// so a loop whose claim was full pauses as long as it took
+/// (`crate::executor`): a backlog drains at about one core's worth.
+pub const EVENT_SHARDS: u32 = 2;
 
 /// First advisory lock key of the event claim shards ("skedclai" + 1 + shard).
 const EVENT_LOCK: i64 = CLAIM_LOCK + 1;
