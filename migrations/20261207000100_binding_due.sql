@@ -9,11 +9,13 @@
 -- row is ~60 bytes with two indexes: ~10 us for the same update.
 --
 -- Locking, unchanged in effect: whoever changes a binding's next fire time
--- holds that binding's `bindings` row lock (the scheduler's pass takes it
--- with FOR UPDATE OF b, d SKIP LOCKED; the API's writes update the
--- `bindings` row in the same statement). The pass also locks the row here,
--- so that a pass whose snapshot predates another pass's commit re-reads the
--- advanced time (EvalPlanQual) instead of firing the binding again.
+-- holds that binding's `bindings` row lock and this row's. The scheduler's
+-- pass takes both with FOR UPDATE OF b, nd SKIP LOCKED; the API reads a
+-- binding to change it with FOR UPDATE OF b, nd (so it waits for a pass
+-- and reads the time the pass advanced) and updates both rows. Locking
+-- this row in the pass also makes a pass whose snapshot predates another
+-- pass's commit re-read the advanced time (EvalPlanQual) instead of firing
+-- the binding again.
 --
 -- Every binding has exactly one row (inserted with the binding, deleted
 -- with it); NULL = will not fire again.

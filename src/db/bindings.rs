@@ -619,7 +619,11 @@ pub async fn binding_next_due_time(
     Ok((t, marked))
 }
 
-/// Gets the tenant's binding `id` and locks it for this transaction.
+/// Gets the tenant's binding `id` and locks it for this transaction, with
+/// its `binding_due` row: a firing pass holds both and advances only the
+/// due row, so locking that row too makes this wait for the pass and read
+/// the advanced next fire time (EvalPlanQual), not the one just fired,
+/// which a write-back would make due again.
 ///
 /// # Errors
 /// [`Error::NotFound`] when the tenant has no such binding.
@@ -646,10 +650,10 @@ pub async fn binding_get_for_update(
                 s.last_failure_time AS "last_failure_time?: DbTime",
                 s.consecutive_failures AS "consecutive_failures?"
          FROM bindings b JOIN definitions d ON d.name = b.definition
-         LEFT JOIN binding_due nd ON nd.binding_id = b.id
+         JOIN binding_due nd ON nd.binding_id = b.id
          LEFT JOIN binding_status s ON s.binding_id = b.id
          WHERE b.tenant_id = $1 AND b.id = $2
-         FOR UPDATE OF b"#,
+         FOR UPDATE OF b, nd"#,
         tenant_id,
         id
     )

@@ -694,3 +694,70 @@ async fn embedded_postgres_killed_with_sigkill_is_restarted_and_firing_resumes()
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A binding changed while a firing pass holds it keeps the next fire time
+/// that pass advanced: the change (here PauseBinding, which keeps the next
+/// fire time as it reads it) waits for the pass and reads the advanced
+/// time after it, never writing back the fire time just fired (which would
+/// make it due again). The test takes the pass's place: it locks the
+/// binding and its due row as a pass does and advances the due row.
+#[tokio::test]
+async fn a_change_made_during_a_firing_pass_keeps_the_advanced_next_fire_time() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "defence-race").await;
+    let pool = db.pool().await;
+    // Hourly: the node's own passes leave it alone during the test.
+    let b = define_and_bind(&node, "acme", event_def("race.hourly", every(3600))).await;
+    let before = secs(
+        &get_binding(&node, "acme", &b.id)
+            .await
+            .unwrap()
+            .next_run_time,
+    );
+    let id: uuid::Uuid = b.id.parse().unwrap();
+
+    let mut pass = pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM binding_due nd JOIN bindings b ON b.id = nd.binding_id
+         WHERE nd.binding_id = $1 FOR UPDATE OF b, nd",
+    )
+    .bind(id)
+    .execute(&mut *pass)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE binding_due SET next_run_time = next_run_time + interval '1 hour' WHERE binding_id = $1",
+    )
+    .bind(id)
+    .execute(&mut *pass)
+    .await
+    .unwrap();
+
+    let mut client = node.bindings();
+    let binding_id = b.id.clone();
+    let pause = tokio::spawn(async move {
+        client
+            .pause_binding(as_tenant(
+                "acme",
+                pb::PauseBindingRequest {
+                    binding_id,
+                    note: "during a pass".into(),
+                    expire_time: None,
+                },
+            ))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!pause.is_finished(), "the change waits for the pass");
+    pass.commit().await.unwrap();
+    pause.await.unwrap().expect("pause succeeds after the pass");
+
+    let after = get_binding(&node, "acme", &b.id).await.unwrap();
+    assert!(after.paused);
+    assert_eq!(
+        secs(&after.next_run_time),
+        before + 3600.0,
+        "the pause kept the next fire time the pass advanced"
+    );
+    node.stop().await;
+}
