@@ -920,9 +920,9 @@ async fn serve_with_pool(
         .add_service(codec!(pb::run_service_server::RunServiceServer::new(
             grpc::runs::Runs(ctx.clone()),
         )))
-        .add_service(codec!(pb::log_service_server::LogServiceServer::new(
-            grpc::logs::Logs(ctx.clone()),
-        )))
+        // TailRun encodes each event once for all subscribers; the rest of
+        // LogService is the generated server (with `codec!` inside).
+        .add_service(grpc::logs::LogRoutes::new(grpc::logs::Logs(ctx.clone())))
         .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
         )))

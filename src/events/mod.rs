@@ -16,8 +16,9 @@
 pub mod bridge;
 pub mod tail;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::domain::RunEvent;
@@ -31,6 +32,39 @@ pub const BUS_CAPACITY: usize = 512;
 /// Most events per published batch (larger publications are split).
 pub const MAX_BATCH: usize = 512;
 
+/// A published event and, once a stream has sent it, its encoding on the
+/// wire: the first `TailRun` subscriber to send it encodes it, every other
+/// subscriber sends the same bytes (one encoding per event, not one per
+/// subscriber). Dereferences to the event.
+#[derive(Debug)]
+pub struct Published {
+    event: RunEvent,
+    wire: OnceLock<Bytes>,
+}
+
+impl Published {
+    /// `event`, not encoded yet.
+    pub fn new(event: RunEvent) -> Self {
+        Self {
+            event,
+            wire: OnceLock::new(),
+        }
+    }
+
+    /// The event's wire encoding: `encode`'s result, computed on the first
+    /// call only (callers must always pass the same encoding).
+    pub fn wire(&self, encode: impl FnOnce(&RunEvent) -> Bytes) -> &Bytes {
+        self.wire.get_or_init(|| encode(&self.event))
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = RunEvent;
+    fn deref(&self) -> &RunEvent {
+        &self.event
+    }
+}
+
 /// Events persisted together, in order, published as one message: a
 /// subscriber wakes once per batch, not once per event (a log flush, a
 /// scheduler pass).
@@ -40,7 +74,7 @@ pub struct Batch {
     /// a subscriber that lagged learns exactly how many events it missed.
     pub first: u64,
     /// The events.
-    pub events: Vec<Arc<RunEvent>>,
+    pub events: Vec<Arc<Published>>,
 }
 
 impl Batch {
@@ -87,9 +121,12 @@ impl EventBus {
     }
 
     fn publish_from(&self, events: impl IntoIterator<Item = RunEvent>, local: bool) {
-        let mut events = events.into_iter().map(Arc::new).peekable();
+        let mut events = events
+            .into_iter()
+            .map(|e| Arc::new(Published::new(e)))
+            .peekable();
         while events.peek().is_some() {
-            let chunk: Vec<Arc<RunEvent>> = events.by_ref().take(MAX_BATCH).collect();
+            let chunk: Vec<Arc<Published>> = events.by_ref().take(MAX_BATCH).collect();
             metrics::published(&chunk, local);
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let batch = Batch {

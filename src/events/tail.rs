@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Batch, EventBus};
+use super::{Batch, EventBus, Published};
 use crate::db;
 use crate::domain::{EventBody, RunEvent};
 
@@ -21,8 +21,9 @@ const PAGE: i64 = 1000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// What a tail subscriber is sent: consecutive events of the run (shared
-/// with the bus, never copied per subscriber), or the error that ended it.
-pub type TailItem = Result<Vec<Arc<RunEvent>>, db::Error>;
+/// with the bus, never copied per subscriber, each encoded once for all
+/// subscribers: [`Published::wire`]), or the error that ended it.
+pub type TailItem = Result<Vec<Arc<Published>>, db::Error>;
 
 /// Streams the tenant's run `run_id` into `out`: persisted events with
 /// `seq > after_seq`, then (if `follow`) live ones, with no gap and no
@@ -112,14 +113,14 @@ impl Tail {
 
     /// Appends `e`, the next event, to `out` and moves `last` to it; true
     /// when it is the run's terminal event (nothing follows it).
-    fn take(&mut self, e: Arc<RunEvent>, out: &mut Vec<Arc<RunEvent>>) -> bool {
+    fn take(&mut self, e: Arc<Published>, out: &mut Vec<Arc<Published>>) -> bool {
         self.last = e.seq;
         let terminal = e.body.is_terminal();
         out.push(e);
         terminal
     }
 
-    async fn send(&mut self, events: Vec<Arc<RunEvent>>) -> Result<(), ()> {
+    async fn send(&mut self, events: Vec<Arc<Published>>) -> Result<(), ()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -167,7 +168,7 @@ impl Tail {
             let mut out = Vec::with_capacity(page.len());
             let mut terminal = false;
             for e in page {
-                terminal = self.take(Arc::new(e), &mut out);
+                terminal = self.take(Arc::new(Published::new(e)), &mut out);
                 if terminal {
                     break;
                 }
@@ -356,7 +357,7 @@ impl WatchFilter {
 #[derive(Debug, Clone)]
 pub enum WatchItem {
     /// A live event.
-    Event(Arc<RunEvent>),
+    Event(Arc<Published>),
     /// This many events were dropped for this watcher.
     Missed(u64),
 }

@@ -3,19 +3,27 @@
 //! [`usecase::runs`]) and maps items to the API.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
+use bytes::{BufMut, Bytes};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::codec::{Codec, CompressionEncoding, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::authz::tenant_grant;
+use super::codec::BoundaryCodec;
 use super::convert::event_to;
 use super::{Ctx, invalid, page_size, parse_uuid};
-use crate::domain::{FieldViolation, validate_definition_name};
+use crate::domain::{FieldViolation, RunEvent, validate_definition_name};
+use crate::events::Published;
 use crate::events::tail::{self, WatchFilter, WatchItem};
 use crate::proto::v1 as pb;
-use crate::proto::v1::log_service_server::LogService;
+use crate::proto::v1::log_service_server::{LogService, LogServiceServer};
 use crate::usecase::{self, Target, runs};
 
 /// Items buffered per WatchEvents stream before the producer waits for the
@@ -29,19 +37,48 @@ const TAIL_BUFFER: usize = 16;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// A tail's batches in, one message per event out. The encoder takes every
-/// message that is ready in one go, so a burst of lines costs few writes
+/// One `TailRun` message: an event shared with the bus, sent as its wire
+/// encoding made once for every subscriber ([`Published::wire`]), or a
+/// message built for this stream alone (a workflow tail names each event's
+/// step).
+#[derive(Debug)]
+pub enum TailFrame {
+    /// A run's event as published (or replayed), encoded once.
+    Shared(Arc<Published>),
+    /// A message of this stream only.
+    Own(pb::RunEvent),
+}
+
+impl TailFrame {
+    /// The frame as a message (for the generated `LogService` route, which
+    /// [`LogRoutes`] serves only when called directly).
+    fn into_message(self) -> pb::RunEvent {
+        match self {
+            TailFrame::Shared(e) => event_to(&e),
+            TailFrame::Own(m) => m,
+        }
+    }
+}
+
+/// The wire encoding of an event as `TailRun` sends it: `event_to`, then
+/// prost (the same bytes the generated route would send).
+fn encode_event(e: &RunEvent) -> Bytes {
+    Bytes::from(event_to(e).encode_to_vec())
+}
+
+/// A tail's batches in, one frame per event out. The encoder takes every
+/// frame that is ready in one go, so a burst of lines costs few writes
 /// and one wake-up per batch.
 struct TailStream {
     /// The tenant's and the connection's stream slots, released when the
     /// stream is dropped.
     _permit: Vec<tokio::sync::OwnedSemaphorePermit>,
     rx: mpsc::Receiver<tail::TailItem>,
-    buf: std::vec::IntoIter<std::sync::Arc<crate::domain::RunEvent>>,
+    buf: std::vec::IntoIter<Arc<Published>>,
 }
 
 impl Stream for TailStream {
-    type Item = Result<pb::RunEvent, Status>;
+    type Item = Result<TailFrame, Status>;
 
     fn poll_next(
         mut self: Pin<&mut Self>,
@@ -49,7 +86,7 @@ impl Stream for TailStream {
     ) -> std::task::Poll<Option<Self::Item>> {
         loop {
             if let Some(e) = self.buf.next() {
-                return std::task::Poll::Ready(Some(Ok(event_to(&e))));
+                return std::task::Poll::Ready(Some(Ok(TailFrame::Shared(e))));
             }
             match std::task::ready!(self.rx.poll_recv(cx)) {
                 Some(Ok(events)) => self.buf = events.into_iter(),
@@ -68,11 +105,11 @@ impl Stream for TailStream {
 struct WorkflowTailStream {
     _permit: Vec<tokio::sync::OwnedSemaphorePermit>,
     rx: mpsc::Receiver<tail::WorkflowTailItem>,
-    buf: std::vec::IntoIter<(std::sync::Arc<str>, std::sync::Arc<crate::domain::RunEvent>)>,
+    buf: std::vec::IntoIter<(Arc<str>, Arc<RunEvent>)>,
 }
 
 impl Stream for WorkflowTailStream {
-    type Item = Result<pb::RunEvent, Status>;
+    type Item = Result<TailFrame, Status>;
 
     fn poll_next(
         mut self: Pin<&mut Self>,
@@ -82,7 +119,7 @@ impl Stream for WorkflowTailStream {
             if let Some((step, e)) = self.buf.next() {
                 let mut m = event_to(&e);
                 m.step = step.to_string();
-                return std::task::Poll::Ready(Some(Ok(m)));
+                return std::task::Poll::Ready(Some(Ok(TailFrame::Own(m))));
             }
             match std::task::ready!(self.rx.poll_recv(cx)) {
                 Some(Ok(events)) => self.buf = events.into_iter(),
@@ -100,15 +137,18 @@ impl Stream for WorkflowTailStream {
 #[derive(Debug, Clone)]
 pub struct Logs(pub Ctx);
 
-#[tonic::async_trait]
-impl LogService for Logs {
-    type TailRunStream = BoxStream<pb::RunEvent>;
-    type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
-
-    async fn tail_run(
+impl Logs {
+    /// `TailRun`: checks the request and access, then streams the run's
+    /// frames (see [`tail::tail_run`] and [`tail::tail_workflow`]).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed `run_id` or `after_seq` < 0;
+    /// `NOT_FOUND` for a run of another tenant or none;
+    /// `RESOURCE_EXHAUSTED` past the tenant's or connection's stream slots.
+    pub async fn open_tail(
         &self,
         req: Request<pb::TailRunRequest>,
-    ) -> Result<Response<Self::TailRunStream>, Status> {
+    ) -> Result<Response<BoxStream<TailFrame>>, Status> {
         let (_, tenant_id) = tenant_grant(&req)?;
         let peer = req.remote_addr();
         let r = req.into_inner();
@@ -154,6 +194,22 @@ impl LogService for Logs {
             rx,
             buf: Vec::new().into_iter(),
         })))
+    }
+}
+
+#[tonic::async_trait]
+impl LogService for Logs {
+    type TailRunStream = BoxStream<pb::RunEvent>;
+    type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
+
+    async fn tail_run(
+        &self,
+        req: Request<pb::TailRunRequest>,
+    ) -> Result<Response<Self::TailRunStream>, Status> {
+        let frames = self.open_tail(req).await?;
+        Ok(frames.map(|s| -> BoxStream<pb::RunEvent> {
+            Box::pin(s.map(|f| f.map(TailFrame::into_message)))
+        }))
     }
 
     async fn watch_events(
@@ -247,5 +303,181 @@ impl LogService for Logs {
             events: events.iter().map(event_to).collect(),
             next_after_seq,
         }))
+    }
+}
+
+/// The path of `TailRun`, which [`LogRoutes`] serves itself.
+const TAIL_RUN_PATH: &str = "/sked.v1.LogService/TailRun";
+
+/// `LogService` as served: `TailRun` with [`TailFrameCodec`], so each
+/// event is encoded once for all its subscribers rather than converted and
+/// encoded per subscriber; every other method through the generated
+/// server. Compression and the decoded-size cap are those every service
+/// gets (`transport::codec!`).
+#[derive(Debug, Clone)]
+pub struct LogRoutes {
+    logs: Logs,
+    generated: LogServiceServer<Logs>,
+}
+
+impl LogRoutes {
+    /// `logs` behind both routes.
+    pub fn new(logs: Logs) -> Self {
+        let generated = crate::transport::codec!(LogServiceServer::new(logs.clone()));
+        Self { logs, generated }
+    }
+}
+
+impl NamedService for LogRoutes {
+    const NAME: &'static str = <LogServiceServer<Logs> as NamedService>::NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for LogRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != TAIL_RUN_PATH {
+            return self.generated.call(req);
+        }
+        let logs = self.logs.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(TailFrameCodec)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Zstd)
+                .max_decoding_message_size(crate::transport::MAX_DECODED_MESSAGE_BYTES);
+            let method = tower::service_fn(move |r: Request<pb::TailRunRequest>| {
+                let logs = logs.clone();
+                async move { logs.open_tail(r).await }
+            });
+            Ok(grpc.server_streaming(method, req).await)
+        })
+    }
+}
+
+/// `TailRun`'s codec: requests decoded and checked as by
+/// [`BoundaryCodec`], responses written from [`TailFrame`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TailFrameCodec;
+
+impl Codec for TailFrameCodec {
+    type Encode = TailFrame;
+    type Decode = pb::TailRunRequest;
+    type Encoder = TailFrameEncoder;
+    type Decoder = <BoundaryCodec<pb::RunEvent, pb::TailRunRequest> as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        TailFrameEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        BoundaryCodec::<pb::RunEvent, pb::TailRunRequest>::default().decoder()
+    }
+}
+
+/// Writes a [`TailFrame`]: a shared event's cached encoding (made on first
+/// use), or the stream's own message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TailFrameEncoder;
+
+impl Encoder for TailFrameEncoder {
+    type Item = TailFrame;
+    type Error = Status;
+
+    fn encode(&mut self, item: TailFrame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            TailFrame::Shared(e) => {
+                dst.put_slice(e.wire(encode_event));
+                Ok(())
+            }
+            // EncodeBuf grows as needed, so prost cannot run out of room.
+            TailFrame::Own(m) => m
+                .encode(dst)
+                .map_err(|_| Status::internal("a stream message could not be encoded")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventBody, LogStream, RunState};
+
+    fn event(seq: i64, body: EventBody) -> RunEvent {
+        RunEvent {
+            run_id: uuid::Uuid::now_v7(),
+            seq,
+            time: chrono::Utc::now(),
+            tenant_id: "acme".into(),
+            binding_id: uuid::Uuid::now_v7(),
+            definition: "ops.backup".into(),
+            body,
+        }
+    }
+
+    #[test]
+    fn a_shared_frame_is_the_message_the_generated_route_would_send() {
+        for e in [
+            event(
+                1,
+                EventBody::StateChanged {
+                    from: Some(RunState::Queued),
+                    to: RunState::Running,
+                    reason: "claimed".into(),
+                },
+            ),
+            event(
+                2,
+                EventBody::Log {
+                    stream: LogStream::Stderr,
+                    message: "héllo\u{1F600}".into(),
+                },
+            ),
+            event(
+                3,
+                EventBody::Fired {
+                    params: serde_json::json!({"a": [1, "x", null], "b": {"c": true}}),
+                },
+            ),
+        ] {
+            let p = Published::new(e);
+            let wire = p.wire(encode_event).clone();
+            let decoded = pb::RunEvent::decode(wire.as_ref()).expect("decodes");
+            assert_eq!(decoded, event_to(&p));
+            assert_eq!(TailFrame::Shared(Arc::new(p)).into_message(), decoded);
+        }
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_however_many_streams_send_it() {
+        let p = Published::new(event(
+            1,
+            EventBody::Log {
+                stream: LogStream::Stdout,
+                message: "line".into(),
+            },
+        ));
+        let mut calls = 0;
+        let first = p
+            .wire(|e| {
+                calls += 1;
+                encode_event(e)
+            })
+            .clone();
+        for _ in 0..3 {
+            let again = p.wire(|_| panic!("encoded a second time"));
+            assert_eq!(*again, first);
+        }
+        assert_eq!(calls, 1);
     }
 }
