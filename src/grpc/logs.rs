@@ -45,8 +45,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub enum TailFrame {
     /// A run's event as published (or replayed), encoded once.
     Shared(Arc<Published>),
-    /// A message of this stream only.
-    Own(pb::RunEvent),
+    /// A message of this stream only (boxed: the enum stays two words).
+    Own(Box<pb::RunEvent>),
 }
 
 impl TailFrame {
@@ -55,7 +55,7 @@ impl TailFrame {
     fn into_message(self) -> pb::RunEvent {
         match self {
             TailFrame::Shared(e) => event_to(&e),
-            TailFrame::Own(m) => m,
+            TailFrame::Own(m) => *m,
         }
     }
 }
@@ -119,7 +119,7 @@ impl Stream for WorkflowTailStream {
             if let Some((step, e)) = self.buf.next() {
                 let mut m = event_to(&e);
                 m.step = step.to_string();
-                return std::task::Poll::Ready(Some(Ok(TailFrame::Own(m))));
+                return std::task::Poll::Ready(Some(Ok(TailFrame::Own(Box::new(m)))));
             }
             match std::task::ready!(self.rx.poll_recv(cx)) {
                 Some(Ok(events)) => self.buf = events.into_iter(),
