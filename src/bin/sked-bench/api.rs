@@ -16,7 +16,6 @@ use crate::env::{Env, progress};
 
 pub use pb::binding_service_client::BindingServiceClient;
 pub use pb::definition_service_client::DefinitionServiceClient;
-pub use pb::log_service_client::LogServiceClient;
 pub use pb::run_service_client::RunServiceClient;
 
 /// `msg` with the `x-tenant-id` header (none when `tenant` is empty).
