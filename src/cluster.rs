@@ -425,8 +425,8 @@ pub struct StatsFold {
 impl StatsFold {
     /// Rows folded per statement.
     pub const BATCH: i64 = 5_000;
-    /// Delta rows (run ends) moved per statement.
-    pub const DELTA_BATCH: i64 = 50_000;
+    /// Delta rows (run ends) moved per statement, from one partition.
+    pub const DELTA_BATCH: i64 = 10_000;
     /// The default interval.
     pub const DEFAULT_EVERY: Duration = Duration::from_secs(10);
     /// Interval between moves of run ends from `run_stats_delta` into
@@ -453,16 +453,38 @@ impl StatsFold {
         }
     }
 
-    /// Moves the run ends of `run_stats_delta` into `run_stats`, in batches
-    /// until fewer than a batch are left (or `stop`).
+    /// Moves the run ends of `run_stats_delta` into `run_stats`, one
+    /// partition at a time and in batches within each, until fewer than a
+    /// batch are left (or `stop`). After each statement it pauses as long
+    /// as the statement took, so the move never holds a PostgreSQL core
+    /// for long: in one statement, 50 000 run ends (10 000 one-second
+    /// bindings) took 0.4-0.9 s of a core, during which firing fell behind.
     pub async fn fold_delta(&self, stop: &CancellationToken) {
-        while !stop.is_cancelled() {
-            match db::runs::run_stats_delta_fold(&self.pool, Self::DELTA_BATCH).await {
-                Ok(n) if n < Self::DELTA_BATCH => return,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "moving run ends into the run statistics failed; trying again later");
+        for part in 0..db::runs::RUN_STATS_DELTA_PARTS {
+            loop {
+                if stop.is_cancelled() {
                     return;
+                }
+                let started = Instant::now();
+                let moved =
+                    db::runs::run_stats_delta_fold(&self.pool, part, Self::DELTA_BATCH).await;
+                let took = started.elapsed();
+                match moved {
+                    Ok(n) => {
+                        if n > 0 {
+                            tokio::select! {
+                                _ = tokio::time::sleep(took) => {}
+                                _ = stop.cancelled() => return,
+                            }
+                        }
+                        if n < Self::DELTA_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moving run ends into the run statistics failed; trying again later");
+                        return;
+                    }
                 }
             }
         }

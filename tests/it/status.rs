@@ -1033,11 +1033,13 @@ async fn run_stats_equal_what_list_runs_shows() {
             // holds are skipped here and land in run_stats when it commits,
             // hence the retries).
             let drain = async || {
-                while sked::db::runs::run_stats_delta_fold(&pool, 2)
-                    .await
-                    .expect("delta fold")
-                    == 2
-                {}
+                for part in 0..sked::db::runs::RUN_STATS_DELTA_PARTS {
+                    while sked::db::runs::run_stats_delta_fold(&pool, part, 2)
+                        .await
+                        .expect("delta fold")
+                        == 2
+                    {}
+                }
             };
             drain().await;
             let folded = sked::db::runs::run_stats_fold(
@@ -1449,13 +1451,26 @@ async fn run_stats_stay_exact_while_run_ends_are_folded() {
         .await
         .unwrap();
     assert!(delta <= n, "one delta row per ended run at most");
+    let parts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'run_stats_delta'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        parts,
+        i64::from(sked::db::runs::RUN_STATS_DELTA_PARTS),
+        "the fold visits every partition"
+    );
     // Folds in batches of one, as fast as they go, while reading.
     let folding = {
         let pool = pool.clone();
         tokio::spawn(async move {
             let mut moved = 0;
-            for _ in 0..200 {
-                moved += sked::db::runs::run_stats_delta_fold(&pool, 1)
+            // Every partition in turn, 25 times each.
+            for i in 0..200u32 {
+                let part = i % sked::db::runs::RUN_STATS_DELTA_PARTS;
+                moved += sked::db::runs::run_stats_delta_fold(&pool, part, 1)
                     .await
                     .expect("delta fold");
                 sked::db::runs::run_stats_fold(

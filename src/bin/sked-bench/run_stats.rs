@@ -139,7 +139,9 @@ pub async fn run(env: &mut Env, a: StatsArgs) -> anyhow::Result<Report> {
     }
     // Run ends first land in run_stats_delta; nodes move them into
     // run_stats every 5 s (part of the fill's cost).
-    while sked::db::runs::run_stats_delta_fold(&env.pool, 50_000).await? == 50_000 {}
+    for part in 0..sked::db::runs::RUN_STATS_DELTA_PARTS {
+        while sked::db::runs::run_stats_delta_fold(&env.pool, part, 50_000).await? == 50_000 {}
+    }
     let fill_secs = t_fill.elapsed().as_secs_f64();
     let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats")
         .fetch_one(&env.pool)

@@ -341,23 +341,38 @@ pub async fn run_stats_hours(
     Ok(rows.into_iter().map(HourlyStats::from).collect())
 }
 
-/// Moves up to `limit` rows of `run_stats_delta` (one per ended run,
-/// appended by the run-end statements; migration
-/// `20261205000300_run_stats_delta.sql`) into `run_stats`, in one
+/// Partitions of `run_stats_delta` (hash of the binding id; migration
+/// `20261208000100_run_stats_delta_parts.sql`, whose modulus this is).
+pub const RUN_STATS_DELTA_PARTS: u32 = 8;
+
+/// Moves up to `limit` rows of partition `part` (taken modulo
+/// [`RUN_STATS_DELTA_PARTS`]) of `run_stats_delta` (one row per ended run,
+/// appended by the run-end statements; migrations
+/// `20261205000300_run_stats_delta.sql` and
+/// `20261208000100_run_stats_delta_parts.sql`) into `run_stats`, in one
 /// statement: deletes them (`FOR UPDATE SKIP LOCKED`, so two nodes folding
 /// at once take different rows) and adds them, aggregated per binding and
-/// hour, to the binding's hourly row. A reader sees each run end either in
-/// the delta or in `run_stats`, never both. Returns the rows moved; call
-/// again while it returns `limit`. Every node calls it
-/// ([`crate::cluster::StatsFold`]).
+/// hour, to the binding's hourly row. A binding's rows all lie in one
+/// partition, so one move updates its row once. A reader sees each run end
+/// either in the delta or in `run_stats`, never both. Returns the rows
+/// moved; call again while it returns `limit`. Every node calls it, one
+/// partition at a time ([`crate::cluster::StatsFold`]).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn run_stats_delta_fold(db: impl PgExecutor<'_>, limit: i64) -> Result<i64, Error> {
-    let n = sqlx::query_scalar!(
+pub async fn run_stats_delta_fold(
+    db: impl PgExecutor<'_>,
+    part: u32,
+    limit: i64,
+) -> Result<i64, Error> {
+    // The partition is named in the text (a table name cannot be a
+    // parameter; `part` is a number below 8), so the statement reads only
+    // its rows: a ctid is only unique within one partition.
+    let part = part % RUN_STATS_DELTA_PARTS;
+    let sql = format!(
         r#"WITH moved AS (
-             DELETE FROM run_stats_delta
-             WHERE ctid = ANY (ARRAY(SELECT ctid FROM run_stats_delta LIMIT $1 FOR UPDATE SKIP LOCKED))
+             DELETE FROM run_stats_delta_{part}
+             WHERE ctid = ANY (ARRAY(SELECT ctid FROM run_stats_delta_{part} LIMIT $1 FOR UPDATE SKIP LOCKED))
              RETURNING *),
            up AS (
              INSERT INTO run_stats AS t (binding_id, hour, tenant_id, definition, succeeded, failed, timed_out,
@@ -368,11 +383,11 @@ pub async fn run_stats_delta_fold(db: impl PgExecutor<'_>, limit: i64) -> Result
                     count(*) FILTER (WHERE b.state = 'TIMED_OUT'), count(*) FILTER (WHERE b.state = 'CANCELLED'),
                     count(*) FILTER (WHERE b.state = 'SKIPPED'), count(b.dur_b),
                     coalesce(sum(b.dur_us), 0), coalesce(max(b.dur_us), 0), coalesce(max(b.lag_us), 0),
-                    CASE WHEN count(b.lag_b) = 0 THEN '{}'::int[]
+                    CASE WHEN count(b.lag_b) = 0 THEN '{{}}'::int[]
                          WHEN min(b.lag_b) = max(b.lag_b)
                          THEN array_fill(0, ARRAY[min(b.lag_b)]) || count(b.lag_b)::int
                          ELSE sked_hist_of(array_agg(b.lag_b)) END,
-                    CASE WHEN count(b.dur_b) = 0 THEN '{}'::int[]
+                    CASE WHEN count(b.dur_b) = 0 THEN '{{}}'::int[]
                          WHEN min(b.dur_b) = max(b.dur_b)
                          THEN array_fill(0, ARRAY[min(b.dur_b)]) || count(b.dur_b)::int
                          ELSE sked_hist_of(array_agg(b.dur_b)) END
@@ -391,11 +406,12 @@ pub async fn run_stats_delta_fold(db: impl PgExecutor<'_>, limit: i64) -> Result
                lag_max_us = GREATEST(t.lag_max_us, EXCLUDED.lag_max_us),
                lag_hist = sked_hist_acc(t.lag_hist, EXCLUDED.lag_hist),
                duration_hist = sked_hist_acc(t.duration_hist, EXCLUDED.duration_hist))
-           SELECT count(*) AS "n!" FROM moved"#,
-        limit,
-    )
-    .fetch_one(db)
-    .await?;
+           SELECT count(*) FROM moved"#
+    );
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(limit)
+        .fetch_one(db)
+        .await?;
     Ok(n)
 }
 
