@@ -922,7 +922,13 @@ async fn serve_with_pool(
         )))
         // TailRun encodes each event once for all subscribers; the rest of
         // LogService is the generated server (with `codec!` inside).
-        .add_service(grpc::logs::LogRoutes::new(grpc::logs::Logs(ctx.clone())))
+        .add_service(grpc::logs::LogRoutes::new(
+            grpc::logs::Logs(ctx.clone()),
+            codec!(pb::log_service_server::LogServiceServer::new(
+                grpc::logs::Logs(ctx.clone())
+            )),
+            transport::MAX_DECODED_MESSAGE_BYTES,
+        ))
         .add_service(codec!(pb::admin_service_server::AdminServiceServer::new(
             grpc::admin::Admin(ctx.clone()),
         )))

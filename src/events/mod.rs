@@ -127,7 +127,7 @@ impl EventBus {
             .peekable();
         while events.peek().is_some() {
             let chunk: Vec<Arc<Published>> = events.by_ref().take(MAX_BATCH).collect();
-            metrics::published(&chunk, local);
+            metrics::published(chunk.iter().map(|e| -> &RunEvent { e }), local);
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let batch = Batch {
                 first: *next,

@@ -312,19 +312,25 @@ const TAIL_RUN_PATH: &str = "/sked.v1.LogService/TailRun";
 /// `LogService` as served: `TailRun` with [`TailFrameCodec`], so each
 /// event is encoded once for all its subscribers rather than converted and
 /// encoded per subscriber; every other method through the generated
-/// server. Compression and the decoded-size cap are those every service
-/// gets (`transport::codec!`).
+/// server. `TailRun` takes and sends gzip and zstd and caps decoded
+/// requests at `max_decoded` bytes, as the transport configures every
+/// generated service (`tests/it/compression.rs` checks both routes).
 #[derive(Debug, Clone)]
 pub struct LogRoutes {
     logs: Logs,
     generated: LogServiceServer<Logs>,
+    max_decoded: usize,
 }
 
 impl LogRoutes {
-    /// `logs` behind both routes.
-    pub fn new(logs: Logs) -> Self {
-        let generated = crate::transport::codec!(LogServiceServer::new(logs.clone()));
-        Self { logs, generated }
+    /// `TailRun` served by `logs`, every other method by `generated` (the
+    /// generated server of the same `logs`, configured by the transport).
+    pub fn new(logs: Logs, generated: LogServiceServer<Logs>, max_decoded: usize) -> Self {
+        Self {
+            logs,
+            generated,
+            max_decoded,
+        }
     }
 }
 
@@ -349,13 +355,14 @@ impl Service<http::Request<tonic::body::Body>> for LogRoutes {
             return self.generated.call(req);
         }
         let logs = self.logs.clone();
+        let max_decoded = self.max_decoded;
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(TailFrameCodec)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Zstd)
-                .max_decoding_message_size(crate::transport::MAX_DECODED_MESSAGE_BYTES);
+                .max_decoding_message_size(max_decoded);
             let method = tower::service_fn(move |r: Request<pb::TailRunRequest>| {
                 let logs = logs.clone();
                 async move { logs.open_tail(r).await }

@@ -19,7 +19,7 @@ use ::metrics::{Unit, counter, describe_counter, describe_gauge, describe_histog
 use chrono::{DateTime, Utc};
 
 use crate::domain::EventBody;
-use crate::domain::{NewRun, Run, RunState, RunTrigger};
+use crate::domain::{NewRun, Run, RunEvent, RunState, RunTrigger};
 
 /// Counter `{outcome, [tenant]}`: fires the scheduler made. `outcome` is
 /// `run` (a run was created) or why the fire was skipped: `misfire`,
@@ -415,8 +415,8 @@ const FINAL: [RunState; 5] = [
 /// published by the node that wrote it (persist first, publish second), so
 /// this one place counts every way a run ends: executor, reaper, worker
 /// completions, cancels, skipped fires.
-pub fn published(events: &[std::sync::Arc<crate::events::Published>], local: bool) {
-    if events.is_empty() {
+pub fn published<'a>(events: impl ExactSizeIterator<Item = &'a RunEvent>, local: bool) {
+    if events.len() == 0 {
         return;
     }
     let origin = if local { "local" } else { "bridge" };
