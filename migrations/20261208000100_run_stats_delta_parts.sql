@@ -6,7 +6,8 @@
 -- statement (db::runs::run_stats_delta_fold). Firing 10 000 one-second
 -- bindings, that is 50 000 rows: 0.4-0.9 s of one PostgreSQL core in one
 -- go, during which the firing passes had one core less and fell behind
--- (fire lag p99 330 ms; 26 ms with the move switched off). Moving the
+-- (fire lag p99 250-514 ms; 107-152 ms moving by partition, in
+-- alternating runs on a 2-core machine). Moving the
 -- rows of one partition per statement, with a pause as long as the
 -- statement after each, bounds that to a few tens of milliseconds at a
 -- time. Slicing by binding keeps each binding's rows in one statement, so
