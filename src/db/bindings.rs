@@ -450,20 +450,39 @@ pub async fn binding_lock_due(
     let rows = sqlx::query!(
         r#"SELECT b.id, b.tenant_id, b.definition, b.effective_schedule,
                   nd.next_run_time AS "next_run_time!: DbTime",
-                  b.params, d.params AS def_params, d.handler, d.misfire_policy, d.overlap_policy,
+                  b.params, b.def_params, b.handler, b.misfire_policy, b.overlap_policy,
                   -- the binding's overrides, resolved against the definition as it is now
-                  coalesce(b.retry_policy, d.retry_policy) AS "retry_policy!",
-                  coalesce(b.timeout_secs, d.timeout_secs) AS timeout_secs,
-                  coalesce(b.priority, d.priority) AS "priority!",
-                  nullif(coalesce(b.max_active_runs, d.max_active_runs), 0) AS max_active_runs,
-                  b.enabled AND d.enabled AS "enabled!",
-                  b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", d.max_output_bytes
-           FROM binding_due nd JOIN bindings b ON b.id = nd.binding_id
-           JOIN definitions d ON d.name = b.definition
-           WHERE nd.next_run_time <= $1
-           ORDER BY nd.next_run_time
-           LIMIT $2
-           FOR UPDATE OF b, nd SKIP LOCKED"#,
+                  coalesce(b.retry_policy, b.def_retry_policy) AS "retry_policy!",
+                  coalesce(b.timeout_secs, b.def_timeout_secs) AS timeout_secs,
+                  coalesce(b.priority, b.def_priority) AS "priority!",
+                  nullif(coalesce(b.max_active_runs, b.def_max_active_runs), 0) AS max_active_runs,
+                  b.enabled AND b.def_enabled AS "enabled!",
+                  b.paused, b.pause_expire_time AS "pause_expire_time: DbTime", b.max_output_bytes
+           -- The due rows first, by the due index, then each one's binding
+           -- and definition by primary key (the lateral subquery cannot be
+           -- flattened into a join). As one join, the planner hashed every
+           -- binding on every pass: next_run_time only grows, so its
+           -- statistics always say every row is due (measured at 5 000
+           -- one-second bindings: 9.7 ms per pass, half of it hashing
+           -- bindings, 59 us of PostgreSQL per fire).
+           FROM (SELECT nd.binding_id, nd.next_run_time FROM binding_due nd
+                 WHERE nd.next_run_time <= $1
+                 ORDER BY nd.next_run_time
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED) nd
+           CROSS JOIN LATERAL (
+                 SELECT b.id, b.tenant_id, b.definition, b.effective_schedule, b.params,
+                        b.retry_policy, b.timeout_secs, b.priority, b.max_active_runs, b.enabled,
+                        b.paused, b.pause_expire_time, d.params AS def_params, d.handler, d.misfire_policy,
+                        d.overlap_policy, d.retry_policy AS def_retry_policy,
+                        d.timeout_secs AS def_timeout_secs, d.priority AS def_priority,
+                        d.max_active_runs AS def_max_active_runs, d.enabled AS def_enabled,
+                        d.max_output_bytes
+                 FROM bindings b JOIN definitions d ON d.name = b.definition
+                 WHERE b.id = nd.binding_id
+                 OFFSET 0
+                 FOR UPDATE OF b SKIP LOCKED) b
+           ORDER BY nd.next_run_time"#,
         now,
         limit,
     )
