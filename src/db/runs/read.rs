@@ -36,32 +36,57 @@ pub struct ActiveState {
     pub waiting: bool,
 }
 
+/// Turns sequential and bitmap scans off for the rest of the transaction,
+/// so the per-binding probes of [`run_active_state`] and
+/// [`run_active_counts`] walk their index and stop at the first rows. Right
+/// after a backfill of 160 000 runs, the statistics still describe a
+/// table of a few hundred rows, and the planner read all of `runs` once per
+/// binding probed (2.2 s for 18 bindings; every fire of the pass late).
+async fn probes_by_index(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT set_config('enable_seqscan', 'off', true) AS seqscan,
+                set_config('enable_bitmapscan', 'off', true) AS bitmapscan"
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
 /// [`ActiveState`] of each of `bindings` (one row each, in no order): two
 /// index probes per binding (`runs_active_state`), so the cost does not grow
-/// with a binding's backlog (a backfill of thousands of queued runs).
+/// with a binding's backlog (a backfill of thousands of queued runs). Call
+/// inside a transaction: it turns sequential and bitmap scans off for the
+/// rest of it (`probes_by_index`).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_active_state(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     bindings: &[Uuid],
 ) -> Result<Vec<ActiveState>, Error> {
+    probes_by_index(&mut *conn).await?;
     Ok(sqlx::query!(
         // One probe per binding for the usual answer (nothing active), two
         // or three more only for a binding that has active runs. Scalar
         // LIMIT 1 subqueries, not EXISTS: the planner may run an EXISTS as
         // one hashed scan of every QUEUED run, which statistics gone stale
         // after a backfill make look cheap (measured: 35 000 rows a pass).
+        // The waiting probe names two states, so no index made for one
+        // state (`runs_queued`, `runs_scheduled`: every queued run of every
+        // binding, by priority) can serve it: with statistics from before a
+        // backfill of 160 000 runs, the planner walked all of `runs_queued`
+        // for a binding with none queued (~1 s a pass, every fire of a
+        // running binding late); now it probes `runs_active_state` by
+        // binding.
         r#"SELECT b AS "binding_id!",
                   CASE WHEN a.state IS NULL THEN false
                        ELSE (SELECT 1 FROM runs WHERE binding_id = b AND state = 'RUNNING' LIMIT 1) IS NOT NULL
                   END AS "running!",
                   CASE WHEN a.state IS NULL THEN false
-                       ELSE (SELECT 1 FROM runs WHERE binding_id = b AND state = 'QUEUED'
-                                                     AND parent_run_id IS NULL LIMIT 1) IS NOT NULL
-                            OR (SELECT 1 FROM runs WHERE binding_id = b AND state = 'SCHEDULED'
-                                                     AND trigger = 'RETRY' AND parent_run_id IS NULL LIMIT 1)
-                               IS NOT NULL
+                       ELSE (SELECT 1 FROM runs
+                             WHERE binding_id = b AND state IN ('QUEUED', 'SCHEDULED')
+                               AND (state = 'QUEUED' OR trigger = 'RETRY') AND parent_run_id IS NULL
+                             LIMIT 1) IS NOT NULL
                   END AS "waiting!"
            FROM unnest($1::uuid[]) AS b
            LEFT JOIN LATERAL (SELECT state FROM runs
@@ -69,7 +94,7 @@ pub async fn run_active_state(
                               LIMIT 1) a ON true"#,
         bindings
     )
-    .fetch_all(db)
+    .fetch_all(conn)
     .await?
     .into_iter()
     .map(|r| ActiveState {
@@ -86,15 +111,17 @@ pub async fn run_active_state(
 /// overlap policy `ALLOW`; workflow steps aside (their workflow run
 /// counts). One row per binding, in no order. The caller
 /// holds the bindings' row locks (a scheduler pass), so no other pass
-/// creates runs for them until it commits.
+/// creates runs for them until it commits. Turns sequential and bitmap
+/// scans off for the rest of the transaction (`probes_by_index`).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_active_counts(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     bindings: &[Uuid],
     caps: &[i64],
 ) -> Result<Vec<(Uuid, i64)>, Error> {
+    probes_by_index(&mut *conn).await?;
     Ok(sqlx::query!(
         r#"SELECT u.b AS "binding_id!",
                   (SELECT count(*) FROM (SELECT 1 FROM runs
@@ -106,7 +133,7 @@ pub async fn run_active_counts(
         bindings,
         caps,
     )
-    .fetch_all(db)
+    .fetch_all(conn)
     .await?
     .into_iter()
     .map(|r| (r.binding_id, r.active))
