@@ -261,7 +261,7 @@ impl Scheduler {
         let active_state: std::collections::HashMap<Uuid, (bool, bool)> = if contested.is_empty() {
             Default::default()
         } else {
-            db::runs::run_active_state(&mut *tx, &contested)
+            db::runs::run_active_state(&mut tx, &contested)
                 .await?
                 .into_iter()
                 .map(|a| (a.binding_id, (a.running, a.waiting)))
@@ -279,7 +279,7 @@ impl Scheduler {
             Default::default()
         } else {
             let (ids, caps): (Vec<Uuid>, Vec<i64>) = capped.into_iter().unzip();
-            db::runs::run_active_counts(&mut *tx, &ids, &caps)
+            db::runs::run_active_counts(&mut tx, &ids, &caps)
                 .await?
                 .into_iter()
                 .map(|(id, n)| (id, usize::try_from(n).unwrap_or(0)))
