@@ -163,6 +163,66 @@ pub async fn progress_append(
     }))
 }
 
+/// The `kind` of a row that holds several consecutive events of one run
+/// (issue 18: state changes that do not each need a row). Its `payload` is
+/// the JSON array of the events' payloads, in seq order, and its `seq` is
+/// the seq of the **last** of them: the row holds seqs `seq - n + 1 ..= seq`.
+/// Keyed by its last seq, the row is still found by every `seq > after`
+/// read that any of its events belongs to, and `(run_id, seq)` stays
+/// unique (no other row of the run takes a seq inside it). The events share
+/// the row's `time`, tenant, binding and definition. Written where one
+/// statement writes a run's whole history at once: an `event` run created
+/// SUCCEEDED (QUEUED, RUNNING, fired, SUCCEEDED: one row instead of four).
+pub(crate) const BATCH_KIND: &str = "batch";
+
+/// Most events one [`BATCH_KIND`] row may hold: readers of a seq range look
+/// this far past its end for rows that begin inside it.
+pub(crate) const MAX_BATCH: usize = 8;
+
+/// The payload of a [`BATCH_KIND`] row holding `bodies` (at most
+/// [`MAX_BATCH`], at least 2).
+pub(crate) fn batch_payload(bodies: &[EventBody]) -> serde_json::Value {
+    debug_assert!((2..=MAX_BATCH).contains(&bodies.len()));
+    serde_json::Value::Array(bodies.iter().map(encode).collect())
+}
+
+/// The events a stored row holds, as `(seq, kind, payload)` in seq order:
+/// the row itself, or each event of a [`BATCH_KIND`] row.
+///
+/// # Errors
+/// [`Error::Corrupt`] when a batch row's payload is not an array of 1 to
+/// [`MAX_BATCH`] event payloads (each with its `kind`) that fits below its seq.
+pub(crate) fn unbatch(
+    seq: i64,
+    kind: String,
+    payload: serde_json::Value,
+) -> Result<Vec<(i64, String, serde_json::Value)>, Error> {
+    if kind != BATCH_KIND {
+        return Ok(vec![(seq, kind, payload)]);
+    }
+    let corrupt = |msg: String| Error::Corrupt {
+        what: "run event batch",
+        source: <serde_json::Error as serde::de::Error>::custom(msg),
+    };
+    let items: Vec<serde_json::Value> = decode("run event batch", payload)?;
+    let n = items.len() as i64;
+    if items.is_empty() || items.len() > MAX_BATCH || n > seq {
+        return Err(corrupt(format!("{n} events ending at seq {seq}")));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let kind = p
+                .get("kind")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| corrupt(format!("event {} of the batch has no kind", i + 1)))?
+                .to_string();
+            Ok((seq - n + 1 + i as i64, kind, p))
+        })
+        .collect()
+}
+
 struct Row {
     run_id: Uuid,
     seq: i64,
@@ -170,21 +230,28 @@ struct Row {
     tenant_id: String,
     binding_id: Uuid,
     definition: String,
+    kind: String,
     payload: serde_json::Value,
 }
 
-impl TryFrom<Row> for RunEvent {
-    type Error = Error;
-    fn try_from(r: Row) -> Result<Self, Error> {
-        Ok(RunEvent {
-            run_id: r.run_id,
-            seq: r.seq,
-            time: r.time,
-            tenant_id: r.tenant_id,
-            binding_id: r.binding_id,
-            definition: r.definition,
-            body: decode("run event payload", r.payload)?,
-        })
+impl Row {
+    /// The events this row holds whose seq `keep` accepts, in seq order.
+    fn events(self, keep: impl Fn(i64) -> bool) -> Result<Vec<RunEvent>, Error> {
+        let mut out = Vec::new();
+        for (seq, _, payload) in unbatch(self.seq, self.kind, self.payload)? {
+            if keep(seq) {
+                out.push(RunEvent {
+                    run_id: self.run_id,
+                    seq,
+                    time: self.time,
+                    tenant_id: self.tenant_id.clone(),
+                    binding_id: self.binding_id,
+                    definition: self.definition.clone(),
+                    body: decode("run event payload", payload)?,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -200,9 +267,11 @@ pub async fn event_list(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<RunEvent>, Error> {
-    sqlx::query_as!(
+    // `limit` rows hold at least `limit` events; a batch row that holds
+    // seqs on both sides of `after_seq` gives only those after it.
+    let rows = sqlx::query_as!(
         Row,
-        "SELECT run_id, seq, time, tenant_id, binding_id, definition, payload
+        "SELECT run_id, seq, time, tenant_id, binding_id, definition, kind, payload
          FROM run_events WHERE tenant_id = $1 AND run_id = $2 AND seq > $3
          ORDER BY seq LIMIT $4",
         tenant_id,
@@ -211,10 +280,13 @@ pub async fn event_list(
         limit
     )
     .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(RunEvent::try_from)
-    .collect()
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        events.extend(row.events(|seq| seq > after_seq)?);
+    }
+    events.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok(events)
 }
 
 /// The events in the announced ranges `(run_id, from_seq, to_seq)`, ordered by
@@ -229,19 +301,124 @@ pub async fn event_fetch_ranges(
     let ids: Vec<Uuid> = ranges.iter().map(|r| r.0).collect();
     let from: Vec<i64> = ranges.iter().map(|r| r.1).collect();
     let to: Vec<i64> = ranges.iter().map(|r| r.2).collect();
-    sqlx::query_as!(
-        Row,
-        "SELECT e.run_id, e.seq, e.time, e.tenant_id, e.binding_id, e.definition, e.payload
+    // A batch row is keyed by its last seq: one that begins inside a range
+    // may end up to MAX_BATCH - 1 past it.
+    let rows = sqlx::query!(
+        r#"SELECT e.run_id, e.seq, e.time, e.tenant_id, e.binding_id, e.definition, e.kind, e.payload,
+                  r.from_seq AS "from_seq!", r.to_seq AS "to_seq!"
          FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS r(run_id, from_seq, to_seq, ord)
-         JOIN run_events e ON e.run_id = r.run_id AND e.seq BETWEEN r.from_seq AND r.to_seq
-         ORDER BY r.ord, e.seq",
+         JOIN run_events e ON e.run_id = r.run_id AND e.seq >= r.from_seq AND e.seq < r.to_seq + $4
+         ORDER BY r.ord, e.seq"#,
         &ids,
         &from,
-        &to
+        &to,
+        MAX_BATCH as i64,
     )
     .fetch_all(db)
-    .await?
-    .into_iter()
-    .map(RunEvent::try_from)
-    .collect()
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in rows {
+        let (from, to) = (r.from_seq, r.to_seq);
+        let row = Row {
+            run_id: r.run_id,
+            seq: r.seq,
+            time: r.time,
+            tenant_id: r.tenant_id,
+            binding_id: r.binding_id,
+            definition: r.definition,
+            kind: r.kind,
+            payload: r.payload,
+        };
+        events.extend(row.events(|seq| (from..=to).contains(&seq))?);
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{LogStream, RunState};
+    use serde_json::json;
+
+    fn bodies() -> Vec<EventBody> {
+        vec![
+            EventBody::StateChanged {
+                from: None,
+                to: RunState::Queued,
+                reason: String::new(),
+            },
+            EventBody::StateChanged {
+                from: Some(RunState::Queued),
+                to: RunState::Running,
+                reason: String::new(),
+            },
+            EventBody::Fired {
+                params: json!({"n": 7, "nested": {"kind": "not a tag"}}),
+            },
+            EventBody::Log {
+                stream: LogStream::System,
+                message: "x".into(),
+            },
+            EventBody::StateChanged {
+                from: Some(RunState::Running),
+                to: RunState::Succeeded,
+                reason: String::new(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_batch_row_holds_its_events_at_the_seqs_below_its_own() {
+        for n in 2..=bodies().len() {
+            let bodies = &bodies()[..n];
+            for last in [n as i64, n as i64 + 40] {
+                let held = unbatch(last, BATCH_KIND.into(), batch_payload(bodies)).unwrap();
+                let seqs: Vec<i64> = held.iter().map(|h| h.0).collect();
+                assert_eq!(seqs, ((last - n as i64 + 1)..=last).collect::<Vec<_>>());
+                for ((_, kind, payload), body) in held.into_iter().zip(bodies) {
+                    assert_eq!(kind, body.kind());
+                    assert_eq!(&decode::<EventBody>("t", payload).unwrap(), body);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_rows_are_one_event_each() {
+        let p = encode(&bodies()[2]);
+        assert_eq!(
+            unbatch(9, "fired".into(), p.clone()).unwrap(),
+            vec![(9, "fired".to_string(), p)]
+        );
+    }
+
+    #[test]
+    fn a_batch_row_that_does_not_fit_is_corrupt_not_a_panic() {
+        let one = encode(&bodies()[0]);
+        let cases = [
+            (4, json!({"kind": "fired"})),
+            (4, json!([])),
+            (1, json!([one, one])),
+            (0, json!([one])),
+            (-3, json!([one])),
+            (i64::MIN, json!([one])),
+            (20, json!(vec![one.clone(); MAX_BATCH + 1])),
+            (4, json!([one, {"no": "kind"}])),
+            (4, json!([one, {"kind": 3}])),
+            (4, json!([one, null])),
+        ];
+        for (seq, payload) in cases {
+            let e = unbatch(seq, BATCH_KIND.into(), payload.clone()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Corrupt {
+                        what: "run event batch",
+                        ..
+                    }
+                ),
+                "{seq} {payload}: {e}"
+            );
+        }
+    }
 }

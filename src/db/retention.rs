@@ -104,18 +104,21 @@ pub async fn run_event_partition_detach(
     Ok(moved)
 }
 
-/// Up to `limit` events of the detached day table of `day` after `after`
-/// (run id, seq), in (run id, seq) order.
+/// The events of up to `limit` rows of the detached day table of `day`
+/// after `after` (run id, seq), in (run id, seq) order: one per event, a
+/// batch row ([`super::events::BATCH_KIND`]) given as the events it holds.
+/// The last event's (run id, seq) is the last row's, so it pages on.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure (also when no such table exists).
+/// A batch row that does not decode is given as stored.
 pub async fn run_event_detached_page(
     db: impl PgExecutor<'_>,
     day: NaiveDate,
     after: (Uuid, i64),
     limit: i32,
 ) -> Result<Vec<StoredEvent>, Error> {
-    Ok(sqlx::query_as!(
+    let rows = sqlx::query_as!(
         StoredEvent,
         r#"SELECT tenant_id AS "tenant_id!", run_id AS "run_id!", seq AS "seq!", time AS "time!",
                   binding_id AS "binding_id!", definition AS "definition!", kind AS "kind!",
@@ -127,7 +130,40 @@ pub async fn run_event_detached_page(
         limit,
     )
     .fetch_all(db)
-    .await?)
+    .await?;
+    Ok(unbatch_stored(rows))
+}
+
+/// `rows` as events, one per event: a batch row
+/// ([`super::events::BATCH_KIND`]) as the events it holds, in seq order.
+/// A batch row that does not decode is kept as stored, so an archive
+/// loses nothing and its day can still be dropped.
+fn unbatch_stored(rows: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.kind != super::events::BATCH_KIND {
+            events.push(row);
+            continue;
+        }
+        let Ok(held) = super::events::unbatch(row.seq, row.kind.clone(), row.payload.clone())
+        else {
+            events.push(row);
+            continue;
+        };
+        for (seq, kind, payload) in held {
+            events.push(StoredEvent {
+                tenant_id: row.tenant_id.clone(),
+                run_id: row.run_id,
+                seq,
+                time: row.time,
+                binding_id: row.binding_id,
+                definition: row.definition.clone(),
+                kind,
+                payload,
+            });
+        }
+    }
+    events
 }
 
 /// Drops the detached day table of `day`; `false` when there is none.
@@ -200,7 +236,7 @@ pub async fn run_delete_old(
 /// Deletes the events of `runs` that the default partition holds (events
 /// of runs whose day was dropped while they kept their history, or with
 /// ids outside every day), returning them when `returning` (to archive
-/// them), else only their number.
+/// them; a batch row as the events it holds), else only their number.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -213,23 +249,28 @@ pub async fn run_event_default_delete(
         return Ok((0, Vec::new()));
     }
     if !returning {
-        let n = sqlx::query!(
-            "DELETE FROM run_events_default WHERE run_id = ANY($1)",
+        // Events, not rows: a batch row counts the events it holds.
+        let n = sqlx::query_scalar!(
+            r#"WITH d AS (DELETE FROM run_events_default WHERE run_id = ANY($1) RETURNING kind, payload)
+               SELECT COALESCE(sum(CASE WHEN kind = 'batch' AND jsonb_typeof(payload) = 'array'
+                                        THEN jsonb_array_length(payload) ELSE 1 END), 0)::bigint AS "n!"
+               FROM d"#,
             runs
         )
-        .execute(conn)
-        .await?
-        .rows_affected();
-        return Ok((n, Vec::new()));
+        .fetch_one(conn)
+        .await?;
+        return Ok((n as u64, Vec::new()));
     }
-    let events = sqlx::query_as!(
-        StoredEvent,
-        "DELETE FROM run_events_default WHERE run_id = ANY($1)
-         RETURNING tenant_id, run_id, seq, time, binding_id, definition, kind, payload",
-        runs
-    )
-    .fetch_all(conn)
-    .await?;
+    let events = unbatch_stored(
+        sqlx::query_as!(
+            StoredEvent,
+            "DELETE FROM run_events_default WHERE run_id = ANY($1)
+             RETURNING tenant_id, run_id, seq, time, binding_id, definition, kind, payload",
+            runs
+        )
+        .fetch_all(conn)
+        .await?,
+    );
     Ok((events.len() as u64, events))
 }
 

@@ -207,6 +207,22 @@ async fn old_days_are_archived_then_dropped_and_younger_runs_keep_every_event() 
         wait_terminal(&node, TENANT, &r.id).await;
         old.push(r);
     }
+    // And an event run: its last three events are stored as one row
+    // (issue 18), archived one event per line all the same.
+    let ticker = define_and_bind(
+        &node,
+        TENANT,
+        pb::TaskDefinition {
+            name: "keeper.tick".into(),
+            handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+            schedule: Some(manual()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = trigger(&node, TENANT, &ticker.id).await;
+    wait_terminal(&node, TENANT, &r.id).await;
+    old.push(r);
     let later = trigger_at(&node, &binding.id, Some(ts(secs_of(t0) + 10.0 * 86400.0))).await;
     let far = trigger_at(&node, &binding.id, Some(ts(secs_of(t0) + 90.0 * 86400.0))).await;
     assert_eq!(state(&later), pb::RunState::Scheduled);

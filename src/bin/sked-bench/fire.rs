@@ -199,12 +199,13 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     .fetch_one(&env.pool)
     .await?;
     let (multi_fired, without_fired): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE f > 1), count(*) FILTER (WHERE f = 0 AND state = 'SUCCEEDED')
+        r#"SELECT count(*) FILTER (WHERE f > 1), count(*) FILTER (WHERE f = 0 AND state = 'SUCCEEDED')
          FROM (SELECT r.id, r.state, count(e.run_id) AS f
-               FROM runs r LEFT JOIN run_events e ON e.run_id = r.id AND e.kind = 'fired'
+               FROM runs r LEFT JOIN run_events e ON e.run_id = r.id
+                 AND (e.kind = 'fired' OR (e.kind = 'batch' AND e.payload @> '[{"kind": "fired"}]'))
                WHERE r.trigger = 'SCHEDULE' AND r.scheduled_time >= $1 AND r.scheduled_time < $2
                  AND r.tenant_id NOT LIKE 'hostile-%'
-               GROUP BY r.id, r.state) w",
+               GROUP BY r.id, r.state) w"#,
     )
     .bind(w0)
     .bind(w1)

@@ -369,14 +369,17 @@ pub async fn run_claim(
              SELECT DISTINCT c.tenant_id, $1::timestamptz FROM c
              WHERE NOT EXISTS (SELECT 1 FROM tenant_claims t WHERE t.tenant_id = c.tenant_id)
              ON CONFLICT (tenant_id) DO NOTHING),
+           -- An event run's three events (RUNNING, fired, SUCCEEDED) take
+           -- one batch row keyed by the last seq (db::events::BATCH_KIND).
            e AS (
              INSERT INTO run_events (run_id, seq, time, tenant_id, binding_id, definition, kind, payload)
-             SELECT c.id, c.last_seq - x.back, c.start_time, c.tenant_id, c.binding_id, c.definition, x.kind,
-                    coalesce(x.payload, jsonb_build_object('kind', 'fired', 'params', c.params))
-             FROM c CROSS JOIN LATERAL (VALUES (2, 'state_changed', $5::jsonb), (1, 'fired', NULL),
-                                               (0, 'state_changed', CASE WHEN $6 THEN $7 ELSE $5 END))
-                                       AS x(back, kind, payload)
-             WHERE $6 OR x.back = 0
+             SELECT c.id, c.last_seq, c.start_time, c.tenant_id, c.binding_id, c.definition,
+                    CASE WHEN $6 THEN 'batch' ELSE 'state_changed' END,
+                    CASE WHEN $6 THEN jsonb_build_array($5::jsonb,
+                                                        jsonb_build_object('kind', 'fired', 'params', c.params),
+                                                        $7::jsonb)
+                         ELSE $5::jsonb END
+             FROM c
              RETURNING run_id),
            -- Event runs end here, SUCCEEDED (other claims end none).
            ended AS (

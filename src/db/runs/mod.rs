@@ -106,6 +106,15 @@ pub async fn run_insert_unannounced(
     let mut ev_kind = Vec::with_capacity(n_events);
     let mut ev_payload = Vec::with_capacity(n_events);
     for (r, evs) in runs.iter().zip(&bodies) {
+        // A run written with its whole history (an event run created
+        // SUCCEEDED) takes one batch row keyed by its last seq.
+        if evs.len() > 1 {
+            ev_run.push(r.id);
+            ev_seq.push(evs.len() as i64);
+            ev_kind.push(super::events::BATCH_KIND);
+            ev_payload.push(super::events::batch_payload(evs));
+            continue;
+        }
         for (i, b) in evs.iter().enumerate() {
             ev_run.push(r.id);
             ev_seq.push(i as i64 + 1);
