@@ -27,6 +27,7 @@ async fn show(conn: &mut PgConnection, setting: &'static str) -> String {
     let sql = match setting {
         "fsync" => "SHOW fsync",
         "max_connections" => "SHOW max_connections",
+        "max_wal_size" => "SHOW max_wal_size",
         "listen_addresses" => "SHOW listen_addresses",
         "unix_socket_directories" => "SHOW unix_socket_directories",
         other => panic!("unknown setting {other}"),
@@ -99,6 +100,7 @@ async fn start_connect_restart_stop() {
     let mut conn = connect(&pg.url("postgres")).await;
     assert_eq!(show(&mut conn, "fsync").await, "on");
     assert_eq!(show(&mut conn, "max_connections").await, "200");
+    assert_eq!(show(&mut conn, "max_wal_size").await, "8GB");
     assert_eq!(show(&mut conn, "listen_addresses").await, "");
     assert_eq!(
         show(&mut conn, "unix_socket_directories").await,
