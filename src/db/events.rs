@@ -302,17 +302,24 @@ pub async fn event_fetch_ranges(
     let from: Vec<i64> = ranges.iter().map(|r| r.1).collect();
     let to: Vec<i64> = ranges.iter().map(|r| r.2).collect();
     // A batch row is keyed by its last seq: one that begins inside a range
-    // may end up to MAX_BATCH - 1 past it.
+    // may end up to MAX_BATCH - 1 past it. (Computed here, saturating: a
+    // range comes from a NOTIFY payload, and no payload may make the
+    // statement fail.)
+    let until: Vec<i64> = ranges
+        .iter()
+        .map(|r| r.2.saturating_add(MAX_BATCH as i64 - 1))
+        .collect();
     let rows = sqlx::query!(
         r#"SELECT e.run_id, e.seq, e.time, e.tenant_id, e.binding_id, e.definition, e.kind, e.payload,
                   r.from_seq AS "from_seq!", r.to_seq AS "to_seq!"
-         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS r(run_id, from_seq, to_seq, ord)
-         JOIN run_events e ON e.run_id = r.run_id AND e.seq >= r.from_seq AND e.seq < r.to_seq + $4
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])
+              WITH ORDINALITY AS r(run_id, from_seq, to_seq, until_seq, ord)
+         JOIN run_events e ON e.run_id = r.run_id AND e.seq >= r.from_seq AND e.seq <= r.until_seq
          ORDER BY r.ord, e.seq"#,
         &ids,
         &from,
         &to,
-        MAX_BATCH as i64,
+        &until,
     )
     .fetch_all(db)
     .await?;

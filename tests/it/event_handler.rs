@@ -357,6 +357,25 @@ async fn an_event_runs_history_reads_the_same_by_any_page_from_any_seq_on_any_no
             );
         }
     }
+
+    // The bridge's read by seq range: part of a row, and a range whose end
+    // (as a NOTIFY payload could give it) would overflow past the lookback.
+    let pool = db.pool().await;
+    let id: uuid::Uuid = runs[0].parse().unwrap();
+    for (ranges, want) in [
+        (vec![(id, 2, 3)], vec![2, 3]),
+        (vec![(id, 4, 4), (id, 1, 1)], vec![4, 1]),
+        (vec![(id, 1, i64::MAX)], vec![1, 2, 3, 4]),
+        (vec![(id, 5, 9)], vec![]),
+    ] {
+        let got: Vec<i64> = sked::db::events::event_fetch_ranges(&pool, &ranges)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(got, want, "{ranges:?}");
+    }
     n1.stop().await;
     n2.stop().await;
 }
