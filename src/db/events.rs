@@ -399,6 +399,85 @@ mod tests {
         );
     }
 
+    /// Property: whatever a stored row holds (random JSON shapes, random
+    /// seqs including the extremes), reading it never panics; a batch row
+    /// either gives contiguous seqs ending at its own, each with the kind
+    /// its payload names, or is `Corrupt`.
+    #[test]
+    fn any_stored_row_reads_as_events_or_corrupt_never_a_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        fn value(next: &mut impl FnMut() -> u64, depth: u32) -> serde_json::Value {
+            match next() % if depth > 2 { 5 } else { 8 } {
+                0 => serde_json::Value::Null,
+                1 => json!(next().is_multiple_of(2)),
+                2 => json!(next() as i64),
+                3 => json!(["kind", "fired", "batch", "log", ""][(next() % 5) as usize]),
+                4 => encode(&bodies()[(next() % 5) as usize]),
+                5 => {
+                    let mut o = serde_json::Map::new();
+                    if next().is_multiple_of(2) {
+                        o.insert("kind".into(), value(next, depth + 1));
+                    }
+                    o.insert("x".into(), value(next, depth + 1));
+                    serde_json::Value::Object(o)
+                }
+                _ => serde_json::Value::Array(
+                    (0..next() % 11).map(|_| value(next, depth + 1)).collect(),
+                ),
+            }
+        }
+        let seqs = [i64::MIN, -1, 0, 1, 2, 3, 4, 7, 8, 9, 1000, i64::MAX];
+        let mut batches = 0;
+        for case in 0..5000 {
+            let seq = if next() % 2 == 0 {
+                seqs[(next() % seqs.len() as u64) as usize]
+            } else {
+                (next() % 40) as i64
+            };
+            // A third are arrays of real event payloads (0 to 10 of them),
+            // the rest anything.
+            let payload = if next() % 3 == 0 {
+                let n = next() % 11;
+                json!(
+                    (0..n)
+                        .map(|_| encode(&bodies()[(next() % 5) as usize]))
+                        .collect::<Vec<_>>()
+                )
+            } else {
+                value(&mut next, 0)
+            };
+            let kind = if next() % 4 == 0 { "log" } else { BATCH_KIND };
+            match unbatch(seq, kind.into(), payload.clone()) {
+                Ok(held) if kind != BATCH_KIND => {
+                    assert_eq!(held, vec![(seq, kind.to_string(), payload)], "case {case}");
+                }
+                Ok(held) => {
+                    batches += 1;
+                    let items = payload.as_array().expect("only an array reads as a batch");
+                    assert_eq!(held.len(), items.len(), "case {case}");
+                    assert!((1..=MAX_BATCH).contains(&held.len()), "case {case}");
+                    for (i, (s, k, p)) in held.iter().enumerate() {
+                        assert_eq!(*s, seq - (held.len() - 1 - i) as i64, "case {case}");
+                        assert!(*s >= 1, "case {case}: seqs start at 1");
+                        assert_eq!(Some(k.as_str()), p["kind"].as_str(), "case {case}");
+                        assert_eq!(p, &items[i], "case {case}");
+                    }
+                }
+                Err(e) => assert!(
+                    matches!(e, Error::Corrupt { .. }) && kind == BATCH_KIND,
+                    "case {case}: {e}"
+                ),
+            }
+        }
+        assert!(batches > 500, "the cases reach valid batches: {batches}");
+    }
+
     #[test]
     fn a_batch_row_that_does_not_fit_is_corrupt_not_a_panic() {
         let one = encode(&bodies()[0]);
