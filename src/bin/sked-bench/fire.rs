@@ -15,7 +15,10 @@
 //!   state SUCCEEDED;
 //! * duplicates: (schedule runs in the window − distinct (binding,
 //!   scheduled_time)) + runs with more than one `fired` event;
-//! * lag: `start_time − scheduled_time` of the fired runs, p50/p99/max;
+//! * lag: `start_time − scheduled_time` of the fired runs, p50/p99/max,
+//!   and a note with the five seconds of the window whose fires started
+//!   latest (due time in UTC, lag max and p99, fires), to set beside
+//!   PostgreSQL's log;
 //! * CPU of the nodes and of PostgreSQL over the window, nodes' RSS.
 //!
 //! `--hostile-tenants K` adds a backfill flood during the window (limits:
@@ -262,6 +265,38 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
         skipped,
         Target::Info,
     );
+    // The seconds whose fires started latest, with when they were due: a
+    // p99 miss is usually a few bad seconds, and their times can be set
+    // beside PostgreSQL's log (autovacuum, checkpoints) or the node's.
+    let worst: Vec<(DateTime<Utc>, f64, f64, i64)> = sqlx::query_as(
+        "SELECT date_trunc('second', scheduled_time),
+                max(extract(epoch FROM start_time - scheduled_time)::float8 * 1000),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM start_time - scheduled_time)::float8 * 1000),
+                count(*)
+         FROM runs
+         WHERE trigger = 'SCHEDULE' AND state = 'SUCCEEDED' AND scheduled_time >= $1 AND scheduled_time < $2
+           AND tenant_id NOT LIKE 'hostile-%'
+         GROUP BY 1 ORDER BY 2 DESC LIMIT 5",
+    )
+    .bind(w0)
+    .bind(w1)
+    .fetch_all(&env.pool)
+    .await?;
+    if !worst.is_empty() {
+        r.note(format!(
+            "worst seconds (due at, UTC: lag max / p99, fires): {}",
+            worst
+                .iter()
+                .map(|(t, max, p99, n)| format!(
+                    "{} {:.1} / {:.1} ms, {n}",
+                    t.format("%H:%M:%S"),
+                    max,
+                    p99
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
     r.count(
         "not_finished",
         "runs not finished 3 s after the window",
