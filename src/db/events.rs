@@ -171,8 +171,11 @@ pub async fn progress_append(
 /// read that any of its events belongs to, and `(run_id, seq)` stays
 /// unique (no other row of the run takes a seq inside it). The events share
 /// the row's `time`, tenant, binding and definition. Written where one
-/// statement writes a run's whole history at once: an `event` run created
-/// SUCCEEDED (QUEUED, RUNNING, fired, SUCCEEDED: one row instead of four).
+/// statement writes several events of a run at once: an `event` run
+/// created SUCCEEDED (`runs::run_insert`: QUEUED, RUNNING, fired,
+/// SUCCEEDED, one row instead of four) or ended by a claim
+/// (`runs::run_claim`: RUNNING, fired, SUCCEEDED). SQL spells it `'batch'`
+/// (the claim, and the event count of `retention::run_event_default_delete`).
 pub(crate) const BATCH_KIND: &str = "batch";
 
 /// Most events one [`BATCH_KIND`] row may hold: readers of a seq range look
@@ -405,13 +408,7 @@ mod tests {
     /// its payload names, or is `Corrupt`.
     #[test]
     fn any_stored_row_reads_as_events_or_corrupt_never_a_panic() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::domain::xorshift(0x9e37_79b9_7f4a_7c15_u64);
         fn value(next: &mut impl FnMut() -> u64, depth: u32) -> serde_json::Value {
             match next() % if depth > 2 { 5 } else { 8 } {
                 0 => serde_json::Value::Null,
@@ -435,14 +432,14 @@ mod tests {
         let seqs = [i64::MIN, -1, 0, 1, 2, 3, 4, 7, 8, 9, 1000, i64::MAX];
         let mut batches = 0;
         for case in 0..5000 {
-            let seq = if next() % 2 == 0 {
+            let seq = if next().is_multiple_of(2) {
                 seqs[(next() % seqs.len() as u64) as usize]
             } else {
                 (next() % 40) as i64
             };
             // A third are arrays of real event payloads (0 to 10 of them),
             // the rest anything.
-            let payload = if next() % 3 == 0 {
+            let payload = if next().is_multiple_of(3) {
                 let n = next() % 11;
                 json!(
                     (0..n)
@@ -452,7 +449,11 @@ mod tests {
             } else {
                 value(&mut next, 0)
             };
-            let kind = if next() % 4 == 0 { "log" } else { BATCH_KIND };
+            let kind = if next().is_multiple_of(4) {
+                "log"
+            } else {
+                BATCH_KIND
+            };
             match unbatch(seq, kind.into(), payload.clone()) {
                 Ok(held) if kind != BATCH_KIND => {
                     assert_eq!(held, vec![(seq, kind.to_string(), payload)], "case {case}");

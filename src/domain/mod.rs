@@ -903,6 +903,18 @@ pub fn cap_log_line(mut line: String, dropped_extra: usize) -> String {
     line
 }
 
+/// A xorshift64 generator for the property tests: the same `seed` (not 0)
+/// gives the same sequence on every machine, so a failing case replays.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

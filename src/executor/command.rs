@@ -828,13 +828,7 @@ mod tests {
     /// of 1 to 97 bytes.
     #[tokio::test]
     async fn skimming_agrees_with_reading_line_by_line() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::domain::xorshift(0x9e37_79b9_7f4a_7c15_u64);
         for case in 0..300 {
             let mut input = Vec::new();
             for _ in 0..next() % 12 {
@@ -850,7 +844,7 @@ mod tests {
                     _ => input.extend_from_slice(b"y\n"),
                 }
             }
-            if next() % 3 == 0 {
+            if next().is_multiple_of(3) {
                 input.extend_from_slice(b"tail without end");
             }
             let buffer = 1 + (next() % 97) as usize;
