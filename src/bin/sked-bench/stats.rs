@@ -103,6 +103,11 @@ impl Histogram {
         Some(self.max_us as f64 / 1e3)
     }
 
+    /// Values recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// The largest recorded value, ms.
     pub fn max_ms(&self) -> Option<f64> {
         (self.count > 0).then(|| self.max_us as f64 / 1e3)
