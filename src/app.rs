@@ -141,6 +141,10 @@ pub struct Settings {
     pub claim_poll: Duration,
     /// Longest scheduler sleep (poll fallback).
     pub scheduler_max_sleep: Duration,
+    /// How far ahead of their instant the scheduler prepares fires, so that
+    /// at the instant only a commit remains (`docs/architecture.md`,
+    /// "Firing ahead"); zero turns it off.
+    pub fire_ahead: Duration,
     /// Database connections of the node, split between its engine and its
     /// API ([`split_connections`]).
     pub db_max_connections: u32,
@@ -378,6 +382,7 @@ impl Settings {
             kill_grace: Duration::from_secs(10),
             claim_poll: Duration::from_secs(1),
             scheduler_max_sleep: Duration::from_secs(5),
+            fire_ahead: Duration::from_millis(1000),
             db_max_connections: 20,
             tenant_changes_per_sec: 200,
             tenant_api_runs_per_sec: 1000,
@@ -645,6 +650,11 @@ async fn serve_with_pool(
             max_sleep: settings.scheduler_max_sleep,
             coalesce: Duration::from_millis(10),
             workers: 2,
+            ahead: settings.fire_ahead,
+            ahead_batch: 5000,
+            ahead_slots: Arc::new(tokio::sync::Semaphore::new(2)),
+            ahead_frontier: Arc::default(),
+            ahead_cost_ns: Arc::default(),
         };
         let stop = engine_stop.clone();
         supervised(
@@ -1232,6 +1242,7 @@ pub async fn run_serve(args: ServeArgs) -> Result<(), Error> {
     settings.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     settings.lease = Duration::from_secs(args.lease_secs);
     settings.kill_grace = Duration::from_secs(args.kill_grace_secs);
+    settings.fire_ahead = Duration::from_millis(args.fire_ahead_ms);
     settings.db_max_connections = args.db_max_connections;
     settings.tenant_changes_per_sec = args.tenant_changes_per_sec;
     settings.tenant_api_runs_per_sec = args.tenant_api_runs_per_sec;

@@ -423,6 +423,29 @@ pub struct BrokenBinding {
     pub reason: String,
 }
 
+/// The earliest `next_run_time` in `(after, until]`, locked or not (a fire
+/// prepared ahead of its instant starts its band there; see
+/// [`crate::scheduler`]).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_first_due_between(
+    db: impl PgExecutor<'_>,
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    let t = sqlx::query_scalar!(
+        r#"SELECT next_run_time AS "t!: DbTime" FROM binding_due
+           WHERE next_run_time > $1 AND next_run_time <= $2
+           ORDER BY next_run_time LIMIT 1"#,
+        after,
+        until,
+    )
+    .fetch_optional(db)
+    .await?;
+    t.map(|t| t.get("binding next_run_time")).transpose()
+}
+
 /// Stored instants from this one on cannot be computed with (past year
 /// 9999); see [`binding_next_due_time`].
 const FAR_FUTURE: &str = "10000-01-01T00:00:00Z";
@@ -431,7 +454,9 @@ const FAR_FUTURE: &str = "10000-01-01T00:00:00Z";
 const REASON_FAR_FUTURE: &str =
     "corrupt binding next_run_time in database: timestamp is past year 9999";
 
-/// Locks up to `limit` bindings due at `now` (`next_run_time <= now`),
+/// Locks up to `limit` bindings due at `now` (`next_run_time <= now`, and
+/// `> after` when given: a fire prepared ahead of its instant takes only
+/// fire times still to come),
 /// skipping rows another node has locked (`FOR UPDATE SKIP LOCKED`): each due binding is handled
 /// by exactly one node at a time. Call inside a transaction and advance them
 /// with [`binding_set_next_run_times`].
@@ -445,6 +470,7 @@ const REASON_FAR_FUTURE: &str =
 pub async fn binding_lock_due(
     db: impl PgExecutor<'_>,
     now: DateTime<Utc>,
+    after: Option<DateTime<Utc>>,
     limit: i64,
 ) -> Result<(Vec<DueBinding>, Vec<BrokenBinding>), Error> {
     let rows = sqlx::query!(
@@ -467,6 +493,7 @@ pub async fn binding_lock_due(
            -- bindings, 59 us of PostgreSQL per fire).
            FROM (SELECT nd.binding_id, nd.next_run_time FROM binding_due nd
                  WHERE nd.next_run_time <= $1
+                   AND nd.next_run_time > coalesce($3::timestamptz, '-infinity')
                  ORDER BY nd.next_run_time
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED) nd
@@ -485,6 +512,7 @@ pub async fn binding_lock_due(
            ORDER BY nd.next_run_time"#,
         now,
         limit,
+        after,
     )
     .fetch_all(db)
     .await?;

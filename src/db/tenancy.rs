@@ -407,6 +407,26 @@ pub async fn quota_hourly_remaining(
         .collect())
 }
 
+/// Those of `tenants` that have an hourly budget (`max_runs_per_hour`),
+/// read without a lock: a fire prepared ahead of its instant leaves their
+/// bindings to the pass at the instant, which counts under the lock of
+/// [`quota_hourly_remaining`].
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn quota_hourly_budgeted(
+    db: impl sqlx::PgExecutor<'_>,
+    tenants: &[String],
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar!(
+        "SELECT tenant_id FROM tenant_quotas
+         WHERE tenant_id = ANY ($1) AND max_runs_per_hour IS NOT NULL",
+        tenants
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 /// Those of `tenants` that have a `max_concurrent_runs` quota (their runs
 /// wait for a slot in the claim, so they are never completed inline).
 ///

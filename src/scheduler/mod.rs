@@ -20,6 +20,12 @@
 //! transaction (written `SUCCEEDED` with their `fired` event): they do
 //! nothing but publish, so a claim would only cost two more row writes.
 //!
+//! Passes are also prepared ahead of their instant
+//! ([`Scheduler::fire_ahead`]): locked and written up to
+//! [`Scheduler::ahead`] early, committed at the instant, so that only a
+//! commit remains when thousands of bindings are due at once. Its docs say
+//! why this changes nothing a caller can observe.
+//!
 //! [`Scheduler::workers`] firing loops run passes at once (`SKIP LOCKED`
 //! splits the bindings). Between passes a loop sleeps until the earliest
 //! `next_run_time` (but at least until [`Scheduler::coalesce`] after its
@@ -92,7 +98,64 @@ pub struct Scheduler {
     /// Firing loops run at once (each runs its own passes; see
     /// [`Scheduler::run`]).
     pub workers: usize,
+    /// How far ahead of their instant fires are prepared
+    /// ([`Scheduler::fire_ahead`]); zero turns it off.
+    pub ahead: Duration,
+    /// Bindings per pass prepared ahead.
+    pub ahead_batch: i64,
+    /// Passes prepared ahead and not yet committed, at most, on this node
+    /// (each holds a database connection until its instant).
+    pub ahead_slots: Arc<tokio::sync::Semaphore>,
+    /// Fire times up to which this node has prepared every binding it
+    /// could lock ([`Scheduler::fire_ahead`]): the next pass ahead starts
+    /// after it. Microseconds since the epoch.
+    pub ahead_frontier: Arc<std::sync::atomic::AtomicI64>,
+    /// What preparing one binding ahead has been taking, nanoseconds (a
+    /// moving average of this node's passes ahead; 0 until the first): a
+    /// pass that could not be ready by its instant is not prepared.
+    pub ahead_cost_ns: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// A pass's transaction with its writes done, not yet committed
+/// ([`Scheduler::prepare`]).
+struct Pass {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// Bindings locked.
+    locked: usize,
+    /// Bindings advanced, and bindings marked broken.
+    due: usize,
+    broken: usize,
+    runs: Vec<NewRun>,
+    events: Vec<crate::domain::RunEvent>,
+    announce: db::runs::Announce,
+}
+
+/// Fire times closer than this are not prepared ahead: the pass at the
+/// instant fires them.
+const AHEAD_MIN: chrono::Duration = chrono::Duration::milliseconds(100);
+
+/// Passes ahead of at least this many bindings update the estimate of
+/// what preparing one costs ([`Scheduler::ahead_cost_ns`]).
+const AHEAD_COST_SAMPLE: usize = 256;
+
+/// What a pass ahead did ([`Scheduler::fire_ahead`]).
+#[derive(Debug, Clone, Copy)]
+enum Ahead {
+    /// Not tried (off, or the pass at now was full).
+    Off,
+    /// Every slot holds a prepared pass.
+    Busy,
+    /// No fire time after the frontier within the lead.
+    Nothing,
+    /// Bindings locked and prepared (0: the band was held by others).
+    Prepared(usize),
+}
+
+/// A pass prepared ahead that is ready to commit later than this after its
+/// instant is rolled back (its bindings stay due for a pass at the instant,
+/// under their misfire policy): its runs' stored start times, its instant,
+/// would understate their lag by more than this.
+const AHEAD_LATE: Duration = Duration::from_millis(250);
 
 impl Scheduler {
     /// Runs passes until `shutdown`: [`Scheduler::workers`] firing loops at
@@ -117,12 +180,30 @@ impl Scheduler {
     /// One firing loop (see [`Scheduler::run`]).
     async fn firing_loop(self, shutdown: CancellationToken) {
         let mut probed: Option<tokio::time::Instant> = None;
+        // Passes this loop prepared ahead, each waiting for its instant.
+        let mut committing = tokio::task::JoinSet::new();
         loop {
             let started = tokio::time::Instant::now();
-            let pause = match self.fire_due().await {
+            while committing.try_join_next().is_some() {}
+            let fired = self.fire_due().await;
+            let ahead = if self.ahead.is_zero() || matches!(fired, Ok(n) if n as i64 >= self.batch)
+            {
+                Ahead::Off
+            } else {
+                match self.fire_ahead(&mut committing).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "scheduler pass ahead failed; retrying");
+                        Ahead::Off
+                    }
+                }
+            };
+            let pause = match (fired, ahead) {
                 // Behind (a burst of simultaneous fires, or a node that was
                 // down): straight on.
-                Ok(n) if n as i64 >= self.batch => Duration::ZERO,
+                (Ok(n), _) if n as i64 >= self.batch => Duration::ZERO,
+                // A full pass ahead: more of its band to prepare.
+                (Ok(_), Ahead::Prepared(n)) if n as i64 >= self.ahead_batch => Duration::ZERO,
                 // Bindings were due: more are likely within `coalesce`, so
                 // the next pass comes then without reading the next fire
                 // time. That read walks the due index from its low end,
@@ -130,16 +211,26 @@ impl Scheduler {
                 // vacuumable while passes overlap): ~2 ms at 10 000 fires/s,
                 // after every pass. Still probed once per `max_sleep`, which
                 // also takes out bindings whose next fire lies past 9999.
-                Ok(n) if n > 0 && probed.is_some_and(|p| p.elapsed() < self.max_sleep) => {
+                (Ok(n), a)
+                    if (n > 0 || matches!(a, Ahead::Prepared(1..) | Ahead::Busy))
+                        && probed.is_some_and(|p| p.elapsed() < self.max_sleep) =>
+                {
                     self.coalesce.saturating_sub(started.elapsed())
                 }
-                Ok(_) => {
+                (Ok(_), a) => {
                     probed = Some(tokio::time::Instant::now());
-                    self.sleep_time()
-                        .await
-                        .max(self.coalesce.saturating_sub(started.elapsed()))
+                    let floor = self.coalesce.saturating_sub(started.elapsed());
+                    let until_due = self.sleep_time().await;
+                    // Ahead: wake a lead before the next fire time, unless
+                    // that fire is prepared already (its commit wakes us).
+                    let prepared = self.clock.now() + until_due <= self.frontier();
+                    if matches!(a, Ahead::Off) || prepared {
+                        until_due.max(floor)
+                    } else {
+                        until_due.saturating_sub(self.ahead).max(floor)
+                    }
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     tracing::warn!(error = %e, "scheduler pass failed; retrying");
                     Duration::from_millis(500)
                 }
@@ -153,9 +244,152 @@ impl Scheduler {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.wake.notified() => {}
+                // Passes prepared ahead and not committed roll back (their
+                // bindings stay due, for any node).
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Fire times up to which this node prepared every binding it could
+    /// lock ([`Scheduler::ahead_frontier`]).
+    fn frontier(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_micros(
+            self.ahead_frontier
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .unwrap_or_default()
+    }
+
+    /// One pass prepared ahead of its instant: the bindings due in the next
+    /// band of fire times (from the earliest fire time after now and after
+    /// [`Scheduler::ahead_frontier`], within [`Scheduler::ahead`], to
+    /// [`Scheduler::coalesce`] after it) are locked and their fires written
+    /// as of the band's last fire time `at` ([`Scheduler::prepare`]); a task
+    /// in `committing` then waits for `at` on the node's clock and commits.
+    /// At the instant only the commit remains.
+    ///
+    /// Why this is exact: every change that decides a fire (UpdateBinding,
+    /// Pause, Delete, a definition's disable or update, TriggerRun, retries)
+    /// takes the binding's row lock, so it waits for the commit and takes
+    /// effect after the fire, as if it came after the instant; what does
+    /// not take it (runs ending, other bindings' runs counting against an
+    /// hourly budget) is left out of passes ahead. Exactly once holds as in
+    /// any pass: the rows stay locked until the commit, and a pass that
+    /// does not commit (a crash, a shutdown, ready more than
+    /// [`AHEAD_LATE`] after its instant) rolls back and leaves them due.
+    ///
+    /// # Errors
+    /// [`db::Error`] when a statement fails; nothing is prepared then.
+    async fn fire_ahead(
+        &self,
+        committing: &mut tokio::task::JoinSet<()>,
+    ) -> Result<Ahead, db::Error> {
+        let Ok(slot) = Arc::clone(&self.ahead_slots).try_acquire_owned() else {
+            return Ok(Ahead::Busy);
+        };
+        let started = std::time::Instant::now();
+        let now = self.clock.now();
+        let after = now.max(self.frontier());
+        let Some(first) =
+            db::bindings::binding_first_due_between(&self.pool, after, now + self.ahead).await?
+        else {
+            return Ok(Ahead::Nothing);
+        };
+        // Too close to be worth preparing ahead: the pass at the instant
+        // fires it. So a steady stream of fires spread over the second is
+        // fired at its instant as before; a second at which many are due,
+        // with a quiet gap before it, is prepared ahead.
+        if first - now < AHEAD_MIN {
+            return Ok(Ahead::Nothing);
+        }
+        // A pass that could not be ready by its instant (a full one, as
+        // long per binding as passes ahead have been taking) is not tried:
+        // prepared too late it would be rolled back, its work lost, and its
+        // locks would hold off the passes at the instant meanwhile (a node
+        // that is behind).
+        let cost = std::time::Duration::from_nanos(
+            self.ahead_cost_ns
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_mul(self.ahead_batch.max(0) as u64),
+        );
+        if cost > (first - now).to_std().unwrap_or_default() + AHEAD_LATE {
+            // The estimate decays while it keeps passes from being tried,
+            // so one slow pass (a checkpoint) does not turn this off.
+            let _ = self.ahead_cost_ns.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |c| Some(c / 8 * 7),
+            );
+            return Ok(Ahead::Nothing);
+        }
+        let band_end = first + self.coalesce;
+        let mut tx = self.pool.begin().await?;
+        let (due, broken) =
+            db::bindings::binding_lock_due(&mut *tx, band_end, Some(after), self.ahead_batch)
+                .await?;
+        let locked = due.len() + broken.len();
+        if (locked as i64) < self.ahead_batch {
+            // Everything in the band that no one else holds is ours: the
+            // next pass ahead starts after it.
+            self.ahead_frontier.fetch_max(
+                band_end.timestamp_micros(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if locked == 0 {
+            return Ok(Ahead::Prepared(0));
+        }
+        let at = due.iter().map(|b| b.next_run_time).max().unwrap_or(first);
+        let pass = self.prepare(tx, due, broken, at, true).await?;
+        let prepared_in = started.elapsed();
+        let per_binding = (prepared_in.as_nanos() / locked as u128) as u64;
+        // Only passes large enough for their fixed cost not to count.
+        if locked >= AHEAD_COST_SAMPLE {
+            let _ = self.ahead_cost_ns.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |c| {
+                    Some(if c == 0 {
+                        per_binding
+                    } else {
+                        (c * 3 + per_binding) / 4
+                    })
+                },
+            );
+        }
+        tracing::debug!(
+            locked,
+            fire_time = %at,
+            prepared_ms = prepared_in.as_secs_f64() * 1e3,
+            ahead_ms = (at - self.clock.now()).num_milliseconds(),
+            "scheduler pass prepared ahead"
+        );
+        let me = self.clone();
+        committing.spawn(async move {
+            let _slot = slot;
+            loop {
+                let left = (at - me.clock.now()).to_std().unwrap_or_default();
+                if left.is_zero() {
+                    break;
+                }
+                // In slices: a clock moved forward (tests) is noticed.
+                tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+            }
+            let committed_at = me.clock.now();
+            if (committed_at - at).to_std().unwrap_or_default() > AHEAD_LATE {
+                tracing::warn!(fire_time = %at, late_ms = (committed_at - at).num_milliseconds(),
+                    "a pass prepared ahead woke too late; rolled back, its bindings fire as due");
+                drop(pass);
+            } else if let Err(e) = me
+                .finish(pass, std::time::Instant::now() - prepared_in, committed_at)
+                .await
+            {
+                tracing::warn!(error = %e, "scheduler pass ahead failed to commit; its bindings fire as due");
+            }
+            me.wake.notify_one();
+        });
+        Ok(Ahead::Prepared(locked))
     }
 
     async fn sleep_time(&self) -> Duration {
@@ -194,12 +428,32 @@ impl Scheduler {
         let started = std::time::Instant::now();
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;
-        let (mut due, mut broken) =
-            db::bindings::binding_lock_due(&mut *tx, now, self.batch).await?;
+        let (due, broken) = db::bindings::binding_lock_due(&mut *tx, now, None, self.batch).await?;
         if due.is_empty() && broken.is_empty() {
             metrics::scheduler_pass(started.elapsed(), [], now);
             return Ok(0);
         }
+        let pass = self.prepare(tx, due, broken, now, false).await?;
+        let locked = pass.locked;
+        self.finish(pass, started, now).await?;
+        Ok(locked)
+    }
+
+    /// Writes a pass's fires in `tx` (bindings `due` and `broken`, locked
+    /// there), evaluated at `now`, without committing. `ahead`: the pass is
+    /// prepared ahead of `now` (see [`Scheduler::fire_ahead`]) and leaves
+    /// out, locked but not advanced, the bindings whose fire could be
+    /// decided differently at `now` by something that does not wait for
+    /// their row lock: those with active runs (they may end meanwhile), and
+    /// those of tenants with an hourly budget (other bindings' runs count).
+    async fn prepare(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        mut due: Vec<db::bindings::DueBinding>,
+        mut broken: Vec<db::bindings::BrokenBinding>,
+        now: chrono::DateTime<chrono::Utc>,
+        ahead: bool,
+    ) -> Result<Pass, db::Error> {
         let locked = due.len() + broken.len();
         // Each binding's fire plan on its own, so that a schedule that cannot
         // be evaluated (invalid stored data, or a bug that panics) takes out
@@ -284,6 +538,25 @@ impl Scheduler {
                 .into_iter()
                 .map(|(id, n)| (id, usize::try_from(n).unwrap_or(0)))
                 .collect()
+        };
+        let (due, plans) = if ahead {
+            let tenants = {
+                let mut t: Vec<String> = due.iter().map(|b| b.tenant_id.clone()).collect();
+                t.sort();
+                t.dedup();
+                t
+            };
+            let budgeted = db::tenancy::quota_hourly_budgeted(&mut *tx, &tenants).await?;
+            due.into_iter()
+                .zip(plans)
+                .filter(|(b, _)| {
+                    let active = active_state.get(&b.id).is_some_and(|&(r, w)| r || w)
+                        || active_counts.get(&b.id).is_some_and(|&n| n > 0);
+                    !active && !budgeted.contains(&b.tenant_id)
+                })
+                .unzip()
+        } else {
+            (due, plans)
         };
         let cancelling: Vec<Uuid> = due
             .iter()
@@ -391,36 +664,52 @@ impl Scheduler {
             .collect();
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, &ended_pauses, now)
             .await?;
+        Ok(Pass {
+            tx,
+            locked,
+            due: due.len(),
+            broken: broken.len(),
+            runs,
+            events,
+            announce,
+        })
+    }
+
+    /// Commits a prepared pass, then announces and publishes what it wrote.
+    /// `started`: when its work began (a pass prepared ahead: its
+    /// preparation, not its wait, counts in the pass duration metric);
+    /// `committed_at`: the instant its fire lag is measured to (the metric).
+    async fn finish(
+        &self,
+        pass: Pass,
+        started: std::time::Instant,
+        committed_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), db::Error> {
+        let Pass {
+            tx,
+            locked: _,
+            due,
+            broken,
+            runs,
+            events,
+            announce,
+        } = pass;
+        let committing = std::time::Instant::now();
         tx.commit().await?;
-        // After the commit, in a transaction of its own: a notifying
-        // transaction holds the database's notification lock through its
-        // commit flush, which would serialise parallel passes
-        // ([`db::runs::run_insert_unannounced`]). Losing it (a crash right
-        // here) only delays other nodes' wake-ups to their poll.
-        if let Err(e) = announce.send(&self.pool, &self.node_id).await {
-            tracing::warn!(error = %e, "scheduler could not announce the runs it fired; other nodes poll");
-        }
-        // A fire whose run existed already was not inserted (and has no
-        // events): count only the runs this pass created, i.e. those whose
-        // first event (seq 1) it wrote.
+        let commit_ms = committing.elapsed().as_secs_f64() * 1e3;
+        // This node's subscribers first: what other nodes are told comes
+        // through the database anyway (their bridge reads it), and telling
+        // them costs a round trip.
+        let n_events = events.len();
         let created = events.iter().filter(|e| e.seq == 1).count();
-        if created == runs.len() {
-            metrics::scheduler_pass(started.elapsed(), &runs, now);
-        } else {
-            let ids: std::collections::HashSet<Uuid> = events
-                .iter()
-                .filter(|e| e.seq == 1)
-                .map(|e| e.run_id)
-                .collect();
-            let inserted = runs.iter().filter(|r| ids.contains(&r.id));
-            metrics::scheduler_pass(started.elapsed(), inserted, now);
-        }
-        tracing::debug!(
-            due = due.len(),
-            broken = broken.len(),
-            events = events.len(),
-            "scheduler pass"
-        );
+        let inserted: Option<std::collections::HashSet<Uuid>> =
+            (created != runs.len()).then(|| {
+                events
+                    .iter()
+                    .filter(|e| e.seq == 1)
+                    .map(|e| e.run_id)
+                    .collect()
+            });
         if !events.is_empty() {
             let waiting = runs
                 .iter()
@@ -430,7 +719,32 @@ impl Scheduler {
                 self.executor_wake.notify_one();
             }
         }
-        Ok(locked)
+        // After the commit, in a transaction of its own: a notifying
+        // transaction holds the database's notification lock through its
+        // commit flush, which would serialise parallel passes
+        // ([`db::runs::run_insert_unannounced`]). Not awaited: it waits for
+        // a connection and a round trip (tens of ms with 1 000 runs), which
+        // the next pass need not wait for. Losing it (a crash right here)
+        // only delays other nodes' wake-ups to their poll.
+        let (pool, node_id) = (self.pool.clone(), self.node_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = announce.send(&pool, &node_id).await {
+                tracing::warn!(error = %e, "scheduler could not announce the runs it fired; other nodes poll");
+            }
+        });
+        // A fire whose run existed already was not inserted (and has no
+        // events): count only the runs this pass created, i.e. those whose
+        // first event (seq 1) it wrote.
+        match inserted {
+            None => metrics::scheduler_pass(started.elapsed(), &runs, committed_at),
+            Some(ids) => metrics::scheduler_pass(
+                started.elapsed(),
+                runs.iter().filter(|r| ids.contains(&r.id)),
+                committed_at,
+            ),
+        }
+        tracing::debug!(due, broken, events = n_events, commit_ms, "scheduler pass");
+        Ok(())
     }
 
     /// Completes this pass's due `event` handler fires in the firing

@@ -464,7 +464,7 @@ pub async fn pause(
     if expire_time.is_some_and(|e| e <= now) {
         return Err(FieldViolation::new("expire_time", "must be in the future").into());
     }
-    let b = set_pause(core, actor, tenant_id, binding_id, now, |b| {
+    let (b, now) = set_pause(core, actor, tenant_id, binding_id, |b, _| {
         b.paused = true;
         b.pause_note = note.to_string();
         b.pause_expire_time = expire_time;
@@ -487,8 +487,7 @@ pub async fn resume(
     tenant_id: &str,
     binding_id: Uuid,
 ) -> Result<Binding> {
-    let now = core.clock.now();
-    let b = set_pause(core, actor, tenant_id, binding_id, now, |b| {
+    let (b, now) = set_pause(core, actor, tenant_id, binding_id, |b, now| {
         if b.paused {
             // From the next fire after now: no catch-up of the pause.
             b.next_run_time = b.effective_schedule.next_after(now);
@@ -502,24 +501,27 @@ pub async fn resume(
 
 /// Applies `change` to binding `id` of `tenant_id` under its row lock and
 /// writes it (new version), holding or releasing its runs as it is now
-/// paused or not; audited. Returns the stored binding.
+/// paused or not; audited. Returns the stored binding and the instant of
+/// the change, read once the lock is held: a fire prepared ahead holds it
+/// until its instant ([`crate::scheduler`]), and a resume must count its
+/// "next fire after now" from after that fire.
 async fn set_pause(
     core: &Core,
     actor: Actor<'_>,
     tenant_id: &str,
     id: Uuid,
-    now: DateTime<Utc>,
-    change: impl FnOnce(&mut Binding),
-) -> Result<Binding> {
+    change: impl FnOnce(&mut Binding, DateTime<Utc>),
+) -> Result<(Binding, DateTime<Utc>)> {
     let target = Target::new("binding", id);
     let mut tx = begin(core, &target).await?;
     let mut cur = db::bindings::binding_get_for_update(&mut *tx, tenant_id, id)
         .await
         .map_err(Error::on(&target))?;
     super::require_healthy(&cur)?;
+    let now = core.clock.now();
     let before = audit::binding(&cur);
     let old_version = cur.version;
-    change(&mut cur);
+    change(&mut cur, now);
     cur.version += 1;
     cur.update_time = now;
     db::bindings::binding_update(&mut *tx, &cur, old_version)
@@ -536,7 +538,7 @@ async fn set_pause(
     );
     record(&mut tx, &event, &target).await?;
     commit(tx, &target).await?;
-    Ok(cur)
+    Ok((cur, now))
 }
 
 /// Deletes binding `binding_id` of `tenant_id` (DeleteBinding); a broken

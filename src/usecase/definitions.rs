@@ -259,18 +259,20 @@ pub async fn update(core: &Core, actor: Actor<'_>, u: DefinitionUpdate) -> Resul
         }
     }
     check_step_definitions(&mut tx, &cur, &target).await?;
+    if !cur.enabled || schedule_changed {
+        // A scheduler pass firing one of its bindings ends first (one
+        // prepared ahead ends at its instant), and `now` below is read
+        // after it: the new schedule counts from after that fire.
+        db::bindings::binding_lock_by_definition(&mut *tx, &cur.name)
+            .await
+            .map_err(Error::on(&target))?;
+    }
     let now = core.clock.now();
     cur.version += 1;
     cur.update_time = now;
     db::definitions::definition_update(&mut *tx, &cur, old_version)
         .await
         .map_err(Error::on(&target))?;
-    if !cur.enabled {
-        // A scheduler pass firing one of its bindings ends first.
-        db::bindings::binding_lock_by_definition(&mut *tx, &cur.name)
-            .await
-            .map_err(Error::on(&target))?;
-    }
     super::bindings::hold_or_release(&mut tx, !cur.enabled, &target).await?;
     if schedule_changed {
         // Bindings that inherit the schedule follow it at once; an

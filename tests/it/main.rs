@@ -6,6 +6,7 @@
 
 mod common;
 
+mod ahead;
 mod api;
 mod apply;
 mod auth;

@@ -449,8 +449,11 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
 }
 
 /// Ends every binding's effective window now (so it fires no more),
-/// `concurrency` calls at a time.
-pub(crate) async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<()> {
+/// `concurrency` calls at a time. Returns how many scheduled runs they made
+/// (not SKIPPED) before: a binding's first fire may be prepared ahead of its instant as
+/// soon as it is created, and then an UpdateBinding waits for it and applies
+/// after it. Once every call returned, that count is final.
+pub(crate) async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<u64> {
     let channels = env.channels();
     let until = api::ts(Utc::now());
     api::bulk("UpdateBinding", bound.len(), env.common.concurrency, |i| {
@@ -476,7 +479,12 @@ pub(crate) async fn end_windows(env: &Env, bound: &[Bound]) -> anyhow::Result<()
         }
     })
     .await?;
-    Ok(())
+    let fired: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE trigger = 'SCHEDULE' AND state <> 'SKIPPED'",
+    )
+    .fetch_one(&env.pool)
+    .await?;
+    Ok(fired as u64)
 }
 
 /// QUEUED runs now.
