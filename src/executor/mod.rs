@@ -308,6 +308,7 @@ impl Executor {
         let mut running = Slots::default();
         let cap = tenant_slot_cap(this.max_concurrent_runs);
         let mut last_reap: Option<tokio::time::Instant> = None;
+        let mut last_deadlines = tokio::time::Instant::now();
         // Whether a claim may find something: a claim that comes back short
         // clears it, and only what can queue runs for this loop sets it (a
         // wake, a freed slot, a promotion of local runs, a jittered run
@@ -336,6 +337,15 @@ impl Executor {
                 last_reap = Some(tokio::time::Instant::now());
                 if let Err(e) = this.reap().await {
                     tracing::warn!(error = %e, "reaping expired leases failed");
+                }
+            }
+            // About once per poll (1 s by default; the loop wakes at least
+            // that often): a workflow run's timeout is applied that late at
+            // most, on whichever node looks first.
+            if last_deadlines.elapsed() >= this.poll {
+                last_deadlines = tokio::time::Instant::now();
+                if let Err(e) = this.time_out_workflows().await {
+                    tracing::warn!(error = %e, "stopping workflow runs past their timeout failed; retried");
                 }
             }
             // Finished runs free their slots even while event runs keep the
@@ -594,6 +604,39 @@ impl Executor {
         for (run, _) in &reaped {
             tracing::warn!(run = %run.id, node = ?run.node_id, state = run.state.as_str(),
                 reason = ?run.reason, "run ended by the reaper (lease expired, or no worker took it)");
+        }
+        self.bus.publish(events);
+        Ok(())
+    }
+
+    /// Stops the workflow runs past their own timeout, in one transaction:
+    /// their waiting steps end `CANCELLED` (reason `timeout`) at once, their
+    /// running ones are asked to stop (on whichever node or worker runs
+    /// them), and the run is marked with cancel reason `timeout`, so that
+    /// the end of its last step ends it `TIMED_OUT` and retries it by its
+    /// policy (`sked_workflow_advance`, migration
+    /// `20261209000100_workflow_timeout.sql`). Rows are taken in the order
+    /// a step's end takes them (steps, then the workflow run), as CancelRun
+    /// does; a deadlock with one is retried on the next check.
+    async fn time_out_workflows(&self) -> Result<(), db::Error> {
+        let now = self.clock.now();
+        let ids = db::runs::run_workflows_past_timeout(&self.pool, now, MAINTENANCE_BATCH).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let reason = RunReason::Timeout.as_str();
+        let mut tx = self.pool.begin().await?;
+        let mut events =
+            db::runs::run_stop_steps(&mut tx, &self.node_id, &ids, reason, now).await?;
+        let marked = db::runs::run_request_cancel(&mut tx, &ids, reason).await?;
+        // A step another node created meanwhile (before the mark).
+        events.extend(db::runs::run_stop_steps(&mut tx, &self.node_id, &ids, reason, now).await?);
+        // Those with no step left running end now; the others when their
+        // running steps have stopped.
+        db::runs::run_workflow_advance(&mut *tx, &marked).await?;
+        tx.commit().await?;
+        for id in &marked {
+            tracing::warn!(run = %id, "workflow run past its timeout: its steps are stopped, it ends TIMED_OUT");
         }
         self.bus.publish(events);
         Ok(())

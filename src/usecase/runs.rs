@@ -257,8 +257,11 @@ pub async fn cancel(
     // stops the DAG: its steps' ends end it CANCELLED.
     let mut step_events = Vec::new();
     if workflow {
-        step_events
-            .extend(cancel_steps(&mut tx, core, tenant_id, run_id, reason, now, &target).await?);
+        step_events.extend(
+            db::runs::run_stop_steps(&mut tx, &core.node_id, &[run_id], reason, now)
+                .await
+                .map_err(Error::on(&target))?,
+        );
     }
     let mut events = db::runs::run_cancel_waiting(&mut tx, &core.node_id, &[run_id], reason, now)
         .await
@@ -269,8 +272,11 @@ pub async fn cancel(
             .map_err(Error::on(&target))?;
     }
     if workflow {
-        step_events
-            .extend(cancel_steps(&mut tx, core, tenant_id, run_id, reason, now, &target).await?);
+        step_events.extend(
+            db::runs::run_stop_steps(&mut tx, &core.node_id, &[run_id], reason, now)
+                .await
+                .map_err(Error::on(&target))?,
+        );
     }
     let after = db::runs::run_get(&mut *tx, tenant_id, run_id)
         .await
@@ -297,35 +303,6 @@ pub async fn cancel(
     }
     tracing::info!(run = %run_id, reason = %reason, state = run.state.as_str(), "run cancel requested");
     Ok(run)
-}
-
-/// Cancels the waiting and running steps of workflow run `parent`
-/// (CancelRun of the workflow): waiting ones end CANCELLED at once, running
-/// ones are asked to stop. Returns the events written.
-async fn cancel_steps(
-    tx: &mut sqlx::PgConnection,
-    core: &Core,
-    tenant_id: &str,
-    parent: Uuid,
-    reason: &str,
-    now: DateTime<Utc>,
-    target: &Target,
-) -> Result<Vec<crate::domain::RunEvent>> {
-    let active = db::runs::run_active_steps(&mut *tx, tenant_id, parent)
-        .await
-        .map_err(Error::on(target))?;
-    let (running, waiting): (Vec<_>, Vec<_>) = active
-        .into_iter()
-        .partition(|(_, state)| state == "RUNNING");
-    let waiting: Vec<Uuid> = waiting.into_iter().map(|(id, _)| id).collect();
-    let running: Vec<Uuid> = running.into_iter().map(|(id, _)| id).collect();
-    let events = db::runs::run_cancel_waiting(&mut *tx, &core.node_id, &waiting, reason, now)
-        .await
-        .map_err(Error::on(target))?;
-    db::runs::run_request_cancel(&mut *tx, &running, reason)
-        .await
-        .map_err(Error::on(target))?;
-    Ok(events)
 }
 
 /// Runs an ended run again as a new attempt (RetryRun): same binding,

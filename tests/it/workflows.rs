@@ -1276,3 +1276,148 @@ async fn a_buffered_workflow_run_starts_when_the_one_before_it_ends() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_past_its_timeout_ends_timed_out_stops_its_steps_and_retries_by_its_policy() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let mut def = workflow_def(
+        "bounded",
+        vec![
+            sh_step("a", &[], "true"),
+            // Leaves its pid, then outlives the workflow's timeout.
+            sh_step(
+                "b",
+                &["a"],
+                &format!("echo $$ >> {d}/b.pids; exec sleep 60"),
+            ),
+            sh_step("c", &["b"], "true"),
+        ],
+        pb::WorkflowOnFailure::Stop,
+    );
+    def.timeout = Some(dur(2000));
+    def.retry_policy = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Some(dur(50)),
+        ..Default::default()
+    });
+    let binding = define_and_bind(&node, "acme", def).await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::TimedOut, "{done:#?}");
+    assert_eq!(done.reason, "timeout");
+    let took = ((secs(&done.end_time) - secs(&done.start_time)) * 1000.0) as i64;
+    // Ended by its timeout (2 s), checked about once a second, plus the
+    // step's SIGTERM.
+    assert!(
+        (2000..6000).contains(&took),
+        "ended {took} ms after its start"
+    );
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(state(step(&steps, "a")), pb::RunState::Succeeded);
+    let b = step(&steps, "b");
+    assert_eq!(state(b), pb::RunState::Cancelled, "{b:#?}");
+    assert_eq!(b.reason, "timeout");
+    assert!(
+        steps.iter().all(|r| r.step != "c"),
+        "c never starts: {steps:#?}"
+    );
+    // b's process is gone (terminated, and reaped by its node).
+    let pid = std::fs::read_to_string(dir.path().join("b.pids")).unwrap();
+    let pid = pid.lines().next().unwrap().trim().to_string();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "b's process {pid} still runs"
+    );
+    // The second attempt (its retry policy) reuses a, runs b again, and
+    // times out as well: TIMED_OUT, and no third attempt.
+    let runs = runs_until(
+        &node,
+        "acme",
+        &binding.id,
+        WAIT,
+        "the workflow's retry ends",
+        |runs| {
+            runs.iter()
+                .any(|r| r.retry_of == wf.id && r.parent_run_id.is_empty() && is_terminal(r))
+        },
+    )
+    .await;
+    let retry = runs
+        .iter()
+        .find(|r| r.retry_of == wf.id && r.parent_run_id.is_empty())
+        .unwrap();
+    assert_eq!(retry.trigger, pb::RunTrigger::Retry as i32);
+    assert_eq!(retry.attempt, 2);
+    assert_eq!(state(retry), pb::RunState::TimedOut, "{retry:#?}");
+    let steps = steps_of(&node, "acme", &retry.id).await;
+    assert_eq!(step(&steps, "a").reason, "reused");
+    assert_eq!(state(step(&steps, "b")), pb::RunState::Cancelled);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let workflow_runs = runs_of(&node, "acme", &binding.id)
+        .await
+        .into_iter()
+        .filter(|r| r.parent_run_id.is_empty())
+        .count();
+    assert_eq!(workflow_runs, 2, "max_attempts 2: no third attempt");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_step_waits_past_its_timeout_ends_timed_out_at_once() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    // A worker step of a queue no worker serves: it waits QUEUED.
+    let waiting = pb::WorkflowStep {
+        name: "w".into(),
+        handler: Some(pb::workflow_step::Handler::Worker(pb::WorkerHandler {
+            queue: "nobody-serves-this".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut def = workflow_def(
+        "waits",
+        vec![sh_step("a", &[], "true"), waiting],
+        pb::WorkflowOnFailure::Continue,
+    );
+    def.timeout = Some(dur(1000));
+    let binding = define_and_bind(&node, "acme", def).await;
+    let wf = trigger(&node, "acme", &binding.id).await;
+    let done = wait_workflow(&node, "acme", &wf.id).await;
+    assert_eq!(state(&done), pb::RunState::TimedOut, "{done:#?}");
+    assert_eq!(done.reason, "timeout");
+    assert!(
+        done.error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("timeout of 1 s")),
+        "{:?}",
+        done.error
+    );
+    let took = ((secs(&done.end_time) - secs(&done.start_time)) * 1000.0) as i64;
+    assert!(
+        (1000..4000).contains(&took),
+        "ended {took} ms after its start"
+    );
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(state(step(&steps, "a")), pb::RunState::Succeeded);
+    let w = step(&steps, "w");
+    assert_eq!(state(w), pb::RunState::Cancelled, "{w:#?}");
+    assert_eq!(w.reason, "timeout");
+    // Its log ends with the TIMED_OUT event, reason `timeout`.
+    let events = tail_all(&node, "acme", &wf.id, 0).await;
+    let last = events.last().cloned().expect("events");
+    assert_eq!(last.run_id, wf.id, "the workflow run's end comes last");
+    let own: Vec<pb::RunEvent> = events.into_iter().filter(|e| e.run_id == wf.id).collect();
+    assert_dense(&own);
+    match &last.kind {
+        Some(pb::run_event::Kind::StateChanged(c)) => {
+            assert_eq!(c.to_state, pb::RunState::TimedOut as i32);
+            assert_eq!(c.reason, "timeout");
+        }
+        other => panic!("last event {other:?}"),
+    }
+    node.stop().await;
+}

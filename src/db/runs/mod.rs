@@ -42,7 +42,10 @@ pub use read::{
     run_find_by_idempotency_key, run_get, run_list, run_list_active, run_next_due_time,
     run_progress,
 };
-pub use steps::{StepOf, run_active_steps, run_step_ids, run_steps, run_steps_of};
+pub use steps::{
+    StepOf, run_active_steps_of, run_step_ids, run_steps, run_steps_of, run_stop_steps,
+    run_workflow_advance, run_workflows_past_timeout,
+};
 pub use workers::{
     Completed, Renewed, run_binding_of, run_by_lease, run_complete_by_leases, run_fail_no_worker,
     run_worker_heartbeat,

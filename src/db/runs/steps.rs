@@ -105,26 +105,90 @@ pub async fn run_steps_of(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<S
         .collect())
 }
 
-/// The tenant's step runs among `ids` that are still waiting or running,
-/// for a cancel of their workflow run `parent`.
+/// The steps of workflow runs `parents` (any tenant's) that are still
+/// waiting or running, as `(id, state)`, in id order.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn run_active_steps(
+pub async fn run_active_steps_of(
     db: impl PgExecutor<'_>,
-    tenant_id: &str,
-    parent: Uuid,
+    parents: &[Uuid],
 ) -> Result<Vec<(Uuid, String)>, Error> {
     let rows = sqlx::query!(
         r#"SELECT id, state FROM runs
-           WHERE parent_run_id = $2 AND tenant_id = $1 AND state IN ('SCHEDULED', 'QUEUED', 'RUNNING')
+           WHERE parent_run_id = ANY($1) AND state IN ('SCHEDULED', 'QUEUED', 'RUNNING')
            ORDER BY id"#,
-        tenant_id,
-        parent
+        parents
     )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.state)).collect())
+}
+
+/// Stops the steps of workflow runs `parents` (CancelRun of a workflow
+/// run, its timeout): the waiting ones end `CANCELLED` with `reason` at
+/// once (their events returned, to publish after the commit), the running
+/// ones are asked to stop with it (`run_request_cancel`).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_stop_steps(
+    tx: &mut sqlx::PgConnection,
+    node_id: &str,
+    parents: &[Uuid],
+    reason: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<crate::domain::RunEvent>, Error> {
+    let (running, waiting): (Vec<_>, Vec<_>) = run_active_steps_of(&mut *tx, parents)
+        .await?
+        .into_iter()
+        .partition(|(_, state)| state == "RUNNING");
+    let waiting: Vec<Uuid> = waiting.into_iter().map(|(id, _)| id).collect();
+    let running: Vec<Uuid> = running.into_iter().map(|(id, _)| id).collect();
+    let events = super::run_cancel_waiting(&mut *tx, node_id, &waiting, reason, now).await?;
+    super::run_request_cancel(&mut *tx, &running, reason).await?;
+    Ok(events)
+}
+
+/// Workflow runs `RUNNING` past their own timeout (`start_time` +
+/// `timeout_secs` ≤ `now`) and not yet asked to stop, oldest first, at most
+/// `limit` (index `runs_workflow_timeout`, migration
+/// `20261209000100_workflow_timeout.sql`).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_workflows_past_timeout(
+    db: impl PgExecutor<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT id FROM runs
+           WHERE state = 'RUNNING' AND timeout_secs IS NOT NULL AND (handler ->> 'kind') = 'workflow'
+             AND cancel_reason IS NULL
+             AND start_time + make_interval(secs => timeout_secs) <= $1
+           ORDER BY start_time LIMIT $2"#,
+        now,
+        limit
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Advances workflow runs `ids` now (`sked_workflow_advance_guarded`), as
+/// a step's end does at commit: ends those whose steps have all ended (a
+/// cancel, a timeout). A no-op for a run that is not a `RUNNING` workflow.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_workflow_advance(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT sked_workflow_advance_guarded(id) FROM unnest($1::uuid[]) AS id",
+        ids
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(())
 }
 
 /// The tenant's step runs of workflow run `parent` as `(id, step name)`,
