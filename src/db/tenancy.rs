@@ -407,42 +407,47 @@ pub async fn quota_hourly_remaining(
         .collect())
 }
 
-/// Those of `tenants` that have an hourly budget (`max_runs_per_hour`),
-/// read without a lock: a fire prepared ahead of its instant leaves their
-/// bindings to the pass at the instant, which counts under the lock of
-/// [`quota_hourly_remaining`].
-///
-/// # Errors
-/// [`Error::Sqlx`] on database failure.
-pub async fn quota_hourly_budgeted(
-    db: impl sqlx::PgExecutor<'_>,
-    tenants: &[String],
-) -> Result<Vec<String>, Error> {
-    Ok(sqlx::query_scalar!(
-        "SELECT tenant_id FROM tenant_quotas
-         WHERE tenant_id = ANY ($1) AND max_runs_per_hour IS NOT NULL",
-        tenants
-    )
-    .fetch_all(db)
-    .await?)
+/// Which of a set of tenants have which quotas ([`quota_kinds`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaKinds {
+    /// Tenants with an hourly budget (`max_runs_per_hour`).
+    pub hourly: Vec<String>,
+    /// Tenants with a concurrency quota (`max_concurrent_runs`): their runs
+    /// wait for a slot in the claim, so they are never completed inline.
+    pub concurrency: Vec<String>,
 }
 
-/// Those of `tenants` that have a `max_concurrent_runs` quota (their runs
-/// wait for a slot in the claim, so they are never completed inline).
+/// Which of `tenants` have an hourly budget and which a concurrency quota,
+/// read without a lock: a fire prepared ahead of its instant leaves the
+/// bindings of budgeted tenants to the pass at the instant, which counts
+/// under the lock of [`quota_hourly_remaining`]. Tenants without a quota
+/// row are in neither list.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn quota_concurrency_limited(
+pub async fn quota_kinds(
     db: impl sqlx::PgExecutor<'_>,
     tenants: &[String],
-) -> Result<Vec<String>, Error> {
-    Ok(sqlx::query_scalar!(
-        "SELECT tenant_id FROM tenant_quotas
-         WHERE tenant_id = ANY ($1) AND max_concurrent_runs IS NOT NULL",
+) -> Result<QuotaKinds, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT tenant_id, max_runs_per_hour IS NOT NULL AS "hourly!",
+                  max_concurrent_runs IS NOT NULL AS "concurrency!"
+           FROM tenant_quotas
+           WHERE tenant_id = ANY ($1) AND (max_runs_per_hour IS NOT NULL OR max_concurrent_runs IS NOT NULL)"#,
         tenants
     )
     .fetch_all(db)
-    .await?)
+    .await?;
+    let mut kinds = QuotaKinds::default();
+    for r in rows {
+        if r.hourly {
+            kinds.hourly.push(r.tenant_id.clone());
+        }
+        if r.concurrency {
+            kinds.concurrency.push(r.tenant_id);
+        }
+    }
+    Ok(kinds)
 }
 
 /// The tenant's quota and its use at `now` (see [`QuotaUsage`]).

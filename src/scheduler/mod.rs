@@ -539,20 +539,26 @@ impl Scheduler {
                 .map(|(id, n)| (id, usize::try_from(n).unwrap_or(0)))
                 .collect()
         };
-        let (due, plans) = if ahead {
+        // Ahead: the quotas of every due tenant, read once (what is
+        // budgeted is left out; what is limited is not completed inline).
+        let quotas = if ahead {
             let tenants = {
                 let mut t: Vec<String> = due.iter().map(|b| b.tenant_id.clone()).collect();
                 t.sort();
                 t.dedup();
                 t
             };
-            let budgeted = db::tenancy::quota_hourly_budgeted(&mut *tx, &tenants).await?;
+            Some(db::tenancy::quota_kinds(&mut *tx, &tenants).await?)
+        } else {
+            None
+        };
+        let (due, plans) = if let Some(q) = &quotas {
             due.into_iter()
                 .zip(plans)
                 .filter(|(b, _)| {
                     let active = active_state.get(&b.id).is_some_and(|&(r, w)| r || w)
                         || active_counts.get(&b.id).is_some_and(|&n| n > 0);
-                    !active && !budgeted.contains(&b.tenant_id)
+                    !active && !q.hourly.contains(&b.tenant_id)
                 })
                 .unzip()
         } else {
@@ -635,7 +641,8 @@ impl Scheduler {
             nexts.push(plan.next);
         }
         self.apply_hourly_budget(&mut tx, &mut runs, now).await?;
-        self.complete_event_runs(&mut tx, &mut runs, now).await?;
+        self.complete_event_runs(&mut tx, &mut runs, now, quotas)
+            .await?;
         // Rare (CANCEL_PREVIOUS meeting an active run): no round trip
         // otherwise.
         let mut events = if cancel_waiting.is_empty() {
@@ -749,18 +756,27 @@ impl Scheduler {
 
     /// Completes this pass's due `event` handler fires in the firing
     /// transaction ([`complete_inline`]), unless their tenant has a
-    /// concurrency quota (then they are claimed like any run).
+    /// concurrency quota (then they are claimed like any run). `quotas`:
+    /// the tenants' quota kinds when the pass read them already.
     async fn complete_event_runs(
         &self,
         tx: &mut sqlx::PgConnection,
         runs: &mut [NewRun],
         now: chrono::DateTime<chrono::Utc>,
+        quotas: Option<db::tenancy::QuotaKinds>,
     ) -> Result<(), db::Error> {
         let tenants = queued_tenants(runs, |r| r.handler == Handler::Event);
         if tenants.is_empty() {
             return Ok(());
         }
-        let limited = db::tenancy::quota_concurrency_limited(&mut *tx, &tenants).await?;
+        let limited = match quotas {
+            Some(q) => q.concurrency,
+            None => {
+                db::tenancy::quota_kinds(&mut *tx, &tenants)
+                    .await?
+                    .concurrency
+            }
+        };
         complete_inline(runs, &limited, now);
         Ok(())
     }
