@@ -649,14 +649,13 @@ async fn serve_with_pool(
             batch: 1000,
             max_sleep: settings.scheduler_max_sleep,
             coalesce: Duration::from_millis(10),
-            // Measured (`sked-bench fire`, 10 000 spread, 2 cores, 30 s):
-            // 2 loops p99 358–852 ms at the subscriber, 4 loops 207–210
-            // ms, 6 loops 196 ms. A pass's wall time is mostly waiting on
-            // its statements' round trips and commit, so more passes at once
-            // use PostgreSQL's idle time (75 → 97 % of a core). At most
-            // half the engine pool's connections (passes prepared ahead
-            // hold theirs until their instant): 4 with the default 20.
-            workers: (engine_pool.options().get_max_connections() as usize / 2).clamp(1, 4),
+            // Two. Measured 2026-12-04 (`sked-bench fire`, 10 000 bindings,
+            // 2 cores): on the bench's embedded PostgreSQL four loops gave
+            // the same spread p99 (87–108 against 78–86 ms) for 28 % more
+            // PostgreSQL CPU, and aligned fires fell out of preparing
+            // ahead (p99 1 054 against 65 ms); only against a server whose
+            // round trips are slow (TLS, no autovacuum) did four help.
+            workers: 2,
             ahead: settings.fire_ahead,
             ahead_batch: 5000,
             ahead_slots: Arc::new(tokio::sync::Semaphore::new(2)),

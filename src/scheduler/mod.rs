@@ -454,6 +454,8 @@ impl Scheduler {
         now: chrono::DateTime<chrono::Utc>,
         ahead: bool,
     ) -> Result<Pass, db::Error> {
+        let t0 = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         let locked = due.len() + broken.len();
         // Each binding's fire plan on its own, so that a schedule that cannot
         // be evaluated (invalid stored data, or a bug that panics) takes out
@@ -581,10 +583,16 @@ impl Scheduler {
         let mut nexts = Vec::with_capacity(due.len());
         let mut cancel_waiting = Vec::new();
         let mut cancel_running = Vec::new();
+        // Misfires, told once per pass: a line per binding would be
+        // thousands of lines a second from a node that fell behind, which
+        // slows it further.
+        let mut missed: Option<(Uuid, usize, usize, usize)> = None;
         for (b, plan) in due.iter().zip(plans) {
             if !plan.skipped.is_empty() {
-                tracing::info!(binding = %b.id, skipped = plan.skipped.len(), runs = plan.run.len(),
-                    "binding missed fire times; applying its misfire policy");
+                let m = missed.get_or_insert((b.id, 0, 0, 0));
+                m.1 += 1;
+                m.2 += plan.skipped.len();
+                m.3 += plan.run.len();
             }
             let (running, waiting) = active_state.get(&b.id).copied().unwrap_or_default();
             let (running, waiting) = match active_counts.get(&b.id) {
@@ -640,7 +648,13 @@ impl Scheduler {
             ids.push(b.id);
             nexts.push(plan.next);
         }
+        if let Some((example, bindings, skipped, caught_up)) = missed {
+            tracing::info!(bindings, skipped, caught_up, %example,
+                "bindings missed fire times; their misfire policies applied");
+        }
+        let planned_ms = ms(t0);
         self.apply_hourly_budget(&mut tx, &mut runs, now).await?;
+        let budget_ms = ms(t0);
         self.complete_event_runs(&mut tx, &mut runs, now, quotas)
             .await?;
         // Rare (CANCEL_PREVIOUS meeting an active run): no round trip
@@ -661,8 +675,10 @@ impl Scheduler {
             db::runs::run_request_cancel(&mut tx, &cancel_running, RunReason::Overlap.as_str())
                 .await?;
         }
+        let before_insert_ms = ms(t0);
         let (inserted, announce) =
             db::runs::run_insert_unannounced(&mut tx, &self.node_id, &runs, now).await?;
+        let inserted_ms = ms(t0);
         events.extend(inserted);
         let ended_pauses: Vec<Uuid> = due
             .iter()
@@ -671,6 +687,17 @@ impl Scheduler {
             .collect();
         db::bindings::binding_set_next_run_times(&mut *tx, &ids, &nexts, &ended_pauses, now)
             .await?;
+        // Where a pass's time goes (cumulative ms since its bindings were
+        // locked).
+        tracing::debug!(
+            locked,
+            planned_ms,
+            budget_ms,
+            before_insert_ms,
+            inserted_ms,
+            advanced_ms = ms(t0),
+            "scheduler pass prepared"
+        );
         Ok(Pass {
             tx,
             locked,
@@ -750,7 +777,14 @@ impl Scheduler {
                 committed_at,
             ),
         }
-        tracing::debug!(due, broken, events = n_events, commit_ms, "scheduler pass");
+        tracing::debug!(
+            due,
+            broken,
+            events = n_events,
+            pass_ms = started.elapsed().as_secs_f64() * 1e3,
+            commit_ms,
+            "scheduler pass"
+        );
         Ok(())
     }
 
@@ -804,13 +838,17 @@ impl Scheduler {
             .collect();
         queued.sort_by_key(|r| r.scheduled_time);
         let fits = apply_hourly_budget(queued.iter().map(|r| r.tenant_id.as_str()), &mut remaining);
+        // Told once per tenant and pass, not per fire.
+        let mut spent: std::collections::BTreeMap<String, usize> = Default::default();
         for (r, fits) in queued.into_iter().zip(fits) {
             if !fits {
-                tracing::info!(binding = %r.binding_id, tenant = %r.tenant_id, fire_time = %r.scheduled_time,
-                    "hourly run budget spent; fire skipped");
+                *spent.entry(r.tenant_id.clone()).or_default() += 1;
                 r.state = RunState::Skipped;
                 r.reason = RunReason::Quota.to_string();
             }
+        }
+        for (tenant, skipped) in spent {
+            tracing::info!(%tenant, skipped, "hourly run budget spent; fires skipped");
         }
         Ok(())
     }

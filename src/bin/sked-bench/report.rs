@@ -17,6 +17,12 @@ pub struct Machine {
     pub postgres: String,
     /// `"embedded"` or `"url"`.
     pub database: &'static str,
+    /// The server's `autovacuum` setting (`"on"`/`"off"`): without it the
+    /// firing tables bloat within a run and every figure is slower.
+    pub autovacuum: String,
+    /// Whether the bench's own connection is TLS-encrypted (`pg_stat_ssl`):
+    /// the nodes connect with the same URL, so each round trip pays it.
+    pub tls: bool,
 }
 
 impl Machine {
@@ -37,11 +43,33 @@ impl Machine {
             .await
             .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
             .unwrap_or_else(|_| "unknown".into());
+        let autovacuum = sqlx::query_scalar::<_, String>("SHOW autovacuum")
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|_| "unknown".into());
+        let tls = sqlx::query_scalar::<_, bool>(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false);
+        if autovacuum != "on" {
+            eprintln!(
+                "sked-bench: warning: the server runs with autovacuum {autovacuum}: the firing tables bloat during the run and the figures are not comparable"
+            );
+        }
+        if tls {
+            eprintln!(
+                "sked-bench: note: connections to the server use TLS (add sslmode=disable to the URL to measure without it)"
+            );
+        }
         Machine {
             cpus,
             cpu_model,
             postgres,
             database,
+            autovacuum,
+            tls,
         }
     }
 }
@@ -279,6 +307,8 @@ impl Report {
             "cpu_model": machine.cpu_model,
             "postgres": machine.postgres,
             "database": machine.database,
+            "autovacuum": machine.autovacuum,
+            "tls": machine.tls,
         });
         println!(
             "{{\"scenario\":{},\"machine\":{machine},\"params\":{},\"figures\":{},\"targets\":{}}}",

@@ -102,6 +102,7 @@ pub async fn run_insert_unannounced(
     if runs.is_empty() {
         return Ok((Vec::new(), Announce::default()));
     }
+    let t0 = std::time::Instant::now();
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
     let n_events: usize = bodies.iter().map(Vec::len).sum();
     let mut ev_run = Vec::with_capacity(n_events);
@@ -153,6 +154,7 @@ pub async fn run_insert_unannounced(
     let keys: Vec<Option<&str>> = runs.iter().map(|r| r.idempotency_key.as_deref()).collect();
     let last_seqs: Vec<i64> = bodies.iter().map(|b| b.len() as i64).collect();
     let manual: Vec<bool> = runs.iter().map(|r| r.manual).collect();
+    let built_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inserted = sqlx::query_scalar!(
         r#"WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[],
@@ -284,6 +286,13 @@ pub async fn run_insert_unannounced(
     )
     .fetch_all(&mut *conn)
     .await?;
+    tracing::debug!(
+        runs = runs.len(),
+        events = ev_run.len(),
+        built_ms,
+        executed_ms = t0.elapsed().as_secs_f64() * 1e3 - built_ms,
+        "runs inserted"
+    );
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
     let mut events = Vec::with_capacity(n_events);
     let mut waiting = Waiting::default();
