@@ -804,3 +804,72 @@ async fn the_leader_lease_has_one_holder_per_term() {
         .expect("released");
     assert_eq!(third.term, 3);
 }
+
+/// Why the hot write statements call `sked::db::generic_plans` first: a
+/// prepared statement over `UNNEST` of short arrays (one TriggerRun's
+/// run, a few completions) is planned by PostgreSQL for the call's own
+/// values at first, and on every later call while that plan looks
+/// cheaper than the generic one (which assumes 100 elements). With
+/// `generic_plans` in the transaction the statement is never planned for
+/// its values; the setting ends with the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_plans_plans_an_unnest_statement_once_per_connection() {
+    let db = TestDb::new().await;
+    sked::db::migrate(&db.pool().await).await.unwrap();
+    let pool = sked::db::connect(&db.url, 1).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // Two texts of the same statement, so each has its own prepared plan.
+    let stmt = |tag: &str| {
+        format!(
+            "SELECT count(*) AS n FROM runs r JOIN UNNEST($1::uuid[]) AS u(id) ON r.id = u.id -- {tag}"
+        )
+    };
+    for _ in 0..10 {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        let one = vec![uuid::Uuid::now_v7()];
+        let plain: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(stmt("plain")))
+            .bind(&one)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        sked::db::generic_plans(&mut tx).await.unwrap();
+        let mode: String = sqlx::query_scalar("SELECT current_setting('plan_cache_mode')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_generic_plan");
+        let generic: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(stmt("generic")))
+            .bind(&one)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!((plain, generic), (0, 0));
+        tx.commit().await.unwrap();
+    }
+    let mode: String = sqlx::query_scalar("SELECT current_setting('plan_cache_mode')")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "auto", "the setting ends with its transaction");
+    let (generic, custom) = prepared_plans(&mut conn, "generic").await;
+    assert_eq!(custom, 0, "planned for the call's own values");
+    assert!(generic >= 1, "{generic}");
+    // Without it PostgreSQL plans at least the first five calls for their
+    // own values, and every later one too while that plan looks cheaper
+    // (what the hot statements did on a busy `runs` table).
+    let (_, custom) = prepared_plans(&mut conn, "plain").await;
+    assert!(custom >= 5, "{custom}");
+}
+
+/// `(generic_plans, custom_plans)` of this connection's prepared statement
+/// whose text ends with `-- tag`.
+async fn prepared_plans(conn: &mut sqlx::PgConnection, tag: &str) -> (i64, i64) {
+    let q = format!(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE '%-- {tag}'"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(q))
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}

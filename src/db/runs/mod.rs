@@ -102,6 +102,9 @@ pub async fn run_insert_unannounced(
     if runs.is_empty() {
         return Ok((Vec::new(), Announce::default()));
     }
+    // One run at a time (TriggerRun, a retry) would otherwise be planned
+    // on every call.
+    super::generic_plans(&mut *conn).await?;
     let t0 = std::time::Instant::now();
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
     let n_events: usize = bodies.iter().map(Vec::len).sum();

@@ -71,6 +71,8 @@ pub async fn run_complete_by_leases(
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
+    // A few completions at a time would otherwise be planned on most calls.
+    super::super::generic_plans(&mut *conn).await?;
     let body = EventBody::StateChanged {
         from: Some(RunState::Running),
         to: RunState::Succeeded,
