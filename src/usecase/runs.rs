@@ -217,7 +217,8 @@ pub async fn trigger(core: &Core, actor: Actor<'_>, tenant_id: &str, t: Trigger)
 /// Cancels run `run_id` of `tenant_id` (CancelRun): a run not yet started
 /// ends CANCELLED at once; a running one is asked to stop (its node kills
 /// it, then it ends CANCELLED). `reason` — at most [`MAX_REASON`]
-/// characters; blank means [`RunReason::Cancelled`].
+/// characters, not a reason sked records itself ([`RunReason::ALL`] but
+/// `cancelled`); blank means [`RunReason::Cancelled`].
 ///
 /// # Errors
 /// `Invalid` (reason), `NotFound`, `Precondition` when the run already
@@ -233,6 +234,23 @@ pub async fn cancel(
         return Err(Error::Invalid(FieldViolation::new(
             "reason",
             format!("must be at most {MAX_REASON} characters"),
+        )));
+    }
+    // A caller's reason must not pass for one sked records itself: a
+    // workflow run cancelled with "timeout" would end TIMED_OUT and be
+    // retried, and "node_lost" or "overlap" would misstate what happened.
+    if RunReason::parse(reason).is_some_and(|r| r != RunReason::Cancelled) {
+        return Err(Error::Invalid(FieldViolation::new(
+            "reason",
+            format!(
+                "{reason:?} is a reason sked records itself (one of {}); write the caller's own",
+                RunReason::ALL
+                    .iter()
+                    .filter(|r| **r != RunReason::Cancelled)
+                    .map(|r| format!("{:?}", r.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         )));
     }
     let reason = if reason.trim().is_empty() {

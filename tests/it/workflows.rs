@@ -476,6 +476,54 @@ async fn cancel_mid_workflow_cancels_running_steps_and_starts_none_after() {
     })
     .await
     .expect("b and c start");
+    // A reason sked records itself is refused and changes nothing: a
+    // workflow cancelled as "timeout" would end TIMED_OUT and be retried.
+    for reason in [
+        "overlap",
+        "misfire",
+        "quota",
+        "binding_deleted",
+        "shutdown",
+        "node_lost",
+        "corrupt",
+        "timeout",
+        "lease lost",
+        "ssrf_blocked",
+        "worker_lost",
+        "no_worker",
+    ] {
+        let status = node
+            .runs()
+            .cancel_run(as_tenant(
+                "acme",
+                pb::CancelRunRequest {
+                    run_id: wf.id.clone(),
+                    reason: reason.into(),
+                },
+            ))
+            .await
+            .expect_err(reason);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{reason}: {status:?}"
+        );
+        assert_eq!(
+            violation_fields(&status),
+            ["reason"],
+            "{reason}: {status:?}"
+        );
+        assert!(status.message().contains(reason), "{status:?}");
+    }
+    let steps = steps_of(&node, "acme", &wf.id).await;
+    assert_eq!(
+        steps
+            .iter()
+            .filter(|r| state(r) == pb::RunState::Running)
+            .count(),
+        2,
+        "refused cancels stop nothing: {steps:#?}"
+    );
     node.runs()
         .cancel_run(as_tenant(
             "acme",
