@@ -51,6 +51,9 @@ pub use workers::{
     run_worker_heartbeat,
 };
 
+/// Batches smaller than this are inserted under [`super::generic_plans`].
+const GENERIC_PLANS_BELOW: usize = 16;
+
 /// Inserts `runs` with their events, announces them to executors and
 /// subscribers, and returns the events of the runs actually inserted. A
 /// waiting run (`QUEUED`, `SCHEDULED`) or a `SKIPPED` one gets its first
@@ -102,9 +105,13 @@ pub async fn run_insert_unannounced(
     if runs.is_empty() {
         return Ok((Vec::new(), Announce::default()));
     }
-    // One run at a time (TriggerRun, a retry) would otherwise be planned
-    // on every call.
-    super::generic_plans(&mut *conn).await?;
+    // A few runs at a time (TriggerRun, a retry) would otherwise be
+    // planned on every call. Larger batches get the generic plan by
+    // PostgreSQL's own choice, and the firing pass (whose round trips are
+    // the fire lag) is spared the extra one.
+    if runs.len() < GENERIC_PLANS_BELOW {
+        super::generic_plans(&mut *conn).await?;
+    }
     let t0 = std::time::Instant::now();
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
     let n_events: usize = bodies.iter().map(Vec::len).sum();
