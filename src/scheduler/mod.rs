@@ -101,7 +101,8 @@ pub struct Scheduler {
     /// How far ahead of their instant fires are prepared
     /// ([`Scheduler::fire_ahead`]); zero turns it off.
     pub ahead: Duration,
-    /// Bindings per pass prepared ahead.
+    /// Bindings per pass prepared ahead, at most (fewer when passes ahead
+    /// have been slow: see [`Scheduler::fire_ahead`]).
     pub ahead_batch: i64,
     /// Passes prepared ahead and not yet committed, at most, on this node
     /// (each holds a database connection until its instant).
@@ -135,8 +136,13 @@ struct Pass {
 const AHEAD_MIN: chrono::Duration = chrono::Duration::milliseconds(100);
 
 /// Passes ahead of at least this many bindings update the estimate of
-/// what preparing one costs ([`Scheduler::ahead_cost_ns`]).
+/// what preparing one costs ([`Scheduler::ahead_cost_ns`]); a node's first
+/// pass ahead takes this many, to measure it.
 const AHEAD_COST_SAMPLE: usize = 256;
+
+/// A pass ahead that could take fewer bindings than this by its instant is
+/// not tried (the pass at the instant fires them).
+const AHEAD_MIN_PASS: i64 = 64;
 
 /// What a pass ahead did ([`Scheduler::fire_ahead`]).
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +155,9 @@ enum Ahead {
     Nothing,
     /// Bindings locked and prepared (0: the band was held by others).
     Prepared(usize),
+    /// As many bindings locked and prepared as the pass could take: more
+    /// of its band may be left.
+    Full,
 }
 
 /// A pass prepared ahead that is ready to commit later than this after its
@@ -203,7 +212,7 @@ impl Scheduler {
                 // down): straight on.
                 (Ok(n), _) if n as i64 >= self.batch => Duration::ZERO,
                 // A full pass ahead: more of its band to prepare.
-                (Ok(_), Ahead::Prepared(n)) if n as i64 >= self.ahead_batch => Duration::ZERO,
+                (Ok(_), Ahead::Full) => Duration::ZERO,
                 // Bindings were due: more are likely within `coalesce`, so
                 // the next pass comes then without reading the next fire
                 // time. That read walks the due index from its low end,
@@ -212,7 +221,7 @@ impl Scheduler {
                 // after every pass. Still probed once per `max_sleep`, which
                 // also takes out bindings whose next fire lies past 9999.
                 (Ok(n), a)
-                    if (n > 0 || matches!(a, Ahead::Prepared(1..) | Ahead::Busy))
+                    if (n > 0 || matches!(a, Ahead::Prepared(1..) | Ahead::Full | Ahead::Busy))
                         && probed.is_some_and(|p| p.elapsed() < self.max_sleep) =>
                 {
                     self.coalesce.saturating_sub(started.elapsed())
@@ -303,17 +312,24 @@ impl Scheduler {
         if first - now < AHEAD_MIN {
             return Ok(Ahead::Nothing);
         }
-        // A pass that could not be ready by its instant (a full one, as
-        // long per binding as passes ahead have been taking) is not tried:
-        // prepared too late it would be rolled back, its work lost, and its
-        // locks would hold off the passes at the instant meanwhile (a node
-        // that is behind).
-        let cost = std::time::Duration::from_nanos(
-            self.ahead_cost_ns
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_mul(self.ahead_batch.max(0) as u64),
-        );
-        if cost > (first - now).to_std().unwrap_or_default() + AHEAD_LATE {
+        // A pass is sized to be ready by its instant, at what preparing
+        // one binding ahead has been taking: prepared too late it would be
+        // rolled back, its work lost, and its locks would hold off the
+        // passes at the instant meanwhile (measured: the first burst of
+        // 100 000 after start-up prepared two passes of 5 000 in 1.5 s for
+        // a 1 s lead, both rolled back). With no estimate yet, a small
+        // pass measures it.
+        let per_binding = self
+            .ahead_cost_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let room = (first - now).to_std().unwrap_or_default();
+        let limit = if per_binding == 0 {
+            AHEAD_COST_SAMPLE as i64
+        } else {
+            i64::try_from(room.as_nanos() / u128::from(per_binding)).unwrap_or(i64::MAX)
+        }
+        .min(self.ahead_batch);
+        if limit < AHEAD_MIN_PASS {
             // The estimate decays while it keeps passes from being tried,
             // so one slow pass (a checkpoint) does not turn this off.
             let _ = self.ahead_cost_ns.fetch_update(
@@ -326,10 +342,10 @@ impl Scheduler {
         let band_end = first + self.coalesce;
         let mut tx = self.pool.begin().await?;
         let (due, broken) =
-            db::bindings::binding_lock_due(&mut *tx, band_end, Some(after), self.ahead_batch)
-                .await?;
+            db::bindings::binding_lock_due(&mut *tx, band_end, Some(after), limit).await?;
         let locked = due.len() + broken.len();
-        if (locked as i64) < self.ahead_batch {
+        let full = locked as i64 >= limit;
+        if !full {
             // Everything in the band that no one else holds is ours: the
             // next pass ahead starts after it.
             self.ahead_frontier.fetch_max(
@@ -389,7 +405,11 @@ impl Scheduler {
             }
             me.wake.notify_one();
         });
-        Ok(Ahead::Prepared(locked))
+        Ok(if full {
+            Ahead::Full
+        } else {
+            Ahead::Prepared(locked)
+        })
     }
 
     async fn sleep_time(&self) -> Duration {
