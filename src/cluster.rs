@@ -54,7 +54,7 @@
 //! Everything else runs on every node, because doing it twice is harmless
 //! and doing it everywhere survives any node: firing (bindings are locked
 //! `SKIP LOCKED`), claiming, promoting due `SCHEDULED` runs, moving run
-//! ends into the statistics ([`StatsFold::fold_delta`]), and the reaper
+//! ends into the statistics ([`StatsFold::fold_delta_part`]), and the reaper
 //! (each reaped run is one conditional update).
 
 use std::sync::Arc;
@@ -436,55 +436,63 @@ impl StatsFold {
     pub const DELTA_EVERY: Duration = Duration::from_secs(5);
 
     /// Moves run ends into `run_stats` every [`StatsFold::DELTA_EVERY`] on
-    /// every node, and folds past hours every `every` while leading, until
-    /// `stop`; errors are logged.
+    /// every node (one partition after another, spread over the interval:
+    /// [`StatsFold::fold_delta_part`]), and folds past hours every `every`
+    /// while leading, until `stop`; errors are logged.
     pub async fn run(&self, stop: CancellationToken) {
         let mut last_fold: Option<Instant> = None;
+        // Each partition at its own slot of the interval: moving all eight
+        // back to back (at 10 000 run ends a second, eight statements of
+        // ~50 ms of a PostgreSQL core) took most of a core for ~0.8 s
+        // every 5 s, and the fires due then were late (`sked-bench fire`:
+        // the worst seconds of the window were those of the moves).
+        let interval = Self::DELTA_EVERY.min(self.every);
+        let slot = interval / db::runs::RUN_STATS_DELTA_PARTS;
         loop {
-            self.fold_delta(&stop).await;
+            for part in 0..db::runs::RUN_STATS_DELTA_PARTS {
+                let started = Instant::now();
+                self.fold_delta_part(part, &stop).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(slot.saturating_sub(started.elapsed())) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
             if self.leadership.is_leader() && last_fold.is_none_or(|t| t.elapsed() >= self.every) {
                 last_fold = Some(Instant::now());
                 self.fold(&stop).await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Self::DELTA_EVERY.min(self.every)) => {}
-                _ = stop.cancelled() => return,
-            }
         }
     }
 
-    /// Moves the run ends of `run_stats_delta` into `run_stats`, one
-    /// partition at a time and in batches within each, until fewer than a
-    /// batch are left (or `stop`). After each statement it pauses as long
-    /// as the statement took, so the move never holds a PostgreSQL core
-    /// for long: in one statement, 50 000 run ends (10 000 one-second
-    /// bindings) took 0.4-0.9 s of a core, during which firing fell behind.
-    pub async fn fold_delta(&self, stop: &CancellationToken) {
-        for part in 0..db::runs::RUN_STATS_DELTA_PARTS {
-            loop {
-                if stop.is_cancelled() {
-                    return;
-                }
-                let started = Instant::now();
-                let moved =
-                    db::runs::run_stats_delta_fold(&self.pool, part, Self::DELTA_BATCH).await;
-                let took = started.elapsed();
-                match moved {
-                    Ok(n) => {
-                        if n > 0 {
-                            tokio::select! {
-                                _ = tokio::time::sleep(took) => {}
-                                _ = stop.cancelled() => return,
-                            }
+    /// Moves the run ends of partition `part` of `run_stats_delta`, in
+    /// batches of [`StatsFold::DELTA_BATCH`], until fewer than a batch are
+    /// left (or `stop`, or an error, which is logged). After each statement
+    /// it pauses as long as the statement took, so the move never holds a
+    /// PostgreSQL core for long: in one statement, 50 000 run ends (10 000
+    /// one-second bindings) took 0.4-0.9 s of a core, during which firing
+    /// fell behind.
+    pub async fn fold_delta_part(&self, part: u32, stop: &CancellationToken) {
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let started = Instant::now();
+            let moved = db::runs::run_stats_delta_fold(&self.pool, part, Self::DELTA_BATCH).await;
+            let took = started.elapsed();
+            match moved {
+                Ok(n) => {
+                    if n >= Self::DELTA_BATCH {
+                        tokio::select! {
+                            _ = tokio::time::sleep(took) => {}
+                            _ = stop.cancelled() => return,
                         }
-                        if n < Self::DELTA_BATCH {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "moving run ends into the run statistics failed; trying again later");
+                    } else {
                         return;
                     }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "moving run ends into the run statistics failed; trying again later");
+                    return;
                 }
             }
         }

@@ -26,6 +26,30 @@ const MAX_CONNECTIONS: u32 = 200;
 /// only `min_wal_size` (80 MB).
 const MAX_WAL_SIZE: &str = "8GB";
 
+/// `wal_init_zero` of the server, in both modes. With PostgreSQL's default
+/// (`on`) a new WAL segment is written full of zeros (16 MB) and flushed
+/// by the backend whose write crosses into it, while every committing
+/// transaction waits for that flush. Until checkpoints recycle old
+/// segments (a new cluster, or WAL written faster than checkpoints free
+/// it), that is every new segment: measured with `sked-bench fire` (10 000
+/// fires a second, ~22 MB of WAL a second) as commits of ~55 ms every
+/// ~0.75 s, lag p99 104–110 ms; with recycled segments, 41 ms. `off`
+/// writes only a segment's last byte. Nothing depends on the zeros: the
+/// end of WAL is found by each record's checksum (recycled segments hold
+/// old records anyway); a full disk fails WAL writes either way.
+const WAL_INIT_ZERO: &str = "off";
+
+/// `backend_flush_after` of the server, in both modes. PostgreSQL's default
+/// (0) leaves the data pages a backend writes out of its shared buffers in
+/// the kernel's page cache until the kernel writes them back on its own,
+/// which Linux does for all pages older than 30 s at once: with 10 000
+/// fires a second, ~300 MB every ~31 s, and every WAL flush waiting behind
+/// that burst (commits of 40–70 ms; the worst seconds of `sked-bench
+/// fire`). With 256 kB a backend asks the kernel to start writing after
+/// every 256 kB it wrote, so the writes go out steadily (what the
+/// checkpointer and the background writer do by default).
+const BACKEND_FLUSH_AFTER: &str = "256kB";
+
 impl EmbeddedPg {
     pub(super) fn pg_ctl_command(&self, args: &[OsString]) -> Cmd {
         Cmd {
@@ -175,6 +199,10 @@ impl EmbeddedPg {
             format!("max_connections={MAX_CONNECTIONS}"),
             "-c".into(),
             format!("max_wal_size={MAX_WAL_SIZE}"),
+            "-c".into(),
+            format!("wal_init_zero={WAL_INIT_ZERO}"),
+            "-c".into(),
+            format!("backend_flush_after={BACKEND_FLUSH_AFTER}"),
         ];
         if opts.fast_unsafe {
             for setting in [

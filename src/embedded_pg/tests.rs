@@ -28,6 +28,8 @@ async fn show(conn: &mut PgConnection, setting: &'static str) -> String {
         "fsync" => "SHOW fsync",
         "max_connections" => "SHOW max_connections",
         "max_wal_size" => "SHOW max_wal_size",
+        "wal_init_zero" => "SHOW wal_init_zero",
+        "backend_flush_after" => "SHOW backend_flush_after",
         "listen_addresses" => "SHOW listen_addresses",
         "unix_socket_directories" => "SHOW unix_socket_directories",
         other => panic!("unknown setting {other}"),
@@ -101,6 +103,8 @@ async fn start_connect_restart_stop() {
     assert_eq!(show(&mut conn, "fsync").await, "on");
     assert_eq!(show(&mut conn, "max_connections").await, "200");
     assert_eq!(show(&mut conn, "max_wal_size").await, "8GB");
+    assert_eq!(show(&mut conn, "wal_init_zero").await, "off");
+    assert_eq!(show(&mut conn, "backend_flush_after").await, "256kB");
     assert_eq!(show(&mut conn, "listen_addresses").await, "");
     assert_eq!(
         show(&mut conn, "unix_socket_directories").await,
