@@ -86,16 +86,7 @@ async fn a_fire_is_never_seen_before_its_instant_and_a_pause_meanwhile_applies_a
     // prepared (its binding locked) by now, so the pause waits for it.
     until_into_second(0.5).await;
     let paused_from = now_secs();
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause");
+    pause(&node, "acme", &b.id).await;
     let paused_at = now_secs();
     let at_pause = runs_of(&node, "acme", &b.id).await;
     // Fire times pass while it is paused: none may run or be recorded.

@@ -179,27 +179,10 @@ async fn a_pending_retry_of_a_paused_binding_waits_and_runs_after_resume() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     let (b, retry) = pending_retry(&node, "pauseretry").await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause");
+    pause(&node, "acme", &b.id).await;
     assert_held(&node, &retry).await;
     let resumed = now_secs();
-    node.bindings()
-        .resume_binding(as_tenant(
-            "acme",
-            pb::ResumeBindingRequest {
-                binding_id: b.id.clone(),
-            },
-        ))
-        .await
-        .expect("resume");
+    resume(&node, "acme", &b.id).await;
     assert_runs_after(&node, &retry, resumed).await;
     node.stop().await;
 }
@@ -332,16 +315,7 @@ async fn a_manual_trigger_on_a_paused_binding_runs_and_so_does_its_retry() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db, "n1").await;
     let b = define_and_bind(&node, "acme", failing("manualpaused", manual(), 200)).await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause");
+    pause(&node, "acme", &b.id).await;
     let run = trigger(&node, "acme", &b.id).await;
     let r = wait_run(&node, "acme", &run.id, "the manual run ends", is_terminal).await;
     assert_eq!(state(&r), pb::RunState::Failed, "{r:?}");
@@ -526,16 +500,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
             .await
             .expect("create binding")
             .into_inner();
-        node.bindings()
-            .pause_binding(as_tenant(
-                tenant,
-                pb::PauseBindingRequest {
-                    binding_id: b.id.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("pause");
+        pause(&node, tenant, &b.id).await;
         // Three New Year's fires.
         let now = now_secs();
         let created = node
@@ -569,15 +534,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
         }
     }
     for (tenant, b, ids) in &bindings {
-        node.bindings()
-            .resume_binding(as_tenant(
-                tenant,
-                pb::ResumeBindingRequest {
-                    binding_id: b.id.clone(),
-                },
-            ))
-            .await
-            .expect("resume");
+        resume(&node, tenant, &b.id).await;
         for id in ids {
             let r = wait_run(&node, tenant, id, "completes after resume", is_terminal).await;
             assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");

@@ -563,16 +563,7 @@ async fn pause_with_expiry_stops_fires_then_resumes_by_itself() {
     assert!(!got.paused, "the pause is over");
 
     // Pause without expiry, then ResumeBinding: next fire after now.
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: b.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    pause(&node, "acme", &b.id).await;
     // Stays paused past fire times (the binding fires every second) that
     // the resume must not catch up: real time has to pass.
     tokio::time::sleep(Duration::from_millis(1500)).await;

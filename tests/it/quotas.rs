@@ -101,19 +101,6 @@ async fn wait_running(node: &TestNode, tenant: &str, id: &str) -> pb::Run {
     .expect("the run starts")
 }
 
-async fn pause(node: &TestNode, tenant: &str, binding_id: &str) {
-    node.bindings()
-        .pause_binding(as_tenant(
-            tenant,
-            pb::PauseBindingRequest {
-                binding_id: binding_id.into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause binding");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_runs_caps_a_tenant_and_all_runs_finish() {
     let db = TestDb::new().await;

@@ -96,15 +96,7 @@ async fn a_tenant_past_its_rate_of_changes_is_refused_and_others_are_not() {
     }
     // And the hog's pass again once it waited.
     tokio::time::sleep(delay + Duration::from_millis(50)).await;
-    node.bindings()
-        .resume_binding(as_tenant(
-            "hog",
-            pb::ResumeBindingRequest {
-                binding_id: hog.id.clone(),
-            },
-        ))
-        .await
-        .expect("after the retry delay");
+    resume(&node, "hog", &hog.id).await;
     node.stop().await;
 }
 

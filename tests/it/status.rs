@@ -23,20 +23,6 @@ fn flaky(name: &str) -> pb::TaskDefinition {
     )
 }
 
-/// Pauses `tenant`'s binding `id` until resumed.
-async fn pause(node: &TestNode, tenant: &str, id: &str) {
-    node.bindings()
-        .pause_binding(as_tenant(
-            tenant,
-            pb::PauseBindingRequest {
-                binding_id: id.into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause");
-}
-
 /// An `event` definition on `schedule`.
 fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
     pb::TaskDefinition {
@@ -348,16 +334,7 @@ async fn statuses_and_the_binding_filters() {
     assert_eq!(status(&ended), pb::BindingStatus::Completed);
     // PAUSED and DISABLED.
     let paused = define_and_bind(&node, "acme", labelled("paused", "red", every(60))).await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: paused.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    pause(&node, "acme", &paused.id).await;
     create_definition(&node, labelled("off", "blue", every(60)))
         .await
         .unwrap();

@@ -981,16 +981,7 @@ async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
             .any(|r| r.step == "a" && state(r) == pb::RunState::Running)
     })
     .await;
-    node.bindings()
-        .pause_binding(as_tenant(
-            "acme",
-            pb::PauseBindingRequest {
-                binding_id: binding.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("pause");
+    pause(&node, "acme", &binding.id).await;
     let paused_at = now_secs();
     let steps = steps_until(&node, &wf.id, "a ends and b is created", |s| {
         s.iter().any(|r| r.step == "b")
@@ -1005,15 +996,7 @@ async fn pausing_the_binding_holds_the_next_step_and_resume_continues_it() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let b = step(&steps_of(&node, "acme", &wf.id).await, "b").clone();
     assert_eq!(state(&b), pb::RunState::Queued, "held while paused: {b:#?}");
-    node.bindings()
-        .resume_binding(as_tenant(
-            "acme",
-            pb::ResumeBindingRequest {
-                binding_id: binding.id.clone(),
-            },
-        ))
-        .await
-        .expect("resume");
+    resume(&node, "acme", &binding.id).await;
     let done = wait_workflow(&node, "acme", &wf.id).await;
     assert_eq!(state(&done), pb::RunState::Succeeded, "{done:#?}");
     node.stop().await;

@@ -410,6 +410,35 @@ pub async fn define_and_bind_via(
         .into_inner()
 }
 
+/// Pauses `tenant`'s binding `id` until resumed (PauseBinding, no note, no
+/// expiry); panics when the call fails.
+pub async fn pause(node: &TestNode, tenant: &str, id: &str) {
+    node.bindings()
+        .pause_binding(as_tenant(
+            tenant,
+            pb::PauseBindingRequest {
+                binding_id: id.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pause binding");
+}
+
+/// Resumes `tenant`'s binding `id` (ResumeBinding); panics when the call
+/// fails.
+pub async fn resume(node: &TestNode, tenant: &str, id: &str) {
+    node.bindings()
+        .resume_binding(as_tenant(
+            tenant,
+            pb::ResumeBindingRequest {
+                binding_id: id.into(),
+            },
+        ))
+        .await
+        .expect("resume binding");
+}
+
 /// GetBinding of `tenant`'s binding `id` (panics on an error status).
 pub async fn get_binding(node: &TestNode, tenant: &str, id: &str) -> pb::Binding {
     node.bindings()
