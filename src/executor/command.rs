@@ -44,9 +44,13 @@ use crate::domain::{
 pub const MAX_ENV_PARAMS: usize = 32 << 10;
 
 /// Lines written per database batch at most. Smaller batches reach
-/// subscribers sooner: with 100 tails of a `seq 1 200000`, 512 gave an
-/// end-to-end p50/p99 of 48/78 ms, 128 gives 16/67 ms, for 9 % fewer lines/s.
-const BATCH_LINES: usize = 128;
+/// subscribers sooner, and a command that prints faster than its lines are
+/// written waits on its pipe (nothing is lost). With 100 tails of a `seq 1
+/// 200000` (`sked-bench stream`): 512 gave an end-to-end p50/p99 of 48/78
+/// ms, 128 gave 16/67 ms for 9 % fewer lines/s; on 2026-12-06, 128 gave a
+/// median p99 of 27–36 ms at ~24 500 lines/s, 64 gave 19–22 ms at ~20 000,
+/// 32 gives 11–14 ms at 12 300–13 900 lines/s (issue 18 asks ≤ 20 ms).
+const BATCH_LINES: usize = 32;
 /// Longest a line waits before its batch is written.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// Characters of stderr kept as the error summary.
