@@ -22,6 +22,11 @@
 //!
 //! A completed run is one that reached SUCCEEDED with its state changes and
 //! its `fired` event persisted (the event handler's one line of output).
+//! BackfillRuns writes these runs SUCCEEDED itself (they may start at once
+//! and hold no slot), so by default this measures run creation through the
+//! API with the full history written; with `--tenant-max-concurrent-runs`
+//! every tenant has a concurrency quota, the runs are queued and claimed,
+//! and this measures the queue.
 //! After the steps the backlog drains (up to 60 s); then per step, from the
 //! database: runs completed (`end_time` inside the step) per second. The
 //! figure is the highest of these. The nodes are then stopped, so that the
@@ -35,14 +40,15 @@
 //! runs/s ÷ ceiling rows/s (the target line), and "row-equivalent":
 //! (runs/s × rows sked writes per run) ÷ ceiling, where rows per run =
 //! (runs rows + run_events rows of the completed runs) ÷ completed runs,
-//! measured. (Row *updates* — a run row is written twice: inserted QUEUED,
-//! then rewritten SUCCEEDED by the claim — and the audit row per
-//! BackfillRuns call are not counted.)
+//! measured. (Row *updates* — with a quota, a run row is written twice:
+//! inserted QUEUED, then rewritten SUCCEEDED by the claim — and the audit
+//! row per BackfillRuns call are not counted.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::Args;
 use serde_json::json;
@@ -84,6 +90,13 @@ pub struct ThroughputArgs {
     /// Connections inserting concurrently in the ceiling measurement.
     #[arg(long, default_value_t = 2)]
     pub ceiling_connections: usize,
+    /// Give every tenant a `max_concurrent_runs` quota of this many runs
+    /// (SetTenantQuota, 1-1e9) before the load: its backfilled event runs
+    /// are then queued and claimed, as runs that wait for a slot are,
+    /// instead of completed by BackfillRuns itself. Measures the queue
+    /// (claim) path. Unset: no quota.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1_000_000_000))]
+    pub tenant_max_concurrent_runs: Option<i32>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -140,6 +153,32 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
     .await?;
     let bound = api::create_bindings(env, &layout, |_| None).await?;
     end_windows(env, &bound).await?;
+    if let Some(n) = a.tenant_max_concurrent_runs {
+        let mut tenants: Vec<&str> = bound.iter().map(|b| b.tenant.as_str()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        progress!(
+            "throughput: max_concurrent_runs {n} for each of {} tenants",
+            tenants.len()
+        );
+        let mut admin =
+            pb::admin_service_client::AdminServiceClient::new(env.channels()[0].clone());
+        for t in tenants {
+            admin
+                .set_tenant_quota(api::req(
+                    "",
+                    pb::SetTenantQuotaRequest {
+                        quota: Some(pb::TenantQuota {
+                            tenant_id: t.to_string(),
+                            max_concurrent_runs: Some(n),
+                            ..Default::default()
+                        }),
+                    },
+                ))
+                .await
+                .with_context(|| format!("SetTenantQuota of {t}"))?;
+        }
+    }
 
     // Each binding's next backfill range starts at its cursor and moves
     // forward; the cursors start a week back (well inside retention) on
@@ -335,6 +374,10 @@ pub async fn run(env: &mut Env, a: ThroughputArgs) -> anyhow::Result<Report> {
         ("calls_in_flight", json!(a.calls_in_flight)),
         ("ceiling_secs", json!(a.ceiling_secs)),
         ("ceiling_connections", json!(a.ceiling_connections)),
+        (
+            "tenant_max_concurrent_runs",
+            json!(a.tenant_max_concurrent_runs),
+        ),
     ] {
         params.insert(k.into(), v);
     }
