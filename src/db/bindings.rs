@@ -345,6 +345,32 @@ pub async fn binding_delete(
     }
 }
 
+/// Whether the runs of binding `id` may start at `now`, as a claim decides
+/// it: `None` when the binding is gone, else whether it is enabled and not
+/// paused (a pause whose `pause_expire_time` has passed is over) and its
+/// definition is enabled. Read without a row lock: to keep the answer true
+/// until a commit, hold [`crate::db::runs::run_stop_lock_shared`] before
+/// reading it.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn binding_startable(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<bool>, Error> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT (b.enabled AND NOT (b.paused AND coalesce(b.pause_expire_time > $2, true)) AND d.enabled)
+                  AS "startable!"
+           FROM bindings b JOIN definitions d ON d.name = b.definition
+           WHERE b.id = $1"#,
+        id,
+        now
+    )
+    .fetch_optional(db)
+    .await?)
+}
+
 /// Whether binding `id` exists, taking a `FOR KEY SHARE` lock on it for the
 /// caller's transaction: a DeleteBinding then waits for that transaction
 /// (and sees what it wrote), or has committed before and the binding is gone.

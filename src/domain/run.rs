@@ -301,6 +301,27 @@ impl NewRun {
             manual: false,
         }
     }
+
+    /// Marks the `QUEUED` runs of `event` handlers in `runs` that can start
+    /// at once (`not_before <= now`) and whose tenant is not in `limited`
+    /// (tenants with a `max_concurrent_runs` quota, whose runs must wait for
+    /// a slot) as completed: `db::runs::run_insert` then writes them
+    /// `SUCCEEDED` with their `fired` event, in the inserting transaction.
+    /// Such a run does nothing but publish, so claiming it separately would
+    /// only cost two more writes of its row. The caller decides that the
+    /// runs may start at all (binding and definition enabled, binding not
+    /// paused) and holds that true until its commit.
+    pub fn complete_inline(runs: &mut [NewRun], limited: &[String], now: DateTime<Utc>) {
+        for r in runs.iter_mut() {
+            if r.state == RunState::Queued
+                && r.handler == Handler::Event
+                && r.not_before <= now
+                && !limited.contains(&r.tenant_id)
+            {
+                r.state = RunState::Succeeded;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -373,5 +394,35 @@ mod tests {
             (RunState::Queued, RunTrigger::Backfill, now)
         );
         assert!(!b.manual);
+    }
+
+    #[test]
+    fn only_due_event_runs_of_unlimited_tenants_complete_inline() {
+        let now = Utc::now();
+        let event = |tenant: &str, at: DateTime<Utc>| {
+            let mut s = spec();
+            s.handler = Handler::Event;
+            s.tenant_id = tenant.into();
+            NewRun::backfill(Uuid::now_v7(), s, at)
+        };
+        let mut runs = vec![
+            event("t", now),
+            event("t", now + TimeDelta::milliseconds(1)),
+            event("limited", now),
+            NewRun::backfill(Uuid::now_v7(), spec(), now),
+            event("t", now).skipped(RunReason::Quota.as_str()),
+        ];
+        NewRun::complete_inline(&mut runs, &["limited".to_string()], now);
+        let states: Vec<RunState> = runs.iter().map(|r| r.state).collect();
+        assert_eq!(
+            states,
+            [
+                RunState::Succeeded,
+                RunState::Queued,
+                RunState::Queued,
+                RunState::Queued,
+                RunState::Skipped
+            ]
+        );
     }
 }

@@ -809,7 +809,7 @@ impl Scheduler {
     }
 
     /// Completes this pass's due `event` handler fires in the firing
-    /// transaction ([`complete_inline`]), unless their tenant has a
+    /// transaction ([`NewRun::complete_inline`]), unless their tenant has a
     /// concurrency quota (then they are claimed like any run). `quotas`:
     /// the tenants' quota kinds when the pass read them already.
     async fn complete_event_runs(
@@ -831,7 +831,7 @@ impl Scheduler {
                     .concurrency
             }
         };
-        complete_inline(runs, &limited, now);
+        NewRun::complete_inline(runs, &limited, now);
         Ok(())
     }
 
@@ -930,23 +930,4 @@ fn queued_tenants(runs: &[NewRun], filter: impl Fn(&NewRun) -> bool) -> Vec<Stri
     tenants.sort();
     tenants.dedup();
     tenants
-}
-
-/// Marks the `QUEUED` runs of `event` handlers in `runs` that can start at
-/// once (`not_before <= now`) and whose tenant is not in `limited` (tenants
-/// with a `max_concurrent_runs` quota, whose runs must wait for a slot) as
-/// completed: [`db::runs::run_insert`] then writes them `SUCCEEDED` with their
-/// `fired` event, in the inserting transaction. Such a run does nothing but
-/// publish, so claiming it separately would only cost two more writes of its
-/// row.
-fn complete_inline(runs: &mut [NewRun], limited: &[String], now: chrono::DateTime<chrono::Utc>) {
-    for r in runs.iter_mut() {
-        if r.state == RunState::Queued
-            && r.handler == Handler::Event
-            && r.not_before <= now
-            && !limited.contains(&r.tenant_id)
-        {
-            r.state = RunState::Succeeded;
-        }
-    }
 }

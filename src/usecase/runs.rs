@@ -9,8 +9,8 @@ use uuid::Uuid;
 use super::{Actor, Core, Error, Result, Target, audit, begin, commit, record};
 use crate::db;
 use crate::domain::{
-    Binding, FieldViolation, Handler, NewRun, Progress, Run, RunEvent, RunReason, RunSpec,
-    RunState, RunTrigger, merge_params, stats, validate_merged_params,
+    Binding, FieldViolation, Handler, NewRun, OverlapPolicy, Progress, Run, RunEvent, RunReason,
+    RunSpec, RunState, RunTrigger, merge_params, stats, validate_merged_params,
 };
 
 /// Most runs one backfill creates.
@@ -395,6 +395,10 @@ pub fn backfill_times(
 /// Creates one queued run per fire time of `times` for `binding`
 /// (BackfillRuns), all or nothing, audited as one event on the binding with
 /// the range `start`..`end`. Returns the new runs' ids, in `times` order.
+/// The runs of an `event` handler with overlap policy `ALLOW` are written
+/// `SUCCEEDED` at once (started and ended now, with their `fired` events)
+/// when they may start now: binding and definition enabled, binding not
+/// paused, tenant without a `max_concurrent_runs` quota.
 ///
 /// # Errors
 /// `Precondition` (broken or deleted binding), `QuotaExceeded` (hourly
@@ -412,7 +416,7 @@ pub async fn backfill(
     let def = db::definitions::definition_get(&core.pool, &binding.definition, None)
         .await
         .map_err(Error::on(&Target::new("definition", &binding.definition)))?;
-    let runs: Vec<NewRun> = times
+    let mut runs: Vec<NewRun> = times
         .iter()
         .map(|t| {
             let spec = RunSpec {
@@ -431,6 +435,33 @@ pub async fn backfill(
     let mut tx = begin(core, &target).await?;
     bound(&mut tx, binding.id).await?;
     check_hourly_budget(&mut tx, tenant_id, runs.len() as u64, now).await?;
+    // Event runs of an ALLOW binding that may start now complete in this
+    // transaction, as the scheduler's fires do, instead of each being
+    // written twice more by a claim. Only ALLOW: the others start one at a
+    // time after the binding's earlier runs, which the claim orders. The
+    // stop lock (after the row locks of `bound` and the budget, which a
+    // stop may hold while it waits for it) keeps a pause, disable or
+    // delete from landing between the check and the commit.
+    if runs
+        .first()
+        .is_some_and(|r| r.handler == Handler::Event && r.policy.overlap == OverlapPolicy::Allow)
+    {
+        let b = Target::new("binding", binding.id);
+        db::runs::run_stop_lock_shared(&mut tx)
+            .await
+            .map_err(Error::on(&b))?;
+        let startable = db::bindings::binding_startable(&mut *tx, binding.id, now)
+            .await
+            .map_err(Error::on(&b))?
+            .unwrap_or(false);
+        if startable {
+            let limited = db::tenancy::quota_kinds(&mut *tx, &[tenant_id.to_string()])
+                .await
+                .map_err(Error::on(&Target::new("quota", tenant_id)))?
+                .concurrency;
+            NewRun::complete_inline(&mut runs, &limited, now);
+        }
+    }
     let mut events = Vec::with_capacity(runs.len());
     for chunk in runs.chunks(1000) {
         events.extend(

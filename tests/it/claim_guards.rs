@@ -54,6 +54,23 @@ async fn states_seen(node: &TestNode, tenant: &str, id: &str) -> Vec<pb::RunStat
         .collect()
 }
 
+/// Creates definition `name`: an `event` handler firing on New Year's Day
+/// (so it never fires during a test) with overlap policy `overlap`.
+async fn new_year_event_def(node: &TestNode, name: &str, overlap: pb::OverlapPolicy) {
+    node.definitions()
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(pb::TaskDefinition {
+                name: name.into(),
+                handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+                schedule: Some(cron("0 0 1 1 *", "UTC")),
+                overlap_policy: overlap as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create definition");
+}
+
 /// Polls run `id` until `done` holds for it (within [`WAIT`]).
 async fn wait_run(
     node: &TestNode,
@@ -472,18 +489,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
                 .expect("set quota");
         }
     }
-    node.definitions()
-        .create_definition(pb::CreateDefinitionRequest {
-            definition: Some(pb::TaskDefinition {
-                name: "tick".into(),
-                handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-                schedule: Some(cron("0 0 1 1 *", "UTC")),
-                overlap_policy: pb::OverlapPolicy::Allow as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("create definition");
+    new_year_event_def(&node, "tick", pb::OverlapPolicy::Allow).await;
     let mut bindings = Vec::new();
     for tenant in ["acme", "limited"] {
         let b = node
@@ -539,6 +545,182 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
             let r = wait_run(&node, tenant, id, "completes after resume", is_terminal).await;
             assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
         }
+    }
+    node.stop().await;
+}
+
+/// BackfillRuns completes the event runs that may start at once in its own
+/// transaction (SUCCEEDED when the call returns, started and ended at their
+/// creation, the whole history written and dense), and leaves to the claim
+/// the ones that must wait: a tenant with a concurrency quota, a binding
+/// whose overlap policy is not ALLOW, a disabled definition. Those complete
+/// later, started after they were created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfilled_event_runs_complete_in_the_call_unless_they_must_wait() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    node.admin()
+        .set_tenant_quota(pb::SetTenantQuotaRequest {
+            quota: Some(pb::TenantQuota {
+                tenant_id: "limited".into(),
+                max_concurrent_runs: Some(5),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("set quota");
+    for (name, overlap) in [
+        ("tick", pb::OverlapPolicy::Allow),
+        ("tock", pb::OverlapPolicy::BufferOne),
+        ("off", pb::OverlapPolicy::Allow),
+    ] {
+        new_year_event_def(&node, name, overlap).await;
+    }
+    // (tenant, definition, completed by the call itself)
+    let cases = [
+        ("acme", "tick", true),
+        ("limited", "tick", false),
+        ("acme", "tock", false),
+        ("acme", "off", false),
+    ];
+    let mut created = Vec::new();
+    for (tenant, def, inline) in cases {
+        let b = bind_existing(&node, tenant, def).await;
+        if def == "off" {
+            node.definitions()
+                .update_definition(pb::UpdateDefinitionRequest {
+                    definition: Some(pb::TaskDefinition {
+                        name: "off".into(),
+                        enabled: Some(false),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["enabled".into()],
+                    }),
+                })
+                .await
+                .expect("disable definition");
+        }
+        let now = now_secs() as i64;
+        let ids = node
+            .runs()
+            .backfill_runs(as_tenant(
+                tenant,
+                pb::BackfillRunsRequest {
+                    binding_id: b.id.clone(),
+                    start_time: Some(ts((now - 3 * 366 * 86_400) as f64)),
+                    end_time: Some(ts((now - 1) as f64)),
+                    dry_run: false,
+                },
+            ))
+            .await
+            .expect("backfill")
+            .into_inner()
+            .run_ids;
+        assert_eq!(ids.len(), 3, "three New Year's fires");
+        for id in &ids {
+            let r = get_run(&node, tenant, id).await;
+            if inline {
+                assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+                assert_eq!(r.start_time, r.create_time, "{r:?}");
+                assert_eq!(r.end_time, r.create_time, "{r:?}");
+                assert_eq!(r.node_id, "n1", "{r:?}");
+            } else if def == "off" {
+                assert_eq!(state(&r), pb::RunState::Queued, "held: {r:?}");
+            }
+        }
+        created.push((tenant, def, inline, ids));
+    }
+    claims_passed(&node, now_secs()).await;
+    for (tenant, def, inline, ids) in &created {
+        for id in ids {
+            if *def == "off" {
+                let r = get_run(&node, tenant, id).await;
+                assert_eq!(state(&r), pb::RunState::Queued, "disabled: {r:?}");
+                continue;
+            }
+            let r = wait_run(&node, tenant, id, "completes", is_terminal).await;
+            assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+            if !inline {
+                assert!(
+                    secs(&r.start_time) > secs(&r.create_time),
+                    "claimed after it was created: {r:?}"
+                );
+            }
+            let events = tail_all(&node, tenant, id, 0).await;
+            assert_dense(&events);
+            let kinds: Vec<&str> = events
+                .iter()
+                .map(|e| match &e.kind {
+                    Some(pb::run_event::Kind::StateChanged(_)) => "state",
+                    Some(pb::run_event::Kind::Fired(_)) => "fired",
+                    _ => "other",
+                })
+                .collect();
+            assert_eq!(kinds, ["state", "state", "fired", "state"], "{events:?}");
+        }
+    }
+    node.stop().await;
+}
+
+/// A stop in flight when BackfillRuns checks whether its event runs may
+/// start is ordered with it: here a pause has written the binding and holds
+/// the stop locks (as PauseBinding does before its commit); the backfill
+/// waits for it, then sees the binding paused and leaves its runs QUEUED,
+/// to complete after ResumeBinding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_waits_for_a_pause_in_flight_and_then_holds_its_runs() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    new_year_event_def(&node, "tick", pb::OverlapPolicy::Allow).await;
+    let b = bind_existing(&node, "acme", "tick").await;
+    let pool = db.pool().await;
+    let mut stop = pool.begin().await.expect("begin");
+    sqlx::query("UPDATE bindings SET paused = true WHERE id = $1")
+        .bind(b.id.parse::<uuid::Uuid>().expect("uuid"))
+        .execute(&mut *stop)
+        .await
+        .expect("pause");
+    sked::db::runs::run_claim_lock(&mut stop)
+        .await
+        .expect("stop locks");
+    let now = now_secs() as i64;
+    let mut runs = node.runs();
+    let id = b.id.clone();
+    let call = tokio::spawn(async move {
+        runs.backfill_runs(as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: id,
+                start_time: Some(ts((now - 3 * 366 * 86_400) as f64)),
+                end_time: Some(ts((now - 1) as f64)),
+                dry_run: false,
+            },
+        ))
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !call.is_finished(),
+        "the backfill waits for the stop's commit"
+    );
+    stop.commit().await.expect("commit the pause");
+    let ids = call
+        .await
+        .expect("join")
+        .expect("backfill")
+        .into_inner()
+        .run_ids;
+    assert_eq!(ids.len(), 3, "three New Year's fires");
+    claims_passed(&node, now_secs()).await;
+    for id in &ids {
+        let r = get_run(&node, "acme", id).await;
+        assert_eq!(state(&r), pb::RunState::Queued, "held by the pause: {r:?}");
+    }
+    resume(&node, "acme", &b.id).await;
+    for id in &ids {
+        let r = wait_run(&node, "acme", id, "completes after resume", is_terminal).await;
+        assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
     }
     node.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Claiming runs: [`run_claim`], the one statement that picks due `QUEUED`
 //! runs in fair-share order and starts them; [`run_claim_lock`], which orders
-//! claims with the calls that stop bindings; [`ClaimKind`]; and
+//! claims with the calls that stop bindings; [`run_stop_lock_shared`], which
+//! orders other starts with them; [`ClaimKind`]; and
 //! [`run_analyze_after_burst`], which keeps the claim's plans right after a
 //! large backfill.
 
@@ -599,9 +600,11 @@ async fn run_fail_unreadable(
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
     // Every claim's lock, in one order (a claim holds one of them at most,
-    // so no two transactions wait on each other here).
+    // so no two transactions wait on each other here), then the stop lock
+    // (its shared holders take no claim lock).
     let keys: Vec<i64> = std::iter::once(CLAIM_LOCK)
         .chain((0..EVENT_SHARDS).map(|s| EVENT_LOCK + i64::from(s)))
+        .chain(std::iter::once(STOP_LOCK))
         .collect();
     sqlx::query!(
         "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, i) ORDER BY i",
@@ -609,6 +612,26 @@ pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
     )
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Takes the stop lock shared for the rest of the caller's transaction: a
+/// transaction that starts runs without a claim (BackfillRuns completing
+/// event runs) takes it before it reads whether the binding may start
+/// runs, and a stop ([`run_claim_lock`]) takes it exclusively while it
+/// writes. So the stop either committed before the read and is seen, or
+/// waits for the caller's commit: no run of a stopped binding starts after
+/// the stop returned. Shared holders do not wait for each other, and the
+/// lock queue is fair, so a stream of them does not starve a stop. Take it
+/// after any row lock a stop also takes (a stop holds those while it waits
+/// here).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_stop_lock_shared(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_advisory_xact_lock_shared($1)", STOP_LOCK)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -666,6 +689,11 @@ pub const EVENT_SHARDS: u32 = 2;
 
 /// First advisory lock key of the event claim shards ("skedclai" + 1 + shard).
 const EVENT_LOCK: i64 = CLAIM_LOCK + 1;
+
+/// Advisory lock key ordering stops with the writers that start runs
+/// outside a claim ("skedstop"): stops take it exclusively
+/// ([`run_claim_lock`]), those writers shared ([`run_stop_lock_shared`]).
+const STOP_LOCK: i64 = 0x736b_6564_7374_6f70;
 
 /// Least time between two [`run_analyze_after_burst`] of one process.
 const ANALYZE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
