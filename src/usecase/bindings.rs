@@ -423,7 +423,8 @@ pub async fn update(
     db::bindings::binding_update(&mut *tx, &cur, old_version)
         .await
         .map_err(Error::on(&target))?;
-    hold_or_release(&mut tx, !cur.enabled, &target).await?;
+    let stopped = (!cur.enabled).then_some(db::runs::Stopped::Binding(cur.id));
+    hold_or_release(&mut tx, stopped, &target).await?;
     let event = actor.audit(
         core.clock.new_id(),
         now,
@@ -527,7 +528,8 @@ async fn set_pause(
     db::bindings::binding_update(&mut *tx, &cur, old_version)
         .await
         .map_err(Error::on(&target))?;
-    hold_or_release(&mut tx, cur.paused, &target).await?;
+    let stopped = cur.paused.then_some(db::runs::Stopped::Binding(cur.id));
+    hold_or_release(&mut tx, stopped, &target).await?;
     let event = actor.audit(
         core.clock.new_id(),
         now,
@@ -591,21 +593,26 @@ pub async fn delete(
 }
 
 /// In a transaction that writes a binding's (or definition's) paused or
-/// enabled flag: when `stopped`, takes the claim lock so no run of it starts
-/// once the transaction commits ([`db::runs::run_claim_lock`]); otherwise
+/// enabled flag: when it is `stopped`, takes its stop lock and then the
+/// claim lock, so no run of it starts once the transaction commits
+/// ([`db::runs::run_stop_lock`], [`db::runs::run_claim_lock`]); otherwise
 /// wakes every node's executor on commit, as its held runs may start now.
 ///
 /// # Errors
 /// Database errors, reported on `target`.
 pub(crate) async fn hold_or_release(
     tx: &mut sqlx::PgConnection,
-    stopped: bool,
+    stopped: Option<db::runs::Stopped<'_>>,
     target: &Target,
 ) -> Result<()> {
-    if stopped {
-        db::runs::run_claim_lock(tx).await
-    } else {
-        db::runs::notify_runs(tx).await
+    match stopped {
+        Some(s) => {
+            db::runs::run_stop_lock(&mut *tx, s)
+                .await
+                .map_err(Error::on(target))?;
+            db::runs::run_claim_lock(tx).await
+        }
+        None => db::runs::notify_runs(tx).await,
     }
     .map_err(Error::on(target))
 }

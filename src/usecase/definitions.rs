@@ -273,7 +273,8 @@ pub async fn update(core: &Core, actor: Actor<'_>, u: DefinitionUpdate) -> Resul
     db::definitions::definition_update(&mut *tx, &cur, old_version)
         .await
         .map_err(Error::on(&target))?;
-    super::bindings::hold_or_release(&mut tx, !cur.enabled, &target).await?;
+    let stopped = (!cur.enabled).then_some(db::runs::Stopped::Definition(&cur.name));
+    super::bindings::hold_or_release(&mut tx, stopped, &target).await?;
     if schedule_changed {
         // Bindings that inherit the schedule follow it at once; an
         // interval without anchor is anchored at the change.

@@ -439,15 +439,16 @@ pub async fn backfill(
     // transaction, as the scheduler's fires do, instead of each being
     // written twice more by a claim. Only ALLOW: the others start one at a
     // time after the binding's earlier runs, which the claim orders. The
-    // stop lock (after the row locks of `bound` and the budget, which a
-    // stop may hold while it waits for it) keeps a pause, disable or
-    // delete from landing between the check and the commit.
+    // stop locks of the binding and its definition (taken after the row
+    // locks of `bound` and the budget, which a stop may hold while it
+    // waits for them) keep a pause or disable from landing between the
+    // check and the commit; `bound` does the same for a delete.
     if runs
         .first()
         .is_some_and(|r| r.handler == Handler::Event && r.policy.overlap == OverlapPolicy::Allow)
     {
         let b = Target::new("binding", binding.id);
-        db::runs::run_stop_lock_shared(&mut tx)
+        db::runs::run_stop_lock_shared(&mut tx, binding.id, &binding.definition)
             .await
             .map_err(Error::on(&b))?;
         let startable = db::bindings::binding_startable(&mut *tx, binding.id, now)

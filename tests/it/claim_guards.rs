@@ -554,7 +554,7 @@ async fn backfilled_event_runs_of_a_paused_binding_wait_for_resume() {
 /// creation, the whole history written and dense), and leaves to the claim
 /// the ones that must wait: a tenant with a concurrency quota, a binding
 /// whose overlap policy is not ALLOW, a disabled definition. Those complete
-/// later, started after they were created.
+/// later, never started before they were created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfilled_event_runs_complete_in_the_call_unless_they_must_wait() {
     let db = TestDb::new().await;
@@ -629,10 +629,10 @@ async fn backfilled_event_runs_complete_in_the_call_unless_they_must_wait() {
                 assert_eq!(state(&r), pb::RunState::Queued, "held: {r:?}");
             }
         }
-        created.push((tenant, def, inline, ids));
+        created.push((tenant, def, ids));
     }
     claims_passed(&node, now_secs()).await;
-    for (tenant, def, inline, ids) in &created {
+    for (tenant, def, ids) in &created {
         for id in ids {
             if *def == "off" {
                 let r = get_run(&node, tenant, id).await;
@@ -641,12 +641,12 @@ async fn backfilled_event_runs_complete_in_the_call_unless_they_must_wait() {
             }
             let r = wait_run(&node, tenant, id, "completes", is_terminal).await;
             assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
-            if !inline {
-                assert!(
-                    secs(&r.start_time) > secs(&r.create_time),
-                    "claimed after it was created: {r:?}"
-                );
-            }
+            // Claimed or not, no run starts before it was created (a
+            // claim's clock may be read before its snapshot sees the run).
+            assert!(
+                secs(&r.start_time) >= secs(&r.create_time),
+                "started before it was created: {r:?}"
+            );
             let events = tail_all(&node, tenant, id, 0).await;
             assert_dense(&events);
             let kinds: Vec<&str> = events
@@ -681,9 +681,13 @@ async fn a_backfill_waits_for_a_pause_in_flight_and_then_holds_its_runs() {
         .execute(&mut *stop)
         .await
         .expect("pause");
+    let binding_id: uuid::Uuid = b.id.parse().expect("uuid");
+    sked::db::runs::run_stop_lock(&mut stop, sked::db::runs::Stopped::Binding(binding_id))
+        .await
+        .expect("stop lock");
     sked::db::runs::run_claim_lock(&mut stop)
         .await
-        .expect("stop locks");
+        .expect("claim locks");
     let now = now_secs() as i64;
     let mut runs = node.runs();
     let id = b.id.clone();
@@ -722,5 +726,108 @@ async fn a_backfill_waits_for_a_pause_in_flight_and_then_holds_its_runs() {
         let r = wait_run(&node, "acme", id, "completes after resume", is_terminal).await;
         assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
     }
+    node.stop().await;
+}
+
+/// The other order, and isolation: while a start outside a claim holds its
+/// binding's stop lock (as BackfillRuns does until its commit), pausing
+/// that binding waits for it, and pausing another tenant's binding, or
+/// claiming that tenant's runs, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_waits_only_for_the_starts_of_its_own_binding() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    new_year_event_def(&node, "tick", pb::OverlapPolicy::Allow).await;
+    let busy = bind_existing(&node, "acme", "tick").await;
+    let other = bind_existing(&node, "globex", "tick").await;
+    let pool = db.pool().await;
+    let mut start = pool.begin().await.expect("begin");
+    sked::db::runs::run_stop_lock_shared(&mut start, busy.id.parse().expect("uuid"), "tick")
+        .await
+        .expect("shared stop locks");
+    let mut bindings = node.bindings();
+    let id = busy.id.clone();
+    let paused = tokio::spawn(async move {
+        bindings
+            .pause_binding(as_tenant(
+                "acme",
+                pb::PauseBindingRequest {
+                    binding_id: id,
+                    ..Default::default()
+                },
+            ))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !paused.is_finished(),
+        "the pause waits for the start's commit"
+    );
+    tokio::time::timeout(WAIT, pause(&node, "globex", &other.id))
+        .await
+        .expect("another binding's pause does not wait");
+    resume(&node, "globex", &other.id).await;
+    let run = trigger(&node, "globex", &other.id).await;
+    let r = wait_run(
+        &node,
+        "globex",
+        &run.id,
+        "claimed and completed",
+        is_terminal,
+    )
+    .await;
+    assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+    assert!(!paused.is_finished(), "still waiting");
+    start.commit().await.expect("commit");
+    tokio::time::timeout(WAIT, paused)
+        .await
+        .expect("the pause ends after the commit")
+        .expect("join")
+        .expect("pause binding");
+    assert!(get_binding(&node, "acme", &busy.id).await.paused);
+    node.stop().await;
+}
+
+/// Disabling a definition waits, like a pause, for the starts outside a
+/// claim that hold the stop lock of one of its bindings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_a_definition_waits_for_the_starts_of_its_runs() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    new_year_event_def(&node, "tick", pb::OverlapPolicy::Allow).await;
+    let b = bind_existing(&node, "acme", "tick").await;
+    let pool = db.pool().await;
+    let mut start = pool.begin().await.expect("begin");
+    sked::db::runs::run_stop_lock_shared(&mut start, b.id.parse().expect("uuid"), "tick")
+        .await
+        .expect("shared stop locks");
+    let mut definitions = node.definitions();
+    let disabled = tokio::spawn(async move {
+        definitions
+            .update_definition(pb::UpdateDefinitionRequest {
+                definition: Some(pb::TaskDefinition {
+                    name: "tick".into(),
+                    enabled: Some(false),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !disabled.is_finished(),
+        "the disable waits for the start's commit"
+    );
+    start.commit().await.expect("commit");
+    let d = tokio::time::timeout(WAIT, disabled)
+        .await
+        .expect("the disable ends after the commit")
+        .expect("join")
+        .expect("update definition")
+        .into_inner();
+    assert_eq!(d.enabled, Some(false));
     node.stop().await;
 }

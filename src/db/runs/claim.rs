@@ -1,7 +1,7 @@
 //! Claiming runs: [`run_claim`], the one statement that picks due `QUEUED`
 //! runs in fair-share order and starts them; [`run_claim_lock`], which orders
-//! claims with the calls that stop bindings; [`run_stop_lock_shared`], which
-//! orders other starts with them; [`ClaimKind`]; and
+//! claims with the calls that stop bindings; [`run_stop_lock`] and
+//! [`run_stop_lock_shared`], which order other starts with them; [`ClaimKind`]; and
 //! [`run_analyze_after_burst`], which keeps the claim's plans right after a
 //! large backfill.
 
@@ -54,6 +54,8 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 /// between the clock read and the statement's snapshot, or a node whose
 /// clock is ahead); they are read through the `runs_ended_tenant` index. So start
 /// times follow the slot's previous end whatever the nodes' clocks say.
+/// Nor before the run's own `create_time` (a run created after the clock
+/// read and committed before the statement's snapshot).
 ///
 /// Cost: a claim reads O(tenants with queued runs × `limit`) runs, however
 /// long the queue. Per tenant, its first `limit` due `ALLOW` runs; and for
@@ -352,9 +354,13 @@ pub async fn run_claim(
            throttle AS (
              UPDATE runs SET throttled = true
              WHERE id IN (SELECT id FROM ranked WHERE over AND NOT throttled)),
+           -- Never before the run was created either: the clock was read
+           -- before this statement's snapshot, which may hold a run
+           -- created (and committed) after that.
            c AS (
              UPDATE runs SET state = CASE WHEN $6 THEN 'SUCCEEDED' ELSE 'RUNNING' END,
-                             start_time = s.t, end_time = CASE WHEN $6 THEN s.t END,
+                             start_time = GREATEST(s.t, runs.create_time),
+                             end_time = CASE WHEN $6 THEN GREATEST(s.t, runs.create_time) END,
                              node_id = $2,
                              lease_token = CASE WHEN $9::text IS NULL THEN NULL ELSE gen_random_uuid() END,
                              worker_name = ($11::text[])[s.k],
@@ -600,11 +606,9 @@ async fn run_fail_unreadable(
 /// [`Error::Sqlx`] on database failure.
 pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
     // Every claim's lock, in one order (a claim holds one of them at most,
-    // so no two transactions wait on each other here), then the stop lock
-    // (its shared holders take no claim lock).
+    // so no two transactions wait on each other here).
     let keys: Vec<i64> = std::iter::once(CLAIM_LOCK)
         .chain((0..EVENT_SHARDS).map(|s| EVENT_LOCK + i64::from(s)))
-        .chain(std::iter::once(STOP_LOCK))
         .collect();
     sqlx::query!(
         "SELECT pg_advisory_xact_lock(k) FROM unnest($1::int8[]) WITH ORDINALITY AS l(k, i) ORDER BY i",
@@ -615,23 +619,56 @@ pub async fn run_claim_lock(conn: &mut PgConnection) -> Result<(), Error> {
     Ok(())
 }
 
-/// Takes the stop lock shared for the rest of the caller's transaction: a
-/// transaction that starts runs without a claim (BackfillRuns completing
-/// event runs) takes it before it reads whether the binding may start
-/// runs, and a stop ([`run_claim_lock`]) takes it exclusively while it
-/// writes. So the stop either committed before the read and is seen, or
-/// waits for the caller's commit: no run of a stopped binding starts after
-/// the stop returned. Shared holders do not wait for each other, and the
-/// lock queue is fair, so a stream of them does not starve a stop. Take it
-/// after any row lock a stop also takes (a stop holds those while it waits
-/// here).
+/// Takes the stop lock of `stopped` (exclusive) for the rest of the
+/// caller's transaction, which pauses or disables it: it waits for the
+/// transactions that decided to start runs of it outside a claim
+/// ([`run_stop_lock_shared`]), and later ones wait for its commit and then
+/// see the stop. Take it before [`run_claim_lock`], so that claims are not
+/// held up while it waits. (Deletes need none: they lock the binding's row,
+/// which those transactions hold `FOR KEY SHARE`.)
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
-pub async fn run_stop_lock_shared(conn: &mut PgConnection) -> Result<(), Error> {
-    sqlx::query!("SELECT pg_advisory_xact_lock_shared($1)", STOP_LOCK)
+pub async fn run_stop_lock(conn: &mut PgConnection, stopped: Stopped<'_>) -> Result<(), Error> {
+    let (space, key) = match stopped {
+        Stopped::Binding(id) => (STOP_BINDING_LOCK, id.to_string()),
+        Stopped::Definition(name) => (STOP_DEFINITION_LOCK, name.to_string()),
+    };
+    sqlx::query!("SELECT pg_advisory_xact_lock($1, hashtext($2))", space, key)
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// Takes the stop locks of binding `binding` and of its definition
+/// `definition` shared, for the rest of the caller's transaction, which
+/// starts runs of the binding without a claim (BackfillRuns completing
+/// event runs): take them before reading whether the binding may start
+/// runs. A pause or disable ([`run_stop_lock`]) then either committed
+/// before the read and is seen, or waits for the caller's commit: no run
+/// of a stopped binding starts after the stop returned. Shared holders do
+/// not wait for each other, and the lock queue is fair, so a stream of
+/// them does not starve a stop; a stop of one binding or definition waits
+/// only for the starts of its own runs. Take them after the binding's row
+/// lock (a definition's stop holds the row locks of its bindings while it
+/// waits here).
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn run_stop_lock_shared(
+    conn: &mut PgConnection,
+    binding: Uuid,
+    definition: &str,
+) -> Result<(), Error> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock_shared($1, hashtext($2)), pg_advisory_xact_lock_shared($3, hashtext($4))",
+        STOP_DEFINITION_LOCK,
+        definition,
+        STOP_BINDING_LOCK,
+        binding.to_string()
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -690,10 +727,24 @@ pub const EVENT_SHARDS: u32 = 2;
 /// First advisory lock key of the event claim shards ("skedclai" + 1 + shard).
 const EVENT_LOCK: i64 = CLAIM_LOCK + 1;
 
-/// Advisory lock key ordering stops with the writers that start runs
-/// outside a claim ("skedstop"): stops take it exclusively
-/// ([`run_claim_lock`]), those writers shared ([`run_stop_lock_shared`]).
-const STOP_LOCK: i64 = 0x736b_6564_7374_6f70;
+/// First key (the namespace) of the two-key advisory locks that order the
+/// stop of one binding with the writers that start its runs outside a
+/// claim ("skb1"); the second key is `hashtext` of the binding id. A hash
+/// collision only makes two bindings' stops and starts wait for each other.
+const STOP_BINDING_LOCK: i32 = 0x736b_6231;
+
+/// As [`STOP_BINDING_LOCK`], for the stop of a definition ("skd1"; the
+/// second key is `hashtext` of its name).
+const STOP_DEFINITION_LOCK: i32 = 0x736b_6431;
+
+/// What a stop stops, for [`run_stop_lock`].
+#[derive(Debug, Clone, Copy)]
+pub enum Stopped<'a> {
+    /// A binding paused or disabled (its id).
+    Binding(Uuid),
+    /// A definition disabled (its name).
+    Definition(&'a str),
+}
 
 /// Least time between two [`run_analyze_after_burst`] of one process.
 const ANALYZE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

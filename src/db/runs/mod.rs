@@ -5,7 +5,7 @@
 //! | file           | inside                                                              |
 //! |----------------|---------------------------------------------------------------------|
 //! | `mod.rs`       | [`run_insert`] (of a [`NewRun`]), the NOTIFYs, the row every read decodes |
-//! | `claim.rs`     | [`run_claim`] (the fair-share claim statement), [`run_claim_lock`], [`run_stop_lock_shared`], [`ClaimKind`], [`run_analyze_after_burst`] |
+//! | `claim.rs`     | [`run_claim`] (the fair-share claim statement), [`run_claim_lock`], [`run_stop_lock`], [`run_stop_lock_shared`], [`ClaimKind`], [`run_analyze_after_burst`] |
 //! | `lifecycle.rs` | after the claim: finish, reap, promote, cancel, heartbeat           |
 //! | `read.rs`      | reads: one run, lists, the scheduler's active state, due times      |
 //! | `workers.rs`   | worker runs: by lease token, worker heartbeats, `no_worker`         |
@@ -27,8 +27,8 @@ mod steps;
 mod workers;
 
 pub use claim::{
-    ClaimKind, Claimed, EVENT_SHARDS, run_analyze_after_burst, run_claim, run_claim_lock,
-    run_stop_lock_shared,
+    ClaimKind, Claimed, EVENT_SHARDS, Stopped, run_analyze_after_burst, run_claim, run_claim_lock,
+    run_stop_lock, run_stop_lock_shared,
 };
 pub use lifecycle::{
     Outcome, Promoted, run_cancel_bindings, run_cancel_waiting, run_finish, run_heartbeat,
