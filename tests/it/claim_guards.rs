@@ -60,11 +60,8 @@ async fn new_year_event_def(node: &TestNode, name: &str, overlap: pb::OverlapPol
     node.definitions()
         .create_definition(pb::CreateDefinitionRequest {
             definition: Some(pb::TaskDefinition {
-                name: name.into(),
-                handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-                schedule: Some(cron("0 0 1 1 *", "UTC")),
                 overlap_policy: overlap as i32,
-                ..Default::default()
+                ..event_def(name, cron("0 0 1 1 *", "UTC"))
             }),
         })
         .await

@@ -9,15 +9,6 @@ use crate::common::*;
 use sked::proto::v1 as pb;
 use tonic::Code;
 
-fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
-    pb::TaskDefinition {
-        name: name.into(),
-        handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-        schedule: Some(schedule),
-        ..Default::default()
-    }
-}
-
 async fn get_binding(
     node: &TestNode,
     tenant: &str,

@@ -20,15 +20,6 @@ fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }
 }
 
-fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
-    pb::TaskDefinition {
-        name: name.into(),
-        handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-        schedule: Some(schedule),
-        ..Default::default()
-    }
-}
-
 fn params(pairs: &[(&str, PValue)]) -> Struct {
     Struct {
         fields: pairs

@@ -23,16 +23,6 @@ fn flaky(name: &str) -> pb::TaskDefinition {
     )
 }
 
-/// An `event` definition on `schedule`.
-fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
-    pb::TaskDefinition {
-        name: name.into(),
-        handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
-        schedule: Some(schedule),
-        ..Default::default()
-    }
-}
-
 /// TriggerRun with params; waits for the run to end and returns it.
 async fn run_with(
     node: &TestNode,

@@ -316,6 +316,17 @@ pub fn command_def(
     }
 }
 
+/// A definition `name` with the `event` handler and `schedule` (other
+/// fields at their defaults).
+pub fn event_def(name: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        name: name.into(),
+        handler: Some(pb::task_definition::Handler::Event(pb::EventHandler {})),
+        schedule: Some(schedule),
+        ..Default::default()
+    }
+}
+
 /// `sh -c script` definition.
 pub fn sh_def(name: &str, script: &str, schedule: pb::Schedule) -> pb::TaskDefinition {
     command_def(name, "sh", &["-c", script], schedule)
