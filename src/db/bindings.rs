@@ -346,11 +346,12 @@ pub async fn binding_delete(
 }
 
 /// Whether the runs of binding `id` may start at `now`, as a claim decides
-/// it: `None` when the binding is gone, else whether it is enabled and not
-/// paused (a pause whose `pause_expire_time` has passed is over) and its
-/// definition is enabled. Read without a row lock: to keep the answer true
-/// until a commit, hold [`crate::db::runs::run_stop_lock_shared`] before
-/// reading it.
+/// it: the binding exists, is enabled and not paused (a pause whose
+/// `pause_expire_time` has passed is over), and its definition is enabled.
+/// The same rule as the claim's `held_back` and the scheduler's
+/// `plan_binding`. Read without a row lock: to keep the answer true until
+/// a commit, hold [`crate::db::runs::run_stop_lock_shared`] before reading
+/// it.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -358,7 +359,7 @@ pub async fn binding_startable(
     db: impl PgExecutor<'_>,
     id: Uuid,
     now: DateTime<Utc>,
-) -> Result<Option<bool>, Error> {
+) -> Result<bool, Error> {
     Ok(sqlx::query_scalar!(
         r#"SELECT (b.enabled AND NOT (b.paused AND coalesce(b.pause_expire_time > $2, true)) AND d.enabled)
                   AS "startable!"
@@ -368,7 +369,8 @@ pub async fn binding_startable(
         now
     )
     .fetch_optional(db)
-    .await?)
+    .await?
+    .unwrap_or(false))
 }
 
 /// Whether binding `id` exists, taking a `FOR KEY SHARE` lock on it for the

@@ -453,8 +453,7 @@ pub async fn backfill(
             .map_err(Error::on(&b))?;
         let startable = db::bindings::binding_startable(&mut *tx, binding.id, now)
             .await
-            .map_err(Error::on(&b))?
-            .unwrap_or(false);
+            .map_err(Error::on(&b))?;
         if startable {
             let limited = db::tenancy::quota_kinds(&mut *tx, &[tenant_id.to_string()])
                 .await
