@@ -141,9 +141,10 @@ pub struct Settings {
     pub claim_poll: Duration,
     /// Longest scheduler sleep (poll fallback).
     pub scheduler_max_sleep: Duration,
-    /// How far ahead of their instant the scheduler prepares fires, so that
-    /// at the instant only a commit remains (`docs/architecture.md`,
-    /// "Firing ahead"); zero turns it off.
+    /// How far ahead of their instant the scheduler prepares fires at most,
+    /// so that at the instant only a commit remains (`docs/architecture.md`,
+    /// "Firing ahead"; the lead is sized to the bindings due at the
+    /// instant); zero turns it off.
     pub fire_ahead: Duration,
     /// Database connections of the node, split between its engine and its
     /// API ([`split_connections`]).
@@ -382,7 +383,7 @@ impl Settings {
             kill_grace: Duration::from_secs(10),
             claim_poll: Duration::from_secs(1),
             scheduler_max_sleep: Duration::from_secs(5),
-            fire_ahead: Duration::from_millis(1000),
+            fire_ahead: Duration::from_secs(10),
             db_max_connections: 20,
             tenant_changes_per_sec: 200,
             tenant_api_runs_per_sec: 1000,
@@ -657,10 +658,11 @@ async fn serve_with_pool(
             // round trips are slow (TLS, no autovacuum) did four help.
             workers: 2,
             ahead: settings.fire_ahead,
-            ahead_batch: 5000,
-            ahead_slots: Arc::new(tokio::sync::Semaphore::new(2)),
+            ahead_batch: 50_000,
+            ahead_slots: Arc::new(tokio::sync::Semaphore::new(crate::scheduler::AHEAD_SLOTS)),
             ahead_frontier: Arc::default(),
             ahead_cost_ns: Arc::default(),
+            ahead_writing: Arc::default(),
         };
         let stop = engine_stop.clone();
         supervised(

@@ -451,9 +451,10 @@ pub struct BrokenBinding {
     pub reason: String,
 }
 
-/// The earliest `next_run_time` in `(after, until]`, locked or not (a fire
-/// prepared ahead of its instant starts its band there; see
-/// [`crate::scheduler`]).
+/// The earliest `next_run_time` in `(after, until]`, locked or not, and
+/// how many bindings are due in `(after, that time + band]`, counted up to
+/// `cap` (a fire prepared ahead of its instant starts its band there, and
+/// sizes its lead by the count; see [`crate::scheduler`]).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -461,17 +462,31 @@ pub async fn binding_first_due_between(
     db: impl PgExecutor<'_>,
     after: DateTime<Utc>,
     until: DateTime<Utc>,
-) -> Result<Option<DateTime<Utc>>, Error> {
-    let t = sqlx::query_scalar!(
-        r#"SELECT next_run_time AS "t!: DbTime" FROM binding_due
-           WHERE next_run_time > $1 AND next_run_time <= $2
-           ORDER BY next_run_time LIMIT 1"#,
+    band: std::time::Duration,
+    cap: i64,
+) -> Result<Option<(DateTime<Utc>, i64)>, Error> {
+    let band_us = i64::try_from(band.as_micros()).unwrap_or(i64::MAX);
+    let row = sqlx::query!(
+        r#"WITH first AS (
+               SELECT next_run_time AS t FROM binding_due
+               WHERE next_run_time > $1 AND next_run_time <= $2
+               ORDER BY next_run_time LIMIT 1)
+           SELECT first.t AS "t!: DbTime",
+                  (SELECT count(*) FROM (
+                       SELECT 1 FROM binding_due
+                       WHERE next_run_time > $1
+                         AND next_run_time <= first.t + make_interval(secs => $3::float8 / 1e6)
+                       LIMIT $4) band) AS "n!"
+           FROM first"#,
         after,
         until,
+        band_us as f64,
+        cap.max(1),
     )
     .fetch_optional(db)
     .await?;
-    t.map(|t| t.get("binding next_run_time")).transpose()
+    row.map(|r| Ok((r.t.get("binding next_run_time")?, r.n)))
+        .transpose()
 }
 
 /// Stored instants from this one on cannot be computed with (past year

@@ -21,10 +21,11 @@
 //! nothing but publish, so a claim would only cost two more row writes.
 //!
 //! Passes are also prepared ahead of their instant
-//! ([`Scheduler::fire_ahead`]): locked and written up to
-//! [`Scheduler::ahead`] early, committed at the instant, so that only a
-//! commit remains when thousands of bindings are due at once. Its docs say
-//! why this changes nothing a caller can observe.
+//! ([`Scheduler::fire_ahead`]): locked and written as long before it as
+//! that takes ([`Scheduler::lead`], at most [`Scheduler::ahead`]),
+//! committed at the instant, so that only a commit remains when thousands
+//! of bindings are due at once. Its docs say why this changes nothing a
+//! caller can observe.
 //!
 //! [`Scheduler::workers`] firing loops run passes at once (`SKIP LOCKED`
 //! splits the bindings). Between passes a loop sleeps until the earliest
@@ -98,8 +99,8 @@ pub struct Scheduler {
     /// Firing loops run at once (each runs its own passes; see
     /// [`Scheduler::run`]).
     pub workers: usize,
-    /// How far ahead of their instant fires are prepared
-    /// ([`Scheduler::fire_ahead`]); zero turns it off.
+    /// How far ahead of their instant fires are prepared at most
+    /// ([`Scheduler::fire_ahead`], [`Scheduler::lead`]); zero turns it off.
     pub ahead: Duration,
     /// Bindings per pass prepared ahead, at most (fewer when passes ahead
     /// have been slow: see [`Scheduler::fire_ahead`]).
@@ -111,10 +112,52 @@ pub struct Scheduler {
     /// could lock ([`Scheduler::fire_ahead`]): the next pass ahead starts
     /// after it. Microseconds since the epoch.
     pub ahead_frontier: Arc<std::sync::atomic::AtomicI64>,
-    /// What preparing one binding ahead has been taking, nanoseconds (a
-    /// moving average of this node's passes ahead; 0 until the first): a
-    /// pass that could not be ready by its instant is not prepared.
+    /// What preparing one binding ahead has been costing this node,
+    /// nanoseconds of wall time shared by the passes written at once (each
+    /// pass's time ÷ its bindings ÷ the passes written beside it; a moving
+    /// average, 0 until the first): it sizes a band's lead
+    /// ([`Scheduler::lead`]) and each pass, so that none is late.
     pub ahead_cost_ns: Arc<std::sync::atomic::AtomicU64>,
+    /// Passes ahead of this node being written now (to share out their
+    /// time in [`Scheduler::ahead_cost_ns`]).
+    pub ahead_writing: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// [`Scheduler::lead`] of a band of `bindings` at `cost_ns` a binding (0:
+/// not measured yet, [`AHEAD_COST_GUESS`]), at most `max`.
+fn lead_for(bindings: i64, cost_ns: u64, max: Duration) -> Duration {
+    let per_binding = if cost_ns == 0 {
+        AHEAD_COST_GUESS
+    } else {
+        cost_ns
+    };
+    let ns = u64::try_from(bindings.max(0))
+        .unwrap_or(0)
+        .saturating_mul(per_binding)
+        .saturating_div(4)
+        .saturating_mul(5);
+    Duration::from_nanos(ns)
+        .saturating_add(AHEAD_MARGIN)
+        .min(max)
+}
+
+/// Counts a pass ahead in [`Scheduler::ahead_writing`] while it lives.
+struct Writing(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Writing {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> (Writing, usize) {
+        let now = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (Writing(Arc::clone(count)), now)
+    }
+    fn now(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A pass's transaction with its writes done, not yet committed
@@ -140,6 +183,20 @@ const AHEAD_MIN: chrono::Duration = chrono::Duration::milliseconds(100);
 /// pass ahead takes this many, to measure it.
 const AHEAD_COST_SAMPLE: usize = 256;
 
+/// Passes prepared ahead that a node holds at once (each holds one
+/// connection of the engine's pool until its instant).
+pub const AHEAD_SLOTS: usize = 2;
+
+/// What preparing one binding ahead is assumed to cost until a node has
+/// measured it ([`Scheduler::ahead_cost_ns`]): on the high side of the
+/// 50–120 µs measured (2 cores, embedded PostgreSQL), so that the first
+/// band starts early rather than late.
+const AHEAD_COST_GUESS: u64 = 150_000;
+
+/// Added to every band's lead ([`Scheduler::lead`]): the commits at the
+/// instant, and a pass that starts a little late.
+const AHEAD_MARGIN: Duration = Duration::from_millis(150);
+
 /// A pass ahead that could take fewer bindings than this by its instant is
 /// not tried (the pass at the instant fires them).
 const AHEAD_MIN_PASS: i64 = 64;
@@ -151,8 +208,12 @@ enum Ahead {
     Off,
     /// Every slot holds a prepared pass.
     Busy,
-    /// No fire time after the frontier within the lead.
+    /// No fire time after the frontier within [`Scheduler::ahead`].
     Nothing,
+    /// The next band is not to be prepared before this long from now (see
+    /// [`Scheduler::lead`]); or, when that is its instant, it is left to
+    /// the pass at the instant (too close, or too big for the time left).
+    Wait(Duration),
     /// Bindings locked and prepared (0: the band was held by others).
     Prepared(usize),
     /// As many bindings locked and prepared as the pass could take: more
@@ -221,7 +282,7 @@ impl Scheduler {
                 // after every pass. Still probed once per `max_sleep`, which
                 // also takes out bindings whose next fire lies past 9999.
                 (Ok(n), a)
-                    if (n > 0 || matches!(a, Ahead::Prepared(1..) | Ahead::Full | Ahead::Busy))
+                    if (n > 0 || matches!(a, Ahead::Prepared(1..) | Ahead::Full))
                         && probed.is_some_and(|p| p.elapsed() < self.max_sleep) =>
                 {
                     self.coalesce.saturating_sub(started.elapsed())
@@ -230,14 +291,19 @@ impl Scheduler {
                     probed = Some(tokio::time::Instant::now());
                     let floor = self.coalesce.saturating_sub(started.elapsed());
                     let until_due = self.sleep_time().await;
-                    // Ahead: wake a lead before the next fire time, unless
-                    // that fire is prepared already (its commit wakes us).
+                    // Ahead: wake when the next band is to be prepared
+                    // (`Wait`), or `ahead` before the next fire time when
+                    // none lies within it, unless that fire is prepared
+                    // already (its commit wakes us).
                     let prepared = self.clock.now() + until_due <= self.frontier();
-                    if matches!(a, Ahead::Off) || prepared {
-                        until_due.max(floor)
-                    } else {
-                        until_due.saturating_sub(self.ahead).max(floor)
+                    match a {
+                        _ if prepared => until_due,
+                        Ahead::Off | Ahead::Busy => until_due,
+                        Ahead::Wait(d) => d.min(until_due),
+                        _ => until_due.saturating_sub(self.ahead),
                     }
+                    .min(self.max_sleep)
+                    .max(floor)
                 }
                 (Err(e), _) => {
                     tracing::warn!(error = %e, "scheduler pass failed; retrying");
@@ -270,13 +336,26 @@ impl Scheduler {
         .unwrap_or_default()
     }
 
+    /// How long before its instant a band of `bindings` due together starts
+    /// being prepared: what they cost at this node's rate
+    /// ([`Scheduler::ahead_cost_ns`], [`AHEAD_COST_GUESS`] until measured),
+    /// plus a quarter and [`AHEAD_MARGIN`]; at most [`Scheduler::ahead`].
+    fn lead(&self, bindings: i64) -> chrono::Duration {
+        let cost = self
+            .ahead_cost_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        chrono::Duration::from_std(lead_for(bindings, cost, self.ahead))
+            .unwrap_or(chrono::Duration::MAX)
+    }
+
     /// One pass prepared ahead of its instant: the bindings due in the next
     /// band of fire times (from the earliest fire time after now and after
     /// [`Scheduler::ahead_frontier`], within [`Scheduler::ahead`], to
-    /// [`Scheduler::coalesce`] after it) are locked and their fires written
-    /// as of the band's last fire time `at` ([`Scheduler::prepare`]); a task
-    /// in `committing` then waits for `at` on the node's clock and commits.
-    /// At the instant only the commit remains.
+    /// [`Scheduler::coalesce`] after it), once the band is within its lead
+    /// ([`Scheduler::lead`]; before that, [`Ahead::Wait`]), are locked here;
+    /// a task in `committing` writes their fires as of the band's last fire
+    /// time `at` ([`Scheduler::prepare`]), waits for `at` on the node's
+    /// clock and commits. At the instant only the commit remains.
     ///
     /// Why this is exact: every change that decides a fire (UpdateBinding,
     /// Pause, Delete, a definition's disable or update, TriggerRun, retries)
@@ -300,8 +379,16 @@ impl Scheduler {
         let started = std::time::Instant::now();
         let now = self.clock.now();
         let after = now.max(self.frontier());
-        let Some(first) =
-            db::bindings::binding_first_due_between(&self.pool, after, now + self.ahead).await?
+        // The band's size, counted up to what this node's slots can hold.
+        let cap = self.ahead_batch.saturating_mul(AHEAD_SLOTS as i64);
+        let Some((first, band)) = db::bindings::binding_first_due_between(
+            &self.pool,
+            after,
+            now + self.ahead,
+            self.coalesce,
+            cap,
+        )
+        .await?
         else {
             return Ok(Ahead::Nothing);
         };
@@ -310,15 +397,25 @@ impl Scheduler {
         // fired at its instant as before; a second at which many are due,
         // with a quiet gap before it, is prepared ahead.
         if first - now < AHEAD_MIN {
-            return Ok(Ahead::Nothing);
+            return Ok(Ahead::Wait((first - now).to_std().unwrap_or_default()));
+        }
+        // Not before the band needs: its bindings stay locked from their
+        // preparation to the instant, and a change to one of them waits
+        // that long. The lead is what preparing the whole band one pass
+        // after another would take, with a quarter to spare (passes in
+        // parallel finish sooner), plus a margin for the commits.
+        let lead = self.lead(band);
+        if first - now > lead + AHEAD_MIN {
+            return Ok(Ahead::Wait(
+                (first - now - lead).to_std().unwrap_or_default(),
+            ));
         }
         // A pass is sized to be ready by its instant, at what preparing
-        // one binding ahead has been taking: prepared too late it would be
-        // rolled back, its work lost, and its locks would hold off the
-        // passes at the instant meanwhile (measured: the first burst of
-        // 100 000 after start-up prepared two passes of 5 000 in 1.5 s for
-        // a 1 s lead, both rolled back). With no estimate yet, a small
-        // pass measures it.
+        // one binding ahead has been costing, with every slot's pass
+        // written beside it: prepared too late it would be rolled back, its work lost, and its locks would hold off the passes at
+        // the instant meanwhile (measured: the first burst of 100 000 after
+        // start-up prepared two passes of 5 000 in 1.5 s for a 1 s lead,
+        // both rolled back). With no estimate yet, a small pass measures it.
         let per_binding = self
             .ahead_cost_ns
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -326,7 +423,8 @@ impl Scheduler {
         let limit = if per_binding == 0 {
             AHEAD_COST_SAMPLE as i64
         } else {
-            i64::try_from(room.as_nanos() / u128::from(per_binding)).unwrap_or(i64::MAX)
+            i64::try_from(room.as_nanos() / (u128::from(per_binding) * AHEAD_SLOTS as u128))
+                .unwrap_or(i64::MAX)
         }
         .min(self.ahead_batch);
         if limit < AHEAD_MIN_PASS {
@@ -337,9 +435,18 @@ impl Scheduler {
                 std::sync::atomic::Ordering::Relaxed,
                 |c| Some(c / 8 * 7),
             );
-            return Ok(Ahead::Nothing);
+            return Ok(Ahead::Wait(room));
         }
         let band_end = first + self.coalesce;
+        tracing::debug!(
+            band,
+            lead_ms = lead.num_milliseconds(),
+            limit,
+            cost_ns = per_binding,
+            room_ms = room.as_millis() as u64,
+            "scheduler pass ahead starts"
+        );
+        let (writing, beside) = Writing::start(&self.ahead_writing);
         let mut tx = self.pool.begin().await?;
         let (due, broken) =
             db::bindings::binding_lock_due(&mut *tx, band_end, Some(after), limit).await?;
@@ -357,33 +464,49 @@ impl Scheduler {
             return Ok(Ahead::Prepared(0));
         }
         let at = due.iter().map(|b| b.next_run_time).max().unwrap_or(first);
-        let pass = self.prepare(tx, due, broken, at, true).await?;
-        let prepared_in = started.elapsed();
-        let per_binding = (prepared_in.as_nanos() / locked as u128) as u64;
-        // Only passes large enough for their fixed cost not to count.
-        if locked >= AHEAD_COST_SAMPLE {
-            let _ = self.ahead_cost_ns.fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |c| {
-                    Some(if c == 0 {
-                        per_binding
-                    } else {
-                        (c * 3 + per_binding) / 4
-                    })
-                },
-            );
-        }
-        tracing::debug!(
-            locked,
-            fire_time = %at,
-            prepared_ms = prepared_in.as_secs_f64() * 1e3,
-            ahead_ms = (at - self.clock.now()).num_milliseconds(),
-            "scheduler pass prepared ahead"
-        );
+        // Written in its own task, so that this loop goes on to lock the
+        // next pass for the other slot and both are written at once.
         let me = self.clone();
         committing.spawn(async move {
             let _slot = slot;
+            let beside = beside.max(writing.now());
+            let pass = match me.prepare(tx, due, broken, at, true).await {
+                Ok(pass) => pass,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler pass ahead failed; its bindings fire as due");
+                    me.wake.notify_one();
+                    return;
+                }
+            };
+            let prepared_in = started.elapsed();
+            // Its time is shared with the passes written beside it (the
+            // most of those seen before its lock, after it, and at its end).
+            let beside = beside.max(writing.now());
+            drop(writing);
+            let per_binding = (prepared_in.as_nanos() / locked as u128 / beside as u128) as u64;
+            // Only passes large enough for their fixed cost not to count.
+            if locked >= AHEAD_COST_SAMPLE {
+                let _ = me.ahead_cost_ns.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |c| {
+                        Some(if c == 0 {
+                            per_binding
+                        } else {
+                            (c + per_binding) / 2
+                        })
+                    },
+                );
+            }
+            tracing::debug!(
+                locked,
+                beside,
+                cost_ns = me.ahead_cost_ns.load(std::sync::atomic::Ordering::Relaxed),
+                fire_time = %at,
+                prepared_ms = prepared_in.as_secs_f64() * 1e3,
+                ahead_ms = (at - me.clock.now()).num_milliseconds(),
+                "scheduler pass prepared ahead"
+            );
             loop {
                 let left = (at - me.clock.now()).to_std().unwrap_or_default();
                 if left.is_zero() {
@@ -397,10 +520,7 @@ impl Scheduler {
                 tracing::warn!(fire_time = %at, late_ms = (committed_at - at).num_milliseconds(),
                     "a pass prepared ahead woke too late; rolled back, its bindings fire as due");
                 drop(pass);
-            } else if let Err(e) = me
-                .finish(pass, std::time::Instant::now() - prepared_in, committed_at)
-                .await
-            {
+            } else if let Err(e) = me.finish(pass, started, committed_at).await {
                 tracing::warn!(error = %e, "scheduler pass ahead failed to commit; its bindings fire as due");
             }
             me.wake.notify_one();
@@ -412,6 +532,8 @@ impl Scheduler {
         })
     }
 
+    /// Until the earliest `next_run_time` (zero when one is due; at most
+    /// a day, and a short retry when it cannot be read).
     async fn sleep_time(&self) -> Duration {
         match db::bindings::binding_next_due_time(&self.pool).await {
             Ok((next, far)) => {
@@ -422,8 +544,8 @@ impl Scheduler {
                     Some(t) => (t - self.clock.now())
                         .to_std()
                         .unwrap_or(Duration::ZERO)
-                        .min(self.max_sleep),
-                    None => self.max_sleep,
+                        .min(Duration::from_secs(86_400)),
+                    None => Duration::from_secs(86_400),
                 }
             }
             Err(e) => {
@@ -930,4 +1052,36 @@ fn queued_tenants(runs: &[NewRun], filter: impl Fn(&NewRun) -> bool) -> Vec<Stri
     tenants.sort();
     tenants.dedup();
     tenants
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_band_is_prepared_as_long_before_its_instant_as_it_takes() {
+        let max = Duration::from_secs(10);
+        let ms = |d: Duration| d.as_millis();
+        // One binding: the margin only.
+        assert_eq!(ms(lead_for(1, 60_000, max)), 150);
+        // 10 000 at 60 µs: 0.6 s and a quarter, plus the margin.
+        assert_eq!(ms(lead_for(10_000, 60_000, max)), 900);
+        // Unmeasured: the high guess.
+        assert_eq!(ms(lead_for(10_000, 0, max)), 2025);
+        // 100 000 at 60 µs: 7.5 s and the margin; at 100 µs, capped at
+        // the longest lead.
+        assert_eq!(ms(lead_for(100_000, 60_000, max)), 7650);
+        assert_eq!(lead_for(100_000, 100_000, max), max);
+        assert_eq!(lead_for(i64::MAX, u64::MAX, max), max);
+        // Nothing odd from odd counts; off when the longest lead is zero.
+        assert_eq!(ms(lead_for(-5, 60_000, max)), 150);
+        assert_eq!(lead_for(10, 60_000, Duration::ZERO), Duration::ZERO);
+        // More bindings never get a shorter lead.
+        let mut last = Duration::ZERO;
+        for n in (0..200_000).step_by(997) {
+            let l = lead_for(n, 75_000, max);
+            assert!(l >= last, "{n}: {l:?} < {last:?}");
+            last = l;
+        }
+    }
 }

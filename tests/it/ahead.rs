@@ -82,9 +82,10 @@ async fn a_fire_is_never_seen_before_its_instant_and_a_pause_meanwhile_applies_a
     let b = define_and_bind(&node, "acme", ticker("tick", None)).await;
     runs_until(&node, "acme", &b.id, WAIT, "three fires", |r| r.len() >= 3).await;
 
-    // Pause half a second before a fire time: the fire of that second is
-    // prepared (its binding locked) by now, so the pause waits for it.
-    until_into_second(0.5).await;
+    // Pause just before a fire time: the fire of that second is prepared
+    // (its binding locked) by now — a band of one binding is prepared
+    // ~150 ms ahead — so the pause waits for it.
+    until_into_second(0.9).await;
     let paused_from = now_secs();
     pause(&node, "acme", &b.id).await;
     let paused_at = now_secs();
@@ -232,4 +233,142 @@ async fn aligned_fires_prepared_ahead_on_two_nodes_run_exactly_once() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// A band of more bindings than one insert statement writes (1 000): each
+/// binding fires once at each fire time, prepared ahead and committed at
+/// the instant, and its status names its latest run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_band_larger_than_one_statement_fires_every_binding_once_with_its_status() {
+    // One binding per tenant and definition: 30 tenants × 40 definitions.
+    const TENANTS: usize = 30;
+    const PER_TENANT: usize = 40;
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let anchor = now_secs().ceil() as i64;
+    for d in 0..PER_TENANT {
+        node.definitions()
+            .create_definition(as_tenant(
+                "",
+                pb::CreateDefinitionRequest {
+                    definition: Some(ticker(&format!("band-{d}"), Some(anchor))),
+                },
+            ))
+            .await
+            .expect("create definition");
+    }
+    let tenants: Vec<String> = (0..TENANTS).map(|t| format!("band-{t}")).collect();
+    let mut bound: HashMap<String, String> = HashMap::new();
+    for tenant in &tenants {
+        let mut calls = tokio::task::JoinSet::new();
+        for d in 0..PER_TENANT {
+            let mut client = node.bindings();
+            let tenant = tenant.clone();
+            calls.spawn(async move {
+                client
+                    .create_binding(as_tenant(
+                        &tenant,
+                        pb::CreateBindingRequest {
+                            binding: Some(pb::Binding {
+                                definition: format!("band-{d}"),
+                                ..Default::default()
+                            }),
+                        },
+                    ))
+                    .await
+                    .unwrap_or_else(|e| panic!("create binding of band-{d} for {tenant}: {e}"))
+                    .into_inner()
+            });
+        }
+        while let Some(b) = calls.join_next().await {
+            bound.insert(b.expect("create binding").id, tenant.clone());
+        }
+    }
+    assert_eq!(bound.len(), TENANTS * PER_TENANT);
+    // Two whole seconds after every binding exists, each fired by then.
+    let first = now_secs().ceil() as i64 + 1;
+    let last = first + 1;
+    tokio::time::sleep(Duration::from_secs_f64(
+        (last as f64 + 1.5 - now_secs()).max(0.0),
+    ))
+    .await;
+
+    for t in first..=last {
+        let mut fired: HashMap<String, usize> = HashMap::new();
+        for tenant in &tenants {
+            let mut token = String::new();
+            loop {
+                let page = node
+                    .runs()
+                    .list_runs(as_tenant(
+                        tenant,
+                        pb::ListRunsRequest {
+                            page_size: 500,
+                            page_token: token.clone(),
+                            scheduled_start_time: Some(ts(t as f64)),
+                            scheduled_end_time: Some(ts(t as f64 + 1.0)),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .expect("list runs")
+                    .into_inner();
+                for r in &page.runs {
+                    assert_eq!(state(r), pb::RunState::Succeeded, "{r:?}");
+                    assert_eq!(secs(&r.scheduled_time), t as f64, "{r:?}");
+                    assert!(
+                        secs(&r.start_time) >= t as f64,
+                        "started before its fire time: {r:?}"
+                    );
+                    assert_eq!(bound.get(&r.binding_id), Some(tenant), "{r:?}");
+                    *fired.entry(r.binding_id.clone()).or_default() += 1;
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        assert_eq!(fired.len(), bound.len(), "every binding fired at {t}");
+        assert!(
+            fired.values().all(|&n| n == 1),
+            "each binding fired once at {t}"
+        );
+    }
+    for tenant in &tenants {
+        let mut token = String::new();
+        let mut seen = 0;
+        loop {
+            let page = node
+                .bindings()
+                .list_bindings(as_tenant(
+                    tenant,
+                    pb::ListBindingsRequest {
+                        page_size: 500,
+                        page_token: token.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("list bindings")
+                .into_inner();
+            for b in &page.bindings {
+                let last_run = b.last_run.as_ref().expect("a last run");
+                assert!(
+                    secs(&last_run.scheduled_time) >= last as f64,
+                    "binding {}'s last run is its latest fire: {last_run:?}",
+                    b.id
+                );
+                assert!(b.last_success_time.is_some(), "{b:?}");
+                assert_eq!(b.consecutive_failures, 0, "{b:?}");
+                seen += 1;
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(seen, PER_TENANT);
+    }
+    node.stop().await;
 }

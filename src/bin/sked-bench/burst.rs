@@ -5,10 +5,17 @@
 //! cron schedule `--cron` (UTC; default every minute, a six-field cron with
 //! leading seconds also works); N bindings that inherit it. Once they exist,
 //! T = the cron's first fire time at least 5 s ahead (asked of the node with
-//! PreviewSchedule). From T on, the database is polled every 250 ms until
-//! all N runs with `scheduled_time = T` have a `start_time`, or 120 s have
-//! passed. Reported: time from T until the last run started
-//! (`max(start_time) − T`), lag (`start_time − T`) p50/p99, the fraction
+//! PreviewSchedule). 2 s before T, one `WatchEvents` subscription (kind
+//! `fired`) per tenant is opened on the node. From T on, the database is polled
+//! every 250 ms until all N runs with `scheduled_time = T` have a
+//! `start_time`, or `--timeout` seconds have passed; then the subscribers
+//! get up to 5 s more to receive every run's `fired` event.
+//!
+//! Reported, where a user sees it (issue 18): the time from T until the
+//! last `fired` event arrived at a subscriber (the target: every run
+//! started, and seen, ≤ 2 s after T), and the arrival lag p50/p99. The
+//! stored `start_time − T` is printed for comparison only: a run fired
+//! ahead of its instant records its instant as its start. Also the fraction
 //! started, when the last run row was created, CPU over the burst.
 
 use std::time::Duration;
@@ -45,6 +52,8 @@ pub struct BurstArgs {
 const POLL: Duration = Duration::from_millis(250);
 /// The fire instant measured is at least this far ahead of the end of setup.
 const LEAD: TimeDelta = TimeDelta::seconds(5);
+/// The subscribers are opened this long before the fire instant.
+const WATCH_LEAD: TimeDelta = TimeDelta::seconds(2);
 
 /// Runs the scenario; see the module docs.
 ///
@@ -67,9 +76,17 @@ pub async fn run(env: &mut Env, a: BurstArgs) -> anyhow::Result<Report> {
     let after = Utc::now() + LEAD - TimeDelta::microseconds(1);
     let t = api::first_fire_after(env.channel(0), api::cron(&a.cron), after).await?;
     progress!("waiting for the fire at {t} ({:.1} s)", secs_until(t));
+    // Subscribed shortly before T: a fire of the bindings at an earlier
+    // instant (they fire during setup) is over by then, and does not count
+    // towards the N events the subscribers wait for.
+    sleep_until(t - WATCH_LEAD).await;
+    let tenants: Vec<String> = (0..layout.tenants).map(api::tenant).collect();
+    let limit = t + TimeDelta::seconds(a.timeout as i64);
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let mut watching =
+        crate::fire::watch_fired(env.channel(0), tenants, limit, n, stop_watching.clone()).await?;
     sleep_until(t).await;
     let cpu0 = env.cpu_snapshot().await;
-    let limit = t + TimeDelta::seconds(a.timeout as i64);
     let (mut rows, mut started);
     loop {
         (rows, started) = counts(env, t).await?;
@@ -82,6 +99,14 @@ pub async fn run(env: &mut Env, a: BurstArgs) -> anyhow::Result<Report> {
     let cpu = cpu0.percent_until(&cpu1);
     let rss = env.sked_rss_mib();
     progress!("{started}/{n} started");
+    let watched = match tokio::time::timeout(Duration::from_secs(5), &mut watching).await {
+        Ok(w) => w?,
+        Err(_) => {
+            stop_watching.cancel();
+            watching.await?
+        }
+    };
+    let seen = Seen::of(env, &watched, t).await?;
 
     let (last_start, p50, p99, last_created, skipped): (
         Option<f64>,
@@ -121,15 +146,56 @@ pub async fn run(env: &mut Env, a: BurstArgs) -> anyhow::Result<Report> {
         "%",
         Target::AtLeast(100.0),
     );
+    let received = seen.matched;
+    r.count(
+        "events_received",
+        "fired events received by the subscribers",
+        received as i64,
+        Target::Info,
+    );
+    let all_seen = all && received >= n;
     r.num(
         "all_started_ms",
-        "fire instant → last run started",
-        if all { last_start.map(ms1) } else { None },
+        "fire instant → last fired event received",
+        seen.lag.max_ms().filter(|_| all_seen),
         "ms",
-        Target::AtMost(10_000.0),
+        Target::AtMost(2_000.0),
     );
-    r.num("lag_p50_ms", "start lag p50", ms1o(p50), "ms", Target::Info);
-    r.num("lag_p99_ms", "start lag p99", ms1o(p99), "ms", Target::Info);
+    r.num(
+        "lag_p50_ms",
+        "fired event lag p50 (at a WatchEvents subscriber)",
+        seen.lag.quantile_ms(0.5),
+        "ms",
+        Target::Info,
+    );
+    r.num(
+        "lag_p99_ms",
+        "fired event lag p99 (at a WatchEvents subscriber)",
+        seen.lag.quantile_ms(0.99),
+        "ms",
+        Target::Info,
+    );
+    r.num(
+        "start_max_ms",
+        "stored start_time − instant, max (comparison only)",
+        last_start.map(ms1),
+        "ms",
+        Target::Info,
+    );
+    r.num(
+        "start_p50_ms",
+        "stored start_time − instant, p50 (comparison only)",
+        ms1o(p50),
+        "ms",
+        Target::Info,
+    );
+    r.num(
+        "start_p99_ms",
+        "stored start_time − instant, p99 (comparison only)",
+        ms1o(p99),
+        "ms",
+        Target::Info,
+    );
     r.num(
         "last_created_ms",
         "fire instant → last run row created",
@@ -166,7 +232,51 @@ pub async fn run(env: &mut Env, a: BurstArgs) -> anyhow::Result<Report> {
             a.timeout
         ));
     }
+    if received < n {
+        r.note(format!(
+            "the subscribers had received {received} of the {n} fired events 5 s after the last run started"
+        ));
+    }
+    if watched.missed > 0 || watched.broken > 0 {
+        r.note(format!(
+            "the subscribers were told of {} events not delivered; {} subscriptions ended early",
+            watched.missed, watched.broken
+        ));
+    }
     Ok(r)
+}
+
+/// What the subscribers saw of the runs fired for instant `t`.
+struct Seen {
+    /// Arrival − `t` of each received `fired` event of those runs.
+    lag: crate::stats::Histogram,
+    /// Received events that belong to those runs.
+    matched: usize,
+}
+
+impl Seen {
+    async fn of(
+        env: &Env,
+        watched: &crate::fire::Watched,
+        t: DateTime<Utc>,
+    ) -> anyhow::Result<Seen> {
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE trigger = 'SCHEDULE' AND scheduled_time = $1",
+        )
+        .bind(t)
+        .fetch_all(&env.pool)
+        .await?;
+        let ids: std::collections::HashSet<uuid::Uuid> = ids.into_iter().collect();
+        let mut lag = crate::stats::Histogram::default();
+        let mut matched = 0;
+        for (id, at) in &watched.received {
+            if ids.contains(id) {
+                matched += 1;
+                lag.record((*at - t).num_microseconds().unwrap_or(i64::MAX).max(0) as u64);
+            }
+        }
+        Ok(Seen { lag, matched })
+    }
 }
 
 /// (runs for instant `t`, of which started).

@@ -169,7 +169,14 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     let watch_until =
         Utc::now() + TimeDelta::seconds((a.warmup + a.measure + SETTLE.as_secs()) as i64 + 2);
     let tenants: Vec<String> = (0..layout.tenants).map(api::tenant).collect();
-    let watching = watch_fired(env.channel(0), tenants, watch_until).await?;
+    let watching = watch_fired(
+        env.channel(0),
+        tenants,
+        watch_until,
+        usize::MAX,
+        Default::default(),
+    )
+    .await?;
     progress!("warm-up {} s", a.warmup);
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let w0 = api::now_us();
@@ -771,22 +778,25 @@ mod tests {
 /// and when it arrived, and how many events the node said it did not
 /// deliver to them (`missed_events`).
 #[derive(Debug, Default)]
-struct Watched {
-    received: Vec<(uuid::Uuid, DateTime<Utc>)>,
-    missed: u64,
+pub(crate) struct Watched {
+    pub received: Vec<(uuid::Uuid, DateTime<Utc>)>,
+    pub missed: u64,
     /// Subscriptions that failed or ended before `until`.
-    broken: usize,
+    pub broken: usize,
 }
 
 /// Subscribes to `WatchEvents` (kind `fired`) for each of `tenants` on
-/// `channel` and records every event until `until` (issue 18: fire lag is
-/// measured where a user sees it, at a subscriber receiving the `fired`
-/// event). Returns once every subscription is open; the handle yields what
-/// they received.
-async fn watch_fired(
+/// `channel` and records every event until `until`, or until `enough` events
+/// arrived in all (issue 18: fire lag is measured where a user sees it, at a
+/// subscriber receiving the `fired` event). Returns once every subscription
+/// is open; the handle yields what they received, also when `done` is
+/// cancelled early.
+pub(crate) async fn watch_fired(
     channel: tonic::transport::Channel,
     tenants: Vec<String>,
     until: DateTime<Utc>,
+    enough: usize,
+    done: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<Watched>> {
     let mut streams = Vec::with_capacity(tenants.len());
     for t in tenants {
@@ -804,15 +814,21 @@ async fn watch_fired(
             .into_inner();
         streams.push(stream);
     }
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Ok(tokio::spawn(async move {
         let mut set = tokio::task::JoinSet::new();
         for mut s in streams {
+            let (total, done) = (total.clone(), done.clone());
             set.spawn(async move {
                 let mut w = Watched::default();
                 let left = (until - Utc::now()).to_std().unwrap_or_default();
                 let deadline = tokio::time::Instant::now() + left;
                 loop {
-                    match tokio::time::timeout_at(deadline, s.message()).await {
+                    let next = tokio::select! {
+                        m = tokio::time::timeout_at(deadline, s.message()) => m,
+                        () = done.cancelled() => break,
+                    };
+                    match next {
                         Err(_) => break,
                         Ok(Ok(Some(m))) => {
                             let at = Utc::now();
@@ -821,6 +837,10 @@ async fn watch_fired(
                                 && let Ok(id) = e.run_id.parse()
                             {
                                 w.received.push((id, at));
+                                let seen = total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if seen + 1 >= enough {
+                                    done.cancel();
+                                }
                             }
                         }
                         Ok(_) => {

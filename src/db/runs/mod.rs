@@ -66,8 +66,7 @@ const GENERIC_PLANS_BELOW: usize = 16;
 /// already has a run is left alone: that unique index is what makes firing
 /// exactly-once across nodes.
 ///
-/// One statement for the whole batch (arrays through `UNNEST`), whatever
-/// its size.
+/// One statement (arrays through `UNNEST`) per [`INSERT_CHUNK`] runs.
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure.
@@ -113,14 +112,76 @@ pub async fn run_insert_unannounced(
     if runs.len() < GENERIC_PLANS_BELOW {
         super::generic_plans(&mut *conn).await?;
     }
-    let t0 = std::time::Instant::now();
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
+    let n_events: usize = bodies.iter().map(Vec::len).sum();
+    let mut inserted = std::collections::HashSet::with_capacity(runs.len());
+    let keys: Vec<Uuid> = runs.iter().map(|r| r.binding_id).collect();
+    let mut from = 0;
+    while from < runs.len() {
+        let to = chunk_end(&keys, from, INSERT_CHUNK);
+        inserted
+            .extend(insert_chunk(conn, node_id, &runs[from..to], &bodies[from..to], now).await?);
+        from = to;
+    }
+    let mut events = Vec::with_capacity(n_events);
+    let mut waiting = Waiting::default();
+    for (r, evs) in runs.iter().zip(bodies) {
+        if !inserted.contains(&r.id) {
+            continue;
+        }
+        waiting.add(r.state, r.handler.kind());
+        events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
+            run_id: r.id,
+            seq: i as i64 + 1,
+            time: now,
+            tenant_id: r.tenant_id.clone(),
+            binding_id: r.binding_id,
+            definition: r.definition.clone(),
+            body,
+        }));
+    }
+    let announce = Announce {
+        waiting,
+        ranges: ranges(&events),
+    };
+    Ok((events, announce))
+}
+
+/// Most runs written by one statement of [`run_insert_unannounced`]: a
+/// larger batch is written by several, in the same transaction. Measured
+/// (2026-12-06, 2 cores): a pass prepared ahead wrote 43 000 runs in one
+/// statement at 130–160 µs a run, against 40–60 µs in statements of 1 000
+/// (its sorts and joins outgrow `work_mem`).
+const INSERT_CHUNK: usize = 1000;
+
+/// Where the chunk of runs starting at `from` ends, given their bindings
+/// `keys`: after `size` runs (at least one), extended to keep a binding's
+/// consecutive runs together (its status row takes the latest of them in
+/// one statement).
+fn chunk_end<K: PartialEq>(keys: &[K], from: usize, size: usize) -> usize {
+    let mut to = from.saturating_add(size.max(1)).min(keys.len());
+    while to > 0 && to < keys.len() && keys[to] == keys[to - 1] {
+        to += 1;
+    }
+    to
+}
+
+/// One statement of [`run_insert_unannounced`]: writes `runs` with their
+/// initial events `bodies`; returns the ids of the runs written.
+async fn insert_chunk(
+    conn: &mut PgConnection,
+    node_id: &str,
+    runs: &[NewRun],
+    bodies: &[Vec<EventBody>],
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, Error> {
+    let t0 = std::time::Instant::now();
     let n_events: usize = bodies.iter().map(Vec::len).sum();
     let mut ev_run = Vec::with_capacity(n_events);
     let mut ev_seq = Vec::with_capacity(n_events);
     let mut ev_kind = Vec::with_capacity(n_events);
     let mut ev_payload = Vec::with_capacity(n_events);
-    for (r, evs) in runs.iter().zip(&bodies) {
+    for (r, evs) in runs.iter().zip(bodies) {
         // A run written with its whole history (an event run created
         // SUCCEEDED) takes one batch row keyed by its last seq.
         if evs.len() > 1 {
@@ -304,29 +365,7 @@ pub async fn run_insert_unannounced(
         executed_ms = t0.elapsed().as_secs_f64() * 1e3 - built_ms,
         "runs inserted"
     );
-    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
-    let mut events = Vec::with_capacity(n_events);
-    let mut waiting = Waiting::default();
-    for (r, evs) in runs.iter().zip(bodies) {
-        if !inserted.contains(&r.id) {
-            continue;
-        }
-        waiting.add(r.state, r.handler.kind());
-        events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
-            run_id: r.id,
-            seq: i as i64 + 1,
-            time: now,
-            tenant_id: r.tenant_id.clone(),
-            binding_id: r.binding_id,
-            definition: r.definition.clone(),
-            body,
-        }));
-    }
-    let announce = Announce {
-        waiting,
-        ranges: ranges(&events),
-    };
-    Ok((events, announce))
+    Ok(inserted)
 }
 
 /// The NOTIFYs of written runs and events, sent by [`Announce::send`]:
@@ -609,6 +648,45 @@ impl TryFrom<RunRow> for Run {
 #[cfg(test)]
 mod waiting_tests {
     use super::*;
+
+    #[test]
+    fn chunks_cover_every_run_once_and_never_split_a_binding() {
+        // Every prefix/size mix over runs of bindings in runs of 1–5.
+        for seed in 0u64..200 {
+            let mut keys = Vec::new();
+            let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            for b in 0..(seed % 40) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                keys.extend(std::iter::repeat_n(b, (x >> 60) as usize % 5 + 1));
+            }
+            let size = (seed % 7) as usize;
+            let mut from = 0;
+            let mut chunks = Vec::new();
+            while from < keys.len() {
+                let to = chunk_end(&keys, from, size);
+                assert!(to > from, "progress at {from} of {keys:?}");
+                chunks.push(&keys[from..to]);
+                from = to;
+            }
+            assert_eq!(chunks.concat(), keys, "every run once, in order");
+            for pair in chunks.windows(2) {
+                assert_ne!(
+                    pair[0].last(),
+                    pair[1].first(),
+                    "a binding split: {chunks:?}"
+                );
+            }
+            for c in &chunks {
+                let distinct = c.windows(2).filter(|w| w[0] != w[1]).count() + 1;
+                assert!(
+                    c.len() <= size.max(1) || distinct == 1 || c.len() - size.max(1) < 5,
+                    "a chunk past its size only to finish a binding: {c:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn waiting_payloads_round_trip_and_unknown_ones_mean_any() {
