@@ -296,37 +296,25 @@ async fn a_band_larger_than_one_statement_fires_every_binding_once_with_its_stat
     for t in first..=last {
         let mut fired: HashMap<String, usize> = HashMap::new();
         for tenant in &tenants {
-            let mut token = String::new();
-            loop {
-                let page = node
-                    .runs()
-                    .list_runs(as_tenant(
-                        tenant,
-                        pb::ListRunsRequest {
-                            page_size: 500,
-                            page_token: token.clone(),
-                            scheduled_start_time: Some(ts(t as f64)),
-                            scheduled_end_time: Some(ts(t as f64 + 1.0)),
-                            ..Default::default()
-                        },
-                    ))
-                    .await
-                    .expect("list runs")
-                    .into_inner();
-                for r in &page.runs {
-                    assert_eq!(state(r), pb::RunState::Succeeded, "{r:?}");
-                    assert_eq!(secs(&r.scheduled_time), t as f64, "{r:?}");
-                    assert!(
-                        secs(&r.start_time) >= t as f64,
-                        "started before its fire time: {r:?}"
-                    );
-                    assert_eq!(bound.get(&r.binding_id), Some(tenant), "{r:?}");
-                    *fired.entry(r.binding_id.clone()).or_default() += 1;
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
+            let runs = list_all_runs(
+                &node,
+                tenant,
+                pb::ListRunsRequest {
+                    scheduled_start_time: Some(ts(t as f64)),
+                    scheduled_end_time: Some(ts(t as f64 + 1.0)),
+                    ..Default::default()
+                },
+            )
+            .await;
+            for r in &runs {
+                assert_eq!(state(r), pb::RunState::Succeeded, "{r:?}");
+                assert_eq!(secs(&r.scheduled_time), t as f64, "{r:?}");
+                assert!(
+                    secs(&r.start_time) >= t as f64,
+                    "started before its fire time: {r:?}"
+                );
+                assert_eq!(bound.get(&r.binding_id), Some(tenant), "{r:?}");
+                *fired.entry(r.binding_id.clone()).or_default() += 1;
             }
         }
         assert_eq!(fired.len(), bound.len(), "every binding fired at {t}");
@@ -336,39 +324,18 @@ async fn a_band_larger_than_one_statement_fires_every_binding_once_with_its_stat
         );
     }
     for tenant in &tenants {
-        let mut token = String::new();
-        let mut seen = 0;
-        loop {
-            let page = node
-                .bindings()
-                .list_bindings(as_tenant(
-                    tenant,
-                    pb::ListBindingsRequest {
-                        page_size: 500,
-                        page_token: token.clone(),
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .expect("list bindings")
-                .into_inner();
-            for b in &page.bindings {
-                let last_run = b.last_run.as_ref().expect("a last run");
-                assert!(
-                    secs(&last_run.scheduled_time) >= last as f64,
-                    "binding {}'s last run is its latest fire: {last_run:?}",
-                    b.id
-                );
-                assert!(b.last_success_time.is_some(), "{b:?}");
-                assert_eq!(b.consecutive_failures, 0, "{b:?}");
-                seen += 1;
-            }
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
+        let bindings = list_all_bindings(&node, tenant, Default::default()).await;
+        assert_eq!(bindings.len(), PER_TENANT);
+        for b in &bindings {
+            let last_run = b.last_run.as_ref().expect("a last run");
+            assert!(
+                secs(&last_run.scheduled_time) >= last as f64,
+                "binding {}'s last run is its latest fire: {last_run:?}",
+                b.id
+            );
+            assert!(b.last_success_time.is_some(), "{b:?}");
+            assert_eq!(b.consecutive_failures, 0, "{b:?}");
         }
-        assert_eq!(seen, PER_TENANT);
     }
     node.stop().await;
 }

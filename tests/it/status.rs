@@ -48,28 +48,15 @@ async fn run_with(
 
 /// Every page of ListRuns for `req` (3 runs a page, so tokens are used).
 async fn list_runs(node: &TestNode, tenant: &str, req: pb::ListRunsRequest) -> Vec<pb::Run> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = node
-            .runs()
-            .list_runs(as_tenant(
-                tenant,
-                pb::ListRunsRequest {
-                    page_size: 3,
-                    page_token: token.clone(),
-                    ..req.clone()
-                },
-            ))
-            .await
-            .expect("list runs")
-            .into_inner();
-        out.extend(page.runs);
-        token = page.next_page_token;
-        if token.is_empty() {
-            return out;
-        }
-    }
+    list_all_runs(
+        node,
+        tenant,
+        pb::ListRunsRequest {
+            page_size: 3,
+            ..req
+        },
+    )
+    .await
 }
 
 /// Every page of ListBindings for `req` (2 a page).
@@ -78,28 +65,15 @@ async fn list_bindings(
     tenant: &str,
     req: pb::ListBindingsRequest,
 ) -> Vec<pb::Binding> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = node
-            .bindings()
-            .list_bindings(as_tenant(
-                tenant,
-                pb::ListBindingsRequest {
-                    page_size: 2,
-                    page_token: token.clone(),
-                    ..req.clone()
-                },
-            ))
-            .await
-            .expect("list bindings")
-            .into_inner();
-        out.extend(page.bindings);
-        token = page.next_page_token;
-        if token.is_empty() {
-            return out;
-        }
-    }
+    list_all_bindings(
+        node,
+        tenant,
+        pb::ListBindingsRequest {
+            page_size: 2,
+            ..req
+        },
+    )
+    .await
 }
 
 fn ids<T>(items: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {

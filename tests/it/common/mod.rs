@@ -627,6 +627,61 @@ pub fn assert_dense(events: &[pb::RunEvent]) {
 
 /// Every run of a binding (all pages), oldest fire time first.
 pub async fn runs_of(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb::Run> {
+    let mut out = list_all_runs(
+        node,
+        tenant,
+        pb::ListRunsRequest {
+            binding_id: binding_id.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    out.sort_by_key(|r| r.scheduled_time.unwrap().seconds);
+    out
+}
+
+/// Every page of ListBindings for `req`, `req.page_size` a page (the
+/// server's default when unset); panics when a call fails.
+pub async fn list_all_bindings(
+    node: &TestNode,
+    tenant: &str,
+    req: pb::ListBindingsRequest,
+) -> Vec<pb::Binding> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = node
+            .bindings()
+            .list_bindings(as_tenant(
+                tenant,
+                pb::ListBindingsRequest {
+                    page_token: token.clone(),
+                    ..req.clone()
+                },
+            ))
+            .await
+            .expect("list bindings")
+            .into_inner();
+        out.extend(page.bindings);
+        token = page.next_page_token;
+        if token.is_empty() {
+            return out;
+        }
+    }
+}
+
+/// Every page of ListRuns for `req`, `req.page_size` a page (1 000 when
+/// unset); panics when a call fails.
+pub async fn list_all_runs(
+    node: &TestNode,
+    tenant: &str,
+    req: pb::ListRunsRequest,
+) -> Vec<pb::Run> {
+    let page_size = if req.page_size == 0 {
+        1000
+    } else {
+        req.page_size
+    };
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -635,23 +690,20 @@ pub async fn runs_of(node: &TestNode, tenant: &str, binding_id: &str) -> Vec<pb:
             .list_runs(as_tenant(
                 tenant,
                 pb::ListRunsRequest {
-                    binding_id: binding_id.into(),
-                    page_size: 1000,
+                    page_size,
                     page_token: token.clone(),
-                    ..Default::default()
+                    ..req.clone()
                 },
             ))
             .await
-            .unwrap()
+            .expect("list runs")
             .into_inner();
         out.extend(page.runs);
         token = page.next_page_token;
         if token.is_empty() {
-            break;
+            return out;
         }
     }
-    out.sort_by_key(|r| r.scheduled_time.unwrap().seconds);
-    out
 }
 
 /// Polls the binding's runs ([`runs_of`]) until `done` holds for them, for
