@@ -659,7 +659,16 @@ async fn serve_with_pool(
             workers: 2,
             ahead: settings.fire_ahead,
             ahead_batch: 50_000,
-            ahead_slots: Arc::new(tokio::sync::Semaphore::new(crate::scheduler::AHEAD_SLOTS)),
+            // Each slot holds an engine connection for up to a band's lead
+            // (seconds for the largest): a small engine pool keeps one
+            // slot, so most of it stays free for the executor and reaper.
+            ahead_slots: Arc::new(tokio::sync::Semaphore::new(
+                if engine_pool.options().get_max_connections() >= 6 {
+                    crate::scheduler::AHEAD_SLOTS
+                } else {
+                    1
+                },
+            )),
             ahead_frontier: Arc::default(),
             ahead_cost_ns: Arc::default(),
             ahead_writing: Arc::default(),

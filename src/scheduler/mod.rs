@@ -183,8 +183,9 @@ const AHEAD_MIN: chrono::Duration = chrono::Duration::milliseconds(100);
 /// pass ahead takes this many, to measure it.
 const AHEAD_COST_SAMPLE: usize = 256;
 
-/// Passes prepared ahead that a node holds at once (each holds one
-/// connection of the engine's pool until its instant).
+/// Passes prepared ahead that a node holds at once, at most (each holds
+/// one connection of the engine's pool until its instant; a node with an
+/// engine pool under 6 connections holds one).
 pub const AHEAD_SLOTS: usize = 2;
 
 /// What preparing one binding ahead is assumed to cost until a node has
