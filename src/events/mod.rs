@@ -44,6 +44,11 @@ pub const MAX_BATCH: usize = 512;
 pub struct Published {
     event: RunEvent,
     wire: OnceLock<Bytes>,
+    /// Index of this event among its tenant's on the bus that published
+    /// it (0, 1, 2... over the node's life; 0 when not from a bus): a
+    /// watcher that lagged learns how many of its tenant's events it
+    /// missed, and nothing about other tenants'.
+    pub tenant_index: u64,
 }
 
 impl Published {
@@ -52,6 +57,7 @@ impl Published {
         Self {
             event,
             wire: OnceLock::new(),
+            tenant_index: 0,
         }
     }
 
@@ -92,9 +98,19 @@ impl Batch {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Batch>>,
-    /// Index of the next event; held while sending, so batches reach every
-    /// subscriber in index order.
-    next: Arc<Mutex<u64>>,
+    /// Index of the next event, and of each tenant's next event; held
+    /// while sending, so batches reach every subscriber in index order.
+    next: Arc<Mutex<Next>>,
+}
+
+/// [`EventBus`]'s counters.
+#[derive(Debug, Default)]
+struct Next {
+    /// Bus-wide index of the next event.
+    event: u64,
+    /// Per tenant, the index of its next event (one entry per tenant that
+    /// published on this node).
+    tenant: std::collections::HashMap<String, u64>,
 }
 
 impl Default for EventBus {
@@ -108,7 +124,7 @@ impl EventBus {
     pub fn new() -> Self {
         Self {
             tx: broadcast::channel(BUS_CAPACITY).0,
-            next: Arc::new(Mutex::new(0)),
+            next: Arc::default(),
         }
     }
     /// Publishes already-persisted events this node wrote, in order, in
@@ -125,19 +141,25 @@ impl EventBus {
     }
 
     fn publish_from(&self, events: impl IntoIterator<Item = RunEvent>, local: bool) {
-        let mut events = events
-            .into_iter()
-            .map(|e| Arc::new(Published::new(e)))
-            .peekable();
+        let mut events = events.into_iter().map(Published::new).peekable();
         while events.peek().is_some() {
-            let chunk: Vec<Arc<Published>> = events.by_ref().take(MAX_BATCH).collect();
+            let mut chunk: Vec<Published> = events.by_ref().take(MAX_BATCH).collect();
             metrics::published(chunk.iter().map(|e| -> &RunEvent { e }), local);
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &mut chunk {
+                // A tenant's events come in runs: one lookup per run of them.
+                let slot = match next.tenant.get_mut(&e.event.tenant_id) {
+                    Some(slot) => slot,
+                    None => next.tenant.entry(e.event.tenant_id.clone()).or_default(),
+                };
+                e.tenant_index = *slot;
+                *slot += 1;
+            }
             let batch = Batch {
-                first: *next,
-                events: chunk,
+                first: next.event,
+                events: chunk.into_iter().map(Arc::new).collect(),
             };
-            *next = batch.end();
+            next.event = batch.end();
             // No receivers is fine: nobody is watching.
             let _ = self.tx.send(Arc::new(batch));
         }
@@ -150,7 +172,16 @@ impl EventBus {
     /// receive (to count events missed by lagging).
     pub fn subscribe_at(&self) -> (broadcast::Receiver<Arc<Batch>>, u64) {
         let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        (self.tx.subscribe(), *next)
+        (self.tx.subscribe(), next.event)
+    }
+    /// [`EventBus::subscribe`], with the index of `tenant`'s first event it
+    /// will receive ([`Published::tenant_index`]).
+    pub fn subscribe_tenant(&self, tenant: &str) -> (broadcast::Receiver<Arc<Batch>>, u64) {
+        let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            self.tx.subscribe(),
+            next.tenant.get(tenant).copied().unwrap_or(0),
+        )
     }
     /// Whether anyone is subscribed (the bridge skips reads otherwise).
     pub fn has_subscribers(&self) -> bool {

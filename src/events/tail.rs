@@ -358,21 +358,27 @@ impl WatchFilter {
 pub enum WatchItem {
     /// A live event.
     Event(Arc<Published>),
-    /// This many events were dropped for this watcher.
+    /// This many of the watcher's tenant's events (of any kind, before the
+    /// watcher's other filters) were dropped for it.
     Missed(u64),
 }
 
 /// Streams live events matching `filter` into `out` until `out` is closed or
 /// `stop` is cancelled.
+///
+/// A watcher that reads too slowly loses the bus's oldest batches; it
+/// counts what it lost by its tenant's event indexes
+/// ([`Published::tenant_index`]), told with the next event of its tenant
+/// that reaches it: other tenants' events it skipped are neither counted
+/// nor revealed.
 pub async fn watch_events(
     bus: EventBus,
     filter: WatchFilter,
     out: mpsc::Sender<WatchItem>,
     stop: CancellationToken,
 ) {
-    // Index of the next event expected; after a lag, the next batch's first
-    // index tells exactly how many were skipped.
-    let (mut rx, mut expected) = bus.subscribe_at();
+    // Index of the tenant's next event expected.
+    let (mut rx, mut expected) = bus.subscribe_tenant(&filter.tenant_id);
     loop {
         let batch = tokio::select! {
             r = rx.recv() => match r {
@@ -383,16 +389,20 @@ pub async fn watch_events(
             _ = out.closed() => return,
             _ = stop.cancelled() => return,
         };
-        let missed = batch.first.saturating_sub(expected);
-        if missed > 0 {
-            crate::telemetry::metrics::events_dropped(missed);
-            if out.send(WatchItem::Missed(missed)).await.is_err() {
-                return;
+        for e in batch
+            .events
+            .iter()
+            .filter(|e| e.tenant_id == filter.tenant_id)
+        {
+            let missed = e.tenant_index.saturating_sub(expected);
+            expected = e.tenant_index + 1;
+            if missed > 0 {
+                crate::telemetry::metrics::events_dropped(missed);
+                if out.send(WatchItem::Missed(missed)).await.is_err() {
+                    return;
+                }
             }
-        }
-        expected = batch.end();
-        for e in batch.events.iter().filter(|e| filter.matches(e)) {
-            if out.send(WatchItem::Event(Arc::clone(e))).await.is_err() {
+            if filter.matches(e) && out.send(WatchItem::Event(Arc::clone(e))).await.is_err() {
                 return;
             }
         }
@@ -477,6 +487,46 @@ mod tests {
             }
         }
         assert!(missed >= 10, "missed {missed}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_watcher_lagging_behind_another_tenants_flood_is_told_nothing_of_it() {
+        let bus = EventBus::new();
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_events(
+            bus.clone(),
+            WatchFilter {
+                tenant_id: "a".into(),
+                ..Default::default()
+            },
+            tx,
+            stop.clone(),
+        ));
+        while bus.subscribers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        bus.publish([event("a", 1)]);
+        let mut got = Vec::new();
+        if let Some(WatchItem::Event(e)) = rx.recv().await {
+            got.push(e.seq);
+        }
+        // b's flood, published without yielding to the watcher (one
+        // thread): the bus overflows for it.
+        for i in 0..(crate::events::BUS_CAPACITY as i64 + 10) {
+            bus.publish([event("b", i)]);
+        }
+        bus.publish([event("a", 2)]);
+        while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+        {
+            match item {
+                WatchItem::Event(e) => got.push(e.seq),
+                WatchItem::Missed(n) => panic!("told of {n} missed events: b's, not a's"),
+            }
+        }
+        // Every one of a's events arrived: only b's were dropped for it.
+        assert_eq!(got, vec![1, 2]);
         stop.cancel();
     }
 }
