@@ -452,10 +452,11 @@ mod tests {
         assert_eq!(bus.subscribers(), 0, "the subscription is released");
     }
 
-    #[tokio::test]
-    async fn watch_filters_by_tenant_and_reports_missed_events() {
+    /// A bus with tenant `a`'s watcher running on it, reading into a
+    /// channel of one item; the watcher stops with the token.
+    async fn watching_a() -> (EventBus, mpsc::Receiver<WatchItem>, CancellationToken) {
         let bus = EventBus::new();
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
         tokio::spawn(watch_events(
             bus.clone(),
@@ -469,6 +470,12 @@ mod tests {
         while bus.subscribers() == 0 {
             tokio::task::yield_now().await;
         }
+        (bus, rx, stop)
+    }
+
+    #[tokio::test]
+    async fn watch_filters_by_tenant_and_reports_missed_events() {
+        let (bus, mut rx, stop) = watching_a().await;
         bus.publish([event("b", 1), event("a", 2)]);
         match rx.recv().await.unwrap() {
             WatchItem::Event(e) => assert_eq!((e.tenant_id.as_str(), e.seq), ("a", 2)),
@@ -492,21 +499,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_watcher_lagging_behind_another_tenants_flood_is_told_nothing_of_it() {
-        let bus = EventBus::new();
-        let (tx, mut rx) = mpsc::channel(1);
-        let stop = CancellationToken::new();
-        tokio::spawn(watch_events(
-            bus.clone(),
-            WatchFilter {
-                tenant_id: "a".into(),
-                ..Default::default()
-            },
-            tx,
-            stop.clone(),
-        ));
-        while bus.subscribers() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let (bus, mut rx, stop) = watching_a().await;
         bus.publish([event("a", 1)]);
         let mut got = Vec::new();
         if let Some(WatchItem::Event(e)) = rx.recv().await {
