@@ -228,22 +228,31 @@ pub async fn run_find_by_idempotency_key(
 
 /// Gets the tenant's run `id`.
 ///
+/// The row is found by primary key alone and its tenant compared here: with
+/// `tenant_id` in the query, a plan made while `runs` looked small (a new
+/// installation, before autovacuum's first ANALYZE) walked the tenant's
+/// whole range of `runs_tenant_create_time` and filtered on the id, and
+/// kept doing so for the connection's life (measured: ~1 ms a TriggerRun,
+/// a core of PostgreSQL at 1 000 TriggerRun/s).
+///
 /// # Errors
 /// [`Error::NotFound`] when the tenant has no such run.
 pub async fn run_get(db: impl PgExecutor<'_>, tenant_id: &str, id: Uuid) -> Result<Run, Error> {
-    sqlx::query_as!(
+    let row = sqlx::query_as!(
         RunRow,
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
                   retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
-         FROM runs WHERE tenant_id = $1 AND id = $2",
-        tenant_id,
+         FROM runs WHERE id = $1",
         id
     )
-    .fetch_one(db)
-    .await?
-    .try_into()
+    .fetch_optional(db)
+    .await?;
+    match row {
+        Some(r) if r.tenant_id == tenant_id => r.try_into(),
+        _ => Err(Error::NotFound),
+    }
 }
 
 /// Which runs [`run_list`] returns: all of the given filters hold.
