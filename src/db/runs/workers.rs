@@ -72,6 +72,11 @@ pub async fn run_complete_by_leases(
         return Ok(Vec::new());
     }
     // A few completions at a time would otherwise be planned on most calls.
+    // The tokens are also tested as an array (`lease_token = ANY`), so that
+    // each is one probe of `runs_lease_token`: joined only to the UNNEST,
+    // the generic plan read every RUNNING run and compared it with every
+    // token (measured at 400 running: 2.5 of a 35-run batch's 7.5 ms, and
+    // growing with the runs the workers hold).
     super::super::generic_plans(&mut *conn).await?;
     let body = EventBody::StateChanged {
         from: Some(RunState::Running),
@@ -82,7 +87,7 @@ pub async fn run_complete_by_leases(
         r#"WITH l AS (
              SELECT r.id, i.result FROM runs r
              JOIN UNNEST($1::uuid[], $2::text[]) AS i(token, result) ON r.lease_token = i.token
-             WHERE r.state = 'RUNNING' AND (r.handler->>'kind') = 'worker'
+             WHERE r.lease_token = ANY($1::uuid[]) AND r.state = 'RUNNING' AND (r.handler->>'kind') = 'worker'
                AND ($3::text IS NULL OR r.tenant_id = $3)
              ORDER BY r.id FOR UPDATE OF r),
            f AS (
