@@ -828,3 +828,174 @@ async fn disabling_a_definition_waits_for_the_starts_of_its_runs() {
     assert_eq!(d.enabled, Some(false));
     node.stop().await;
 }
+
+/// A small deterministic generator (xorshift64*), so a failing case can be
+/// replayed from its seed.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One queued run of a generated queue.
+#[derive(Debug, Clone)]
+struct Queued {
+    id: uuid::Uuid,
+    tenant: String,
+    priority: i32,
+    not_before: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a claim of `limit` takes from `runs` when it reads every run: each
+/// tenant's runs ranked by (priority desc, not_before, id); then priority
+/// first, rank, not_before, id (no tenant served before).
+fn fair_pick(runs: &[Queued], limit: usize) -> std::collections::BTreeSet<uuid::Uuid> {
+    let mut by_tenant: std::collections::BTreeMap<&str, Vec<&Queued>> = Default::default();
+    for r in runs {
+        by_tenant.entry(r.tenant.as_str()).or_default().push(r);
+    }
+    let mut ranked = Vec::new();
+    for rs in by_tenant.values_mut() {
+        rs.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.not_before.cmp(&b.not_before))
+                .then(a.id.cmp(&b.id))
+        });
+        for (i, r) in rs.iter().enumerate() {
+            ranked.push((i + 1, *r));
+        }
+    }
+    ranked.sort_by(|(ta, a), (tb, b)| {
+        b.priority
+            .cmp(&a.priority)
+            .then(ta.cmp(tb))
+            .then(a.not_before.cmp(&b.not_before))
+            .then(a.id.cmp(&b.id))
+    });
+    ranked.into_iter().take(limit).map(|(_, r)| r.id).collect()
+}
+
+/// A claim reads only about `limit / tenants` + 1 runs of each tenant
+/// first, and reads on a tenant whose last read run it picked: generated
+/// queues (1-8 tenants, backlogs of 0-60, mixed priorities, equal
+/// not_before times among them) are claimed exactly as a read of every run
+/// would pick them.
+#[tokio::test]
+async fn a_worker_claim_takes_what_a_read_of_every_queued_run_ranks_first() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    sked::db::migrate(&pool).await.expect("migrate");
+    let now = chrono::Utc::now();
+    sqlx::query(
+        "INSERT INTO definitions (name, handler, schedule, create_time, update_time)
+         VALUES ('gen', '{\"kind\": \"worker\", \"queue\": \"gen\"}', '{\"manual\": {}}', $1, $1)",
+    )
+    .bind(now)
+    .execute(&pool)
+    .await
+    .expect("definition");
+    let mut bindings = Vec::new();
+    for t in 0..8 {
+        let id = uuid::Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO bindings (id, tenant_id, definition, effective_schedule, create_time, update_time)
+             VALUES ($1, $2, 'gen', '{\"manual\": {}}', $3, $3)",
+        )
+        .bind(id)
+        .bind(format!("t{t}"))
+        .bind(now)
+        .execute(&pool)
+        .await
+        .expect("binding");
+        bindings.push(id);
+    }
+    let clock = Clock::system();
+    let mut fallbacks_possible = 0;
+    for seed in 1..=40u64 {
+        let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        sqlx::query("DELETE FROM runs")
+            .execute(&pool)
+            .await
+            .expect("clear runs");
+        sqlx::query("DELETE FROM tenant_claims")
+            .execute(&pool)
+            .await
+            .expect("clear turns");
+        let tenants = 1 + g.below(8) as usize;
+        let mut runs = Vec::new();
+        for (t, binding) in bindings.iter().enumerate().take(tenants) {
+            let backlog = match g.below(4) {
+                0 => g.below(3),
+                _ => g.below(61),
+            };
+            let high = g.below(3) == 0;
+            for _ in 0..backlog {
+                let r = Queued {
+                    id: uuid::Uuid::new_v4(),
+                    tenant: format!("t{t}"),
+                    priority: if high && g.below(2) == 0 { 5 } else { 0 },
+                    // Whole seconds of the last minute: many equal times.
+                    not_before: now - chrono::Duration::seconds(1 + g.below(60) as i64),
+                };
+                sqlx::query(
+                    "INSERT INTO runs (id, tenant_id, binding_id, definition, trigger, state, scheduled_time,
+                                       create_time, handler, params, not_before, priority, last_seq)
+                     VALUES ($1, $2, $3, 'gen', 'MANUAL', 'QUEUED', $4, $4,
+                             '{\"kind\": \"worker\", \"queue\": \"gen\"}', '{}', $4, $5, 1)",
+                )
+                .bind(r.id)
+                .bind(&r.tenant)
+                .bind(binding)
+                .bind(r.not_before)
+                .bind(r.priority)
+                .execute(&pool)
+                .await
+                .expect("run");
+                runs.push(r);
+            }
+        }
+        let limit = 1 + g.below(120) as usize;
+        let want = fair_pick(&runs, limit);
+        let per_tenant = limit.div_ceil(tenants) + 1;
+        if want.len() == limit && per_tenant < limit {
+            fallbacks_possible += 1;
+        }
+        let mut conn = pool.acquire().await.expect("connection");
+        let claimed = sked::db::runs::run_claim(
+            &mut conn,
+            "gen-node",
+            &clock,
+            chrono::Duration::seconds(30),
+            limit as i64,
+            sked::db::runs::ClaimKind::Worker {
+                queue: "gen".into(),
+                tenant: None,
+                worker_names: vec!["w".into(); limit],
+            },
+            &[],
+        )
+        .await
+        .expect("claim");
+        let got: std::collections::BTreeSet<uuid::Uuid> =
+            claimed.iter().map(|c| c.run.id).collect();
+        assert_eq!(
+            got,
+            want,
+            "seed {seed}: {tenants} tenants, limit {limit}, {} runs queued",
+            runs.len()
+        );
+    }
+    assert!(
+        fallbacks_possible >= 10,
+        "the cases exercise a shallow first read: {fallbacks_possible}"
+    );
+}

@@ -377,6 +377,79 @@ async fn two_workers_share_a_queue_fairly() {
     node.stop().await;
 }
 
+/// The runs one claim of `slots` deals to a new stream on `queue` (of every
+/// tenant), counted per tenant; the runs stay held.
+async fn one_claim(node: &TestNode, queue: &str, slots: u32) -> HashMap<String, usize> {
+    let mut s = Stream::open(node, "", queue, "w-pick", slots).await;
+    let mut got: HashMap<String, usize> = HashMap::new();
+    for _ in 0..slots {
+        let a = s
+            .assigned(Duration::from_secs(20))
+            .await
+            .expect("every slot is filled");
+        *got.entry(a.tenant_id).or_default() += 1;
+    }
+    assert!(
+        s.assigned(Duration::from_millis(300)).await.is_none(),
+        "no more than the slots"
+    );
+    got
+}
+
+/// A claim reads only about `limit / tenants` + 1 of each tenant's runs
+/// first; a tenant whose last read run it picks is read on (db::runs::
+/// run_claim). The pick is the one a full read gives: priority first, then
+/// the tenants' turns, a tenant with few runs leaving its turns to others.
+#[tokio::test]
+async fn a_claim_of_many_slots_picks_by_priority_and_turn_as_if_it_read_every_run() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w-pick").await;
+    let mut hi = worker_def("w.pick.hi", "pick", 1);
+    hi.priority = 5;
+    let hi = define_and_bind(&node, "hi", hi).await;
+    let lo = define_and_bind(&node, "lo1", worker_def("w.pick.lo", "pick", 1)).await;
+    let mut lo_bindings = vec![("lo1", lo.id.clone(), 2)];
+    for t in ["lo2", "lo3", "lo4"] {
+        lo_bindings.push((t, bind_existing(&node, t, "w.pick.lo").await.id, 40));
+    }
+    for _ in 0..30 {
+        trigger_with(&node, "hi", &hi.id, serde_json::json!({})).await;
+    }
+    for (t, b, n) in &lo_bindings {
+        for _ in 0..*n {
+            trigger_with(&node, t, b, serde_json::json!({})).await;
+        }
+    }
+    // 60 slots over 5 tenants: 13 of each read first; all of hi's 30
+    // (priority 5) come first, so its 13th is picked and it is read on.
+    let got = one_claim(&node, "pick", 60).await;
+    assert_eq!(got.get("hi"), Some(&30), "{got:?}");
+    assert_eq!(got.get("lo1"), Some(&2), "{got:?}");
+    let mut rest: Vec<usize> = ["lo2", "lo3", "lo4"]
+        .iter()
+        .map(|t| got.get(*t).copied().unwrap_or(0))
+        .collect();
+    rest.sort_unstable();
+    assert_eq!(rest, vec![9, 9, 10], "turns shared evenly: {got:?}");
+
+    // Equal priority, one deep backlog among shallow ones: the deep one
+    // takes every slot the others leave.
+    let deep = define_and_bind(&node, "deep", worker_def("w.pick.even", "even", 1)).await;
+    for _ in 0..100 {
+        trigger_with(&node, "deep", &deep.id, serde_json::json!({})).await;
+    }
+    for t in ["s1", "s2", "s3", "s4"] {
+        let b = bind_existing(&node, t, "w.pick.even").await;
+        trigger_with(&node, t, &b.id, serde_json::json!({})).await;
+    }
+    let got = one_claim(&node, "even", 60).await;
+    assert_eq!(got.get("deep"), Some(&56), "{got:?}");
+    for t in ["s1", "s2", "s3", "s4"] {
+        assert_eq!(got.get(t), Some(&1), "{got:?}");
+    }
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn a_tenant_worker_never_receives_another_tenants_runs() {
     let db = TestDb::new().await;
