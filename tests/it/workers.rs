@@ -732,3 +732,117 @@ async fn a_batch_of_completions_ends_its_runs_and_refuses_only_the_lost_lease() 
     }
     node.stop().await;
 }
+
+/// Sends one message completing `tokens` on `s` and returns the acks'
+/// (token, code) in order.
+async fn complete_all(s: &mut Stream, tokens: &[String]) -> Vec<(String, i32)> {
+    s.tx.send(pb::WorkerRequest {
+        completes: tokens
+            .iter()
+            .map(|t| pb::Complete {
+                lease_token: t.clone(),
+                result: None,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("send completions");
+    let mut acks = Vec::new();
+    while acks.len() < tokens.len() {
+        match tokio::time::timeout(Duration::from_secs(10), s.rx.message()).await {
+            Ok(Ok(Some(pb::WorkerResponse {
+                kind: Some(pb::worker_response::Kind::Ack(a)),
+            }))) => acks.push((a.lease_token, a.code)),
+            Ok(Ok(Some(_))) => continue,
+            other => panic!("no ack: {other:?}"),
+        }
+    }
+    acks
+}
+
+/// Each completion is fenced by the tenant of the stream that sends it: a
+/// tenant's worker that names another tenant's lease tokens (sent at the
+/// same time as the owner's completions of the same runs) is refused them,
+/// and the owner's go through. A lock held by the test makes all of them
+/// wait on a first completion and reach the database together.
+#[tokio::test]
+async fn a_worker_naming_another_tenants_lease_tokens_is_refused_them_and_the_owners_complete() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w-mix").await;
+    let def = worker_def("w.mix", "mix", 1);
+    let ba = define_and_bind(&node, "ta", def).await;
+    let bb = bind_existing(&node, "tb", "w.mix").await;
+    let bc = bind_existing(&node, "tc", "w.mix").await;
+    let mut a = Stream::open(&node, "ta", "mix", "w-a", 5).await;
+    let mut b = Stream::open(&node, "tb", "mix", "w-b", 5).await;
+    let mut c = Stream::open(&node, "tc", "mix", "w-c", 1).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push((
+            "ta",
+            trigger_with(&node, "ta", &ba.id, serde_json::json!({}))
+                .await
+                .id,
+        ));
+        ids.push((
+            "tb",
+            trigger_with(&node, "tb", &bb.id, serde_json::json!({}))
+                .await
+                .id,
+        ));
+    }
+    ids.push((
+        "tc",
+        trigger_with(&node, "tc", &bc.id, serde_json::json!({}))
+            .await
+            .id,
+    ));
+    let mut tokens: HashMap<&str, Vec<String>> = HashMap::new();
+    for (tenant, s, n) in [("ta", &mut a, 5), ("tb", &mut b, 5), ("tc", &mut c, 1)] {
+        while tokens.get(tenant).map_or(0, Vec::len) < n {
+            let x = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+            assert_eq!(x.tenant_id, tenant);
+            tokens.entry(tenant).or_default().push(x.lease_token);
+        }
+    }
+    // Completions wait on this lock until all of them were sent.
+    let pool = db.pool().await;
+    let mut hold = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE binding_status IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .expect("lock");
+    let c_tokens = tokens["tc"].clone();
+    let c_acks = tokio::spawn(async move { complete_all(&mut c, &c_tokens).await });
+    // A names its own tokens and B's; B names its own.
+    let mut a_batch = tokens["ta"].clone();
+    a_batch.extend(tokens["tb"].iter().cloned());
+    let b_batch = tokens["tb"].clone();
+    let a_acks = tokio::spawn({
+        let a_batch = a_batch.clone();
+        async move { complete_all(&mut a, &a_batch).await }
+    });
+    let b_acks = tokio::spawn(async move { complete_all(&mut b, &b_batch).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hold.commit().await.expect("release");
+
+    let c_acks = c_acks.await.expect("c");
+    assert!(c_acks.iter().all(|(_, code)| *code == 0), "{c_acks:?}");
+    let a_want: Vec<(String, i32)> = a_batch
+        .iter()
+        .map(|t| (t.clone(), if tokens["ta"].contains(t) { 0 } else { 9 }))
+        .collect();
+    assert_eq!(
+        a_acks.await.expect("a"),
+        a_want,
+        "ta's own ok, tb's refused"
+    );
+    let b_want: Vec<(String, i32)> = tokens["tb"].iter().map(|t| (t.clone(), 0)).collect();
+    assert_eq!(b_acks.await.expect("b"), b_want, "tb's all ok");
+    for (tenant, id) in &ids {
+        let r = wait_terminal(&node, tenant, id).await;
+        assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+    }
+    node.stop().await;
+}
