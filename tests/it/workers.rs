@@ -699,28 +699,7 @@ async fn a_batch_of_completions_ends_its_runs_and_refuses_only_the_lost_lease() 
     let lost = uuid::Uuid::now_v7().to_string();
     let mut batch: Vec<String> = tokens.clone();
     batch.insert(1, lost.clone());
-    s.tx.send(pb::WorkerRequest {
-        completes: batch
-            .iter()
-            .map(|t| pb::Complete {
-                lease_token: t.clone(),
-                result: None,
-            })
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .expect("send batch");
-    let mut acks = Vec::new();
-    while acks.len() < batch.len() {
-        match tokio::time::timeout(Duration::from_secs(10), s.rx.message()).await {
-            Ok(Ok(Some(pb::WorkerResponse {
-                kind: Some(pb::worker_response::Kind::Ack(a)),
-            }))) => acks.push((a.lease_token, a.code)),
-            Ok(Ok(Some(_))) => continue,
-            other => panic!("no ack: {other:?}"),
-        }
-    }
+    let acks = complete_all(&mut s, &batch).await;
     let expected: Vec<(String, i32)> = batch
         .iter()
         .map(|t| (t.clone(), if *t == lost { 9 } else { 0 }))
