@@ -373,18 +373,40 @@ pub async fn quota_hourly_remaining(
     tenants: &[String],
     now: DateTime<Utc>,
 ) -> Result<HashMap<String, u64>, Error> {
-    let budgets = sqlx::query!(
-        r#"SELECT tenant_id, max_runs_per_hour AS "max!" FROM tenant_quotas
-           WHERE tenant_id = ANY ($1) AND max_runs_per_hour IS NOT NULL
-           ORDER BY tenant_id FOR UPDATE"#,
-        tenants
-    )
-    .fetch_all(&mut *db)
-    .await?;
+    // One tenant (TriggerRun, BackfillRuns, a retry) by equality: PostgreSQL
+    // plans `= ANY ($1)` anew on every call (its plan for a one-element array
+    // looks cheaper than the generic one, which assumes ten), 60-70 µs of
+    // planning for 6 µs of execution per TriggerRun in `pg_stat_statements`
+    // (`plans` = `calls`); by `= $1` both plans cost the same, and the
+    // generic one is kept from the sixth call on.
+    let budgets: Vec<(String, i32)> = match tenants {
+        [tenant] => sqlx::query!(
+            r#"SELECT tenant_id, max_runs_per_hour AS "max!" FROM tenant_quotas
+               WHERE tenant_id = $1 AND max_runs_per_hour IS NOT NULL
+               FOR UPDATE"#,
+            tenant
+        )
+        .fetch_all(&mut *db)
+        .await?
+        .into_iter()
+        .map(|b| (b.tenant_id, b.max))
+        .collect(),
+        _ => sqlx::query!(
+            r#"SELECT tenant_id, max_runs_per_hour AS "max!" FROM tenant_quotas
+               WHERE tenant_id = ANY ($1) AND max_runs_per_hour IS NOT NULL
+               ORDER BY tenant_id FOR UPDATE"#,
+            tenants
+        )
+        .fetch_all(&mut *db)
+        .await?
+        .into_iter()
+        .map(|b| (b.tenant_id, b.max))
+        .collect(),
+    };
     if budgets.is_empty() {
         return Ok(HashMap::new());
     }
-    let limited: Vec<String> = budgets.iter().map(|b| b.tenant_id.clone()).collect();
+    let limited: Vec<String> = budgets.iter().map(|(t, _)| t.clone()).collect();
     // A separate statement: under READ COMMITTED it sees what the previous
     // lock holder committed.
     let used = sqlx::query!(
@@ -399,10 +421,10 @@ pub async fn quota_hourly_remaining(
     let used: HashMap<String, i64> = used.into_iter().map(|u| (u.tenant_id, u.n)).collect();
     Ok(budgets
         .into_iter()
-        .map(|b| {
-            let u = used.get(&b.tenant_id).copied().unwrap_or(0);
-            let left = (i64::from(b.max) - u).max(0) as u64;
-            (b.tenant_id, left)
+        .map(|(tenant_id, max)| {
+            let u = used.get(&tenant_id).copied().unwrap_or(0);
+            let left = (i64::from(max) - u).max(0) as u64;
+            (tenant_id, left)
         })
         .collect())
 }
