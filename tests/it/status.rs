@@ -970,9 +970,9 @@ async fn run_stats_equal_what_list_runs_shows() {
     for round in 0..3usize {
         if round == 1 {
             // Run ends first reach run_stats_delta; every node moves them
-            // into run_stats every 5 s (this one too, concurrently: rows it
-            // holds are skipped here and land in run_stats when it commits,
-            // hence the retries).
+            // into run_stats every 5 s (this one too, concurrently: a
+            // partition it is moving is skipped here and its rows land in
+            // run_stats when it commits, hence the retries).
             let drain = async || {
                 for part in 0..sked::db::runs::RUN_STATS_DELTA_PARTS {
                     while sked::db::runs::run_stats_delta_fold(&pool, part, 2)
@@ -1450,4 +1450,114 @@ async fn run_stats_stay_exact_while_run_ends_are_folded() {
         .unwrap();
     assert_eq!(left, 0, "every run end moved");
     node.stop().await;
+}
+
+/// Movers of `run_stats_delta` into `run_stats` running at once (every
+/// node runs one, and the leader's catch-up another) move each run end
+/// exactly once: 6 movers in batches of 1 to 50 over every partition, 3 000
+/// run ends of 40 bindings over two hours; then every count, duration sum
+/// and histogram total in `run_stats` equals the rows written. A mover of
+/// a partition another transaction is moving moves nothing and waits for
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_movers_of_run_ends_move_each_exactly_once() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    sked::db::migrate(&pool).await.expect("migrate");
+    const ENDS: i64 = 3000;
+    // Written directly: the movers' input, without a node (whose own
+    // mover would take part; it is tested above through the API).
+    sqlx::query(
+        "INSERT INTO run_stats_delta (binding_id, hour, tenant_id, definition, state, lag_b, dur_b, lag_us, dur_us)
+         SELECT ('00000000-0000-7000-8000-' || lpad((i % 40)::text, 12, '0'))::uuid,
+                date_trunc('hour', now()) - ((i / 40) % 2) * interval '1 hour', 'acme', 'ticks',
+                CASE WHEN i % 3 = 0 THEN 'FAILED' ELSE 'SUCCEEDED' END,
+                i % 7, i % 5, (i % 7) * 1000, i * 10
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind(ENDS)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // A mover finds partition 0 taken by another transaction: nothing
+    // moved, at once.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+        .bind(sked::db::runs::STATS_FOLD_LOCK)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let in_part0: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats_delta_0")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(in_part0 > 0, "the 40 bindings hash into partition 0 too");
+    let t0 = std::time::Instant::now();
+    let moved = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        sked::db::runs::run_stats_delta_fold(&pool, 0, 1000),
+    )
+    .await
+    .expect("a mover does not wait for another")
+    .expect("delta fold");
+    assert_eq!(moved, 0, "a partition being moved is left to its mover");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    holder.rollback().await.unwrap();
+
+    let movers: Vec<_> = (0..6u32)
+        .map(|m| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut moved = 0i64;
+                let limit = [1i64, 7, 50][m as usize % 3];
+                // Until a whole round over the partitions moves nothing
+                // here and nothing is left anywhere.
+                loop {
+                    let mut round = 0;
+                    for i in 0..sked::db::runs::RUN_STATS_DELTA_PARTS {
+                        let part = (i + m) % sked::db::runs::RUN_STATS_DELTA_PARTS;
+                        round += sked::db::runs::run_stats_delta_fold(&pool, part, limit)
+                            .await
+                            .expect("delta fold");
+                    }
+                    moved += round;
+                    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats_delta")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                    if round == 0 && left == 0 {
+                        return moved;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut moved = 0;
+    for m in movers {
+        moved += m.await.unwrap();
+    }
+    assert_eq!(
+        moved, ENDS,
+        "the movers moved every run end once between them"
+    );
+    let (ok, failed, started, dur_sum, lag_n, dur_n): (i64, i64, i64, f64, i64, i64) =
+        sqlx::query_as(
+            "SELECT sum(succeeded)::int8, sum(failed)::int8, sum(started)::int8, sum(duration_sum_us),
+                    (SELECT coalesce(sum(x), 0)::int8 FROM run_stats, unnest(lag_hist) x),
+                    (SELECT coalesce(sum(x), 0)::int8 FROM run_stats, unnest(duration_hist) x)
+             FROM run_stats",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let want_failed = ENDS / 3;
+    assert_eq!((ok, failed), (ENDS - want_failed, want_failed));
+    assert_eq!((started, lag_n, dur_n), (ENDS, ENDS, ENDS));
+    assert_eq!(dur_sum, (1..=ENDS).map(|i| (i * 10) as f64).sum::<f64>());
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM run_stats")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 80, "one row per binding and hour");
 }

@@ -35,8 +35,8 @@ pub use lifecycle::{
     run_promote_due, run_reap, run_request_cancel,
 };
 pub use outcomes::{
-    RUN_STATS_DELTA_PARTS, StatsScope, run_end_record, run_stats_delta_fold, run_stats_fold,
-    run_stats_hours,
+    RUN_STATS_DELTA_PARTS, STATS_FOLD_LOCK, StatsScope, run_end_record, run_stats_delta_fold,
+    run_stats_fold, run_stats_hours,
 };
 pub use read::{
     ActiveRun, ActiveState, NextDue, RunListed, RunQuery, run_active_counts, run_active_state,
