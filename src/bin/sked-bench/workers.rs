@@ -273,6 +273,18 @@ struct Latency {
     cpu: CpuUse,
     rejected: u64,
     error: Option<String>,
+    /// The stages of dispatch latency, from the database (module docs).
+    stages: Stages,
+}
+
+/// Dispatch latency in its stages, per received run: *promotion* = its
+/// `QUEUED` event's time − `run_time`; *claim* = `start_time` − that;
+/// *delivery* = received − `start_time` (node and bench read one clock).
+#[derive(Default)]
+struct Stages {
+    promote: Histogram,
+    claim: Histogram,
+    deliver: Histogram,
 }
 
 /// Results of the throughput phase.
@@ -428,6 +440,21 @@ pub async fn run(env: &mut Env, a: WorkersArgs) -> anyhow::Result<Report> {
         "ms",
         Target::AtMost(20.0),
     );
+    for (key, label, h) in [
+        ("promote", "promotion", &latency.stages.promote),
+        ("claim", "claim", &latency.stages.claim),
+        ("deliver", "delivery", &latency.stages.deliver),
+    ] {
+        for (q, qs) in [(0.5, "p50"), (0.99, "p99")] {
+            r.num(
+                &format!("dispatch_{key}_{qs}_ms"),
+                &format!("  of it {label} {qs} (database times)"),
+                ms1o(h.quantile_ms(q)),
+                "ms",
+                Target::Info,
+            );
+        }
+    }
     r.num(
         "dispatch_max_ms",
         "dispatch latency max",
@@ -616,6 +643,18 @@ async fn latency_phase(env: &mut Env, a: &WorkersArgs) -> anyhow::Result<Latency
         hist.quantile_ms(0.99).unwrap_or(f64::NAN),
         hist.max_ms().unwrap_or(f64::NAN),
     );
+    let stages = stages(env, &created, &received).await?;
+    for (name, h) in [
+        ("promotion", &stages.promote),
+        ("claim", &stages.claim),
+        ("delivery", &stages.deliver),
+    ] {
+        progress!(
+            "latency: {name} p50 {} ms, p99 {} ms",
+            h.quantile_ms(0.5).unwrap_or(f64::NAN),
+            h.quantile_ms(0.99).unwrap_or(f64::NAN),
+        );
+    }
     Ok(Latency {
         triggered,
         failed_calls: failed.load(Ordering::Relaxed),
@@ -626,7 +665,48 @@ async fn latency_phase(env: &mut Env, a: &WorkersArgs) -> anyhow::Result<Latency
         cpu: cpu0.percent_until(&cpu1),
         rejected: seen.rejected.load(Ordering::Relaxed),
         error,
+        stages,
     })
+}
+
+/// The stages of each received run's dispatch ([`Stages`]), read from its
+/// `QUEUED` event and its `start_time`.
+async fn stages(
+    env: &Env,
+    created: &[Triggered],
+    received: &std::collections::HashMap<String, DateTime<Utc>>,
+) -> anyhow::Result<Stages> {
+    let mut out = Stages::default();
+    let us = |d: TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as u64;
+    for chunk in created.chunks(5000) {
+        let ids: Vec<uuid::Uuid> = chunk
+            .iter()
+            .filter_map(|(id, ..)| id.parse().ok())
+            .collect();
+        let rows: Vec<(uuid::Uuid, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT r.id, e.time, r.start_time FROM runs r \
+             JOIN run_events e ON e.run_id = r.id AND e.kind = 'state_changed' \
+                              AND e.payload->>'to' = 'QUEUED' \
+             WHERE r.id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&env.pool)
+        .await?;
+        let queued: std::collections::HashMap<uuid::Uuid, (DateTime<Utc>, Option<DateTime<Utc>>)> =
+            rows.into_iter().map(|(id, q, s)| (id, (q, s))).collect();
+        for (id, due, _) in chunk {
+            let (Ok(uid), Some(at)) = (id.parse::<uuid::Uuid>(), received.get(id)) else {
+                continue;
+            };
+            let Some(&(q, Some(start))) = queued.get(&uid) else {
+                continue;
+            };
+            out.promote.record(us(q - *due));
+            out.claim.record(us(start - q));
+            out.deliver.record(us(*at - start));
+        }
+    }
+    Ok(out)
 }
 
 /// Phase 2: a backlog of QUEUED worker runs, then W workers drain it.
