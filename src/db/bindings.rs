@@ -269,6 +269,49 @@ pub async fn binding_get(
     .into())
 }
 
+/// [`binding_get`] taking a `FOR KEY SHARE` lock on the binding for the
+/// caller's transaction, as [`binding_lock_shared`] does: a DeleteBinding
+/// then waits for that transaction (and sees the runs it wrote), or has
+/// committed first and the binding is not found. One round trip where a
+/// read and then a lock took two (TriggerRun).
+///
+/// # Errors
+/// [`Error::NotFound`] when the tenant has no such binding.
+pub async fn binding_get_key_share(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+) -> Result<Binding, Error> {
+    Ok(sqlx::query_as!(
+        Row,
+        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
+                b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
+                b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
+                b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
+                b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
+                b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
+                d.priority, d.enabled AS def_enabled, d.max_active_runs AS def_max_active_runs,
+                b.timeout_secs AS b_timeout_secs, b.retry_policy AS b_retry_policy, b.priority AS b_priority,
+                b.max_active_runs AS b_max_active_runs, s.last_run_id AS "last_run_id?",
+                s.last_run_state AS "last_run_state?",
+                s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
+                s.last_run_end_time AS "last_run_end_time?: DbTime",
+                s.last_success_time AS "last_success_time?: DbTime",
+                s.last_failure_time AS "last_failure_time?: DbTime",
+                s.consecutive_failures AS "consecutive_failures?"
+         FROM bindings b JOIN definitions d ON d.name = b.definition
+         LEFT JOIN binding_due nd ON nd.binding_id = b.id
+         LEFT JOIN binding_status s ON s.binding_id = b.id
+         WHERE b.tenant_id = $1 AND b.id = $2
+         FOR KEY SHARE OF b"#,
+        tenant_id,
+        id
+    )
+    .fetch_one(db)
+    .await?
+    .into())
+}
+
 /// Lists up to `limit` of the tenant's bindings with id > `after`, in id
 /// (creation) order, optionally only those of `definition`, and only those
 /// whose definition carries every label of `labels` (a JSON object of
