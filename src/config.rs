@@ -132,9 +132,11 @@ pub struct ServeArgs {
     /// prepared waits for the commit, at most that long.
     #[arg(long, env = "SKED_FIRE_AHEAD_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub fire_ahead_ms: u64,
-    /// Database connections of this node, 4 to 1000: half for its engine
-    /// (scheduler, executor, reaper), half for API calls, so API traffic
-    /// never starves the engine.
+    /// Database connections of this node at most, 4 to 1000: half for its
+    /// engine (scheduler, executor, reaper), so API traffic never starves
+    /// the engine; the rest for API calls, but at most 2 per core of this
+    /// machine (at least 4), since more API transactions at once than that
+    /// only queue for the CPU beside the engine's.
     #[arg(long, env = "SKED_DB_MAX_CONNECTIONS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(4..=1000))]
     pub db_max_connections: u32,
     /// Changes (calls that need more than the viewer role) one tenant may
