@@ -25,6 +25,11 @@
 //!    p50/p99/max. A run whose TriggerRun answered after its `run_time` was
 //!    not created ahead: such runs are counted (`created_late`) and still
 //!    measured.
+//!    After the phase the latency is split in its stages, from the
+//!    database (node and bench read one clock): *promotion* = the run's
+//!    `QUEUED` event time − `run_time`; *claim* = its `start_time` − that;
+//!    *delivery* = received − `start_time` (the claim's statement and
+//!    commit, the stream and the worker's read), p50 and p99 of each.
 //! 2. **Throughput: a backlog drained.** B bindings of an interval schedule
 //!    of 1 s with their effective window ended (as `throughput` does), and
 //!    `--backlog` runs created by BackfillRuns of past fire times (at most

@@ -475,7 +475,7 @@ async fn announce<'a>(
 
 /// The seq ranges of `events` (in seq order per run): consecutive events
 /// of one run make one range.
-fn ranges<'a>(events: impl IntoIterator<Item = &'a RunEvent>) -> Vec<(Uuid, i64, i64)> {
+pub(super) fn ranges<'a>(events: impl IntoIterator<Item = &'a RunEvent>) -> Vec<(Uuid, i64, i64)> {
     let mut ranges: Vec<(Uuid, i64, i64)> = Vec::new();
     for e in events {
         match ranges.last_mut() {
