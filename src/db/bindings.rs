@@ -231,18 +231,14 @@ pub async fn binding_insert(db: impl PgExecutor<'_>, b: &Binding) -> Result<(), 
     }
 }
 
-/// Gets the tenant's binding `id`.
-///
-/// # Errors
-/// [`Error::NotFound`] when the tenant has no such binding.
-pub async fn binding_get(
-    db: impl PgExecutor<'_>,
-    tenant_id: &str,
-    id: Uuid,
-) -> Result<Binding, Error> {
-    Ok(sqlx::query_as!(
-        Row,
-        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
+/// The read of one binding of a tenant as a [`Row`] (`$1` tenant, `$2` id),
+/// with an optional locking clause appended: one text for the plain read
+/// and the locked ones (`query_as!` takes literals only).
+macro_rules! binding_select {
+    ($tenant:expr, $id:expr $(, $lock:literal)?) => {
+        sqlx::query_as!(
+            Row,
+            r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
                 b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
                 b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
                 b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
@@ -260,13 +256,23 @@ pub async fn binding_get(
          FROM bindings b JOIN definitions d ON d.name = b.definition
          LEFT JOIN binding_due nd ON nd.binding_id = b.id
          LEFT JOIN binding_status s ON s.binding_id = b.id
-         WHERE b.tenant_id = $1 AND b.id = $2"#,
-        tenant_id,
-        id
-    )
-    .fetch_one(db)
-    .await?
-    .into())
+         WHERE b.tenant_id = $1 AND b.id = $2"# $(+ $lock)?,
+            $tenant,
+            $id
+        )
+    };
+}
+
+/// Gets the tenant's binding `id`.
+///
+/// # Errors
+/// [`Error::NotFound`] when the tenant has no such binding.
+pub async fn binding_get(
+    db: impl PgExecutor<'_>,
+    tenant_id: &str,
+    id: Uuid,
+) -> Result<Binding, Error> {
+    Ok(binding_select!(tenant_id, id).fetch_one(db).await?.into())
 }
 
 /// [`binding_get`] taking a `FOR KEY SHARE` lock on the binding for the
@@ -282,34 +288,12 @@ pub async fn binding_get_key_share(
     tenant_id: &str,
     id: Uuid,
 ) -> Result<Binding, Error> {
-    Ok(sqlx::query_as!(
-        Row,
-        r#"SELECT b.id, b.tenant_id, b.definition, b.schedule, b.params,
-                b.effective_from AS "effective_from: DbTime", b.effective_until AS "effective_until: DbTime",
-                b.effective_schedule, nd.next_run_time AS "next_run_time?: DbTime",
-                b.create_time AS "create_time: DbTime", b.update_time AS "update_time: DbTime", b.version,
-                b.enabled, b.paused, b.pause_note, b.pause_expire_time AS "pause_expire_time: DbTime",
-                b.broken_reason, d.params AS def_params, d.overlap_policy, d.retry_policy, d.timeout_secs,
-                d.priority, d.enabled AS def_enabled, d.max_active_runs AS def_max_active_runs,
-                b.timeout_secs AS b_timeout_secs, b.retry_policy AS b_retry_policy, b.priority AS b_priority,
-                b.max_active_runs AS b_max_active_runs, s.last_run_id AS "last_run_id?",
-                s.last_run_state AS "last_run_state?",
-                s.last_run_scheduled_time AS "last_run_scheduled_time?: DbTime",
-                s.last_run_end_time AS "last_run_end_time?: DbTime",
-                s.last_success_time AS "last_success_time?: DbTime",
-                s.last_failure_time AS "last_failure_time?: DbTime",
-                s.consecutive_failures AS "consecutive_failures?"
-         FROM bindings b JOIN definitions d ON d.name = b.definition
-         LEFT JOIN binding_due nd ON nd.binding_id = b.id
-         LEFT JOIN binding_status s ON s.binding_id = b.id
-         WHERE b.tenant_id = $1 AND b.id = $2
-         FOR KEY SHARE OF b"#,
-        tenant_id,
-        id
+    Ok(
+        binding_select!(tenant_id, id, "\n         FOR KEY SHARE OF b")
+            .fetch_one(db)
+            .await?
+            .into(),
     )
-    .fetch_one(db)
-    .await?
-    .into())
 }
 
 /// Lists up to `limit` of the tenant's bindings with id > `after`, in id
