@@ -31,5 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::grpc::codec::BoundaryCodec")
         .compile_with_config(config, &protos, &["proto".into(), include])?;
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds migrations/ at compile time: a new migration
+    // must rebuild the crate (as `sqlx migrate build-script` writes).
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }
