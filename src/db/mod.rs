@@ -100,11 +100,6 @@ pub(crate) fn policy_from_cols(
     })
 }
 
-/// The `BEGIN` of a transaction whose statements are each planned once per
-/// connection: [`generic_plans`] sent with the `BEGIN` itself (one simple
-/// query, no round trip of its own). For `Pool::begin_with`.
-pub const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
-
 /// Makes the rest of the caller's transaction plan each prepared statement
 /// once per connection (`SET LOCAL plan_cache_mode = force_generic_plan`).
 ///

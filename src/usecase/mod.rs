@@ -220,16 +220,6 @@ pub(crate) async fn begin(core: &Core, target: &Target) -> Result<Tx> {
         .map_err(|e| Error::db(e.into(), target))
 }
 
-/// [`begin`] with every statement of the transaction planned once per
-/// connection ([`db::BEGIN_GENERIC`]): for short transactions of reads and
-/// writes by key, whose plans never depend on the values.
-pub(crate) async fn begin_generic(core: &Core, target: &Target) -> Result<Tx> {
-    core.pool
-        .begin_with(db::BEGIN_GENERIC)
-        .await
-        .map_err(|e| Error::db(e.into(), target))
-}
-
 /// Commits `tx` of an operation on `target`.
 pub(crate) async fn commit(tx: Tx, target: &Target) -> Result<()> {
     tx.commit().await.map_err(|e| Error::db(e.into(), target))

@@ -81,22 +81,6 @@ pub async fn run_insert(
     Ok(events)
 }
 
-/// [`run_insert`] in a transaction begun with [`super::BEGIN_GENERIC`]:
-/// without the round trip that would set the generic plans again.
-///
-/// # Errors
-/// [`Error::Sqlx`] on database failure.
-pub async fn run_insert_planned(
-    conn: &mut PgConnection,
-    node_id: &str,
-    runs: &[NewRun],
-    now: DateTime<Utc>,
-) -> Result<Vec<RunEvent>, Error> {
-    let (events, announce) = insert_runs(conn, node_id, runs, now, false).await?;
-    announce.send(conn, node_id).await?;
-    Ok(events)
-}
-
 /// [`run_insert`] without its NOTIFYs: they are returned, for the caller
 /// to [`Announce::send`] after its transaction commits.
 ///
@@ -118,18 +102,6 @@ pub async fn run_insert_unannounced(
     runs: &[NewRun],
     now: DateTime<Utc>,
 ) -> Result<(Vec<RunEvent>, Announce), Error> {
-    insert_runs(conn, node_id, runs, now, true).await
-}
-
-/// [`run_insert_unannounced`]; `set_plans`: whether a small batch sets the
-/// generic plans itself (false when the transaction began so).
-async fn insert_runs(
-    conn: &mut PgConnection,
-    node_id: &str,
-    runs: &[NewRun],
-    now: DateTime<Utc>,
-    set_plans: bool,
-) -> Result<(Vec<RunEvent>, Announce), Error> {
     if runs.is_empty() {
         return Ok((Vec::new(), Announce::default()));
     }
@@ -137,7 +109,7 @@ async fn insert_runs(
     // planned on every call. Larger batches get the generic plan by
     // PostgreSQL's own choice, and the firing pass (whose round trips are
     // the fire lag) is spared the extra one.
-    if set_plans && runs.len() < GENERIC_PLANS_BELOW {
+    if runs.len() < GENERIC_PLANS_BELOW {
         super::generic_plans(&mut *conn).await?;
     }
     let bodies: Vec<Vec<EventBody>> = runs.iter().map(initial_events).collect();
