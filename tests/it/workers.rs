@@ -825,3 +825,113 @@ async fn a_worker_naming_another_tenants_lease_tokens_is_refused_them_and_the_ow
     }
     node.stop().await;
 }
+
+/// Index tuples read through the claim indexes so far (PostgreSQL's
+/// statistics; `conn` first flushes its own pending counts).
+async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .expect("flush statistics");
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(idx_tup_read), 0)::int8 FROM pg_stat_user_indexes
+         WHERE indexrelname IN ('runs_claim_tenant', 'runs_claim_binding')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("read statistics")
+}
+
+/// A deep backlog of one queue is not read by the claims of another queue,
+/// nor by the claims of commands (the claim indexes split the runs by
+/// queue): before, every command claim of the node read a tenant's whole
+/// worker backlog while it held the lock every claim waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_commands() {
+    const BACKLOG: i64 = 2000;
+    let db = TestDb::new().await;
+    let node = node(&db, "w13").await;
+    let mut def = worker_def("w.deep", "deep", 1);
+    def.schedule = Some(every(1));
+    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
+        // The backfilled runs wait QUEUED: no worker takes this queue.
+        w.schedule_to_start_timeout = Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        });
+    }
+    let b = define_and_bind(&node, "acme", def).await;
+    let now = now_secs() as i64;
+    let created = node
+        .runs()
+        .backfill_runs(as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now - BACKLOG - 60,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: now - 61,
+                    nanos: 0,
+                }),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("backfill")
+        .into_inner();
+    assert!(
+        created.run_ids.len() as i64 >= BACKLOG - 1,
+        "{}",
+        created.run_ids.len()
+    );
+
+    let pool = db.pool().await;
+    let mut conn = pool.acquire().await.expect("connection");
+    let clock = sked::domain::Clock::system();
+    let lease = chrono::Duration::seconds(30);
+    // Each claim on a connection of its own, whose statistics are flushed
+    // before it is released.
+    let claim = |kind| {
+        let clock = clock.clone();
+        let pool = pool.clone();
+        async move {
+            let mut c = pool.acquire().await.expect("connection");
+            let got = sked::db::runs::run_claim(&mut c, "probe", &clock, lease, 100, kind, &[])
+                .await
+                .expect("claim");
+            claim_index_reads(&mut c).await;
+            got
+        }
+    };
+    // Other claims: of commands, and of another queue. Each would have read
+    // the whole backlog (BACKLOG index tuples); the node's own claims in the
+    // meantime read a few tuples each.
+    let before = claim_index_reads(&mut conn).await;
+    for _ in 0..3 {
+        assert!(claim(sked::db::runs::ClaimKind::ToExecute).await.is_empty());
+        let other = sked::db::runs::ClaimKind::Worker {
+            queue: "shallow".into(),
+            tenant: None,
+            worker_names: vec!["probe".into(); 10],
+        };
+        assert!(claim(other).await.is_empty());
+    }
+    let read = claim_index_reads(&mut conn).await - before;
+    assert!(
+        read < BACKLOG / 2,
+        "6 claims of other queues read {read} index tuples past a backlog of {BACKLOG}"
+    );
+    // The backlog's own queue still gets its runs, in claim order.
+    let deep = sked::db::runs::ClaimKind::Worker {
+        queue: "deep".into(),
+        tenant: None,
+        worker_names: vec!["probe".into(); 10],
+    };
+    let got = claim(deep).await;
+    assert_eq!(got.len(), 10, "the deep queue's claim");
+    assert!(got.iter().all(|c| c.lease_token.is_some()));
+    node.stop().await;
+}

@@ -58,7 +58,9 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 /// read and committed before the statement's snapshot).
 ///
 /// Cost: a claim reads O(tenants with queued runs × `limit`) runs at most,
-/// however long the queue. Per tenant, its first k due `ALLOW` runs, k =
+/// however long the queue, and none of another kind or worker queue (a
+/// claim of commands reads no worker run, a claim of queue `a` no run of
+/// queue `b`: the claim indexes split by both). Per tenant, its first k due `ALLOW` runs, k =
 /// ⌈`limit` / tenants⌉ + 1 (all `limit` for a tenant with a concurrency
 /// quota, or when k would not be less): a fair pick takes about `limit` /
 /// tenants of each, and reading `limit` of each was more than half of a
@@ -182,7 +184,9 @@ pub async fn run_claim(
            -- Candidates, per tenant: at most $4 of its runs can be claimed
            -- and they are its first $4 claimable ones in (priority DESC,
            -- not_before, id) order, so only those are read (indexes in
-           -- migration 20261121000006), never the whole backlog.
+           -- migrations 20261121000006 and 20261211000100: by tenant or
+           -- binding, handler kind and worker queue), never the whole
+           -- backlog, nor another queue's.
            -- Stopped means stopped: the bindings paused or disabled now
            -- hold their runs except manual ones, disabled definitions all
            -- theirs (hashed sets, from partial indexes in migration
@@ -238,7 +242,7 @@ pub async fn run_claim(
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
-                 AND (q.handler->>'queue') IS NOT DISTINCT FROM $9::text
+                 AND coalesce(q.handler->>'queue', '') = coalesce($9::text, '')
                  AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
                  AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
                  AND q.definition NOT IN (SELECT name FROM off_defs)
@@ -281,7 +285,7 @@ pub async fn run_claim(
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
-                 AND (q.handler->>'queue') IS NOT DISTINCT FROM $9::text
+                 AND coalesce(q.handler->>'queue', '') = coalesce($9::text, '')
                  AND (q.overlap_policy = 'ALLOW')::int = 0 AND q.not_before <= $1
                  AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
                  AND q.definition NOT IN (SELECT name FROM off_defs)
@@ -295,7 +299,7 @@ pub async fn run_claim(
                AND h.id = (SELECT y.id FROM runs y
                            WHERE y.binding_id = h.binding_id AND y.state = 'QUEUED'
                              AND (y.handler->>'kind' = 'event')::int = $6::boolean::int
-                             AND (y.handler->>'queue') IS NOT DISTINCT FROM $9::text AND y.not_before <= $1
+                             AND coalesce(y.handler->>'queue', '') = coalesce($9::text, '') AND y.not_before <= $1
                              AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
                              AND y.definition NOT IN (SELECT name FROM off_defs)
                            ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1)),
@@ -328,7 +332,7 @@ pub async fn run_claim(
                FROM runs y
                WHERE y.binding_id = b.binding_id AND y.state = 'QUEUED'
                  AND (y.handler->>'kind' = 'event')::int = $6::boolean::int
-                             AND (y.handler->>'queue') IS NOT DISTINCT FROM $9::text AND y.not_before <= $1
+                             AND coalesce(y.handler->>'queue', '') = coalesce($9::text, '') AND y.not_before <= $1
                  AND (y.manual OR y.binding_id NOT IN (SELECT id FROM held_back))
                  AND y.definition NOT IN (SELECT name FROM off_defs)
                ORDER BY y.priority DESC, y.not_before, y.id LIMIT 1) f
@@ -375,7 +379,7 @@ pub async fn run_claim(
                FROM runs q
                WHERE q.tenant_id = t.tenant_id AND q.state = 'QUEUED'
                  AND (q.handler->>'kind' = 'event')::int = $6::boolean::int
-                 AND (q.handler->>'queue') IS NOT DISTINCT FROM $9::text
+                 AND coalesce(q.handler->>'queue', '') = coalesce($9::text, '')
                  AND (q.overlap_policy = 'ALLOW')::int = 1 AND q.not_before <= $1
                  AND (q.manual OR q.binding_id NOT IN (SELECT id FROM held_back))
                  AND q.definition NOT IN (SELECT name FROM off_defs)
