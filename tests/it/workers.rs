@@ -935,3 +935,125 @@ async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_comman
     assert!(got.iter().all(|c| c.lease_token.is_some()));
     node.stop().await;
 }
+
+/// A worker's complete and heartbeat read their own runs by lease token,
+/// whatever the statistics say: after an `ANALYZE` taken while nothing ran
+/// (as after a backfill), the partial indexes of RUNNING runs all looked
+/// empty, and a batch of completions read every RUNNING run through another
+/// of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_heartbeats_read_only_their_own_leases_whatever_the_statistics() {
+    const HELD: usize = 1000;
+    let db = TestDb::new().await;
+    let node = node(&db, "w14").await;
+    let mut def = worker_def("w.held", "held", 1);
+    def.schedule = Some(every(1));
+    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
+        w.schedule_to_start_timeout = Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        });
+    }
+    let b = define_and_bind(&node, "acme", def).await;
+    let now = now_secs() as i64;
+    node.runs()
+        .backfill_runs(as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now - HELD as i64 - 120,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: now - 61,
+                    nanos: 0,
+                }),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("backfill");
+    let pool = db.pool().await;
+    let mut conn = pool.acquire().await.expect("connection");
+    // Statistics of a moment when no run is RUNNING.
+    sqlx::query("ANALYZE runs")
+        .execute(&mut *conn)
+        .await
+        .expect("analyze");
+    let clock = sked::domain::Clock::system();
+    let claimed = sked::db::runs::run_claim(
+        &mut conn,
+        "probe",
+        &clock,
+        chrono::Duration::seconds(60),
+        HELD as i64,
+        sked::db::runs::ClaimKind::Worker {
+            queue: "held".into(),
+            tenant: None,
+            worker_names: vec!["probe".into(); HELD],
+        },
+        &[],
+    )
+    .await
+    .expect("claim");
+    assert_eq!(claimed.len(), HELD);
+    let tokens: Vec<uuid::Uuid> = claimed.iter().filter_map(|c| c.lease_token).collect();
+    let (beat, done) = (&tokens[..20], &tokens[20..60]);
+
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await.expect("begin");
+    sked::db::generic_plans(&mut tx)
+        .await
+        .expect("generic plans");
+    let renewed = sked::db::runs::run_worker_heartbeat(
+        &mut *tx,
+        beat,
+        None,
+        chrono::Utc::now() + chrono::Duration::seconds(60),
+    )
+    .await
+    .expect("heartbeat");
+    let completed = sked::db::runs::run_complete_by_leases(
+        &mut tx,
+        "probe",
+        done,
+        &vec![None; done.len()],
+        None,
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("complete");
+    // Index tuples this transaction read through the other partial indexes
+    // of RUNNING runs (PostgreSQL's counts of the transaction so far).
+    let read: i64 = sqlx::query_scalar(
+        "SELECT (pg_stat_get_xact_tuples_returned('runs_running_tenant'::regclass)
+                 + pg_stat_get_xact_tuples_returned('runs_lease'::regclass))::int8",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("read statistics");
+    tx.commit().await.expect("commit");
+    assert_eq!(renewed.len(), beat.len());
+    assert_eq!(completed.len(), done.len());
+    assert!(
+        read < HELD as i64 / 2,
+        "a heartbeat of {} and a completion of {} leases read {read} other RUNNING runs of {HELD}",
+        beat.len(),
+        done.len()
+    );
+    // A completed lease is no longer found.
+    assert!(
+        sked::db::runs::run_by_lease(&pool, done[0])
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        sked::db::runs::run_by_lease(&pool, beat[0])
+            .await
+            .expect("read")
+            .is_some()
+    );
+    node.stop().await;
+}
