@@ -826,6 +826,43 @@ async fn a_worker_naming_another_tenants_lease_tokens_is_refused_them_and_the_ow
     node.stop().await;
 }
 
+/// A binding of tenant "acme" to a worker definition of `queue` (an
+/// every-second schedule), and about `n` of its runs backfilled over the
+/// past that wait QUEUED (their schedule-to-start timeout is a day and no
+/// worker takes the queue here). Returns the backfilled run ids.
+async fn worker_backlog(node: &TestNode, queue: &str, n: i64) -> Vec<String> {
+    let mut def = worker_def(&format!("w.{queue}"), queue, 1);
+    def.schedule = Some(every(1));
+    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
+        w.schedule_to_start_timeout = Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        });
+    }
+    let b = define_and_bind(node, "acme", def).await;
+    let now = now_secs() as i64;
+    node.runs()
+        .backfill_runs(as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now - n - 60,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: now - 61,
+                    nanos: 0,
+                }),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("backfill")
+        .into_inner()
+        .run_ids
+}
+
 /// Index tuples read through the claim indexes so far (PostgreSQL's
 /// statistics; `conn` first flushes its own pending counts).
 async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
@@ -851,42 +888,8 @@ async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_comman
     const BACKLOG: i64 = 2000;
     let db = TestDb::new().await;
     let node = node(&db, "w13").await;
-    let mut def = worker_def("w.deep", "deep", 1);
-    def.schedule = Some(every(1));
-    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
-        // The backfilled runs wait QUEUED: no worker takes this queue.
-        w.schedule_to_start_timeout = Some(prost_types::Duration {
-            seconds: 86_400,
-            nanos: 0,
-        });
-    }
-    let b = define_and_bind(&node, "acme", def).await;
-    let now = now_secs() as i64;
-    let created = node
-        .runs()
-        .backfill_runs(as_tenant(
-            "acme",
-            pb::BackfillRunsRequest {
-                binding_id: b.id.clone(),
-                start_time: Some(prost_types::Timestamp {
-                    seconds: now - BACKLOG - 60,
-                    nanos: 0,
-                }),
-                end_time: Some(prost_types::Timestamp {
-                    seconds: now - 61,
-                    nanos: 0,
-                }),
-                dry_run: false,
-            },
-        ))
-        .await
-        .expect("backfill")
-        .into_inner();
-    assert!(
-        created.run_ids.len() as i64 >= BACKLOG - 1,
-        "{}",
-        created.run_ids.len()
-    );
+    let created = worker_backlog(&node, "deep", BACKLOG).await;
+    assert!(created.len() as i64 >= BACKLOG - 1, "{}", created.len());
 
     let pool = db.pool().await;
     let mut conn = pool.acquire().await.expect("connection");
@@ -946,34 +949,7 @@ async fn completions_and_heartbeats_read_only_their_own_leases_whatever_the_stat
     const HELD: usize = 1000;
     let db = TestDb::new().await;
     let node = node(&db, "w14").await;
-    let mut def = worker_def("w.held", "held", 1);
-    def.schedule = Some(every(1));
-    if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
-        w.schedule_to_start_timeout = Some(prost_types::Duration {
-            seconds: 86_400,
-            nanos: 0,
-        });
-    }
-    let b = define_and_bind(&node, "acme", def).await;
-    let now = now_secs() as i64;
-    node.runs()
-        .backfill_runs(as_tenant(
-            "acme",
-            pb::BackfillRunsRequest {
-                binding_id: b.id.clone(),
-                start_time: Some(prost_types::Timestamp {
-                    seconds: now - HELD as i64 - 120,
-                    nanos: 0,
-                }),
-                end_time: Some(prost_types::Timestamp {
-                    seconds: now - 61,
-                    nanos: 0,
-                }),
-                dry_run: false,
-            },
-        ))
-        .await
-        .expect("backfill");
+    worker_backlog(&node, "held", HELD as i64 + 60).await;
     let pool = db.pool().await;
     let mut conn = pool.acquire().await.expect("connection");
     // Statistics of a moment when no run is RUNNING.
