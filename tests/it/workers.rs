@@ -863,13 +863,19 @@ async fn worker_backlog(node: &TestNode, queue: &str, n: i64) -> Vec<String> {
         .run_ids
 }
 
-/// Index tuples read through the claim indexes so far (PostgreSQL's
-/// statistics; `conn` first flushes its own pending counts).
-async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
+/// Makes `conn`'s pending statistics visible to every connection: flushed
+/// when its session goes idle after this call, before the call returns.
+async fn flush_statistics(conn: &mut sqlx::PgConnection) {
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
         .await
         .expect("flush statistics");
+}
+
+/// Index tuples read through the claim indexes so far (PostgreSQL's
+/// statistics; `conn` first flushes its own pending counts).
+async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
+    flush_statistics(conn).await;
     sqlx::query_scalar(
         "SELECT coalesce(sum(idx_tup_read), 0)::int8 FROM pg_stat_user_indexes
          WHERE indexrelname IN ('runs_claim_tenant', 'runs_claim_binding')",
@@ -905,7 +911,7 @@ async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_comman
             let got = sked::db::runs::run_claim(&mut c, "probe", &clock, lease, 100, kind, &[])
                 .await
                 .expect("claim");
-            claim_index_reads(&mut c).await;
+            flush_statistics(&mut c).await;
             got
         }
     };
