@@ -360,6 +360,22 @@ pub async fn quota_check_new_binding(db: &mut PgConnection, tenant: &str) -> Res
     Ok(())
 }
 
+/// How long before its `create_time` a run's id may have been minted, at
+/// most: the id comes from the same clock ([`crate::domain::Clock::new_id`])
+/// when the run is built, and the row is written within the same pass or
+/// call (a firing pass prepared ahead of its instant: seconds).
+const ID_MINTED_BEFORE_CREATE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// A run id below every id of the runs created after `since`: the reads of
+/// runs "created in the last hour" bound themselves by it on
+/// `runs_tenant_id` (tenant, id), then test `create_time` exactly. Run ids
+/// are UUIDv7, minted at most [`ID_MINTED_BEFORE_CREATE`] before the row's
+/// `create_time`; so `runs` needs no index of its own on `create_time`,
+/// whose entries every write of a run would pay for.
+fn created_floor(since: DateTime<Utc>) -> Uuid {
+    crate::domain::cluster::uuid_v7_floor((since - ID_MINTED_BEFORE_CREATE).timestamp_millis())
+}
+
 /// What is left of each tenant's hourly budget (first attempts created in
 /// the hour before `now`, skipped ones not counted), for those of `tenants`
 /// that have one; tenants without a budget are absent. Locks those tenants'
@@ -409,12 +425,14 @@ pub async fn quota_hourly_remaining(
     let limited: Vec<String> = budgets.iter().map(|(t, _)| t.clone()).collect();
     // A separate statement: under READ COMMITTED it sees what the previous
     // lock holder committed.
+    let since = now - chrono::Duration::hours(1);
     let used = sqlx::query!(
         r#"SELECT tenant_id, count(*) AS "n!" FROM runs
-           WHERE tenant_id = ANY ($1) AND create_time > $2 AND attempt = 1 AND state <> 'SKIPPED'
+           WHERE tenant_id = ANY ($1) AND id > $3 AND create_time > $2 AND attempt = 1 AND state <> 'SKIPPED'
            GROUP BY tenant_id"#,
         &limited,
-        now - chrono::Duration::hours(1)
+        since,
+        created_floor(since)
     )
     .fetch_all(&mut *db)
     .await?;
@@ -488,16 +506,17 @@ pub async fn quota_usage(
              (SELECT count(*) FROM runs WHERE tenant_id = $1 AND state = 'RUNNING') AS "running!",
              (SELECT count(*) FROM runs WHERE tenant_id = $1 AND state = 'QUEUED' AND not_before <= $2) AS "queued!",
              (SELECT count(*) FILTER (WHERE attempt = 1 AND state <> 'SKIPPED') FROM runs
-                WHERE tenant_id = $1 AND create_time > $3) AS "last_hour!",
+                WHERE tenant_id = $1 AND id > $5 AND create_time > $3) AS "last_hour!",
              (SELECT count(*) FILTER (WHERE throttled) FROM runs
-                WHERE tenant_id = $1 AND create_time > $3) AS "throttled!",
+                WHERE tenant_id = $1 AND id > $5 AND create_time > $3) AS "throttled!",
              (SELECT count(*) FILTER (WHERE state = 'SKIPPED' AND reason = $4) FROM runs
-                WHERE tenant_id = $1 AND create_time > $3) AS "skipped!",
+                WHERE tenant_id = $1 AND id > $5 AND create_time > $3) AS "skipped!",
              (SELECT count(*) FROM bindings WHERE tenant_id = $1) AS "bindings!""#,
         tenant,
         now,
         hour_ago,
-        RunReason::Quota.as_str()
+        RunReason::Quota.as_str(),
+        created_floor(hour_ago)
     )
     .fetch_one(&mut *db)
     .await?;

@@ -658,3 +658,128 @@ async fn a_higher_priority_run_is_claimed_before_other_tenants_runs() {
     }
     node.stop().await;
 }
+
+/// Index and table tuples this transaction has read from `runs` so far
+/// (PostgreSQL's counts of the transaction).
+async fn runs_tuples_read(tx: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (pg_stat_get_xact_tuples_returned('runs'::regclass)
+                 + coalesce(sum(pg_stat_get_xact_tuples_returned(indexrelid)), 0))::int8
+         FROM pg_index WHERE indrelid = 'runs'::regclass",
+    )
+    .fetch_one(tx)
+    .await
+    .expect("read statistics")
+}
+
+/// The hourly budget counts the runs created in the hour before `now` by
+/// run id (UUIDv7, on `runs_tenant_id`) and then by `create_time` exactly:
+/// runs of earlier hours are not read however many the tenant has, and
+/// the count and GetQuotaUsage's `runs_last_hour` stay exact. `runs` keeps
+/// no index on `create_time` (every write of a run paid for its entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hourly_budget_reads_only_the_runs_of_its_hour() {
+    const RUNS: usize = 1500;
+    const MAX: u32 = 1_000_000;
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    // Worker runs no worker takes: they stay QUEUED, created now.
+    let def = pb::TaskDefinition {
+        name: "queued".into(),
+        handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: "nobody".into(),
+            schedule_to_start_timeout: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+        })),
+        schedule: Some(every(1)),
+        overlap_policy: pb::OverlapPolicy::Allow as i32,
+        ..Default::default()
+    };
+    let b = define_and_bind(&node, "acme", def).await;
+    pause(&node, "acme", &b.id).await;
+    let end = now_secs() - 61.0;
+    let created = node
+        .runs()
+        .backfill_runs(as_tenant(
+            "acme",
+            pb::BackfillRunsRequest {
+                binding_id: b.id.clone(),
+                start_time: Some(ts(end - RUNS as f64)),
+                end_time: Some(ts(end)),
+                dry_run: false,
+            },
+        ))
+        .await
+        .expect("backfill")
+        .into_inner()
+        .run_ids
+        .len();
+    assert!(created >= RUNS, "{created}");
+    set_quota(
+        &node,
+        pb::TenantQuota {
+            tenant_id: "acme".into(),
+            max_runs_per_hour: Some(MAX as i32),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("set quota");
+
+    let pool = db.pool().await;
+    let mut conn = pool.acquire().await.expect("connection");
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await.expect("begin");
+    sked::db::generic_plans(&mut tx)
+        .await
+        .expect("generic plans");
+    let tenants = ["acme".to_string()];
+    let now = chrono::Utc::now();
+    let left = |m: std::collections::HashMap<String, u64>| m["acme"];
+
+    // Three hours on: none of the runs is in the hour, and none is read.
+    let before = runs_tuples_read(&mut tx).await;
+    let later = sked::db::tenancy::quota_hourly_remaining(
+        &mut tx,
+        &tenants,
+        now + chrono::Duration::hours(3),
+    )
+    .await
+    .expect("budget");
+    let read = runs_tuples_read(&mut tx).await - before;
+    assert_eq!(left(later), u64::from(MAX));
+    assert!(
+        read < 100,
+        "counting an empty hour read {read} of the tenant's {created} older runs"
+    );
+
+    // Now: every run is in the hour, counted exactly.
+    let now_left = sked::db::tenancy::quota_hourly_remaining(&mut tx, &tenants, now)
+        .await
+        .expect("budget");
+    assert_eq!(left(now_left), u64::from(MAX) - created as u64);
+    // 59 minutes on they still count; 61 minutes on, none does.
+    let near = sked::db::tenancy::quota_hourly_remaining(
+        &mut tx,
+        &tenants,
+        now + chrono::Duration::minutes(59),
+    )
+    .await
+    .expect("budget");
+    assert_eq!(left(near), u64::from(MAX) - created as u64);
+    let past = sked::db::tenancy::quota_hourly_remaining(
+        &mut tx,
+        &tenants,
+        now + chrono::Duration::minutes(61),
+    )
+    .await
+    .expect("budget");
+    assert_eq!(left(past), u64::from(MAX));
+    tx.commit().await.expect("commit");
+
+    let u = usage(&node, "acme").await;
+    assert_eq!(u.runs_last_hour, created as i64, "{u:?}");
+    node.stop().await;
+}
