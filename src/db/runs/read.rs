@@ -231,7 +231,7 @@ pub async fn run_find_by_idempotency_key(
 /// The row is found by primary key alone and its tenant compared here: with
 /// `tenant_id` in the query, a plan made while `runs` looked small (a new
 /// installation, before autovacuum's first ANALYZE) walked the tenant's
-/// whole range of `runs_tenant_create_time` and filtered on the id, and
+/// whole range of `runs_tenant_create_time` (since dropped) and filtered on the id, and
 /// kept doing so for the connection's life (measured: ~1 ms a TriggerRun,
 /// a core of PostgreSQL at 1 000 TriggerRun/s).
 ///
