@@ -162,7 +162,9 @@ pub struct WorkerHandler {
     pub schedule_to_start_secs: Option<u32>,
 }
 
-/// Default schedule-to-start timeout of a worker run: 10 minutes.
+/// Default schedule-to-start timeout of a worker run: 10 minutes. Held in
+/// SQL too, by `sked_start_deadline` (migration 20261212000200), which the
+/// reaper's index is keyed by; a test compares the two.
 pub const DEFAULT_SCHEDULE_TO_START_SECS: u32 = 600;
 /// Shortest schedule-to-start timeout: 1 s.
 pub const MIN_SCHEDULE_TO_START_SECS: u32 = 1;

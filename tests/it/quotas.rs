@@ -659,19 +659,6 @@ async fn a_higher_priority_run_is_claimed_before_other_tenants_runs() {
     node.stop().await;
 }
 
-/// Index and table tuples this transaction has read from `runs` so far
-/// (PostgreSQL's counts of the transaction).
-async fn runs_tuples_read(tx: &mut sqlx::PgConnection) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (pg_stat_get_xact_tuples_returned('runs'::regclass)
-                 + coalesce(sum(pg_stat_get_xact_tuples_returned(indexrelid)), 0))::int8
-         FROM pg_index WHERE indrelid = 'runs'::regclass",
-    )
-    .fetch_one(tx)
-    .await
-    .expect("read statistics")
-}
-
 /// The hourly budget counts the runs created in the hour before `now` by
 /// run id (UUIDv7, on `runs_tenant_id`) and then by `create_time` exactly:
 /// runs of earlier hours are not read however many the tenant has, and

@@ -1039,3 +1039,76 @@ async fn completions_and_heartbeats_read_only_their_own_leases_whatever_the_stat
     );
     node.stop().await;
 }
+
+/// A backlog of worker runs still within their schedule-to-start timeout
+/// costs the reaper nothing: its read is keyed by each run's deadline
+/// (`sked_start_deadline` on `runs_queued_worker`), so it reads only runs
+/// past theirs, earliest first. Before, every reap of every node read the
+/// whole worker backlog to end none of it. The deadline's default in SQL
+/// is the domain's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline() {
+    const BACKLOG: i64 = 1500;
+    let db = TestDb::new().await;
+    let node = node(&db, "w15").await;
+    let created = worker_backlog(&node, "patient", BACKLOG).await;
+    assert!(created.len() as i64 >= BACKLOG - 1, "{}", created.len());
+    let pool = db.pool().await;
+    let mut conn = pool.acquire().await.expect("connection");
+
+    let t = chrono::DateTime::parse_from_rfc3339("2026-03-29T00:30:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let deadline = |handler: serde_json::Value| {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT sked_start_deadline($1, $2)")
+            .bind(t)
+            .bind(handler)
+    };
+    let default = deadline(serde_json::json!({"kind": "worker", "queue": "q"}))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("deadline");
+    assert_eq!(
+        default - t,
+        chrono::Duration::seconds(i64::from(sked::domain::DEFAULT_SCHEDULE_TO_START_SECS))
+    );
+    let own = deadline(serde_json::json!({"kind": "worker", "schedule_to_start_secs": 5}))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("deadline");
+    assert_eq!(own - t, chrono::Duration::seconds(5));
+
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await.expect("begin");
+    sked::db::generic_plans(&mut tx)
+        .await
+        .expect("generic plans");
+    let before = runs_tuples_read(&mut tx).await;
+    let now = chrono::Utc::now();
+    let ended = sked::db::runs::run_fail_no_worker(&mut tx, "probe", now, 100)
+        .await
+        .expect("reap");
+    let reads = runs_tuples_read(&mut tx).await - before;
+    assert!(ended.is_empty(), "{} ended early", ended.len());
+    assert!(
+        reads < 100,
+        "a reap with nothing past its deadline read {reads} of {} waiting runs",
+        created.len()
+    );
+    // A day later every run is past its 24-hour deadline: the reap ends
+    // them, a batch at a time.
+    let ended = sked::db::runs::run_fail_no_worker(
+        &mut tx,
+        "probe",
+        now + chrono::Duration::hours(25),
+        100,
+    )
+    .await
+    .expect("reap");
+    assert_eq!(ended.len(), 100);
+    for (run, _) in &ended {
+        assert_eq!(run.state, sked::domain::RunState::Failed);
+    }
+    tx.rollback().await.expect("rollback");
+    node.stop().await;
+}

@@ -903,3 +903,16 @@ pub async fn fires_passed(node: &TestNode, tenant: &str, canary: &pb::Binding, a
     })
     .await;
 }
+
+/// Index and table tuples this transaction has read from `runs` so far
+/// (PostgreSQL's counts of the transaction).
+pub async fn runs_tuples_read(tx: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (pg_stat_get_xact_tuples_returned('runs'::regclass)
+                 + coalesce(sum(pg_stat_get_xact_tuples_returned(indexrelid)), 0))::int8
+         FROM pg_index WHERE indrelid = 'runs'::regclass",
+    )
+    .fetch_one(tx)
+    .await
+    .expect("read statistics")
+}

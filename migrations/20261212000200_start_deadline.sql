@@ -1,0 +1,23 @@
+-- The reaper ends worker runs nobody took within their schedule-to-start
+-- timeout (db::runs::run_fail_no_worker). It read the queued worker runs
+-- in not_before order and tested each run's own deadline, so every reap
+-- of every node read the whole worker backlog (35 ms at 100 000 runs
+-- waiting for workers of 24-hour timeouts, to end none of them). Keyed by
+-- the deadline itself, a reap reads only the runs past it.
+--
+-- A run's deadline: not_before plus its handler's schedule_to_start_secs,
+-- or domain::DEFAULT_SCHEDULE_TO_START_SECS (600; a test compares them).
+-- IMMUTABLE is true of it: an interval of seconds alone added to a
+-- timestamptz does not depend on the time zone. A value that is not a
+-- number counts as absent and any number is held to 0 ..= 366 days, so
+-- no stored handler can make a write of a run fail here.
+CREATE FUNCTION sked_start_deadline(not_before timestamptz, handler jsonb) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT not_before + make_interval(secs => least(greatest(
+           coalesce(CASE WHEN jsonb_typeof(handler -> 'schedule_to_start_secs') = 'number'
+                         THEN (handler -> 'schedule_to_start_secs')::float8 END, 600), 0), 31622400))
+$$;
+
+DROP INDEX runs_queued_worker;
+CREATE INDEX runs_queued_worker ON runs (sked_start_deadline(not_before, handler))
+    WHERE state = 'QUEUED' AND (handler ->> 'kind') = 'worker';
