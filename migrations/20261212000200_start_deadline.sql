@@ -5,19 +5,24 @@
 -- waiting for workers of 24-hour timeouts, to end none of them). Keyed by
 -- the deadline itself, a reap reads only the runs past it.
 --
--- A run's deadline: not_before plus its handler's schedule_to_start_secs,
--- or domain::DEFAULT_SCHEDULE_TO_START_SECS (600; a test compares them).
+-- A run's deadline: when it became due (not_before) or, if it was created
+-- later (a backfill of past fire times, a catch-up after an outage), when
+-- it was created; plus its handler's schedule_to_start_secs, or
+-- domain::DEFAULT_SCHEDULE_TO_START_SECS (600; a test compares them).
+-- Counted from not_before alone, a backfill of last week's fire times
+-- ended FAILED no_worker at the first reap, workers or not.
 -- IMMUTABLE is true of it: an interval of seconds alone added to a
 -- timestamptz does not depend on the time zone. A value that is not a
 -- number counts as absent and any number is held to 0 ..= 366 days, so
 -- no stored handler can make a write of a run fail here.
-CREATE FUNCTION sked_start_deadline(not_before timestamptz, handler jsonb) RETURNS timestamptz
+CREATE FUNCTION sked_start_deadline(not_before timestamptz, create_time timestamptz, handler jsonb)
+RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT not_before + make_interval(secs => least(greatest(
+  SELECT GREATEST(not_before, create_time) + make_interval(secs => least(greatest(
            coalesce(CASE WHEN jsonb_typeof(handler -> 'schedule_to_start_secs') = 'number'
                          THEN (handler -> 'schedule_to_start_secs')::float8 END, 600), 0), 31622400))
 $$;
 
 DROP INDEX runs_queued_worker;
-CREATE INDEX runs_queued_worker ON runs (sked_start_deadline(not_before, handler))
+CREATE INDEX runs_queued_worker ON runs (sked_start_deadline(not_before, create_time, handler))
     WHERE state = 'QUEUED' AND (handler ->> 'kind') = 'worker';

@@ -831,11 +831,24 @@ async fn a_worker_naming_another_tenants_lease_tokens_is_refused_them_and_the_ow
 /// past that wait QUEUED (their schedule-to-start timeout is a day and no
 /// worker takes the queue here). Returns the backfilled run ids.
 async fn worker_backlog(node: &TestNode, queue: &str, n: i64) -> Vec<String> {
+    worker_backlog_ending(node, queue, n, 86_400, 61).await
+}
+
+/// [`worker_backlog`] with a schedule-to-start timeout of
+/// `schedule_to_start` seconds, its fire times ending `ago` seconds before
+/// now.
+async fn worker_backlog_ending(
+    node: &TestNode,
+    queue: &str,
+    n: i64,
+    schedule_to_start: i64,
+    ago: i64,
+) -> Vec<String> {
     let mut def = worker_def(&format!("w.{queue}"), queue, 1);
     def.schedule = Some(every(1));
     if let Some(pb::task_definition::Handler::Worker(w)) = &mut def.handler {
         w.schedule_to_start_timeout = Some(prost_types::Duration {
-            seconds: 86_400,
+            seconds: schedule_to_start,
             nanos: 0,
         });
     }
@@ -847,11 +860,11 @@ async fn worker_backlog(node: &TestNode, queue: &str, n: i64) -> Vec<String> {
             pb::BackfillRunsRequest {
                 binding_id: b.id.clone(),
                 start_time: Some(prost_types::Timestamp {
-                    seconds: now - n - 60,
+                    seconds: now - n - ago + 1,
                     nanos: 0,
                 }),
                 end_time: Some(prost_types::Timestamp {
-                    seconds: now - 61,
+                    seconds: now - ago,
                     nanos: 0,
                 }),
                 dry_run: false,
@@ -1044,27 +1057,38 @@ async fn completions_and_heartbeats_read_only_their_own_leases_whatever_the_stat
 /// costs the reaper nothing: its read is keyed by each run's deadline
 /// (`sked_start_deadline` on `runs_queued_worker`), so it reads only runs
 /// past theirs, earliest first. Before, every reap of every node read the
-/// whole worker backlog to end none of it. The deadline's default in SQL
-/// is the domain's.
+/// whole worker backlog to end none of it. A backfill of fire times older
+/// than the timeout counts from its creation, not from its fire times
+/// (before, its runs ended `no_worker` at the first reap). The deadline's
+/// default in SQL is the domain's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline() {
     const BACKLOG: i64 = 1500;
+    const LATE: i64 = 50;
     let db = TestDb::new().await;
     let node = node(&db, "w15").await;
+    let t0 = chrono::Utc::now();
     let created = worker_backlog(&node, "patient", BACKLOG).await;
     assert!(created.len() as i64 >= BACKLOG - 1, "{}", created.len());
+    // Fire times an hour ago, a 2-minute timeout: due long before they
+    // were created.
+    let late = worker_backlog_ending(&node, "late", LATE, 120, 3600).await;
+    assert!(late.len() as i64 >= LATE - 1, "{}", late.len());
     let pool = db.pool().await;
     let mut conn = pool.acquire().await.expect("connection");
 
     let t = chrono::DateTime::parse_from_rfc3339("2026-03-29T00:30:00Z")
         .unwrap()
         .with_timezone(&chrono::Utc);
-    let deadline = |handler: serde_json::Value| {
-        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT sked_start_deadline($1, $2)")
-            .bind(t)
-            .bind(handler)
+    let deadline = |created: chrono::DateTime<chrono::Utc>, handler: serde_json::Value| {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT sked_start_deadline($1, $2, $3)",
+        )
+        .bind(t)
+        .bind(created)
+        .bind(handler)
     };
-    let default = deadline(serde_json::json!({"kind": "worker", "queue": "q"}))
+    let default = deadline(t, serde_json::json!({"kind": "worker", "queue": "q"}))
         .fetch_one(&mut *conn)
         .await
         .expect("deadline");
@@ -1072,11 +1096,23 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
         default - t,
         chrono::Duration::seconds(i64::from(sked::domain::DEFAULT_SCHEDULE_TO_START_SECS))
     );
-    let own = deadline(serde_json::json!({"kind": "worker", "schedule_to_start_secs": 5}))
-        .fetch_one(&mut *conn)
-        .await
-        .expect("deadline");
+    let own = deadline(
+        t,
+        serde_json::json!({"kind": "worker", "schedule_to_start_secs": 5}),
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("deadline");
     assert_eq!(own - t, chrono::Duration::seconds(5));
+    let created_later = t + chrono::Duration::days(7);
+    let backfilled = deadline(
+        created_later,
+        serde_json::json!({"kind": "worker", "schedule_to_start_secs": 5}),
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("deadline");
+    assert_eq!(backfilled - created_later, chrono::Duration::seconds(5));
 
     use sqlx::Connection as _;
     let mut tx = conn.begin().await.expect("begin");
@@ -1093,8 +1129,27 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
     assert!(
         reads < 100,
         "a reap with nothing past its deadline read {reads} of {} waiting runs",
-        created.len()
+        created.len() + late.len()
     );
+    // Two minutes after their creation the late runs are past theirs, and
+    // only they end, the patient ones untouched.
+    let ended = sked::db::runs::run_fail_no_worker(
+        &mut tx,
+        "probe",
+        chrono::Utc::now() + chrono::Duration::seconds(121),
+        100,
+    )
+    .await
+    .expect("reap");
+    let mut ended_ids: Vec<String> = ended.iter().map(|(r, _)| r.id.to_string()).collect();
+    ended_ids.sort();
+    let mut late_ids = late.clone();
+    late_ids.sort();
+    assert_eq!(ended_ids, late_ids);
+    for (run, _) in &ended {
+        assert_eq!(run.state, sked::domain::RunState::Failed);
+        assert!(run.create_time >= t0, "{run:?}");
+    }
     // A day later every run is past its 24-hour deadline: the reap ends
     // them, a batch at a time.
     let ended = sked::db::runs::run_fail_no_worker(
@@ -1106,9 +1161,11 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
     .await
     .expect("reap");
     assert_eq!(ended.len(), 100);
-    for (run, _) in &ended {
-        assert_eq!(run.state, sked::domain::RunState::Failed);
-    }
     tx.rollback().await.expect("rollback");
+    // Nothing of the late backlog ended on the node's own reaps meanwhile.
+    for id in &late {
+        let r = get_run(&node, "acme", id).await;
+        assert_eq!(state(&r), pb::RunState::Queued, "{r:?}");
+    }
     node.stop().await;
 }

@@ -281,10 +281,11 @@ pub async fn run_worker_heartbeat(
 /// Ends up to `limit` `QUEUED` worker runs that waited longer than their
 /// schedule-to-start timeout (the handler's `schedule_to_start_secs`,
 /// default [`crate::domain::DEFAULT_SCHEDULE_TO_START_SECS`], counted from
-/// `not_before`): `FAILED` with reason [`RunReason::NoWorker`], events
+/// `not_before`, or from `create_time` for a run created after it: a
+/// backfill of past fire times, a catch-up after an outage): `FAILED` with reason [`RunReason::NoWorker`], events
 /// written and announced. `FOR UPDATE SKIP LOCKED`. Reads only runs past
 /// their deadline, earliest first: `runs_queued_worker` is keyed by
-/// `sked_start_deadline(not_before, handler)` (migration
+/// `sked_start_deadline(not_before, create_time, handler)` (migration
 /// 20261212000200, which holds the default in SQL), so a backlog waiting
 /// for workers costs a reap nothing. Returns them with their
 /// events; the caller schedules retries, then records the ends with
@@ -303,8 +304,8 @@ pub async fn run_fail_no_worker(
         r#"WITH x AS (
              SELECT id FROM runs
              WHERE state = 'QUEUED' AND (handler->>'kind') = 'worker'
-               AND sked_start_deadline(not_before, handler) < $1
-             ORDER BY sked_start_deadline(not_before, handler) LIMIT $2 FOR UPDATE SKIP LOCKED),
+               AND sked_start_deadline(not_before, create_time, handler) < $1
+             ORDER BY sked_start_deadline(not_before, create_time, handler) LIMIT $2 FOR UPDATE SKIP LOCKED),
            f AS (
              UPDATE runs r SET state = 'FAILED', end_time = $1, reason = $3,
                     error_message = 'no worker took the run of queue ' || coalesce(r.handler->>'queue', '?')
