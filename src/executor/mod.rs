@@ -263,7 +263,8 @@ impl Executor {
 
     /// Completes the event runs of `shard` ([`db::runs::EVENT_SHARDS`]):
     /// claims again at once while claims find runs, else waits for `wake`
-    /// (whenever the slot claim loop claims) or the poll.
+    /// (event runs queued: their NOTIFY or a promotion; a run that ended
+    /// here, which may have left its tenant quota room) or the poll.
     async fn event_loop(
         self: Arc<Self>,
         shard: u32,
@@ -316,6 +317,10 @@ impl Executor {
         // SCHEDULED run written, costs no claim statement (they take the
         // claim lock every other claim waits on).
         let mut claim_due = true;
+        // Whether a run ended here since the event loops were last woken:
+        // its tenant may have room under its concurrency quota for event
+        // runs that waited for it.
+        let mut freed = false;
         let mut last_claim = tokio::time::Instant::now();
         loop {
             match this.promote().await {
@@ -352,6 +357,7 @@ impl Executor {
             // loop from sleeping (where they are otherwise joined).
             while running.try_join_next() {
                 claim_due = true;
+                freed = true;
             }
             if last_claim.elapsed() >= this.poll {
                 claim_due = true;
@@ -390,8 +396,11 @@ impl Executor {
                 }
             }
             // Event handler runs need no slot: they complete in their
-            // claim, in the event loops, woken whenever this one claims.
-            if claiming {
+            // claim, in the event loops. Their own NOTIFYs wake those; this
+            // loop wakes them when a run ended (quota room). Woken on every
+            // claim round, they made two claims for each of this loop's.
+            if claiming && freed {
+                freed = false;
                 this.events_wake.wake();
             }
             let (pause, queued_due) = this.sleep_time().await;
@@ -413,6 +422,7 @@ impl Executor {
             if let Some(r) = joined {
                 running.joined(r);
                 claim_due = true;
+                freed = true;
             }
         }
         if !running.is_empty() {

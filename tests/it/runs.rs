@@ -451,3 +451,40 @@ async fn lines_buffered_when_the_process_exits_are_all_written_however_slow_the_
     assert!(got == want, "in order");
     node.stop().await;
 }
+
+/// The end of a run of an overlap-free binding announces a run of its own
+/// handler kind (the next run of the binding, of the binding's kind), so
+/// only the loops that claim that kind look: the `sked_runs` payloads of a
+/// command run's life all name `local` alone. Announced as "any runs",
+/// every node's slot claim, event claim loops and worker dispatch claimed
+/// after every command run (12 claims per run where 4 do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_end_wakes_only_the_loops_of_its_handler_kind() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db, "n1").await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url)
+        .await
+        .expect("listener");
+    listener.listen("sked_runs").await.expect("listen");
+    let b = define_and_bind(&node, "acme", sh_def("once", "true", manual())).await;
+    let overlap = b.effective.as_ref().map(|e| e.overlap_policy);
+    assert_ne!(overlap, Some(pb::OverlapPolicy::Allow as i32), "{b:?}");
+    let run = trigger(&node, "acme", &b.id).await;
+    let ended = wait_terminal(&node, "acme", &run.id).await;
+    assert_eq!(state(&ended), pb::RunState::Succeeded);
+    let mut payloads = Vec::new();
+    while let Ok(n) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await
+    {
+        payloads.push(n.expect("notification").payload().to_string());
+    }
+    // The trigger's and the end's.
+    assert!(payloads.len() >= 2, "{payloads:?}");
+    for p in &payloads {
+        assert_eq!(
+            p, "local",
+            "every payload names command runs alone: {payloads:?}"
+        );
+    }
+    node.stop().await;
+}

@@ -141,8 +141,13 @@ pub async fn run_finish(
     let ev = state_event(&run, seq, run.end_time.unwrap_or(now), body);
     announce(&mut *conn, node_id, [&ev]).await?;
     if run.policy.overlap != OverlapPolicy::Allow {
-        // A run of this binding may have been waiting for this one to end.
-        notify_runs(&mut *conn).await?;
+        // A run of this binding may have been waiting for this one to end:
+        // one of its handler kind (the binding's), so only the loops that
+        // claim that kind look. Named as any runs, every node's executor,
+        // event loops and worker dispatch claimed after every command run.
+        let mut waiting = Waiting::default();
+        waiting.add(RunState::Queued, run.handler.kind());
+        notify_runs_for(&mut *conn, waiting).await?;
     }
     Ok(Some((run, ev)))
 }

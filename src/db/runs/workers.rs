@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{RunRow, announce, notify_runs, state_event};
+use super::{RunRow, Waiting, announce, notify_runs, notify_runs_for, state_event};
 use crate::db::{Error, encode};
 use crate::domain::{EventBody, Run, RunEvent, RunReason, RunState};
 
@@ -208,7 +208,16 @@ pub async fn run_complete_by_leases(
         announce(&mut *conn, node_id, out.iter().map(|c| &c.event)).await?;
     }
     if wake {
-        notify_runs(&mut *conn).await?;
+        // A worker run of one of their bindings may have waited for them
+        // to end: only the worker dispatch looks.
+        notify_runs_for(
+            &mut *conn,
+            Waiting {
+                worker: true,
+                ..Waiting::default()
+            },
+        )
+        .await?;
     }
     Ok(out)
 }
