@@ -11,16 +11,20 @@
 -- domain::DEFAULT_SCHEDULE_TO_START_SECS (600; a test compares them).
 -- Counted from not_before alone, a backfill of last week's fire times
 -- ended FAILED no_worker at the first reap, workers or not.
--- IMMUTABLE is true of it: an interval of seconds alone added to a
--- timestamptz does not depend on the time zone. A value that is not a
--- number counts as absent and any number is held to 0 ..= 366 days, so
--- no stored handler can make a write of a run fail here.
+-- Computed in UTC timestamps (timestamp + interval is immutable, where
+-- timestamptz + interval depends on the session's time zone), so the body
+-- is immutable as declared and PostgreSQL inlines it: no function call per
+-- index entry. A value that is not a number counts as absent and any
+-- number is held to 0 ..= 366 days, so no stored handler can make a write
+-- of a run fail here.
 CREATE FUNCTION sked_start_deadline(not_before timestamptz, create_time timestamptz, handler jsonb)
 RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT GREATEST(not_before, create_time) + make_interval(secs => least(greatest(
-           coalesce(CASE WHEN jsonb_typeof(handler -> 'schedule_to_start_secs') = 'number'
-                         THEN (handler -> 'schedule_to_start_secs')::float8 END, 600), 0), 31622400))
+  SELECT ((GREATEST(not_before, create_time) AT TIME ZONE 'UTC')
+          + make_interval(secs => least(greatest(
+              coalesce(CASE WHEN jsonb_typeof(handler -> 'schedule_to_start_secs') = 'number'
+                            THEN (handler -> 'schedule_to_start_secs')::float8 END, 600), 0), 31622400)))
+         AT TIME ZONE 'UTC'
 $$;
 
 DROP INDEX runs_queued_worker;
