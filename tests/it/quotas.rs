@@ -742,28 +742,16 @@ async fn the_hourly_budget_reads_only_the_runs_of_its_hour() {
         "counting an empty hour read {read} of the tenant's {created} older runs"
     );
 
-    // Now: every run is in the hour, counted exactly.
-    let now_left = sked::db::tenancy::quota_hourly_remaining(&mut tx, &tenants, now)
-        .await
-        .expect("budget");
-    assert_eq!(left(now_left), u64::from(MAX) - created as u64);
-    // 59 minutes on they still count; 61 minutes on, none does.
-    let near = sked::db::tenancy::quota_hourly_remaining(
-        &mut tx,
-        &tenants,
-        now + chrono::Duration::minutes(59),
-    )
-    .await
-    .expect("budget");
-    assert_eq!(left(near), u64::from(MAX) - created as u64);
-    let past = sked::db::tenancy::quota_hourly_remaining(
-        &mut tx,
-        &tenants,
-        now + chrono::Duration::minutes(61),
-    )
-    .await
-    .expect("budget");
-    assert_eq!(left(past), u64::from(MAX));
+    // Now every run is in the hour, counted exactly; 59 minutes on they
+    // still count; 61 minutes on, none does.
+    let all = u64::from(MAX) - created as u64;
+    for (minutes, want) in [(0, all), (59, all), (61, u64::from(MAX))] {
+        let at = now + chrono::Duration::minutes(minutes);
+        let got = sked::db::tenancy::quota_hourly_remaining(&mut tx, &tenants, at)
+            .await
+            .expect("budget");
+        assert_eq!(left(got), want, "{minutes} minutes on");
+    }
     tx.commit().await.expect("commit");
 
     let u = usage(&node, "acme").await;
