@@ -15,15 +15,16 @@
 -- timestamptz + interval depends on the session's time zone), so the body
 -- is immutable as declared and PostgreSQL inlines it: no function call per
 -- index entry. A value that is not a number counts as absent and any
--- number is held to 0 ..= 366 days, so no stored handler can make a write
--- of a run fail here.
+-- number (read exactly, as numeric: 1e400 does not overflow) is held to
+-- 0 ..= 366 days, so no stored handler can make a write of a run fail
+-- here.
 CREATE FUNCTION sked_start_deadline(not_before timestamptz, create_time timestamptz, handler jsonb)
 RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT ((GREATEST(not_before, create_time) AT TIME ZONE 'UTC')
           + make_interval(secs => least(greatest(
               coalesce(CASE WHEN jsonb_typeof(handler -> 'schedule_to_start_secs') = 'number'
-                            THEN (handler -> 'schedule_to_start_secs')::float8 END, 600), 0), 31622400)))
+                            THEN (handler -> 'schedule_to_start_secs')::numeric END, 600), 0), 31622400)::float8))
          AT TIME ZONE 'UTC'
 $$;
 
