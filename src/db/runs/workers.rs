@@ -288,15 +288,17 @@ pub async fn run_worker_heartbeat(
 }
 
 /// Ends up to `limit` `QUEUED` worker runs that waited longer than their
-/// schedule-to-start timeout (the handler's `schedule_to_start_secs`,
-/// default [`crate::domain::DEFAULT_SCHEDULE_TO_START_SECS`], counted from
-/// `not_before`, or from `create_time` for a run created after it: a
-/// backfill of past fire times, a catch-up after an outage): `FAILED` with reason [`RunReason::NoWorker`], events
-/// written and announced. `FOR UPDATE SKIP LOCKED`. Reads only runs past
-/// their deadline, earliest first: `runs_queued_worker` is keyed by
-/// `sked_start_deadline(not_before, create_time, handler)` (migration
-/// 20261212000200, which holds the default in SQL), so a backlog waiting
-/// for workers costs a reap nothing. Returns them with their
+/// schedule-to-start timeout: `FAILED` with reason [`RunReason::NoWorker`],
+/// events written and announced, `FOR UPDATE SKIP LOCKED`. The timeout is
+/// the handler's `schedule_to_start_secs` (default
+/// [`crate::domain::DEFAULT_SCHEDULE_TO_START_SECS`]), counted from
+/// `not_before`, or from `create_time` for a run created after it (a
+/// backfill of past fire times, a catch-up after an outage).
+///
+/// Reads only runs past their deadline, earliest first: `runs_queued_worker`
+/// is keyed by `sked_start_deadline(not_before, create_time, handler)`
+/// (migration 20261212000200, which holds the default in SQL), so a backlog
+/// waiting for workers costs a reap nothing. Returns the runs with their
 /// events; the caller schedules retries, then records the ends with
 /// [`run_end_record`](super::run_end_record) in the same transaction.
 ///
