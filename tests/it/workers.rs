@@ -1173,3 +1173,133 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
     }
     node.stop().await;
 }
+
+/// A claim announces, in its own statement, the event it writes for each
+/// run it takes: the `→ RUNNING` of each worker run, read by other nodes'
+/// bridges from `sked_events` (`<node>|<run>:<from>:<to>,...`). A claim of
+/// more than 64 runs splits its announcement, each payload within
+/// PostgreSQL's limit; every announced seq is the run's `→ RUNNING` event
+/// as stored.
+#[tokio::test]
+async fn a_claim_announces_the_event_of_every_run_it_takes() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w-ann").await;
+    let backlog = worker_backlog(&node, "ann", 150).await;
+    assert!(backlog.len() >= 140, "{}", backlog.len());
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url)
+        .await
+        .expect("listen");
+    listener.listen("sked_events").await.expect("listen");
+    let mut s = Stream::open(&node, "", "ann", "w-ann", 1000).await;
+    // The binding fires every second too: its runs are taken as well.
+    let mut taken = std::collections::HashSet::new();
+    while !backlog.iter().all(|id| taken.contains(id)) {
+        let a = s
+            .assigned(Duration::from_secs(20))
+            .await
+            .expect("every backfilled run is taken");
+        taken.insert(a.run_id);
+    }
+    // The RUNNING event of each taken run, as stored.
+    let pool = db.pool().await;
+    let stored: HashMap<String, i64> = sqlx::query_as::<_, (uuid::Uuid, i64)>(
+        "SELECT run_id, seq FROM run_events WHERE kind = 'state_changed' AND payload->>'to' = 'RUNNING'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events")
+    .into_iter()
+    .map(|(id, seq)| (id.to_string(), seq))
+    .collect();
+    let mut announced: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    let mut largest = 0;
+    let mut most_ranges = 0;
+    let covered = |announced: &HashMap<String, Vec<(i64, i64)>>, id: &String| {
+        let seq = stored[id];
+        announced
+            .get(id)
+            .is_some_and(|r| r.iter().any(|(f, t)| *f <= seq && seq <= *t))
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !taken.iter().all(|id| covered(&announced, id)) && Instant::now() < until {
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
+            continue;
+        };
+        let (from_node, ranges) =
+            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
+        assert_eq!(from_node, "w-ann");
+        largest = largest.max(n.payload().len());
+        most_ranges = most_ranges.max(ranges.len());
+        for (id, from, to) in ranges {
+            announced
+                .entry(id.to_string())
+                .or_default()
+                .push((from, to));
+        }
+    }
+    assert!(largest <= 7900, "a payload of {largest} bytes");
+    assert_eq!(most_ranges, 64, "the claim's announcement split by 64 runs");
+    for id in &taken {
+        assert!(
+            covered(&announced, id),
+            "run {id}: its RUNNING event (seq {}) was announced: {:?}",
+            stored[id],
+            announced.get(id)
+        );
+    }
+
+    // An event claim ends its runs in the statement: its three events of
+    // each (→ RUNNING, fired, → SUCCEEDED) are announced as one range, the
+    // run's → QUEUED by the TriggerRun that wrote it.
+    let b = define_and_bind(&node, "acme", event_def("ann.event", manual())).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = trigger(&node, "acme", &b.id).await;
+        wait_terminal(&node, "acme", &r.id).await;
+        ids.push(r.id);
+    }
+    let mut seqs = Vec::new();
+    for id in &ids {
+        let events = node
+            .logs()
+            .list_run_events(as_tenant(
+                "acme",
+                pb::ListRunEventsRequest {
+                    run_id: id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("events")
+            .into_inner()
+            .events;
+        assert_eq!(events.len(), 4, "{events:?}");
+        seqs.extend(events.iter().map(|e| (id.clone(), e.seq)));
+    }
+    let seen = |announced: &HashMap<String, Vec<(i64, i64)>>| {
+        seqs.iter().all(|(id, seq)| {
+            announced
+                .get(id)
+                .is_some_and(|r| r.iter().any(|(f, t)| f <= seq && seq <= t))
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !seen(&announced) && Instant::now() < until {
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
+            continue;
+        };
+        let (_, ranges) =
+            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
+        for (id, from, to) in ranges {
+            announced
+                .entry(id.to_string())
+                .or_default()
+                .push((from, to));
+        }
+    }
+    assert!(
+        seen(&announced),
+        "every event of the event runs was announced: {seqs:?}"
+    );
+    node.stop().await;
+}
