@@ -430,13 +430,25 @@ impl Default for Restarts {
     }
 }
 
-/// `<hostname>-<pid>`.
+/// `<hostname>-<pid>`, within `--node-id`'s rule ([`crate::config::node_id`]).
 pub fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    // Held to `--node-id`'s rule (crate::config::node_id): a character
+    // outside it becomes `-`, and the host part keeps 100 of them.
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "node".into());
+        .unwrap_or_else(|| "node".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(100)
+        .collect();
     format!("{host}-{}", std::process::id())
 }
 

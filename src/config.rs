@@ -104,9 +104,10 @@ pub struct ServeArgs {
     /// Directory for the embedded PostgreSQL (used only without DATABASE_URL).
     #[arg(long, env = "SKED_DATA_DIR", default_value = ".sked")]
     pub data_dir: PathBuf,
-    /// This node's id, unique among nodes sharing the database. Default:
-    /// `<hostname>-<pid>`.
-    #[arg(long, env = "SKED_NODE_ID")]
+    /// This node's id, unique among nodes sharing the database: 1-128
+    /// characters of `[A-Za-z0-9._:-]` (it prefixes the node's event
+    /// announcements, `<node>|<run>:...`). Default: `<hostname>-<pid>`.
+    #[arg(long, env = "SKED_NODE_ID", value_parser = node_id)]
     pub node_id: Option<String>,
     /// Runs executing at once on this node; more wait QUEUED. One tenant
     /// holds at most all but a quarter of them (at least one fewer: 64 → 48).
@@ -235,6 +236,32 @@ fn retention_period(s: &str) -> Result<TimeDelta, String> {
     crate::domain::retention::parse_retention(s)
 }
 
+/// `--node-id`: 1-128 characters of `[A-Za-z0-9._:-]`. It prefixes the
+/// node's event announcements (`<node>|<run>:<from>:<to>,...`): with a `|`
+/// in it the other nodes could not read them and their subscribers would
+/// miss every event of this node, and a long one would not fit
+/// PostgreSQL's 8 000-byte NOTIFY payload beside the runs it announces.
+///
+/// # Errors
+/// The rule, with the length or the first character that breaks it.
+pub fn node_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 128 {
+        return Err(format!(
+            "must be 1-128 characters of [A-Za-z0-9._:-]; this one has {}",
+            s.len()
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!(
+            "must be 1-128 characters of [A-Za-z0-9._:-]; {c:?} is not one of them"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// How the gRPC listener is protected; see [`listen_security`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenSecurity {
@@ -290,6 +317,23 @@ pub struct MigrateArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_id_is_1_to_128_characters_that_cannot_split_an_announcement() {
+        for ok in [
+            "node-a",
+            "host.example.com-1234",
+            "a",
+            "n_1:2",
+            &"x".repeat(128),
+        ] {
+            assert_eq!(node_id(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["", "a|b", "a,b", "a b", "ü", &"x".repeat(129)] {
+            let e = node_id(bad).expect_err(bad);
+            assert!(e.contains("1-128 characters"), "{bad:?}: {e}");
+        }
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -1513,3 +1513,30 @@ async fn https_addresses_speak_tls_with_a_ca_file_and_client_certificate() {
         .unwrap()
         .unwrap();
 }
+
+/// `sked serve --node-id` refuses an id that could split the node's event
+/// announcements (`<node>|…`), before it opens anything, naming the flag
+/// and the rule.
+#[test]
+fn serve_refuses_a_node_id_outside_its_rule() {
+    for bad in ["a|b", "a,b", &"n".repeat(129)] {
+        let o = assert_cmd::Command::new(env!("CARGO_BIN_EXE_sked"))
+            .args([
+                "serve",
+                "--node-id",
+                bad,
+                "--database-url",
+                "postgres://127.0.0.1:1/none",
+            ])
+            .env_remove("SKED_NODE_ID")
+            .timeout(Duration::from_secs(20))
+            .output()
+            .expect("sked serve");
+        assert_eq!(code(&o), 2, "{bad:?}: {}", describe(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("--node-id") && err.contains("1-128 characters of [A-Za-z0-9._:-]"),
+            "{bad:?}: {err}"
+        );
+    }
+}
