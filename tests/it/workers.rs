@@ -1174,10 +1174,9 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
     node.stop().await;
 }
 
-/// A claim announces, in its own statement, the event it writes for each
-/// run it takes: the `→ RUNNING` of each worker run, read by other nodes'
-/// bridges from `sked_events` (`<node>|<run>:<from>:<to>,...`). A claim of
-/// more than 64 runs splits its announcement, each payload within
+/// A claim announces the event it writes for each run it takes: the
+/// `→ RUNNING` of each worker run, read by other nodes' bridges from
+/// `sked_events` (`<node>|<run>:<from>:<to>,...`), each payload within
 /// PostgreSQL's limit; every announced seq is the run's `→ RUNNING` event
 /// as stored.
 #[tokio::test]
@@ -1238,7 +1237,7 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
         }
     }
     assert!(largest <= 7900, "a payload of {largest} bytes");
-    assert_eq!(most_ranges, 64, "the claim's announcement split by 64 runs");
+    assert!(most_ranges > 100, "one claim announced its runs at once: {most_ranges}");
     for id in &taken {
         assert!(
             covered(&announced, id),

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{RunRow, state_event};
+use super::{RunRow, announce, state_event};
 use crate::db::{Error, clip, encode};
 use crate::domain::RunReason;
 use crate::domain::{EventBody, Run, RunEvent, RunState};
@@ -179,7 +179,7 @@ pub async fn run_claim(
         None => limit,
     };
     let rows = sqlx::query_as!(
-        ClaimRow,
+        RunRow,
         r#"WITH RECURSIVE
            -- Candidates, per tenant: at most $4 of its runs can be claimed
            -- and they are its first $4 claimable ones in (priority DESC,
@@ -537,24 +537,11 @@ pub async fn run_claim(
              SELECT b.binding_id, b.hour, b.tenant_id, b.definition, b.state, b.lag_b, b.dur_b, b.lag_us, b.dur_us
              FROM ended_b b WHERE b.hour IS NOT NULL)
            -- } run-end bookkeeping
-           -- The claimed runs, with their leases (worker claims). The
-           -- one-time filter announces their events first (the payloads
-           -- of db::events::event_payloads, built here: `<node>|<run>:
-           -- <from>:<to>,...`, 64 runs per payload, at most ~5 100 bytes
-           -- plus the node id), so a claim is one statement.
            SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
-                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress,
-                  lease_token, worker_name
-           FROM c
-           WHERE (SELECT count(pg_notify($14::text, p.payload))
-                  FROM (SELECT $2::text || '|' || string_agg(x.item, ',') AS payload
-                        FROM (SELECT c.id::text || ':' || (c.last_seq - CASE WHEN $6 THEN 2 ELSE 0 END)::text
-                                     || ':' || c.last_seq::text AS item,
-                                     (row_number() OVER () - 1) / 64 AS g
-                              FROM c) x
-                        GROUP BY x.g) p) >= 0"#,
+                  retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
+           FROM c"#,
         now,
         node_id,
         now + lease,
@@ -568,13 +555,11 @@ pub async fn run_claim(
         worker_names,
         shard,
         i64::from(EVENT_SHARDS),
-        crate::db::notify::EVENTS,
     )
     .fetch_all(&mut *tx)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let (r, lease) = row.split();
+    for r in rows {
         let seq = r.last_seq;
         let (id, tenant) = (r.id, r.tenant_id.clone());
         // A row that does not decode takes out only itself: a command run
@@ -609,92 +594,48 @@ pub async fn run_claim(
                 state_event(&run, seq, now, done.clone()),
             ],
         };
-        out.push((run, events, lease));
+        out.push((run, events));
+    }
+    // A worker's runs carry the lease token minted above, and the name of
+    // the worker they were claimed for: read in the statement that
+    // announces the events (its one-time filter sends the NOTIFYs before
+    // the read), a round trip less before the worker gets its runs.
+    let mut tokens = std::collections::HashMap::new();
+    if queue.is_some() && !out.is_empty() {
+        let ids: Vec<Uuid> = out.iter().map(|(r, _)| r.id).collect();
+        let payloads = crate::db::events::event_payloads(
+            node_id,
+            super::ranges(out.iter().flat_map(|(_, e)| e)),
+        );
+        for r in sqlx::query!(
+            r#"SELECT id, lease_token AS "lease_token!", worker_name FROM runs
+               WHERE (SELECT count(pg_notify($3::text, p)) FROM UNNEST($2::text[]) AS p) >= 0
+                 AND id = ANY($1) AND lease_token IS NOT NULL"#,
+            &ids,
+            &payloads,
+            crate::db::notify::EVENTS,
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            tokens.insert(r.id, (r.lease_token, r.worker_name));
+        }
+    } else {
+        announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;
     }
     tx.commit().await?;
     Ok(out
         .into_iter()
-        .map(|(run, events, (lease_token, worker_name))| Claimed {
-            lease_token,
-            worker_name,
-            run,
-            events,
+        .map(|(run, events)| {
+            let (lease_token, worker_name) = tokens.remove(&run.id).unzip();
+            Claimed {
+                lease_token,
+                worker_name: worker_name.flatten(),
+                run,
+                events,
+            }
         })
         .collect())
-}
-
-/// A claimed run's row ([`run_claim`]): the run, and its lease token and
-/// worker name (`NULL` but for worker claims).
-struct ClaimRow {
-    id: Uuid,
-    tenant_id: String,
-    binding_id: Uuid,
-    definition: String,
-    trigger: String,
-    state: String,
-    attempt: i32,
-    scheduled_time: DateTime<Utc>,
-    create_time: DateTime<Utc>,
-    start_time: Option<DateTime<Utc>>,
-    end_time: Option<DateTime<Utc>>,
-    handler: serde_json::Value,
-    params: serde_json::Value,
-    result: Option<serde_json::Value>,
-    error_message: Option<String>,
-    error_summary: Option<String>,
-    exit_code: Option<i32>,
-    node_id: Option<String>,
-    reason: Option<String>,
-    last_seq: i64,
-    not_before: DateTime<Utc>,
-    retry_of: Option<Uuid>,
-    retry_policy: serde_json::Value,
-    timeout_secs: Option<i32>,
-    overlap_policy: String,
-    priority: i32,
-    idempotency_key: Option<String>,
-    cancel_reason: Option<String>,
-    progress: Option<serde_json::Value>,
-    lease_token: Option<Uuid>,
-    worker_name: Option<String>,
-}
-
-impl ClaimRow {
-    /// The run's row, and its lease token and worker name.
-    fn split(self) -> (RunRow, (Option<Uuid>, Option<String>)) {
-        let r = RunRow {
-            id: self.id,
-            tenant_id: self.tenant_id,
-            binding_id: self.binding_id,
-            definition: self.definition,
-            trigger: self.trigger,
-            state: self.state,
-            attempt: self.attempt,
-            scheduled_time: self.scheduled_time,
-            create_time: self.create_time,
-            start_time: self.start_time,
-            end_time: self.end_time,
-            handler: self.handler,
-            params: self.params,
-            result: self.result,
-            error_message: self.error_message,
-            error_summary: self.error_summary,
-            exit_code: self.exit_code,
-            node_id: self.node_id,
-            reason: self.reason,
-            last_seq: self.last_seq,
-            not_before: self.not_before,
-            retry_of: self.retry_of,
-            retry_policy: self.retry_policy,
-            timeout_secs: self.timeout_secs,
-            overlap_policy: self.overlap_policy,
-            priority: self.priority,
-            idempotency_key: self.idempotency_key,
-            cancel_reason: self.cancel_reason,
-            progress: self.progress,
-        };
-        (r, (self.lease_token, self.worker_name))
-    }
 }
 
 /// The `BEGIN` of a claim's transaction: takes advisory lock `lock` and
