@@ -1237,7 +1237,10 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
         }
     }
     assert!(largest <= 7900, "a payload of {largest} bytes");
-    assert!(most_ranges > 100, "one claim announced its runs at once: {most_ranges}");
+    assert!(
+        most_ranges > 100,
+        "one claim announced its runs at once: {most_ranges}"
+    );
     for id in &taken {
         assert!(
             covered(&announced, id),
