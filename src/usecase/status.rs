@@ -1,8 +1,10 @@
 //! What `AdminService.GetSchedulerStatus` reports: the nodes and their
 //! heartbeats, the maintenance leader, run counts, the oldest queued run
-//! and the fire lag of the last minute. Reads only; every figure comes
-//! from a bounded statement (`db::cluster`), so the call stays cheap
-//! however many runs the database holds.
+//! and the fire lag of the last minute. Reads only (`db::cluster`): the
+//! fire lag from a bounded sample, the run counts by index-only scans of
+//! the partial indexes of waiting and running runs, so the call never
+//! reads ended runs however many the database holds, but counts the
+//! waiting ones (~100 ms at 1 000 000 queued, measured 2026-12-07).
 
 use super::{Core, Error, Result, Target};
 use crate::db;
