@@ -441,7 +441,7 @@ pub fn default_node_id() -> String {
         .unwrap_or_else(|| "node".into())
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+            if crate::domain::is_name_char(c) {
                 c
             } else {
                 '-'

@@ -236,7 +236,8 @@ fn retention_period(s: &str) -> Result<TimeDelta, String> {
     crate::domain::retention::parse_retention(s)
 }
 
-/// `--node-id`: 1-128 characters of `[A-Za-z0-9._:-]`. It prefixes the
+/// `--node-id`: 1-128 characters of `[A-Za-z0-9._:-]`
+/// ([`crate::domain::is_valid_name`], the worker name's rule). It prefixes the
 /// node's event announcements (`<node>|<run>:<from>:<to>,...`): with a `|`
 /// in it the other nodes could not read them and their subscribers would
 /// miss every event of this node, and a long one would not fit
@@ -245,21 +246,16 @@ fn retention_period(s: &str) -> Result<TimeDelta, String> {
 /// # Errors
 /// The rule, with the length or the first character that breaks it.
 pub fn node_id(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 128 {
-        return Err(format!(
-            "must be 1-128 characters of [A-Za-z0-9._:-]; this one has {}",
-            s.len()
-        ));
+    if crate::domain::is_valid_name(s) {
+        return Ok(s.to_string());
     }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-    {
-        return Err(format!(
-            "must be 1-128 characters of [A-Za-z0-9._:-]; {c:?} is not one of them"
-        ));
-    }
-    Ok(s.to_string())
+    let why = match s.chars().find(|c| !crate::domain::is_name_char(*c)) {
+        Some(c) => format!("{c:?} is not one of them"),
+        None => format!("this one has {}", s.len()),
+    };
+    Err(format!(
+        "must be 1-128 characters of [A-Za-z0-9._:-]; {why}"
+    ))
 }
 
 /// How the gRPC listener is protected; see [`listen_security`].

@@ -101,6 +101,24 @@ pub fn validate_definition_name(field: &str, name: &str) -> Result<(), FieldViol
     Ok(())
 }
 
+/// Longest name of a worker (`Hello.worker_name`) or of a node
+/// (`--node-id`), in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// Whether `name` is a worker's or a node's name: 1 to
+/// [`MAX_NAME_CHARS`] characters of `[A-Za-z0-9._:-]`. A node's name
+/// prefixes its event announcements (`<node>|<run>:...`), so it never
+/// holds their separators `|` and `,`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_CHARS && name.chars().all(is_name_char)
+}
+
+/// Whether `c` may appear in a worker's or a node's name
+/// (`[A-Za-z0-9._:-]`, see [`is_valid_name`]).
+pub fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
 /// Checks a tenant id: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
 ///
 /// # Errors

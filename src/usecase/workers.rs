@@ -71,13 +71,7 @@ impl Hello {
     /// A violation naming the `hello.*` field.
     pub fn validate(&self) -> std::result::Result<(), FieldViolation> {
         crate::domain::validate_queue("hello.queue", &self.queue)?;
-        let n = &self.worker_name;
-        if n.is_empty()
-            || n.len() > 128
-            || !n
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
-        {
+        if !crate::domain::is_valid_name(&self.worker_name) {
             return Err(FieldViolation::new(
                 "hello.worker_name",
                 "must be 1-128 characters of [A-Za-z0-9._:-]",
