@@ -1174,6 +1174,46 @@ async fn the_reaper_reads_only_worker_runs_past_their_schedule_to_start_deadline
     node.stop().await;
 }
 
+/// The seq ranges announced on `sked_events`, per run id.
+type Announced = HashMap<String, Vec<(i64, i64)>>;
+
+/// Whether `announced` holds seq `seq` of run `id`.
+fn announced_seq(announced: &Announced, id: &str, seq: i64) -> bool {
+    announced
+        .get(id)
+        .is_some_and(|r| r.iter().any(|(f, t)| *f <= seq && seq <= *t))
+}
+
+/// Reads `listener`'s `sked_events` payloads (each must parse and come
+/// from node `node`) into `announced` until `done` holds or 10 s pass.
+/// Returns the largest payload's bytes and the most runs one payload named.
+async fn read_announcements(
+    listener: &mut sqlx::postgres::PgListener,
+    node: &str,
+    announced: &mut Announced,
+    done: impl Fn(&Announced) -> bool,
+) -> (usize, usize) {
+    let (mut largest, mut most_ranges) = (0, 0);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !done(announced) && Instant::now() < until {
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
+            continue;
+        };
+        let (from_node, ranges) =
+            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
+        assert_eq!(from_node, node);
+        largest = largest.max(n.payload().len());
+        most_ranges = most_ranges.max(ranges.len());
+        for (id, from, to) in ranges {
+            announced
+                .entry(id.to_string())
+                .or_default()
+                .push((from, to));
+        }
+    }
+    (largest, most_ranges)
+}
+
 /// A claim announces the event it writes for each run it takes: the
 /// `→ RUNNING` of each worker run, read by other nodes' bridges from
 /// `sked_events` (`<node>|<run>:<from>:<to>,...`), each payload within
@@ -1210,32 +1250,11 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
     .into_iter()
     .map(|(id, seq)| (id.to_string(), seq))
     .collect();
-    let mut announced: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
-    let mut largest = 0;
-    let mut most_ranges = 0;
-    let covered = |announced: &HashMap<String, Vec<(i64, i64)>>, id: &String| {
-        let seq = stored[id];
-        announced
-            .get(id)
-            .is_some_and(|r| r.iter().any(|(f, t)| *f <= seq && seq <= *t))
-    };
-    let until = Instant::now() + Duration::from_secs(10);
-    while !taken.iter().all(|id| covered(&announced, id)) && Instant::now() < until {
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
-            continue;
-        };
-        let (from_node, ranges) =
-            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
-        assert_eq!(from_node, "w-ann");
-        largest = largest.max(n.payload().len());
-        most_ranges = most_ranges.max(ranges.len());
-        for (id, from, to) in ranges {
-            announced
-                .entry(id.to_string())
-                .or_default()
-                .push((from, to));
-        }
-    }
+    let mut announced = Announced::new();
+    let (largest, most_ranges) = read_announcements(&mut listener, "w-ann", &mut announced, |a| {
+        taken.iter().all(|id| announced_seq(a, id, stored[id]))
+    })
+    .await;
     assert!(largest <= 7900, "a payload of {largest} bytes");
     assert!(
         most_ranges > 100,
@@ -1243,7 +1262,7 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
     );
     for id in &taken {
         assert!(
-            covered(&announced, id),
+            announced_seq(&announced, id, stored[id]),
             "run {id}: its RUNNING event (seq {}) was announced: {:?}",
             stored[id],
             announced.get(id)
@@ -1254,20 +1273,16 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
     // each (→ RUNNING, fired, → SUCCEEDED) are announced as one range, the
     // run's → QUEUED by the TriggerRun that wrote it.
     let b = define_and_bind(&node, "acme", event_def("ann.event", manual())).await;
-    let mut ids = Vec::new();
+    let mut seqs = Vec::new();
     for _ in 0..3 {
         let r = trigger(&node, "acme", &b.id).await;
         wait_terminal(&node, "acme", &r.id).await;
-        ids.push(r.id);
-    }
-    let mut seqs = Vec::new();
-    for id in &ids {
         let events = node
             .logs()
             .list_run_events(as_tenant(
                 "acme",
                 pb::ListRunEventsRequest {
-                    run_id: id.clone(),
+                    run_id: r.id.clone(),
                     ..Default::default()
                 },
             ))
@@ -1276,29 +1291,10 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
             .into_inner()
             .events;
         assert_eq!(events.len(), 4, "{events:?}");
-        seqs.extend(events.iter().map(|e| (id.clone(), e.seq)));
+        seqs.extend(events.iter().map(|e| (r.id.clone(), e.seq)));
     }
-    let seen = |announced: &HashMap<String, Vec<(i64, i64)>>| {
-        seqs.iter().all(|(id, seq)| {
-            announced
-                .get(id)
-                .is_some_and(|r| r.iter().any(|(f, t)| f <= seq && seq <= t))
-        })
-    };
-    let until = Instant::now() + Duration::from_secs(10);
-    while !seen(&announced) && Instant::now() < until {
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
-            continue;
-        };
-        let (_, ranges) =
-            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
-        for (id, from, to) in ranges {
-            announced
-                .entry(id.to_string())
-                .or_default()
-                .push((from, to));
-        }
-    }
+    let seen = |a: &Announced| seqs.iter().all(|(id, seq)| announced_seq(a, id, *seq));
+    read_announcements(&mut listener, "w-ann", &mut announced, seen).await;
     assert!(
         seen(&announced),
         "every event of the event runs was announced: {seqs:?}"
