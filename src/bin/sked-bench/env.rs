@@ -191,6 +191,10 @@ impl Env {
             at: Instant::now(),
             sked,
             pg,
+            bench: stat_ticks(std::process::id() as i32).map_or(0, |(_, t)| t),
+            machine: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| machine_ticks(&s)),
         }
     }
 
@@ -487,12 +491,38 @@ impl ProcTicks {
     }
 }
 
-/// CPU readings of the nodes and of PostgreSQL at one instant.
+/// `(busy, total)` clock ticks of the whole machine, all CPUs together,
+/// from the aggregate `cpu` line of `/proc/stat` (`proc(5)`): total is
+/// user + nice + system + idle + iowait + irq + softirq + steal (guest time
+/// is already inside user and nice), busy is total − idle − iowait. `None`
+/// when the text has no such line.
+pub fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
+    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    if f.len() < 5 {
+        return None;
+    }
+    let total: u64 = f.iter().sum();
+    Some((total.saturating_sub(f[3] + f[4]), total))
+}
+
+/// CPU readings of the nodes, of PostgreSQL, of the bench itself and of
+/// the whole machine at one instant.
 #[derive(Debug, Clone)]
 pub struct CpuSnapshot {
     at: Instant,
     sked: ProcTicks,
     pg: Option<ProcTicks>,
+    /// The bench process's own ticks (its workers and API clients).
+    bench: u64,
+    /// The machine's `(busy, total)` ticks ([`machine_ticks`]).
+    machine: Option<(u64, u64)>,
 }
 
 /// CPU used over a window, in % of one core.
@@ -502,6 +532,12 @@ pub struct CpuUse {
     pub sked: f64,
     /// The PostgreSQL server (see [`ProcSet`]); `None` when not local.
     pub pg: Option<f64>,
+    /// The bench process itself (the load it generates: API calls,
+    /// subscribers, workers).
+    pub bench: f64,
+    /// The whole machine busy, in % of all its cores (100 = every core
+    /// busy the whole window); `None` without `/proc/stat`.
+    pub machine_busy: Option<f64>,
 }
 
 impl CpuSnapshot {
@@ -514,6 +550,13 @@ impl CpuSnapshot {
             sked: pct(later.sked.since(&self.sked)),
             pg: match (&self.pg, &later.pg) {
                 (Some(a), Some(b)) => Some(pct(b.since(a))),
+                _ => None,
+            },
+            bench: pct(later.bench.saturating_sub(self.bench)),
+            machine_busy: match (self.machine, later.machine) {
+                (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                    Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * 100.0)
+                }
                 _ => None,
             },
         }
@@ -575,5 +618,23 @@ impl ProcSet {
             }
         }
         ProcTicks(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::machine_ticks;
+
+    #[test]
+    fn machine_ticks_read_the_aggregate_cpu_line_of_proc_stat() {
+        // proc(5): user nice system idle iowait irq softirq steal guest guest_nice
+        let text = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 3 0\nintr 1 2\n";
+        // total = 100+5+50+800+20+3+2+10 (guest is inside user); busy = total - idle - iowait
+        assert_eq!(machine_ticks(text), Some((170, 990)));
+        // A kernel with fewer columns still has idle and iowait.
+        assert_eq!(machine_ticks("cpu  1 2 3 4 5\n"), Some((6, 15)));
+        assert_eq!(machine_ticks("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(machine_ticks("cpu  1 2 x 4 5\n"), None);
+        assert_eq!(machine_ticks("cpu  1 2 3\n"), None);
     }
 }

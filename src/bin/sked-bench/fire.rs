@@ -393,6 +393,7 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
         "% of a core",
         Target::Info,
     );
+    r.machine_cpu("window", "in the window", &cpu);
     r.num(
         "sked_rss_mib",
         "sked RSS (all nodes)",

@@ -5,6 +5,8 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
 use crate::baseline::Baseline;
+use crate::env::CpuUse;
+use crate::stats::round;
 
 /// The machine the bench ran on.
 #[derive(Debug, Clone)]
@@ -195,6 +197,28 @@ impl Report {
     /// Adds a line printed under the table.
     pub fn note(&mut self, line: impl Into<String>) {
         self.notes.push(line.into());
+    }
+
+    /// Adds what the load generator and the machine as a whole used in a
+    /// window, `<prefix>_bench_cpu_percent` (% of a core) and
+    /// `<prefix>_machine_busy_percent` (% of all cores): whether a latency
+    /// was spent queueing for a CPU, and how much of the CPU went to the
+    /// bench's own clients rather than to sked and PostgreSQL.
+    pub fn machine_cpu(&mut self, prefix: &str, when: &str, cpu: &CpuUse) {
+        self.num(
+            &format!("{prefix}_bench_cpu_percent"),
+            &format!("the bench's own CPU {when}"),
+            Some(round(cpu.bench, 1)),
+            "% of a core",
+            Target::Info,
+        );
+        self.num(
+            &format!("{prefix}_machine_busy_percent"),
+            &format!("the whole machine busy {when}"),
+            cpu.machine_busy.map(|v| round(v, 1)),
+            "% of all cores",
+            Target::Info,
+        );
     }
 
     /// Every figure as the JSON line's `figures` (rows, then extras).

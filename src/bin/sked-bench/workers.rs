@@ -405,6 +405,7 @@ pub async fn run(env: &mut Env, a: WorkersArgs) -> anyhow::Result<Report> {
         "% of a core",
         Target::Info,
     );
+    r.machine_cpu("drain", "while draining", &drain.cpu);
     let offered = latency.triggered as f64 / latency.offered_secs.max(1e-9);
     r.num(
         "offered_per_s",
@@ -481,6 +482,7 @@ pub async fn run(env: &mut Env, a: WorkersArgs) -> anyhow::Result<Report> {
         "% of a core",
         Target::Info,
     );
+    r.machine_cpu("latency", "at the steady rate", &latency.cpu);
     r.num(
         "ceiling_rows_per_s",
         "PostgreSQL batched insert ceiling",
