@@ -453,10 +453,12 @@ pub async fn run_claim(
              WHERE tenant_id IN (SELECT t.tenant_id FROM tenant_claims t
                                  WHERE t.tenant_id IN (SELECT tenant_id FROM c)
                                  FOR UPDATE SKIP LOCKED)),
+           -- Tenants first, then one probe each (a probe per claimed run
+           -- was 600 buffer reads of a 300-run claim).
            served_first AS (
              INSERT INTO tenant_claims (tenant_id, last_claim_time)
-             SELECT DISTINCT c.tenant_id, $1::timestamptz FROM c
-             WHERE NOT EXISTS (SELECT 1 FROM tenant_claims t WHERE t.tenant_id = c.tenant_id)
+             SELECT n.tenant_id, $1::timestamptz FROM (SELECT DISTINCT c.tenant_id FROM c) n
+             WHERE NOT EXISTS (SELECT 1 FROM tenant_claims t WHERE t.tenant_id = n.tenant_id)
              ON CONFLICT (tenant_id) DO NOTHING),
            -- An event run's three events (RUNNING, fired, SUCCEEDED) take
            -- one batch row keyed by the last seq (db::events::BATCH_KIND).
