@@ -9,6 +9,8 @@ pub const EVENTS: &str = "sked_events";
 /// [`RUNS_SCHEDULED`], [`RUNS_WORKER`], [`RUNS_LOCAL`] and [`RUNS_EVENT`];
 /// empty means any
 /// (every listener looks), so a node wakes only the loop that can act.
+/// A sender that has woken its own loops appends `@<its node id>`, and its
+/// own bridge ignores the notification (`db::runs::Waiting::payload_from`).
 pub const RUNS: &str = "sked_runs";
 /// [`RUNS`] payload item: `SCHEDULED` runs were written; executors
 /// recompute when to promote them (no claim).

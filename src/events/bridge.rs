@@ -158,6 +158,8 @@ async fn listen(
         while let Some(n) = pending.take().or_else(|| listener.next_buffered()) {
             match n.channel() {
                 // Only the loops that can act on the runs named.
+                // The sender woke its own loops for these (a promotion).
+                db::notify::RUNS if db::runs::Waiting::sender(n.payload()) == Some(node_id) => {}
                 db::notify::RUNS => match db::runs::Waiting::parse(n.payload()) {
                     Some(w) => {
                         if w.local {

@@ -81,6 +81,12 @@ use crate::events::EventBus;
 use crate::events::bridge::{LocalRuns, WakeAll};
 use crate::telemetry::metrics;
 
+/// Shortest time between two passes of the claim loop (from the start of
+/// one to the start of the next): runs due within it are promoted (or
+/// claimed) together, and a due run another node holds locked cannot make
+/// the loop spin.
+const MIN_SLEEP: Duration = Duration::from_millis(5);
+
 /// Runs promoted or reaped per statement.
 const MAINTENANCE_BATCH: i64 = 1000;
 /// Runs of `event` handlers claimed and completed per transaction.
@@ -199,7 +205,7 @@ pub struct Executor {
     /// Woken when runs it may claim are queued (or a slot freed up).
     pub wake: Arc<Notify>,
     /// Woken when `SCHEDULED` runs are written: recompute when to promote
-    /// them (no claim).
+    /// them (no claim, no promotion until one is due).
     pub timer: Arc<Notify>,
     /// The worker dispatch of this node, woken at once when a promotion
     /// queues `worker` runs (other nodes hear the NOTIFY).
@@ -323,6 +329,7 @@ impl Executor {
         let mut freed = false;
         let mut last_claim = tokio::time::Instant::now();
         loop {
+            let promoted_at = tokio::time::Instant::now();
             match this.promote().await {
                 Ok(w) => {
                     if w.worker {
@@ -403,26 +410,55 @@ impl Executor {
                 freed = false;
                 this.events_wake.wake();
             }
-            let (pause, queued_due) = this.sleep_time().await;
-            let joined = tokio::select! {
-                _ = this.wake.notified() => {
-                    claim_due = true;
-                    None
+            // The loop's next pass starts MIN_SLEEP after this one's at the
+            // earliest (not MIN_SLEEP after its work): runs due meanwhile
+            // wait at most that long.
+            let floor = promoted_at + MIN_SLEEP;
+            let (pause, mut queued_due) = this.sleep_time(floor).await;
+            let sleep = tokio::time::sleep(pause);
+            tokio::pin!(sleep);
+            let joined = loop {
+                tokio::select! {
+                    _ = this.wake.notified() => {
+                        claim_due = true;
+                        break None;
+                    }
+                    // SCHEDULED runs were written (a TriggerRun with a
+                    // future run time, a retry's backoff): end the sleep
+                    // sooner if one is due before it ends, nothing else. A
+                    // pass of the loop here was a promotion that found
+                    // nothing, per TriggerRun. The sleep never ends later,
+                    // so these wakes cannot put a due promotion off.
+                    _ = this.timer.notified() => {
+                        // At its floor it cannot end sooner.
+                        if sleep.deadline() > floor.max(tokio::time::Instant::now()) {
+                            let (pause, queued) = this.sleep_time(floor).await;
+                            let at = tokio::time::Instant::now() + pause;
+                            if at < sleep.deadline() {
+                                sleep.as_mut().reset(at);
+                                queued_due = queued;
+                            }
+                        }
+                    }
+                    Some(r) = running.tasks.join_next_with_id(), if !running.is_empty() => {
+                        break Some(r);
+                    }
+                    _ = &mut sleep => {
+                        // A jittered QUEUED run came due (or the poll ran
+                        // out, counted above).
+                        claim_due |= queued_due;
+                        break None;
+                    }
+                    _ = shutdown.cancelled() => break None,
                 }
-                _ = this.timer.notified() => None,
-                Some(r) = running.tasks.join_next_with_id(), if !running.is_empty() => Some(r),
-                _ = tokio::time::sleep(pause) => {
-                    // A jittered QUEUED run came due (or the poll ran out,
-                    // counted above).
-                    claim_due |= queued_due;
-                    None
-                }
-                _ = shutdown.cancelled() => break,
             };
             if let Some(r) = joined {
                 running.joined(r);
                 claim_due = true;
                 freed = true;
+            }
+            if shutdown.is_cancelled() {
+                break;
             }
         }
         if !running.is_empty() {
@@ -458,15 +494,17 @@ impl Executor {
     }
 
     /// How long the claim loop may sleep: until the next waiting run is due,
-    /// at most `poll`; and whether that is a jittered `QUEUED` run coming
-    /// due (a claim then), rather than a promotion or the poll.
-    async fn sleep_time(&self) -> (Duration, bool) {
+    /// but not before `floor`, at most `poll`; and whether that is a
+    /// jittered `QUEUED` run coming due (a claim then), rather than a
+    /// promotion or the poll.
+    async fn sleep_time(&self, floor: tokio::time::Instant) -> (Duration, bool) {
         let now = self.clock.now();
+        let least = floor.saturating_duration_since(tokio::time::Instant::now());
         let until = |t: chrono::DateTime<chrono::Utc>| {
             (t - now)
                 .to_std()
                 .unwrap_or(Duration::ZERO)
-                .max(Duration::from_millis(5))
+                .max(least)
                 .min(self.poll)
         };
         match db::runs::run_next_due_time(&self.pool, now).await {

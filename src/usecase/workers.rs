@@ -8,8 +8,9 @@
 //!   each pass), each claim at most the stream's free slots:
 //!   [`db::runs::run_claim`] with [`ClaimKind::Worker`], so fair share,
 //!   priority, tenant quotas and overlap rules apply as for commands. It
-//!   wakes on the `sked_runs` NOTIFY (through the bridge, [`Hub::wake`]),
-//!   when a slot frees, when a stream connects, and every
+//!   claims on the `sked_runs` NOTIFY (through the bridge, [`Hub::wake`]),
+//!   when a stream connects, when a slot frees after claims that took
+//!   every slot they asked for (else no run waits for one), and every
 //!   [`DISPATCH_POLL`] as a fallback.
 //! - **Leases.** A claim mints a lease token per run. While the stream
 //!   holding it is connected, the hub renews its runs' leases every
@@ -166,6 +167,9 @@ struct State {
     by_run: HashMap<Uuid, (u64, Uuid)>,
     /// Rotates the dispatch order.
     turn: usize,
+    /// Whether a claim of the last pass took as many runs as it asked for
+    /// (more may be waiting for a free slot).
+    slot_bound: bool,
 }
 
 impl State {
@@ -184,7 +188,18 @@ struct Inner {
     core: Core,
     lease: Duration,
     kill_grace: Duration,
+    /// Runs may be waiting (a NOTIFY, a promotion, a stream connected):
+    /// the next pass claims.
     wake: Arc<Notify>,
+    /// Slots freed, cancels sent, leases renewed: the next pass reaps and
+    /// sleeps anew, and claims only if the last claims filled every slot
+    /// they asked for (runs may have been left for want of slots). A freed
+    /// slot alone cannot make a run claimable otherwise: runs that become
+    /// so announce themselves on [`Inner::wake`] (a run's end that frees
+    /// an overlap-free binding or a tenant's quota sends its NOTIFY).
+    /// Measured: every worker run's completion cost an empty claim, which
+    /// takes the claim lock every node's claims wait for.
+    nudge: Notify,
     state: Mutex<State>,
 }
 
@@ -213,6 +228,7 @@ impl Hub {
             lease,
             kill_grace,
             wake: Arc::default(),
+            nudge: Notify::new(),
             state: Mutex::default(),
         }))
     }
@@ -342,7 +358,7 @@ impl Hub {
         }
         drop(st);
         // The loop sleeps until the next kill grace runs out.
-        self.0.wake.notify_one();
+        self.0.nudge.notify_one();
         true
     }
 
@@ -351,6 +367,8 @@ impl Hub {
     /// close and the workers reconnect elsewhere with their leases.
     pub async fn run(self, stop: CancellationToken) {
         let mut last_renew = tokio::time::Instant::now();
+        let mut last_claim = tokio::time::Instant::now();
+        let mut claim_due = true;
         loop {
             if last_renew.elapsed() >= self.0.lease / 3 {
                 last_renew = tokio::time::Instant::now();
@@ -359,16 +377,33 @@ impl Hub {
                 }
             }
             self.expire().await;
-            if let Err(e) = self.dispatch().await {
-                tracing::warn!(error = %e, "claiming runs for workers failed");
+            // At least every DISPATCH_POLL: a lost NOTIFY, a jittered run
+            // coming due.
+            // A slot freed (here or by `expire`) after claims that filled
+            // theirs: runs may have been left for want of it.
+            if claim_due || last_claim.elapsed() >= DISPATCH_POLL || self.slot_freed_for_more() {
+                last_claim = tokio::time::Instant::now();
+                if let Err(e) = self.dispatch().await {
+                    tracing::warn!(error = %e, "claiming runs for workers failed");
+                }
             }
-            let pause = self.sleep_time();
-            tokio::select! {
-                _ = self.0.wake.notified() => {}
-                _ = tokio::time::sleep(pause) => {}
+            let pause = self
+                .sleep_time()
+                .min(DISPATCH_POLL.saturating_sub(last_claim.elapsed()));
+            claim_due = tokio::select! {
+                _ = self.0.wake.notified() => true,
+                _ = self.0.nudge.notified() => false,
+                _ = tokio::time::sleep(pause) => false,
                 _ = stop.cancelled() => return,
-            }
+            };
         }
+    }
+
+    /// Whether the last pass's claims took every slot they asked for and a
+    /// stream has a free slot now.
+    fn slot_freed_for_more(&self) -> bool {
+        let st = self.state();
+        st.slot_bound && st.streams.values().any(|s| s.held.len() < s.slots)
     }
 
     /// Until the next lease renewal, kill grace or deadline, at most
@@ -406,6 +441,7 @@ impl Hub {
                 let k = st.turn % ids.len();
                 ids.rotate_left(k);
             }
+            let mut full = false;
             let mut groups: Vec<(QueueKey, Vec<FreeSlots<'_>>)> = Vec::new();
             for id in ids {
                 let Some(s) = st.streams.get(&id) else {
@@ -413,6 +449,8 @@ impl Hub {
                 };
                 let free = s.slots.saturating_sub(s.held.len());
                 if free == 0 {
+                    // Runs may be waiting for this stream's slots.
+                    full = true;
                     continue;
                 }
                 let key = (s.queue.clone(), s.tenant.clone());
@@ -422,7 +460,7 @@ impl Hub {
                     None => groups.push((key, vec![entry])),
                 }
             }
-            groups
+            let claims = groups
                 .into_iter()
                 .map(|((queue, tenant), streams)| {
                     // Slots dealt in turn: stream 1, 2, …, 1, 2, …
@@ -445,7 +483,9 @@ impl Hub {
                         ids,
                     )
                 })
-                .collect()
+                .collect::<Vec<_>>();
+            st.slot_bound = full;
+            claims
         };
         for (kind, slots) in groups {
             let names = match &kind {
@@ -455,6 +495,9 @@ impl Hub {
             let started = std::time::Instant::now();
             let claimed = self.claim(kind, slots.len()).await?;
             metrics::claimed("worker", started.elapsed(), claimed.iter().map(|c| &c.run));
+            if claimed.len() >= slots.len() {
+                self.state().slot_bound = true;
+            }
             if claimed.is_empty() {
                 continue;
             }
@@ -586,7 +629,7 @@ impl Hub {
                 self.send_cancel(r.run_id, &reason);
             }
         }
-        self.0.wake.notify_one();
+        self.0.nudge.notify_one();
         Ok(())
     }
 
@@ -692,7 +735,7 @@ impl Connection {
             if let Some(r) = completed.remove(&token) {
                 if !matches!(r, Err(Error::Unavailable(_) | Error::Internal(_))) {
                     hub.state().release(token);
-                    hub.0.wake.notify_one();
+                    hub.0.nudge.notify_one();
                 }
                 out.push((token, r));
                 continue;
@@ -707,7 +750,7 @@ impl Connection {
                     let r = report_end(&hub.0.core, self.tenant.as_deref(), other).await;
                     if !matches!(r, Err(Error::Unavailable(_) | Error::Internal(_))) {
                         hub.state().release(token);
-                        hub.0.wake.notify_one();
+                        hub.0.nudge.notify_one();
                     }
                     r
                 }
@@ -742,7 +785,7 @@ pub async fn report_unary(hub: &Hub, tenant: Option<&str>, item: Report) -> Resu
     let r = report_end(&hub.0.core, tenant, item).await;
     if r.is_ok() {
         hub.state().release(token);
-        hub.0.wake.notify_one();
+        hub.0.nudge.notify_one();
     }
     r
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use sked::proto::v1 as pb;
+use sked::proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::process::Child;
 use tonic::transport::Channel;
 
@@ -571,6 +572,136 @@ async fn metrics_count_the_runs_the_test_made() {
     assert!(
         (p50.seconds, p50.nanos) <= (p99.seconds, p99.nanos),
         "{lag:?}"
+    );
+}
+
+/// A worker run costs the worker dispatch one claim, whatever woke it:
+/// counted by `sked_claim_duration_seconds{kind="worker"}` of a node run as
+/// a child process, over runs triggered one at a time with a run time
+/// ahead (created `SCHEDULED`, promoted when due) and completed by a
+/// worker stream of the test. Before, each run made three: the promotion's
+/// own wake, its NOTIFY heard by the same node, and the slot its
+/// completion freed (every claim takes the lock all claims wait on).
+/// Overlap ALLOW, so a run's end announces nothing (an overlap-free
+/// binding's end is a NOTIFY, and rightly a claim); the dispatch's poll
+/// adds at most one claim a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_run_costs_the_dispatch_one_claim() {
+    const RUNS: usize = 12;
+    let db = TestDb::new().await;
+    let token = sked::app::bootstrap_key(&db.url, "ops-test")
+        .await
+        .expect("bootstrap key");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_child, ch) = spawn_sked(
+        &[],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("SKED_NODE_ID", "dispatch"),
+            ("SKED_METRICS_LISTEN", &listen),
+        ],
+    )
+    .await;
+    let def = pb::TaskDefinition {
+        name: "w.one".into(),
+        handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
+            queue: "one".into(),
+            schedule_to_start_timeout: None,
+        })),
+        schedule: Some(manual()),
+        overlap_policy: pb::OverlapPolicy::Allow as i32,
+        ..Default::default()
+    };
+    let b = define_and_bind_via(&ch, TENANT, Some(&token), def).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::WorkerRequest {
+        hello: Some(pb::Hello {
+            queue: "one".into(),
+            worker_name: "w1".into(),
+            slots: 4,
+            lease_tokens: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("hello");
+    let mut from = WorkerServiceClient::new(ch.clone())
+        .work(request(
+            TENANT,
+            Some(&token),
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .expect("work")
+        .into_inner();
+    let worker_claims = |m: &prometheus_parse::Scrape| {
+        observations(m, "sked_claim_duration_seconds", Some(("kind", "worker")))
+    };
+    // The stream's first claims (on connect) done.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = worker_claims(&scrape(port).await.1);
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        let run = RunServiceClient::new(ch.clone())
+            .trigger_run(request(
+                TENANT,
+                Some(&token),
+                pb::TriggerRunRequest {
+                    binding_id: b.id.clone(),
+                    run_time: Some(ts(now_secs() + 0.3)),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("trigger run")
+            .into_inner();
+        assert_eq!(state(&run), pb::RunState::Scheduled, "{run:?}");
+        let assigned = tokio::time::timeout(WAIT, async {
+            loop {
+                match from.message().await.expect("stream").expect("open") {
+                    pb::WorkerResponse {
+                        kind: Some(pb::worker_response::Kind::Assigned(a)),
+                    } => return a,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("the run is assigned");
+        assert_eq!(assigned.run_id, run.id);
+        tx.send(pb::WorkerRequest {
+            completes: vec![pb::Complete {
+                lease_token: assigned.lease_token.clone(),
+                result: None,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("complete");
+        let ack = tokio::time::timeout(WAIT, async {
+            loop {
+                if let pb::WorkerResponse {
+                    kind: Some(pb::worker_response::Kind::Ack(a)),
+                } = from.message().await.expect("stream").expect("open")
+                {
+                    return a;
+                }
+            }
+        })
+        .await
+        .expect("the completion is acked");
+        assert_eq!(ack.code, 0, "{ack:?}");
+        let ended = wait_terminal_via(&ch, &token, &run.id).await;
+        assert_eq!(state(&ended), pb::RunState::Succeeded, "{ended:?}");
+    }
+    // Claims after the last completion would count too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claims = worker_claims(&scrape(port).await.1) - before;
+    let polls = started.elapsed().as_secs_f64().ceil();
+    assert!(
+        claims >= RUNS as f64 && claims <= RUNS as f64 + polls + 1.0,
+        "{claims} worker claims for {RUNS} runs in {polls} s"
     );
 }
 

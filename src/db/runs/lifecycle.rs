@@ -317,12 +317,14 @@ pub async fn run_promote_due(
             },
         })
         .collect();
-    if !events.is_empty() {
-        announce(&mut tx, node_id, &events).await?;
+    // One statement for both NOTIFYs. The caller wakes this node's loops
+    // for the queued runs (`Promoted::waiting`); the others hear it.
+    super::Announce {
+        waiting,
+        ranges: super::ranges(&events),
     }
-    if waiting.any() {
-        notify_runs_for(&mut tx, waiting).await?;
-    }
+    .send_woken_here(&mut *tx, node_id)
+    .await?;
     tx.commit().await?;
     Ok(Promoted { events, waiting })
 }
@@ -332,8 +334,9 @@ pub async fn run_promote_due(
 pub struct Promoted {
     /// The events of the runs it moved (announced).
     pub events: Vec<RunEvent>,
-    /// Which kinds of runs it queued (so the caller wakes the right loop
-    /// at once; other nodes hear the NOTIFY).
+    /// Which kinds of runs it queued: the caller must wake this node's
+    /// loops for them at once (the NOTIFY names this node, whose bridge
+    /// leaves them alone; other nodes hear it).
     pub waiting: Waiting,
 }
 

@@ -386,16 +386,51 @@ impl Announce {
     /// # Errors
     /// [`Error::Sqlx`] on database failure.
     pub async fn send(self, db: impl PgExecutor<'_>, node_id: &str) -> Result<(), Error> {
+        self.send_as(db, node_id, false).await
+    }
+
+    /// [`Announce::send`] for a caller that wakes this node's loops for
+    /// the waiting runs itself: the [`super::notify::RUNS`] payload names
+    /// `node_id` ([`Waiting::payload_from`]), whose bridge then leaves its
+    /// loops alone (a second wake-up of the worker dispatch was a claim
+    /// that found nothing, under the lock every claim waits for).
+    ///
+    /// # Errors
+    /// [`Error::Sqlx`] on database failure.
+    pub async fn send_woken_here(
+        self,
+        db: impl PgExecutor<'_>,
+        node_id: &str,
+    ) -> Result<(), Error> {
+        self.send_as(db, node_id, true).await
+    }
+
+    /// The channels and payloads of the NOTIFYs, in order.
+    fn notifications(self, node_id: &str, woken_here: bool) -> (Vec<&'static str>, Vec<String>) {
         let mut channels = Vec::new();
         let mut payloads = Vec::new();
         if self.waiting.any() {
             channels.push(super::notify::RUNS);
-            payloads.push(self.waiting.payload());
+            payloads.push(if woken_here {
+                self.waiting.payload_from(node_id)
+            } else {
+                self.waiting.payload()
+            });
         }
         for p in super::events::event_payloads(node_id, self.ranges) {
             channels.push(super::notify::EVENTS);
             payloads.push(p);
         }
+        (channels, payloads)
+    }
+
+    async fn send_as(
+        self,
+        db: impl PgExecutor<'_>,
+        node_id: &str,
+        woken_here: bool,
+    ) -> Result<(), Error> {
+        let (channels, payloads) = self.notifications(node_id, woken_here);
         if channels.is_empty() {
             return Ok(());
         }
@@ -519,10 +554,25 @@ impl Waiting {
             .join(",")
     }
 
-    /// Parses a payload; `None` for an empty or unknown one (any runs).
+    /// [`Waiting::payload`] of a node that has woken its own loops for
+    /// these runs: `<items>@<node_id>` ([`Waiting::sender`]). Nodes that
+    /// predate the form read it as unknown, so they wake every loop.
+    pub fn payload_from(self, node_id: &str) -> String {
+        format!("{}@{node_id}", self.payload())
+    }
+
+    /// The node a [`Waiting::payload_from`] payload names (everything after
+    /// its first `@`; node ids may hold any character); `None` for others.
+    pub fn sender(payload: &str) -> Option<&str> {
+        payload.split_once('@').map(|(_, node)| node)
+    }
+
+    /// Parses a payload, with or without its sender; `None` for an empty
+    /// or unknown one (any runs).
     pub fn parse(payload: &str) -> Option<Waiting> {
+        let items = payload.split_once('@').map_or(payload, |(items, _)| items);
         let mut w = Waiting::default();
-        for item in payload.split(',') {
+        for item in items.split(',') {
             match item {
                 super::notify::RUNS_SCHEDULED => w.scheduled = true,
                 super::notify::RUNS_WORKER => w.worker = true,
@@ -704,6 +754,20 @@ mod waiting_tests {
                 assert_eq!(Waiting::parse(&p), None);
             }
         }
+        // With the sender named: the same runs, and the sender, whatever
+        // its id holds.
+        for node in ["n1", "a@b,c", ""] {
+            let w = Waiting {
+                worker: true,
+                event: true,
+                ..Waiting::default()
+            };
+            let p = w.payload_from(node);
+            assert_eq!(Waiting::parse(&p), Some(w), "{p}");
+            assert_eq!(Waiting::sender(&p), Some(node), "{p}");
+        }
+        assert_eq!(Waiting::sender("worker,local"), None);
+        assert_eq!(Waiting::parse("@n1"), None);
         // Empty (older nodes, maintenance) or unknown: every loop looks.
         assert_eq!(Waiting::parse(""), None);
         assert_eq!(Waiting::parse("worker,later"), None);
