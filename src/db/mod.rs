@@ -122,6 +122,21 @@ pub async fn generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), Error> {
     Ok(())
 }
 
+/// The `BEGIN` of a transaction planned as by [`generic_plans`], in the
+/// same round trip (one simple query).
+pub const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
+/// Begins a transaction on `pool` whose statements are planned once per
+/// connection ([`generic_plans`]), without the round trip of its own.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub async fn begin_generic(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
+    Ok(pool.begin_with(BEGIN_GENERIC).await?)
+}
+
 /// Takes the session-level advisory lock `key` on `conn`, waiting for it.
 /// Held until [`advisory_unlock`] or the connection closes.
 ///

@@ -220,6 +220,14 @@ pub(crate) async fn begin(core: &Core, target: &Target) -> Result<Tx> {
         .map_err(|e| Error::db(e.into(), target))
 }
 
+/// [`begin`] of a transaction whose statements are planned once per
+/// connection ([`db::begin_generic`]).
+pub(crate) async fn begin_generic(core: &Core, target: &Target) -> Result<Tx> {
+    db::begin_generic(&core.pool)
+        .await
+        .map_err(|e| Error::db(e, target))
+}
+
 /// Commits `tx` of an operation on `target`.
 pub(crate) async fn commit(tx: Tx, target: &Target) -> Result<()> {
     tx.commit().await.map_err(|e| Error::db(e.into(), target))

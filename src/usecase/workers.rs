@@ -1037,7 +1037,7 @@ async fn complete_batch(
         .collect();
     let run = async {
         let now = core.clock.now();
-        let mut tx = super::begin(core, &target).await?;
+        let mut tx = super::begin_generic(core, &target).await?;
         let done = db::runs::run_complete_by_leases(
             &mut tx,
             &core.node_id,

@@ -55,7 +55,9 @@ pub struct Completed {
 /// worker run (of that tenant): its lease is no longer valid and nothing of
 /// it changed. The end time is `now`, or the start time if later.
 ///
-/// A `SUCCEEDED` run gets no retry, so no binding lock is needed.
+/// A `SUCCEEDED` run gets no retry, so no binding lock is needed. Call it
+/// in a transaction begun by [`crate::db::begin_generic`] (or after
+/// [`crate::db::generic_plans`]).
 ///
 /// # Errors
 /// [`Error::Sqlx`] on database failure (nothing changed, the caller rolls
@@ -71,8 +73,9 @@ pub async fn run_complete_by_leases(
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
-    // A few completions at a time would otherwise be planned on most calls.
-    // The tokens are also tested as an array (`lease_token = ANY`), so that
+    // Planned generically by the caller's transaction
+    // ([`crate::db::begin_generic`]): a few completions at a time would
+    // otherwise be planned on most calls. The tokens are also tested as an array (`lease_token = ANY`), so that
     // each is one probe of `runs_lease_token`: joined only to the UNNEST,
     // the generic plan read every RUNNING run and compared it with every
     // token (measured at 400 running: 2.5 of a 35-run batch's 7.5 ms, and
@@ -81,7 +84,6 @@ pub async fn run_complete_by_leases(
     // index's predicate is implied (migration 20261211000200): with
     // statistics taken while nothing ran, `runs_running_tenant` looked as
     // cheap and was read whole instead.
-    super::super::generic_plans(&mut *conn).await?;
     let body = EventBody::StateChanged {
         from: Some(RunState::Running),
         to: RunState::Succeeded,
