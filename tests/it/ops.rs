@@ -388,24 +388,45 @@ async fn wait_terminal_via(ch: &Channel, token: &str, run_id: &str) -> pb::Run {
     .expect("the run ends")
 }
 
+/// A `sked serve` child process serving `/metrics` (the recorder is
+/// process-global), with a platform key.
+struct MeteredNode {
+    _child: Child,
+    channel: Channel,
+    /// The bootstrap key's token.
+    token: String,
+    /// Where `/metrics` is served on 127.0.0.1.
+    port: u16,
+}
+
+impl MeteredNode {
+    async fn start(db: &TestDb, node_id: &str, envs: &[(&str, &str)]) -> MeteredNode {
+        let token = sked::app::bootstrap_key(&db.url, "ops-test")
+            .await
+            .expect("bootstrap key");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec![
+            ("DATABASE_URL", db.url.as_str()),
+            ("SKED_NODE_ID", node_id),
+            ("SKED_METRICS_LISTEN", listen.as_str()),
+        ];
+        all.extend_from_slice(envs);
+        let (child, channel) = spawn_sked(&[], &all).await;
+        MeteredNode {
+            _child: child,
+            channel,
+            token,
+            port,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_runs_the_test_made() {
     let db = TestDb::new().await;
-    let token = sked::app::bootstrap_key(&db.url, "ops-test")
-        .await
-        .expect("bootstrap key");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let (_child, ch) = spawn_sked(
-        &[],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("SKED_NODE_ID", "metered"),
-            ("SKED_METRICS_LISTEN", &listen),
-            ("SKED_DB_MAX_CONNECTIONS", "4"),
-        ],
-    )
-    .await;
+    let node = MeteredNode::start(&db, "metered", &[("SKED_DB_MAX_CONNECTIONS", "4")]).await;
+    let (ch, token, port) = (node.channel.clone(), node.token.clone(), node.port);
 
     // Scheduled fires of an `event` binding (each has a fire lag), until
     // at least three ran; then the binding goes, and no more fire.
@@ -589,20 +610,8 @@ async fn metrics_count_the_runs_the_test_made() {
 async fn a_worker_run_costs_the_dispatch_one_claim() {
     const RUNS: usize = 12;
     let db = TestDb::new().await;
-    let token = sked::app::bootstrap_key(&db.url, "ops-test")
-        .await
-        .expect("bootstrap key");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let (_child, ch) = spawn_sked(
-        &[],
-        &[
-            ("DATABASE_URL", &db.url),
-            ("SKED_NODE_ID", "dispatch"),
-            ("SKED_METRICS_LISTEN", &listen),
-        ],
-    )
-    .await;
+    let node = MeteredNode::start(&db, "dispatch", &[]).await;
+    let (ch, token, port) = (node.channel.clone(), node.token.clone(), node.port);
     let def = pb::TaskDefinition {
         name: "w.one".into(),
         handler: Some(pb::task_definition::Handler::Worker(pb::WorkerHandler {
