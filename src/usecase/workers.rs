@@ -191,14 +191,16 @@ struct Inner {
     /// Runs may be waiting (a NOTIFY, a promotion, a stream connected):
     /// the next pass claims.
     wake: Arc<Notify>,
-    /// Slots freed, cancels sent, leases renewed: the next pass reaps and
-    /// sleeps anew, and claims only if the last claims filled every slot
-    /// they asked for (runs may have been left for want of slots). A freed
-    /// slot alone cannot make a run claimable otherwise: runs that become
-    /// so announce themselves on [`Inner::wake`] (a run's end that frees
-    /// an overlap-free binding or a tenant's quota sends its NOTIFY).
-    /// Measured: every worker run's completion cost an empty claim, which
-    /// takes the claim lock every node's claims wait for.
+    /// Slots freed by completions, cancels sent, leases renewed: the next
+    /// pass reaps and sleeps anew, and claims only if the last claims
+    /// filled every slot they asked for (runs may have been left for want
+    /// of slots). A completion frees nothing else a run waits for without
+    /// saying so: a completion batch holding a run of an overlap-free
+    /// binding or of a tenant with a concurrency quota sends its NOTIFY
+    /// ([`db::runs::run_complete_by_leases`]), heard here on
+    /// [`Inner::wake`]; other ends (failures, cancels, timeouts) wake it
+    /// directly. Measured: every worker run's completion cost an empty
+    /// claim, which takes the claim lock every node's claims wait for.
     nudge: Notify,
     state: Mutex<State>,
 }
@@ -376,11 +378,11 @@ impl Hub {
                     tracing::warn!(error = %e, "renewing worker leases failed");
                 }
             }
-            self.expire().await;
+            // A run ended here: it may have held its tenant's quota.
+            claim_due |= self.expire().await;
             // At least every DISPATCH_POLL: a lost NOTIFY, a jittered run
-            // coming due.
-            // A slot freed (here or by `expire`) after claims that filled
-            // theirs: runs may have been left for want of it.
+            // coming due. A slot freed after claims that filled theirs:
+            // runs may have been left for want of it.
             if claim_due || last_claim.elapsed() >= DISPATCH_POLL || self.slot_freed_for_more() {
                 last_claim = tokio::time::Instant::now();
                 if let Err(e) = self.dispatch().await {
@@ -635,7 +637,9 @@ impl Hub {
 
     /// Ends the runs past their deadline (`TIMED_OUT`, cancel sent) or past
     /// their kill grace after a cancel (`CANCELLED`).
-    async fn expire(&self) {
+    /// Returns whether it released a slot (runs a tenant's concurrency
+    /// quota held back may now start).
+    async fn expire(&self) -> bool {
         let now = self.0.core.clock.now();
         let due: Vec<(Uuid, Held, mpsc::UnboundedSender<ToWorker>)> = {
             let st = self.state();
@@ -650,6 +654,7 @@ impl Hub {
                 })
                 .collect()
         };
+        let released = !due.is_empty();
         for (token, h, tx) in due {
             let (state, outcome) = match &h.cancel_by {
                 Some((by, reason)) if *by <= now => (
@@ -682,6 +687,7 @@ impl Hub {
                     "ending a worker run at its deadline failed; its lease will expire"),
             }
         }
+        released
     }
 }
 
@@ -750,7 +756,9 @@ impl Connection {
                     let r = report_end(&hub.0.core, self.tenant.as_deref(), other).await;
                     if !matches!(r, Err(Error::Unavailable(_) | Error::Internal(_))) {
                         hub.state().release(token);
-                        hub.0.nudge.notify_one();
+                        // Its tenant's quota may have held a run back (a
+                        // failure's end announces only overlap-free runs).
+                        hub.0.wake.notify_one();
                     }
                     r
                 }
@@ -785,7 +793,9 @@ pub async fn report_unary(hub: &Hub, tenant: Option<&str>, item: Report) -> Resu
     let r = report_end(&hub.0.core, tenant, item).await;
     if r.is_ok() {
         hub.state().release(token);
-        hub.0.nudge.notify_one();
+        // As for a stream's failures: its tenant's quota may have held a
+        // run back.
+        hub.0.wake.notify_one();
     }
     r
 }

@@ -712,6 +712,75 @@ async fn a_batch_of_completions_ends_its_runs_and_refuses_only_the_lost_lease() 
     node.stop().await;
 }
 
+/// A completion announces a wake-up of the worker dispatches when a run
+/// may have waited for it: here, one of a tenant whose concurrency quota
+/// holds it back (the dispatch no longer claims on every freed slot, so
+/// without that NOTIFY the run would wait for the poll). A tenant without
+/// a quota, whose bindings allow overlap, has nothing to announce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_wakes_the_dispatch_only_when_a_quota_or_overlap_may_hold_a_run() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w14").await;
+    node.admin()
+        .set_tenant_quota(pb::SetTenantQuotaRequest {
+            quota: Some(pb::TenantQuota {
+                tenant_id: "capped".into(),
+                max_concurrent_runs: Some(1),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("set quota");
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url)
+        .await
+        .expect("listener");
+    listener.listen("sked_runs").await.expect("listen");
+    for (tenant, wakes) in [("capped", 1), ("free", 0)] {
+        let b = define_and_bind(&node, tenant, worker_def(&format!("w.{tenant}"), tenant, 1)).await;
+        let mut s = Stream::open(&node, tenant, tenant, "w", 4).await;
+        let first = trigger_with(&node, tenant, &b.id, serde_json::json!({})).await;
+        let second = trigger_with(&node, tenant, &b.id, serde_json::json!({})).await;
+        let a = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+        assert_eq!(a.run_id, first.id);
+        if tenant == "capped" {
+            assert!(
+                s.assigned(Duration::from_millis(300)).await.is_none(),
+                "the quota holds the second run back"
+            );
+        } else {
+            let b2 = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+            assert_eq!(b2.run_id, second.id);
+            complete_all(&mut s, &[b2.lease_token]).await;
+        }
+        // The triggers' notifications, then the completion's alone.
+        while tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_ok()
+        {}
+        let acks = complete_all(&mut s, &[a.lease_token]).await;
+        assert_eq!(acks[0].1, 0, "{acks:?}");
+        let mut payloads = Vec::new();
+        while let Ok(n) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+            payloads.push(n.expect("notification").payload().to_string());
+        }
+        assert_eq!(
+            payloads.iter().filter(|p| p.as_str() == "worker").count(),
+            wakes,
+            "{tenant}: {payloads:?}"
+        );
+        if tenant == "capped" {
+            let next = s.assigned(Duration::from_secs(10)).await.expect("assigned");
+            assert_eq!(next.run_id, second.id);
+            complete_all(&mut s, &[next.lease_token]).await;
+        }
+        for id in [&first.id, &second.id] {
+            let r = wait_terminal(&node, tenant, id).await;
+            assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+        }
+    }
+    node.stop().await;
+}
+
 /// Sends one message completing `tokens` on `s` and returns the acks'
 /// (token, code) in order.
 async fn complete_all(s: &mut Stream, tokens: &[String]) -> Vec<(String, i32)> {

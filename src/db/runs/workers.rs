@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{RunRow, Waiting, announce, notify_runs, notify_runs_for, state_event};
+use super::{RunRow, Waiting, announce, notify_runs, state_event};
 use crate::db::{Error, encode};
 use crate::domain::{EventBody, Run, RunEvent, RunReason, RunState};
 
@@ -49,9 +49,10 @@ pub struct Completed {
 /// lease tokens are `tokens` (of `tenant` only, when given; `results[i]` is
 /// the JSON text of `tokens[i]`'s result, `None` for none): one statement
 /// for the whole batch, rows locked in id order. Writes their
-/// `state_changed` events and announces them, and wakes the claims when one
-/// of them had an overlap policy other than `ALLOW` (a run of its binding
-/// may have waited). A token missing from the answer named no `RUNNING`
+/// `state_changed` events and announces them, and wakes the worker
+/// dispatches when one of them had an overlap policy other than `ALLOW` or
+/// a tenant with a `max_concurrent_runs` quota (a run of its binding or of
+/// its tenant may have waited). A token missing from the answer named no `RUNNING`
 /// worker run (of that tenant): its lease is no longer valid and nothing of
 /// it changed. The end time is `now`, or the start time if later.
 ///
@@ -177,7 +178,11 @@ pub async fn run_complete_by_leases(
            -- } run-end bookkeeping
            SELECT id AS "id!", lease_token AS "lease_token!", tenant_id AS "tenant_id!",
                   binding_id AS "binding_id!", definition AS "definition!", last_seq AS "last_seq!",
-                  start_time, end_time AS "end_time!", overlap_policy AS "overlap_policy!" FROM f"#,
+                  start_time, end_time AS "end_time!", overlap_policy AS "overlap_policy!",
+                  EXISTS (SELECT 1 FROM tenant_quotas tq
+                          WHERE tq.tenant_id = f.tenant_id AND tq.max_concurrent_runs IS NOT NULL)
+                    AS "quota!"
+           FROM f"#,
         tokens,
         results as &[Option<String>],
         tenant,
@@ -190,7 +195,9 @@ pub async fn run_complete_by_leases(
     let out: Vec<Completed> = rows
         .into_iter()
         .map(|r| {
-            wake |= r.overlap_policy != crate::domain::OverlapPolicy::Allow.as_str();
+            // A run of its binding, or of its tenant held back by the
+            // tenant's concurrency quota, may have waited for it to end.
+            wake |= r.quota || r.overlap_policy != crate::domain::OverlapPolicy::Allow.as_str();
             Completed {
                 token: r.lease_token,
                 start_time: r.start_time,
@@ -206,21 +213,17 @@ pub async fn run_complete_by_leases(
             }
         })
         .collect();
-    if !out.is_empty() {
-        announce(&mut *conn, node_id, out.iter().map(|c| &c.event)).await?;
+    // One statement for the events' NOTIFYs and, when a worker run may
+    // have waited for these (only the worker dispatch looks), the wake.
+    super::Announce {
+        waiting: Waiting {
+            worker: wake,
+            ..Waiting::default()
+        },
+        ranges: super::ranges(out.iter().map(|c| &c.event)),
     }
-    if wake {
-        // A worker run of one of their bindings may have waited for them
-        // to end: only the worker dispatch looks.
-        notify_runs_for(
-            &mut *conn,
-            Waiting {
-                worker: true,
-                ..Waiting::default()
-            },
-        )
-        .await?;
-    }
+    .send(&mut *conn, node_id)
+    .await?;
     Ok(out)
 }
 
