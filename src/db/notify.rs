@@ -13,7 +13,9 @@ pub const EVENTS: &str = "sked_events";
 /// own bridge ignores the notification (`db::runs::Waiting::payload_from`).
 pub const RUNS: &str = "sked_runs";
 /// [`RUNS`] payload item: `SCHEDULED` runs were written; executors
-/// recompute when to promote them (no claim).
+/// recompute when to promote them (no claim). As
+/// `scheduled:<microseconds since the Unix epoch>` it names when the first
+/// is due, and executors need not read it (`db::runs::Waiting::parse`).
 pub const RUNS_SCHEDULED: &str = "scheduled";
 /// [`RUNS`] payload item: `QUEUED` runs of `worker` handlers; the worker
 /// dispatch claims.

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
@@ -36,9 +37,9 @@ pub struct Wakers {
     pub scheduler: Arc<Notify>,
     /// The executor (runs queued, or a slot freed up): it claims.
     pub executor: Arc<Notify>,
-    /// The executor's timer (`SCHEDULED` runs written): it recomputes when
-    /// to promote them, without claiming.
-    pub executor_timer: Arc<Notify>,
+    /// The executor's timer (`SCHEDULED` runs written): it moves its next
+    /// promotion earlier if they are due sooner, without claiming.
+    pub executor_timer: Arc<DueTimer>,
     /// The worker dispatch (runs queued, for worker queues).
     pub workers: Arc<Notify>,
     /// The executor's event claim loops (`event` runs queued).
@@ -68,6 +69,56 @@ impl WakeAll {
     /// A new waiter: `changed().await` returns at the next wake.
     pub fn waiter(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.subscribe()
+    }
+}
+
+/// The wake-up of the executor's promotion timer: [`DueTimer::due`] when
+/// `SCHEDULED` runs were written, with the earliest due time their writer
+/// named, so the executor moves its sleep without reading the database
+/// (one read per TriggerRun of a future run time, before).
+#[derive(Debug, Default)]
+pub struct DueTimer {
+    notify: Notify,
+    pending: std::sync::Mutex<Due>,
+}
+
+/// What a [`DueTimer`] heard since it was last taken ([`DueTimer::take`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Due {
+    /// Nothing.
+    #[default]
+    Nothing,
+    /// Runs were written; the first is due at this instant.
+    At(DateTime<Utc>),
+    /// Runs were written whose due time a writer did not name (a node of
+    /// the version before, a workflow's SQL): read it.
+    Unknown,
+}
+
+impl DueTimer {
+    /// Runs were written, the first due at `at` (`None`: not named); wakes
+    /// the waiter, or has it wake at its next wait.
+    pub fn due(&self, at: Option<DateTime<Utc>>) {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            *p = match (*p, at) {
+                (Due::Unknown, _) | (_, None) => Due::Unknown,
+                (Due::Nothing, Some(t)) => Due::At(t),
+                (Due::At(a), Some(t)) => Due::At(a.min(t)),
+            };
+        }
+        self.notify.notify_one();
+    }
+
+    /// What was heard since the last take, and forget it.
+    pub fn take(&self) -> Due {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits for the next [`DueTimer::due`] (at once for one made since
+    /// the last wait returned).
+    pub async fn notified(&self) {
+        self.notify.notified().await
     }
 }
 
@@ -166,7 +217,7 @@ async fn listen(
                             wakers.executor.notify_one();
                         }
                         if w.scheduled {
-                            wakers.executor_timer.notify_one();
+                            wakers.executor_timer.due(w.scheduled_at);
                         }
                         if w.worker {
                             wakers.workers.notify_one();
@@ -218,5 +269,25 @@ mod tests {
         assert_eq!(node, "n1");
         assert_eq!(r, vec![(id, 3, 5), (id, 6, 6)]);
         assert!(parse_events_payload("garbage").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_timer_keeps_the_earliest_named_time_until_one_is_unknown() {
+        let t = |s| DateTime::from_timestamp(s, 0).expect("in range");
+        let timer = DueTimer::default();
+        assert_eq!(timer.take(), Due::Nothing);
+        timer.due(Some(t(30)));
+        timer.due(Some(t(10)));
+        timer.due(Some(t(20)));
+        // Woken once for all of them, at its next wait.
+        tokio::time::timeout(Duration::from_secs(5), timer.notified())
+            .await
+            .expect("a wake-up was kept");
+        assert_eq!(timer.take(), Due::At(t(10)));
+        assert_eq!(timer.take(), Due::Nothing, "taken once");
+        timer.due(Some(t(10)));
+        timer.due(None);
+        timer.due(Some(t(5)));
+        assert_eq!(timer.take(), Due::Unknown);
     }
 }

@@ -78,7 +78,7 @@ use crate::db::{
 };
 use crate::domain::{Clock, EventBody, Handler, NewRun, Run, RunReason, RunState};
 use crate::events::EventBus;
-use crate::events::bridge::{LocalRuns, WakeAll};
+use crate::events::bridge::{Due, DueTimer, LocalRuns, WakeAll};
 use crate::telemetry::metrics;
 
 /// Shortest time between two passes of the claim loop (from the start of
@@ -204,9 +204,10 @@ pub struct Executor {
     pub bus: EventBus,
     /// Woken when runs it may claim are queued (or a slot freed up).
     pub wake: Arc<Notify>,
-    /// Woken when `SCHEDULED` runs are written: recompute when to promote
-    /// them (no claim, no promotion until one is due).
-    pub timer: Arc<Notify>,
+    /// Woken when `SCHEDULED` runs are written, with when the first is
+    /// due when the writer said: end the sleep sooner for it (no claim,
+    /// no promotion until one is due).
+    pub timer: Arc<DueTimer>,
     /// The worker dispatch of this node, woken at once when a promotion
     /// queues `worker` runs (other nodes hear the NOTIFY).
     pub workers_wake: Arc<Notify>,
@@ -330,8 +331,14 @@ impl Executor {
         let mut last_claim = tokio::time::Instant::now();
         loop {
             let promoted_at = tokio::time::Instant::now();
+            // The promotion reads when runs are next due after it: what the
+            // timer heard so far is in that read (a run written after it
+            // wakes the timer again).
+            this.timer.take();
+            let mut next_due = None;
             match this.promote().await {
-                Ok(w) => {
+                Ok((w, next)) => {
+                    next_due = Some(next);
                     if w.worker {
                         this.workers_wake.notify_one();
                     }
@@ -414,7 +421,10 @@ impl Executor {
             // earliest (not MIN_SLEEP after its work): runs due meanwhile
             // wait at most that long.
             let floor = promoted_at + MIN_SLEEP;
-            let (pause, mut queued_due) = this.sleep_time(floor).await;
+            let (pause, mut queued_due) = match next_due {
+                Some(next) => this.sleep_for(next, floor),
+                None => this.sleep_time(floor).await,
+            };
             let sleep = tokio::time::sleep(pause);
             tokio::pin!(sleep);
             let joined = loop {
@@ -430,13 +440,24 @@ impl Executor {
                     // nothing, per TriggerRun. The sleep never ends later,
                     // so these wakes cannot put a due promotion off.
                     _ = this.timer.notified() => {
+                        let heard = this.timer.take();
                         // At its floor it cannot end sooner.
                         if sleep.deadline() > floor.max(tokio::time::Instant::now()) {
-                            let (pause, queued) = this.sleep_time(floor).await;
-                            let at = tokio::time::Instant::now() + pause;
-                            if at < sleep.deadline() {
-                                sleep.as_mut().reset(at);
-                                queued_due = queued;
+                            let next = match heard {
+                                // Named by the writer: no read. A promotion
+                                // (a jittered QUEUED run due sooner would
+                                // have been the deadline already).
+                                Due::At(t) => Some((this.pause_until(t, floor), false)),
+                                Due::Unknown => Some(this.sleep_time(floor).await),
+                                // In the read of the last promotion.
+                                Due::Nothing => None,
+                            };
+                            if let Some((pause, queued)) = next {
+                                let at = tokio::time::Instant::now() + pause;
+                                if at < sleep.deadline() {
+                                    sleep.as_mut().reset(at);
+                                    queued_due = queued;
+                                }
                             }
                         }
                     }
@@ -498,29 +519,39 @@ impl Executor {
     /// jittered `QUEUED` run coming due (a claim then), rather than a
     /// promotion or the poll.
     async fn sleep_time(&self, floor: tokio::time::Instant) -> (Duration, bool) {
-        let now = self.clock.now();
-        let least = floor.saturating_duration_since(tokio::time::Instant::now());
-        let until = |t: chrono::DateTime<chrono::Utc>| {
-            (t - now)
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .max(least)
-                .min(self.poll)
-        };
-        match db::runs::run_next_due_time(&self.pool, now).await {
-            Ok(next) => {
-                let scheduled = next.scheduled.map(until).unwrap_or(self.poll);
-                let queued = next.queued.map(until).unwrap_or(self.poll);
-                (
-                    scheduled.min(queued),
-                    next.queued.is_some() && queued <= scheduled,
-                )
-            }
+        match db::runs::run_next_due_time(&self.pool, self.clock.now()).await {
+            Ok(next) => self.sleep_for(next, floor),
             Err(e) => {
                 tracing::warn!(error = %e, "reading the next due run failed");
                 (self.poll, true)
             }
         }
+    }
+
+    /// [`Executor::sleep_time`] from `next`, read earlier.
+    fn sleep_for(&self, next: db::runs::NextDue, floor: tokio::time::Instant) -> (Duration, bool) {
+        let until = |t| self.pause_until(t, floor);
+        let scheduled = next.scheduled.map(until).unwrap_or(self.poll);
+        let queued = next.queued.map(until).unwrap_or(self.poll);
+        (
+            scheduled.min(queued),
+            next.queued.is_some() && queued <= scheduled,
+        )
+    }
+
+    /// How long to sleep for a run due at `t`: not past `floor`, at most
+    /// `poll`.
+    fn pause_until(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+        floor: tokio::time::Instant,
+    ) -> Duration {
+        let least = floor.saturating_duration_since(tokio::time::Instant::now());
+        (t - self.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(least)
+            .min(self.poll)
     }
 
     /// Claims up to `limit` runs to execute, none of the `excluded` tenants.
@@ -607,7 +638,7 @@ impl Executor {
     }
 
     /// Moves due `SCHEDULED` runs to `QUEUED`; says which kinds it queued.
-    async fn promote(&self) -> Result<db::runs::Waiting, db::Error> {
+    async fn promote(&self) -> Result<(db::runs::Waiting, db::runs::NextDue), db::Error> {
         let mut conn = self.pool.acquire().await?;
         let promoted = db::runs::run_promote_due(
             &mut conn,
@@ -617,7 +648,7 @@ impl Executor {
         )
         .await?;
         self.bus.publish(promoted.events);
-        Ok(promoted.waiting)
+        Ok((promoted.waiting, promoted.next))
     }
 
     /// Ends runs whose lease expired (their node or worker is gone) and

@@ -385,6 +385,66 @@ async fn cancel_through_another_node_stops_the_run_within_2s_and_does_not_retry(
     a.stop().await;
 }
 
+/// The executor sleeps until the first waiting run is due, at most its
+/// poll (a minute here): a TriggerRun due sooner ends the sleep at its due
+/// time, whichever node took the call (the `sked_runs` notification names
+/// the time), also after a run due later was triggered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_trigger_due_before_the_executors_sleep_ends_starts_when_due() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db, "n1");
+    s.claim_poll = Duration::from_secs(60);
+    let a = TestNode::start_with(s).await;
+    let mut s = settings(&db, "n2");
+    s.claim_poll = Duration::from_secs(60);
+    // n2 executes nothing: it takes calls, and only n1's executor runs them.
+    s.max_concurrent_runs = 0;
+    let b_node = TestNode::start_with(s).await;
+    let b = define_and_bind(&a, "acme", sh_def("soon", "echo ran", manual())).await;
+    let trigger = |node: &TestNode, at: f64| {
+        let mut runs = node.runs();
+        let binding_id = b.id.clone();
+        async move {
+            runs.trigger_run(as_tenant(
+                "acme",
+                pb::TriggerRunRequest {
+                    binding_id,
+                    run_time: Some(ts(at)),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    // Both executors now sleep their whole poll.
+    let far = trigger(&a, now_secs() + 3600.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (node, name) in [(&a, "the executing node"), (&b_node, "another node")] {
+        let at = now_secs() + 1.5;
+        let run = trigger(node, at).await;
+        assert_eq!(state(&run), pb::RunState::Scheduled, "{name}");
+        let done = wait_terminal(&a, "acme", &run.id).await;
+        assert_eq!(state(&done), pb::RunState::Succeeded, "{name}");
+        let start = secs(&done.start_time);
+        assert!(start >= at - 0.001, "{name}: not started before run_time");
+        assert!(
+            start < at + 0.75,
+            "{name}: started {:.3} s after its run_time, not when due",
+            start - at
+        );
+    }
+    let far = get_run(&a, "acme", &far.id).await;
+    assert_eq!(
+        state(&far),
+        pb::RunState::Scheduled,
+        "the later run still waits"
+    );
+    b_node.stop().await;
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_trigger_waits_scheduled_and_cancel_of_a_waiting_run_is_immediate() {
     let db = TestDb::new().await;

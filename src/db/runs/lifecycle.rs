@@ -8,8 +8,8 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{
-    RunRow, Waiting, announce, corrupt_state, notify_runs, notify_runs_for, run_claim_lock,
-    state_event,
+    NextDue, RunRow, Waiting, announce, corrupt_state, notify_runs, notify_runs_for,
+    run_claim_lock, state_event,
 };
 use crate::db::{Error, encode};
 use crate::domain::RunReason;
@@ -317,16 +317,35 @@ pub async fn run_promote_due(
             },
         })
         .collect();
-    // One statement for both NOTIFYs. The caller wakes this node's loops
-    // for the queued runs (`Promoted::waiting`); the others hear it.
-    super::Announce {
+    // One statement for both NOTIFYs and the next due time: the caller
+    // wakes this node's loops for the queued runs (`Promoted::waiting`),
+    // the others hear it; the caller sleeps until `Promoted::next` (read
+    // here, after this transaction's own promotions, a round trip less
+    // per pass than a read of its own).
+    let (channels, payloads) = super::Announce {
         waiting,
         ranges: super::ranges(&events),
     }
-    .send_woken_here(&mut *tx, node_id)
+    .notifications(node_id, true);
+    let due = sqlx::query!(
+        "SELECT (SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED') AS scheduled,
+                (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1) AS queued
+         WHERE (SELECT count(pg_notify(c, p)) FROM UNNEST($2::text[], $3::text[]) AS x(c, p)) >= 0",
+        now,
+        &channels as &[&str],
+        &payloads,
+    )
+    .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Promoted { events, waiting })
+    Ok(Promoted {
+        events,
+        waiting,
+        next: NextDue {
+            scheduled: due.scheduled,
+            queued: due.queued,
+        },
+    })
 }
 
 /// What [`run_promote_due`] did.
@@ -338,6 +357,9 @@ pub struct Promoted {
     /// loops for them at once (the NOTIFY names this node, whose bridge
     /// leaves them alone; other nodes hear it).
     pub waiting: Waiting,
+    /// When waiting runs next need a hand, read after the promotions
+    /// ([`super::run_next_due_time`] as of then).
+    pub next: NextDue,
 }
 
 /// Cancels those of `ids` that are still waiting (`SCHEDULED` or `QUEUED`):

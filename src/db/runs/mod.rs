@@ -183,7 +183,11 @@ async fn insert_runs(
         if !inserted.contains(&r.id) {
             continue;
         }
-        waiting.add(r.state, r.handler.kind());
+        if r.state == RunState::Scheduled {
+            waiting.add_scheduled(r.not_before);
+        } else {
+            waiting.add(r.state, r.handler.kind());
+        }
         events.extend(evs.into_iter().enumerate().map(|(i, body)| RunEvent {
             run_id: r.id,
             seq: i as i64 + 1,
@@ -565,6 +569,11 @@ pub async fn notify_runs(conn: &mut PgConnection) -> Result<(), Error> {
 pub struct Waiting {
     /// `SCHEDULED` runs (executors recompute when to promote).
     pub scheduled: bool,
+    /// When the first of those is due (its `not_before`), if every one was
+    /// counted with its due time ([`Waiting::add_scheduled`]); `None` when
+    /// unknown. A listener that knows it moves its promotion timer without
+    /// reading the database.
+    pub scheduled_at: Option<DateTime<Utc>>,
     /// `QUEUED` runs of `worker` handlers (the worker dispatch claims).
     pub worker: bool,
     /// `QUEUED` runs of other handlers (executors claim).
@@ -577,9 +586,14 @@ pub struct Waiting {
 impl Waiting {
     /// Counts a run now in `state`, of a handler of `kind` (as stored,
     /// `handler->>'kind'`: `worker`, `event`, or another).
+    /// A `SCHEDULED` run counted here has no due time: the payload says
+    /// none ([`Waiting::add_scheduled`] for one that has).
     pub fn add(&mut self, state: RunState, kind: &str) {
         match (state, kind) {
-            (RunState::Scheduled, _) => self.scheduled = true,
+            (RunState::Scheduled, _) => {
+                self.scheduled = true;
+                self.scheduled_at = None;
+            }
             (RunState::Queued, "worker") => self.worker = true,
             (RunState::Queued, "event") => self.event = true,
             (RunState::Queued, _) => self.local = true,
@@ -587,15 +601,32 @@ impl Waiting {
         }
     }
 
+    /// Counts a `SCHEDULED` run due at `not_before`. The payload names the
+    /// earliest due time of such runs, unless one was counted without
+    /// ([`Waiting::add`]).
+    pub fn add_scheduled(&mut self, not_before: DateTime<Utc>) {
+        self.scheduled_at = match (self.scheduled, self.scheduled_at) {
+            (false, _) => Some(not_before),
+            (true, Some(t)) => Some(t.min(not_before)),
+            (true, None) => None,
+        };
+        self.scheduled = true;
+    }
+
     /// Whether any waiting run was counted.
     pub fn any(self) -> bool {
         self.scheduled || self.worker || self.local || self.event
     }
 
-    /// The NOTIFY payload naming them.
+    /// The NOTIFY payload naming them; `SCHEDULED` runs of a known due
+    /// time as `scheduled:<microseconds since the Unix epoch>`.
     pub fn payload(self) -> String {
+        let scheduled = match self.scheduled_at {
+            Some(t) => format!("{}:{}", super::notify::RUNS_SCHEDULED, t.timestamp_micros()),
+            None => super::notify::RUNS_SCHEDULED.to_string(),
+        };
         let items = [
-            (self.scheduled, super::notify::RUNS_SCHEDULED),
+            (self.scheduled, scheduled.as_str()),
             (self.worker, super::notify::RUNS_WORKER),
             (self.local, super::notify::RUNS_LOCAL),
             (self.event, super::notify::RUNS_EVENT),
@@ -622,13 +653,28 @@ impl Waiting {
     }
 
     /// Parses a payload, with or without its sender; `None` for an empty
-    /// or unknown one (any runs).
+    /// or unknown one (any runs). Nodes of the version before the due
+    /// time read `scheduled:<µs>` as unknown, so they wake every loop.
     pub fn parse(payload: &str) -> Option<Waiting> {
         let items = payload.split_once('@').map_or(payload, |(items, _)| items);
         let mut w = Waiting::default();
         for item in items.split(',') {
+            if let Some(micros) = item
+                .strip_prefix(super::notify::RUNS_SCHEDULED)
+                .and_then(|rest| rest.strip_prefix(':'))
+            {
+                let at = micros
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(DateTime::<Utc>::from_timestamp_micros)?;
+                w.add_scheduled(at);
+                continue;
+            }
             match item {
-                super::notify::RUNS_SCHEDULED => w.scheduled = true,
+                super::notify::RUNS_SCHEDULED => {
+                    w.scheduled = true;
+                    w.scheduled_at = None;
+                }
                 super::notify::RUNS_WORKER => w.worker = true,
                 super::notify::RUNS_LOCAL => w.local = true,
                 super::notify::RUNS_EVENT => w.event = true,
@@ -795,17 +841,20 @@ mod waiting_tests {
     #[test]
     fn waiting_payloads_round_trip_and_unknown_ones_mean_any() {
         for bits in 0..16 {
-            let w = Waiting {
-                scheduled: bits & 1 != 0,
-                worker: bits & 2 != 0,
-                local: bits & 4 != 0,
-                event: bits & 8 != 0,
-            };
-            let p = w.payload();
-            if w.any() {
-                assert_eq!(Waiting::parse(&p), Some(w), "{p}");
-            } else {
-                assert_eq!(Waiting::parse(&p), None);
+            for at in [None, Some(due(1_765_000_000_123_456)), Some(due(-5))] {
+                let w = Waiting {
+                    scheduled: bits & 1 != 0,
+                    scheduled_at: at.filter(|_| bits & 1 != 0),
+                    worker: bits & 2 != 0,
+                    local: bits & 4 != 0,
+                    event: bits & 8 != 0,
+                };
+                let p = w.payload();
+                if w.any() {
+                    assert_eq!(Waiting::parse(&p), Some(w), "{p}");
+                } else {
+                    assert_eq!(Waiting::parse(&p), None);
+                }
             }
         }
         // With the sender named: the same runs, and the sender, whatever
@@ -825,6 +874,17 @@ mod waiting_tests {
         // Empty (older nodes, maintenance) or unknown: every loop looks.
         assert_eq!(Waiting::parse(""), None);
         assert_eq!(Waiting::parse("worker,later"), None);
+        // A due time that is not one: unknown, every loop looks.
+        for p in [
+            "scheduled:",
+            "scheduled:x",
+            "scheduled:1.5",
+            "scheduled:99999999999999999999",
+            "scheduled:9223372036854775807",
+            "scheduledx",
+        ] {
+            assert_eq!(Waiting::parse(p), None, "{p}");
+        }
         let mut w = Waiting::default();
         w.add(RunState::Queued, "worker");
         w.add(RunState::Scheduled, "command");
@@ -834,5 +894,38 @@ mod waiting_tests {
         assert_eq!(w.payload(), "scheduled,worker,event");
         w.add(RunState::Queued, "http");
         assert_eq!(w.payload(), "scheduled,worker,local,event");
+    }
+
+    fn due(micros: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(micros).expect("in range")
+    }
+
+    #[test]
+    fn the_payload_names_the_earliest_due_time_only_when_every_run_had_one() {
+        let mut w = Waiting::default();
+        w.add_scheduled(due(3_000_000));
+        w.add_scheduled(due(1_000_007));
+        w.add_scheduled(due(2_000_000));
+        w.add(RunState::Queued, "worker");
+        assert_eq!(w.payload(), "scheduled:1000007,worker");
+        assert_eq!(
+            Waiting::parse(&w.payload()).and_then(|w| w.scheduled_at),
+            Some(due(1_000_007))
+        );
+        // One run counted without: unknown, whichever comes first.
+        let mut a = w;
+        a.add(RunState::Scheduled, "command");
+        assert_eq!(a.payload(), "scheduled,worker");
+        let mut b = Waiting::default();
+        b.add(RunState::Scheduled, "command");
+        b.add_scheduled(due(5));
+        assert_eq!(b.scheduled_at, None);
+        assert_eq!(Waiting::parse("scheduled,scheduled:5"), Some(b));
+        assert_eq!(Waiting::parse("scheduled:5,scheduled"), Some(b));
+        // Two named times: the earlier.
+        assert_eq!(
+            Waiting::parse("scheduled:9,scheduled:5@n1").and_then(|w| w.scheduled_at),
+            Some(due(5))
+        );
     }
 }
