@@ -21,6 +21,9 @@
 //! expired leases. It wakes on the `sked_runs` NOTIFY (and locally right
 //! after the scheduler queued runs), when a run finishes, at the next
 //! `not_before` of a waiting run, and every [`Executor::poll`] as a fallback.
+//! That `not_before` is read by each pass's promotion (in the statement that
+//! sends its notifications) and named by the `scheduled` notifications of
+//! runs written since (`DueTimer`), so sleeping costs no read of its own.
 //!
 //! State machine of a run here:
 //!
