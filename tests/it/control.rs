@@ -429,8 +429,9 @@ async fn a_delayed_trigger_due_before_the_executors_sleep_ends_starts_when_due()
         assert_eq!(state(&done), pb::RunState::Succeeded, "{name}");
         let start = secs(&done.start_time);
         assert!(start >= at - 0.001, "{name}: not started before run_time");
+        // Not at the 60 s poll: a margin for a loaded machine.
         assert!(
-            start < at + 0.75,
+            start < at + 3.0,
             "{name}: started {:.3} s after its run_time, not when due",
             start - at
         );

@@ -327,24 +327,13 @@ pub async fn run_promote_due(
         ranges: super::ranges(&events),
     }
     .notifications(node_id, true);
-    let due = sqlx::query!(
-        "SELECT (SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED') AS scheduled,
-                (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1) AS queued
-         WHERE (SELECT count(pg_notify(c, p)) FROM UNNEST($2::text[], $3::text[]) AS x(c, p)) >= 0",
-        now,
-        &channels as &[&str],
-        &payloads,
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let next =
+        super::read::run_next_due_time_notifying(&mut *tx, now, &channels, &payloads).await?;
     tx.commit().await?;
     Ok(Promoted {
         events,
         waiting,
-        next: NextDue {
-            scheduled: due.scheduled,
-            queued: due.queued,
-        },
+        next,
     })
 }
 

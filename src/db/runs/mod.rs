@@ -444,26 +444,26 @@ impl Announce {
     /// # Errors
     /// [`Error::Sqlx`] on database failure.
     pub async fn send(self, db: impl PgExecutor<'_>, node_id: &str) -> Result<(), Error> {
-        self.send_as(db, node_id, false).await
+        let (channels, payloads) = self.notifications(node_id, false);
+        if channels.is_empty() {
+            return Ok(());
+        }
+        sqlx::query!(
+            "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
+            &channels as &[&str],
+            &payloads,
+        )
+        .execute(db)
+        .await?;
+        Ok(())
     }
 
-    /// [`Announce::send`] for a caller that wakes this node's loops for
-    /// the waiting runs itself: the [`super::notify::RUNS`] payload names
-    /// `node_id` ([`Waiting::payload_from`]), whose bridge then leaves its
-    /// loops alone (a second wake-up of the worker dispatch was a claim
-    /// that found nothing, under the lock every claim waits for).
-    ///
-    /// # Errors
-    /// [`Error::Sqlx`] on database failure.
-    pub async fn send_woken_here(
-        self,
-        db: impl PgExecutor<'_>,
-        node_id: &str,
-    ) -> Result<(), Error> {
-        self.send_as(db, node_id, true).await
-    }
-
-    /// The channels and payloads of the NOTIFYs, in order.
+    /// The channels and payloads of the NOTIFYs, in order. `woken_here`:
+    /// the caller wakes this node's loops for the waiting runs itself, so
+    /// the [`super::notify::RUNS`] payload names `node_id`
+    /// ([`Waiting::payload_from`]) and that node's bridge leaves its loops
+    /// alone (a second wake-up of the worker dispatch was a claim that
+    /// found nothing, under the lock every claim waits for).
     fn notifications(self, node_id: &str, woken_here: bool) -> (Vec<&'static str>, Vec<String>) {
         let mut channels = Vec::new();
         let mut payloads = Vec::new();
@@ -480,26 +480,6 @@ impl Announce {
             payloads.push(p);
         }
         (channels, payloads)
-    }
-
-    async fn send_as(
-        self,
-        db: impl PgExecutor<'_>,
-        node_id: &str,
-        woken_here: bool,
-    ) -> Result<(), Error> {
-        let (channels, payloads) = self.notifications(node_id, woken_here);
-        if channels.is_empty() {
-            return Ok(());
-        }
-        sqlx::query!(
-            "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
-            &channels as &[&str],
-            &payloads,
-        )
-        .execute(db)
-        .await?;
-        Ok(())
     }
 }
 

@@ -191,10 +191,29 @@ pub async fn run_next_due_time(
     db: impl PgExecutor<'_>,
     now: DateTime<Utc>,
 ) -> Result<NextDue, Error> {
+    run_next_due_time_notifying(db, now, &[], &[]).await
+}
+
+/// [`run_next_due_time`], sending NOTIFY `payloads[i]` on `channels[i]`
+/// first (a one-time filter; delivered on the caller's commit), so a
+/// transaction that announces runs reads when runs are next due in the
+/// same round trip.
+///
+/// # Errors
+/// [`Error::Sqlx`] on database failure.
+pub(super) async fn run_next_due_time_notifying(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+    channels: &[&str],
+    payloads: &[String],
+) -> Result<NextDue, Error> {
     let r = sqlx::query!(
         "SELECT (SELECT min(not_before) FROM runs WHERE state = 'SCHEDULED') AS scheduled,
-                (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1) AS queued",
-        now
+                (SELECT min(not_before) FROM runs WHERE state = 'QUEUED' AND not_before > $1) AS queued
+         WHERE (SELECT count(pg_notify(c, p)) FROM UNNEST($2::text[], $3::text[]) AS x(c, p)) >= 0",
+        now,
+        channels as &[&str],
+        payloads,
     )
     .fetch_one(db)
     .await?;
