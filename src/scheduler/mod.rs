@@ -141,6 +141,29 @@ fn lead_for(bindings: i64, cost_ns: u64, max: Duration) -> Duration {
         .min(max)
 }
 
+/// The most bindings one pass ahead takes of a band of `bindings`: an
+/// equal share for each of the [`AHEAD_SLOTS`] passes written beside each
+/// other; a band whose shares would be under [`AHEAD_COST_SAMPLE`] stays
+/// one pass (its fixed cost is not worth splitting).
+/// Passes written at once take the band's rows with `SKIP LOCKED` in the
+/// same order, so without it whichever locked faster took up to its whole
+/// time-based limit and the band was ready only when that larger pass was:
+/// splits of 1 893 / 8 107 and 3 482 / 6 518 of 10 000 aligned bindings,
+/// the larger one ready 12 and 38 ms after its instant (measured
+/// 2026-12-07, `RUST_LOG=sked::scheduler=debug`).
+fn even_share(bindings: i64) -> i64 {
+    let sample = AHEAD_COST_SAMPLE as i64;
+    let share = u64::try_from(bindings)
+        .unwrap_or(0)
+        .div_ceil(AHEAD_SLOTS as u64);
+    let share = i64::try_from(share).unwrap_or(i64::MAX);
+    if share < sample {
+        bindings.max(sample)
+    } else {
+        share
+    }
+}
+
 /// Counts a pass ahead in [`Scheduler::ahead_writing`] while it lives.
 struct Writing(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -427,7 +450,8 @@ impl Scheduler {
             i64::try_from(room.as_nanos() / (u128::from(per_binding) * AHEAD_SLOTS as u128))
                 .unwrap_or(i64::MAX)
         }
-        .min(self.ahead_batch);
+        .min(self.ahead_batch)
+        .min(even_share(band));
         if limit < AHEAD_MIN_PASS {
             // The estimate decays while it keeps passes from being tried,
             // so one slow pass (a checkpoint) does not turn this off.
@@ -1083,6 +1107,31 @@ mod tests {
             let l = lead_for(n, 75_000, max);
             assert!(l >= last, "{n}: {l:?} < {last:?}");
             last = l;
+        }
+    }
+
+    #[test]
+    fn passes_written_beside_each_other_share_a_band_evenly() {
+        let sample = AHEAD_COST_SAMPLE as i64;
+        assert_eq!(even_share(10_000), 5_000);
+        assert_eq!(even_share(10_001), 5_001);
+        // A small band stays one pass; odd counts are harmless.
+        assert_eq!(even_share(300), 300);
+        assert_eq!(even_share(100), sample);
+        assert_eq!(even_share(0), sample);
+        assert_eq!(even_share(-7), sample);
+        assert_eq!(even_share(i64::MAX), i64::MAX / 2 + 1);
+        // The slots' passes together cover the band; a band worth
+        // splitting is split into equal shares (to one binding).
+        let slots = AHEAD_SLOTS as i64;
+        for n in (0..300_000).step_by(613) {
+            let s = even_share(n);
+            assert!(s * slots >= n, "{n}: {s}");
+            if n < sample * slots {
+                assert!(s >= n, "{n}: {s}");
+            } else {
+                assert!(s <= n / slots + 1, "{n}: {s}");
+            }
         }
     }
 }
