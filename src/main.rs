@@ -3,6 +3,12 @@
 use clap::{CommandFactory, Parser};
 use sked::config::{AdminCommand, Cli, Command};
 
+/// mimalloc instead of glibc's malloc: a firing pass builds and drops
+/// thousands of JSON params and events at once, and glibc's allocator was
+/// ~45 % of a node's CPU in `perf` while 10 000 aligned bindings fired.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -215,6 +215,11 @@ struct NodeArgs {
     stats_fold_secs: Option<u64>,
 }
 
+/// The allocator `sked` runs with (src/main.rs): the bench's nodes are
+/// this binary, so they measure sked as it ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Read before anything starts: a bad file fails fast, not after the run.
