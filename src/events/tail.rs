@@ -363,8 +363,10 @@ pub enum WatchItem {
     Missed(u64),
 }
 
-/// Streams live events matching `filter` into `out` until `out` is closed or
-/// `stop` is cancelled.
+/// Streams live events matching `filter` into `out`, one vector of items
+/// per bus batch that holds any (so a burst costs the stream one wake-up
+/// per batch, not one per event), until `out` is closed or `stop` is
+/// cancelled.
 ///
 /// A watcher that reads too slowly loses the bus's oldest batches; it
 /// counts what it lost by its tenant's event indexes
@@ -374,7 +376,7 @@ pub enum WatchItem {
 pub async fn watch_events(
     bus: EventBus,
     filter: WatchFilter,
-    out: mpsc::Sender<WatchItem>,
+    out: mpsc::Sender<Vec<WatchItem>>,
     stop: CancellationToken,
 ) {
     // Index of the tenant's next event expected.
@@ -389,6 +391,7 @@ pub async fn watch_events(
             _ = out.closed() => return,
             _ = stop.cancelled() => return,
         };
+        let mut items = Vec::new();
         for e in batch
             .events
             .iter()
@@ -398,13 +401,14 @@ pub async fn watch_events(
             expected = e.tenant_index + 1;
             if missed > 0 {
                 crate::telemetry::metrics::events_dropped(missed);
-                if out.send(WatchItem::Missed(missed)).await.is_err() {
-                    return;
-                }
+                items.push(WatchItem::Missed(missed));
             }
-            if filter.matches(e) && out.send(WatchItem::Event(Arc::clone(e))).await.is_err() {
-                return;
+            if filter.matches(e) {
+                items.push(WatchItem::Event(Arc::clone(e)));
             }
+        }
+        if !items.is_empty() && out.send(items).await.is_err() {
+            return;
         }
     }
 }
@@ -454,7 +458,26 @@ mod tests {
 
     /// A bus with tenant `a`'s watcher running on it, reading into a
     /// channel of one item; the watcher stops with the token.
-    async fn watching_a() -> (EventBus, mpsc::Receiver<WatchItem>, CancellationToken) {
+    /// The items of a watcher's batches, one at a time, read from its
+    /// channel only when the buffered batch is used up (so the watcher
+    /// still waits on a full channel as a slow client makes it).
+    struct Items {
+        rx: mpsc::Receiver<Vec<WatchItem>>,
+        buf: std::collections::VecDeque<WatchItem>,
+    }
+
+    impl Items {
+        async fn recv(&mut self) -> Option<WatchItem> {
+            loop {
+                if let Some(item) = self.buf.pop_front() {
+                    return Some(item);
+                }
+                self.buf = self.rx.recv().await?.into();
+            }
+        }
+    }
+
+    async fn watching_a() -> (EventBus, Items, CancellationToken) {
         let bus = EventBus::new();
         let (tx, rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
@@ -470,7 +493,14 @@ mod tests {
         while bus.subscribers() == 0 {
             tokio::task::yield_now().await;
         }
-        (bus, rx, stop)
+        (
+            bus,
+            Items {
+                rx,
+                buf: Default::default(),
+            },
+            stop,
+        )
     }
 
     #[tokio::test]

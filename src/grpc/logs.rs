@@ -8,7 +8,6 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes};
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::codec::{Codec, CompressionEncoding, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, http};
@@ -26,9 +25,11 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::log_service_server::{LogService, LogServiceServer};
 use crate::usecase::{self, Target, runs};
 
-/// Items buffered per WatchEvents stream before the producer waits for the
-/// client.
-const STREAM_BUFFER: usize = 256;
+/// Batches buffered per WatchEvents stream before its producer waits for
+/// the client: one per bus batch that held any of the stream's events (at
+/// most 512 events each, shared with the bus), so a slow subscriber holds
+/// at most 8 192 events of its own.
+const WATCH_BUFFER: usize = 16;
 /// Batches buffered per TailRun stream before its producer waits for the
 /// client: live batches are shared with the bus (at most 512 events each),
 /// replayed pages at most 1000 events, so a slow subscriber holds at most
@@ -133,11 +134,120 @@ impl Stream for WorkflowTailStream {
     }
 }
 
+/// A watcher's batches in, one item per message out (the encoder takes
+/// every item that is ready in one go).
+struct WatchStream {
+    /// The tenant's and the connection's stream slots, released when the
+    /// stream is dropped.
+    _permit: Vec<tokio::sync::OwnedSemaphorePermit>,
+    rx: mpsc::Receiver<Vec<WatchItem>>,
+    buf: std::vec::IntoIter<WatchItem>,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchItem, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some(item) = self.buf.next() {
+                return std::task::Poll::Ready(Some(Ok(item)));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(items) => self.buf = items.into_iter(),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// A `WatchEvents` item as the message the generated route sends.
+fn watch_message(item: WatchItem) -> pb::WatchEventsResponse {
+    match item {
+        WatchItem::Event(e) => pb::WatchEventsResponse {
+            event: Some(event_to(&e)),
+            missed_events: 0,
+        },
+        WatchItem::Missed(n) => pb::WatchEventsResponse {
+            event: None,
+            missed_events: n,
+        },
+    }
+}
+
 /// Implements `LogService`.
 #[derive(Debug, Clone)]
 pub struct Logs(pub Ctx);
 
 impl Logs {
+    /// `WatchEvents`: checks the request, then streams the tenant's live
+    /// events that pass its filters (see [`tail::watch_events`]).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed `binding_id` or `definition`, or
+    /// a `kinds` value that is not an `EventKind`; `RESOURCE_EXHAUSTED`
+    /// past the tenant's or connection's stream slots.
+    pub async fn open_watch(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<BoxStream<WatchItem>>, Status> {
+        let (_, tenant_id) = tenant_grant(&req)?;
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        let binding_id = if r.binding_id.is_empty() {
+            None
+        } else {
+            Some(parse_uuid("binding_id", &r.binding_id)?)
+        };
+        let definition = if r.definition.is_empty() {
+            None
+        } else {
+            validate_definition_name("definition", &r.definition).map_err(invalid)?;
+            Some(r.definition)
+        };
+        let mut kinds = Vec::new();
+        for k in r.kinds {
+            if k == pb::EventKind::Notification as i32 {
+                kinds.push("notification_delivered");
+                kinds.push("notification_failed");
+                continue;
+            }
+            kinds.push(match pb::EventKind::try_from(k) {
+                Ok(pb::EventKind::StateChanged) => "state_changed",
+                Ok(pb::EventKind::Log) => "log",
+                Ok(pb::EventKind::Fired) => "fired",
+                Ok(pb::EventKind::Progress) => "progress",
+                _ => {
+                    return Err(invalid(FieldViolation::new(
+                        "kinds",
+                        format!("{k} is not an EventKind"),
+                    )));
+                }
+            });
+        }
+        let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
+        let filter = WatchFilter {
+            tenant_id,
+            binding_id,
+            definition,
+            kinds,
+        };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(tail::watch_events(
+            self.0.core.bus.clone(),
+            filter,
+            tx,
+            self.0.streams_stop.clone(),
+        ));
+        Ok(Response::new(Box::pin(WatchStream {
+            _permit: permit,
+            rx,
+            buf: Vec::new().into_iter(),
+        })))
+    }
+
     /// `TailRun`: checks the request and access, then streams the run's
     /// frames (see [`tail::tail_run`] and [`tail::tail_workflow`]).
     ///
@@ -216,69 +326,10 @@ impl LogService for Logs {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let (_, tenant_id) = tenant_grant(&req)?;
-        let peer = req.remote_addr();
-        let r = req.into_inner();
-        let binding_id = if r.binding_id.is_empty() {
-            None
-        } else {
-            Some(parse_uuid("binding_id", &r.binding_id)?)
-        };
-        let definition = if r.definition.is_empty() {
-            None
-        } else {
-            validate_definition_name("definition", &r.definition).map_err(invalid)?;
-            Some(r.definition)
-        };
-        let mut kinds = Vec::new();
-        for k in r.kinds {
-            if k == pb::EventKind::Notification as i32 {
-                kinds.push("notification_delivered");
-                kinds.push("notification_failed");
-                continue;
-            }
-            kinds.push(match pb::EventKind::try_from(k) {
-                Ok(pb::EventKind::StateChanged) => "state_changed",
-                Ok(pb::EventKind::Log) => "log",
-                Ok(pb::EventKind::Fired) => "fired",
-                Ok(pb::EventKind::Progress) => "progress",
-                _ => {
-                    return Err(invalid(FieldViolation::new(
-                        "kinds",
-                        format!("{k} is not an EventKind"),
-                    )));
-                }
-            });
-        }
-        let permit = self.0.costly.stream_permit(&tenant_id, peer)?;
-        let filter = WatchFilter {
-            tenant_id,
-            binding_id,
-            definition,
-            kinds,
-        };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(tail::watch_events(
-            self.0.core.bus.clone(),
-            filter,
-            tx,
-            self.0.streams_stop.clone(),
-        ));
-        let stream = ReceiverStream::new(rx).map(move |item| {
-            // The tenant's stream slot lives as long as this closure.
-            let _held = &permit;
-            Ok(match item {
-                WatchItem::Event(e) => pb::WatchEventsResponse {
-                    event: Some(event_to(&e)),
-                    missed_events: 0,
-                },
-                WatchItem::Missed(n) => pb::WatchEventsResponse {
-                    event: None,
-                    missed_events: n,
-                },
-            })
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let items = self.open_watch(req).await?;
+        Ok(items.map(|s| -> BoxStream<pb::WatchEventsResponse> {
+            Box::pin(s.map(|i| i.map(watch_message)))
+        }))
     }
 
     async fn list_run_events(
@@ -308,6 +359,8 @@ impl LogService for Logs {
 
 /// The path of `TailRun`, which [`LogRoutes`] serves itself.
 const TAIL_RUN_PATH: &str = "/sked.v1.LogService/TailRun";
+/// The path of `WatchEvents`, which [`LogRoutes`] serves itself.
+const WATCH_EVENTS_PATH: &str = "/sked.v1.LogService/WatchEvents";
 
 /// `LogService` as served: `TailRun` with [`TailFrameCodec`], so each
 /// event is encoded once for all its subscribers rather than converted and
@@ -351,25 +404,42 @@ impl Service<http::Request<tonic::body::Body>> for LogRoutes {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != TAIL_RUN_PATH {
-            return self.generated.call(req);
-        }
         let logs = self.logs.clone();
         let max_decoded = self.max_decoded;
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(TailFrameCodec)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .accept_compressed(CompressionEncoding::Zstd)
-                .send_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Zstd)
-                .max_decoding_message_size(max_decoded);
-            let method = tower::service_fn(move |r: Request<pb::TailRunRequest>| {
-                let logs = logs.clone();
-                async move { logs.open_tail(r).await }
-            });
-            Ok(grpc.server_streaming(method, req).await)
-        })
+        match req.uri().path() {
+            TAIL_RUN_PATH => Box::pin(async move {
+                let mut grpc = compressed(tonic::server::Grpc::new(TailFrameCodec), max_decoded);
+                let method = tower::service_fn(move |r: Request<pb::TailRunRequest>| {
+                    let logs = logs.clone();
+                    async move { logs.open_tail(r).await }
+                });
+                Ok(grpc.server_streaming(method, req).await)
+            }),
+            WATCH_EVENTS_PATH => Box::pin(async move {
+                let mut grpc = compressed(tonic::server::Grpc::new(WatchItemCodec), max_decoded);
+                let method = tower::service_fn(move |r: Request<pb::WatchEventsRequest>| {
+                    let logs = logs.clone();
+                    async move { logs.open_watch(r).await }
+                });
+                Ok(grpc.server_streaming(method, req).await)
+            }),
+            _ => self.generated.call(req),
+        }
     }
+}
+
+/// `grpc` configured as the transport configures every generated service:
+/// takes and sends gzip and zstd, caps decoded requests at `max_decoded`
+/// bytes.
+fn compressed<C: Codec>(
+    grpc: tonic::server::Grpc<C>,
+    max_decoded: usize,
+) -> tonic::server::Grpc<C> {
+    grpc.accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(max_decoded)
 }
 
 /// `TailRun`'s codec: requests decoded and checked as by
@@ -412,6 +482,62 @@ impl Encoder for TailFrameEncoder {
                 .encode(dst)
                 .map_err(|_| Status::internal("a stream message could not be encoded")),
         }
+    }
+}
+
+/// `WatchEvents`' codec: requests decoded and checked as by
+/// [`BoundaryCodec`], responses written from [`WatchItem`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchItemCodec;
+
+impl Codec for WatchItemCodec {
+    type Encode = WatchItem;
+    type Decode = pb::WatchEventsRequest;
+    type Encoder = WatchItemEncoder;
+    type Decoder =
+        <BoundaryCodec<pb::WatchEventsResponse, pb::WatchEventsRequest> as Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WatchItemEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        BoundaryCodec::<pb::WatchEventsResponse, pb::WatchEventsRequest>::default().decoder()
+    }
+}
+
+/// Writes a [`WatchItem`] as a `WatchEventsResponse`: an event as field 1
+/// around its shared `RunEvent` encoding ([`Published::wire`], made once
+/// for every `TailRun` and `WatchEvents` stream that sends it), a count of
+/// missed events as prost writes it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchItemEncoder;
+
+/// The key of `WatchEventsResponse.event`: field 1, length-delimited.
+const WATCH_EVENT_KEY: u8 = 1 << 3 | 2;
+
+impl Encoder for WatchItemEncoder {
+    type Item = WatchItem;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchItem, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // EncodeBuf grows as needed, so prost cannot run out of room.
+        put_watch_item(item, dst)
+            .map_err(|_| Status::internal("a stream message could not be encoded"))
+    }
+}
+
+/// Writes `item` into `dst` as [`WatchItemEncoder`] does.
+fn put_watch_item(item: WatchItem, dst: &mut impl BufMut) -> Result<(), prost::EncodeError> {
+    match item {
+        WatchItem::Event(e) => {
+            let wire = e.wire(encode_event);
+            dst.put_u8(WATCH_EVENT_KEY);
+            prost::encoding::encode_varint(wire.len() as u64, dst);
+            dst.put_slice(wire);
+            Ok(())
+        }
+        WatchItem::Missed(_) => watch_message(item).encode(dst),
     }
 }
 
@@ -462,6 +588,58 @@ mod tests {
             let decoded = pb::RunEvent::decode(wire.as_ref()).expect("decodes");
             assert_eq!(decoded, event_to(&p));
             assert_eq!(TailFrame::Shared(Arc::new(p)).into_message(), decoded);
+        }
+    }
+
+    /// What `WatchItemEncoder` writes for `item`.
+    fn watch_bytes(item: WatchItem) -> Vec<u8> {
+        let mut buf = Vec::new();
+        put_watch_item(item, &mut buf).expect("encodes");
+        buf
+    }
+
+    #[test]
+    fn a_watch_item_is_the_message_the_generated_route_would_send() {
+        // Long enough that the event's length takes a two-byte varint.
+        let long = "x".repeat(300);
+        for e in [
+            event(
+                1,
+                EventBody::Fired {
+                    params: serde_json::json!({"a": [1, "x", null], "b": {"c": true}}),
+                },
+            ),
+            event(
+                2,
+                EventBody::Log {
+                    stream: LogStream::Stdout,
+                    message: long.clone(),
+                },
+            ),
+        ] {
+            let p = Arc::new(Published::new(e));
+            let wire = watch_bytes(WatchItem::Event(Arc::clone(&p)));
+            let expected = watch_message(WatchItem::Event(Arc::clone(&p)));
+            assert_eq!(wire, expected.encode_to_vec(), "byte for byte");
+            assert_eq!(
+                pb::WatchEventsResponse::decode(wire.as_slice()).expect("decodes"),
+                expected
+            );
+            // The event's encoding is the one TailRun sends.
+            assert_eq!(
+                p.wire(|_| panic!("encoded a second time")),
+                &encode_event(&p)
+            );
+        }
+        for n in [0, 1, 300, u64::MAX] {
+            let wire = watch_bytes(WatchItem::Missed(n));
+            assert_eq!(
+                pb::WatchEventsResponse::decode(wire.as_slice()).expect("decodes"),
+                pb::WatchEventsResponse {
+                    event: None,
+                    missed_events: n
+                }
+            );
         }
     }
 

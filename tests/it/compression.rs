@@ -125,6 +125,22 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
     assert_eq!(r.into_inner().bindings.len(), 1);
     called.insert("sked.v1.BindingService");
 
+    // LogService's WatchEvents, open before the run: a server stream
+    // compressed message by message, its events read below.
+    let mut watcher = compressed!(pb::log_service_client::LogServiceClient<Channel>, ch, Gzip);
+    let watch = watcher
+        .watch_events(as_tenant(
+            "acme",
+            pb::WatchEventsRequest {
+                kinds: vec![pb::EventKind::Log as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("WatchEvents over gzip");
+    assert_eq!(encoding(&watch), gzip);
+    let mut watch = watch.into_inner();
+
     // RunService.
     let mut runs = compressed!(pb::run_service_client::RunServiceClient<Channel>, ch, Gzip);
     let r = runs
@@ -159,6 +175,14 @@ async fn a_gzip_client_is_served_by_every_service_with_gzip_responses() {
         .await
         .expect("the run ends");
     assert_eq!(log_lines(&events), vec!["hello compressed".to_string()]);
+    let watched = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .expect("the log line is watched")
+        .expect("the stream is open")
+        .expect("an item");
+    let line = watched.event.expect("an event");
+    assert_eq!(line.run_id, run.id);
+    assert_eq!(log_lines(&[line]), vec!["hello compressed".to_string()]);
     let r = logs
         .list_run_events(as_tenant(
             "acme",
@@ -448,6 +472,7 @@ async fn a_request_that_does_not_decompress_is_invalid_argument_and_the_node_kee
     for path in [
         "/sked.v1.DefinitionService/GetDefinition",
         "/sked.v1.LogService/TailRun",
+        "/sked.v1.LogService/WatchEvents",
         "/grpc.health.v1.Health/Check",
     ] {
         for (what, encoding, body) in &cases {
