@@ -987,9 +987,34 @@ async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_comman
     let node = node(&db, "w13").await;
     let created = worker_backlog(&node, "deep", BACKLOG).await;
     assert!(created.len() as i64 >= BACKLOG - 1, "{}", created.len());
+    // Only the claims below are counted: the node's own claims and
+    // promotions stop, and its connections close (a backend reports what
+    // it read up to a second late, and at the latest when it exits; on a
+    // loaded machine the node's reads while the backlog was written
+    // otherwise landed in the window).
+    node.stop().await;
 
     let pool = db.pool().await;
     let mut conn = pool.acquire().await.expect("connection");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND backend_type = 'client backend'
+               AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("read activity");
+        if others == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{others} other connections stay open after the node stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let clock = sked::domain::Clock::system();
     let lease = chrono::Duration::seconds(30);
     // Each claim on a connection of its own, whose statistics are flushed
@@ -1033,7 +1058,6 @@ async fn a_queues_backlog_is_not_read_by_the_claims_of_other_queues_or_of_comman
     let got = claim(deep).await;
     assert_eq!(got.len(), 10, "the deep queue's claim");
     assert!(got.iter().all(|c| c.lease_token.is_some()));
-    node.stop().await;
 }
 
 /// A worker's complete and heartbeat read their own runs by lease token,
