@@ -362,12 +362,13 @@ const TAIL_RUN_PATH: &str = "/sked.v1.LogService/TailRun";
 /// The path of `WatchEvents`, which [`LogRoutes`] serves itself.
 const WATCH_EVENTS_PATH: &str = "/sked.v1.LogService/WatchEvents";
 
-/// `LogService` as served: `TailRun` with [`TailFrameCodec`], so each
-/// event is encoded once for all its subscribers rather than converted and
+/// `LogService` as served: `TailRun` with [`TailFrameCodec`] and
+/// `WatchEvents` with [`WatchItemCodec`], so each event is encoded once
+/// for all the streams of both that send it rather than converted and
 /// encoded per subscriber; every other method through the generated
-/// server. `TailRun` takes and sends gzip and zstd and caps decoded
-/// requests at `max_decoded` bytes, as the transport configures every
-/// generated service (`tests/it/compression.rs` checks both routes).
+/// server. Both take and send gzip and zstd and cap decoded requests at
+/// `max_decoded` bytes, as the transport configures every generated
+/// service (`tests/it/compression.rs` checks every route).
 #[derive(Debug, Clone)]
 pub struct LogRoutes {
     logs: Logs,
