@@ -456,8 +456,6 @@ mod tests {
         assert_eq!(bus.subscribers(), 0, "the subscription is released");
     }
 
-    /// A bus with tenant `a`'s watcher running on it, reading into a
-    /// channel of one item; the watcher stops with the token.
     /// The items of a watcher's batches, one at a time, read from its
     /// channel only when the buffered batch is used up (so the watcher
     /// still waits on a full channel as a slow client makes it).
@@ -477,6 +475,8 @@ mod tests {
         }
     }
 
+    /// A bus with tenant `a`'s watcher running on it, reading into a
+    /// channel of one batch; the watcher stops with the token.
     async fn watching_a() -> (EventBus, Items, CancellationToken) {
         let bus = EventBus::new();
         let (tx, rx) = mpsc::channel(1);
