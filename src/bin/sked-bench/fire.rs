@@ -17,9 +17,11 @@
 //!   scheduled_time)) + runs with more than one `fired` event;
 //! * lag, where a user sees it (issue 18): one `WatchEvents` subscription
 //!   (kind `fired`) per tenant on the first node, opened before the
-//!   warm-up; each `fired` event of a run fired in the window, its arrival
-//!   time − the run's fire time, p50/p99/max; every fired run's event must
-//!   arrive, and none may be reported missed. A note gives the five seconds
+//!   warm-up (`--watchers-per-tenant K`: K per tenant, each a stream of its
+//!   own, so each event is sent K times); each `fired` event of a run fired
+//!   in the window, at every subscription, its arrival time − the run's
+//!   fire time, p50/p99/max; every fired run's event must arrive at every
+//!   subscription of its tenant, and none may be reported missed. A note gives the five seconds
 //!   of the window whose fires arrived latest (due time in UTC, lag max and
 //!   p99, fires), to set beside PostgreSQL's log. The stored
 //!   `start_time − scheduled_time` is printed too (`start_lag_*`), for
@@ -80,6 +82,11 @@ pub struct FireArgs {
     /// instead of spreading their phases over the second.
     #[arg(long)]
     pub aligned: bool,
+    /// `WatchEvents` subscriptions per tenant (1 to 64), each a stream of
+    /// its own on the first node: every `fired` event is sent this many
+    /// times, and the lag is measured at each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub watchers_per_tenant: u64,
     /// Tenants flooding the queue with backfilled runs during the window
     /// (0 = none).
     #[arg(long, default_value_t = 0)]
@@ -172,7 +179,9 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     // them; they stop a little after the settling time.
     let watch_until =
         Utc::now() + TimeDelta::seconds((a.warmup + a.measure + SETTLE.as_secs()) as i64 + 2);
-    let tenants: Vec<String> = (0..layout.tenants).map(api::tenant).collect();
+    let tenants: Vec<String> = (0..layout.tenants)
+        .flat_map(|t| std::iter::repeat_n(api::tenant(t), a.watchers_per_tenant as usize))
+        .collect();
     let watching = watch_fired(
         env.channel(0),
         tenants,
@@ -258,6 +267,7 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
     params.insert("warmup".into(), json!(a.warmup));
     params.insert("measure".into(), json!(a.measure));
     params.insert("aligned".into(), json!(a.aligned));
+    params.insert("watchers_per_tenant".into(), json!(a.watchers_per_tenant));
     params.insert("hostile_tenants".into(), json!(a.hostile_tenants));
     params.insert("hostile_runs".into(), json!(a.hostile_runs));
     params.insert("retention_drop".into(), json!(a.retention_drop));
@@ -307,7 +317,7 @@ pub async fn run(env: &mut Env, a: FireArgs) -> anyhow::Result<Report> {
         "fired_events_received",
         "fired events of the window's runs received by the subscribers",
         seen.matched as i64,
-        Target::Equal(fired as f64),
+        Target::Equal((fired * a.watchers_per_tenant as i64) as f64),
     );
     r.count(
         "events_missed",
