@@ -21,9 +21,9 @@
 //!   own, so each event is sent K times); each `fired` event of a run fired
 //!   in the window, at every subscription, its arrival time − the run's
 //!   fire time, p50/p99/max; every fired run's event must arrive at every
-//!   subscription of its tenant, and none may be reported missed. A note gives the five seconds
-//!   of the window whose fires arrived latest (due time in UTC, lag max and
-//!   p99, fires), to set beside PostgreSQL's log. The stored
+//!   subscription of its tenant, and none may be reported missed. A note
+//!   gives the five seconds of the window whose fires arrived latest (due
+//!   time in UTC, lag max and p99, fires), to set beside PostgreSQL's log. The stored
 //!   `start_time − scheduled_time` is printed too (`start_lag_*`), for
 //!   comparison only: a run fired ahead of its instant (`--fire-ahead`)
 //!   records its fire time as its start;
