@@ -7,6 +7,7 @@
 mod common;
 
 mod ahead;
+mod announce;
 mod api;
 mod apply;
 mod auth;
