@@ -556,6 +556,8 @@ async fn serve_with_pool(
     let notify_http = http.clone();
     // Remote workers' runs are held by the hub; a cancel request reaches
     // whichever of the two has the run.
+    // One per node: its notifications go out in the order handed over.
+    let announcer = db::notify::Announcer::start(engine_pool.clone());
     let hub = crate::usecase::workers::Hub::new(
         crate::usecase::Core {
             pool: engine_pool.clone(),
@@ -563,6 +565,7 @@ async fn serve_with_pool(
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
             executor_wake: Arc::default(),
+            announcer: announcer.clone(),
         },
         settings.lease,
         settings.kill_grace,
@@ -590,6 +593,7 @@ async fn serve_with_pool(
             node_id: settings.node_id.clone(),
             bus: bus.clone(),
             executor_wake: Arc::clone(&wakers.executor),
+            announcer: announcer.clone(),
         },
         streams_stop: streams_stop.clone(),
         auth: Arc::new(grpc::auth::Auth::new(settings.auth)),
@@ -681,6 +685,7 @@ async fn serve_with_pool(
             bus: bus.clone(),
             wake: Arc::clone(&wakers.scheduler),
             executor_wake: Arc::clone(&wakers.executor),
+            announcer: announcer.clone(),
             batch: 1000,
             max_sleep: settings.scheduler_max_sleep,
             coalesce: Duration::from_millis(10),
@@ -1429,6 +1434,7 @@ pub async fn bootstrap_key(database_url: &str, name: &str) -> Result<String, Err
         node_id: default_node_id(),
         bus: EventBus::new(),
         executor_wake: Arc::default(),
+        announcer: db::notify::Announcer::start(pool.clone()),
     };
     let caller = Caller::cli();
     let actor = Actor {

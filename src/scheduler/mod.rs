@@ -87,6 +87,9 @@ pub struct Scheduler {
     pub wake: Arc<Notify>,
     /// Woken after runs were queued (the local executor).
     pub executor_wake: Arc<Notify>,
+    /// Sends the NOTIFYs of the runs fired, after each pass's commit, in
+    /// order with the node's others (the node's one announcer).
+    pub announcer: db::notify::Announcer,
     /// Bindings fired per transaction.
     pub batch: i64,
     /// Longest sleep between passes (poll fallback).
@@ -920,19 +923,17 @@ impl Scheduler {
                 self.executor_wake.notify_one();
             }
         }
-        // After the commit, in a transaction of its own: a notifying
+        // After the commit, by the node's announcer: a notifying
         // transaction holds the database's notification lock through its
         // commit flush, which would serialise parallel passes
-        // ([`db::runs::run_insert_unannounced`]). Not awaited: it waits for
-        // a connection and a round trip (tens of ms with 1 000 runs), which
-        // the next pass need not wait for. Losing it (a crash right here)
-        // only delays other nodes' wake-ups to their poll.
-        let (pool, node_id) = (self.pool.clone(), self.node_id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = announce.send(&pool, &node_id).await {
-                tracing::warn!(error = %e, "scheduler could not announce the runs it fired; other nodes poll");
-            }
-        });
+        // ([`db::runs::run_insert_unannounced`]). Handed over, not sent
+        // here: sending waits for a connection and a round trip (tens of ms
+        // with 1 000 runs), which the next pass need not wait for. Losing
+        // it (a crash right here) only delays other nodes' wake-ups to
+        // their poll.
+        self.announcer
+            .send(announce.into_notifications(&self.node_id))
+            .await;
         // A fire whose run existed already was not inserted (and has no
         // events): count only the runs this pass created, i.e. those whose
         // first event (seq 1) it wrote.

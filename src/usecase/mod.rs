@@ -45,6 +45,10 @@ pub struct Core {
     pub bus: EventBus,
     /// Wakes the local executor after runs were queued.
     pub executor_wake: Arc<Notify>,
+    /// Sends the NOTIFYs of committed changes that other nodes must hear
+    /// of (run events, waiting runs), outside their transactions: one per
+    /// node, shared by every clone, so they go out in the order handed over.
+    pub announcer: crate::db::notify::Announcer,
 }
 
 /// Who acts, and as which action: the audit log records both.

@@ -98,7 +98,7 @@ async fn create(core: &Core, actor: Actor<'_>, mut tx: super::Tx, new: NewRun) -
     let (id, tenant_id) = (new.id, new.tenant_id.clone());
     let target = Target::new("run", id);
     let now = core.clock.now();
-    let (events, run) = db::runs::run_insert_one(&mut tx, &core.node_id, new, now)
+    let (events, run, announce) = db::runs::run_insert_one(&mut tx, &core.node_id, new, now)
         .await
         .map_err(Error::on(&target))?;
     let event = actor.audit(
@@ -112,9 +112,12 @@ async fn create(core: &Core, actor: Actor<'_>, mut tx: super::Tx, new: NewRun) -
     record(&mut tx, &event, &target).await?;
     commit(tx, &target).await?;
     core.bus.publish(events);
+    core.announcer
+        .send(announce.into_notifications(&core.node_id))
+        .await;
     // A run this node's executor may claim: wake it at once. The NOTIFY
     // wakes the others (and the worker dispatch, and the executor's timer
-    // for a SCHEDULED run) on commit.
+    // for a SCHEDULED run) once sent.
     if run.state == RunState::Queued && !matches!(run.handler, Handler::Worker(_)) {
         core.executor_wake.notify_one();
     }

@@ -503,6 +503,14 @@ impl Hub {
             if claimed.is_empty() {
                 continue;
             }
+            // Announced before any worker has the runs, so before any of
+            // their completions is.
+            let announce = db::runs::Announce::events(claimed.iter().flat_map(|c| &c.events));
+            self.0
+                .core
+                .announcer
+                .send(announce.into_notifications(&self.0.core.node_id))
+                .await;
             // Which slot each claimed run fills: the first free one of the
             // worker it was claimed for.
             let mut taken = vec![false; slots.len()];
@@ -1048,17 +1056,14 @@ async fn complete_batch(
     let run = async {
         let now = core.clock.now();
         let mut tx = super::begin_generic(core, &target).await?;
-        let done = db::runs::run_complete_by_leases(
-            &mut tx,
-            &core.node_id,
-            &tokens,
-            &results,
-            tenant,
-            now,
-        )
-        .await
-        .map_err(Error::on(&target))?;
+        let (done, announce) =
+            db::runs::run_complete_by_leases(&mut tx, &tokens, &results, tenant, now)
+                .await
+                .map_err(Error::on(&target))?;
         super::commit(tx, &target).await?;
+        core.announcer
+            .send(announce.into_notifications(&core.node_id))
+            .await;
         tracing::debug!(runs = done.len(), "worker runs completed in one batch");
         let mut out: HashMap<Uuid, Result<()>> = tokens.iter().map(|t| (*t, Err(lost()))).collect();
         let mut events = Vec::with_capacity(done.len());

@@ -344,6 +344,7 @@ async fn reported_progress_is_fenced_by_attempt_and_running_state() {
         node_id: "other".into(),
         bus: sked::events::EventBus::new(),
         executor_wake: Default::default(),
+        announcer: sked::db::notify::Announcer::start(pool.clone()),
     };
     let over = sked::domain::Progress {
         percent: 101.0,

@@ -1111,9 +1111,8 @@ async fn completions_and_heartbeats_read_only_their_own_leases_whatever_the_stat
     )
     .await
     .expect("heartbeat");
-    let completed = sked::db::runs::run_complete_by_leases(
+    let (completed, _) = sked::db::runs::run_complete_by_leases(
         &mut tx,
-        "probe",
         done,
         &vec![None; done.len()],
         None,
@@ -1401,5 +1400,89 @@ async fn a_claim_announces_the_event_of_every_run_it_takes() {
         seen(&announced),
         "every event of the event runs was announced: {seqs:?}"
     );
+    node.stop().await;
+}
+
+/// A worker run's events reach other nodes in seq order, each only once
+/// stored: the claim's `→ RUNNING` and the completion's `→ SUCCEEDED` are
+/// announced after their commits (the node's announcer), the claim's
+/// before the worker has the run. Read here as another node's bridge
+/// would: on each notification, the events it names are already in
+/// `run_events`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_events_are_announced_in_seq_order_once_stored() {
+    let db = TestDb::new().await;
+    let node = node(&db, "w-order").await;
+    let b = define_and_bind(&node, "acme", worker_def("w.order", "order", 1)).await;
+    let pool = db.pool().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url)
+        .await
+        .expect("listen");
+    listener.listen("sked_events").await.expect("listen");
+    // A slot per run: no assignment arrives while completions are acked
+    // (`complete_all` reads past other messages).
+    let mut s = Stream::open(&node, "acme", "order", "w-o", 30).await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(
+            trigger_with(&node, "acme", &b.id, serde_json::json!({}))
+                .await
+                .id,
+        );
+    }
+    let mut tokens = Vec::new();
+    while tokens.len() < ids.len() {
+        let a = s
+            .assigned(Duration::from_secs(20))
+            .await
+            .expect("every run is assigned");
+        tokens.push(a.lease_token);
+    }
+    // Completed in batches of 7, as a worker's completions come.
+    for batch in tokens.chunks(7) {
+        let acks = complete_all(&mut s, batch).await;
+        assert!(acks.iter().all(|(_, c)| *c == 0), "{acks:?}");
+    }
+    // Each run: → QUEUED (1, the TriggerRun), → RUNNING (2), → SUCCEEDED
+    // (3). Every announced range is stored when it arrives, and each run's
+    // ranges arrive in seq order.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while ids.iter().any(|id| last.get(id).copied().unwrap_or(0) < 3) && Instant::now() < until {
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
+            continue;
+        };
+        let (from_node, ranges) =
+            sked::events::bridge::parse_events_payload(n.payload()).expect("payload parses");
+        assert_eq!(from_node, "w-order");
+        for (id, from, to) in ranges {
+            let stored: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM run_events WHERE run_id = $1 AND seq BETWEEN $2 AND $3",
+            )
+            .bind(id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&pool)
+            .await
+            .expect("read events");
+            assert_eq!(
+                stored,
+                to - from + 1,
+                "run {id} {from}..={to} announced before stored"
+            );
+            let seen = last.entry(id.to_string()).or_default();
+            assert_eq!(
+                from,
+                *seen + 1,
+                "run {id}: {from}..={to} announced after {seen}"
+            );
+            *seen = to;
+        }
+    }
+    for id in &ids {
+        assert_eq!(last.get(id), Some(&3), "run {id}: {last:?}");
+        let r = wait_terminal(&node, "acme", id).await;
+        assert_eq!(state(&r), pb::RunState::Succeeded, "{r:?}");
+    }
     node.stop().await;
 }

@@ -46,7 +46,9 @@ use crate::domain::{EventBody, Run, RunEvent, RunState};
 /// binding's runs were cancelled with it).
 ///
 /// Sets them `RUNNING` with a lease, writes their `→ RUNNING` events and
-/// announces them. Returns each claimed run with that event. The start time
+/// announces them (a [`ClaimKind::Worker`] claim leaves that to its
+/// caller, after the commit: [`super::Announce::events`]). Returns each
+/// claimed run with that event. The start time
 /// is `now` (read from `clock` once the claim lock is held), but never
 /// before the end time of a run whose slot it takes: any run of its tenant
 /// when the tenant has a concurrency quota, else any run of its binding.
@@ -599,28 +601,24 @@ pub async fn run_claim(
         out.push((run, events));
     }
     // A worker's runs carry the lease token minted above, and the name of
-    // the worker they were claimed for: read in the statement that
-    // announces the events (its one-time filter sends the NOTIFYs before
-    // the read), a round trip less before the worker gets its runs.
+    // the worker they were claimed for. Their events are announced by the
+    // caller after the commit (`Announce::events`, an `Announcer`): a
+    // notifying commit holds PostgreSQL's notification lock through its
+    // WAL flush, and worker completions commit behind it.
     let mut tokens = std::collections::HashMap::new();
-    if queue.is_some() && !out.is_empty() {
-        let ids: Vec<Uuid> = out.iter().map(|(r, _)| r.id).collect();
-        let payloads = crate::db::events::event_payloads(
-            node_id,
-            super::ranges(out.iter().flat_map(|(_, e)| e)),
-        );
-        for r in sqlx::query!(
-            r#"SELECT id, lease_token AS "lease_token!", worker_name FROM runs
-               WHERE (SELECT count(pg_notify($3::text, p)) FROM UNNEST($2::text[]) AS p) >= 0
-                 AND id = ANY($1) AND lease_token IS NOT NULL"#,
-            &ids,
-            &payloads,
-            crate::db::notify::EVENTS,
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            tokens.insert(r.id, (r.lease_token, r.worker_name));
+    if queue.is_some() {
+        if !out.is_empty() {
+            let ids: Vec<Uuid> = out.iter().map(|(r, _)| r.id).collect();
+            for r in sqlx::query!(
+                r#"SELECT id, lease_token AS "lease_token!", worker_name FROM runs
+                   WHERE id = ANY($1) AND lease_token IS NOT NULL"#,
+                &ids,
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            {
+                tokens.insert(r.id, (r.lease_token, r.worker_name));
+            }
         }
     } else {
         announce(&mut tx, node_id, out.iter().flat_map(|(_, e)| e)).await?;

@@ -116,11 +116,13 @@ pub async fn run_insert_unannounced(
 }
 
 /// [`run_insert`] of one run (TriggerRun, RetryRun) in a transaction begun
-/// by [`super::begin_generic`], returning its events and the run as
-/// written, read back by the statement that sends its NOTIFYs: two round
-/// trips where the plan setting, the insert, the NOTIFYs and the read took
-/// four (at 1 000 TriggerRun/s the round trips are most of the node's and
-/// much of PostgreSQL's CPU).
+/// by [`super::begin_generic`], returning its events, the run as written
+/// and its NOTIFYs, for the caller to hand to the node's
+/// [`crate::db::notify::Announcer`] once the transaction committed (see
+/// [`run_insert_unannounced`] for why not in it). Two round trips where the
+/// plan setting, the insert, the NOTIFYs and the read took four (at 1 000
+/// TriggerRun/s the round trips are most of the node's and much of
+/// PostgreSQL's CPU).
 ///
 /// # Errors
 /// [`Error::NotFound`] when the run was not written (a schedule fire that
@@ -131,29 +133,22 @@ pub async fn run_insert_one(
     node_id: &str,
     new: NewRun,
     now: DateTime<Utc>,
-) -> Result<(Vec<RunEvent>, Run), Error> {
+) -> Result<(Vec<RunEvent>, Run, Announce), Error> {
     let (tenant_id, id) = (new.tenant_id.clone(), new.id);
     let (events, announce) = insert_runs(conn, node_id, std::slice::from_ref(&new), now).await?;
-    let (channels, payloads) = announce.notifications(node_id, false);
-    // The one-time filter sends the NOTIFYs (delivered on commit) before
-    // the read.
     let row = sqlx::query_as!(
         RunRow,
         "SELECT id, tenant_id, binding_id, definition, trigger, state, attempt, scheduled_time,
                   create_time, start_time, end_time, handler, params, result, error_message,
                   error_summary, exit_code, node_id, reason, last_seq, not_before, retry_of,
                   retry_policy, timeout_secs, overlap_policy, priority, idempotency_key, cancel_reason, progress
-         FROM runs
-         WHERE (SELECT count(pg_notify(c, p)) FROM UNNEST($2::text[], $3::text[]) AS x(c, p)) >= 0
-           AND id = $1",
+         FROM runs WHERE id = $1",
         id,
-        &channels as &[&str],
-        &payloads,
     )
     .fetch_optional(&mut *conn)
     .await?;
     match row {
-        Some(r) if r.tenant_id == tenant_id => Ok((events, r.try_into()?)),
+        Some(r) if r.tenant_id == tenant_id => Ok((events, r.try_into()?, announce)),
         _ => Err(Error::NotFound),
     }
 }
@@ -456,6 +451,22 @@ impl Announce {
         .execute(db)
         .await?;
         Ok(())
+    }
+
+    /// The NOTIFYs (channel, payload), in order, for an
+    /// [`crate::db::notify::Announcer`] to send after the commit.
+    pub fn into_notifications(self, node_id: &str) -> Vec<(&'static str, String)> {
+        let (channels, payloads) = self.notifications(node_id, false);
+        channels.into_iter().zip(payloads).collect()
+    }
+
+    /// The NOTIFYs of `events` (in seq order per run), for an
+    /// [`crate::db::notify::Announcer`] to send after the commit.
+    pub fn events<'a>(events: impl IntoIterator<Item = &'a RunEvent>) -> Announce {
+        Announce {
+            waiting: Waiting::default(),
+            ranges: ranges(events),
+        }
     }
 
     /// The channels and payloads of the NOTIFYs, in order. `woken_here`:

@@ -49,10 +49,12 @@ pub struct Completed {
 /// lease tokens are `tokens` (of `tenant` only, when given; `results[i]` is
 /// the JSON text of `tokens[i]`'s result, `None` for none): one statement
 /// for the whole batch, rows locked in id order. Writes their
-/// `state_changed` events and announces them, and wakes the worker
-/// dispatches when one of them had an overlap policy other than `ALLOW` or
-/// a tenant with a `max_concurrent_runs` quota (a run of its binding or of
-/// its tenant may have waited). A token missing from the answer named no `RUNNING`
+/// `state_changed` events. Returns with them their announcement, for the
+/// caller to hand to the node's [`crate::db::notify::Announcer`] once the
+/// transaction committed: the events' NOTIFYs and, when one of the runs
+/// had an overlap policy other than `ALLOW` or a tenant with a
+/// `max_concurrent_runs` quota (a run of its binding or of its tenant may
+/// have waited), the worker dispatches' wake-up. A token missing from the answer named no `RUNNING`
 /// worker run (of that tenant): its lease is no longer valid and nothing of
 /// it changed. The end time is `now`, or the start time if later.
 ///
@@ -65,14 +67,13 @@ pub struct Completed {
 /// back).
 pub async fn run_complete_by_leases(
     conn: &mut PgConnection,
-    node_id: &str,
     tokens: &[Uuid],
     results: &[Option<String>],
     tenant: Option<&str>,
     now: DateTime<Utc>,
-) -> Result<Vec<Completed>, Error> {
+) -> Result<(Vec<Completed>, super::Announce), Error> {
     if tokens.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), super::Announce::default()));
     }
     // Planned generically by the caller's transaction
     // ([`crate::db::begin_generic`]): a few completions at a time would
@@ -213,18 +214,16 @@ pub async fn run_complete_by_leases(
             }
         })
         .collect();
-    // One statement for the events' NOTIFYs and, when a worker run may
-    // have waited for these (only the worker dispatch looks), the wake.
-    super::Announce {
+    // The events' NOTIFYs and, when a worker run may have waited for
+    // these (only the worker dispatch looks), the wake.
+    let announce = super::Announce {
         waiting: Waiting {
             worker: wake,
             ..Waiting::default()
         },
         ranges: super::ranges(out.iter().map(|c| &c.event)),
-    }
-    .send(&mut *conn, node_id)
-    .await?;
-    Ok(out)
+    };
+    Ok((out, announce))
 }
 
 /// One renewed worker lease ([`run_worker_heartbeat`]).
