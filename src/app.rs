@@ -557,7 +557,9 @@ async fn serve_with_pool(
     // Remote workers' runs are held by the hub; a cancel request reaches
     // whichever of the two has the run.
     // One per node: its notifications go out in the order handed over.
-    let announcer = db::notify::Announcer::start(engine_pool.clone());
+    // Its task ends once every clone is dropped, after sending the rest.
+    let (announcer, announcing) = db::notify::Announcer::new(engine_pool.clone());
+    tokio::spawn(announcing.run());
     let hub = crate::usecase::workers::Hub::new(
         crate::usecase::Core {
             pool: engine_pool.clone(),
@@ -1434,7 +1436,8 @@ pub async fn bootstrap_key(database_url: &str, name: &str) -> Result<String, Err
         node_id: default_node_id(),
         bus: EventBus::new(),
         executor_wake: Arc::default(),
-        announcer: db::notify::Announcer::start(pool.clone()),
+        // Creating a key announces nothing: no task sends.
+        announcer: db::notify::Announcer::new(pool.clone()).0,
     };
     let caller = Caller::cli();
     let actor = Actor {

@@ -36,6 +36,28 @@ pub const BINDINGS: &str = "sked_bindings";
 /// Every channel, in the order the bridge listens on them.
 pub const ALL: [&str; 4] = [EVENTS, RUNS, BINDINGS, CANCEL];
 
+/// Sends `channels[i]`/`payloads[i]` as NOTIFYs in one statement: inside
+/// `db`'s transaction when it is one (delivered on commit), else in a
+/// transaction of its own (one that writes no WAL, so it commits without
+/// waiting for a flush).
+///
+/// # Errors
+/// [`super::Error::Sqlx`] on database failure.
+pub(crate) async fn notify_all(
+    db: impl sqlx::PgExecutor<'_>,
+    channels: &[&str],
+    payloads: &[String],
+) -> Result<(), super::Error> {
+    sqlx::query!(
+        "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
+        channels as &[&str],
+        payloads,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// NOTIFYs sent after their changes committed, many transactions' in one
 /// statement, for the hot paths whose commits they would otherwise
 /// serialise: PostgreSQL takes one database-wide lock from a notifying
@@ -47,11 +69,18 @@ pub const ALL: [&str; 4] = [EVENTS, RUNS, BINDINGS, CANCEL];
 /// (`docs/architecture.md`, "Failure handling"): tails resync from the
 /// database, loops wake on their timers.
 ///
-/// Cheap to clone. The sending task ends when every clone is dropped,
-/// after sending what was handed over.
+/// Cheap to clone. Nothing is sent until its [`AnnouncerTask`] runs.
 #[derive(Debug, Clone)]
 pub struct Announcer {
     tx: tokio::sync::mpsc::Sender<Vec<(&'static str, String)>>,
+}
+
+/// The sending side of an [`Announcer`]: [`AnnouncerTask::run`] it on a
+/// task of its own (`app.rs` spawns the node's).
+#[derive(Debug)]
+pub struct AnnouncerTask {
+    pool: sqlx::PgPool,
+    rx: tokio::sync::mpsc::Receiver<Vec<(&'static str, String)>>,
 }
 
 /// Hand-overs queued at most before [`Announcer::send`] waits: the
@@ -62,33 +91,10 @@ const ANNOUNCER_QUEUE: usize = 1024;
 const ANNOUNCER_BATCH: usize = 4096;
 
 impl Announcer {
-    /// Starts the sending task (it needs a tokio runtime) on `pool`.
-    pub fn start(pool: sqlx::PgPool) -> Announcer {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<Vec<(&'static str, String)>>(ANNOUNCER_QUEUE);
-        tokio::spawn(async move {
-            let mut handed = Vec::new();
-            let mut pending: std::collections::VecDeque<(&'static str, String)> =
-                std::collections::VecDeque::new();
-            loop {
-                if pending.is_empty() {
-                    // Whatever queued while the last statement ran goes
-                    // out in the next: the batching needs no timer.
-                    if rx.recv_many(&mut handed, ANNOUNCER_QUEUE).await == 0 {
-                        return;
-                    }
-                    pending.extend(handed.drain(..).flatten());
-                }
-                let n = pending.len().min(ANNOUNCER_BATCH);
-                let (channels, payloads): (Vec<&str>, Vec<String>) = pending.drain(..n).unzip();
-                send_all(&pool, &channels, &payloads).await;
-                // Take what queued meanwhile before sending the rest.
-                while let Ok(more) = rx.try_recv() {
-                    pending.extend(more);
-                }
-            }
-        });
-        Announcer { tx }
+    /// An announcer sending on `pool`, and the task that sends.
+    pub fn new(pool: sqlx::PgPool) -> (Announcer, AnnouncerTask) {
+        let (tx, rx) = tokio::sync::mpsc::channel(ANNOUNCER_QUEUE);
+        (Announcer { tx }, AnnouncerTask { pool, rx })
     }
 
     /// Hands over `notifications` (channel, payload), to be sent after
@@ -104,30 +110,35 @@ impl Announcer {
     }
 }
 
-/// One statement of NOTIFYs, tried three times; then dropped with a
-/// warning, as a lost notification (see [`Announcer`]).
-async fn send_all(pool: &sqlx::PgPool, channels: &[&str], payloads: &[String]) {
-    let mut tries = 0;
-    loop {
-        let sent = sqlx::query!(
-            "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
-            channels as &[&str],
-            payloads,
-        )
-        .execute(pool)
-        .await;
-        match sent {
-            Ok(_) => return,
-            Err(e) if tries < 2 => {
-                tries += 1;
+impl AnnouncerTask {
+    /// Sends what is handed over, in order: whatever queued while the last
+    /// statement ran goes out in the next (at most [`ANNOUNCER_BATCH`] a
+    /// statement), so the batching needs no timer. Returns once every
+    /// [`Announcer`] clone is dropped and what they handed over is sent.
+    pub async fn run(mut self) {
+        let mut handed = Vec::new();
+        while self.rx.recv_many(&mut handed, ANNOUNCER_QUEUE).await > 0 {
+            let all: Vec<(&str, String)> = handed.drain(..).flatten().collect();
+            for batch in all.chunks(ANNOUNCER_BATCH) {
+                let (channels, payloads): (Vec<&str>, Vec<String>) = batch.iter().cloned().unzip();
+                send_retried(&self.pool, &channels, &payloads).await;
+            }
+        }
+    }
+}
+
+/// [`notify_all`], tried three times; then dropped with a warning, as a
+/// lost notification (see [`Announcer`]).
+async fn send_retried(pool: &sqlx::PgPool, channels: &[&str], payloads: &[String]) {
+    for attempt in 1..=3 {
+        match notify_all(pool, channels, payloads).await {
+            Ok(()) => return,
+            Err(e) if attempt < 3 => {
                 tracing::debug!(error = %e, "sending notifications failed; trying again");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, notifications = channels.len(),
-                    "notifications not sent; other nodes resync from the database");
-                return;
-            }
+            Err(e) => tracing::warn!(error = %e, notifications = channels.len(),
+                "notifications not sent; other nodes resync from the database"),
         }
     }
 }

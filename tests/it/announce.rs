@@ -33,7 +33,9 @@ async fn listening(db: &TestDb) -> (Announcer, sqlx::postgres::PgListener) {
         .await
         .expect("connect listener");
     listener.listen(CHANNEL).await.expect("listen");
-    (Announcer::start(db.pool().await), listener)
+    let (announcer, task) = Announcer::new(db.pool().await);
+    tokio::spawn(task.run());
+    (announcer, listener)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

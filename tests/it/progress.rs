@@ -344,7 +344,11 @@ async fn reported_progress_is_fenced_by_attempt_and_running_state() {
         node_id: "other".into(),
         bus: sked::events::EventBus::new(),
         executor_wake: Default::default(),
-        announcer: sked::db::notify::Announcer::start(pool.clone()),
+        announcer: {
+            let (announcer, task) = sked::db::notify::Announcer::new(pool.clone());
+            tokio::spawn(task.run());
+            announcer
+        },
     };
     let over = sked::domain::Progress {
         percent: 101.0,

@@ -443,14 +443,7 @@ impl Announce {
         if channels.is_empty() {
             return Ok(());
         }
-        sqlx::query!(
-            "SELECT pg_notify(c, p) FROM UNNEST($1::text[], $2::text[]) AS x(c, p)",
-            &channels as &[&str],
-            &payloads,
-        )
-        .execute(db)
-        .await?;
-        Ok(())
+        super::notify::notify_all(db, &channels, &payloads).await
     }
 
     /// The NOTIFYs (channel, payload), in order, for an
